@@ -1,0 +1,5 @@
+from adaptive_mllm.backbones.base import Backbone, DecoderShape, InputProcessor, VisualFeatures
+from adaptive_mllm.backbones.llava import CheckpointError, LlavaBackbone
+from adaptive_mllm.backbones.templates import ChatTemplate
+
+__all__ = ["Backbone", "ChatTemplate", "CheckpointError", "DecoderShape", "InputProcessor", "LlavaBackbone", "VisualFeatures"]

@@ -1,0 +1,277 @@
+"""LLaVA: CLIP vision tower -> MLP projector -> Llama decoder, as transformers' own modules.
+
+Two ways in, one code path:
+- ``checkpoint``: a local directory in the transformers LLaVA layout (``config.json`` of
+  ``model_type: llava``, ``*.safetensors``, tokenizer files, ``preprocessor_config.json``), as
+  ``llava-hf/llava-1.5-7b-hf`` is published and as :meth:`LlavaBackbone.save_pretrained` writes it;
+- ``config``: sizes for a freshly initialised model (the tiny path), with ``tokenizer`` a local
+  tokenizer directory.
+Nothing is ever downloaded. Weights are created or loaded in :meth:`build` (called from the
+LightningModule's ``configure_model``), so parsing a recipe stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
+from adaptive_mllm.backbones.templates import ChatTemplate, plain_chat, vicuna_v1
+
+_TEMPLATES = {"vicuna_v1": vicuna_v1, "plain_chat": plain_chat}
+IMAGE_TOKEN = "<image>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing or not in the layout this backbone reads."""
+
+
+class LlavaBackbone(Backbone):
+    """LLaVA-1.5 style backbone.
+
+    Args:
+        checkpoint: local directory in the transformers LLaVA layout; mutually exclusive with ``config``.
+        config: ``{"vision": CLIPVisionConfig kwargs, "text": LlamaConfig kwargs, "vision_feature_layer": int,
+            "projector_hidden_act": str}`` for a freshly initialised model.
+        tokenizer: local tokenizer directory; defaults to ``checkpoint``.
+        template: chat template name (``vicuna_v1`` for LLaVA-1.5, ``plain_chat`` for the tiny model).
+        max_length: longest sequence accepted; defaults to the text config's ``max_position_embeddings``.
+        pad_to_square: pad images to a square with the processor's mean colour before resizing (LLaVA-1.5).
+        seed: initialisation seed of the ``config`` path.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: transformers attention backend of the reference modules (``sdpa`` or ``eager``).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        template: str = "vicuna_v1",
+        max_length: int | None = None,
+        pad_to_square: bool = True,
+        seed: int = 0,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (checkpoint is None) == (config is None):
+            raise ValueError("LlavaBackbone needs exactly one of `checkpoint` (a local directory) or `config` (sizes)")
+        if template not in _TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; known: {sorted(_TEMPLATES)}")
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.checkpoint
+        if self.tokenizer_dir is None:
+            raise ValueError("LlavaBackbone(config=...) needs `tokenizer`: a local tokenizer directory")
+        self.template_name = template
+        self.pad_to_square = pad_to_square
+        self.seed = seed
+        self.torch_dtype = getattr(torch, dtype)
+        self.attn_implementation = attn_implementation
+        self.llava_config = self._read_config(config)
+        text = self.llava_config.text_config
+        self._max_length = max_length or text.max_position_embeddings
+        self.model: LlavaForConditionalGeneration | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._image_processor: CLIPImageProcessor | None = None
+
+    # --- construction ----------------------------------------------------------------------------
+    def _read_config(self, config: dict[str, Any] | None) -> LlavaConfig:
+        if config is not None:
+            vision = CLIPVisionConfig(**config.get("vision", {}))
+            text = LlamaConfig(**config.get("text", {}))
+            return LlavaConfig(
+                vision_config=vision,
+                text_config=text,
+                vision_feature_layer=config.get("vision_feature_layer", -2),
+                vision_feature_select_strategy="default",
+                projector_hidden_act=config.get("projector_hidden_act", "gelu"),
+            )
+        directory = self.checkpoint
+        config_file = directory / "config.json"
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        if not config_file.is_file():
+            raise CheckpointError(
+                f"{config_file} is missing: expected a transformers LLaVA checkpoint directory "
+                "(config.json with model_type 'llava', *.safetensors, tokenizer files)"
+            )
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+        if raw.get("model_type") != "llava":
+            raise CheckpointError(
+                f"{config_file} has model_type {raw.get('model_type')!r}, expected 'llava' "
+                "(the transformers LLaVA layout, as llava-hf/llava-1.5-7b-hf is published)"
+            )
+        if raw.get("text_config", {}).get("model_type", "llama") != "llama":
+            raise CheckpointError(f"{config_file}: text_config.model_type must be 'llama' for LlavaBackbone")
+        return LlavaConfig.from_pretrained(directory)
+
+    @property
+    def is_built(self) -> bool:
+        return self.model is not None
+
+    def build(self) -> None:
+        if self.model is not None:
+            return
+        tokenizer = self.tokenizer
+        if self.checkpoint is not None:
+            if not any(self.checkpoint.glob("*.safetensors")):
+                raise CheckpointError(f"{self.checkpoint} holds no *.safetensors weight file")
+            model = LlavaForConditionalGeneration.from_pretrained(
+                self.checkpoint, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
+            )
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            if image_token_id != model.config.image_token_id:
+                raise CheckpointError(
+                    f"{self.checkpoint}: the tokenizer's {IMAGE_TOKEN} id {image_token_id} differs from "
+                    f"config.json image_token_id {model.config.image_token_id}"
+                )
+        else:
+            config = self.llava_config
+            text = config.text_config
+            text.vocab_size = len(tokenizer)
+            text.pad_token_id = tokenizer.pad_token_id
+            text.bos_token_id = tokenizer.bos_token_id
+            text.eos_token_id = tokenizer.eos_token_id
+            config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            config._attn_implementation = self.attn_implementation
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                model = LlavaForConditionalGeneration(config).to(self.torch_dtype)
+        self.llava_config = model.config
+        self.model = model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            directory = self.tokenizer_dir
+            if not directory.is_dir():
+                raise CheckpointError(f"tokenizer directory {directory} does not exist")
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            if IMAGE_TOKEN not in tokenizer.get_vocab():
+                raise CheckpointError(f"the tokenizer in {directory} has no {IMAGE_TOKEN} token")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def image_processor(self) -> CLIPImageProcessor:
+        if self._image_processor is None:
+            if self.checkpoint is not None and (self.checkpoint / "preprocessor_config.json").is_file():
+                self._image_processor = CLIPImageProcessor.from_pretrained(self.checkpoint)
+            else:
+                size = self.llava_config.vision_config.image_size
+                self._image_processor = CLIPImageProcessor(
+                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                )
+        return self._image_processor
+
+    # --- text side -------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return _TEMPLATES[self.template_name]()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def num_image_tokens(self) -> int:
+        vision = self.llava_config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    # --- image side ------------------------------------------------------------------------------
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        processor = self.image_processor
+        image = image.convert("RGB")
+        if self.pad_to_square:
+            image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> VisualFeatures:
+        tower = self.model.model.vision_tower
+        outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
+        selected = outputs.hidden_states[self.llava_config.vision_feature_layer]  # [B, 1 + N, C]
+        return VisualFeatures(features=selected[:, 1:])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    # --- LLM side --------------------------------------------------------------------------------
+    @property
+    def shape(self) -> DecoderShape:
+        text = self.llava_config.text_config
+        vocab = len(self._tokenizer) if self.model is None and self._tokenizer is not None else text.vocab_size
+        return DecoderShape(
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            intermediate_size=text.intermediate_size,
+            vocab_size=vocab,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.language_model.embed_tokens(input_ids)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def rotary_embeddings(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.model.language_model.rotary_emb(x, position_ids)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        inner = self.model.model
+        return {
+            "vision_tower": list(inner.vision_tower.parameters()),
+            "projector": list(inner.multi_modal_projector.parameters()),
+            "llm": list(inner.language_model.parameters()) + list(self.model.lm_head.parameters()),
+        }
+
+    # --- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5's ``expand2square``: centre the image on a square canvas of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas

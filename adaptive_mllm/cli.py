@@ -1,0 +1,45 @@
+"""`adaptive-mllm`: LightningCLI over AdaptiveMLLM, parts chosen by ``class_path`` in YAML or a flag.
+
+The parts' packages are imported here so that short class names resolve, e.g.
+``--model.scheduler=LayerScheduler`` or ``--data=ShapesVQADataModule``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
+import adaptive_mllm.data  # noqa: F401
+import adaptive_mllm.schedulers  # noqa: F401
+import adaptive_mllm.token_selection  # noqa: F401
+from adaptive_mllm.module import AdaptiveMLLM
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Writes config.yaml beside the run (overwriting, so a second run never aborts on it) and pushes the
+    resolved config to W&B."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return LightningCLI(
+        AdaptiveMLLM,
+        subclass_mode_data=True,
+        save_config_callback=SaveConfigToWandb,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

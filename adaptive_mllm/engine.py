@@ -1,0 +1,317 @@
+"""The engine: the one place that walks the LLM's decoder layers under an ExecutionPlan.
+
+Two ways to honour a plan, with the same result:
+- gated (training): every layer runs on every example; an off layer's residual updates are multiplied
+  by 0, head outputs by their mask before ``o_proj`` and MLP activations by theirs before
+  ``down_proj``, so straight-through gradients reach the scheduler;
+- skipping (inference): an off layer is not computed at all; a layer is run only on the examples whose
+  plan keeps it; a partly kept layer runs with sliced q/k/v/o and gate/up/down weights, so the matrix
+  products are physically smaller. The KV cache stores nothing for a skipped layer and only the kept
+  key/value heads of a sliced one; the plan and its slices are fixed at prefill and reused while
+  decoding.
+
+The weights are the backbone's own transformers modules (``LlamaDecoderLayer``); the engine only
+reads their parameters, so checkpoints stay in the transformers layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
+
+from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+
+@dataclass
+class PlanRequest:
+    """A plan still to be made: at the input of layer ``num_prefix_layers`` the engine hands the
+    latency token's hidden state [B, hidden] to ``make``, which returns the plan."""
+
+    num_prefix_layers: int
+    make: Callable[[torch.Tensor], ExecutionPlan]
+
+    def __call__(self, latency_hidden: torch.Tensor) -> ExecutionPlan:
+        return self.make(latency_hidden)
+
+
+@dataclass
+class SlicedWeights:
+    """The kept rows/columns of one layer's projections (None: the whole matrix)."""
+
+    q: torch.Tensor
+    q_bias: torch.Tensor | None
+    k: torch.Tensor
+    k_bias: torch.Tensor | None
+    v: torch.Tensor
+    v_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down: torch.Tensor | None
+    num_kv_heads: int
+
+
+@dataclass
+class RowGroup:
+    """Examples that run one layer the same way: which rows, and with which slices."""
+
+    rows: torch.Tensor | None  # [b] indices into the batch; None = the whole batch
+    weights: SlicedWeights | None = None  # None = the layer's full weights
+    keys: torch.Tensor | None = None  # [b, kv_heads_kept, T_cached, head_dim]
+    values: torch.Tensor | None = None
+
+
+@dataclass
+class PlanCache:
+    """KV cache that knows the plan: per layer, one entry per row group (none for a skipped layer)."""
+
+    plan: ExecutionPlan | None = None
+    groups: list[list[RowGroup]] = field(default_factory=list)
+    attention_mask: torch.Tensor | None = None  # [B, T_cached] bool, real tokens
+    length: int = 0
+
+
+class Engine(nn.Module):
+    """Runs ``backbone.decoder_layers`` under a plan. Holds no weights of its own."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self._backbone = [backbone]  # a plain reference: the backbone's weights belong to the backbone
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, T, H] input embeddings
+        attention_mask: torch.Tensor,  # [B, T] 1 = real token
+        position_ids: torch.Tensor,  # [B, T]
+        plan: ExecutionPlan | PlanRequest | None = None,
+        latency_positions: torch.Tensor | None = None,  # [B], needed when `plan` is a function
+        gated: bool = True,
+        cache: PlanCache | None = None,
+    ) -> tuple[torch.Tensor, ExecutionPlan | None]:
+        """Returns the last layer's hidden states [B, T, H] (before the final norm) and the plan used.
+
+        With a cache, ``attention_mask`` covers only the new tokens; the cache's mask is prepended.
+        """
+        layers = self.backbone.decoder_layers
+        batch, length, _ = hidden.shape
+        past = 0
+        if cache is not None:
+            past = cache.length
+            key_mask = attention_mask.bool()
+            if cache.attention_mask is not None:
+                key_mask = torch.cat([cache.attention_mask, key_mask], dim=1)
+            cache.attention_mask = key_mask
+            if cache.plan is not None:
+                plan = cache.plan
+        else:
+            key_mask = attention_mask.bool()
+        mask = _attention_mask(key_mask, length, past)  # [B, 1, T, past + T]
+        cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
+
+        num_prefix = None if plan is None else plan.num_prefix_layers
+        first_prefill = cache is not None and not cache.groups
+
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, LlamaDecoderLayer):
+                raise TypeError(f"the engine does not know how to run {type(layer).__name__}")
+            if num_prefix is not None and index == num_prefix and not isinstance(plan, ExecutionPlan):
+                if latency_positions is None:
+                    raise ValueError("a scheduler needs `latency_positions` to read the latency token")
+                plan = plan(hidden[torch.arange(batch, device=hidden.device), latency_positions])
+                if cache is not None:
+                    cache.plan = plan
+            scheduled = None if num_prefix is None or index < num_prefix else index - num_prefix
+
+            if gated or cache is None and scheduled is None:
+                if cache is not None and first_prefill:
+                    cache.groups.append([RowGroup(rows=None)])
+                entry = cache.groups[index][0] if cache is not None else None
+                hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry)
+                continue
+
+            if cache is not None and not first_prefill:
+                groups = cache.groups[index]
+            else:
+                groups = self._row_groups(layer, plan, scheduled, batch, hidden.device)
+                if cache is not None:
+                    cache.groups.append(groups)
+            for group in groups:
+                rows = group.rows
+                if rows is None:
+                    hidden = _run_layer(layer, hidden, cos, sin, mask, group, cache is not None)
+                else:
+                    out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], mask[rows], group, cache is not None)
+                    hidden = hidden.index_copy(0, rows, out)
+        if cache is not None:
+            cache.length = past + length
+        return hidden, plan if isinstance(plan, ExecutionPlan) else None
+
+    # --- gated (training) ----------------------------------------------------------------------------
+    def _gated_layer(self, layer, hidden, cos, sin, mask, plan, scheduled, entry) -> torch.Tensor:
+        layer_gate = head_gate = neuron_gate = None
+        if scheduled is not None:
+            if plan.attention_mask is None and plan.mlp_mask is None:
+                layer_gate = plan.layer_mask[:, scheduled].to(hidden.dtype)[:, None, None]  # [B, 1, 1]
+            else:
+                shape = self.backbone.shape
+                if plan.attention_mask is not None:
+                    head_gate = plan.attention_mask[:, scheduled].to(hidden.dtype)
+                    head_gate = head_gate.repeat_interleave(shape.queries_per_kv, dim=1)  # [B, heads]
+                if plan.mlp_mask is not None:
+                    groups = plan.mlp_mask.shape[-1]
+                    neuron_gate = plan.mlp_mask[:, scheduled].to(hidden.dtype)
+                    neuron_gate = neuron_gate.repeat_interleave(shape.intermediate_size // groups, dim=1)  # [B, I]
+        group = entry if entry is not None else RowGroup(rows=None)
+        return _run_layer(layer, hidden, cos, sin, mask, group, entry is not None, layer_gate, head_gate, neuron_gate)
+
+    # --- skipping (inference) ------------------------------------------------------------------------
+    def _row_groups(self, layer, plan, scheduled, batch, device) -> list[RowGroup]:
+        if scheduled is None:
+            return [RowGroup(rows=None)]
+        runs = plan.layer_runs(scheduled)
+        if not plan.is_head_level:
+            if bool(runs.all()):
+                return [RowGroup(rows=None)]
+            rows = runs.nonzero().flatten()
+            return [RowGroup(rows=rows)] if rows.numel() else []
+        shape = self.backbone.shape
+        attn = plan.attention_mask[:, scheduled] if plan.attention_mask is not None else None
+        mlp = plan.mlp_mask[:, scheduled] if plan.mlp_mask is not None else None
+        keys = torch.cat([m for m in (attn, mlp) if m is not None], dim=1) > 0.5  # [B, G_attn + G_mlp]
+        active = runs.nonzero().flatten()
+        if active.numel() == 0:
+            return []
+        patterns, inverse = torch.unique(keys[active], dim=0, return_inverse=True)
+        groups = []
+        for pattern_index, pattern in enumerate(patterns):
+            rows = active[inverse == pattern_index]
+            kv_keep = pattern[: attn.shape[1]].nonzero().flatten() if attn is not None else None
+            mlp_keep = pattern[-mlp.shape[1] :].nonzero().flatten() if mlp is not None else None
+            weights = _slice_weights(layer, shape.num_kv_heads, kv_keep, mlp_keep, None if mlp is None else mlp.shape[1])
+            groups.append(RowGroup(rows=None if rows.numel() == batch else rows, weights=weights))
+        return groups
+
+
+def _attention_mask(key_mask: torch.Tensor, length: int, past: int) -> torch.Tensor:
+    """[B, T_k] real-token mask -> [B, 1, T_q, T_k] bool (True = may attend), causal.
+
+    A padding query may attend to itself, so that no row is fully masked (SDPA would give NaN).
+    """
+    device = key_mask.device
+    query_positions = past + torch.arange(length, device=device)  # [T_q]
+    key_positions = torch.arange(key_mask.shape[1], device=device)  # [T_k]
+    causal = key_positions[None, :] <= query_positions[:, None]  # [T_q, T_k]
+    itself = key_positions[None, :] == query_positions[:, None]
+    allowed = (causal[None] & key_mask[:, None, :]) | itself[None]
+    return allowed[:, None]
+
+
+def _slice_weights(
+    layer: LlamaDecoderLayer,
+    num_kv_heads: int,
+    kv_keep: torch.Tensor | None,
+    mlp_keep: torch.Tensor | None,
+    num_mlp_groups: int | None,
+) -> SlicedWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    queries_per_kv = attn.num_key_value_groups
+    if kv_keep is None:
+        kv_keep = torch.arange(num_kv_heads, device=attn.q_proj.weight.device)
+    heads = (kv_keep[:, None] * queries_per_kv + torch.arange(queries_per_kv, device=kv_keep.device)).flatten()
+    q_index = (heads[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
+    kv_index = (kv_keep[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
+
+    def rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = None if linear.bias is None else linear.bias[index]
+        return linear.weight[index], bias
+
+    q, q_bias = rows(attn.q_proj, q_index)
+    k, k_bias = rows(attn.k_proj, kv_index)
+    v, v_bias = rows(attn.v_proj, kv_index)
+    o = attn.o_proj.weight[:, q_index]
+    gate = gate_bias = up = up_bias = down = None
+    if mlp_keep is not None:
+        group_size = mlp.intermediate_size // num_mlp_groups
+        neurons = (mlp_keep[:, None] * group_size + torch.arange(group_size, device=mlp_keep.device)).flatten()
+        gate, gate_bias = rows(mlp.gate_proj, neurons)
+        up, up_bias = rows(mlp.up_proj, neurons)
+        down = mlp.down_proj.weight[:, neurons]
+    return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, gate, gate_bias, up, up_bias, down, int(kv_keep.numel()))
+
+
+def _run_layer(
+    layer: LlamaDecoderLayer,
+    hidden: torch.Tensor,  # [b, T, H]
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,  # [b, 1, T, T_k]
+    group: RowGroup,
+    use_cache: bool,
+    layer_gate: torch.Tensor | None = None,  # [b, 1, 1]
+    head_gate: torch.Tensor | None = None,  # [b, heads]
+    neuron_gate: torch.Tensor | None = None,  # [b, I]
+) -> torch.Tensor:
+    """One Llama decoder layer: x + attn(norm(x)), then + mlp(norm(.)), honouring slices and gates."""
+    attn, mlp = layer.self_attn, layer.mlp
+    sliced = group.weights
+    batch, length, _ = hidden.shape
+    head_dim = attn.head_dim
+
+    # attention ----------------------------------------------------------------------------------
+    if sliced is None or sliced.num_kv_heads > 0:
+        x = layer.input_layernorm(hidden)
+        if sliced is None:
+            q = attn.q_proj(x)
+            k = attn.k_proj(x)
+            v = attn.v_proj(x)
+        else:
+            q = F.linear(x, sliced.q, sliced.q_bias)
+            k = F.linear(x, sliced.k, sliced.k_bias)
+            v = F.linear(x, sliced.v, sliced.v_bias)
+        q = q.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, heads, T, D]
+        k = k.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, kv_heads, T, D]
+        v = v.view(batch, length, -1, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if use_cache:
+            if group.keys is not None:
+                k = torch.cat([group.keys, k], dim=2)
+                v = torch.cat([group.values, v], dim=2)
+            group.keys, group.values = k, v
+        repeats = q.shape[1] // k.shape[1]
+        if repeats > 1:
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [b, heads, T, D]
+        if head_gate is not None:
+            out = out * head_gate[:, :, None, None]
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = attn.o_proj(out) if sliced is None else F.linear(out, sliced.o, attn.o_proj.bias)
+        hidden = hidden + (out if layer_gate is None else layer_gate * out)
+
+    # MLP ----------------------------------------------------------------------------------------
+    if sliced is None or sliced.gate is None or sliced.gate.shape[0] > 0:
+        x = layer.post_attention_layernorm(hidden)
+        if sliced is None or sliced.gate is None:
+            activation = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [b, T, I]
+            if neuron_gate is not None:
+                activation = activation * neuron_gate[:, None, :]
+            out = mlp.down_proj(activation)
+        else:
+            activation = mlp.act_fn(F.linear(x, sliced.gate, sliced.gate_bias)) * F.linear(x, sliced.up, sliced.up_bias)
+            out = F.linear(activation, sliced.down, mlp.down_proj.bias)
+        hidden = hidden + (out if layer_gate is None else layer_gate * out)
+    return hidden

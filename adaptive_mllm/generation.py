@@ -1,0 +1,72 @@
+"""Greedy generation under a plan fixed at prefill, with a KV cache that knows the plan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
+from adaptive_mllm.inputs import position_ids_from_mask
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per example, the stop token excluded
+    plan: ExecutionPlan | None
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+
+def _timestamp(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def greedy_generate(
+    engine: Engine,
+    embeds: torch.Tensor,  # [B, T, H], left-padded prompt embeddings (latency token included)
+    attention_mask: torch.Tensor,  # [B, T]
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    plan: ExecutionPlan | PlanRequest | None = None,
+    latency_positions: torch.Tensor | None = None,
+) -> Generation:
+    backbone = engine.backbone
+    device = embeds.device
+    batch = embeds.shape[0]
+    cache = PlanCache()
+    positions = position_ids_from_mask(attention_mask)
+
+    start = _timestamp(device)
+    hidden, plan = engine(embeds, attention_mask, positions, plan, latency_positions, gated=False, cache=cache)
+    logits = backbone.lm_head(backbone.final_norm(hidden[:, -1:]))  # [B, 1, V]
+    prefill_seconds = _timestamp(device) - start
+
+    stop = torch.tensor(stop_token_ids, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    next_position = positions[:, -1:] + 1  # [B, 1]
+    steps = 0
+    start = _timestamp(device)
+    for step in range(max_new_tokens):
+        next_token = logits[:, -1].argmax(-1)  # [B]
+        finished_now = torch.isin(next_token, stop)
+        for index in (~finished & ~finished_now).nonzero().flatten().tolist():
+            tokens[index].append(int(next_token[index]))
+        finished |= finished_now
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        step_embeds = backbone.embed(next_token[:, None])
+        step_mask = torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)
+        hidden, _ = engine(step_embeds, step_mask, next_position, plan, gated=False, cache=cache)
+        logits = backbone.lm_head(backbone.final_norm(hidden))
+        next_position = next_position + 1
+        steps += 1
+    decode_seconds = _timestamp(device) - start
+    return Generation(tokens, plan, prefill_seconds, decode_seconds, steps)

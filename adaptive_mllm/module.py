@@ -1,0 +1,325 @@
+"""AdaptiveMLLM: backbone + scheduler + token selector, trained and evaluated under budgets."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.templates import IGNORE_INDEX
+from adaptive_mllm.engine import Engine, PlanRequest
+from adaptive_mllm.generation import greedy_generate
+from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_from_mask
+from adaptive_mllm.metrics import GroupedExactMatch
+from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.token_selection.base import TokenSelector
+
+OVERALL = "overall"
+
+
+class AdaptiveMLLM(L.LightningModule):
+    """A multimodal LLM that answers under a compute budget chosen per request.
+
+    Args:
+        backbone: the multimodal LLM (vision tower, projector, LLM, tokenizer, chat template).
+        scheduler: decides, per example and budget, which layers / heads run; None = always the full model.
+        token_selector: which visual tokens reach the LLM; None = all of them.
+        train_budget_range: budgets drawn uniformly per training example, clipped to the admissible minimum.
+        eval_budgets: validation / test evaluate every one of these budgets.
+        budget: the budget of ``predict``.
+        max_new_tokens: longest generated answer.
+        learning_rate: AdamW peak learning rate (linear warm-up, then cosine decay to 0).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the optimiser steps spent warming up.
+        freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scheduler: Scheduler | None = None,
+        token_selector: TokenSelector | None = None,
+        train_budget_range: tuple[float, float] = (0.5, 1.0),
+        eval_budgets: list[float] | None = None,
+        budget: float = 1.0,
+        max_new_tokens: int = 16,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        freeze: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.scheduler = scheduler
+        self.token_selector = token_selector
+        self.engine = Engine(backbone)
+        self.eval_budgets = list(eval_budgets) if eval_budgets is not None else [1.0]
+        self.train_budget_range = tuple(train_budget_range)
+        self.budget = budget
+        self.max_new_tokens = max_new_tokens
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.freeze = list(freeze) if freeze is not None else ["vision_tower"]
+        self._check_arguments()
+        self.eval_metrics = nn.ModuleDict()
+        self._eval_stats: dict[str, dict[str, float]] = {}
+        self._skipped = 0
+
+    def _check_arguments(self) -> None:
+        """Fail when the recipe is parsed, not mid-run."""
+        low, high = self.train_budget_range
+        for name, value in [("train_budget_range", low), ("train_budget_range", high), ("budget", self.budget)] + [
+            ("eval_budgets", b) for b in self.eval_budgets
+        ]:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: budget {value} is outside the admissible range [0, 1]")
+        if low > high:
+            raise ValueError(f"train_budget_range: low {low} > high {high}")
+        if self.scheduler is not None:
+            layers = self.backbone.shape.num_layers
+            prefix = self.scheduler.num_prefix_layers
+            if not 0 <= prefix < layers:
+                raise ValueError(
+                    f"scheduler.num_prefix_layers={prefix} must be in [0, {layers - 1}]: the backbone's LLM has {layers} layers"
+                )
+        unknown = set(self.freeze) - {"vision_tower", "projector", "llm"}
+        if unknown:
+            raise ValueError(f"freeze: unknown parts {sorted(unknown)}; known: vision_tower, projector, llm")
+
+    # --- construction --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.backbone.is_built:
+            return
+        self.backbone.build()
+        if self.scheduler is not None:
+            self.scheduler.configure(self.backbone.shape)
+        for name, parameters in self.backbone.parameter_groups().items():
+            for parameter in parameters:
+                parameter.requires_grad_(name not in self.freeze)
+
+    # --- inputs ----------------------------------------------------------------------------------------
+    def _uses_latency_token(self) -> bool:
+        return self.scheduler is not None and self.scheduler.needs_latency_token
+
+    def _plan_request(self, budgets: torch.Tensor, seq_lens: torch.Tensor) -> PlanRequest | None:
+        if self.scheduler is None:
+            return None
+        scheduler = self.scheduler
+        return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens))
+
+    def _draw_budgets(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        low, high = self.train_budget_range
+        minimum = torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=seq_lens.device)
+        low_t = torch.maximum(minimum, torch.full_like(minimum, low))
+        high_t = torch.maximum(low_t, torch.full_like(minimum, high))
+        return low_t + (high_t - low_t) * torch.rand(seq_lens.shape[0], device=seq_lens.device)
+
+    def forward(self, batch: dict[str, Any], budgets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token)."""
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        embeds = embed_multimodal(self.backbone, input_ids, batch.get("pixel_values"))
+        plan = None
+        latency_positions = None
+        if self.scheduler is not None:
+            seq_lens = attention_mask.sum(-1) + int(self._uses_latency_token())
+            if budgets is None:
+                budgets = self._draw_budgets(seq_lens)
+            self.scheduler.check_budgets(budgets, seq_lens)
+            if self._uses_latency_token():
+                latency_positions = batch["prompt_lengths"]
+                token = self.scheduler.latency_token(budgets, seq_lens)
+                embeds, attention_mask, labels = insert_token(embeds, token, latency_positions, attention_mask, labels)
+            plan = self._plan_request(budgets, seq_lens)
+        positions = position_ids_from_mask(attention_mask)
+        hidden, _ = self.engine(embeds, attention_mask, positions, plan, latency_positions, gated=True)
+        logits = self.backbone.lm_head(self.backbone.final_norm(hidden))
+        return logits, labels
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    # --- training --------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._skipped += int(batch.get("num_skipped", 0))
+        if batch["input_ids"].shape[0] == 0:
+            return None
+        logits, labels = self(batch)
+        loss = self._loss(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/skipped_records", float(self._skipped), reduce_fx="sum", sync_dist=True)
+        self._skipped = 0
+
+    # --- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], budget: float) -> dict[str, Any]:
+        """Answers for the batch's prompts under one budget, with what it cost."""
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
+        batch_size = prompt_ids.shape[0]
+        embeds = embed_multimodal(self.backbone, prompt_ids, batch.get("pixel_values"))
+        plan = None
+        latency_positions = None
+        seq_lens = prompt_mask.sum(-1) + int(self._uses_latency_token())
+        budgets = torch.full((batch_size,), float(budget), device=prompt_ids.device)
+        if self.scheduler is not None:
+            self.scheduler.check_budgets(budgets, seq_lens)
+            if self._uses_latency_token():
+                latency_positions = torch.full((batch_size,), prompt_ids.shape[1], device=prompt_ids.device)
+                token = self.scheduler.latency_token(budgets, seq_lens)
+                embeds, prompt_mask, _ = insert_token(embeds, token, latency_positions, prompt_mask)
+            plan = self._plan_request(budgets, seq_lens)
+        tokenizer = self.backbone.tokenizer
+        stop = self.backbone.chat_template.stop_token_ids(tokenizer)
+        result = greedy_generate(
+            self.engine, embeds, prompt_mask, self.max_new_tokens, stop, plan, latency_positions
+        )
+        answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
+        if self.scheduler is not None and result.plan is not None:
+            cost = self.scheduler.cost
+            flops = cost.plan_flops(result.plan, seq_lens)
+            full = torch.tensor([cost.full_flops(int(n)) for n in seq_lens], dtype=flops.dtype, device=flops.device)
+            flops_fraction = (flops / full).mean().item()
+            units = result.plan.units.float().mean().item() if result.plan.units is not None else float("nan")
+        else:
+            flops_fraction, units = 1.0, float("nan")
+        return {
+            "answers": answers,
+            "flops_fraction": flops_fraction,
+            "units": units,
+            "prefill_seconds": result.prefill_seconds,
+            "decode_seconds_per_token": result.decode_seconds / max(result.decode_steps, 1),
+        }
+
+    # --- validation / test -----------------------------------------------------------------------------
+    def _metric(self, stage: str, budget: float) -> GroupedExactMatch:
+        key = f"{stage}_{budget:g}".replace(".", "p")
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = GroupedExactMatch().to(self.device)
+        return self.eval_metrics[key]
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        if batch["input_ids"].shape[0] == 0:
+            return
+        batch_size = batch["input_ids"].shape[0]
+        if stage == "val":
+            budgets = None
+            if self.scheduler is not None:
+                seq_lens = batch["attention_mask"].sum(-1) + int(self._uses_latency_token())
+                budgets = torch.full((batch_size,), max(self.eval_budgets), device=self.device)
+                budgets = torch.maximum(budgets, torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=self.device))
+            logits, labels = self(batch, budgets)
+            self.log("val/loss", self._loss(logits, labels), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        for budget in self.eval_budgets:
+            out = self.generate(batch, budget)
+            self._metric(stage, budget).update(out["answers"], batch["answers"], batch["question_kinds"])
+            stats = self._eval_stats.setdefault(f"{stage}/{budget:g}", {"n": 0, "flops": 0.0, "units": 0.0, "prefill": 0.0, "decode": 0.0})
+            stats["n"] += batch_size
+            stats["flops"] += out["flops_fraction"] * batch_size
+            stats["units"] += out["units"] * batch_size
+            stats["prefill"] += out["prefill_seconds"]
+            stats["decode"] += out["decode_seconds_per_token"]
+            stats["batches"] = stats.get("batches", 0) + 1
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, stage: str) -> list[dict[str, Any]]:
+        rows = []
+        for budget in self.eval_budgets:
+            scores = self._metric(stage, budget).compute()
+            self._metric(stage, budget).reset()
+            stats = self._eval_stats.pop(f"{stage}/{budget:g}", None)
+            suffix = f"budget_{budget:g}"
+            for group, value in scores.items():
+                self.log(f"{stage}/accuracy/{group}/{suffix}", value, sync_dist=True)
+            row = {"budget": budget, **{group: float(value) for group, value in scores.items()}}
+            if stats is not None and stats["n"]:
+                row["flops_fraction"] = stats["flops"] / stats["n"]
+                row["units"] = stats["units"] / stats["n"]
+                row["prefill_ms"] = 1000 * stats["prefill"] / stats["batches"]
+                row["decode_ms_per_token"] = 1000 * stats["decode"] / stats["batches"]
+                self.log(f"{stage}/flops_fraction/{suffix}", row["flops_fraction"])
+                self.log(f"{stage}/prefill_ms/{suffix}", row["prefill_ms"])
+            rows.append(row)
+        return rows
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._eval_epoch_end("test")
+        if self.trainer.sanity_checking or not rows:
+            return
+        self._report(rows)
+
+    def _report(self, rows: list[dict[str, Any]]) -> None:
+        """Accuracy per question kind and budget, beside the majority-answer baseline."""
+        groups = [OVERALL] + sorted(k for k in rows[0] if k not in {"budget", OVERALL, "flops_fraction", "units", "prefill_ms", "decode_ms_per_token"})
+        baseline = {}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "majority_baseline"):
+            baseline = datamodule.majority_baseline("test")
+        header = ["question kind"] + [f"budget {row['budget']:g}" for row in rows] + (["majority baseline"] if baseline else [])
+        table = []
+        for group in groups:
+            line = [group] + [f"{100 * row.get(group, float('nan')):.1f}%" for row in rows]
+            if baseline:
+                line.append(f"{100 * baseline.get(group, float('nan')):.1f}%")
+            table.append(line)
+        if self.scheduler is not None:
+            table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + ([""] if baseline else []))
+        table.append(["prefill ms / batch"] + [f"{row.get('prefill_ms', float('nan')):.1f}" for row in rows] + ([""] if baseline else []))
+        if self.trainer.is_global_zero:
+            print_table("test accuracy (normalised exact match)", header, table)
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
+            with open(log_dir / "test_results.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
+                writer.writeheader()
+                writer.writerows(rows)
+            for logger in self.loggers:
+                if hasattr(logger, "log_table"):
+                    logger.log_table("test/results", columns=header, data=table)
+
+    # --- predict ---------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        out = self.generate(batch, self.budget)
+        return [
+            {"id": id_, "answer": answer, "budget": self.budget, "flops_fraction": out["flops_fraction"]}
+            for id_, answer in zip(batch["ids"], out["answers"])
+        ]
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
