@@ -7,6 +7,7 @@ The parts' packages are imported here so that short class names resolve, e.g.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -29,8 +30,7 @@ class SaveConfigToWandb(SaveConfigCallback):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    os.environ.setdefault("WANDB_SILENT", "true")
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return LightningCLI(
         AdaptiveMLLM,
         subclass_mode_data=True,
@@ -38,7 +38,19 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "benchmark":
+        from adaptive_mllm.benchmark import main as benchmark_main
+
+        return benchmark_main(argv[1:])
+    return build_cli(argv)
 
 
 if __name__ == "__main__":

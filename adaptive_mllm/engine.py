@@ -118,7 +118,8 @@ class Engine(nn.Module):
                 plan = cache.plan
         else:
             key_mask = attention_mask.bool()
-        mask = _attention_mask(key_mask, length, past)  # [B, 1, T, past + T]
+        # no padding anywhere: let SDPA use its causal kernels instead of an explicit mask
+        mask = None if bool(key_mask.all()) and (past == 0 or length == 1) else _attention_mask(key_mask, length, past)  # [B, 1, T, past + T]
         cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
 
         num_prefix = None if plan is None else plan.num_prefix_layers
@@ -153,7 +154,8 @@ class Engine(nn.Module):
                 if rows is None:
                     hidden = _run_layer(layer, hidden, cos, sin, mask, group, cache is not None)
                 else:
-                    out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], mask[rows], group, cache is not None)
+                    rows_mask = None if mask is None else mask[rows]
+                    out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], rows_mask, group, cache is not None)
                     hidden = hidden.index_copy(0, rows, out)
         if cache is not None:
             cache.length = past + length
@@ -258,7 +260,7 @@ def _run_layer(
     hidden: torch.Tensor,  # [b, T, H]
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor,  # [b, 1, T, T_k]
+    mask: torch.Tensor | None,  # [b, 1, T, T_k]; None = causal, nothing padded
     group: RowGroup,
     use_cache: bool,
     layer_gate: torch.Tensor | None = None,  # [b, 1, 1]
@@ -295,7 +297,8 @@ def _run_layer(
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [b, heads, T, D]
+        causal = mask is None and length > 1  # a single new query may see the whole cache
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)  # [b, heads, T, D]
         if head_gate is not None:
             out = out * head_gate[:, :, None, None]
         out = out.transpose(1, 2).reshape(batch, length, -1)

@@ -1,0 +1,106 @@
+"""LlavaBackbone: built from a config, saved in the transformers layout, loaded back through the same code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+from adaptive_mllm.backbones import CheckpointError, LlavaBackbone
+from adaptive_mllm.backbones.llava import pad_to_square
+from tests.conftest import random_images, tiny_config
+
+
+def _inputs(backbone):
+    prompt = backbone.chat_template.encode_prompt(
+        ["<image>\nHow many shapes are there ?"], [], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
+    )
+    return torch.tensor([prompt]), random_images(1)
+
+
+def test_save_load_round_trip_gives_identical_logits(backbone, tmp_path):
+    backbone.save_pretrained(tmp_path / "ckpt")
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"]:
+        assert (tmp_path / "ckpt" / name).is_file(), name
+    loaded = LlavaBackbone(checkpoint=str(tmp_path / "ckpt"), template="plain_chat")
+    assert loaded.shape == backbone.shape  # known before the weights are loaded
+    loaded.build()
+    loaded.eval()
+    ids, images = _inputs(backbone)
+    with torch.no_grad():
+        before = backbone.model(input_ids=ids, pixel_values=images).logits
+        after = loaded.model(input_ids=ids, pixel_values=images).logits
+    assert torch.equal(before, after)
+    # and transformers itself reads the directory
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids, pixel_values=images).logits, before)
+
+
+def test_seed_makes_initialisation_reproducible(tokenizer_dir):
+    from tests.conftest import make_backbone
+
+    a, b, c = make_backbone(tokenizer_dir, seed=1), make_backbone(tokenizer_dir, seed=1), make_backbone(tokenizer_dir, seed=2)
+    weight = lambda m: m.decoder_layers[0].self_attn.q_proj.weight  # noqa: E731
+    assert torch.equal(weight(a), weight(b))
+    assert not torch.equal(weight(a), weight(c))
+
+
+def test_shape_and_placeholders(backbone):
+    shape = backbone.shape
+    assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (4, 4, 4, 16)
+    assert shape.vocab_size == len(backbone.tokenizer)
+    assert backbone.num_image_tokens == (32 // 16) ** 2
+    features = backbone.encode_images(random_images(2)).features
+    assert features.shape == (2, backbone.num_image_tokens, 32)
+    assert backbone.project(features).shape == (2, backbone.num_image_tokens, 64)
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LlavaBackbone(checkpoint=str(tmp_path / "nowhere"))
+
+
+def test_checkpoint_without_config(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json is missing.*transformers LLaVA"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'llama', expected 'llava'"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))
+
+
+def test_checkpoint_without_weights(backbone, tmp_path):
+    backbone.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    loaded = LlavaBackbone(checkpoint=str(tmp_path / "ckpt"), template="plain_chat")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+        loaded.build()
+
+
+def test_needs_exactly_one_source(tokenizer_dir):
+    with pytest.raises(ValueError, match="exactly one"):
+        LlavaBackbone()
+    with pytest.raises(ValueError, match="needs `tokenizer`"):
+        LlavaBackbone(config=tiny_config())
+
+
+def test_pad_to_square_centres_on_the_fill_colour():
+    image = Image.new("RGB", (4, 2), (255, 0, 0))
+    square = pad_to_square(image, (10, 20, 30))
+    assert square.size == (4, 4)
+    pixels = torch.tensor(list(square.getdata())).view(4, 4, 3)
+    assert pixels[0].eq(torch.tensor([10, 20, 30])).all() and pixels[3].eq(torch.tensor([10, 20, 30])).all()
+    assert pixels[1:3].eq(torch.tensor([255, 0, 0])).all()
+
+
+def test_preprocess_image_gives_the_tower_size(backbone):
+    pixels = backbone.preprocess_image(Image.new("RGB", (50, 20), (0, 128, 255)))
+    assert pixels.shape == (3, 32, 32)
