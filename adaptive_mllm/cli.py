@@ -42,15 +42,16 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None) -> None:
     """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "benchmark":
         from adaptive_mllm.benchmark import main as benchmark_main
 
-        return benchmark_main(argv[1:])
-    return build_cli(argv)
+        benchmark_main(argv[1:])
+        return
+    build_cli(args)
 
 
 if __name__ == "__main__":

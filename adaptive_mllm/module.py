@@ -17,9 +17,11 @@ from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.engine import Engine, PlanRequest
 from adaptive_mllm.generation import greedy_generate
 from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_from_mask
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
 from adaptive_mllm.metrics import GroupedExactMatch
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.token_selection.base import TokenSelector
 
 OVERALL = "overall"
@@ -110,10 +112,13 @@ class AdaptiveMLLM(L.LightningModule):
     def _uses_latency_token(self) -> bool:
         return self.scheduler is not None and self.scheduler.needs_latency_token
 
-    def _plan_request(self, budgets: torch.Tensor, seq_lens: torch.Tensor) -> PlanRequest | None:
-        if self.scheduler is None:
-            return None
+    def _plan_request(self, budgets: torch.Tensor, seq_lens: torch.Tensor) -> PlanRequest | ExecutionPlan | None:
+        """A plan the engine completes at the latency token, or, for schedulers that read no token, the plan."""
         scheduler = self.scheduler
+        if scheduler is None:
+            return None
+        if not scheduler.needs_latency_token:
+            return scheduler(None, budgets, seq_lens)
         return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens))
 
     def _draw_budgets(self, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -208,7 +213,11 @@ class AdaptiveMLLM(L.LightningModule):
     def _metric(self, stage: str, budget: float) -> GroupedExactMatch:
         key = f"{stage}_{budget:g}".replace(".", "p")
         if key not in self.eval_metrics:
-            self.eval_metrics[key] = GroupedExactMatch().to(self.device)
+            groups = [DEFAULT_QUESTION_KIND]
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "question_kinds"):
+                groups = datamodule.question_kinds(stage)
+            self.eval_metrics[key] = GroupedExactMatch(groups).to(self.device)
         return self.eval_metrics[key]
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:

@@ -20,8 +20,6 @@ TINY_TEXT = [
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.environ.get("TMP_TOKENIZER"):
-        return Path(os.environ["TMP_TOKENIZER"])
     from adaptive_mllm.data.tokenizer import train_word_tokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")

@@ -1,0 +1,228 @@
+"""Analytic prefill FLOPs of a Llama-style decoder, and budget -> number of scheduler units.
+
+A budget ``b`` means: the prefill of this request may spend at most ``b`` times the FLOPs of the
+full model on the same request (same sequence length, same token selection). The count follows
+``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add, matrix products only):
+
+- per layer and token: q / k / v / o projections with the grouped-query sizes; gate / up / down of the
+  gated MLP; element-wise work (norms, rotary, SiLU, softmax, residuals) counts 0;
+- attention scores ``Q K^T`` and ``A V`` are counted as **full** ``T x T`` products (no causal
+  halving), because that is what SDPA kernels and FlopCounterMode count;
+- the LM head runs on the **last position only** (generation needs only that logit row);
+- embedding lookups count 0.
+
+One key/value group (a kv head and the ``num_heads / num_kv_heads`` query heads that read it) costs,
+for ``T`` tokens, ``2 T H d (2 q + 2) + 4 T^2 q d`` (H hidden, d head dim, q queries per kv head);
+``n`` MLP neurons cost ``6 T H n``. A layer's cost is linear in the kept groups, which is what lets a
+head-level plan be costed from its masks.
+
+Budgets become unit counts here, not in the schedulers, so that a plan **never** exceeds its budget:
+the reference's ``floor(L * b) - L_prefix`` ignores the LM head (and any token dropping) and can
+overshoot by a little; ``units_for_budget`` returns the largest ``k`` whose worst plan still fits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from adaptive_mllm.backbones.base import DecoderShape
+
+if TYPE_CHECKING:
+    from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+class CostModel:
+    """Prefill FLOPs of one request, of a plan, and the number of scheduler units a budget allows.
+
+    Args:
+        shape: sizes of the LLM.
+        num_prefix_layers: the first layers, which always run.
+    """
+
+    def __init__(self, shape: DecoderShape, num_prefix_layers: int) -> None:
+        if not 0 <= num_prefix_layers < shape.num_layers:
+            raise ValueError(
+                f"num_prefix_layers={num_prefix_layers} must be in [0, {shape.num_layers - 1}] for an LLM of {shape.num_layers} layers"
+            )
+        if shape.num_heads % shape.num_kv_heads:
+            raise ValueError(f"num_heads={shape.num_heads} is not a multiple of num_kv_heads={shape.num_kv_heads}")
+        self.shape = shape
+        self.num_prefix_layers = num_prefix_layers
+
+    @property
+    def num_scheduled_layers(self) -> int:
+        return self.shape.num_layers - self.num_prefix_layers
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def attention_group_flops(self, tokens: int) -> int:
+        """One key/value group (kv head + its query heads): q/k/v/o slices and the T x T attention."""
+        s = self.shape
+        q = s.queries_per_kv
+        projections = 2 * tokens * s.hidden_size * s.head_dim * (2 * q + 2)  # q, o: q heads; k, v: one head
+        attention = 4 * tokens * tokens * q * s.head_dim  # Q K^T and A V, full T x T
+        return projections + attention
+
+    def mlp_flops(self, tokens: int, neurons: int) -> int:
+        """``neurons`` intermediate neurons of the gated MLP: gate, up and down."""
+        return 6 * tokens * self.shape.hidden_size * neurons
+
+    def lm_head_flops(self) -> int:
+        """The LM head on the last position only."""
+        return 2 * self.shape.hidden_size * self.shape.vocab_size
+
+    def layer_flops(
+        self,
+        seq_len: int,
+        kv_groups_kept: int | None = None,
+        mlp_groups_kept: int | None = None,
+        num_mlp_groups: int | None = None,
+    ) -> int:
+        """One decoder layer on ``seq_len`` tokens; None keeps every group. MLP groups are
+        ``num_mlp_groups`` (default ``num_heads``) equal contiguous slices of the intermediate size."""
+        s = self.shape
+        kv = s.num_kv_heads if kv_groups_kept is None else kv_groups_kept
+        if not 0 <= kv <= s.num_kv_heads:
+            raise ValueError(f"kv_groups_kept={kv} must be in [0, {s.num_kv_heads}]")
+        if mlp_groups_kept is None:
+            neurons = s.intermediate_size
+        else:
+            groups = s.num_heads if num_mlp_groups is None else num_mlp_groups
+            if s.intermediate_size % groups:
+                raise ValueError(f"intermediate_size={s.intermediate_size} does not split into {groups} equal MLP groups")
+            if not 0 <= mlp_groups_kept <= groups:
+                raise ValueError(f"mlp_groups_kept={mlp_groups_kept} must be in [0, {groups}]")
+            neurons = mlp_groups_kept * (s.intermediate_size // groups)
+        return kv * self.attention_group_flops(seq_len) + self.mlp_flops(seq_len, neurons)
+
+    def tokens_per_layer(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> list[int]:
+        """Tokens reaching each of the L layers (a token selector inside the LLM makes them differ)."""
+        if layer_tokens is None:
+            return [int(seq_len)] * self.shape.num_layers
+        tokens = [int(t) for t in layer_tokens]
+        if len(tokens) != self.shape.num_layers:
+            raise ValueError(f"layer_tokens has {len(tokens)} entries, the LLM has {self.shape.num_layers} layers")
+        return tokens
+
+    # --- whole requests ----------------------------------------------------------------------------
+    def fixed_flops(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> int:
+        """What every plan spends: the prefix layers and the LM head."""
+        tokens = self.tokens_per_layer(seq_len, layer_tokens)
+        return sum(self.layer_flops(t) for t in tokens[: self.num_prefix_layers]) + self.lm_head_flops()
+
+    def full_flops(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> int:
+        """The full model's prefill: budget 1.0."""
+        tokens = self.tokens_per_layer(seq_len, layer_tokens)
+        return sum(self.layer_flops(t) for t in tokens) + self.lm_head_flops()
+
+    def min_budget(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> float:
+        """The smallest admissible budget: prefix layers + LM head, as a fraction of the full model."""
+        return self.fixed_flops(seq_len, layer_tokens) / self.full_flops(seq_len, layer_tokens)
+
+    def unit_flops(self, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None) -> list[int]:
+        """Cost of one unit in each schedulable layer, when a layer splits into ``units_per_layer``
+        equal units (layer level: 1; head level: ``num_heads // rank``)."""
+        s = self.shape
+        if units_per_layer < 1 or s.num_kv_heads % units_per_layer or s.num_heads % units_per_layer:
+            raise ValueError(
+                f"units_per_layer={units_per_layer} must divide num_kv_heads={s.num_kv_heads} and num_heads={s.num_heads}"
+            )
+        tokens = self.tokens_per_layer(seq_len, layer_tokens)[self.num_prefix_layers :]
+        kv, mlp = s.num_kv_heads // units_per_layer, s.num_heads // units_per_layer
+        return [self.layer_flops(t, kv, mlp, s.num_heads) if units_per_layer > 1 else self.layer_flops(t) for t in tokens]
+
+    # --- budgets -----------------------------------------------------------------------------------
+    def check_budgets(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> None:
+        """Raise a ValueError naming the admissible range for any budget outside ``[min_budget, 1]``.
+
+        The minimum is compared in the budgets' own precision, so a budget drawn as
+        ``torch.tensor(min_budget)`` (float32) is admissible; it gets zero units.
+        """
+        values = budgets.detach().cpu()
+        lengths = seq_lens.detach().cpu().tolist()
+        tokens = None if layer_tokens is None else layer_tokens.detach().cpu().tolist()
+        for index, (budget, length) in enumerate(zip(values, lengths, strict=True)):
+            minimum = self.min_budget(length, None if tokens is None else tokens[index])
+            floor = torch.tensor(minimum, dtype=values.dtype)
+            if not (budget >= floor and budget <= 1.0):  # also catches NaN
+                raise ValueError(
+                    f"budget {float(budget):g} (example {index}) is outside the admissible range "
+                    f"[{math.ceil(minimum * 1e6) / 1e6:.6f}, 1.0] for sequence length {length}: below the minimum "
+                    f"only the {self.num_prefix_layers} prefix layers and the LM head would run"
+                )
+
+    def units_for_budget(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        units_per_layer: int = 1,
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        """[B] long: the largest ``k`` such that ANY plan of ``k`` units stays within
+        ``budget * full_flops``. When units differ in cost (tokens dropped inside the LLM) the ``k`` most
+        expensive units are assumed, so the bound holds whichever units the scheduler picks."""
+        self.check_budgets(budgets, seq_lens, layer_tokens)
+        values = budgets.detach().double().cpu().tolist()
+        lengths = seq_lens.detach().cpu().tolist()
+        tokens = None if layer_tokens is None else layer_tokens.detach().cpu().tolist()
+        counts = []
+        for index, (budget, length) in enumerate(zip(values, lengths, strict=True)):
+            per_layer = None if tokens is None else tokens[index]
+            units = sorted(self.unit_flops(length, units_per_layer, per_layer), reverse=True)
+            worst = [cost for cost in units for _ in range(units_per_layer)]  # most expensive first
+            spent = [self.fixed_flops(length, per_layer)]
+            for cost in worst:
+                spent.append(spent[-1] + cost)  # exact integers
+            allowed = budget * self.full_flops(length, per_layer)
+            # spent[i] = fixed + the i most expensive units; Python compares int <= float exactly
+            counts.append(max(0, bisect.bisect_right(spent, allowed) - 1))
+        return torch.tensor(counts, dtype=torch.long, device=budgets.device)
+
+    # --- plans -------------------------------------------------------------------------------------
+    def plan_flops(
+        self,
+        plan: ExecutionPlan,
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        """[B] float64: prefill FLOPs of each example under the plan (masks read as hard 0/1)."""
+        s = self.shape
+        if plan.num_prefix_layers != self.num_prefix_layers or plan.num_scheduled_layers != self.num_scheduled_layers:
+            raise ValueError(
+                f"the plan covers layers {plan.num_prefix_layers}..{plan.num_prefix_layers + plan.num_scheduled_layers - 1}, "
+                f"the cost model {self.num_prefix_layers}..{s.num_layers - 1}"
+            )
+        device = plan.layer_mask.device
+        if layer_tokens is None:
+            tokens = seq_lens.to(device=device, dtype=torch.float64)[:, None].expand(-1, s.num_layers)  # [B, L]
+        else:
+            tokens = layer_tokens.to(device=device, dtype=torch.float64)  # [B, L]
+        q = s.queries_per_kv
+        attention_group = 2 * tokens * s.hidden_size * s.head_dim * (2 * q + 2) + 4 * tokens**2 * q * s.head_dim  # [B, L]
+        mlp_neuron = 6 * tokens * s.hidden_size  # [B, L]
+        full_layer = s.num_kv_heads * attention_group + s.intermediate_size * mlp_neuron  # [B, L]
+
+        prefix = full_layer[:, : self.num_prefix_layers].sum(-1)  # [B]
+        runs = (plan.layer_mask.detach() > 0.5).double()  # [B, L_sched]
+        if plan.attention_mask is None:
+            kv_kept = runs * s.num_kv_heads
+        else:
+            kv_kept = runs * (plan.attention_mask.detach() > 0.5).double().sum(-1)
+        if plan.mlp_mask is None:
+            neurons = runs * s.intermediate_size
+        else:
+            groups = plan.mlp_mask.shape[-1]
+            neurons = runs * (plan.mlp_mask.detach() > 0.5).double().sum(-1) * (s.intermediate_size // groups)
+        scheduled = (
+            kv_kept * attention_group[:, self.num_prefix_layers :] + neurons * mlp_neuron[:, self.num_prefix_layers :]
+        ).sum(-1)  # [B]
+        return prefix + scheduled + self.lm_head_flops()

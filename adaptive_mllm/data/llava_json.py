@@ -1,0 +1,525 @@
+"""LLaVA instruction data: a JSON list of records plus an image folder, as a Lightning datamodule.
+
+A record is ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}, ...]}``; any extra field is kept out of the way except
+``question_kind``, which groups the accuracy. Bad data fails loudly and early: the structure of every
+record is checked when the dataset is built (cheap, no tokenizer needed), and what needs the model's
+tokenizer or the image bytes is checked when an item is loaded. Each problem is a :class:`DataError`
+naming the JSON file, the record and the field; ``skip_bad_records`` turns them into warnings and
+counts instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from adaptive_mllm.backbones.base import InputProcessor
+from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+
+HUMAN = "human"
+GPT = "gpt"
+DEFAULT_QUESTION_KIND = "all"
+OVERALL = "overall"  # the group of every example in accuracies (as the LightningModule names it)
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the JSON file, the record and the field.
+
+    Build one with :meth:`at`. The plain one-argument form ``DataError(message)`` also works, so that a
+    DataLoader worker's error is re-raised in the main process as a DataError, message intact.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        json_path: str | None = None,
+        record_id: Any = None,
+        index: int | None = None,
+        field: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.json_path = json_path
+        self.record_id = record_id
+        self.index = index
+        self.field = field
+        self.reason = reason
+
+    @classmethod
+    def at(
+        cls,
+        json_path: str | Path,
+        reason: str,
+        record_id: Any = None,
+        index: int | None = None,
+        field: str | None = None,
+    ) -> DataError:
+        """``{json_path}, record id {id!r} (index {index}), field {field!r}: {reason}``."""
+        where = str(json_path)
+        if index is not None:
+            where += f", record id {record_id!r} (index {index})"
+        if field is not None:
+            where += f", field {field!r}"
+        return cls(f"{where}: {reason}", str(json_path), record_id, index, field, reason)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.json_path, self.record_id, self.index, self.field, self.reason)
+
+
+class DataWarning(UserWarning):
+    """A bad record dropped because ``skip_bad_records`` is on (the message is the DataError's)."""
+
+
+@dataclass(frozen=True)
+class LlavaRecord:
+    """A structurally valid record, reduced to what an item needs."""
+
+    index: int  # position in the JSON list
+    id: str
+    image: Path | None  # absolute path of the image file, None for a text-only record
+    questions: tuple[str, ...]  # human turns
+    answers: tuple[str, ...]  # gpt turns; one fewer than questions for an open (unanswered) record
+    question_kind: str
+
+
+# --- reading ---------------------------------------------------------------------------------------
+def read_json_records(json_path: str | Path) -> list[Any]:
+    """The raw record list of a LLaVA JSON file (a DataError if it is not a JSON list)."""
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError.at(json_path, f"cannot read the JSON file: {error}") from error
+    if not isinstance(records, list):
+        raise DataError.at(json_path, f"expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def parse_record(
+    raw: Any, index: int, json_path: str | Path, image_folder: Path, require_answer: bool = True
+) -> LlavaRecord:
+    """Check one record's structure (no tokenizer, no image decoding) and reduce it to a LlavaRecord."""
+    record_id = raw.get("id") if isinstance(raw, dict) else None
+
+    def fail(field: str, reason: str) -> DataError:
+        return DataError.at(json_path, reason, record_id=record_id, index=index, field=field)
+
+    if not isinstance(raw, dict):
+        raise fail("record", f"expected a JSON object, got {type(raw).__name__}")
+    if "conversations" not in raw:
+        raise fail("conversations", "missing: every record needs a list of human / gpt turns")
+    conversations = raw["conversations"]
+    if not isinstance(conversations, list) or not conversations:
+        raise fail("conversations", f"expected a non-empty list of turns, got {conversations!r:.80}")
+    questions: list[str] = []
+    answers: list[str] = []
+    for position, turn in enumerate(conversations):
+        field = f"conversations[{position}]"
+        if not isinstance(turn, dict):
+            raise fail(field, f"expected an object with 'from' and 'value', got {turn!r:.80}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise fail(f"{field}.{key}", "missing")
+        value = turn["value"]
+        if not isinstance(value, str):
+            raise fail(f"{field}.value", f"expected a string, got {type(value).__name__}")
+        expected = HUMAN if position % 2 == 0 else GPT
+        if turn["from"] != expected:
+            raise fail(
+                f"{field}.from",
+                f"expected {expected!r}, got {turn['from']!r}: turns alternate human / gpt, starting with human",
+            )
+        if expected == GPT:
+            if not value.strip():
+                raise fail(f"{field}.value", "empty answer")
+            if IMAGE_PLACEHOLDER in value:
+                raise fail(f"{field}.value", f"{IMAGE_PLACEHOLDER} in an answer")
+            answers.append(value)
+        else:
+            if position > 0 and IMAGE_PLACEHOLDER in value:
+                raise fail(f"{field}.value", f"{IMAGE_PLACEHOLDER} may only appear in the first human turn")
+            questions.append(value)
+    if require_answer and len(answers) < len(questions):
+        raise fail("conversations", "the conversation ends with a human turn: the last gpt answer is missing")
+    placeholders = questions[0].count(IMAGE_PLACEHOLDER)
+    if placeholders > 1:
+        raise fail("conversations[0].value", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per record")
+    image = raw.get("image")
+    image_path = None
+    if image is None:
+        if placeholders:
+            raise fail("image", f"missing, but the first human turn has {IMAGE_PLACEHOLDER}")
+    else:
+        if not isinstance(image, str) or not image:
+            raise fail("image", f"expected a file name relative to the image folder, got {image!r}")
+        if not placeholders:
+            raise fail("conversations[0].value", f"the record has an image but no {IMAGE_PLACEHOLDER} placeholder")
+        image_path = image_folder / image
+        if not os.path.exists(image_path):
+            raise fail("image", f"image file {image_path} does not exist")
+    kind = raw.get("question_kind", DEFAULT_QUESTION_KIND)
+    return LlavaRecord(
+        index=index,
+        id=str(record_id) if record_id is not None else f"{Path(json_path).stem}-{index}",
+        image=image_path,
+        questions=tuple(questions),
+        answers=tuple(answers),
+        question_kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+    )
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+class LlavaJsonDataset(Dataset):
+    """The records of one LLaVA JSON file as model inputs.
+
+    Structure is validated here, eagerly; the tokenizer-dependent encoding and the image decoding
+    happen in ``__getitem__``, once :meth:`set_input_processor` has given the model's tokenizer.
+
+    Args:
+        json_path: the LLaVA JSON list.
+        image_folder: root of the records' ``image`` paths; None = the JSON file's directory.
+        skip_bad_records: warn (:class:`DataWarning`, once per record) and drop bad records instead of
+            raising; structural drops are counted in ``num_skipped_at_load``, lazy ones make
+            ``__getitem__`` return None (the collator counts them as ``num_skipped``).
+        require_answer: False accepts conversations that end with a human turn (prediction inputs).
+        input_processor: the model's InputProcessor, if already known.
+    """
+
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None = None,
+        skip_bad_records: bool = False,
+        require_answer: bool = True,
+        input_processor: InputProcessor | None = None,
+    ) -> None:
+        self.json_path = Path(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
+        self.skip_bad_records = skip_bad_records
+        self.require_answer = require_answer
+        self.input_processor = input_processor
+        self.num_skipped_at_load = 0
+        self.records: list[LlavaRecord] = []
+        for index, raw in enumerate(read_json_records(self.json_path)):
+            try:
+                self.records.append(parse_record(raw, index, self.json_path, self.image_folder, require_answer))
+            except DataError as error:
+                if not skip_bad_records:
+                    raise
+                warnings.warn(str(error), DataWarning, stacklevel=2)
+                self.num_skipped_at_load += 1
+        self._bad: set[int] = set()  # lazily found bad records (per process: each worker has its own)
+
+    def set_input_processor(self, processor: InputProcessor) -> None:
+        self.input_processor = processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """The encoded example, or None for a bad record when ``skip_bad_records`` is on."""
+        record = self.records[index]
+        if record.index in self._bad:
+            return None
+        try:
+            return self._encode(record)
+        except DataError as error:
+            if not self.skip_bad_records:
+                raise
+            self._bad.add(record.index)
+            warnings.warn(str(error), DataWarning, stacklevel=2)
+            return None
+
+    def _encode(self, record: LlavaRecord) -> dict[str, Any]:
+        processor = self.input_processor
+        if processor is None:
+            raise RuntimeError(f"{self.json_path}: no InputProcessor; call set_input_processor() before loading items")
+
+        def fail(field: str, reason: str) -> DataError:
+            return DataError.at(self.json_path, reason, record_id=record.id, index=record.index, field=field)
+
+        pixel_values = None
+        if record.image is not None:
+            try:
+                with Image.open(record.image) as image:
+                    rgb = image.convert("RGB")  # decodes the whole file: truncated data fails here
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                raise fail("image", f"cannot read image file {record.image}: {error}") from error
+            pixel_values = processor.preprocess_image(rgb)  # [3, H, W]
+
+        template, tokenizer = processor.chat_template, processor.tokenizer
+        image_args = (processor.image_token_id, processor.num_image_tokens)
+        answered = len(record.answers) == len(record.questions)
+        try:
+            prompt_ids = template.encode_prompt(
+                list(record.questions), list(record.answers[: len(record.questions) - 1]), tokenizer, *image_args
+            )
+            if answered:
+                encoded = template.encode(list(zip(record.questions, record.answers, strict=True)), tokenizer, *image_args)
+                input_ids, labels, prompt_length = encoded.input_ids, encoded.labels, encoded.prompt_length
+            else:  # an open record (prediction input): nothing to learn from
+                input_ids, labels, prompt_length = prompt_ids, [IGNORE_INDEX] * len(prompt_ids), len(prompt_ids)
+        except ConversationError as error:
+            raise fail(error.field, str(error)) from error
+
+        expected_placeholders = processor.num_image_tokens if record.image is not None else 0
+        found = sum(1 for token in input_ids if token == processor.image_token_id)
+        if found != expected_placeholders:  # e.g. text that the tokenizer maps onto the image token
+            raise fail("conversations", f"{found} image placeholder tokens after encoding, expected {expected_placeholders}")
+        if len(input_ids) > processor.max_length:
+            raise fail(
+                "conversations",
+                f"{len(input_ids)} tokens ({found} of them image placeholders) exceed max_length "
+                f"{processor.max_length}; answers are never truncated: shorten the record or raise max_length",
+            )
+        return {
+            "id": record.id,
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
+            "labels": torch.tensor(labels, dtype=torch.long),  # [T]
+            "prompt_length": prompt_length,
+            "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),  # [Tp]
+            "pixel_values": pixel_values,  # [3, H, W] or None
+            "answer": record.answers[-1] if answered else "",
+            "question_kind": record.question_kind,
+        }
+
+
+# --- batching --------------------------------------------------------------------------------------
+class LlavaCollator:
+    """Items -> a batch; None items (skipped records) are dropped and counted in ``num_skipped``.
+
+    Training sequences are padded on the right, prompts on the left (so generation appends at one
+    column for the whole batch). A batch whose items were all skipped is still a dict, with B = 0
+    tensors (``input_ids`` of shape [0, 0]) and ``pixel_values`` None: a step checks
+    ``batch["input_ids"].shape[0] == 0`` and returns early, after adding ``num_skipped``.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [item for item in items if item is not None]
+        input_ids, attention_mask = self._pad([item["input_ids"] for item in kept], self.pad_token_id, left=False)
+        labels, _ = self._pad([item["labels"] for item in kept], IGNORE_INDEX, left=False)
+        prompt_ids, prompt_mask = self._pad([item["prompt_ids"] for item in kept], self.pad_token_id, left=True)
+        images = [item["pixel_values"] for item in kept if item["pixel_values"] is not None]
+        return {
+            "input_ids": input_ids,  # [B, T], right-padded
+            "attention_mask": attention_mask,  # [B, T], 1 = real token
+            "labels": labels,  # [B, T], IGNORE_INDEX on prompt and padding
+            "prompt_lengths": torch.tensor([item["prompt_length"] for item in kept], dtype=torch.long),  # [B]
+            "prompt_ids": prompt_ids,  # [B, Tp], left-padded
+            "prompt_attention_mask": prompt_mask,  # [B, Tp]
+            "pixel_values": torch.stack(images) if images else None,  # [N_img, 3, H, W], in batch order
+            "has_image": torch.tensor([item["pixel_values"] is not None for item in kept], dtype=torch.bool),  # [B]
+            "answers": [item["answer"] for item in kept],
+            "question_kinds": [item["question_kind"] for item in kept],
+            "ids": [item["id"] for item in kept],
+            "num_skipped": len(items) - len(kept),
+        }
+
+    @staticmethod
+    def _pad(sequences: list[torch.Tensor], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T_max] padded with ``value`` and the matching 0/1 attention mask (long)."""
+        length = max((len(sequence) for sequence in sequences), default=0)
+        padded = torch.full((len(sequences), length), value, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            start = length - len(sequence) if left else 0
+            padded[row, start : start + len(sequence)] = sequence
+            mask[row, start : start + len(sequence)] = 1
+        return padded, mask
+
+
+# --- majority-answer baseline ----------------------------------------------------------------------
+def _normalise(answer: str) -> str:
+    return answer.strip().lower().rstrip(".").strip()
+
+
+def _kinds_and_answers(json_path: str | Path) -> list[tuple[str, str]]:
+    """(question kind, last answer) of every record that has one; malformed records are passed over."""
+    pairs = []
+    for raw in read_json_records(json_path):
+        conversations = raw.get("conversations") if isinstance(raw, dict) else None
+        if not isinstance(conversations, list) or len(conversations) < 2 or not isinstance(conversations[-1], dict):
+            continue
+        last = conversations[-1]
+        if last.get("from") != GPT or not isinstance(last.get("value"), str) or not last["value"].strip():
+            continue
+        kind = raw.get("question_kind", DEFAULT_QUESTION_KIND)
+        pairs.append((kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND, last["value"].strip()))
+    return pairs
+
+
+def majority_answers(train_json: str | Path) -> dict[str, str]:
+    """The most common training answer per question kind (ties: alphabetically first)."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for kind, answer in _kinds_and_answers(train_json):
+        counts[kind][_normalise(answer)] += 1
+    return {kind: min(counter.items(), key=lambda item: (-item[1], item[0]))[0] for kind, counter in sorted(counts.items())}
+
+
+def majority_baseline(train_json: str | Path, eval_json: str | Path) -> dict[str, float]:
+    """Accuracy on ``eval_json`` of answering every question with its kind's majority training answer,
+    per kind and ``overall`` (answers compared case-insensitively, a trailing period ignored)."""
+    majority = majority_answers(train_json)
+    correct: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for kind, answer in _kinds_and_answers(eval_json):
+        hit = int(majority.get(kind) == _normalise(answer))
+        for group in (kind, OVERALL):
+            correct[group] += hit
+            total[group] += 1
+    return {group: correct[group] / total[group] for group in total}
+
+
+# --- datamodule ------------------------------------------------------------------------------------
+class LlavaDataModule(L.LightningDataModule):
+    """LLaVA instruction JSON files + an image folder as train / val / test / predict dataloaders.
+
+    The datasets are built (and structurally validated) in ``setup``; items are encoded with the
+    model's InputProcessor, taken from ``trainer.lightning_module.backbone`` when the dataloaders are
+    created (the backbone is only built in ``configure_model``, after ``setup``), unless one was given
+    with :meth:`set_input_processor`.
+
+    Args:
+        train_json: training records (needed to fit).
+        val_json: validation records; None = no validation.
+        test_json: test records.
+        predict_json: records to answer; their last gpt turn may be missing.
+        image_folder: root of the records' ``image`` paths; None = each JSON file's directory.
+        batch_size: training batch size.
+        eval_batch_size: validation / test / predict batch size; None = ``batch_size``.
+        num_workers: DataLoader worker processes (kept alive across epochs when > 0).
+        skip_bad_records: warn about bad records and drop them instead of stopping with a DataError;
+            each batch carries ``num_skipped``, each dataset ``num_skipped_at_load``.
+    """
+
+    def __init__(
+        self,
+        train_json: str | None = None,
+        val_json: str | None = None,
+        test_json: str | None = None,
+        predict_json: str | None = None,
+        image_folder: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_bad_records: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.json_paths: dict[str, str | None] = {
+            "train": train_json,
+            "val": val_json,
+            "test": test_json,
+            "predict": predict_json,
+        }
+        self.image_folder = image_folder
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.num_workers = num_workers
+        self.skip_bad_records = skip_bad_records
+        self.datasets: dict[str, LlavaJsonDataset] = {}
+        self._input_processor: InputProcessor | None = None
+
+    # --- datasets ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Build the datasets the stage needs (fit: train and val; validate: val; test; predict)."""
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}[stage]
+        for split in needed:
+            path = self.json_paths[split]
+            if path is None:
+                if split == "val" and stage == "fit":
+                    continue  # fitting without validation is fine
+                raise ValueError(f"stage {stage!r} needs {split}_json, which is not set")
+            if split not in self.datasets:
+                self.datasets[split] = LlavaJsonDataset(
+                    path, self.image_folder, skip_bad_records=self.skip_bad_records, require_answer=split != "predict"
+                )
+
+    @property
+    def num_skipped_at_load(self) -> dict[str, int]:
+        """Records dropped by structural validation, per built split."""
+        return {split: dataset.num_skipped_at_load for split, dataset in self.datasets.items()}
+
+    def question_kinds(self, split: str) -> list[str]:
+        """The question kinds of a built split, sorted: the groups its accuracy is reported by."""
+        return sorted({record.question_kind for record in self.datasets[split].records})
+
+    # --- the model's side ------------------------------------------------------------------------------
+    def set_input_processor(self, processor: InputProcessor) -> None:
+        """Use this InputProcessor instead of asking the trainer's model (tests, scripts)."""
+        self._input_processor = processor
+
+    def input_processor(self) -> InputProcessor:
+        if self._input_processor is not None:
+            return self._input_processor
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        backbone = getattr(module, "backbone", None)
+        if backbone is None:
+            raise RuntimeError(
+                "no InputProcessor: attach the datamodule to a Trainer whose LightningModule has a `backbone`, "
+                "or call set_input_processor()"
+            )
+        return backbone.input_processor()
+
+    # --- dataloaders ---------------------------------------------------------------------------------
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split} dataset: call setup() for a stage that builds it first")
+        dataset = self.datasets[split]
+        processor = self.input_processor()
+        dataset.set_input_processor(processor)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=LlavaCollator(processor.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
+        )
+
+    def _pin_memory(self) -> bool:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.json_paths["val"] is None:
+            return []  # no validation
+        return self._dataloader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._dataloader("predict", self.eval_batch_size, shuffle=False)
+
+    # --- baseline ------------------------------------------------------------------------------------
+    def majority_baseline(self, stage: str) -> dict[str, float]:
+        """Accuracy per question kind (and ``overall``) of the majority training answer on a split's
+        records ("val" / "test"); empty when the training or that split's JSON is not set."""
+        split = {"validate": "val", "fit": "val"}.get(stage, stage)
+        train, evaluated = self.json_paths["train"], self.json_paths.get(split)
+        if train is None or evaluated is None:
+            return {}
+        return majority_baseline(train, evaluated)

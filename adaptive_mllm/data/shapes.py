@@ -1,0 +1,271 @@
+"""Shapes-VQA: a generated visual question answering set small enough to train a tiny LLaVA on a CPU.
+
+Each 64x64 image is a 4x4 grid of 16-px cells, one cell per vision-tower patch, holding 1-4 shapes
+(circle / square / triangle in one of six colours), each drawn inside its own cell. Questions ask for
+a colour, a shape, a count or a left-of relation; answers are single words, so exact match is a fair
+metric. Everything is drawn from a seeded numpy Generator, so a seed gives byte-identical files, and
+the output is the LLaVA instruction format that :mod:`adaptive_mllm.data.llava_json` reads, plus a
+word-level tokenizer trained on the generated text.
+
+    python -c "from adaptive_mllm.data import generate_shapes_vqa; generate_shapes_vqa('data/shapes-vqa')"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, plain_chat
+from adaptive_mllm.data.tokenizer import train_word_tokenizer
+
+FORMAT_VERSION = 1  # bump whenever the generated content changes: cached data is then regenerated
+
+IMAGE_SIZE = 64
+CELL_SIZE = 16  # = the vision tower's patch size, so a shape never straddles two patches
+GRID = IMAGE_SIZE // CELL_SIZE  # 4 x 4 cells
+MAX_SHAPES = 4
+MIN_SHAPE_SIZE = 10  # pixels; a shape is 10-14 px wide, placed with at least 1 px to its cell's border
+MAX_SHAPE_SIZE = 14
+
+SHAPES = ("circle", "square", "triangle")
+# Far apart in RGB (the closest pair, yellow / orange, is ~100 apart) and from the light background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (130, 40, 170),
+    "orange": (245, 140, 90),
+}
+BACKGROUND = (235, 235, 235)
+COUNT_WORDS = ("one", "two", "three", "four")  # counts are answered in words, never digits
+
+QUESTION_KINDS = ("colour", "shape", "count", "left_of")
+SPLITS = ("train", "val", "test")
+_SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # each split its own random stream
+
+META_FILE = "meta.json"
+IMAGE_DIR = "images"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    """One drawn shape: what it is and exactly where (pixel box inclusive, inside cell (row, col))."""
+
+    shape: str
+    colour: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1, inclusive
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A scene and the one question asked about it: the generator's ground truth."""
+
+    shapes: tuple[PlacedShape, ...]
+    kind: str
+    question: str
+    answer: str
+
+
+# --- scenes ----------------------------------------------------------------------------------------
+def sample_scene(rng: np.random.Generator, num_shapes: int) -> tuple[PlacedShape, ...]:
+    """``num_shapes`` shapes in distinct cells, each with a random size and offset inside its cell."""
+    cells = rng.choice(GRID * GRID, size=num_shapes, replace=False)
+    shapes = []
+    for cell in sorted(int(c) for c in cells):  # row-major order, so the description is canonical
+        row, col = divmod(cell, GRID)
+        size = int(rng.integers(MIN_SHAPE_SIZE, MAX_SHAPE_SIZE + 1))
+        left = int(rng.integers(1, CELL_SIZE - size))  # 1 .. 15 - size: a 1-px margin on both sides
+        top = int(rng.integers(1, CELL_SIZE - size))
+        x0, y0 = col * CELL_SIZE + left, row * CELL_SIZE + top
+        shapes.append(
+            PlacedShape(
+                shape=SHAPES[int(rng.integers(len(SHAPES)))],
+                colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                row=row,
+                col=col,
+                box=(x0, y0, x0 + size - 1, y0 + size - 1),
+            )
+        )
+    return tuple(shapes)
+
+
+def draw_scene(shapes: tuple[PlacedShape, ...]) -> Image.Image:
+    """The RGB image of a scene; no anti-aliasing, so every shape pixel has exactly its palette colour."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for placed in shapes:
+        x0, y0, x1, y1 = placed.box
+        fill = COLOURS[placed.colour]
+        if placed.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif placed.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif placed.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {placed.shape!r}")
+    return image
+
+
+# --- questions -------------------------------------------------------------------------------------
+def _unique(shapes: tuple[PlacedShape, ...], key: str) -> list[PlacedShape]:
+    """Shapes whose ``key`` attribute (shape / colour / name) no other shape in the scene shares."""
+    values = [getattr(s, key) for s in shapes]
+    return [s for s, value in zip(shapes, values, strict=True) if values.count(value) == 1]
+
+
+def ask(rng: np.random.Generator, shapes: tuple[PlacedShape, ...], kind: str, yes: bool = True) -> tuple[str, str] | None:
+    """(question, answer) of ``kind`` about the scene, or None when the scene cannot be asked it
+    unambiguously (colour of a shape that appears twice, left-of with nothing in different columns).
+    ``yes`` is the wanted answer of a left-of question."""
+    if kind == "colour":
+        candidates = _unique(shapes, "shape")
+        if not candidates:
+            return None
+        target = candidates[int(rng.integers(len(candidates)))]
+        return f"What colour is the {target.shape}?", target.colour
+    if kind == "shape":
+        candidates = _unique(shapes, "colour")
+        if not candidates:
+            return None
+        target = candidates[int(rng.integers(len(candidates)))]
+        return f"What shape is the {target.colour} object?", target.shape
+    if kind == "count":
+        return "How many shapes are there?", COUNT_WORDS[len(shapes) - 1]
+    if kind == "left_of":
+        named = _unique(shapes, "name")  # "the red circle" must denote one shape
+        pairs = [(a, b) for a in named for b in named if a.col < b.col]  # a strictly left of b
+        if not pairs:
+            return None
+        left, right = pairs[int(rng.integers(len(pairs)))]
+        first, second = (left, right) if yes else (right, left)
+        return f"Is the {first.name} left of the {second.name}?", "yes" if yes else "no"
+    raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
+
+
+def sample_example(rng: np.random.Generator, kind: str, yes: bool = True) -> Example:
+    """A random scene that can be asked ``kind``, with its question (rejection sampling, a few tries)."""
+    low = 2 if kind == "left_of" else 1
+    while True:
+        shapes = sample_scene(rng, int(rng.integers(low, MAX_SHAPES + 1)))
+        asked = ask(rng, shapes, kind, yes)
+        if asked is not None:
+            return Example(shapes=shapes, kind=kind, question=asked[0], answer=asked[1])
+
+
+def generate_examples(num_examples: int, seed: int, split: str = "train") -> list[Example]:
+    """The examples of one split: kinds exactly balanced (and left-of answers split yes / no), then
+    shuffled. Each split draws from its own stream, so resizing one split leaves the others unchanged."""
+    if split not in _SPLIT_STREAMS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]))
+    slots = [(QUESTION_KINDS[i % len(QUESTION_KINDS)], (i // len(QUESTION_KINDS)) % 2 == 0) for i in range(num_examples)]
+    order = rng.permutation(num_examples)
+    return [sample_example(rng, *slots[int(i)]) for i in order]
+
+
+# --- files -----------------------------------------------------------------------------------------
+def _record_id(split: str, index: int) -> str:
+    return f"shapes-{split}-{index:06d}"
+
+
+def _write_json(path: Path, payload: object) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def _write_split(out_dir: Path, split: str, examples: list[Example]) -> list[dict]:
+    """Draw and save the images of one split; returns its LLaVA records."""
+    image_dir = out_dir / IMAGE_DIR / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, example in enumerate(examples):
+        record_id = _record_id(split, index)
+        image_name = f"{split}/{record_id}.png"
+        # compress_level=1: 3x faster than the default, files barely larger at this size
+        draw_scene(example.shapes).save(out_dir / IMAGE_DIR / image_name, format="PNG", compress_level=1)
+        records.append(
+            {
+                "id": record_id,
+                "image": image_name,
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{example.question}"},
+                    {"from": "gpt", "value": example.answer},
+                ],
+                "question_kind": example.kind,
+            }
+        )
+    return records
+
+
+def _meta(seed: int, sizes: dict[str, int]) -> dict:
+    return {
+        "dataset": "shapes-vqa",
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "image_size": IMAGE_SIZE,
+        **{f"num_{split}": sizes[split] for split in SPLITS},
+    }
+
+
+def is_generated(out_dir: str | Path, num_train: int, num_val: int, num_test: int, seed: int = 0) -> bool:
+    """Whether ``out_dir`` already holds exactly this dataset (meta.json is written last)."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / META_FILE
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = _meta(seed, {"train": num_train, "val": num_val, "test": num_test})
+    files = [out_dir / f"{split}.json" for split in SPLITS] + [out_dir / TOKENIZER_DIR / "tokenizer.json"]
+    return meta == expected and all(path.is_file() for path in files)
+
+
+def generate_shapes_vqa(
+    out_dir: str | Path,
+    num_train: int = 20_000,
+    num_val: int = 1_000,
+    num_test: int = 2_000,
+    seed: int = 0,
+) -> Path:
+    """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
+    ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
+    if any(size < 0 for size in sizes.values()):
+        raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    if is_generated(out_dir, num_train, num_val, num_test, seed):
+        return out_dir
+    meta_path = out_dir / META_FILE
+    if meta_path.is_file():  # a different set of ours: clear it, so no stale image survives
+        meta_path.unlink()
+        for directory in (IMAGE_DIR, TOKENIZER_DIR):
+            shutil.rmtree(out_dir / directory, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = plain_chat()
+    texts = []
+    for split in SPLITS:
+        records = _write_split(out_dir, split, generate_examples(sizes[split], seed, split))
+        _write_json(out_dir / f"{split}.json", records)
+        texts += [template.render([(r["conversations"][0]["value"], r["conversations"][1]["value"])]) for r in records]
+    train_word_tokenizer(texts, out_dir / TOKENIZER_DIR, template=template)
+    _write_json(meta_path, _meta(seed, sizes))
+    return out_dir

@@ -1,0 +1,74 @@
+"""The generated shapes-VQA set as a datamodule: LlavaDataModule over files it writes itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptive_mllm.data.llava_json import LlavaDataModule
+from adaptive_mllm.data.shapes import IMAGE_DIR, TOKENIZER_DIR, generate_shapes_vqa, is_generated
+
+
+class ShapesVQADataModule(LlavaDataModule):
+    """Shapes-VQA (see :mod:`adaptive_mllm.data.shapes`), generated on first use by ``prepare_data``.
+
+    The tokenizer trained on the generated text is written to ``{data_dir}/tokenizer``, where the tiny
+    backbone's ``tokenizer`` argument points; ``prepare_data`` runs before ``configure_model``, so it
+    exists by the time the model is built. Prediction answers the test split.
+
+    Args:
+        data_dir: where the set lives (generated there if it is missing or was made with other sizes / seed).
+        num_train: training examples.
+        num_val: validation examples.
+        num_test: test examples.
+        seed: generation seed; the same seed gives byte-identical files.
+        batch_size: training batch size.
+        eval_batch_size: validation / test / predict batch size; None = ``batch_size``.
+        num_workers: DataLoader worker processes.
+        skip_bad_records: warn about bad records and drop them instead of raising.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/shapes-vqa",
+        num_train: int = 20_000,
+        num_val: int = 1_000,
+        num_test: int = 2_000,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_bad_records: bool = False,
+    ) -> None:
+        directory = Path(data_dir)
+        super().__init__(
+            train_json=str(directory / "train.json"),
+            val_json=str(directory / "val.json"),
+            test_json=str(directory / "test.json"),
+            predict_json=str(directory / "test.json"),
+            image_folder=str(directory / IMAGE_DIR),
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            skip_bad_records=skip_bad_records,
+        )
+        self.data_dir = directory
+        self.num_train = num_train
+        self.num_val = num_val
+        self.num_test = num_test
+        self.seed = seed
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.data_dir / TOKENIZER_DIR
+
+    def prepare_data(self) -> None:
+        """Generate the set unless ``meta.json`` says it is already there (then this is instant)."""
+        generate_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed)
+
+    def setup(self, stage: str) -> None:
+        if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed):
+            raise RuntimeError(
+                f"{self.data_dir} does not hold the shapes-VQA set asked for (sizes {self.num_train} / "
+                f"{self.num_val} / {self.num_test}, seed {self.seed}): call prepare_data() first"
+            )
+        super().setup(stage)

@@ -1,0 +1,128 @@
+"""Scheduler: (latency token hidden state, budgets, sequence lengths) -> ExecutionPlan.
+
+A scheduler never touches layers. It is built from YAML with plain arguments, before the backbone is
+known; ``configure(shape)`` (called by the LightningModule once the backbone's sizes are known, before
+any checkpoint is loaded) creates its parameters and its cost model.
+
+The plan covers the ``L - num_prefix_layers`` schedulable layers, split into switchable **units**
+(``units_per_layer`` equal units per layer: a whole layer for AdaLLaVA-L, ``rank`` heads' worth for
+AdaLLaVA-H). A budget becomes a number of units through :class:`~adaptive_mllm.cost.CostModel`, so a
+plan of ``k`` units never exceeds the budget's FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.cost import CostModel
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+class Scheduler(nn.Module):
+    """Base class of every scheduler.
+
+    Args:
+        num_prefix_layers: the first LLM layers, which always run; the scheduler reads the latency
+            token at the input of this layer.
+    """
+
+    def __init__(self, num_prefix_layers: int) -> None:
+        super().__init__()
+        if num_prefix_layers < 0:
+            raise ValueError(f"num_prefix_layers={num_prefix_layers} must be >= 0")
+        self.num_prefix_layers = num_prefix_layers
+        self._shape: DecoderShape | None = None
+        self._cost: CostModel | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def configure(self, shape: DecoderShape) -> None:
+        """Create the cost model and the parameters for this LLM. A second call with the same shape
+        does nothing (parameters, possibly loaded, are kept); another shape is an error."""
+        if self._shape is not None:
+            if self._shape != shape:
+                raise ValueError(f"{type(self).__name__} is already configured for {self._shape}, not {shape}")
+            return
+        cost = CostModel(shape, self.num_prefix_layers)  # validates num_prefix_layers against the LLM
+        self._check_shape(shape)
+        self._build(shape)
+        self._shape, self._cost = shape, cost
+
+    def _check_shape(self, shape: DecoderShape) -> None:
+        """Raise a ValueError when this scheduler cannot split ``shape`` into its units."""
+
+    def _build(self, shape: DecoderShape) -> None:
+        """Create the parameters (none for baselines)."""
+
+    @property
+    def is_configured(self) -> bool:
+        return self._shape is not None
+
+    @property
+    def shape(self) -> DecoderShape:
+        if self._shape is None:
+            raise RuntimeError(f"{type(self).__name__}.configure(shape) must be called first")
+        return self._shape
+
+    @property
+    def cost(self) -> CostModel:
+        if self._cost is None:
+            raise RuntimeError(f"{type(self).__name__}.configure(shape) must be called first")
+        return self._cost
+
+    # --- units -------------------------------------------------------------------------------------
+    @property
+    def num_scheduled_layers(self) -> int:
+        return self.shape.num_layers - self.num_prefix_layers
+
+    @property
+    def units_per_layer(self) -> int:
+        """Equal units one schedulable layer splits into (1 = whole layers)."""
+        return 1
+
+    @property
+    def num_units(self) -> int:
+        return self.num_scheduled_layers * self.units_per_layer
+
+    def check_budgets(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> None:
+        """ValueError naming the admissible range ``[min, 1.0]`` for a budget this scheduler cannot meet."""
+        self.cost.check_budgets(budgets, seq_lens, layer_tokens)
+
+    def units_for_budget(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        """[B] long: the largest number of units whose plan stays within each budget."""
+        return self.cost.units_for_budget(budgets, seq_lens, self.units_per_layer, layer_tokens)
+
+    # --- the interface -----------------------------------------------------------------------------
+    @property
+    def needs_latency_token(self) -> bool:
+        """Whether the module must insert :meth:`latency_token` into the sequence."""
+        return False
+
+    def latency_token(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor | None:
+        """[B, hidden] embedding of each budget, or None for a scheduler that reads none."""
+        return None
+
+    def forward(
+        self,
+        latency_hidden: torch.Tensor | None,  # [B, hidden], the latency token at the input of layer num_prefix_layers
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> ExecutionPlan:
+        raise NotImplementedError

@@ -1,0 +1,90 @@
+"""Baselines a paper compares against: the full model, random layers, and a fixed set of layers.
+
+None of them reads a latency token. Random and Static keep the same number of layers as
+:class:`~adaptive_mllm.schedulers.layer.LayerScheduler` for the same budget, so they meet it too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+class FullScheduler(Scheduler):
+    """Every layer runs, whatever the budget (its cost is that of budget 1.0).
+
+    Args:
+        num_prefix_layers: where the (trivial) plan starts; any value in [0, L) gives the same model.
+    """
+
+    def check_budgets(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> None:
+        """Any budget is accepted: the full model runs regardless."""
+
+    def forward(
+        self,
+        latency_hidden: torch.Tensor | None,  # ignored
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> ExecutionPlan:
+        batch = budgets.shape[0]
+        plan = ExecutionPlan.full(batch, self.shape.num_layers, self.num_prefix_layers, device=budgets.device)
+        plan.units = torch.full((batch,), self.num_units, dtype=torch.long, device=budgets.device)
+        return plan
+
+
+class RandomScheduler(Scheduler):
+    """``k`` schedulable layers chosen uniformly at random per example (``k`` as for AdaLLaVA-L).
+
+    Plans come from the scheduler's own generator, seeded once: the same sequence of calls gives the
+    same plans from run to run, whatever else draws random numbers.
+
+    Args:
+        num_prefix_layers: the first LLM layers, which always run.
+        seed: seed of the generator.
+    """
+
+    def __init__(self, num_prefix_layers: int, seed: int = 0) -> None:
+        super().__init__(num_prefix_layers)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(
+        self,
+        latency_hidden: torch.Tensor | None,  # ignored
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> ExecutionPlan:
+        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
+        noise = torch.rand(budgets.shape[0], self.num_scheduled_layers, generator=self.generator)  # [B, L_sched], CPU
+        rank = noise.argsort(dim=-1).argsort(dim=-1)  # [B, L_sched]: position of each layer in a random order
+        mask = (rank < k.cpu()[:, None]).float().to(budgets.device)
+        return ExecutionPlan(self.num_prefix_layers, mask, units=k)
+
+
+class StaticScheduler(Scheduler):
+    """Keeps the first ``k`` schedulable layers (``k`` as for AdaLLaVA-L): the last layers are off.
+
+    Args:
+        num_prefix_layers: the first LLM layers, which always run.
+    """
+
+    def forward(
+        self,
+        latency_hidden: torch.Tensor | None,  # ignored
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> ExecutionPlan:
+        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
+        index = torch.arange(self.num_scheduled_layers, device=k.device)  # [L_sched]
+        mask = (index[None, :] < k[:, None]).float()  # [B, L_sched]
+        return ExecutionPlan(self.num_prefix_layers, mask, units=k)

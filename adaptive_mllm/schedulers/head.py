@@ -1,0 +1,150 @@
+"""HeadScheduler (AdaLLaVA-H): switches attention head groups and MLP neuron groups inside layers.
+
+Design (the reference supports plain multi-head attention only; this generalises it to GQA):
+
+- **Groups.** Attention is selected by key/value group: one kv head and the ``q = num_heads /
+  num_kv_heads`` query heads that read it, so grouped-query attention slices coherently (for MHA a
+  group is one head). MLP neurons are split into ``num_heads`` equal contiguous groups.
+- **Logits.** One linear layer gives, per schedulable layer, ``num_kv_heads`` attention logits and
+  ``num_heads`` MLP logits: ``L_sched * (num_kv_heads + num_heads)`` in all, which for MHA is the
+  reference's ``L_sched * num_heads * 2`` (1024 for LLaVA-1.5-7B).
+- **Unit.** ``rank`` query heads' worth of attention (``rank / q`` kv groups, so ``rank`` must be a
+  multiple of ``q``) plus ``rank`` MLP groups, in one layer. A layer holds ``num_heads / rank`` units,
+  all of the same cost, so a plan's FLOPs depend only on how many units it has per layer.
+- **Picking one unit.** Among the layers that still have room, pick a layer by the mean of its
+  remaining (not yet chosen) logits: Gumbel noise / tau / straight-through in training, argmax in
+  evaluation. Then, inside that layer, the best ``rank / q`` remaining kv groups and the best ``rank``
+  remaining MLP groups (Gumbel top-r in training, top-r in evaluation), straight-through too. The unit
+  adds ``layer one-hot x group mask`` to the plan, so gradients reach both the layer choice and the
+  group choice. (The reference picks the layer by one Gumbel pick over all remaining logits of every
+  layer; the mean is our choice, so that a layer is judged on everything it still offers.)
+- Repeated ``k`` times per example (``k`` from the cost model, examples may differ), vectorised over
+  the batch: exactly ``k`` units, hence the budget, by construction. ``layer_mask`` marks the layers
+  that keep anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.schedulers.latency import LatencyEncoder
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.schedulers.sampling import gumbel_top_r
+
+
+class HeadScheduler(Scheduler):
+    """Switches units of ``rank`` heads' attention + ``rank`` MLP groups inside the schedulable layers.
+
+    Args:
+        num_prefix_layers: the first LLM layers, which always run.
+        rank: query heads (and MLP groups) per unit; a multiple of ``num_heads / num_kv_heads`` that
+            divides ``num_heads`` (8 in the reference release).
+        tau: softmax temperature of the straight-through picks (5 in the reference release).
+    """
+
+    def __init__(self, num_prefix_layers: int, rank: int = 8, tau: float = 5.0) -> None:
+        super().__init__(num_prefix_layers)
+        if rank < 1:
+            raise ValueError(f"rank={rank} must be >= 1")
+        if tau <= 0:
+            raise ValueError(f"tau={tau} must be > 0")
+        self.rank = rank
+        self.tau = tau
+        self.latency_encoder: LatencyEncoder | None = None
+        self.head: nn.Linear | None = None
+
+    def _check_shape(self, shape: DecoderShape) -> None:
+        q = shape.queries_per_kv
+        if self.rank % q:
+            raise ValueError(
+                f"rank={self.rank} must be a multiple of queries per kv head ({shape.num_heads} heads / "
+                f"{shape.num_kv_heads} kv heads = {q}): attention is switched by whole key/value groups"
+            )
+        if shape.num_heads % self.rank:
+            raise ValueError(f"rank={self.rank} must divide num_heads={shape.num_heads}")
+        if shape.intermediate_size % shape.num_heads:
+            raise ValueError(
+                f"intermediate_size={shape.intermediate_size} does not split into num_heads={shape.num_heads} equal MLP groups"
+            )
+
+    def _build(self, shape: DecoderShape) -> None:
+        layers = shape.num_layers - self.num_prefix_layers
+        self.latency_encoder = LatencyEncoder(shape.hidden_size)
+        self.head = nn.Linear(shape.hidden_size, layers * (shape.num_kv_heads + shape.num_heads))
+
+    # --- units -------------------------------------------------------------------------------------
+    @property
+    def units_per_layer(self) -> int:
+        return self.shape.num_heads // self.rank
+
+    @property
+    def kv_groups_per_unit(self) -> int:
+        return self.rank // self.shape.queries_per_kv
+
+    @property
+    def mlp_groups_per_unit(self) -> int:
+        return self.rank
+
+    @property
+    def needs_latency_token(self) -> bool:
+        return True
+
+    def latency_token(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
+        value = k.float() / (self.num_units + 1)  # [B], in [0, 1)
+        return self.latency_encoder(value)  # [B, hidden]
+
+    def forward(
+        self,
+        latency_hidden: torch.Tensor | None,  # [B, hidden]
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> ExecutionPlan:
+        if latency_hidden is None:
+            raise ValueError("HeadScheduler reads the latency token's hidden state; got None")
+        shape = self.shape
+        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
+        batch, layers = latency_hidden.shape[0], self.num_scheduled_layers
+        kv, groups = shape.num_kv_heads, shape.num_heads
+        logits = self.head(latency_hidden.to(self.head.weight.dtype)).float().view(batch, layers, kv + groups)
+        attention_logits, mlp_logits = logits[..., :kv], logits[..., kv:]  # [B, L_s, G_kv], [B, L_s, G]
+
+        attention_mask = logits.new_zeros(batch, layers, kv)  # [B, L_s, G_kv]
+        mlp_mask = logits.new_zeros(batch, layers, groups)  # [B, L_s, G]
+        placed = torch.zeros(batch, layers, dtype=torch.long, device=logits.device)  # units per layer
+        k = k.to(logits.device)
+        for unit in range(int(k.max()) if batch else 0):
+            active = (unit < k).to(logits.dtype)  # [B]
+            taken = torch.cat([attention_mask, mlp_mask], dim=-1).detach() > 0.5  # [B, L_s, G_kv + G]
+
+            # the layer: mean of its remaining logits, among layers with room left
+            remaining = (~taken).to(logits.dtype)
+            score = (logits * remaining).sum(-1) / remaining.sum(-1).clamp_min(1.0)  # [B, L_s]
+            score = score.masked_fill(placed >= self.units_per_layer, float("-inf"))
+            layer = gumbel_top_r(score, 1, self.tau, self.training)  # [B, L_s] one-hot
+
+            # the groups inside it: logits and what is taken, read through the (straight-through) one-hot
+            hard_layer = layer.detach()[..., None]  # [B, L_s, 1]
+            attention_taken = (taken[..., :kv] * hard_layer).sum(1) > 0.5  # [B, G_kv]
+            mlp_taken = (taken[..., kv:] * hard_layer).sum(1) > 0.5  # [B, G]
+            layer_attention = (attention_logits * layer[..., None]).sum(1).masked_fill(attention_taken, float("-inf"))
+            layer_mlp = (mlp_logits * layer[..., None]).sum(1).masked_fill(mlp_taken, float("-inf"))
+            attention_pick = gumbel_top_r(layer_attention, self.kv_groups_per_unit, self.tau, self.training)  # [B, G_kv]
+            mlp_pick = gumbel_top_r(layer_mlp, self.mlp_groups_per_unit, self.tau, self.training)  # [B, G]
+
+            chosen_layer = layer * active[:, None]  # [B, L_s]
+            attention_mask = attention_mask + chosen_layer[..., None] * attention_pick[:, None, :]
+            mlp_mask = mlp_mask + chosen_layer[..., None] * mlp_pick[:, None, :]
+            placed = placed + chosen_layer.detach().round().long()
+
+        layer_mask = ((attention_mask.detach().sum(-1) + mlp_mask.detach().sum(-1)) > 0.5).to(logits.dtype)  # [B, L_s]
+        return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)

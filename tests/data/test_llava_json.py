@@ -1,0 +1,394 @@
+"""LLaVA JSON loading: encodings checked against hand-built token lists, padding, every kind of bad
+record (error message naming file, record and field, or a warning and a count), the datamodule."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch._utils import ExceptionWrapper
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from adaptive_mllm.backbones.templates import IGNORE_INDEX, ChatTemplate, ConversationError
+from adaptive_mllm.data import (
+    DataError,
+    DataWarning,
+    LlavaCollator,
+    LlavaDataModule,
+    LlavaJsonDataset,
+    majority_answers,
+    majority_baseline,
+)
+
+
+def vocab(tokenizer, *words: str) -> list[int]:
+    """Ids of whole words, looked up in the vocabulary (never through the tokenizer's splitting)."""
+    ids = [tokenizer.convert_tokens_to_ids(word) for word in words]
+    assert tokenizer.unk_token_id not in ids, words
+    return ids
+
+
+def conversation(*turns: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": value} for i, value in enumerate(turns)]
+
+
+# --- encoding, by hand ----------------------------------------------------------------------------
+def test_single_turn_with_image_matches_hand_built_ids(write_llava, make_record, processor):
+    tok = processor.tokenizer
+    bos, eos, image = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")
+    assert (bos, eos, image) == (2, 3, 4)
+    path = write_llava([make_record("r0", "<image>\nWhat colour is the circle?", "red", question_kind="colour")])
+    item = LlavaJsonDataset(path, input_processor=processor, image_folder=path.parent / "images")[0]
+
+    prompt = [bos] + vocab(tok, "USER", ":") + [image] * 16 + vocab(tok, "What", "colour", "is", "the", "circle", "?", "ASSISTANT", ":")
+    answer = vocab(tok, "red") + [eos]
+    assert item["input_ids"].tolist() == prompt + answer
+    assert item["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + answer
+    assert item["prompt_length"] == len(prompt) == 27
+    assert item["prompt_ids"].tolist() == prompt
+    assert (item["answer"], item["question_kind"], item["id"]) == ("red", "colour", "r0")
+    expected_pixels = torch.tensor([200, 30, 30], dtype=torch.float32)[:, None, None] / 255 * 2 - 1
+    assert torch.allclose(item["pixel_values"], expected_pixels.expand(3, 64, 64))
+
+
+def test_multi_turn_labels_only_the_answers(write_llava, processor):
+    tok = processor.tokenizer
+    bos, eos, image = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")
+    turns = conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")
+    path = write_llava([{"id": "multi", "image": "good.png", "conversations": turns}])
+    item = LlavaJsonDataset(path, path.parent / "images", input_processor=processor)[0]
+
+    question_1 = [bos] + vocab(tok, "USER", ":") + [image] * 16 + vocab(tok, "How", "many", "shapes", "are", "there", "?", "ASSISTANT", ":")
+    answer_1 = vocab(tok, "two") + [eos]
+    question_2 = vocab(tok, "USER", ":", "What", "colour", "is", "the", "square", "?", "ASSISTANT", ":")
+    answer_2 = vocab(tok, "blue") + [eos]
+    assert item["input_ids"].tolist() == question_1 + answer_1 + question_2 + answer_2
+    assert item["labels"].tolist() == (
+        [IGNORE_INDEX] * len(question_1) + answer_1 + [IGNORE_INDEX] * len(question_2) + answer_2
+    )
+    assert item["prompt_length"] == len(question_1)  # where the first answer starts
+    # for generation: every question, every answer but the last (the reference), the open role
+    assert item["prompt_ids"].tolist() == question_1 + answer_1 + question_2
+    assert item["answer"] == "blue" and item["question_kind"] == "all"
+
+
+def test_text_only_record(write_llava, make_record, processor):
+    tok = processor.tokenizer
+    path = write_llava([make_record("text", "How many shapes are there?", "four", image=None)])
+    item = LlavaJsonDataset(path, input_processor=processor)[0]
+    prompt = [tok.bos_token_id] + vocab(tok, "USER", ":", "How", "many", "shapes", "are", "there", "?", "ASSISTANT", ":")
+    assert item["input_ids"].tolist() == prompt + vocab(tok, "four") + [tok.eos_token_id]
+    assert item["pixel_values"] is None
+
+
+def test_image_folder_defaults_to_the_json_directory(make_record, processor, write_llava, tmp_path):
+    write_llava([])  # creates images/good.png
+    path = tmp_path / "images" / "inside.json"
+    path.write_text(json.dumps([make_record("here")]))
+    assert LlavaJsonDataset(path, input_processor=processor)[0]["pixel_values"].shape == (3, 64, 64)
+
+
+# --- collation ------------------------------------------------------------------------------------
+def test_collator_pads_right_for_training_and_left_for_prompts(write_llava, make_record, processor, tmp_path):
+    records = [
+        {"id": "long", "image": "good.png", "conversations": conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")},
+        make_record("text", "How many shapes are there?", "four", image=None, question_kind="count"),
+        make_record("short", question_kind="colour"),
+    ]
+    dataset = LlavaJsonDataset(write_llava(records), tmp_path / "images", input_processor=processor)
+    items = [dataset[0], None, dataset[1], dataset[2]]  # None: a record skipped by the dataset
+    batch = LlavaCollator(pad_token_id=processor.pad_token_id)(items)
+    kept = [items[0], items[2], items[3]]
+    pad = processor.tokenizer.pad_token_id
+    assert pad == 0
+
+    lengths = [len(item["input_ids"]) for item in kept]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, max(lengths))
+    for row, (item, length) in enumerate(zip(kept, lengths, strict=True)):
+        assert batch["input_ids"][row, :length].tolist() == item["input_ids"].tolist()
+        assert batch["input_ids"][row, length:].tolist() == [pad] * (max(lengths) - length)
+        assert batch["labels"][row, :length].tolist() == item["labels"].tolist()
+        assert batch["labels"][row, length:].tolist() == [IGNORE_INDEX] * (max(lengths) - length)
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
+
+    prompt_lengths = [len(item["prompt_ids"]) for item in kept]
+    width = max(prompt_lengths)
+    assert batch["prompt_ids"].shape == batch["prompt_attention_mask"].shape == (3, width)
+    for row, (item, length) in enumerate(zip(kept, prompt_lengths, strict=True)):
+        assert batch["prompt_ids"][row].tolist() == [pad] * (width - length) + item["prompt_ids"].tolist()
+        assert batch["prompt_attention_mask"][row].tolist() == [0] * (width - length) + [1] * length
+
+    assert batch["prompt_lengths"].tolist() == [item["prompt_length"] for item in kept]
+    assert batch["prompt_lengths"].dtype == torch.long
+    assert batch["has_image"].tolist() == [True, False, True] and batch["has_image"].dtype == torch.bool
+    assert torch.equal(batch["pixel_values"], torch.stack([kept[0]["pixel_values"], kept[2]["pixel_values"]]))
+    assert batch["answers"] == ["blue", "four", "red"]
+    assert batch["question_kinds"] == ["all", "count", "colour"]
+    assert batch["ids"] == ["long", "text", "short"]
+    assert batch["num_skipped"] == 1
+
+
+def test_collator_all_skipped_and_text_only_batches(write_llava, make_record, processor):
+    collate = LlavaCollator(pad_token_id=0)
+    empty = collate([None, None])
+    assert empty["input_ids"].shape == empty["prompt_ids"].shape == (0, 0)
+    assert empty["prompt_lengths"].shape == empty["has_image"].shape == (0,)
+    assert empty["pixel_values"] is None and empty["ids"] == [] and empty["num_skipped"] == 2
+    dataset = LlavaJsonDataset(write_llava([make_record("t", "How many shapes are there?", "one", image=None)]), input_processor=processor)
+    text_only = collate([dataset[0]])
+    assert text_only["pixel_values"] is None and text_only["has_image"].tolist() == [False]
+
+
+# --- bad records ----------------------------------------------------------------------------------
+@dataclass
+class BadCase:
+    record: dict
+    field: str
+    says: str  # a fragment of the reason
+    lazy: bool  # found in __getitem__ (needs the tokenizer / image bytes), not when the dataset is built
+
+
+def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
+    """Every kind of bad record, each with id 'bad-record'; writes the broken image files it needs."""
+    (image_folder / "corrupt.png").write_bytes(b"this is not a PNG file" * 20)
+    good = (image_folder / "good.png").read_bytes()
+    (image_folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    bad = "bad-record"
+    two_turns = conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")
+    return {
+        "missing image file": BadCase(make_record(bad, image="nowhere.png"), "image", "does not exist", False),
+        "corrupt image file": BadCase(make_record(bad, image="corrupt.png"), "image", "cannot read image file", True),
+        "truncated image file": BadCase(make_record(bad, image="truncated.png"), "image", "cannot read image file", True),
+        "no conversations": BadCase({"id": bad, "image": "good.png"}, "conversations", "missing", False),
+        "conversations not a list": BadCase({"id": bad, "conversations": "hi"}, "conversations", "non-empty list", False),
+        "image but no placeholder": BadCase(make_record(bad, "What colour is the circle?"), "conversations[0].value", "no <image>", False),
+        "placeholder but no image": BadCase(make_record(bad, image=None), "image", "missing", False),
+        "empty answer": BadCase(make_record(bad, answer="  "), "conversations[1].value", "empty answer", False),
+        "roles out of order": BadCase(
+            {"id": bad, "conversations": [{"from": "gpt", "value": "red"}]}, "conversations[0].from", "expected 'human'", False
+        ),
+        "turn without value": BadCase(
+            {"id": bad, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value", "missing", False
+        ),
+        "ends without answer": BadCase(
+            {"id": bad, "conversations": [{"from": "human", "value": "How many shapes are there?"}]}, "conversations", "human turn", False
+        ),
+        "longer than max_length": BadCase(
+            {"id": bad, "image": "good.png", "conversations": two_turns}, "conversations", "exceed max_length 40", True
+        ),
+    }
+
+
+MAX_LENGTH = 40  # the good records have 29 tokens, the two-turn one 41
+
+
+BAD_CASES = [
+    "missing image file", "corrupt image file", "truncated image file", "no conversations", "conversations not a list",
+    "image but no placeholder", "placeholder but no image", "empty answer", "roles out of order", "turn without value",
+    "ends without answer", "longer than max_length",
+]
+
+
+@pytest.mark.parametrize("case_name", BAD_CASES)
+def test_bad_record_error_names_file_record_and_field(case_name, write_llava, make_record, make_processor, tmp_path):
+    cases = bad_cases(tmp_path / "images", make_record)
+    assert sorted(cases) == sorted(BAD_CASES)
+    case = cases[case_name]
+    path = write_llava([make_record("good-record"), case.record], name="train.json")
+    if case.lazy:
+        dataset = LlavaJsonDataset(path, tmp_path / "images", input_processor=make_processor(max_length=MAX_LENGTH))
+        assert dataset[0]["id"] == "good-record"
+        with pytest.raises(DataError) as info:
+            dataset[1]
+    else:
+        with pytest.raises(DataError) as info:
+            LlavaJsonDataset(path, tmp_path / "images")
+    message = str(info.value)
+    assert str(path) in message and "train.json" in message
+    assert "record id 'bad-record' (index 1)" in message
+    assert f"field '{case.field}'" in message
+    assert case.says in message
+    assert (info.value.record_id, info.value.index, info.value.field) == ("bad-record", 1, case.field)
+    assert isinstance(info.value, ValueError)
+
+
+def test_errors_from_worker_processes_are_still_data_errors(write_llava, make_record, processor, tmp_path):
+    """A DataLoader worker's exception is re-built in the main process as ``type(error)(message)``
+    (torch's ExceptionWrapper); done here in-process, since a real worker costs seconds at shutdown."""
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"garbage" * 10)
+    path = write_llava([make_record("ok"), make_record("broken", image="corrupt.png")], name="train.json")
+    dataset = LlavaJsonDataset(path, tmp_path / "images", input_processor=processor)
+    try:
+        dataset[1]
+    except DataError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError, match=r"train.json, record id 'broken' \(index 1\), field 'image': cannot read image file"):
+        wrapper.reraise()
+    error = DataError.at(path, "bad", record_id="r", index=3, field="image")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.record_id, copy.index, copy.field, copy.reason) == (str(error), "r", 3, "image", "bad")
+
+
+def test_template_errors_keep_their_field(write_llava, make_record, make_processor):
+    """A ConversationError raised while encoding becomes a DataError with the template's field."""
+
+    @dataclass(frozen=True)
+    class Refusing(ChatTemplate):
+        def encode(self, *args, **kwargs):
+            raise ConversationError("this template refuses", field="conversations[1].value")
+
+    path = write_llava([make_record("refused")])
+    dataset = LlavaJsonDataset(path, path.parent / "images", input_processor=make_processor(chat_template=Refusing()))
+    with pytest.raises(DataError, match=r"record id 'refused' \(index 0\), field 'conversations\[1\].value': this template refuses"):
+        dataset[0]
+
+
+def test_unreadable_json_file(tmp_path):
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="broken.json: cannot read the JSON file"):
+        LlavaJsonDataset(tmp_path / "broken.json")
+    (tmp_path / "object.json").write_text("{}")
+    with pytest.raises(DataError, match="object.json: expected a JSON list"):
+        LlavaJsonDataset(tmp_path / "object.json")
+
+
+def test_skip_bad_records_warns_once_and_counts(write_llava, make_record, make_processor, tmp_path):
+    cases = bad_cases(tmp_path / "images", make_record)
+    good = [make_record(f"good-{i}") for i in range(4)]
+    path = write_llava(good[:2] + [case.record for case in cases.values()] + good[2:])
+    structural = [case for case in cases.values() if not case.lazy]
+    lazy = [case for case in cases.values() if case.lazy]
+
+    with pytest.warns(DataWarning) as caught:
+        dataset = LlavaJsonDataset(path, tmp_path / "images", skip_bad_records=True)
+    assert len(caught) == dataset.num_skipped_at_load == len(structural)
+    assert {w.message.args[0].split("field ")[1].split(":")[0].strip("'") for w in caught} == {c.field for c in structural}
+    assert len(dataset) == len(good) + len(lazy)
+
+    dataset.set_input_processor(make_processor(max_length=MAX_LENGTH))
+    with warnings.catch_warnings(record=True) as first_pass:
+        warnings.simplefilter("always")
+        items = [dataset[i] for i in range(len(dataset))]
+    assert sum(item is None for item in items) == len(first_pass) == len(lazy)
+    assert all(issubclass(w.category, DataWarning) and "'bad-record'" in str(w.message) for w in first_pass)
+    with warnings.catch_warnings(record=True) as second_pass:
+        warnings.simplefilter("always")
+        assert [dataset[i] is None for i in range(len(dataset))] == [item is None for item in items]
+    assert second_pass == []  # once per record
+
+    loader = DataLoader(dataset, batch_size=3, collate_fn=LlavaCollator(0))
+    batches = list(loader)
+    assert sum(batch["num_skipped"] for batch in batches) == len(lazy)
+    assert [i for batch in batches for i in batch["ids"]] == [record["id"] for record in good]
+
+
+# --- datamodule -----------------------------------------------------------------------------------
+def fake_trainer(processor) -> SimpleNamespace:
+    backbone = SimpleNamespace(input_processor=lambda: processor)
+    return SimpleNamespace(lightning_module=SimpleNamespace(backbone=backbone), strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+
+def test_datamodule_takes_the_processor_from_the_trainers_model(write_llava, make_record, processor, tmp_path):
+    train = write_llava([make_record(f"t{i}") for i in range(5)], name="train.json")
+    val = write_llava([make_record(f"v{i}") for i in range(3)], name="val.json")
+    datamodule = LlavaDataModule(str(train), str(val), image_folder=str(tmp_path / "images"), batch_size=2, eval_batch_size=3, num_workers=2)
+    datamodule.setup("fit")
+    with pytest.raises(RuntimeError, match="no InputProcessor"):
+        datamodule.train_dataloader()
+    datamodule.trainer = fake_trainer(processor)
+    train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
+    assert isinstance(train_loader.sampler, RandomSampler) and isinstance(val_loader.sampler, SequentialSampler)
+    assert (train_loader.batch_size, val_loader.batch_size) == (2, 3)
+    assert train_loader.persistent_workers and train_loader.num_workers == 2
+    assert not train_loader.pin_memory
+    assert datamodule.datasets["train"].input_processor is processor
+    assert datamodule.num_skipped_at_load == {"train": 0, "val": 0}
+
+
+def test_datamodule_stages(write_llava, make_record, processor, tmp_path):
+    train = write_llava([make_record("t0"), make_record("t1")], name="train.json")
+    open_record = {"id": "p0", "image": "good.png", "conversations": conversation("<image>\nWhat colour is the circle?")}
+    predict = write_llava([open_record, make_record("p1")], name="predict.json")
+    datamodule = LlavaDataModule(train_json=str(train), predict_json=str(predict), image_folder=str(tmp_path / "images"), batch_size=2)
+    datamodule.set_input_processor(processor)
+    datamodule.setup("fit")
+    assert datamodule.val_dataloader() == []  # fitting without validation
+    with pytest.raises(ValueError, match="test_json"):
+        datamodule.setup("test")
+    datamodule.setup("predict")  # a prediction input may end with the question
+    batch = next(iter(datamodule.predict_dataloader()))
+    assert batch["ids"] == ["p0", "p1"] and batch["answers"] == ["", "red"]
+    assert torch.equal(batch["prompt_ids"][0], batch["prompt_ids"][1])  # same question, same prompt
+    with pytest.raises(DataError, match="field 'conversations'"):
+        LlavaDataModule(train_json=str(predict), image_folder=str(tmp_path / "images")).setup("fit")  # ... a training record may not
+
+
+def test_datamodule_in_a_lightning_fit(write_llava, make_record, processor, tmp_path):
+    """The real hook order: setup, then configure_model builds the backbone, then the dataloaders."""
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"garbage" * 10)
+    records = [make_record(f"t{i}") for i in range(5)] + [make_record("broken", image="corrupt.png")]
+    datamodule = LlavaDataModule(
+        train_json=str(write_llava(records, name="train.json")),
+        val_json=str(write_llava(records[:3], name="val.json")),
+        image_folder=str(tmp_path / "images"),
+        batch_size=2,
+        skip_bad_records=True,
+    )
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.skipped = 0
+            self.seen: list[str] = []
+
+        def configure_model(self) -> None:
+            self.backbone = SimpleNamespace(input_processor=lambda: processor)
+
+        def training_step(self, batch, batch_idx):
+            self.skipped += batch["num_skipped"]
+            self.seen += batch["ids"]
+            if batch["input_ids"].shape[0] == 0:
+                return None
+            return (self.weight * batch["attention_mask"].sum()).sum()
+
+        def validation_step(self, batch, batch_idx):
+            assert batch["answers"] == ["red"] * len(batch["ids"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    with pytest.warns(DataWarning, match="'broken'"):
+        trainer.fit(module, datamodule=datamodule)
+    assert module.skipped == 1
+    assert sorted(module.seen) == [f"t{i}" for i in range(5)]
+
+
+# --- majority baseline ----------------------------------------------------------------------------
+def test_majority_answers_and_baseline(tmp_path):
+    def rec(answer, kind=None):
+        out = {"id": answer, "conversations": conversation("q?", answer)}
+        if kind:
+            out["question_kind"] = kind
+        return out
+
+    train = [rec("red", "colour"), rec("Red", "colour"), rec("blue", "colour"), rec("two", "count"), rec("Two", "count"),
+             rec("three", "count"), rec("three.", "count"), rec("yes"), {"id": "malformed"}]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    assert majority_answers(tmp_path / "train.json") == {"all": "yes", "colour": "red", "count": "three"}  # tie: alphabetical
+    evaluation = [rec("red", "colour"), rec("blue", "colour"), rec("Three", "count"), rec("no"), rec("circle", "shape")]
+    (tmp_path / "test.json").write_text(json.dumps(evaluation))
+    assert majority_baseline(tmp_path / "train.json", tmp_path / "test.json") == {
+        "colour": 0.5, "count": 1.0, "all": 0.0, "shape": 0.0, "overall": 0.4,
+    }

@@ -1,0 +1,203 @@
+"""Shapes-VQA generation: deterministic, in the LLaVA format, and every answer true of the drawn image.
+
+The answers are checked against a scene read back from the PNG pixels (independent of the generator's
+code), and against the generator's own scene description."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptive_mllm.backbones.templates import IGNORE_INDEX
+from adaptive_mllm.data import LlavaCollator, LlavaJsonDataset, ShapesVQADataModule, generate_shapes_vqa
+from adaptive_mllm.data.shapes import BACKGROUND, CELL_SIZE, COLOURS, QUESTION_KINDS, generate_examples
+
+COUNT_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def split_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    return {split: sizes[f"num_{split}"] for split in ("train", "val", "test")}
+
+
+def all_files(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+# --- reading a scene back from pixels, answering from it (the test's own logic) -----------------------
+def scene_from_image(path: Path) -> set[tuple[int, int, str, str]]:
+    """{(row, col, colour, shape)} from the pixels: palette colour of the cell's non-background pixels,
+    shape from how much of their bounding box they fill (square 1, circle ~0.78, triangle ~0.52)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))  # [64, 64, 3]
+    assert pixels.shape == (64, 64, 3)
+    palette = {rgb: name for name, rgb in COLOURS.items()}
+    scene = set()
+    for row in range(4):
+        for col in range(4):
+            cell = pixels[row * CELL_SIZE : (row + 1) * CELL_SIZE, col * CELL_SIZE : (col + 1) * CELL_SIZE]
+            drawn = (cell != np.array(BACKGROUND)).any(-1)  # [16, 16]
+            if not drawn.any():
+                continue
+            colours = {tuple(int(v) for v in rgb) for rgb in cell[drawn]}
+            assert len(colours) == 1 and next(iter(colours)) in palette, f"{path}: cell {row, col} has colours {colours}"
+            # nothing touches the cell border: each shape stays inside its own cell (and patch)
+            assert not (drawn[0].any() or drawn[-1].any() or drawn[:, 0].any() or drawn[:, -1].any())
+            ys, xs = np.nonzero(drawn)
+            fill = drawn.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+            scene.add((row, col, palette[next(iter(colours))], shape))
+    return scene
+
+
+def answer_from_scene(question: str, scene: set[tuple[int, int, str, str]]) -> str:
+    """The answer, asserting that the question names exactly one object."""
+    if question == "How many shapes are there?":
+        return {1: "one", 2: "two", 3: "three", 4: "four"}[len(scene)]
+    if match := re.fullmatch(r"What colour is the (\w+)\?", question):
+        found = [colour for _, _, colour, shape in scene if shape == match[1]]
+        assert len(found) == 1, (question, scene)
+        return found[0]
+    if match := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        found = [shape for _, _, colour, shape in scene if colour == match[1]]
+        assert len(found) == 1, (question, scene)
+        return found[0]
+    if match := re.fullmatch(r"Is the (\w+) (\w+) left of the (\w+) (\w+)\?", question):
+        first = [col for _, col, colour, shape in scene if (colour, shape) == (match[1], match[2])]
+        second = [col for _, col, colour, shape in scene if (colour, shape) == (match[3], match[4])]
+        assert len(first) == 1 and len(second) == 1 and first[0] != second[0], (question, scene)
+        return "yes" if first[0] < second[0] else "no"
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def kind_of(question: str) -> str:
+    return {"How": "count", "Is": "left_of"}.get(question.split()[0]) or (
+        "colour" if question.startswith("What colour") else "shape"
+    )
+
+
+# --- tests ----------------------------------------------------------------------------------------
+def test_same_seed_gives_identical_files_and_another_seed_does_not(shapes_sizes, shapes_dir, tmp_path):
+    again = generate_shapes_vqa(tmp_path / "again", seed=0, **shapes_sizes)
+    first, second = all_files(shapes_dir), all_files(again)
+    assert first.keys() == second.keys()
+    assert len([name for name in first if name.endswith(".png")]) == sum(split_sizes(shapes_sizes).values())
+    for name in first:
+        assert first[name] == second[name], name
+    other = generate_shapes_vqa(tmp_path / "other", seed=1, **shapes_sizes)
+    assert (other / "train.json").read_bytes() != (shapes_dir / "train.json").read_bytes()
+
+
+def test_llava_format_exactly(shapes_sizes, shapes_dir):
+    ids = set()
+    for split, size in split_sizes(shapes_sizes).items():
+        records = json.loads((shapes_dir / f"{split}.json").read_text())
+        assert isinstance(records, list) and len(records) == size
+        for record in records:
+            assert set(record) == {"id", "image", "conversations", "question_kind"}
+            human, gpt = record["conversations"]
+            assert human["from"] == "human" and gpt["from"] == "gpt" and set(human) == set(gpt) == {"from", "value"}
+            assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+            assert record["image"].startswith(f"{split}/")
+            with Image.open(shapes_dir / "images" / record["image"]) as image:
+                assert image.size == (64, 64) and image.mode == "RGB"
+            assert record["question_kind"] == kind_of(human["value"].split("\n", 1)[1])
+            ids.add(record["id"])
+    assert len(ids) == sum(split_sizes(shapes_sizes).values())  # unique across splits
+    meta = json.loads((shapes_dir / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["num_train"] == shapes_sizes["num_train"] and "format_version" in meta
+
+
+def test_answers_are_true_of_the_drawn_images(shapes_sizes, shapes_dir):
+    for split in split_sizes(shapes_sizes):
+        for record in json.loads((shapes_dir / f"{split}.json").read_text()):
+            question = record["conversations"][0]["value"].split("\n", 1)[1]
+            scene = scene_from_image(shapes_dir / "images" / record["image"])
+            assert 1 <= len(scene) <= 4
+            assert answer_from_scene(question, scene) == record["conversations"][1]["value"], record["id"]
+
+
+def test_files_follow_the_generators_scene_description(shapes_sizes, shapes_dir):
+    for split, size in split_sizes(shapes_sizes).items():
+        examples = generate_examples(size, seed=0, split=split)
+        records = json.loads((shapes_dir / f"{split}.json").read_text())
+        for example, record in zip(examples, records, strict=True):
+            assert record["conversations"][0]["value"] == f"<image>\n{example.question}"
+            assert record["conversations"][1]["value"] == example.answer
+            described = {(s.row, s.col, s.colour, s.shape) for s in example.shapes}
+            assert scene_from_image(shapes_dir / "images" / record["image"]) == described
+            assert answer_from_scene(example.question, described) == example.answer
+            for placed in example.shapes:  # each box lies inside its own cell
+                x0, y0, x1, y1 = placed.box
+                assert placed.col * CELL_SIZE < x0 <= x1 < (placed.col + 1) * CELL_SIZE - 1
+                assert placed.row * CELL_SIZE < y0 <= y1 < (placed.row + 1) * CELL_SIZE - 1
+
+
+def test_question_kinds_and_answers_are_balanced():
+    examples = generate_examples(800, seed=3)
+    kinds = Counter(example.kind for example in examples)
+    assert kinds == {kind: 200 for kind in QUESTION_KINDS}
+    answers = {kind: Counter(e.answer for e in examples if e.kind == kind) for kind in QUESTION_KINDS}
+    assert answers["left_of"] == {"yes": 100, "no": 100}
+    assert set(answers["count"]) == set(COUNT_WORDS) and min(answers["count"].values()) >= 30
+    assert set(answers["colour"]) == set(COLOURS) and min(answers["colour"].values()) >= 15
+    assert set(answers["shape"]) == {"circle", "square", "triangle"} and min(answers["shape"].values()) >= 40
+    # the kinds are shuffled, not in a fixed cycle
+    assert [e.kind for e in examples[:8]] != list(QUESTION_KINDS) * 2
+
+
+def test_every_generated_record_passes_the_loader(shapes_sizes, shapes_dir, processor):
+    for split in split_sizes(shapes_sizes):
+        dataset = LlavaJsonDataset(shapes_dir / f"{split}.json", shapes_dir / "images")
+        dataset.set_input_processor(processor)
+        records = json.loads((shapes_dir / f"{split}.json").read_text())
+        assert len(dataset) == len(records) and dataset.num_skipped_at_load == 0
+        for index, record in enumerate(records):
+            item = dataset[index]
+            assert item["id"] == record["id"] and item["answer"] == record["conversations"][1]["value"]
+            assert item["question_kind"] == record["question_kind"]
+            assert item["pixel_values"].shape == (3, 64, 64)
+            assert int((item["input_ids"] == processor.image_token_id).sum()) == 16
+            assert processor.tokenizer.unk_token_id not in item["input_ids"].tolist()  # vocabulary covers all text
+            answer_ids = item["input_ids"][item["labels"] != IGNORE_INDEX]
+            assert processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip() == item["answer"]
+
+
+def test_generation_is_skipped_when_present_and_redone_when_the_request_changes(shapes_sizes, shapes_dir, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    stamps = {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()}
+    generate_shapes_vqa(directory, seed=0, **shapes_sizes)
+    assert {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()} == stamps
+    generate_shapes_vqa(directory, **{**shapes_sizes, "num_train": 8}, seed=0)
+    assert json.loads((directory / "meta.json").read_text())["num_train"] == 8
+    assert len(json.loads((directory / "train.json").read_text())) == 8
+    assert len(list((directory / "images" / "train").iterdir())) == 8  # no stale image left
+    # each split has its own random stream: the training size leaves val / test unchanged
+    for split in ("val", "test"):
+        assert (directory / f"{split}.json").read_bytes() == (shapes_dir / f"{split}.json").read_bytes()
+
+
+def test_shapes_datamodule(shapes_sizes, shapes_dir, processor, tmp_path):
+    data_dir = tmp_path / "fresh"
+    datamodule = ShapesVQADataModule(data_dir=str(data_dir), batch_size=5, eval_batch_size=7, **shapes_sizes)
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        datamodule.setup("fit")
+    datamodule.prepare_data()
+    assert all_files(data_dir) == all_files(shapes_dir)
+    assert datamodule.tokenizer_dir == data_dir / "tokenizer"
+    datamodule.set_input_processor(processor)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 5 and batch["pixel_values"].shape == (5, 3, 64, 64)
+    assert next(iter(datamodule.val_dataloader()))["input_ids"].shape[0] == 7
+    datamodule.setup("test")
+    assert sum(len(b["ids"]) for b in datamodule.test_dataloader()) == shapes_sizes["num_test"]
+    baseline = datamodule.majority_baseline("test")
+    assert set(baseline) == {"overall", *QUESTION_KINDS} and all(0 <= v <= 1 for v in baseline.values())
+    assert isinstance(datamodule.train_dataloader().collate_fn, LlavaCollator)

@@ -1,0 +1,77 @@
+"""Full, Random and Static baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.schedulers import FullScheduler, LayerScheduler, RandomScheduler, StaticScheduler
+
+GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
+
+
+def configured(scheduler):
+    scheduler.configure(GQA)
+    return scheduler
+
+
+def test_none_reads_a_latency_token_or_has_parameters() -> None:
+    for scheduler in (FullScheduler(3), RandomScheduler(3), StaticScheduler(3)):
+        configured(scheduler)
+        assert not scheduler.needs_latency_token
+        assert scheduler.latency_token(torch.ones(2), torch.tensor([4, 4])) is None
+        assert len(list(scheduler.parameters())) == 0
+
+
+def test_full_runs_everything_for_any_budget() -> None:
+    scheduler = configured(FullScheduler(3))
+    budgets, lengths = torch.tensor([0.0, 0.3, 1.0]), torch.tensor([5, 9, 12])
+    scheduler.check_budgets(budgets, lengths)  # no error, even below the minimum
+    plan = scheduler(None, budgets, lengths)
+    assert bool((plan.layer_mask == 1).all()) and plan.layer_mask.shape == (3, 5)
+    assert plan.units.tolist() == [5, 5, 5]
+    expected = [float(scheduler.cost.full_flops(n)) for n in (5, 9, 12)]
+    assert scheduler.cost.plan_flops(plan, lengths).tolist() == expected
+
+
+def test_random_and_static_keep_the_layer_scheduler_k() -> None:
+    layer = configured(LayerScheduler(3))
+    budgets = torch.tensor([layer.cost.min_budget(10), 0.7, 0.8, 0.9, 1.0])
+    lengths = torch.full((5,), 10)
+    k = layer.units_for_budget(budgets, lengths)
+    assert k.tolist() == sorted(set(k.tolist())) and len(k) == 5  # all different
+    for scheduler in (configured(RandomScheduler(3)), configured(StaticScheduler(3))):
+        plan = scheduler(None, budgets, lengths)
+        assert plan.layer_mask.sum(-1).tolist() == k.float().tolist()
+        assert torch.equal(plan.units, k)
+        flops = scheduler.cost.plan_flops(plan, lengths)
+        assert bool((flops <= budgets.double() * scheduler.cost.full_flops(10)).all())
+
+
+def test_static_keeps_the_first_layers() -> None:
+    scheduler = configured(StaticScheduler(3))
+    budgets = torch.tensor([0.7, 0.9])
+    plan = scheduler(None, budgets, torch.tensor([10, 10]))
+    for row, k in enumerate(plan.units.tolist()):
+        assert plan.layer_mask[row].tolist() == [1.0] * k + [0.0] * (5 - k)
+
+
+def test_random_is_uniform_per_example_and_seeded() -> None:
+    budgets, lengths = torch.full((400,), 0.75), torch.full((400,), 10)
+    first = configured(RandomScheduler(3, seed=7))(None, budgets, lengths).layer_mask
+    again = configured(RandomScheduler(3, seed=7))(None, budgets, lengths).layer_mask
+    other = configured(RandomScheduler(3, seed=8))(None, budgets, lengths).layer_mask
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert len({tuple(row.tolist()) for row in first}) > 5  # examples get different layers
+    frequency = first.mean(0)  # each layer equally likely: k / L_sched
+    k = first[0].sum()
+    assert bool(((frequency - k / 5).abs() < 0.1).all())
+
+
+@pytest.mark.parametrize("cls", [RandomScheduler, StaticScheduler])
+def test_budget_errors(cls) -> None:
+    scheduler = configured(cls(3))
+    with pytest.raises(ValueError, match="admissible range"):
+        scheduler(None, torch.tensor([0.2]), torch.tensor([10]))

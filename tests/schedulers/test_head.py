@@ -1,0 +1,159 @@
+"""AdaLLaVA-H: k units of (rank heads' attention + rank MLP groups), MHA and GQA, within budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.schedulers import HeadScheduler
+
+MHA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=128, vocab_size=100)
+GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
+CASES = [(MHA, 2), (MHA, 8), (GQA, 4), (GQA, 8)]  # (shape, rank): 4, 1, 2, 1 units per layer
+IDS = ["mha-r2", "mha-r8", "gqa-r4", "gqa-r8"]
+
+
+def configured(shape: DecoderShape, rank: int, prefix: int = 3) -> HeadScheduler:
+    torch.manual_seed(0)
+    scheduler = HeadScheduler(num_prefix_layers=prefix, rank=rank, tau=5.0)
+    scheduler.configure(shape)
+    return scheduler
+
+
+def units_per_layer_in(plan, scheduler: HeadScheduler) -> torch.Tensor:
+    """[B, L_sched] units per layer read from the masks; both masks must agree."""
+    attention = plan.attention_mask.sum(-1) / scheduler.kv_groups_per_unit
+    mlp = plan.mlp_mask.sum(-1) / scheduler.mlp_groups_per_unit
+    assert torch.equal(attention, mlp)
+    return attention
+
+
+def test_rank_must_fit_the_heads() -> None:
+    with pytest.raises(ValueError, match="multiple of queries per kv head"):
+        HeadScheduler(2, rank=2).configure(GQA)  # 4 queries per kv head
+    with pytest.raises(ValueError, match="must divide num_heads"):
+        HeadScheduler(2, rank=3).configure(MHA)
+    odd = DecoderShape(num_layers=4, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=100, vocab_size=10)
+    with pytest.raises(ValueError, match="equal MLP groups"):
+        HeadScheduler(2, rank=2).configure(odd)
+    with pytest.raises(ValueError, match="rank"):
+        HeadScheduler(2, rank=0)
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+def test_sizes(shape: DecoderShape, rank: int) -> None:
+    scheduler = configured(shape, rank)
+    assert scheduler.head.out_features == 5 * (shape.num_kv_heads + shape.num_heads)
+    assert scheduler.units_per_layer == shape.num_heads // rank
+    assert scheduler.kv_groups_per_unit * shape.queries_per_kv == rank
+    assert scheduler.num_units == 5 * shape.num_heads // rank
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_exactly_k_units_mixed_budgets(shape: DecoderShape, rank: int, training: bool) -> None:
+    scheduler = configured(shape, rank)
+    scheduler.train(training)
+    lengths = torch.tensor([12, 12, 12, 40, 40, 40])
+    budgets = torch.tensor([scheduler.cost.min_budget(12), 0.62, 1.0, 0.75, 0.88, 0.97])
+    plan = scheduler(torch.randn(6, 64), budgets, lengths)
+    k = scheduler.units_for_budget(budgets, lengths)
+    assert len(set(k.tolist())) >= 4
+    assert plan.attention_mask.shape == (6, 5, shape.num_kv_heads)
+    assert plan.mlp_mask.shape == (6, 5, shape.num_heads)
+    for mask in (plan.attention_mask, plan.mlp_mask, plan.layer_mask):
+        assert bool(((mask == 0) | (mask == 1)).all())
+    per_layer = units_per_layer_in(plan, scheduler)
+    assert per_layer.sum(-1).tolist() == k.float().tolist()
+    assert torch.equal(per_layer, per_layer.round()) and bool((per_layer <= scheduler.units_per_layer).all())
+    assert torch.equal(plan.layer_mask, (per_layer > 0).float())
+    assert torch.equal(plan.units, k)
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+def test_all_units_is_the_full_model(shape: DecoderShape, rank: int) -> None:
+    scheduler = configured(shape, rank).train()
+    plan = scheduler(torch.randn(3, 64), torch.ones(3), torch.tensor([4, 8, 16]))
+    assert bool((plan.attention_mask == 1).all()) and bool((plan.mlp_mask == 1).all())
+    assert bool((plan.layer_mask == 1).all())
+
+
+def test_eval_is_deterministic() -> None:
+    scheduler = configured(GQA, 4).eval()
+    hidden, budgets, lengths = torch.randn(4, 64), torch.tensor([0.6, 0.7, 0.8, 0.9]), torch.full((4,), 30)
+    first = scheduler(hidden, budgets, lengths)
+    torch.manual_seed(99)
+    second = scheduler(hidden, budgets, lengths)
+    assert torch.equal(first.attention_mask, second.attention_mask)
+    assert torch.equal(first.mlp_mask, second.mlp_mask)
+
+
+def test_eval_first_unit_follows_the_logits() -> None:
+    """One unit in evaluation: the layer with the highest mean logit, then its best groups."""
+    scheduler = configured(MHA, 2).eval()
+    hidden = torch.randn(5, 64)
+    lengths = torch.full((5,), 3)
+    logits = scheduler.head(hidden).view(5, 5, 16)
+    cost = scheduler.cost
+    # a budget for one unit and a half: exactly one unit
+    one = (cost.fixed_flops(3) + 1.5 * cost.unit_flops(3, 4)[0]) / cost.full_flops(3)
+    plan = scheduler(hidden, torch.full((5,), one, dtype=torch.float64), lengths)
+    assert plan.units.tolist() == [1] * 5
+    layer = logits.mean(-1).argmax(-1)  # [B]
+    for row in range(5):
+        assert plan.layer_mask[row].nonzero().flatten().tolist() == [int(layer[row])]
+        chosen = logits[row, layer[row]]
+        assert set(plan.attention_mask[row, layer[row]].nonzero().flatten().tolist()) == set(chosen[:8].topk(2).indices.tolist())
+        assert set(plan.mlp_mask[row, layer[row]].nonzero().flatten().tolist()) == set(chosen[8:].topk(2).indices.tolist())
+
+
+def test_gradients_reach_head_and_latency_encoder() -> None:
+    scheduler = configured(GQA, 4).train()
+    budgets, lengths = torch.tensor([0.7, 0.85]), torch.tensor([10, 10])
+    token = scheduler.latency_token(budgets, lengths)
+    hidden = token + torch.randn_like(token)
+    plan = scheduler(hidden, budgets, lengths)
+    loss = (plan.attention_mask * torch.randn_like(plan.attention_mask)).sum()
+    loss = loss + (plan.mlp_mask * torch.randn_like(plan.mlp_mask)).sum()
+    loss.backward()
+    grad = scheduler.head.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0
+    for name, parameter in scheduler.latency_encoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_budget_sweep_never_exceeds(shape: DecoderShape, rank: int, training: bool) -> None:
+    scheduler = configured(shape, rank)
+    scheduler.train(training)
+    cost = scheduler.cost
+    for length in (1, 16, 300):
+        minimum = cost.min_budget(length)
+        budgets = torch.linspace(minimum, 1.0, 200, dtype=torch.float64)
+        budgets[0] = minimum
+        lengths = torch.full((200,), length)
+        plan = scheduler(torch.randn(200, 64), budgets, lengths)
+        flops = cost.plan_flops(plan, lengths)
+        full = cost.full_flops(length)
+        assert bool((flops <= budgets * full).all())
+        unit = cost.unit_flops(length, scheduler.units_per_layer)[0]
+        room = plan.units < scheduler.num_units
+        assert bool((flops[room] + unit > budgets[room] * full).all())  # maximal
+        assert int(plan.units[0]) == 0 and int(plan.units[-1]) == scheduler.num_units
+
+
+def test_dropped_tokens_plans_stay_within_budget() -> None:
+    """With cheaper late layers (tokens dropped after layer 4), whatever units the scheduler picks fit."""
+    scheduler = configured(GQA, 4, prefix=2).train()
+    cost = scheduler.cost
+    per_layer = torch.tensor([50] * 5 + [20] * 3)
+    tokens = per_layer[None].expand(200, -1)
+    lengths = torch.full((200,), 50)
+    minimum = cost.min_budget(50, per_layer.tolist())
+    budgets = torch.linspace(minimum, 1.0, 200, dtype=torch.float64)
+    for _ in range(3):
+        plan = scheduler(torch.randn(200, 64), budgets, lengths, tokens)
+        flops = cost.plan_flops(plan, lengths, tokens)
+        assert bool((flops <= budgets * cost.full_flops(50, per_layer.tolist())).all())

@@ -1,0 +1,202 @@
+"""The analytic cost model: against torch's FlopCounterMode on real transformers Llama modules, and
+the budget -> units rule (never over budget, and maximal)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.cost import CostModel
+from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+MHA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=128, vocab_size=100)
+GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
+
+
+def llama(num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int) -> LlamaForCausalLM:
+    # eager attention: on CPU, SDPA dispatches to a kernel FlopCounterMode does not count; eager runs the
+    # two T x T matmuls, counted in full like SDPA's GPU kernels are
+    config = LlamaConfig(
+        num_hidden_layers=num_layers,
+        hidden_size=64,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        vocab_size=100,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def counted(model: LlamaForCausalLM, batch: int, length: int) -> FlopCounterMode:
+    ids = torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(ids, logits_to_keep=1)  # the LM head on the last position only
+    assert out.logits.shape == (batch, 1, 100)
+    return counter
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_full_flops_match_flop_counter(num_kv_heads: int, length: int) -> None:
+    model = llama(4, 4, num_kv_heads, 16, 128)
+    shape = DecoderShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16, intermediate_size=128, vocab_size=100)
+    cost = CostModel(shape, num_prefix_layers=2)
+    counter = counted(model, batch=2, length=length)
+    assert counter.get_total_flops() == 2 * cost.full_flops(length)
+    assert sum(counter.get_flop_counts()["LlamaForCausalLM.lm_head"].values()) == 2 * cost.lm_head_flops()
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize(("kv_kept", "mlp_kept"), [(1, 1), (1, 3), (2, 4), (2, 0)])
+def test_partial_layer_matches_a_smaller_layer(num_kv_heads: int, kv_kept: int, mlp_kept: int) -> None:
+    """A layer keeping ``kv_kept`` kv groups and ``mlp_kept`` of 4 MLP groups costs what a layer with
+    exactly those sizes costs (what the engine's sliced weights compute)."""
+    if kv_kept > num_kv_heads:
+        pytest.skip("more groups than the layer has")
+    shape = DecoderShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16, intermediate_size=128, vocab_size=100)
+    cost = CostModel(shape, num_prefix_layers=2)
+    q = shape.queries_per_kv
+    length = 9
+    if mlp_kept == 0:
+        # no MLP at all: only the attention part, from a full-MLP layer minus the MLP counter
+        model = llama(1, kv_kept * q, kv_kept, 16, 128)
+        flops = counted(model, 1, length).get_flop_counts()["LlamaForCausalLM.model.layers.0.self_attn"]
+    else:
+        model = llama(1, kv_kept * q, kv_kept, 16, mlp_kept * 128 // 4)
+        flops = counted(model, 1, length).get_flop_counts()["LlamaForCausalLM.model.layers.0"]
+    assert sum(flops.values()) == cost.layer_flops(length, kv_kept, mlp_kept, num_mlp_groups=4)
+
+
+@pytest.mark.parametrize("shape", [MHA, GQA], ids=["mha", "gqa"])
+def test_full_is_fixed_plus_every_unit(shape: DecoderShape) -> None:
+    cost = CostModel(shape, num_prefix_layers=3)
+    for length in (1, 50):
+        assert cost.fixed_flops(length) + sum(cost.unit_flops(length)) == cost.full_flops(length)
+        for units_per_layer in (2, shape.num_kv_heads):
+            assert units_per_layer * sum(cost.unit_flops(length, units_per_layer)) == sum(cost.unit_flops(length))
+        assert cost.min_budget(length) == cost.fixed_flops(length) / cost.full_flops(length)
+        assert 3 / 8 < cost.min_budget(length) < 1.0  # prefix layers plus the LM head
+
+
+def test_min_budget_counts_the_lm_head() -> None:
+    cost = CostModel(MHA, num_prefix_layers=4)
+    assert cost.min_budget(1) > cost.min_budget(100) > 0.5  # the head weighs more on short prompts
+
+
+@pytest.mark.parametrize("shape", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("units_per_layer", [1, 2])
+@pytest.mark.parametrize("length", [1, 17, 400])
+def test_units_fit_and_are_maximal(shape: DecoderShape, units_per_layer: int, length: int) -> None:
+    cost = CostModel(shape, num_prefix_layers=3)
+    minimum = cost.min_budget(length)
+    budgets = torch.linspace(minimum, 1.0, 200, dtype=torch.float64)
+    budgets[0] = minimum  # exactly, not rounded by linspace
+    lengths = torch.full((200,), length)
+    k = cost.units_for_budget(budgets, lengths, units_per_layer)
+    unit = cost.unit_flops(length, units_per_layer)[0]
+    fixed, full = cost.fixed_flops(length), cost.full_flops(length)
+    total = len(cost.unit_flops(length)) * units_per_layer
+    assert int(k[0]) == 0 and int(k[-1]) == total
+    assert bool((k[1:] >= k[:-1]).all())
+    for budget, units in zip(budgets.tolist(), k.tolist(), strict=True):
+        assert fixed + units * unit <= budget * full
+        if units < total:
+            assert fixed + (units + 1) * unit > budget * full
+
+
+def test_reference_rule_can_exceed_the_budget_ours_cannot() -> None:
+    cost = CostModel(MHA, num_prefix_layers=4)
+    length, budget = 10, 0.75
+    full = cost.full_flops(length)
+    layer = cost.layer_flops(length)
+    reference_k = math.floor(MHA.num_layers * budget) - 4  # ignores the LM head
+    assert cost.fixed_flops(length) + reference_k * layer > budget * full
+    ours = int(cost.units_for_budget(torch.tensor([budget]), torch.tensor([length]))[0])
+    assert ours == reference_k - 1
+    assert cost.fixed_flops(length) + ours * layer <= budget * full
+
+
+def test_budget_errors_name_the_admissible_range() -> None:
+    cost = CostModel(GQA, num_prefix_layers=4)
+    minimum = cost.min_budget(12)
+    shown = f"[{math.ceil(minimum * 1e6) / 1e6:.6f}, 1.0]"
+    for bad in (1.5, -0.1, float("nan"), minimum - 0.01, 0.0):
+        with pytest.raises(ValueError, match="admissible range") as error:
+            cost.units_for_budget(torch.tensor([1.0, bad], dtype=torch.float64), torch.tensor([12, 12]))
+        assert shown in str(error.value)
+        assert "sequence length 12" in str(error.value)
+    # the minimum itself, even rounded to float32, is admissible and runs nothing but the prefix
+    k = cost.units_for_budget(torch.tensor([minimum]), torch.tensor([12]))
+    assert k.tolist() == [0]
+
+
+def test_plan_flops_layer_and_head_level() -> None:
+    cost = CostModel(GQA, num_prefix_layers=4)
+    lengths = torch.tensor([10, 20])
+    layer_mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    flops = cost.plan_flops(ExecutionPlan(4, layer_mask), lengths)
+    assert flops.dtype == torch.float64
+    assert flops.tolist() == [cost.fixed_flops(10) + 2 * cost.layer_flops(10), cost.fixed_flops(20)]
+
+    attention = torch.zeros(2, 4, 2)
+    mlp = torch.zeros(2, 4, 8)
+    attention[0, 0, 1] = 1
+    mlp[0, 0, :3] = 1
+    attention[0, 3] = 1
+    mlp[1, 2, 5] = 1  # an MLP group without any attention group
+    head_mask = ((attention.sum(-1) + mlp.sum(-1)) > 0).float()
+    flops = cost.plan_flops(ExecutionPlan(4, head_mask, attention, mlp), lengths)
+    expected0 = cost.fixed_flops(10) + cost.layer_flops(10, 1, 3, 8) + cost.layer_flops(10, 2, 0, 8)
+    expected1 = cost.fixed_flops(20) + cost.layer_flops(20, 0, 1, 8)
+    assert flops.tolist() == [expected0, expected1]
+
+
+def test_plan_flops_rejects_a_plan_for_other_layers() -> None:
+    cost = CostModel(GQA, num_prefix_layers=4)
+    with pytest.raises(ValueError, match="plan covers layers"):
+        cost.plan_flops(ExecutionPlan.full(1, 8, 3), torch.tensor([5]))
+
+
+def test_dropped_tokens_units_are_conservative() -> None:
+    """A selector that halves the tokens after layer 4 makes the later layers cheaper: k assumes the
+    most expensive units, so any plan of k units fits, while the full count is still reachable."""
+    cost = CostModel(MHA, num_prefix_layers=2)
+    length = 64
+    per_layer = [64] * 5 + [32] * 3
+    tokens = torch.tensor([per_layer] * 200)
+    full = cost.full_flops(length, per_layer)
+    assert full < cost.full_flops(length)
+    assert full == sum(cost.layer_flops(t) for t in per_layer) + cost.lm_head_flops()
+    minimum = cost.min_budget(length, per_layer)
+    budgets = torch.linspace(minimum, 1.0, 200, dtype=torch.float64)
+    k = cost.units_for_budget(budgets, torch.full((200,), length), layer_tokens=tokens)
+    units = sorted(cost.unit_flops(length, layer_tokens=per_layer), reverse=True)
+    assert units[0] > units[-1]
+    assert int(k[-1]) == 6
+    for budget, count in zip(budgets.tolist(), k.tolist(), strict=True):
+        worst = cost.fixed_flops(length, per_layer) + sum(units[:count])
+        assert worst <= budget * full
+        if count < 6:
+            assert worst + units[count] > budget * full
+    # plan_flops reads the same per-layer tokens
+    mask = torch.zeros(1, 6)
+    mask[0, 5] = 1
+    flops = cost.plan_flops(ExecutionPlan(2, mask), torch.tensor([length]), tokens[:1])
+    assert flops.tolist() == [cost.fixed_flops(length, per_layer) + cost.layer_flops(32)]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_prefix_layers"):
+        CostModel(MHA, num_prefix_layers=8)
+    cost = CostModel(MHA, num_prefix_layers=2)
+    with pytest.raises(ValueError, match="layer_tokens has 3 entries"):
+        cost.full_flops(5, [5, 5, 5])
+    with pytest.raises(ValueError, match="units_per_layer"):
+        cost.unit_flops(5, units_per_layer=3)
