@@ -30,8 +30,19 @@ class SaveConfigToWandb(SaveConfigCallback):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+class AdaptiveMLLMCLI(LightningCLI):
+    """LightningCLI plus ``--test_after_fit``: the test split is scored at every budget when ``fit`` ends."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the trained weights after fit")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.fast_dev_run:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCLI:
+    return AdaptiveMLLMCLI(
         AdaptiveMLLM,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToWandb,

@@ -1,0 +1,83 @@
+"""The `adaptive-mllm` command, in-process: recipes parse, parts swap by flag, a fit runs end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptive_mllm.cli import build_cli, main
+
+RECIPE_DIR = Path(__file__).parents[1] / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run from tmp_path, so a recipe's relative paths (data/, runs/) land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _small_data() -> list[str]:
+    return [
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=16",
+        "--data.init_args.num_test=24",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.eval_batch_size=8",
+        "--data.init_args.num_workers=0",
+    ]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["backbone"]["class_path"].endswith("Backbone")
+    assert "class_path" in config["data"]
+
+
+def test_a_part_is_swapped_by_one_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(RECIPES[0]), "--model.scheduler=HeadScheduler", "--model.scheduler.rank=2", "--print_config"])
+    scheduler = yaml.safe_load(capsys.readouterr().out)["model"]["scheduler"]
+    assert scheduler["class_path"] == "adaptive_mllm.schedulers.HeadScheduler"
+    assert scheduler["init_args"]["rank"] == 2
+
+
+def test_prefix_as_deep_as_the_llm_fails_at_parse_time():
+    with pytest.raises(ValueError, match=r"num_prefix_layers=8 must be in \[0, 7\]"):
+        build_cli(["--config", str(RECIPE_DIR / "tiny.yaml"), "--model.scheduler.num_prefix_layers=8"], run=False)
+
+
+def test_budget_outside_unit_range_fails_at_parse_time():
+    with pytest.raises(ValueError, match=r"outside the admissible range \[0, 1\]"):
+        build_cli(["--config", str(RECIPE_DIR / "tiny.yaml"), "--model.eval_budgets=[1.0,1.5]"], run=False)
+
+
+@pytest.mark.parametrize("recipe", ["tiny.yaml", "tiny-h.yaml"])
+def test_fast_dev_run_fit(recipe, in_tmp):
+    main(["fit", "--config", str(RECIPE_DIR / recipe), "--trainer.fast_dev_run=2", *_small_data()])
+    assert (in_tmp / "data" / "shapes-vqa" / "train.json").is_file()
+
+
+def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit = ["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), *_small_data(), "--trainer.limit_val_batches=1"]
+    main([*fit, "--trainer.max_steps=3", "--trainer.val_check_interval=3"])
+    runs = in_tmp / "runs" / "tiny"
+    assert list((runs / "wandb").glob("offline-run-*")), "no W&B offline run directory"
+    assert (runs / "checkpoints" / "last.ckpt").is_file()
+    table = (runs / "test_results.md").read_text()
+    assert "majority baseline" in table and "budget 0.6" in table and "overall" in table
+
+    # resuming continues from the checkpoint's step instead of starting over
+    main([*fit, "--trainer.max_steps=5", "--trainer.val_check_interval=5", f"--ckpt_path={runs / 'checkpoints' / 'last.ckpt'}"])
+    import torch
+
+    state = torch.load(runs / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 5
