@@ -162,7 +162,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     from adaptive_mllm.cli import build_cli
 
     parser = argparse.ArgumentParser(prog="adaptive-mllm benchmark", description=__doc__)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.55])
     parser.add_argument("--prompt_length", type=int, default=600, help="prompt tokens, image placeholders included")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--decode_tokens", type=int, default=16)

@@ -99,8 +99,7 @@ class AdaptiveMLLM(L.LightningModule):
 
     # --- construction --------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.backbone.is_built:
-            return
+        """Build the backbone (weights created or loaded here, after prepare_data) and size the scheduler."""
         self.backbone.build()
         if self.scheduler is not None:
             self.scheduler.configure(self.backbone.shape)
@@ -171,15 +170,15 @@ class AdaptiveMLLM(L.LightningModule):
 
     # --- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], budget: float) -> dict[str, Any]:
-        """Answers for the batch's prompts under one budget, with what it cost."""
+    def generate(self, batch: dict[str, Any], budget: float | torch.Tensor) -> dict[str, Any]:
+        """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost."""
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
         batch_size = prompt_ids.shape[0]
         embeds = embed_multimodal(self.backbone, prompt_ids, batch.get("pixel_values"))
         plan = None
         latency_positions = None
         seq_lens = prompt_mask.sum(-1) + int(self._uses_latency_token())
-        budgets = torch.full((batch_size,), float(budget), device=prompt_ids.device)
+        budgets = torch.as_tensor(budget, dtype=torch.float32, device=prompt_ids.device).expand(batch_size)
         if self.scheduler is not None:
             self.scheduler.check_budgets(budgets, seq_lens)
             if self._uses_latency_token():

@@ -1,0 +1,44 @@
+"""`adaptive-mllm benchmark` runs and reports what it measured beside the plan's FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adaptive_mllm.benchmark import main
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def test_benchmark_reports_ratios_and_flops(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = main(
+        [
+            "--config", str(RECIPES / "tiny.yaml"),
+            "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+            "--budgets", "1.0", "0.8", "0.6",
+            "--prompt_length", "24", "--repeats", "1", "--decode_tokens", "2",
+        ]
+    )  # fmt: skip
+    by_budget = {row["budget"]: row for row in rows}
+    assert by_budget[1.0]["flops_fraction"] == pytest.approx(1.0)
+    assert by_budget[1.0]["prefill_ratio"] == pytest.approx(1.0)
+    # fewer units, fewer FLOPs, never above the budget
+    assert by_budget[0.6]["units"] < by_budget[0.8]["units"] < by_budget[1.0]["units"]
+    for budget in (0.8, 0.6):
+        assert by_budget[budget]["flops_fraction"] <= budget
+    assert by_budget["transformers"]["ratio"] > 0
+    assert "ratio ours / transformers" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_a_budget_below_the_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="admissible range"):
+        main(
+            [
+                "--config", str(RECIPES / "tiny.yaml"),
+                "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+                "--budgets", "0.3", "--prompt_length", "24", "--repeats", "1",
+            ]
+        )  # fmt: skip

@@ -1,0 +1,91 @@
+"""AdaptiveMLLM: training reaches the scheduler, budgets are honoured per example, parity with transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_mllm.backbones.templates import IGNORE_INDEX
+from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler
+from tests.conftest import make_backbone, random_images
+
+
+def _model(tokenizer_dir, scheduler) -> AdaptiveMLLM:
+    model = AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), scheduler, train_budget_range=(0.6, 1.0))
+    model.configure_model()
+    return model
+
+
+def _batch(model: AdaptiveMLLM, questions: list[str], answers: list[str]) -> dict:
+    processor = model.backbone.input_processor()
+    template, tokenizer = processor.chat_template, processor.tokenizer
+    encoded = [
+        template.encode([(q, a)], tokenizer, processor.image_token_id, processor.num_image_tokens) for q, a in zip(questions, answers)
+    ]
+    prompts = [template.encode_prompt([q], [], tokenizer, processor.image_token_id, processor.num_image_tokens) for q in questions]
+    width, prompt_width = max(len(e.input_ids) for e in encoded), max(len(p) for p in prompts)
+    pad = processor.pad_token_id
+    return {
+        "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in encoded]),
+        "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
+        "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
+        "prompt_lengths": torch.tensor([e.prompt_length for e in encoded]),
+        "prompt_ids": torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts]),
+        "prompt_attention_mask": torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts]),
+        "pixel_values": random_images(len(questions)),
+        "answers": answers,
+        "question_kinds": ["all"] * len(questions),
+        "ids": [str(i) for i in range(len(questions))],
+    }
+
+
+QUESTIONS = ["<image>\nWhat colour is the circle ?", "<image>\nHow many shapes are there ?", "<image>\nIs the red circle left of the blue square ?"]
+ANSWERS = ["red", "two", "yes"]
+
+
+@pytest.mark.parametrize("scheduler_class", [LayerScheduler, HeadScheduler])
+def test_gradients_reach_scheduler_and_latency_encoder(tokenizer_dir, scheduler_class):
+    kwargs = {"rank": 2} if scheduler_class is HeadScheduler else {}
+    model = _model(tokenizer_dir, scheduler_class(num_prefix_layers=2, **kwargs))
+    model.train()
+    logits, labels = model(_batch(model, QUESTIONS, ANSWERS), torch.tensor([0.7, 0.8, 0.9]))
+    assert labels.shape[1] == logits.shape[1]  # the latency token was inserted, its label ignored
+    model._loss(logits, labels).backward()
+    scheduler = model.scheduler
+    assert scheduler.head.weight.grad is not None and scheduler.head.weight.grad.abs().sum() > 0
+    encoder_grads = [p.grad for p in scheduler.latency_encoder.parameters()]
+    assert all(g is not None for g in encoder_grads) and sum(g.abs().sum() for g in encoder_grads) > 0
+
+
+@pytest.mark.parametrize("scheduler_class", [LayerScheduler, HeadScheduler])
+def test_mixed_budgets_in_a_batch_equal_each_alone(tokenizer_dir, scheduler_class):
+    kwargs = {"rank": 2} if scheduler_class is HeadScheduler else {}
+    model = _model(tokenizer_dir, scheduler_class(num_prefix_layers=2, **kwargs)).eval()
+    batch = _batch(model, QUESTIONS, ANSWERS)
+    budgets = torch.tensor([1.0, 0.8, 0.6])
+    together = model.generate(batch, budgets)
+    for row in range(3):
+        alone_batch = _batch(model, QUESTIONS[row : row + 1], ANSWERS[row : row + 1])
+        alone_batch["pixel_values"] = batch["pixel_values"][row : row + 1]
+        alone = model.generate(alone_batch, budgets[row])
+        assert alone["answers"][0] == together["answers"][row]
+    assert together["flops_fraction"] < 1.0
+
+
+def test_full_budget_matches_transformers_before_the_latency_token(tokenizer_dir):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2)).eval()
+    batch = _batch(model, QUESTIONS[:1], ANSWERS[:1])
+    with torch.no_grad():
+        logits, _ = model(batch, torch.tensor([1.0]))
+        reference = model.backbone.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    at = int(batch["prompt_lengths"][0])
+    torch.testing.assert_close(logits[:, :at], reference[:, :at], atol=1e-5, rtol=0)
+    # the answer positions see the latency token, so they are shifted by one and differ
+    assert not torch.allclose(logits[:, at + 1 :], reference[:, at:], atol=1e-5)
+
+
+def test_budget_below_the_prefix_is_a_clear_error(tokenizer_dir):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
+    with pytest.raises(ValueError, match="admissible range"):
+        model.generate(_batch(model, QUESTIONS[:1], ANSWERS[:1]), 0.2)
