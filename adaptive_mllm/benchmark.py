@@ -51,6 +51,58 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
     return ids.to(device), images.to(device)
 
 
+def _measure_budget(
+    model: AdaptiveMLLM, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, budget: float,
+    batch_size: int, decode_tokens: int, repeats: int, device: torch.device,
+) -> dict[str, Any]:
+    """Median prefill and per-token decode time under one budget, and the plan's FLOPs fraction."""
+    backbone, engine, scheduler = model.backbone, model.engine, model.scheduler
+    budgets_t = torch.full((batch_size,), float(budget), device=device)
+    run_embeds, run_mask, latency_positions = embeds, mask, None
+    seq_lens = mask.sum(-1) + int(model._uses_latency_token())
+    if scheduler is not None:
+        scheduler.check_budgets(budgets_t, seq_lens)
+        if model._uses_latency_token():
+            latency_positions = torch.full((batch_size,), ids.shape[1], device=device)
+            token = scheduler.latency_token(budgets_t, seq_lens)
+            run_embeds, run_mask, _ = insert_token(embeds, token, latency_positions, mask)
+    positions = position_ids_from_mask(run_mask)
+    request = model._plan_request(budgets_t, seq_lens)
+
+    def prefill(cache: PlanCache | None = None):
+        hidden, plan = engine(run_embeds, run_mask, positions, request, latency_positions, gated=False, cache=cache)
+        return backbone.lm_head(backbone.final_norm(hidden[:, -1:])), plan
+
+    prefill_s = _median_seconds(prefill, repeats, device)
+    cache = PlanCache()
+    logits, plan = prefill(cache)
+    start_length = cache.length
+
+    def decode():
+        cache.length = start_length
+        for group_list in cache.groups:
+            for group in group_list:
+                if group.keys is not None:
+                    group.keys = group.keys[:, :, :start_length]
+                    group.values = group.values[:, :, :start_length]
+        cache.attention_mask = cache.attention_mask[:, :start_length]
+        token = logits[:, -1].argmax(-1)[:, None]
+        position = positions[:, -1:] + 1
+        for _ in range(decode_tokens):
+            hidden, _ = engine(backbone.embed(token), torch.ones_like(token), position, plan, gated=False, cache=cache)
+            token = backbone.lm_head(backbone.final_norm(hidden)).argmax(-1)
+            position = position + 1
+
+    decode_s = _median_seconds(decode, repeats, device) / decode_tokens
+    flops_fraction = 1.0
+    units = float("nan")
+    if scheduler is not None and plan is not None:
+        full = torch.tensor([scheduler.cost.full_flops(int(n)) for n in seq_lens], dtype=torch.float64)
+        flops_fraction = float((scheduler.cost.plan_flops(plan, seq_lens).double().cpu() / full).mean())
+        units = float(plan.units.float().mean()) if plan.units is not None else units
+    return {"budget": budget, "units": units, "flops_fraction": flops_fraction, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
 @torch.no_grad()
 def run_benchmark(
     model: AdaptiveMLLM,
@@ -63,58 +115,13 @@ def run_benchmark(
 ) -> list[dict[str, Any]]:
     model.eval()
     device = next(model.backbone.parameters()).device
-    backbone, engine, scheduler = model.backbone, model.engine, model.scheduler
+    backbone = model.backbone
     ids, images = synthetic_prompt(model, prompt_length, batch_size, device)
     mask = torch.ones_like(ids)
     embeds = embed_multimodal(backbone, ids, images)
-    rows: list[dict[str, Any]] = []
-
-    for budget in budgets:
-        budgets_t = torch.full((batch_size,), float(budget), device=device)
-        run_embeds, run_mask, latency_positions = embeds, mask, None
-        seq_lens = mask.sum(-1) + int(model._uses_latency_token())
-        if scheduler is not None:
-            scheduler.check_budgets(budgets_t, seq_lens)
-            if model._uses_latency_token():
-                latency_positions = torch.full((batch_size,), ids.shape[1], device=device)
-                token = scheduler.latency_token(budgets_t, seq_lens)
-                run_embeds, run_mask, _ = insert_token(embeds, token, latency_positions, mask)
-        positions = position_ids_from_mask(run_mask)
-        request = model._plan_request(budgets_t, seq_lens)
-
-        def prefill(cache: PlanCache | None = None):
-            hidden, plan = engine(run_embeds, run_mask, positions, request, latency_positions, gated=False, cache=cache)
-            return backbone.lm_head(backbone.final_norm(hidden[:, -1:])), plan
-
-        prefill_s = _median_seconds(prefill, repeats, device)
-        cache = PlanCache()
-        logits, plan = prefill(cache)
-        start_length = cache.length
-
-        def decode():
-            cache.length = start_length
-            for group_list in cache.groups:
-                for group in group_list:
-                    if group.keys is not None:
-                        group.keys = group.keys[:, :, :start_length]
-                        group.values = group.values[:, :, :start_length]
-            cache.attention_mask = cache.attention_mask[:, :start_length]
-            token = logits[:, -1].argmax(-1)[:, None]
-            position = positions[:, -1:] + 1
-            for _ in range(decode_tokens):
-                hidden, _ = engine(backbone.embed(token), torch.ones_like(token), position, plan, gated=False, cache=cache)
-                token = backbone.lm_head(backbone.final_norm(hidden)).argmax(-1)
-                position = position + 1
-
-        decode_s = _median_seconds(decode, repeats, device) / decode_tokens
-        flops_fraction = 1.0
-        units = float("nan")
-        if scheduler is not None and plan is not None:
-            full = torch.tensor([scheduler.cost.full_flops(int(n)) for n in seq_lens], dtype=torch.float64)
-            flops_fraction = float((scheduler.cost.plan_flops(plan, seq_lens).double().cpu() / full).mean())
-            units = float(plan.units.float().mean()) if plan.units is not None else units
-        rows.append({"budget": budget, "units": units, "flops_fraction": flops_fraction, "prefill_s": prefill_s, "decode_s": decode_s})
-
+    rows = [
+        _measure_budget(model, embeds, mask, ids, budget, batch_size, decode_tokens, repeats, device) for budget in budgets
+    ]
     reference = max(rows, key=lambda row: row["budget"])
     for row in rows:
         row["prefill_ratio"] = row["prefill_s"] / reference["prefill_s"]

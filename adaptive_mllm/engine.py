@@ -16,8 +16,8 @@ reads their parameters, so checkpoints stay in the transformers layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,6 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.schedulers.plan import ExecutionPlan
-
 
 
 @dataclass

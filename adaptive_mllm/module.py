@@ -14,10 +14,10 @@ from torch import nn
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
 from adaptive_mllm.engine import Engine, PlanRequest
 from adaptive_mllm.generation import greedy_generate
 from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_from_mask
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
 from adaptive_mllm.metrics import GroupedExactMatch
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.schedulers.base import Scheduler
@@ -292,6 +292,7 @@ class AdaptiveMLLM(L.LightningModule):
                 line.append(f"{100 * baseline.get(group, float('nan')):.1f}%")
             table.append(line)
         if self.scheduler is not None:
+            table.append(["units run"] + [f"{row.get('units', float('nan')):.2f}" for row in rows] + ([""] if baseline else []))
             table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + ([""] if baseline else []))
         table.append(["prefill ms / batch"] + [f"{row.get('prefill_ms', float('nan')):.1f}" for row in rows] + ([""] if baseline else []))
         if self.trainer.is_global_zero:
@@ -312,7 +313,7 @@ class AdaptiveMLLM(L.LightningModule):
         out = self.generate(batch, self.budget)
         return [
             {"id": id_, "answer": answer, "budget": self.budget, "flops_fraction": out["flops_fraction"]}
-            for id_, answer in zip(batch["ids"], out["answers"])
+            for id_, answer in zip(batch["ids"], out["answers"], strict=True)
         ]
 
     # --- optimisation ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def _batch(model: AdaptiveMLLM, questions: list[str], answers: list[str]) -> dic
     processor = model.backbone.input_processor()
     template, tokenizer = processor.chat_template, processor.tokenizer
     encoded = [
-        template.encode([(q, a)], tokenizer, processor.image_token_id, processor.num_image_tokens) for q, a in zip(questions, answers)
+        template.encode([(q, a)], tokenizer, processor.image_token_id, processor.num_image_tokens) for q, a in zip(questions, answers, strict=True)
     ]
     prompts = [template.encode_prompt([q], [], tokenizer, processor.image_token_id, processor.num_image_tokens) for q in questions]
     width, prompt_width = max(len(e.input_ids) for e in encoded), max(len(p) for p in prompts)

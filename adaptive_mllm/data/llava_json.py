@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+from adaptive_mllm.metrics import normalize_answer
 
 HUMAN = "human"
 GPT = "gpt"
@@ -343,10 +344,6 @@ class LlavaCollator:
 
 
 # --- majority-answer baseline ----------------------------------------------------------------------
-def _normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()
-
-
 def _kinds_and_answers(json_path: str | Path) -> list[tuple[str, str]]:
     """(question kind, last answer) of every record that has one; malformed records are passed over."""
     pairs = []
@@ -366,18 +363,18 @@ def majority_answers(train_json: str | Path) -> dict[str, str]:
     """The most common training answer per question kind (ties: alphabetically first)."""
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for kind, answer in _kinds_and_answers(train_json):
-        counts[kind][_normalise(answer)] += 1
+        counts[kind][normalize_answer(answer)] += 1
     return {kind: min(counter.items(), key=lambda item: (-item[1], item[0]))[0] for kind, counter in sorted(counts.items())}
 
 
 def majority_baseline(train_json: str | Path, eval_json: str | Path) -> dict[str, float]:
     """Accuracy on ``eval_json`` of answering every question with its kind's majority training answer,
-    per kind and ``overall`` (answers compared case-insensitively, a trailing period ignored)."""
+    per kind and ``overall`` (answers compared after the VQA normalisation the metrics use)."""
     majority = majority_answers(train_json)
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for kind, answer in _kinds_and_answers(eval_json):
-        hit = int(majority.get(kind) == _normalise(answer))
+        hit = int(majority.get(kind) == normalize_answer(answer))
         for group in (kind, OVERALL):
             correct[group] += hit
             total[group] += 1

@@ -1,0 +1,88 @@
+"""Tables: exact Markdown layout, rich output, accuracy layout."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from adaptive_mllm.reporting import accuracy_rows, accuracy_table, format_table, percent, print_table
+
+
+def test_percent():
+    assert percent(2 / 3) == "66.7%"
+    assert percent(1.0) == "100.0%"
+    assert percent(0.0) == "0.0%"
+    assert percent(0.5, decimals=0) == "50%"
+    assert percent(float("nan")) == "n/a"
+    assert percent(None) == "n/a"
+
+
+def test_format_table_layout():
+    table = format_table(["kind", "acc", "n"], [["color", "66.7%", 3], ["count", "100.0%", 12]])
+    assert table == (
+        "| kind  |    acc |   n |\n"
+        "| ----- | -----: | --: |\n"
+        "| color |  66.7% |   3 |\n"
+        "| count | 100.0% |  12 |"
+    )
+
+
+def test_format_table_cells():
+    table = format_table(["name", "value"], [["a|b", 0.123456], ["two\nlines", 7]])
+    lines = table.splitlines()
+    assert len(lines) == 4  # the newline in a cell did not start a row
+    assert "a\\|b" in lines[2] and lines[2].count(" | ") == 1  # the "|" in a cell is escaped
+    assert "0.1235" in lines[2]  # an unformatted float gets 4 significant digits
+    assert "two lines" in lines[3]
+
+
+def test_format_table_header_only():
+    assert format_table(["x"], []) == "| x   |\n| --- |"
+
+
+@pytest.mark.parametrize("rows", [[["a"]], [["a", "b", "c"]]])
+def test_format_table_rejects_ragged_rows(rows):
+    with pytest.raises(ValueError, match="cells for 2 columns"):
+        format_table(["x", "y"], rows)
+
+
+def test_format_table_rejects_no_columns():
+    with pytest.raises(ValueError):
+        format_table([], [])
+
+
+def test_print_table():
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=100, color_system=None)
+    print_table("test accuracy", ["question kind", "budget 0.5"], [["[color]", "66.7%"], ["count", 0.5]], console=console)
+    text = buffer.getvalue()
+    assert "test accuracy" in text
+    assert "question kind" in text and "budget 0.5" in text
+    assert "[color]" in text  # printed as text, not swallowed as rich markup
+    assert "66.7%" in text and "0.5" in text
+
+
+def test_print_table_rejects_ragged_rows():
+    with pytest.raises(ValueError):
+        print_table("t", ["x", "y"], [["a"]], console=Console(file=io.StringIO()))
+
+
+def test_accuracy_rows():
+    columns = {
+        "budget 0.5": {"overall": 0.5, "color": 0.25, "count": 0.75},
+        "majority baseline": {"overall": 0.3, "count": 0.6},
+    }
+    header, rows = accuracy_rows(columns, counts={"overall": 8, "color": 4, "count": 4})
+    assert header == ["question kind", "budget 0.5", "majority baseline", "examples"]
+    assert rows == [
+        ["overall", "50.0%", "30.0%", "8"],  # overall first, then the groups sorted
+        ["color", "25.0%", "n/a", "4"],  # a score the baseline lacks
+        ["count", "75.0%", "60.0%", "4"],
+    ]
+
+
+def test_accuracy_table():
+    table = accuracy_table({"budget 1": {"overall": 1.0, "a": 1.0}}, first="kind")
+    assert table == "| kind    | budget 1 |\n| ------- | -------: |\n| overall |   100.0% |\n| a       |   100.0% |"
