@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from adaptive_mllm.backbones.base import Backbone
@@ -21,6 +22,7 @@ from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_fr
 from adaptive_mllm.metrics import GroupedExactMatch
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.schedulers.baselines import BaselineScheduler
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.token_selection.base import TokenSelector
 
@@ -106,6 +108,18 @@ class AdaptiveMLLM(L.LightningModule):
         for name, parameters in self.backbone.parameter_groups().items():
             for parameter in parameters:
                 parameter.requires_grad_(name not in self.freeze)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Let a baseline scheduler (Full, Static, Random) evaluate a model trained with a learned one, so
+        budget curves compare on the same weights: the scheduler tensors it has no use for (the learned
+        plan head) are dropped, with a warning. Missing tensors still fail the (strict) load."""
+        state = checkpoint["state_dict"]
+        own = set(self.state_dict())
+        unused = [key for key in state if key.startswith("scheduler.") and key not in own]
+        if unused and isinstance(self.scheduler, BaselineScheduler):
+            for key in unused:
+                del state[key]
+            rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
 
     # --- inputs ----------------------------------------------------------------------------------------
     def _uses_latency_token(self) -> bool:

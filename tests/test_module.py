@@ -7,7 +7,7 @@ import torch
 
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.module import AdaptiveMLLM
-from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler
+from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler, StaticScheduler
 from tests.conftest import make_backbone, random_images
 
 
@@ -89,3 +89,30 @@ def test_budget_below_the_prefix_is_a_clear_error(tokenizer_dir):
     model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
     with pytest.raises(ValueError, match="admissible range"):
         model.generate(_batch(model, QUESTIONS[:1], ANSWERS[:1]), 0.2)
+
+
+def test_a_baseline_scheduler_evaluates_a_trained_model_with_its_latency_token(tokenizer_dir):
+    trained = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
+    checkpoint = {"state_dict": {k: v.clone() for k, v in trained.state_dict().items()}}
+    baseline = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3, latency_token=True))
+    baseline.configure_model()
+    with pytest.warns(UserWarning, match="scheduler.head.weight"):
+        baseline.on_load_checkpoint(checkpoint)
+    baseline.load_state_dict(checkpoint["state_dict"])  # strict: only the learned plan head was dropped
+    baseline.eval()
+    batch = _batch(trained, QUESTIONS, ANSWERS)
+    budgets = torch.ones(len(QUESTIONS))
+    # At budget 1.0 both plans keep every layer, so the only difference left would be the latency token.
+    assert torch.equal(trained(batch, budgets)[0], baseline(batch, budgets)[0])
+    no_token = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3))
+    no_token.configure_model()
+    assert no_token(batch, budgets)[0].shape[1] == trained(batch, budgets)[0].shape[1] - 1
+
+
+def test_a_learned_scheduler_missing_from_the_checkpoint_fails_the_load(tokenizer_dir):
+    static = _model(tokenizer_dir, StaticScheduler(num_prefix_layers=3))
+    checkpoint = {"state_dict": dict(static.state_dict())}
+    learned = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
+    learned.on_load_checkpoint(checkpoint)
+    with pytest.raises(RuntimeError, match="scheduler.latency_encoder"):
+        learned.load_state_dict(checkpoint["state_dict"])

@@ -17,6 +17,7 @@ from torch import nn
 
 from adaptive_mllm.backbones.base import DecoderShape
 from adaptive_mllm.cost import CostModel
+from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 
 
@@ -35,6 +36,7 @@ class Scheduler(nn.Module):
         self.num_prefix_layers = num_prefix_layers
         self._shape: DecoderShape | None = None
         self._cost: CostModel | None = None
+        self.latency_encoder: LatencyEncoder | None = None  # created by _build where the scheduler reads a token
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def configure(self, shape: DecoderShape) -> None:
@@ -107,7 +109,8 @@ class Scheduler(nn.Module):
     @property
     def needs_latency_token(self) -> bool:
         """Whether the module must insert :meth:`latency_token` into the sequence."""
-        return False
+        self.shape  # noqa: B018 - known only once configured: raises before
+        return self.latency_encoder is not None
 
     def latency_token(
         self,
@@ -115,8 +118,13 @@ class Scheduler(nn.Module):
         seq_lens: torch.Tensor,  # [B]
         layer_tokens: torch.Tensor | None = None,  # [B, L]
     ) -> torch.Tensor | None:
-        """[B, hidden] embedding of each budget, or None for a scheduler that reads none."""
-        return None
+        """[B, hidden] embedding of each budget, or None for a scheduler that reads none. The budget is
+        quantised to the ``k`` units it allows first, so equal plans get equal tokens."""
+        if self.latency_encoder is None:
+            return None
+        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
+        value = k.float() / (self.num_units + 1)  # [B], in [0, 1)
+        return self.latency_encoder(value)  # [B, hidden]
 
     def forward(
         self,

@@ -1,22 +1,49 @@
 """Baselines a paper compares against: the full model, random layers, and a fixed set of layers.
 
-None of them reads a latency token. Random and Static keep the same number of layers as
-:class:`~adaptive_mllm.schedulers.layer.LayerScheduler` for the same budget, so they meet it too.
+Random and Static keep the same number of layers as :class:`~adaptive_mllm.schedulers.layer.LayerScheduler`
+for the same budget, so they meet it too. None of them reads the latency token, but with
+``latency_token: true`` they still insert it, from a latency encoder loaded with the checkpoint: a model
+trained with AdaLLaVA-L is then evaluated on exactly its training inputs with only the choice of layers
+changed, which is the comparison that isolates the learned scheduler::
+
+    adaptive-mllm test --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
+        --model.scheduler=StaticScheduler --model.scheduler.num_prefix_layers=4 \
+        --model.scheduler.latency_token=true
 """
 
 from __future__ import annotations
 
 import torch
 
+from adaptive_mllm.backbones.base import DecoderShape
 from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 
 
-class FullScheduler(Scheduler):
+class BaselineScheduler(Scheduler):
+    """A scheduler whose plan follows a rule; it may still insert a (loaded) latency token.
+
+    Args:
+        num_prefix_layers: the first LLM layers, which always run.
+        latency_token: insert the latency token, as the model being evaluated was trained with.
+    """
+
+    def __init__(self, num_prefix_layers: int, latency_token: bool = False) -> None:
+        super().__init__(num_prefix_layers)
+        self.latency_token_enabled = latency_token
+
+    def _build(self, shape: DecoderShape) -> None:
+        if self.latency_token_enabled:
+            self.latency_encoder = LatencyEncoder(shape.hidden_size)
+
+
+class FullScheduler(BaselineScheduler):
     """Every layer runs, whatever the budget (its cost is that of budget 1.0).
 
     Args:
         num_prefix_layers: where the (trivial) plan starts; any value in [0, L) gives the same model.
+        latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
     def check_budgets(
@@ -40,7 +67,7 @@ class FullScheduler(Scheduler):
         return plan
 
 
-class RandomScheduler(Scheduler):
+class RandomScheduler(BaselineScheduler):
     """``k`` schedulable layers chosen uniformly at random per example (``k`` as for AdaLLaVA-L).
 
     Plans come from the scheduler's own generator, seeded once: the same sequence of calls gives the
@@ -49,10 +76,11 @@ class RandomScheduler(Scheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         seed: seed of the generator.
+        latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
-    def __init__(self, num_prefix_layers: int, seed: int = 0) -> None:
-        super().__init__(num_prefix_layers)
+    def __init__(self, num_prefix_layers: int, seed: int = 0, latency_token: bool = False) -> None:
+        super().__init__(num_prefix_layers, latency_token)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -70,11 +98,12 @@ class RandomScheduler(Scheduler):
         return ExecutionPlan(self.num_prefix_layers, mask, units=k)
 
 
-class StaticScheduler(Scheduler):
+class StaticScheduler(BaselineScheduler):
     """Keeps the first ``k`` schedulable layers (``k`` as for AdaLLaVA-L): the last layers are off.
 
     Args:
         num_prefix_layers: the first LLM layers, which always run.
+        latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
     def forward(

@@ -53,7 +53,6 @@ class HeadScheduler(Scheduler):
             raise ValueError(f"tau={tau} must be > 0")
         self.rank = rank
         self.tau = tau
-        self.latency_encoder: LatencyEncoder | None = None
         self.head: nn.Linear | None = None
 
     def _check_shape(self, shape: DecoderShape) -> None:
@@ -87,20 +86,6 @@ class HeadScheduler(Scheduler):
     @property
     def mlp_groups_per_unit(self) -> int:
         return self.rank
-
-    @property
-    def needs_latency_token(self) -> bool:
-        return True
-
-    def latency_token(
-        self,
-        budgets: torch.Tensor,  # [B]
-        seq_lens: torch.Tensor,  # [B]
-        layer_tokens: torch.Tensor | None = None,  # [B, L]
-    ) -> torch.Tensor:
-        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
-        value = k.float() / (self.num_units + 1)  # [B], in [0, 1)
-        return self.latency_encoder(value)  # [B, hidden]
 
     def forward(
         self,

@@ -25,26 +25,11 @@ class LayerScheduler(Scheduler):
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
         self.tau = tau
-        self.latency_encoder: LatencyEncoder | None = None
         self.head: nn.Linear | None = None
 
     def _build(self, shape: DecoderShape) -> None:
         self.latency_encoder = LatencyEncoder(shape.hidden_size)
         self.head = nn.Linear(shape.hidden_size, shape.num_layers - self.num_prefix_layers)
-
-    @property
-    def needs_latency_token(self) -> bool:
-        return True
-
-    def latency_token(
-        self,
-        budgets: torch.Tensor,  # [B]
-        seq_lens: torch.Tensor,  # [B]
-        layer_tokens: torch.Tensor | None = None,  # [B, L]
-    ) -> torch.Tensor:
-        k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
-        value = k.float() / (self.num_units + 1)  # [B], in [0, 1)
-        return self.latency_encoder(value)  # [B, hidden]
 
     def forward(
         self,
