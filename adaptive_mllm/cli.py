@@ -1,5 +1,7 @@
 """`adaptive-mllm`: LightningCLI over AdaptiveMLLM, parts chosen by ``class_path`` in YAML or a flag.
 
+``benchmark`` and ``export`` (a trained checkpoint as a plain directory) are dispatched before LightningCLI.
+
 The parts' packages are imported here so that short class names resolve, e.g.
 ``--model.scheduler=LayerScheduler`` or ``--data=ShapesVQADataModule``.
 """
@@ -54,13 +56,23 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCL
 
 
 def main(args: list[str] | None = None) -> None:
-    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``."""
+    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark`` and ``export``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "benchmark":
         from adaptive_mllm.benchmark import main as benchmark_main
 
         benchmark_main(argv[1:])
+        return
+    if argv and argv[0] == "plot":
+        from adaptive_mllm.plots import main as plot_main
+
+        plot_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from adaptive_mllm.export import main as export_main
+
+        export_main(argv[1:])
         return
     build_cli(args)
 

@@ -94,7 +94,7 @@ def test_budget_below_the_prefix_is_a_clear_error(tokenizer_dir):
 def test_a_baseline_scheduler_evaluates_a_trained_model_with_its_latency_token(tokenizer_dir):
     trained = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
     checkpoint = {"state_dict": {k: v.clone() for k, v in trained.state_dict().items()}}
-    baseline = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3, latency_token=True))
+    baseline = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3, insert_latency_token=True))
     baseline.configure_model()
     with pytest.warns(UserWarning, match="scheduler.head.weight"):
         baseline.on_load_checkpoint(checkpoint)

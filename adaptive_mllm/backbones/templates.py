@@ -147,8 +147,20 @@ class ChatTemplate:
 
 
 def vicuna_v1() -> ChatTemplate:
-    """LLaVA-1.5's ``conv_vicuna_v1`` / ``conv_llava_v1``."""
+    """LLaVA's ``conv_vicuna_v1`` (``--version v1`` / ``--conv-mode vicuna_v1``): the template LLaVA-1.5 was
+    fine-tuned and evaluated with, and AdaLLaVA after it ("curious user")."""
     return ChatTemplate()
+
+
+def llava_v1() -> ChatTemplate:
+    """LLaVA's ``conv_llava_v1``: ``vicuna_v1`` with the older system prompt ("curious human")."""
+    return ChatTemplate(
+        name="llava_v1",
+        system=(
+            "A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's questions."
+        ),
+    )
 
 
 def plain_chat() -> ChatTemplate:

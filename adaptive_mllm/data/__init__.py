@@ -1,5 +1,14 @@
 """Data: LLaVA instruction JSON datamodule, the generated shapes-VQA set, word-level tokenizer training."""
 
+from adaptive_mllm.data.benchmarks import (
+    GQADataModule,
+    MMBenchDataModule,
+    MMEDataModule,
+    POPEDataModule,
+    ScienceQADataModule,
+    TextVQADataModule,
+    VQAv2DataModule,
+)
 from adaptive_mllm.data.llava_json import (
     DataError,
     DataWarning,
@@ -15,6 +24,13 @@ from adaptive_mllm.data.shapes_datamodule import ShapesVQADataModule
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
 
 __all__ = [
+    "GQADataModule",
+    "MMBenchDataModule",
+    "MMEDataModule",
+    "POPEDataModule",
+    "ScienceQADataModule",
+    "TextVQADataModule",
+    "VQAv2DataModule",
     "DataError",
     "DataWarning",
     "LlavaCollator",

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
-from adaptive_mllm.metrics import normalize_answer
+from adaptive_mllm.metrics import GroupedExactMatch, normalize_answer
 
 HUMAN = "human"
 GPT = "gpt"
@@ -242,6 +242,10 @@ class LlavaJsonDataset(Dataset):
             warnings.warn(str(error), DataWarning, stacklevel=2)
             return None
 
+    def _open_image(self, record: LlavaRecord) -> Image.Image:
+        """The record's image, opened lazily (a hook for datasets whose images are not files, e.g. base64)."""
+        return Image.open(record.image)
+
     def _encode(self, record: LlavaRecord) -> dict[str, Any]:
         processor = self.input_processor
         if processor is None:
@@ -253,7 +257,7 @@ class LlavaJsonDataset(Dataset):
         pixel_values = None
         if record.image is not None:
             try:
-                with Image.open(record.image) as image:
+                with self._open_image(record) as image:
                     rgb = image.convert("RGB")  # decodes the whole file: truncated data fails here
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 raise fail("image", f"cannot read image file {record.image}: {error}") from error
@@ -457,6 +461,11 @@ class LlavaDataModule(L.LightningDataModule):
     def question_kinds(self, split: str) -> list[str]:
         """The question kinds of a built split, sorted: the groups its accuracy is reported by."""
         return sorted({record.question_kind for record in self.datasets[split].records})
+
+    def make_metric(self, stage: str) -> GroupedExactMatch:
+        """Normalised exact match, overall and per question kind of the split ("val" / "test")."""
+        split = {"validate": "val", "fit": "val"}.get(stage, stage)
+        return GroupedExactMatch(self.question_kinds(split))
 
     # --- the model's side ------------------------------------------------------------------------------
     def set_input_processor(self, processor: InputProcessor) -> None:

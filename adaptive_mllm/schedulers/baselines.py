@@ -2,13 +2,13 @@
 
 Random and Static keep the same number of layers as :class:`~adaptive_mllm.schedulers.layer.LayerScheduler`
 for the same budget, so they meet it too. None of them reads the latency token, but with
-``latency_token: true`` they still insert it, from a latency encoder loaded with the checkpoint: a model
+``insert_latency_token: true`` they still insert it, from a latency encoder loaded with the checkpoint: a model
 trained with AdaLLaVA-L is then evaluated on exactly its training inputs with only the choice of layers
 changed, which is the comparison that isolates the learned scheduler::
 
     adaptive-mllm test --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
         --model.scheduler=StaticScheduler --model.scheduler.num_prefix_layers=4 \
-        --model.scheduler.latency_token=true
+        --model.scheduler.insert_latency_token=true
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ class BaselineScheduler(Scheduler):
 
     Args:
         num_prefix_layers: the first LLM layers, which always run.
-        latency_token: insert the latency token, as the model being evaluated was trained with.
+        insert_latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
-    def __init__(self, num_prefix_layers: int, latency_token: bool = False) -> None:
+    def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False) -> None:
         super().__init__(num_prefix_layers)
-        self.latency_token_enabled = latency_token
+        self.insert_latency_token = insert_latency_token
 
     def _build(self, shape: DecoderShape) -> None:
-        if self.latency_token_enabled:
+        if self.insert_latency_token:
             self.latency_encoder = LatencyEncoder(shape.hidden_size)
 
 
@@ -43,7 +43,7 @@ class FullScheduler(BaselineScheduler):
 
     Args:
         num_prefix_layers: where the (trivial) plan starts; any value in [0, L) gives the same model.
-        latency_token: insert the latency token, as the model being evaluated was trained with.
+        insert_latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
     def check_budgets(
@@ -76,11 +76,11 @@ class RandomScheduler(BaselineScheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         seed: seed of the generator.
-        latency_token: insert the latency token, as the model being evaluated was trained with.
+        insert_latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
-    def __init__(self, num_prefix_layers: int, seed: int = 0, latency_token: bool = False) -> None:
-        super().__init__(num_prefix_layers, latency_token)
+    def __init__(self, num_prefix_layers: int, seed: int = 0, insert_latency_token: bool = False) -> None:
+        super().__init__(num_prefix_layers, insert_latency_token)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -103,7 +103,7 @@ class StaticScheduler(BaselineScheduler):
 
     Args:
         num_prefix_layers: the first LLM layers, which always run.
-        latency_token: insert the latency token, as the model being evaluated was trained with.
+        insert_latency_token: insert the latency token, as the model being evaluated was trained with.
     """
 
     def forward(

@@ -80,10 +80,10 @@ def test_budget_errors(cls) -> None:
 def test_a_baseline_can_insert_the_layer_schedulers_latency_token() -> None:
     layer = configured(LayerScheduler(3))
     budgets, lengths = torch.tensor([0.7, 1.0]), torch.tensor([10, 10])
-    for scheduler in (configured(FullScheduler(3, latency_token=True)), configured(StaticScheduler(3, latency_token=True))):
+    for scheduler in (configured(FullScheduler(3, insert_latency_token=True)), configured(StaticScheduler(3, insert_latency_token=True))):
         assert scheduler.needs_latency_token
         scheduler.latency_encoder.load_state_dict(layer.latency_encoder.state_dict())
         assert {k for k in scheduler.state_dict()} == {k for k in layer.state_dict() if k.startswith("latency_encoder.")}
-    static = configured(StaticScheduler(3, latency_token=True))
+    static = configured(StaticScheduler(3, insert_latency_token=True))
     static.latency_encoder.load_state_dict(layer.latency_encoder.state_dict())
     assert torch.equal(static.latency_token(budgets, lengths), layer.latency_token(budgets, lengths))

@@ -1,0 +1,226 @@
+"""LLaVA-1.5 as its authors released it (``liuhaotian/llava-v1.5-7b``), read into transformers' LLaVA modules.
+
+The original release is a Llama checkpoint directory with a few extra config keys (``mm_vision_tower``,
+``mm_projector_type``, ``mm_hidden_size``, ...) and extra weights (``model.mm_projector.0/.2``); the
+CLIP tower is not in it (the config names a hub id), and its tokenizer has no ``<image>`` token (the
+release splices image features in at a sentinel id). This file maps that layout onto
+``LlavaForConditionalGeneration`` by name, with the CLIP tower from its own local directory (the HF
+``CLIPVisionModel`` or ``CLIPModel`` layout), and adds ``<image>`` to the tokenizer (one new
+embedding / output row, set to the mean of the others). Every weight of the model must be found and
+every weight found must be used: anything else fails with the list of keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.initialization import no_init_weights
+
+RELEASE_ARCHITECTURE = "LlavaLlamaForCausalLM"
+RELEASE_MODEL_TYPES = ("llava", "llava_llama")
+RELEASE_LAYOUT = (
+    "the original LLaVA release layout (as liuhaotian/llava-v1.5-7b): config.json with architectures "
+    f"['{RELEASE_ARCHITECTURE}'], mm_hidden_size, mm_projector_type 'mlp2x_gelu', mm_vision_select_layer, "
+    "mm_vision_select_feature 'patch'; weights model.embed_tokens / model.layers.* / model.norm / lm_head / "
+    "model.mm_projector.{0,2}.* in *.safetensors or pytorch_model*.bin (sharded with an index json); "
+    "tokenizer files beside them"
+)
+TOWER_LAYOUT = (
+    "a local CLIP vision tower directory in the transformers CLIPVisionModel (or CLIPModel) layout, as "
+    "openai/clip-vit-large-patch14-336 is published: config.json + model.safetensors or pytorch_model.bin"
+)
+
+# Release key -> transformers LlavaForConditionalGeneration key (prefix rewrites, first match wins).
+_LLM_PREFIXES = (
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+)
+_TOWER_TARGET = "model.vision_tower."
+_CLIP_TEXT_SIDE = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # a CLIPModel's other half
+# Buffers that older transformers saved and that are recomputed, not loaded.
+_RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+_VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+# Llama keys of the release's flat config that define the decoder.
+_LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "attention_bias", "mlp_bias", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id",
+    "tie_word_embeddings", "initializer_range",
+)
+_PROJECTORS = {"mlp2x_gelu": "gelu"}  # release projector type -> transformers projector activation
+_SELECT_FEATURES = {"patch": "default"}  # release feature selection -> transformers strategy (drop CLS)
+
+
+class ReleaseLayoutError(ValueError):
+    """A directory that claims the original release layout but does not hold it."""
+
+
+def is_release_config(raw: dict) -> bool:
+    """True for a config.json written by the LLaVA code base rather than by transformers' LLaVA."""
+    architectures = raw.get("architectures") or []
+    return "text_config" not in raw and (
+        "mm_vision_tower" in raw or "mm_projector_type" in raw or RELEASE_ARCHITECTURE in architectures
+    )
+
+
+def release_llava_config(config_file: Path, raw: dict, vision_tower: Path | None) -> LlavaConfig:
+    """The transformers LlavaConfig equivalent to a release config.json plus a local CLIP tower directory."""
+    architectures = raw.get("architectures") or []
+    if architectures != [RELEASE_ARCHITECTURE] or raw.get("model_type") not in RELEASE_MODEL_TYPES:
+        raise ReleaseLayoutError(
+            f"{config_file}: architectures {architectures} / model_type {raw.get('model_type')!r} is not a LLaVA "
+            f"release over Llama; expected {RELEASE_LAYOUT}"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "mm_hidden_size"):
+        if key not in raw:
+            raise ReleaseLayoutError(f"{config_file}: key {key!r} is missing; expected {RELEASE_LAYOUT}")
+    projector = raw.get("mm_projector_type", "linear")
+    if projector not in _PROJECTORS:
+        raise ReleaseLayoutError(
+            f"{config_file}: mm_projector_type {projector!r} is not supported; expected one of {sorted(_PROJECTORS)}"
+        )
+    select = raw.get("mm_vision_select_feature", "patch")
+    if select not in _SELECT_FEATURES:
+        raise ReleaseLayoutError(
+            f"{config_file}: mm_vision_select_feature {select!r} is not supported; expected one of {sorted(_SELECT_FEATURES)}"
+        )
+    vision = _tower_config(vision_tower, raw.get("mm_vision_tower"))
+    if vision.hidden_size != raw["mm_hidden_size"]:
+        raise ReleaseLayoutError(
+            f"{config_file}: mm_hidden_size {raw['mm_hidden_size']} differs from the vision tower's hidden_size "
+            f"{vision.hidden_size} ({vision_tower / 'config.json'})"
+        )
+    text = LlamaConfig(**{key: raw[key] for key in _LLAMA_KEYS if key in raw})
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=_SELECT_FEATURES[select],
+        projector_hidden_act=_PROJECTORS[projector],
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+
+
+def _tower_config(vision_tower: Path | None, named: str | None) -> CLIPVisionConfig:
+    if vision_tower is None:
+        raise ReleaseLayoutError(
+            f"the release config names the vision tower {named!r} (a hub id, never downloaded here); pass "
+            f"`vision_tower`: {TOWER_LAYOUT}"
+        )
+    config_file = vision_tower / "config.json"
+    if not config_file.is_file():
+        raise ReleaseLayoutError(f"{config_file} is missing; `vision_tower` must be {TOWER_LAYOUT}")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        raise ReleaseLayoutError(
+            f"{config_file} has model_type {model_type!r}, expected 'clip_vision_model' or 'clip': {TOWER_LAYOUT}"
+        )
+    return CLIPVisionConfig.from_pretrained(vision_tower)
+
+
+# --- weights ---------------------------------------------------------------------------------------
+def weight_files(directory: Path, layout: str) -> list[Path]:
+    """The weight files of a directory: the shards its index json lists, else its single weight file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = directory / index_name
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ReleaseLayoutError(f"{index_file} has no 'weight_map'; expected {layout}")
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+            absent = [str(path) for path in files if not path.is_file()]
+            if absent:
+                raise ReleaseLayoutError(f"{index_file} lists shards that are missing: {absent}")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise ReleaseLayoutError(
+        f"{directory} holds no model.safetensors, pytorch_model.bin or *.index.json; expected {layout}"
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or PyTorch pickle weight file, as tensors on the CPU (the pickle read safely)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _llm_key(key: str) -> str | None:
+    for source, target in _LLM_PREFIXES:
+        if key.startswith(source):
+            return target + key[len(source):]
+    return None
+
+
+def _tower_key(key: str) -> str | None:
+    if key.startswith(_CLIP_TEXT_SIDE):
+        return ""  # a CLIPModel's text half: not part of the vision tower, dropped
+    if key.startswith("vision_model."):  # the CLIPModel layout, and CLIPVisionModel as transformers 4 saved it
+        key = key[len("vision_model."):]
+    return _TOWER_TARGET + key
+
+
+def load_release_model(
+    checkpoint: Path, vision_tower: Path, config: LlavaConfig, dtype: torch.dtype, attn_implementation: str
+) -> LlavaForConditionalGeneration:
+    """Build the transformers model without initialising it and fill every weight from the two directories.
+
+    ``config.text_config.vocab_size`` may exceed the checkpoint's rows (the added ``<image>`` token): the
+    extra embedding and output rows are the mean of the checkpoint's rows.
+    """
+    with no_init_weights():
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    sources = [(path, _llm_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
+    sources += [(path, _tower_key) for path in weight_files(vision_tower, TOWER_LAYOUT)]
+    for path, rename in sources:
+        mapped: dict[str, torch.Tensor] = {}
+        for key, tensor in read_weights(path).items():
+            target = rename(key)
+            if target == "" or key.endswith(_RECOMPUTED_SUFFIXES):
+                continue
+            if target is None or target not in expected:
+                unexpected.append(f"{path.name}: {key}")
+                continue
+            if target in _VOCAB_KEYS:
+                tensor = _grow_rows(tensor, expected[target].shape[0], path, key)
+            if tensor.shape != expected[target].shape:
+                raise ReleaseLayoutError(
+                    f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[target].shape)}"
+                )
+            mapped[target] = tensor
+        model.load_state_dict(mapped, strict=False)
+        loaded.update(mapped)
+        del mapped
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected:
+        raise ReleaseLayoutError(
+            f"{checkpoint} + {vision_tower} do not match the LLaVA modules: missing keys {missing}, "
+            f"unexpected keys {unexpected}; expected {RELEASE_LAYOUT}, and {TOWER_LAYOUT}"
+        )
+    return model
+
+
+def _grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Tensor:
+    """Append mean rows for tokens the tokenizer gained (``<image>``), so they start neutral."""
+    extra = rows - tensor.shape[0]
+    if extra < 0:
+        raise ReleaseLayoutError(f"{path}: {key} has {tensor.shape[0]} rows, more than the vocabulary's {rows}")
+    if extra == 0:
+        return tensor
+    mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(extra, -1)])

@@ -1,0 +1,237 @@
+"""What the benchmark datamodules share: each reads its benchmark's published files and turns every
+question into a :class:`LlavaRecord`, so that the LLaVA collator, chat template and image preprocessing
+of :mod:`adaptive_mllm.data.llava_json` are used unchanged; what the benchmark's metric needs beyond the
+reference answer (the ten human answers, the image a question is paired with, ...) travels as extra
+per-record fields, which the collator adds to the batch as lists.
+
+A benchmark is for evaluation only: ``setup("test")`` / ``"validate"`` / ``"predict"``; ``make_metric``
+gives the benchmark's metric, with the interface ``update(predictions, batch)`` / ``compute() -> dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+
+from adaptive_mllm.backbones.base import InputProcessor
+from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER
+from adaptive_mllm.data.llava_json import (
+    DEFAULT_QUESTION_KIND,
+    DataError,
+    LlavaCollator,
+    LlavaDataModule,
+    LlavaJsonDataset,
+    LlavaRecord,
+)
+
+# the instructions LLaVA-1.5's evaluation appends to each benchmark's question
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_STAGE_SPLIT = {"test": "test", "validate": "val", "val": "val", "fit": "val", "predict": "predict"}
+
+
+@dataclass(frozen=True)
+class BenchmarkQuestion:
+    """One question of a benchmark, read from its files: the prompt text (without the image placeholder),
+    the reference answer ("" when the file has none), its group and the metric's extra fields."""
+
+    id: str
+    image: Path | None
+    text: str
+    answer: str
+    kind: str = DEFAULT_QUESTION_KIND
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def with_suffix(text: str, suffix: str) -> str:
+    """The question and the benchmark's answer instruction, one per line (as LLaVA-1.5 asks them)."""
+    text = text.strip()
+    return f"{text}\n{suffix}" if suffix else text
+
+
+def options_text(options: list[str]) -> str:
+    """``A. first`` / ``B. second`` ..., one option per line."""
+    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+
+
+# --- reading, with errors that name the file, the record and the field ------------------------------
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content, or a DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError.at(path, "file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError.at(path, f"cannot read the JSON file: {error}") from error
+
+
+def require(
+    raw: Any, name: str, types: type | tuple[type, ...], path: str | Path, record_id: Any, index: int
+) -> Any:
+    """``raw[name]`` if it is there and of one of ``types``, else a DataError naming the field."""
+    if not isinstance(raw, dict):
+        raise DataError.at(path, f"expected a JSON object, got {type(raw).__name__}", record_id, index, "record")
+    if name not in raw or raw[name] is None:
+        raise DataError.at(path, "missing", record_id, index, name)
+    value = raw[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise DataError.at(path, f"expected {expected}, got {type(value).__name__}: {value!r:.80}", record_id, index, name)
+    return value
+
+
+def existing_image(folder: Path, name: str, path: str | Path, record_id: Any, index: int, field_name: str) -> Path:
+    """``folder / name``, or a DataError naming the record whose image file is missing."""
+    image = folder / name
+    if not os.path.isfile(image):
+        raise DataError.at(path, f"image file {image} does not exist", record_id, index, field_name)
+    return image
+
+
+# --- dataset and collator ---------------------------------------------------------------------------
+class BenchmarkDataset(LlavaJsonDataset):
+    """A benchmark's questions as LLaVA records: items are encoded by LlavaJsonDataset's code, plus the
+    extra fields of each question.
+
+    LlavaJsonDataset's constructor reads a LLaVA JSON file; the benchmark's files are read by its
+    datamodule instead, so this constructor sets the same attributes from the parsed questions.
+    """
+
+    def __init__(
+        self, source: str | Path, questions: list[BenchmarkQuestion], input_processor: InputProcessor | None = None
+    ) -> None:
+        self.json_path = Path(source)  # named in every error about an item
+        self.image_folder = self.json_path.parent
+        self.skip_bad_records = False
+        self.require_answer = False
+        self.input_processor = input_processor
+        self.num_skipped_at_load = 0
+        self._bad: set[int] = set()
+        self.records = [
+            LlavaRecord(
+                index=index,
+                id=question.id,
+                image=question.image,
+                questions=(f"{IMAGE_PLACEHOLDER}\n{question.text}" if question.image is not None else question.text,),
+                answers=(question.answer,) if question.answer.strip() else (),
+                question_kind=question.kind,
+            )
+            for index, question in enumerate(questions)
+        ]
+        self.extras = [dict(question.extra) for question in questions]
+        self.references = [question.answer for question in questions]
+
+    def _encode(self, record: LlavaRecord) -> dict[str, Any]:
+        item = super()._encode(record)
+        item["answer"] = self.references[record.index]  # also for an open record ("" when unknown)
+        item.update(self.extras[record.index])
+        return item
+
+
+class BenchmarkCollator(LlavaCollator):
+    """LlavaCollator's batch, plus each extra per-record field as a list in batch order."""
+
+    def __init__(self, pad_token_id: int, extra_fields: tuple[str, ...] = ()) -> None:
+        super().__init__(pad_token_id)
+        self.extra_fields = tuple(extra_fields)
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        batch = super().__call__(items)
+        kept = [item for item in items if item is not None]
+        for name in self.extra_fields:
+            batch[name] = [item[name] for item in kept]
+        return batch
+
+
+# --- datamodule ---------------------------------------------------------------------------------------
+class BenchmarkDataModule(LlavaDataModule):
+    """A benchmark's test questions as a LlavaDataModule (test, validate and predict all read them).
+
+    Subclasses read their files in :meth:`read_questions`, name the extra batch fields in
+    ``extra_fields`` and build the metric in :meth:`make_metric`.
+
+    Args:
+        batch_size: evaluation batch size.
+        num_workers: DataLoader worker processes.
+    """
+
+    extra_fields: tuple[str, ...] = ()
+
+    def __init__(self, batch_size: int = 16, num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self._built: dict[bool, BenchmarkDataset] = {}  # by "with reference answers"
+
+    # --- to implement -----------------------------------------------------------------------------------
+    @property
+    def source(self) -> Path:
+        """The main file (or folder) of the benchmark: named in the errors about its items."""
+        raise NotImplementedError
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        """Every question, read and checked (DataError on bad input); ``require_answers`` for scoring."""
+        raise NotImplementedError
+
+    def make_metric(self, stage: str = "test") -> Metric:
+        """The benchmark's metric, with the groups of :meth:`question_kinds`."""
+        raise NotImplementedError
+
+    # --- datasets ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Read the benchmark (test, validate: with its answers; predict: answers optional)."""
+        if stage not in _STAGE_SPLIT or stage == "fit":
+            raise ValueError(f"{type(self).__name__} is an evaluation benchmark: stages test / validate / predict, not {stage!r}")
+        split = _STAGE_SPLIT[stage]
+        if split not in self.datasets:
+            scored = split != "predict"
+            if scored not in self._built:
+                self._built[scored] = self.build_dataset(require_answers=scored)
+            self.datasets[split] = self._built[scored]
+
+    def build_dataset(self, require_answers: bool) -> BenchmarkDataset:
+        """The dataset of :meth:`read_questions` (a hook for benchmarks whose images are not files)."""
+        return BenchmarkDataset(self.source, self.read_questions(require_answers))
+
+    def _split(self, stage: str) -> str:
+        split = _STAGE_SPLIT.get(stage, stage)
+        if split not in self.datasets:
+            self.setup({"val": "validate"}.get(split, split))
+        return split
+
+    def question_kinds(self, split: str = "test") -> list[str]:
+        """The groups a score is reported by (e.g. POPE split, MME subtask), sorted; reads the data if needed."""
+        return super().question_kinds(self._split(split))
+
+    # --- dataloaders -------------------------------------------------------------------------------------
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        processor = self.input_processor()
+        dataset.set_input_processor(processor)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,  # a benchmark is read in its files' order
+            num_workers=self.num_workers,
+            collate_fn=BenchmarkCollator(processor.pad_token_id, self.extra_fields),
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        raise RuntimeError(f"{type(self).__name__} is an evaluation benchmark: it has no training data")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader(self._split("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader(self._split("test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._dataloader(self._split("predict"), self.eval_batch_size, shuffle=False)

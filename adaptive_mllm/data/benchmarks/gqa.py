@@ -1,0 +1,78 @@
+"""GQA test-dev (balanced) in its official layout: ``testdev_balanced_questions.json`` + ``images/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    existing_image,
+    read_json,
+    require,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.metrics import GroupedExactMatch
+
+
+class GQADataModule(BenchmarkDataModule):
+    """GQA, scored by normalised exact match (:class:`GroupedExactMatch`) per structural type
+    (verify, query, choose, logical, compare).
+
+    Args:
+        questions_json: ``testdev_balanced_questions.json``: ``{question id: {"question", "imageId",
+            "answer", "types": {"structural": ...}, ...}}``.
+        image_folder: the GQA images (``<imageId>.jpg``); None = ``<questions dir>/images``.
+        prompt_suffix: the instruction after each question.
+    """
+
+    def __init__(
+        self,
+        questions_json: str,
+        image_folder: str | None = None,
+        prompt_suffix: str = SHORT_ANSWER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.questions_json = questions_json
+        self.image_root = image_folder
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.questions_json)
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        path = self.questions_json
+        content = read_json(path)
+        if not isinstance(content, dict) or any(isinstance(content.get(k), list) for k in ("questions", "annotations")):
+            found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+            raise DataError.at(
+                path,
+                f"expected GQA's questions file, a JSON object {{question id: {{'question', 'imageId', 'answer', ...}}}}, "
+                f"found {found} (a VQA-style file?)",
+            )
+        folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "images"
+        questions = []
+        for index, (question_id, raw) in enumerate(content.items()):
+            text = require(raw, "question", str, path, question_id, index)
+            image_id = require(raw, "imageId", str, path, question_id, index)
+            answer = require(raw, "answer", str, path, question_id, index) if require_answers else raw.get("answer", "")
+            types = raw.get("types")
+            kind = types.get("structural") if isinstance(types, dict) else None
+            questions.append(
+                BenchmarkQuestion(
+                    id=str(question_id),
+                    image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "imageId"),
+                    text=with_suffix(text, self.prompt_suffix),
+                    answer=answer if isinstance(answer, str) else "",
+                    kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+                )
+            )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> GroupedExactMatch:
+        return GroupedExactMatch(self.question_kinds(stage))

@@ -1,0 +1,155 @@
+"""MMBench in its released form: one TSV (e.g. ``mmbench_dev_20230712.tsv``) with base64 images, scored
+with circular evaluation."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from adaptive_mllm.data.benchmarks.base import (
+    LETTERS,
+    OPTION_LETTER,
+    BenchmarkDataModule,
+    BenchmarkDataset,
+    BenchmarkQuestion,
+    options_text,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError, LlavaRecord
+from adaptive_mllm.metrics import MultipleChoiceAccuracy
+
+CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them index + k * 1e6
+_MISSING = {"", "nan", "none"}  # how an absent option or hint is written in the TSV
+
+
+def _present(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in _MISSING
+
+
+class MMBenchDataset(BenchmarkDataset):
+    """Decodes each record's image from the TSV's base64 text when the item is loaded."""
+
+    def __init__(self, source: str | Path, questions: list[BenchmarkQuestion], images: list[str]) -> None:
+        super().__init__(source, questions)
+        self.images = images  # base64 per record (records of one row share the string)
+
+    def _open_image(self, record: LlavaRecord) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(self.images[record.index], validate=True)))
+
+
+class MMBenchDataModule(BenchmarkDataModule):
+    """MMBench, scored by :class:`MultipleChoiceAccuracy` with circular evaluation, per category.
+
+    Columns used: ``index``, ``question``, ``hint``, ``A``..``D`` (absent options empty), ``answer``,
+    ``category``, ``image`` (base64; a short number refers to the row of that index, as some releases
+    de-duplicate images). The prompt is the hint (when there is one), the question, the options as
+    ``A. ...`` lines and the instruction. With ``circular``, every question is asked once per rotation
+    of its options (as LLaVA-1.5's ``--all-rounds``) and is right only if every rotation is; a TSV that
+    already holds the rotations (indices ``>= 1e6``) is grouped by ``index % 1e6`` instead.
+
+    Args:
+        tsv: the MMBench TSV.
+        circular: circular evaluation (False: each row once, plain accuracy).
+        prompt_suffix: the instruction after the options.
+    """
+
+    extra_fields = ("num_choices", "question_group")
+
+    def __init__(
+        self,
+        tsv: str,
+        circular: bool = True,
+        prompt_suffix: str = OPTION_LETTER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.tsv = tsv
+        self.circular = circular
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.tsv)
+
+    def _rows(self) -> list[dict[str, str]]:
+        path = self.tsv
+        if not os.path.isfile(path):
+            raise DataError.at(path, "file not found")
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
+        try:
+            with open(path, encoding="utf-8", newline="") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t"))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise DataError.at(path, f"cannot read the TSV file: {error}") from error
+        columns = set(rows[0]) if rows else set()
+        missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
+        if missing:
+            raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
+        return rows
+
+    def _read(self, require_answers: bool) -> tuple[list[BenchmarkQuestion], list[str]]:
+        """The questions (one per rotation) and the base64 image of each."""
+        path = self.tsv
+        rows = self._rows()
+        indices = []
+        for position, row in enumerate(rows):
+            try:
+                indices.append(int(row["index"]))
+            except (TypeError, ValueError) as error:
+                raise DataError.at(path, f"expected an integer, got {row['index']!r}", None, position, "index") from error
+        by_index = dict(zip(indices, rows, strict=True))
+        pre_expanded = any(index >= CIRCULAR_OFFSET for index in indices)
+        questions, images = [], []
+        for position, (index, row) in enumerate(zip(indices, rows, strict=True)):
+            options = []
+            for letter in LETTERS:
+                if not _present(row.get(letter)):
+                    break
+                options.append(row[letter].strip())
+            if len(options) < 2:
+                raise DataError.at(path, "expected at least options A and B", index, position, "B")
+            answer = (row.get("answer") or "").strip().upper()
+            if answer or require_answers:
+                if len(answer) != 1 or answer not in LETTERS[: len(options)]:
+                    raise DataError.at(path, f"expected one of {list(LETTERS[: len(options)])}, got {answer!r}", index, position, "answer")
+            image = (row.get("image") or "").strip()
+            if len(image) <= 64 and image.isdigit() and int(image) in by_index:  # a reference to another row's image
+                image = by_index[int(image)]["image"].strip()
+            if not image:
+                raise DataError.at(path, "missing (expected a base64 image)", index, position, "image")
+            hint = f"{row['hint'].strip()}\n" if _present(row.get("hint")) else ""
+            category = (row.get("category") or "").strip() or DEFAULT_QUESTION_KIND
+            group = str(index % CIRCULAR_OFFSET if pre_expanded else index)
+            rounds = len(options) if self.circular and not pre_expanded else 1
+            for shift in range(rounds):
+                shifted = options[shift:] + options[:shift]
+                letter = LETTERS[(LETTERS.index(answer) - shift) % len(options)] if answer else ""
+                questions.append(
+                    BenchmarkQuestion(
+                        id=f"{index}" if rounds == 1 else f"{index}-{shift}",
+                        image=Path(f"{path}#index={index}"),  # named in errors; the pixels come from `images`
+                        text=with_suffix(f"{hint}{row['question'].strip()}\n{options_text(shifted)}", self.prompt_suffix),
+                        answer=letter,
+                        kind=category,
+                        extra={"num_choices": len(options), "question_group": group},
+                    )
+                )
+                images.append(image)
+        return questions, images
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        return self._read(require_answers)[0]
+
+    def build_dataset(self, require_answers: bool) -> MMBenchDataset:
+        questions, images = self._read(require_answers)
+        return MMBenchDataset(self.source, questions, images)
+
+    def make_metric(self, stage: str = "test") -> MultipleChoiceAccuracy:
+        return MultipleChoiceAccuracy(self.question_kinds(stage), circular=self.circular)

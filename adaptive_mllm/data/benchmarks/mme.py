@@ -1,0 +1,111 @@
+"""MME in its released layout (``MME_Benchmark_release_version/``): one folder per subtask, holding the
+images and, per image, a text file of its two questions with their Yes / No answers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DataError
+from adaptive_mllm.metrics import MME_SUBTASKS, MMEScore
+
+QA_FOLDER = "questions_answers_YN"  # subtasks with their own images/ folder keep the text files here
+IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
+
+
+class MMEDataModule(BenchmarkDataModule):
+    """MME, scored by :class:`MMEScore` (per subtask acc + acc+, perception and cognition totals).
+
+    Two folder shapes occur in the release: ``<subtask>/images/<name>.jpg`` with
+    ``<subtask>/questions_answers_YN/<name>.txt`` (artwork, celebrity, landmark, posters, scene), and
+    ``<subtask>/<name>.jpg`` beside ``<subtask>/<name>.txt`` (the others). Each text line is
+    ``question<TAB>Yes|No``.
+
+    Args:
+        root: the release folder.
+        subtasks: which subtasks; None = every official subtask whose folder is there.
+        prompt_suffix: the instruction after each question.
+    """
+
+    extra_fields = ("image_id",)
+
+    def __init__(
+        self,
+        root: str,
+        subtasks: list[str] | None = None,
+        prompt_suffix: str = SHORT_ANSWER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.root = root
+        unknown = sorted(set(subtasks or ()) - set(MME_SUBTASKS))
+        if unknown:
+            raise ValueError(f"unknown MME subtasks {unknown}; the official ones are {list(MME_SUBTASKS)}")
+        self.subtasks = subtasks
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.root)
+
+    def _subtasks(self) -> list[str]:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise DataError.at(root, "MME folder not found")
+        if self.subtasks is not None:
+            for subtask in self.subtasks:
+                if not (root / subtask).is_dir():
+                    raise DataError.at(root / subtask, f"subtask folder {subtask!r} not found")
+            return list(self.subtasks)
+        found = [subtask for subtask in MME_SUBTASKS if (root / subtask).is_dir()]
+        if not found:
+            raise DataError.at(root, f"no MME subtask folder here; expected some of {list(MME_SUBTASKS)}")
+        return found
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        questions = []
+        for subtask in self._subtasks():
+            folder = Path(self.root) / subtask
+            qa_folder, image_folder = (folder / QA_FOLDER, folder / "images") if (folder / QA_FOLDER).is_dir() else (folder, folder)
+            texts = sorted(name for name in os.listdir(qa_folder) if name.endswith(".txt"))
+            if not texts:
+                raise DataError.at(qa_folder, "no question file (<image name>.txt) in this subtask folder")
+            for name in texts:
+                stem = name[: -len(".txt")]
+                path = qa_folder / name
+                image = next((image_folder / (stem + ext) for ext in IMAGE_EXTENSIONS if (image_folder / (stem + ext)).is_file()), None)
+                if image is None:
+                    raise DataError.at(path, f"no image {stem}.jpg / .png in {image_folder}", f"{subtask}/{stem}", 0, "image")
+                with open(path, encoding="utf-8") as handle:
+                    lines = [line.rstrip("\r\n") for line in handle if line.strip()]
+                if not lines:
+                    raise DataError.at(path, "empty question file", f"{subtask}/{stem}", 0, "question")
+                for index, line in enumerate(lines):
+                    record_id = f"{subtask}/{stem}/{index}"
+                    question, tab, answer = line.partition("\t")
+                    if not tab or not question.strip():
+                        raise DataError.at(path, f"expected 'question<TAB>Yes|No', got {line!r:.80}", record_id, index, "question")
+                    answer = answer.strip()
+                    if answer.lower() not in ("yes", "no") and (require_answers or answer):
+                        raise DataError.at(path, f"expected Yes or No, got {answer!r:.40}", record_id, index, "answer")
+                    questions.append(
+                        BenchmarkQuestion(
+                            id=record_id,
+                            image=image,
+                            text=with_suffix(question, self.prompt_suffix),
+                            answer=answer,
+                            kind=subtask,
+                            extra={"image_id": stem},
+                        )
+                    )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> MMEScore:
+        return MMEScore(self.question_kinds(stage))

@@ -1,0 +1,101 @@
+"""POPE in its released layout: one JSON-lines file per split (``coco_pope_adversarial.json``,
+``coco_pope_popular.json``, ``coco_pope_random.json``) over the COCO val2014 images."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    existing_image,
+    require,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DataError
+from adaptive_mllm.metrics import POPE_SPLITS, POPEMetrics
+
+
+class POPEDataModule(BenchmarkDataModule):
+    """POPE, scored by :class:`POPEMetrics` per split (its headline: the mean F1 over the splits).
+
+    Each line of a split file is ``{"question_id", "image", "text", "label": "yes" | "no"}``.
+
+    Args:
+        question_folder: the folder of the split files.
+        image_folder: COCO ``val2014``.
+        splits: which splits to read.
+        file_pattern: a split's file name, ``{split}`` replaced.
+        prompt_suffix: the instruction after each question.
+    """
+
+    def __init__(
+        self,
+        question_folder: str,
+        image_folder: str,
+        splits: list[str] | None = None,
+        file_pattern: str = "coco_pope_{split}.json",
+        prompt_suffix: str = SHORT_ANSWER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.question_folder = question_folder
+        self.image_root = image_folder
+        self.splits = list(POPE_SPLITS) if splits is None else list(splits)
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits must be distinct split names, got {self.splits}")
+        self.file_pattern = file_pattern
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.question_folder)
+
+    def _lines(self, path: Path) -> list[tuple[int, dict]]:
+        if not os.path.isfile(path):
+            raise DataError.at(path, "file not found")
+        records = []
+        with open(path, encoding="utf-8") as handle:
+            for index, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError.at(path, f"line {index + 1} is not JSON ({error}); POPE files hold one JSON object per line", None, index, "line") from error
+                if not isinstance(raw, dict):
+                    raise DataError.at(path, f"expected one JSON object per line, got {type(raw).__name__}", None, index, "line")
+                records.append((index, raw))
+        return records
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        folder = Path(self.image_root)
+        questions = []
+        for split in self.splits:
+            path = Path(self.question_folder) / self.file_pattern.format(split=split)
+            for index, raw in self._lines(path):
+                question_id = require(raw, "question_id", (int, str), path, None, index)
+                text = require(raw, "text", str, path, question_id, index)
+                image = require(raw, "image", str, path, question_id, index)
+                label = ""
+                if require_answers or "label" in raw:
+                    label = require(raw, "label", str, path, question_id, index).strip().lower()
+                    if label not in ("yes", "no"):
+                        raise DataError.at(path, f"expected 'yes' or 'no', got {label!r}", question_id, index, "label")
+                questions.append(
+                    BenchmarkQuestion(
+                        id=f"{split}-{question_id}",  # question ids restart in every split
+                        image=existing_image(folder, image, path, question_id, index, "image"),
+                        text=with_suffix(text, self.prompt_suffix),
+                        answer=label,
+                        kind=split,
+                    )
+                )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> POPEMetrics:
+        return POPEMetrics(self.question_kinds(stage))

@@ -1,0 +1,110 @@
+"""ScienceQA (the IMG subset of its test split) in its official layout: ``problems.json``,
+``pid_splits.json`` and ``images/<split>/<pid>/image.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    LETTERS,
+    OPTION_LETTER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    existing_image,
+    options_text,
+    read_json,
+    require,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.metrics import MultipleChoiceAccuracy
+
+
+class ScienceQADataModule(BenchmarkDataModule):
+    """ScienceQA-IMG, scored by :class:`MultipleChoiceAccuracy` per subject.
+
+    The prompt is ``Context: <hint>`` (when there is one), the question, the options as ``A. ...`` lines
+    and the instruction; the reference is the correct option's letter.
+
+    Args:
+        problems_json: ``problems.json`` (``{pid: {"question", "choices", "answer": index, "hint",
+            "image", "subject", ...}}``).
+        pid_splits_json: ``pid_splits.json`` (``{"test": [pid, ...], ...}``); None = beside problems.json.
+        split: which split of pid_splits.json.
+        image_folder: None = ``<problems dir>/images/<split>`` (holding ``<pid>/image.png``).
+        images_only: True keeps the problems with an image (ScienceQA-IMG, as LLaVA-1.5 reports).
+        prompt_suffix: the instruction after the options.
+    """
+
+    extra_fields = ("num_choices",)
+
+    def __init__(
+        self,
+        problems_json: str,
+        pid_splits_json: str | None = None,
+        split: str = "test",
+        image_folder: str | None = None,
+        images_only: bool = True,
+        prompt_suffix: str = OPTION_LETTER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.problems_json = problems_json
+        self.pid_splits_json = pid_splits_json or str(Path(problems_json).parent / "pid_splits.json")
+        self.split = split
+        self.image_root = image_folder
+        self.images_only = images_only
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.problems_json)
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        path = self.problems_json
+        problems = read_json(path)
+        if not isinstance(problems, dict):
+            raise DataError.at(path, f"expected ScienceQA's problems file, a JSON object {{pid: problem}}, got {type(problems).__name__}")
+        splits = read_json(self.pid_splits_json)
+        if not isinstance(splits, dict) or not isinstance(splits.get(self.split), list):
+            found = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+            raise DataError.at(self.pid_splits_json, f"expected a JSON object with a {self.split!r} list of pids, found {found}", field=self.split)
+        folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "images" / self.split
+        questions = []
+        for index, pid in enumerate(splits[self.split]):
+            pid = str(pid)
+            if pid not in problems:
+                raise DataError.at(self.pid_splits_json, f"pid {pid!r} is not in {path}", pid, index, self.split)
+            raw = problems[pid]
+            image_name = raw.get("image") if isinstance(raw, dict) else None
+            if self.images_only and not image_name:
+                continue
+            text = require(raw, "question", str, path, pid, index)
+            choices = require(raw, "choices", list, path, pid, index)
+            if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+                raise DataError.at(path, f"expected 2 to {len(LETTERS)} option strings, got {choices!r:.80}", pid, index, "choices")
+            answer = ""
+            if require_answers or raw.get("answer") is not None:
+                position = require(raw, "answer", int, path, pid, index)
+                if not 0 <= position < len(choices):
+                    raise DataError.at(path, f"option index {position} out of range for {len(choices)} choices", pid, index, "answer")
+                answer = LETTERS[position]
+            hint = raw.get("hint")
+            context = f"Context: {hint.strip()}\n" if isinstance(hint, str) and hint.strip() else ""
+            image = existing_image(folder / pid, image_name, path, pid, index, "image") if image_name else None
+            subject = raw.get("subject")
+            questions.append(
+                BenchmarkQuestion(
+                    id=pid,
+                    image=image,
+                    text=with_suffix(f"{context}{text.strip()}\n{options_text(choices)}", self.prompt_suffix),
+                    answer=answer,
+                    kind=subject if isinstance(subject, str) and subject else DEFAULT_QUESTION_KIND,
+                    extra={"num_choices": len(choices)},
+                )
+            )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> MultipleChoiceAccuracy:
+        return MultipleChoiceAccuracy(self.question_kinds(stage))

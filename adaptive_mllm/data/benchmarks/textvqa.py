@@ -1,0 +1,116 @@
+"""TextVQA 0.5.1 (validation) in its official layout: ``TextVQA_0.5.1_val.json`` + ``train_images/``,
+with OCR tokens in the prompt as LLaVA-1.5 asks it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    existing_image,
+    read_json,
+    require,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DataError
+from adaptive_mllm.metrics import VQAAccuracy
+
+
+def _data(path: str | Path, what: str) -> list:
+    content = read_json(path)
+    if not isinstance(content, dict) or not isinstance(content.get("data"), list):
+        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+        raise DataError.at(path, f"expected the {what}: a JSON object with a 'data' list, found {found}")
+    return content["data"]
+
+
+class TextVQADataModule(BenchmarkDataModule):
+    """TextVQA, scored by :class:`VQAAccuracy` (ten human answers per question).
+
+    The prompt is ``question``, ``Reference OCR token: tok1, tok2, ...`` and the instruction, one per
+    line (no OCR line when an image has no token), as in LLaVA-1.5's ``llava_textvqa_val_v051_ocr``.
+
+    Args:
+        questions_json: ``TextVQA_0.5.1_val.json`` (``{"data": [{"question", "image_id", "question_id",
+            "answers": [10 strings], ...}]}``).
+        image_folder: the images (``<image_id>.jpg``); None = ``<questions dir>/train_images`` (the
+            validation images are in the training folder).
+        ocr_json: the Rosetta OCR file, ``TextVQA_Rosetta_OCR_v0.2_val.json`` (``{"data": [{"image_id",
+            "ocr_tokens"}]}``); None = each record's own ``ocr_tokens`` field.
+        use_ocr: False leaves the OCR line out.
+        prompt_suffix: the instruction after each question.
+    """
+
+    extra_fields = ("all_answers", "question_id")
+
+    def __init__(
+        self,
+        questions_json: str,
+        image_folder: str | None = None,
+        ocr_json: str | None = None,
+        use_ocr: bool = True,
+        prompt_suffix: str = SHORT_ANSWER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.questions_json = questions_json
+        self.image_root = image_folder
+        self.ocr_json = ocr_json
+        self.use_ocr = use_ocr
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.questions_json)
+
+    def _ocr_tokens(self) -> dict[str, list[str]] | None:
+        if self.ocr_json is None or not self.use_ocr:
+            return None
+        tokens = {}
+        for index, raw in enumerate(_data(self.ocr_json, "Rosetta OCR file")):
+            image_id = require(raw, "image_id", str, self.ocr_json, None, index)
+            tokens[image_id] = require(raw, "ocr_tokens", list, self.ocr_json, image_id, index)
+        return tokens
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        path = self.questions_json
+        records = _data(path, "TextVQA questions file")
+        folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "train_images"
+        ocr = self._ocr_tokens()
+        questions = []
+        for index, raw in enumerate(records):
+            question_id = require(raw, "question_id", (int, str), path, None, index)
+            text = require(raw, "question", str, path, question_id, index)
+            image_id = require(raw, "image_id", str, path, question_id, index)
+            humans = require(raw, "answers", list, path, question_id, index) if require_answers else raw.get("answers") or []
+            if not all(isinstance(a, str) for a in humans):
+                raise DataError.at(path, "expected a list of strings", question_id, index, "answers")
+            if self.use_ocr:
+                if ocr is None:
+                    tokens = require(raw, "ocr_tokens", list, path, question_id, index)
+                elif image_id in ocr:
+                    tokens = ocr[image_id]
+                else:
+                    raise DataError.at(self.ocr_json, f"no OCR tokens for image {image_id!r}", question_id, index, "image_id")
+                if tokens:
+                    text = f"{text.strip()}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
+            # the reference for loss and the plain exact match: the most common human answer
+            common = Counter(humans).most_common()
+            answer = min((a for a, n in common if n == common[0][1]), default="") if common else ""
+            questions.append(
+                BenchmarkQuestion(
+                    id=str(question_id),
+                    image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "image_id"),
+                    text=with_suffix(text, self.prompt_suffix),
+                    answer=answer,
+                    extra={"all_answers": list(humans), "question_id": question_id},
+                )
+            )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> VQAAccuracy:
+        return VQAAccuracy(self.question_kinds(stage))

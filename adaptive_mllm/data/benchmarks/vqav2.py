@@ -1,0 +1,118 @@
+"""VQAv2 in its official layout: the questions JSON, the annotations JSON and the COCO image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptive_mllm.data.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkDataModule,
+    BenchmarkQuestion,
+    existing_image,
+    read_json,
+    require,
+    with_suffix,
+)
+from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.metrics import VQAAccuracy
+
+
+def _records(path: str | Path, key: str, other: str) -> list:
+    """The ``key`` list of an official VQA file (a DataError naming the file if it is not one)."""
+    content = read_json(path)
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+        hint = f" (this looks like the {other} file)" if isinstance(content, dict) and other in content else ""
+        raise DataError.at(path, f"expected an official VQAv2 file: a JSON object with a {key!r} list, found {found}{hint}")
+    return content[key]
+
+
+class VQAv2DataModule(BenchmarkDataModule):
+    """VQAv2 (questions + annotations, as released by visualqa.org), scored by :class:`VQAAccuracy`
+    per answer type ("yes/no", "number", "other").
+
+    Args:
+        questions_json: e.g. ``v2_OpenEnded_mscoco_val2014_questions.json``.
+        annotations_json: e.g. ``v2_mscoco_val2014_annotations.json``; needed to test, not to predict
+            (test-dev has none: predict and submit the answers to the evaluation server).
+        image_folder: the COCO images; None = ``<questions dir>/<data_subtype>`` (``val2014``; test-dev's
+            images are in ``test2015``).
+        image_prefix: the image file name before the 12-digit image id; None = ``COCO_<subtype>_``.
+        prompt_suffix: the instruction after each question.
+    """
+
+    extra_fields = ("all_answers", "question_id")
+
+    def __init__(
+        self,
+        questions_json: str,
+        annotations_json: str | None = None,
+        image_folder: str | None = None,
+        image_prefix: str | None = None,
+        prompt_suffix: str = SHORT_ANSWER,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.questions_json = questions_json
+        self.annotations_json = annotations_json
+        self.image_root = image_folder
+        self.image_prefix = image_prefix
+        self.prompt_suffix = prompt_suffix
+
+    @property
+    def source(self) -> Path:
+        return Path(self.questions_json)
+
+    def _annotations(self, require_answers: bool) -> dict[int, dict]:
+        if self.annotations_json is None:
+            if require_answers:
+                raise ValueError("VQAv2DataModule: scoring needs annotations_json (the official annotations file)")
+            return {}
+        by_question = {}
+        for index, raw in enumerate(_records(self.annotations_json, "annotations", "questions")):
+            question_id = require(raw, "question_id", int, self.annotations_json, None, index)
+            answers = require(raw, "answers", list, self.annotations_json, question_id, index)
+            if not answers or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+                raise DataError.at(
+                    self.annotations_json, "expected a non-empty list of {'answer': str} objects", question_id, index, "answers"
+                )
+            by_question[question_id] = raw
+        return by_question
+
+    def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
+        content = read_json(self.questions_json)
+        records = _records(self.questions_json, "questions", "annotations")
+        subtype = content.get("data_subtype")
+        if self.image_prefix is None and not isinstance(subtype, str):
+            raise DataError.at(self.questions_json, "missing: needed to name the image files (or set image_prefix)", field="data_subtype")
+        image_subtype = "test2015" if isinstance(subtype, str) and subtype.startswith("test") else subtype
+        prefix = self.image_prefix if self.image_prefix is not None else f"COCO_{image_subtype}_"
+        folder = Path(self.image_root) if self.image_root is not None else Path(self.questions_json).parent / str(image_subtype)
+        annotations = self._annotations(require_answers)
+        questions = []
+        for index, raw in enumerate(records):
+            question_id = require(raw, "question_id", int, self.questions_json, None, index)
+            image_id = require(raw, "image_id", int, self.questions_json, question_id, index)
+            text = require(raw, "question", str, self.questions_json, question_id, index)
+            image = existing_image(folder, f"{prefix}{image_id:012d}.jpg", self.questions_json, question_id, index, "image_id")
+            annotation = annotations.get(question_id)
+            if annotation is None and self.annotations_json is not None:
+                raise DataError.at(self.annotations_json, "no annotation for this question", question_id, index, "question_id")
+            humans = [a["answer"] for a in annotation["answers"]] if annotation else []
+            answer = annotation.get("multiple_choice_answer") if annotation else None
+            kind = annotation.get("answer_type") if annotation else None
+            questions.append(
+                BenchmarkQuestion(
+                    id=str(question_id),
+                    image=image,
+                    text=with_suffix(text, self.prompt_suffix),
+                    answer=answer if isinstance(answer, str) else (humans[0] if humans else ""),
+                    kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+                    extra={"all_answers": humans, "question_id": question_id},
+                )
+            )
+        return questions
+
+    def make_metric(self, stage: str = "test") -> VQAAccuracy:
+        return VQAAccuracy(self.question_kinds(stage))

@@ -1,0 +1,194 @@
+"""Project checkpoints: a trained AdaLLaVA model as a plain directory, shareable and usable without Lightning.
+
+Layout written by :func:`export_checkpoint` (the backbone's own layout at the top, so transformers and
+``LlavaBackbone(checkpoint=dir)`` read it as they read any LLaVA checkpoint)::
+
+    out_dir/
+      config.json, model*.safetensors, tokenizer files, preprocessor_config.json   backbone (transformers LLaVA)
+      backbone.json           {"class_path", "init_args"}: how to construct the backbone on this directory
+      scheduler.json          {"class_path", "init_args"}: the scheduler's constructor arguments
+      scheduler.safetensors   its weights: plan head and latency encoder
+
+:func:`load_exported` reads it back into an :class:`AdaptiveMLLM`. From the command line::
+
+    adaptive-mllm export --config recipes/llava7b.yaml --ckpt_path runs/llava7b/checkpoints/last.ckpt \\
+        --out_dir exports/adallava-l-7b
+
+A token selector holds no trained weights; it is not exported and is chosen again at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.llava import LlavaBackbone
+from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.token_selection.base import TokenSelector
+
+BACKBONE_JSON = "backbone.json"
+SCHEDULER_JSON = "scheduler.json"
+SCHEDULER_WEIGHTS = "scheduler.safetensors"
+_MISSING = object()
+
+
+def export_checkpoint(
+    source: AdaptiveMLLM | str | Path,
+    out_dir: str | Path,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Write a trained model as a plain directory (layout in the module docstring).
+
+    Args:
+        source: the module itself, or a Lightning ``.ckpt`` path (then ``config`` is needed).
+        out_dir: the directory to write (created).
+        config: the recipe the checkpoint was trained with; it says which backbone and scheduler to build.
+        overrides: extra CLI flags applied to the recipe, e.g. ``["--model.backbone.init_args.checkpoint=..."]``.
+    """
+    if isinstance(source, AdaptiveMLLM):
+        return export_module(source, out_dir)
+    if config is None:
+        raise ValueError("exporting a Lightning checkpoint needs `config`: the recipe it was trained with")
+    module, scheduler_spec = module_from_checkpoint(source, config, overrides or [])
+    return export_module(module, out_dir, scheduler_spec)
+
+
+def module_from_checkpoint(
+    ckpt_path: str | Path, config: str | Path, overrides: list[str]
+) -> tuple[AdaptiveMLLM, dict[str, Any] | None]:
+    """The recipe's module with the checkpoint's weights, and the recipe's scheduler spec (class_path, init_args)."""
+    from adaptive_mllm.cli import build_cli
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    # the trainer is built by the CLI but never used here: keep it on one CPU process, without a logger
+    quiet_trainer = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses the list it is given, and warns about sys.argv
+    try:
+        cli = build_cli(["--config", str(config), *overrides, *quiet_trainer], run=False)
+    finally:
+        sys.argv = argv
+    module = cli.model
+    module.configure_model()
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    spec = cli.config.as_dict()["model"].get("scheduler")
+    return module, spec
+
+
+def export_module(module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dict[str, Any] | None = None) -> Path:
+    """Write ``module`` to ``out_dir``; ``scheduler_spec`` defaults to the scheduler's own constructor arguments."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not module.backbone.is_built:
+        module.configure_model()
+    module.backbone.save_pretrained(out_dir)
+    _write_json(out_dir / BACKBONE_JSON, {"class_path": _class_path(module.backbone), "init_args": _backbone_args(module.backbone)})
+    scheduler = module.scheduler
+    if scheduler is None:
+        for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
+            (out_dir / name).unlink(missing_ok=True)
+        return out_dir
+    spec = scheduler_spec if scheduler_spec is not None else {"class_path": _class_path(scheduler), "init_args": _init_args(scheduler)}
+    _write_json(out_dir / SCHEDULER_JSON, spec)
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
+    save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
+    return out_dir
+
+
+def load_exported(
+    directory: str | Path, token_selector: TokenSelector | None = None, **module_kwargs: Any
+) -> AdaptiveMLLM:
+    """An exported directory back as an AdaptiveMLLM in eval mode (weights loaded, strictly)."""
+    directory = Path(directory)
+    backbone_file = directory / BACKBONE_JSON
+    if not backbone_file.is_file():
+        raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")
+    backbone_spec = json.loads(backbone_file.read_text())
+    backbone: Backbone = _instantiate(backbone_spec["class_path"], {**backbone_spec["init_args"], "checkpoint": str(directory)})
+    scheduler: Scheduler | None = None
+    if (directory / SCHEDULER_JSON).is_file():
+        spec = json.loads((directory / SCHEDULER_JSON).read_text())
+        scheduler = _instantiate(spec["class_path"], spec.get("init_args") or {})
+    module = AdaptiveMLLM(backbone, scheduler, token_selector, **module_kwargs)
+    module.configure_model()
+    if scheduler is not None:
+        scheduler.load_state_dict(load_file(directory / SCHEDULER_WEIGHTS), strict=True)
+    return module.eval()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**init_args)
+
+
+def _backbone_args(backbone: Backbone) -> dict[str, Any]:
+    """What a backbone needs besides its weights to behave as it did (template, lengths, preprocessing)."""
+    if not isinstance(backbone, LlavaBackbone):
+        raise NotImplementedError(f"export does not know {type(backbone).__name__}'s construction arguments yet")
+    return {
+        "template": backbone.template_name,
+        "max_length": backbone.max_length,
+        "pad_to_square": backbone.pad_to_square,
+        "dtype": str(backbone.torch_dtype).removeprefix("torch."),
+        "attn_implementation": backbone.attn_implementation,
+    }
+
+
+def _init_args(obj: object) -> dict[str, Any]:
+    """Constructor arguments read back from same-named attributes (schedulers keep theirs)."""
+    args: dict[str, Any] = {}
+    for name, parameter in inspect.signature(type(obj).__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(obj, name, _MISSING)
+        if value is _MISSING or callable(value) or not _is_plain(value):  # absent, or a same-named method
+            raise ValueError(
+                f"cannot read {type(obj).__name__}'s constructor argument {name!r} back from the object; "
+                "pass scheduler_spec={'class_path': ..., 'init_args': ...} (the CLI export does this from the recipe)"
+            )
+        args[name] = value
+    return args
+
+
+def _is_plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str]) -> Path:
+    """``adaptive-mllm export --config RECIPE --ckpt_path CKPT --out_dir DIR [recipe overrides]``."""
+    parser = argparse.ArgumentParser(prog="adaptive-mllm export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt) to export")
+    parser.add_argument("--out_dir", required=True, help="directory to write")
+    own, rest = parser.parse_known_args(argv)
+    out_dir = export_checkpoint(own.ckpt_path, own.out_dir, config=own.config, overrides=rest)
+    print(f"exported {own.ckpt_path} to {out_dir}")
+    return out_dir

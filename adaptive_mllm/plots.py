@@ -1,0 +1,126 @@
+"""Figures of a budget sweep: score against budget and against FLOPs, and plan-usage heatmaps.
+
+``adaptive-mllm test`` writes them for its own run (and logs them to W&B); ``adaptive-mllm plot``
+combines the ``test_results.csv`` of several runs (e.g. AdaLLaVA-L vs Static vs PruMerge+L) into one::
+
+    adaptive-mllm plot runs/tiny/test_results.csv runs/tiny-static/test_results.csv \\
+        --labels AdaLLaVA-L Static --out curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Rows = Sequence[Mapping[str, float]]
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, float]]:
+    """The rows of a ``test_results.csv`` (one per budget), numbers as floats."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file (written by `adaptive-mllm test` in its log dir)")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "budget" not in rows[0]:
+        raise ValueError(f"{path}: not a test_results.csv (expected a header with a 'budget' column)")
+    parsed = []
+    for index, row in enumerate(rows):
+        try:
+            parsed.append({key: float(value) for key, value in row.items() if value not in ("", None)})
+        except ValueError as error:
+            raise ValueError(f"{path}: row {index + 1}: {error}") from None
+    return parsed
+
+
+def plot_budget_curves(runs: Mapping[str, Rows], metric: str = "overall") -> Figure:
+    """Two panels, one line per run: ``metric`` against the requested budget and against the FLOPs
+    fraction the plans actually used."""
+    figure, (by_budget, by_flops) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for label, rows in runs.items():
+        rows = sorted(rows, key=lambda row: row["budget"])
+        scores = [100 * row.get(metric, float("nan")) for row in rows]
+        by_budget.plot([row["budget"] for row in rows], scores, marker="o", label=label)
+        by_flops.plot([row.get("flops_fraction", float("nan")) for row in rows], scores, marker="o", label=label)
+    for axes, xlabel in ((by_budget, "budget"), (by_flops, "FLOPs fraction (analytic)")):
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(f"{metric} (%)")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    by_budget.set_title(f"{metric} vs budget")
+    by_flops.set_title(f"{metric} vs FLOPs")
+    return figure
+
+
+def plot_layer_usage(usage: Mapping[float, Mapping[str, torch.Tensor]], num_prefix_layers: int = 0) -> Figure:
+    """Heatmap: one row per (budget, question kind), one column per LLM layer; the fraction of
+    examples that ran the layer. Rows of one budget that differ show plans adapting to content."""
+    labels, matrix = [], []
+    for budget in sorted(usage, reverse=True):
+        for kind, fractions in usage[budget].items():
+            labels.append(f"{budget:g} / {kind}")
+            matrix.append(fractions.float())
+    data = torch.stack(matrix).numpy() if matrix else torch.zeros(1, 1).numpy()
+    figure, axes = plt.subplots(figsize=(max(4, 0.35 * data.shape[1] + 3), max(2, 0.3 * len(labels) + 1.5)), constrained_layout=True)
+    image = axes.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axes.set_yticks(range(len(labels)), labels, fontsize=7)
+    axes.set_xlabel("LLM layer")
+    if num_prefix_layers:
+        axes.axvline(num_prefix_layers - 0.5, color="white", linewidth=1)
+    axes.set_title("layers run (fraction of examples), per budget / question kind")
+    figure.colorbar(image, ax=axes)
+    return figure
+
+
+def plot_group_usage(usage: Mapping[float, torch.Tensor]) -> Figure:
+    """One heatmap per budget: layers x key/value groups, the fraction of examples that ran each."""
+    budgets = sorted(usage, reverse=True)
+    figure, axes = plt.subplots(1, len(budgets), figsize=(3 * len(budgets) + 1, 4), squeeze=False, constrained_layout=True)
+    image = None
+    for axis, budget in zip(axes[0], budgets, strict=True):
+        image = axis.imshow(usage[budget].float().numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        axis.set_title(f"budget {budget:g}")
+        axis.set_xlabel("key/value group")
+        axis.set_ylabel("LLM layer")
+    if image is not None:
+        figure.colorbar(image, ax=axes[0].tolist())
+    return figure
+
+
+def save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="adaptive-mllm plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="test_results.csv files, one per run")
+    parser.add_argument("--labels", nargs="+", help="a legend label per file (default: the run directory's name)")
+    parser.add_argument("--metric", default="overall", help="the column to plot (a question kind, or overall)")
+    parser.add_argument("--out", default="budget_curves.png")
+    args = parser.parse_args(argv)
+    labels = args.labels or [Path(path).parent.name or str(path) for path in args.results]
+    if len(labels) != len(args.results):
+        parser.error(f"{len(labels)} labels for {len(args.results)} result files")
+    runs = {}
+    for label, path in zip(labels, args.results, strict=True):
+        rows = read_results_csv(path)
+        if args.metric not in rows[0]:
+            parser.error(f"{path}: no column {args.metric!r}; columns: {sorted(rows[0])}")
+        runs[label] = rows
+    out = save(plot_budget_curves(runs, args.metric), args.out)
+    print(f"wrote {out}")
+    return out

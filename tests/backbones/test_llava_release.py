@@ -1,0 +1,169 @@
+"""The original LLaVA release layout (liuhaotian/llava-v1.5-7b) loads into the same modules, with the same
+logits as transformers' own LLaVA built from the same weights; bad directories fail naming file or key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptive_mllm.backbones import CheckpointError, LlavaBackbone
+from tests.backbones.release_layout import write_release
+from tests.conftest import random_images
+
+
+def _load(release, tower, **kwargs) -> LlavaBackbone:
+    backbone = LlavaBackbone(checkpoint=str(release), vision_tower=str(tower), **kwargs)
+    backbone.build()
+    return backbone.eval()
+
+
+def _prompt(backbone: LlavaBackbone) -> torch.Tensor:
+    ids = backbone.chat_template.encode_prompt(
+        ["<image>\nHow many shapes ?"], [], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
+    )
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize(("fmt", "clip_model"), [("safetensors", True), ("bin", False)])
+def test_release_layout_gives_the_reference_logits(tmp_path, fmt, clip_model):
+    release, tower, reference, vocab = write_release(tmp_path, fmt=fmt, clip_model=clip_model)
+    backbone = _load(release, tower)
+    assert backbone.release_layout
+    assert backbone.image_token_id == vocab and len(backbone.tokenizer) == vocab + 1  # <image> added last
+    assert backbone.shape.num_layers == 2 and backbone.shape.vocab_size == vocab + 1
+    assert backbone.llava_config.vision_feature_layer == -2
+    ids = _prompt(backbone)
+    assert int((ids == vocab).sum()) == backbone.num_image_tokens == 4
+    images = random_images(1)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=images).logits
+        got = backbone.model(input_ids=ids, pixel_values=images).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # every weight was filled from the files, none left uninitialised
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], tensor), name
+
+
+def test_release_layout_loads_in_bfloat16(tmp_path):
+    release, tower, reference, _ = write_release(tmp_path)
+    backbone = _load(release, tower, dtype="bfloat16")
+    weight = backbone.decoder_layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, reference.model.language_model.layers[0].mlp.up_proj.weight.bfloat16())
+
+
+def test_release_saved_in_the_transformers_layout_reloads(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    backbone = _load(release, tower)
+    backbone.save_pretrained(tmp_path / "hf")
+    again = LlavaBackbone(checkpoint=str(tmp_path / "hf"))
+    again.build()
+    again.eval()
+    assert not again.release_layout
+    ids, images = _prompt(backbone), random_images(1)
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=ids, pixel_values=images).logits,
+                           backbone.model(input_ids=ids, pixel_values=images).logits)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    shard = release / "model-00001-of-00002.safetensors"
+    state = load_file(shard)
+    removed = next(key for key in state if key.startswith("model.layers."))
+    del state[removed]
+    state["model.mm_projector.4.weight"] = torch.zeros(2, 2)
+    save_file(state, shard)
+    backbone = LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+    with pytest.raises(CheckpointError) as error:
+        backbone.build()
+    message = str(error.value)
+    assert "missing keys ['model.language_model." + removed[len("model."):] + "']" in message
+    assert "unexpected keys ['model-00001-of-00002.safetensors: model.mm_projector.4.weight']" in message
+
+
+def test_missing_tower_weight_is_listed(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    state = load_file(tower / "model.safetensors")
+    del state["vision_model.post_layernorm.bias"]
+    save_file(state, tower / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \['model\.vision_tower\.post_layernorm\.bias'\]"):
+        _load(release, tower)
+
+
+def test_release_needs_a_local_vision_tower(tmp_path):
+    release, _, _, _ = write_release(tmp_path)
+    with pytest.raises(CheckpointError, match=r"'openai/clip-vit-large-patch14-336' \(a hub id.*pass `vision_tower`"):
+        LlavaBackbone(checkpoint=str(release))
+    with pytest.raises(CheckpointError, match=r"nowhere/config\.json is missing.*CLIPVisionModel"):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tmp_path / "nowhere"))
+
+
+def _edit_config(release, **changes) -> None:
+    config = json.loads((release / "config.json").read_text())
+    config.update(changes)
+    (release / "config.json").write_text(json.dumps(config))
+
+
+def test_release_of_another_language_model_fails(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    _edit_config(release, architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral")
+    with pytest.raises(CheckpointError, match=r"config\.json: architectures \['LlavaMistralForCausalLM'\].*LlavaLlamaForCausalLM"):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("mm_projector_type", "linear", r"mm_projector_type 'linear' is not supported"),
+    ("mm_vision_select_feature", "cls_patch", r"mm_vision_select_feature 'cls_patch' is not supported"),
+    ("mm_hidden_size", 1024, r"mm_hidden_size 1024 differs from the vision tower's hidden_size 32"),
+])
+def test_unsupported_release_config_keys(tmp_path, key, value, match):
+    release, tower, _, _ = write_release(tmp_path)
+    _edit_config(release, **{key: value})
+    with pytest.raises(CheckpointError, match=match):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+
+
+def test_config_without_sizes_names_the_key(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    config = json.loads((release / "config.json").read_text())
+    del config["hidden_size"]
+    (release / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"key 'hidden_size' is missing; expected the original LLaVA release"):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+
+
+def test_vision_tower_of_another_kind_fails(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    (tower / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'siglip_vision_model', expected 'clip_vision_model'"):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+
+
+def test_missing_shard_and_missing_weights_name_the_file(tmp_path):
+    release, tower, _, _ = write_release(tmp_path, fmt="bin")
+    (release / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin\.index\.json lists shards that are missing: .*00002-of-00002\.bin"):
+        _load(release, tower)
+    (release / "pytorch_model.bin.index.json").unlink()
+    (release / "pytorch_model-00001-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no model\.safetensors, pytorch_model\.bin or \*\.index\.json; expected the original"):
+        _load(release, tower)
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    _edit_config(release, intermediate_size=96)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.\d\.mlp\.\w+_proj\.weight has shape"):
+        _load(release, tower)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_plain_language_model_directory_fails(tmp_path, model_type):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"]}))
+    with pytest.raises(CheckpointError, match=rf"model_type '{model_type}', expected 'llava'.*original LLaVA release"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))

@@ -1,0 +1,77 @@
+"""MMBench loader on its stand-in: base64 images, options, circular shifts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_mllm.data import DataError
+from adaptive_mllm.data.benchmarks import OPTION_LETTER, MMBenchDataModule
+from adaptive_mllm.metrics import MultipleChoiceAccuracy
+
+
+def test_circular_rotations(mmbench_files, first_batch, prompts_of):
+    dm = MMBenchDataModule(str(mmbench_files["tsv"]), batch_size=8)
+    batch = first_batch(dm)
+    assert batch["ids"] == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2", "1-3"]
+    # question 0: B of (circle, square, triangle); rotated once B is A, twice C
+    assert batch["answers"] == ["B", "A", "C", "D", "C", "B", "A"]
+    assert batch["question_group"] == ["0"] * 3 + ["1"] * 4
+    assert batch["num_choices"] == [3] * 3 + [4] * 4
+    assert batch["question_kinds"] == ["object_localization"] * 3 + ["image_scene"] * 4
+    assert prompts_of(dm)[1] == f"<image>\nWhich shape is in the top left?\nA. square\nB. triangle\nC. circle\n{OPTION_LETTER}"
+    assert prompts_of(dm)[3] == f"<image>\nLook at the shapes.\nWhich scene is this?\nA. beach\nB. forest\nC. city\nD. grid\n{OPTION_LETTER}"
+    # row 1's image field refers to row 0's image: the same pixels
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][3])
+
+
+def test_circular_metric(mmbench_files, first_batch):
+    dm = MMBenchDataModule(str(mmbench_files["tsv"]), batch_size=8)
+    batch = first_batch(dm)
+    metric = dm.make_metric()
+    assert isinstance(metric, MultipleChoiceAccuracy) and metric.circular
+    # question 0 right in every rotation; question 1 wrong in its last one ("no idea": unparsable)
+    metric.update(["B", "A.", "The answer is C", "D", "(C) city", "B", "no idea"], batch)
+    scores = metric.compute()
+    assert scores["overall"].item() == 0.5
+    assert scores["vanilla"].item() == pytest.approx(6 / 7)
+    assert scores["object_localization"].item() == 1.0 and scores["image_scene"].item() == 0.0
+    assert scores["unparsable"].item() == 1
+
+
+def test_without_circular(mmbench_files, first_batch):
+    dm = MMBenchDataModule(str(mmbench_files["tsv"]), circular=False, batch_size=8)
+    batch = first_batch(dm)
+    assert batch["ids"] == ["0", "1"] and batch["answers"] == ["B", "D"]
+    assert not dm.make_metric().circular
+
+
+def test_tsv_holding_the_rotations(mmbench_tsv, first_batch):
+    def add_rotation(rows):
+        copy = dict(rows[0], index="1000000", A="square", B="triangle", C="circle", answer="A")
+        rows.append(copy)
+
+    dm = MMBenchDataModule(str(mmbench_tsv(add_rotation)), batch_size=8)
+    batch = first_batch(dm)
+    assert batch["ids"] == ["0", "1", "1000000"]  # not rotated again
+    assert batch["question_group"] == ["0", "1", "0"]
+
+
+def test_missing_answer(mmbench_tsv, first_batch):
+    path = mmbench_tsv(lambda rows: rows[1].update(answer=""))
+    with pytest.raises(DataError, match=r"record id 1 \(index 1\), field 'answer'"):
+        MMBenchDataModule(str(path)).setup("test")
+    batch = first_batch(MMBenchDataModule(str(path), batch_size=8), "predict")  # a test split without answers
+    assert batch["answers"][3:] == ["", "", "", ""]
+
+
+def test_not_an_mmbench_tsv(mmbench_tsv):
+    path = mmbench_tsv(columns=["index", "question", "answer"])
+    with pytest.raises(DataError, match=r"not an MMBench TSV: columns \['A', 'B', 'image'\] missing"):
+        MMBenchDataModule(str(path)).setup("test")
+
+
+def test_bad_base64_image(mmbench_tsv, first_batch):
+    path = mmbench_tsv(lambda rows: rows[0].update(image="not base64!"))
+    with pytest.raises(DataError, match=r"record id '0-0' \(index 0\), field 'image': cannot read image"):
+        first_batch(MMBenchDataModule(str(path), batch_size=8))

@@ -1,0 +1,67 @@
+"""TextVQA loader on its stand-in: OCR tokens in the prompt, the ten answers in the batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adaptive_mllm.data import DataError
+from adaptive_mllm.data.benchmarks import SHORT_ANSWER, TextVQADataModule
+from adaptive_mllm.metrics import VQAAccuracy
+
+
+def test_reads_questions_and_ocr(textvqa_files, first_batch, prompts_of):
+    dm = TextVQADataModule(str(textvqa_files["questions"]), ocr_json=str(textvqa_files["ocr"]), batch_size=2)
+    batch = first_batch(dm)
+    assert batch["ids"] == ["34602", "34603"]
+    assert batch["answers"] == ["dakota", "halt"]  # the most common human answer
+    assert batch["all_answers"][0] == ["dakota"] * 8 + ["dakota digital"] * 2
+    assert prompts_of(dm) == [
+        f"<image>\nwhat is the brand of this camera?\nReference OCR token: dakota, digital\n{SHORT_ANSWER}",
+        f"<image>\nwhat does the sign say?\n{SHORT_ANSWER}",  # no OCR token: no OCR line
+    ]
+    metric = dm.make_metric()
+    assert isinstance(metric, VQAAccuracy)
+    metric.update(["Dakota", "stop"], batch)  # 1.0 and 4 of 10 humans: min(1, 3/3 or 4/3) -> 1.0 in every subset
+    assert metric.compute()["overall"].item() == pytest.approx(1.0)
+
+
+def test_ocr_from_the_records_or_none(textvqa_files, first_batch, prompts_of):
+    path = textvqa_files["questions"]
+    content = json.loads(path.read_text())
+    content["data"][0]["ocr_tokens"] = ["kodak"]
+    content["data"][1]["ocr_tokens"] = []
+    path.write_text(json.dumps(content))
+    dm = TextVQADataModule(str(path), batch_size=2)
+    first_batch(dm)
+    assert "Reference OCR token: kodak\n" in prompts_of(dm)[0]
+    plain = TextVQADataModule(str(path), use_ocr=False)
+    first_batch(plain)
+    assert all("OCR" not in prompt for prompt in prompts_of(plain))
+
+
+def test_missing_ocr_tokens(textvqa_files):
+    with pytest.raises(DataError, match=r"record id 34602 \(index 0\), field 'ocr_tokens': missing"):
+        TextVQADataModule(str(textvqa_files["questions"])).setup("test")
+
+
+def test_ocr_file_lacks_an_image(textvqa_files):
+    path = textvqa_files["ocr"]
+    content = json.loads(path.read_text())
+    content["data"] = content["data"][:1]
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match="no OCR tokens for image '00ab2ed9f2c1de1a'") as error:
+        TextVQADataModule(str(textvqa_files["questions"]), ocr_json=str(path)).setup("test")
+    assert error.value.json_path == str(path)
+
+
+def test_wrong_file(textvqa_files):
+    wrong = textvqa_files["questions"].parent / "annotations.json"
+    wrong.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(DataError, match="Rosetta OCR file: a JSON object with a 'data' list"):
+        TextVQADataModule(str(textvqa_files["questions"]), ocr_json=str(wrong)).setup("test")
+    path = textvqa_files["questions"]
+    path.write_text(json.dumps({"questions": []}))
+    with pytest.raises(DataError, match="TextVQA questions file"):
+        TextVQADataModule(str(path), use_ocr=False).setup("test")

@@ -1,0 +1,110 @@
+"""Project checkpoints: a trained model exported as a plain directory loads back, without Lightning, to the
+same logits; the `adaptive-mllm export` command does it from a recipe and a Lightning checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from adaptive_mllm.cli import build_cli, main
+from adaptive_mllm.export import export_module, load_exported
+from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler, StaticScheduler
+from tests.conftest import make_backbone, random_images
+from tests.test_recipes_real import ON_CPU, RECIPE_DIR, lay_out_standins
+
+
+def _batch(backbone) -> dict:
+    encoded = backbone.chat_template.encode(
+        [("<image>\nHow many shapes are there ?", "two")], backbone.tokenizer, backbone.image_token_id,
+        backbone.num_image_tokens,
+    )
+    ids = torch.tensor([encoded.input_ids, encoded.input_ids])
+    size = backbone.llava_config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([encoded.labels] * 2),
+            "prompt_lengths": torch.tensor([encoded.prompt_length] * 2), "pixel_values": random_images(2, size)}
+
+
+def _logits(module: AdaptiveMLLM, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return module(batch, budgets=torch.tensor([1.0, 0.6]))[0]
+
+
+@pytest.mark.parametrize("scheduler", [lambda: LayerScheduler(2), lambda: HeadScheduler(2, rank=2), lambda: None],
+                         ids=["layer", "head", "none"])
+def test_export_then_load_gives_identical_logits(scheduler, tokenizer_dir, tmp_path):
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), scheduler())
+    module.configure_model()
+    module.eval()
+    export_module(module, tmp_path / "export")
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "backbone.json"]:
+        assert (tmp_path / "export" / name).is_file(), name
+    assert (tmp_path / "export" / "scheduler.safetensors").is_file() == (module.scheduler is not None)
+    torch.manual_seed(123)  # a fresh scheduler initialises differently: only the file can make it equal
+    loaded = load_exported(tmp_path / "export")
+    batch = _batch(module.backbone)
+    assert torch.equal(_logits(loaded, batch), _logits(module, batch))
+    assert loaded.backbone.chat_template.name == "plain_chat"
+    if module.scheduler is not None:
+        spec = json.loads((tmp_path / "export" / "scheduler.json").read_text())
+        assert spec["class_path"] == f"adaptive_mllm.schedulers.{type(module.scheduler).__module__.split('.')[-1]}." \
+            f"{type(module.scheduler).__name__}"
+        assert spec["init_args"]["num_prefix_layers"] == 2
+    # the backbone part is a plain transformers LLaVA checkpoint
+    assert isinstance(LlavaForConditionalGeneration.from_pretrained(tmp_path / "export"), LlavaForConditionalGeneration)
+
+
+def test_a_baseline_inserting_the_latency_token_round_trips(tokenizer_dir, tmp_path):
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), StaticScheduler(2, insert_latency_token=True))
+    module.configure_model()
+    export_module(module, tmp_path / "a")
+    spec = json.loads((tmp_path / "a" / "scheduler.json").read_text())
+    assert spec["init_args"] == {"num_prefix_layers": 2, "insert_latency_token": True}
+    loaded = load_exported(tmp_path / "a")
+    module.eval()
+    assert torch.equal(_logits(loaded, _batch(module.backbone)), _logits(module, _batch(module.backbone)))
+
+
+class _OpaqueScheduler(StaticScheduler):
+    """Keeps its constructor argument under another name, so export cannot read it back."""
+
+    def __init__(self, num_prefix_layers: int, offset: int = 0) -> None:
+        super().__init__(num_prefix_layers)
+        self._offset = offset
+
+
+def test_scheduler_whose_arguments_cannot_be_read_back_needs_a_spec(tokenizer_dir, tmp_path):
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), _OpaqueScheduler(2, offset=1))
+    module.configure_model()
+    with pytest.raises(ValueError, match=r"_OpaqueScheduler's constructor argument 'offset'.*scheduler_spec"):
+        export_module(module, tmp_path / "a")
+    spec = {"class_path": "adaptive_mllm.schedulers.StaticScheduler", "init_args": {"num_prefix_layers": 2}}
+    export_module(module, tmp_path / "b", scheduler_spec=spec)
+    loaded = load_exported(tmp_path / "b")
+    module.eval()
+    assert torch.equal(_logits(loaded, _batch(module.backbone)), _logits(module, _batch(module.backbone)))
+
+
+def test_load_of_a_directory_that_is_not_an_export_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"backbone\.json is missing"):
+        load_exported(tmp_path)
+
+
+def test_export_command_from_a_trained_lightning_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b-h.yaml", tokenizer_dir)
+    recipe = str(RECIPE_DIR / "llava7b-h.yaml")
+    cli = build_cli(["fit", "--config", recipe, *ON_CPU, "--trainer.max_steps=1", "--trainer.accumulate_grad_batches=1",
+                     "--data.init_args.batch_size=3"])
+    cli.trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "trained.ckpt"), "--out_dir", str(tmp_path / "out")])
+    trained = cli.model.eval()
+    loaded = load_exported(tmp_path / "out")
+    assert type(loaded.scheduler) is HeadScheduler and loaded.scheduler.rank == 8
+    batch = _batch(trained.backbone)
+    assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out_dir", str(tmp_path / "x")])

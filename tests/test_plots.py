@@ -1,0 +1,69 @@
+"""Budget-curve and heatmap figures, and `adaptive-mllm plot` combining runs."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from adaptive_mllm.cli import main
+from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, read_results_csv
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+ROWS = [
+    {"budget": 1.0, "overall": 0.85, "colour": 0.9, "flops_fraction": 1.0},
+    {"budget": 0.6, "overall": 0.80, "colour": 0.7, "flops_fraction": 0.55},
+]
+
+
+def test_curves_plot_each_run_against_budget_and_flops(tmp_path):
+    runs = {"L": ROWS, "static": [dict(row, overall=row["overall"] - 0.1) for row in ROWS]}
+    figure = plot_budget_curves(runs, "overall")
+    by_budget, by_flops = figure.axes[:2]
+    lines = {line.get_label(): line for line in by_budget.get_lines()}
+    assert list(lines["L"].get_xdata()) == [0.6, 1.0]  # sorted by budget
+    assert list(lines["L"].get_ydata()) == pytest.approx([80.0, 85.0])
+    assert list(lines["static"].get_ydata()) == pytest.approx([70.0, 75.0])
+    assert list(by_flops.get_lines()[0].get_xdata()) == [0.55, 1.0]
+
+
+def test_heatmaps_hold_the_usage_fractions():
+    usage = {1.0: {"a": torch.ones(4)}, 0.6: {"a": torch.tensor([1.0, 1.0, 0.25, 0.0]), "b": torch.tensor([1.0, 1.0, 0.0, 0.5])}}
+    figure = plot_layer_usage(usage, num_prefix_layers=2)
+    data = figure.axes[0].images[0].get_array()
+    assert data.shape == (3, 4)
+    assert data[1].tolist() == [1.0, 1.0, 0.25, 0.0]  # budgets in decreasing order, kinds in order
+    groups = plot_group_usage({1.0: torch.ones(4, 2), 0.6: torch.full((4, 2), 0.5)})
+    assert [axis.get_title() for axis in groups.axes[:2]] == ["budget 1", "budget 0.6"]
+
+
+def test_plot_command_combines_result_files(tmp_path):
+    first = _write_csv(tmp_path / "a.csv", ROWS)
+    second = _write_csv(tmp_path / "b.csv", ROWS)
+    out = tmp_path / "curves.png"
+    main(["plot", str(first), str(second), "--labels", "L", "Static", "--metric", "colour", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_results_csv(first)[1]["overall"] == pytest.approx(0.80)
+
+
+def test_plot_command_errors_name_the_problem(tmp_path, capsys):
+    path = _write_csv(tmp_path / "a.csv", ROWS)
+    with pytest.raises(SystemExit):
+        main(["plot", str(path), "--metric", "shape"])
+    assert "no column 'shape'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plot", str(path), "--labels", "x", "y"])
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        read_results_csv(tmp_path / "missing.csv")
+    (tmp_path / "bad.csv").write_text("name,score\nx,1\n")
+    with pytest.raises(ValueError, match="'budget' column"):
+        read_results_csv(tmp_path / "bad.csv")

@@ -1,0 +1,97 @@
+"""The real recipes (LLaVA-1.5-7B / -7B-H / -13B) parse and train one step, run exactly as a user would
+from a directory laid out as docs/checkpoints-and-data.md says, with tiny stand-ins in those places:
+a transformers-layout LLaVA of the real depth (32 / 40 layers, width 64) and a 6-record LLaVA JSON set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from adaptive_mllm.cli import build_cli
+from tests.conftest import tiny_config
+
+RECIPE_DIR = Path(__file__).parents[1] / "recipes"
+REAL = {"llava7b.yaml": (32, "LayerScheduler", 16), "llava7b-h.yaml": (32, "HeadScheduler", 16),
+        "llava13b.yaml": (40, "LayerScheduler", 20)}
+# what a user overrides to try a GPU recipe on one CPU process
+ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
+          "--data.init_args.num_workers=0"]
+RECORDS = [
+    ("coco/train2017/000000033471.jpg", [("<image>\nWhat colour is the red circle ?", "blue"),
+                                         ("How many shapes are there ?", "two")]),
+    ("gqa/images/2354786.jpg", [("Is the green square left of the yellow triangle ?\n<image>", "yes")]),
+    ("ocr_vqa/images/140031996.jpg", [("<image>\nHow many shapes are there ?", "three")]),
+    ("textvqa/train_images/0054c91397f2fe05.jpg", [("<image>\nWhat colour is the red circle ?", "purple")]),
+    ("vg/VG_100K/2356347.jpg", [("<image>\nIs the green square left of the yellow triangle ?", "no")]),
+    (None, [("What colour is the red circle ?", "orange shape")]),  # a text-only (ShareGPT) record
+]
+
+
+def write_llava_data(root: Path) -> Path:
+    """``data/llava/llava_v1_5_mix665k.json`` + its image folders, as LLaVA-1.5's mix is laid out."""
+    folder = root / "data" / "llava"
+    records = []
+    for index, (image, turns) in enumerate(RECORDS):
+        record = {"id": f"record-{index}", "conversations": []}
+        for question, answer in turns:
+            record["conversations"] += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        if image is not None:
+            record["image"] = image
+            (folder / image).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48 + 8 * index, 32), (40 * index, 200, 90)).save(folder / image)
+        records.append(record)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+    return folder
+
+
+def write_checkpoint(directory: Path, tokenizer_dir: Path, num_layers: int) -> None:
+    """A transformers-layout LLaVA with the real depth, 8 heads (HeadScheduler rank 8), width 64."""
+    from adaptive_mllm.backbones import LlavaBackbone
+
+    config = tiny_config(num_layers=num_layers, num_heads=8, num_kv_heads=8, hidden=64)
+    backbone = LlavaBackbone(config=config, tokenizer=str(tokenizer_dir), template="vicuna_v1")
+    backbone.build()
+    backbone.save_pretrained(directory)
+
+
+def lay_out_standins(root: Path, recipe: str, tokenizer_dir: Path) -> None:
+    """Put the stand-ins where ``recipe`` looks for the real checkpoint and data (relative to ``root``)."""
+    config = yaml.safe_load((RECIPE_DIR / recipe).read_text())
+    checkpoint = config["model"]["backbone"]["init_args"]["checkpoint"]
+    write_checkpoint(root / checkpoint, tokenizer_dir, REAL[recipe][0])
+    write_llava_data(root)
+
+
+@pytest.mark.parametrize("recipe", sorted(REAL))
+def test_real_recipe_trains_a_step_on_standins(recipe, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, recipe, tokenizer_dir)
+    cli = build_cli(["fit", "--config", str(RECIPE_DIR / recipe), *ON_CPU, "--trainer.fast_dev_run=true",
+                     "--data.init_args.batch_size=3"])
+    num_layers, scheduler, prefix = REAL[recipe]
+    assert cli.trainer.global_step == 1
+    assert cli.model.backbone.shape.num_layers == num_layers
+    assert type(cli.model.scheduler).__name__ == scheduler and cli.model.scheduler.num_prefix_layers == prefix
+    assert cli.model.backbone.max_length == 2048 and cli.model.backbone.chat_template.name == "vicuna_v1"
+    assert not any(p.requires_grad for p in cli.model.backbone.parameter_groups()["vision_tower"])
+    assert all(p.requires_grad for p in cli.model.backbone.parameter_groups()["llm"])
+
+
+@pytest.mark.parametrize("recipe", sorted(REAL))
+def test_real_recipe_keeps_the_release_hyperparameters(recipe):
+    config = yaml.safe_load((RECIPE_DIR / recipe).read_text())
+    trainer, model, data = config["trainer"], config["model"], config["data"]["init_args"]
+    assert trainer["devices"] * data["batch_size"] * trainer["accumulate_grad_batches"] == 128
+    assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 1
+    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert (model["learning_rate"], model["warmup_ratio"], model["freeze"]) == (1.0e-5, 0.03, ["vision_tower"])
+    assert model["scheduler"]["init_args"]["num_prefix_layers"] == REAL[recipe][2]
+    assert model["backbone"]["init_args"]["max_length"] == 2048
+    assert data["train_json"].endswith("llava_v1_5_mix665k.json")
+    if recipe == "llava7b-h.yaml":
+        assert model["scheduler"]["init_args"]["rank"] == 8
