@@ -2,21 +2,28 @@
 analytic FLOPs fraction, and the full-budget time beside plain transformers with the same weights.
 
 Every figure is a ratio measured inside one run (machines are noisy); the median of ``repeats`` runs.
+With a token selector in the model, every budget is measured twice in the same run, with the selector
+and without it, and every ratio is taken to the plain full model (no selector, the largest budget).
+"prefill" is the LLM's prefill on the projected image features; the vision tower, the selector's
+before-LLM work and the projector are timed apart ("encode").
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Any
 
 import torch
 
+from adaptive_mllm.cost import CostModel
 from adaptive_mllm.engine import PlanCache
-from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_from_mask
+from adaptive_mllm.inputs import embed_multimodal, embed_selected, insert_token, position_ids_from_mask
 from adaptive_mllm.module import AdaptiveMLLM
-from adaptive_mllm.reporting import print_table
+from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector, insert_column
 
 
 def _now(device: torch.device) -> float:
@@ -54,38 +61,48 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
 def _measure_budget(
     model: AdaptiveMLLM, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, budget: float,
     batch_size: int, decode_tokens: int, repeats: int, device: torch.device,
+    image_mask: torch.Tensor | None = None, selector: TokenSelector | None = None,
 ) -> dict[str, Any]:
-    """Median prefill and per-token decode time under one budget, and the plan's FLOPs fraction."""
+    """Median prefill and per-token decode time under one budget, and the plan's FLOPs fraction (of the
+    full model with the same token selection, and of the plain full model: no selector)."""
     backbone, engine, scheduler = model.backbone, model.engine, model.scheduler
     budgets_t = torch.full((batch_size,), float(budget), device=device)
     run_embeds, run_mask, latency_positions = embeds, mask, None
     seq_lens = mask.sum(-1) + int(model._uses_latency_token())
+    if image_mask is None:
+        image_mask = ids == backbone.image_token_id
+    layer_tokens = None if selector is None else selector.layer_tokens(seq_lens, image_mask.sum(-1), backbone.shape.num_layers)
     if scheduler is not None:
-        scheduler.check_budgets(budgets_t, seq_lens)
+        scheduler.check_budgets(budgets_t, seq_lens, layer_tokens)
         if model._uses_latency_token():
-            latency_positions = torch.full((batch_size,), ids.shape[1], device=device)
-            token = scheduler.latency_token(budgets_t, seq_lens)
+            latency_positions = torch.full((batch_size,), embeds.shape[1], device=device)
+            token = scheduler.latency_token(budgets_t, seq_lens, layer_tokens)
             run_embeds, run_mask, _ = insert_token(embeds, token, latency_positions, mask)
+            image_mask = insert_column(image_mask, latency_positions, False)
     positions = position_ids_from_mask(run_mask)
-    request = model._plan_request(budgets_t, seq_lens)
+    request = model._plan_request(budgets_t, seq_lens, layer_tokens)
+    in_llm = selector is not None and selector.layer_index is not None
 
     def prefill(cache: PlanCache | None = None):
-        hidden, plan = engine(run_embeds, run_mask, positions, request, latency_positions, gated=False, cache=cache)
+        layout = TokenLayout(image_mask) if in_llm else None
+        hidden, plan = engine(
+            run_embeds, run_mask, positions, request, latency_positions, gated=False, cache=cache,
+            token_selector=selector, layout=layout,
+        )  # fmt: skip
         return backbone.lm_head(backbone.final_norm(hidden[:, -1:])), plan
 
     prefill_s = _median_seconds(prefill, repeats, device)
     cache = PlanCache()
     logits, plan = prefill(cache)
-    start_length = cache.length
+    # what the prefill left in the cache, restored before every decoding run (tensors are never modified in place)
+    snapshot = [[(group, group.keys, group.values) for group in groups] for groups in cache.groups]
+    masks = (cache.length, cache.attention_mask, cache.selected_length, cache.selected_attention_mask)
 
     def decode():
-        cache.length = start_length
-        for group_list in cache.groups:
-            for group in group_list:
-                if group.keys is not None:
-                    group.keys = group.keys[:, :, :start_length]
-                    group.values = group.values[:, :, :start_length]
-        cache.attention_mask = cache.attention_mask[:, :start_length]
+        for groups in snapshot:
+            for group, keys, values in groups:
+                group.keys, group.values = keys, values
+        cache.length, cache.attention_mask, cache.selected_length, cache.selected_attention_mask = masks
         token = logits[:, -1].argmax(-1)[:, None]
         position = positions[:, -1:] + 1
         for _ in range(decode_tokens):
@@ -94,13 +111,20 @@ def _measure_budget(
             position = position + 1
 
     decode_s = _median_seconds(decode, repeats, device) / decode_tokens
-    flops_fraction = 1.0
+    cost = scheduler.cost if scheduler is not None else CostModel(backbone.shape, 0)
+    tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
+    full = torch.tensor([cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=torch.float64)
+    flops = full.clone()
     units = float("nan")
     if scheduler is not None and plan is not None:
-        full = torch.tensor([scheduler.cost.full_flops(int(n)) for n in seq_lens], dtype=torch.float64)
-        flops_fraction = float((scheduler.cost.plan_flops(plan, seq_lens).double().cpu() / full).mean())
+        flops = cost.plan_flops(plan, seq_lens, layer_tokens).double().cpu()
         units = float(plan.units.float().mean()) if plan.units is not None else units
-    return {"budget": budget, "units": units, "flops_fraction": flops_fraction, "prefill_s": prefill_s, "decode_s": decode_s}
+    plain = torch.tensor([cost.full_flops(int(n)) for n in ids.shape[1] + seq_lens - mask.sum(-1)], dtype=torch.float64)
+    return {
+        "budget": budget, "selector": "none" if selector is None else type(selector).__name__, "units": units,
+        "flops_fraction": float((flops / full).mean()), "flops_vs_plain": float((flops / plain).mean()),
+        "prefill_s": prefill_s, "decode_s": decode_s,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -119,10 +143,25 @@ def run_benchmark(
     ids, images = synthetic_prompt(model, prompt_length, batch_size, device)
     mask = torch.ones_like(ids)
     embeds = embed_multimodal(backbone, ids, images)
-    rows = [
-        _measure_budget(model, embeds, mask, ids, budget, batch_size, decode_tokens, repeats, device) for budget in budgets
-    ]
-    reference = max(rows, key=lambda row: row["budget"])
+    if model.scheduler is not None:  # every budget checked before minutes of timing, not after
+        seq_len = torch.full((len(budgets),), prompt_length + int(model._uses_latency_token()))
+        model.scheduler.check_budgets(torch.tensor(budgets, dtype=torch.float32), seq_len)
+    # the model's token selector, and none, in the same run
+    selectors = [model.token_selector] + ([None] if model.token_selector is not None else [])
+    rows = []
+    for selector in selectors:
+        inputs = embed_selected(backbone, ids, mask, images, selector)
+        encode_s = _median_seconds(lambda selector=selector: embed_selected(backbone, ids, mask, images, selector), repeats, device)
+        for budget in budgets:
+            row = _measure_budget(
+                model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, repeats, device,
+                inputs.image_mask, selector,
+            )  # fmt: skip
+            row["encode_s"] = encode_s
+            row["llm_tokens"] = float(inputs.attention_mask.sum(-1).float().mean())
+            rows.append(row)
+    # ratios to the plain full model: no selector, the largest budget
+    reference = max((row for row in rows if row["selector"] == "none"), key=lambda row: row["budget"])
     for row in rows:
         row["prefill_ratio"] = row["prefill_s"] / reference["prefill_s"]
         row["decode_ratio"] = row["decode_s"] / reference["decode_s"]
@@ -140,23 +179,37 @@ def run_benchmark(
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    header = ["budget", "units", "FLOPs fraction", "prefill ms", "prefill ratio", "decode ms/token", "decode ratio"]
+    header = [
+        "selector", "budget", "LLM tokens", "units", "FLOPs fraction", "FLOPs vs plain", "encode ms", "prefill ms",
+        "prefill ratio", "decode ms/token", "decode ratio",
+    ]  # fmt: skip
     table = []
     for row in rows:
         if row["budget"] == "transformers":
             continue
         table.append(
             [
+                row["selector"],
                 f"{row['budget']:g}",
+                f"{row['llm_tokens']:.0f}",
                 f"{row['units']:.0f}" if row["units"] == row["units"] else "-",
                 f"{row['flops_fraction']:.3f}",
+                f"{row['flops_vs_plain']:.3f}",
+                f"{1000 * row['encode_s']:.1f}",
                 f"{1000 * row['prefill_s']:.1f}",
                 f"{row['prefill_ratio']:.3f}",
                 f"{1000 * row['decode_s']:.2f}",
                 f"{row['decode_ratio']:.3f}",
             ]
         )
-    print_table("prefill / decode time vs budget (ratios to the largest budget)", header, table)
+    title = (
+        "prefill / decode time vs budget and token selector (ratios to the plain full model: no selector, largest "
+        "budget; FLOPs fraction: of the full model with the same selector)"
+    )
+    if any(row.get("selector", "none") != "none" for row in rows):  # too wide for a terminal table
+        print(title + "\n" + format_table(header, table))
+    else:
+        print_table(title, header, table)
     for row in rows:
         if row["budget"] == "transformers":
             print(
@@ -177,7 +230,11 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no_transformers", action="store_true", help="skip the comparison with plain transformers")
     own, rest = parser.parse_known_args(argv)
-    cli = build_cli(rest, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses `rest` only; it warns when argv holds more
+    try:
+        cli = build_cli(rest, run=False)
+    finally:
+        sys.argv = argv
     datamodule = cli.datamodule
     if datamodule is not None and hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()

@@ -10,6 +10,12 @@ Two ways to honour a plan, with the same result:
   key/value heads of a sliced one; the plan and its slices are fixed at prefill and reused while
   decoding.
 
+A token selector with an in-LLM hook (FastV) drops tokens after the first ``layer_index`` layers: layer
+``layer_index - 1`` alone computes its attention probabilities explicitly (every other layer keeps SDPA)
+so the selector can rank positions by the attention they received; the kept positions are then taken
+out of the sequence (``token_selection.compact``), keeping their rotary positions, and the later layers
+run, and cache, only those. See ``token_selection/base.py`` for how positions and labels follow.
+
 The weights are the backbone's own transformers modules (``LlamaDecoderLayer``); the engine only
 reads their parameters, so checkpoints stay in the transformers layout.
 """
@@ -26,6 +32,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.token_selection.base import (
+    TokenLayout,
+    TokenSelector,
+    compact,
+    gather_positions,
+    remap_positions,
+)
 
 
 @dataclass
@@ -77,6 +90,10 @@ class PlanCache:
     groups: list[list[RowGroup]] = field(default_factory=list)
     attention_mask: torch.Tensor | None = None  # [B, T_cached] bool, real tokens
     length: int = 0
+    # after an in-LLM token drop: layers from `selected_from` on cache only the kept positions
+    selected_from: int | None = None
+    selected_attention_mask: torch.Tensor | None = None  # [B, T'_cached] bool
+    selected_length: int = 0
 
 
 class Engine(nn.Module):
@@ -99,14 +116,19 @@ class Engine(nn.Module):
         latency_positions: torch.Tensor | None = None,  # [B], needed when `plan` is a function
         gated: bool = True,
         cache: PlanCache | None = None,
+        token_selector: TokenSelector | None = None,
+        layout: TokenLayout | None = None,  # where the image tokens are; needed by an in-LLM selector
     ) -> tuple[torch.Tensor, ExecutionPlan | None]:
         """Returns the last layer's hidden states [B, T, H] (before the final norm) and the plan used.
 
         With a cache, ``attention_mask`` covers only the new tokens; the cache's mask is prepended.
+        When ``token_selector`` drops tokens inside the LLM, the result has ``T' <= T`` positions and
+        ``layout.source_index`` [B, T'] says where each came from (``layout.keep``: what was kept).
         """
         layers = self.backbone.decoder_layers
         batch, length, _ = hidden.shape
         past = 0
+        selected_mask = None  # [B, 1, T, T'_cached + T]: decoding after a prefill that dropped tokens
         if cache is not None:
             past = cache.length
             key_mask = attention_mask.bool()
@@ -115,18 +137,51 @@ class Engine(nn.Module):
             cache.attention_mask = key_mask
             if cache.plan is not None:
                 plan = cache.plan
+            if cache.selected_from is not None:
+                selected_keys = torch.cat([cache.selected_attention_mask, attention_mask.bool()], dim=1)
+                selected_mask = _maybe_mask(selected_keys, length, cache.selected_length)
+                cache.selected_attention_mask = selected_keys
+                cache.selected_length += length
         else:
             key_mask = attention_mask.bool()
-        # no padding anywhere: let SDPA use its causal kernels instead of an explicit mask
-        mask = None if bool(key_mask.all()) and (past == 0 or length == 1) else _attention_mask(key_mask, length, past)  # [B, 1, T, past + T]
+        mask = _maybe_mask(key_mask, length, past)  # [B, 1, T, past + T] or None
         cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
 
         num_prefix = None if plan is None else plan.num_prefix_layers
         first_prefill = cache is not None and not cache.groups
+        drop_at = None  # the first layer that sees only the selected tokens
+        if token_selector is not None and token_selector.layer_index is not None and past == 0:
+            drop_at = token_selector.layer_index
+            if not 1 <= drop_at < len(layers):
+                raise ValueError(f"token_selector.layer_index={drop_at} must be in [1, {len(layers) - 1}] for {len(layers)} layers")
+            if layout is None:
+                raise ValueError(f"{type(token_selector).__name__} drops image tokens inside the LLM: pass `layout`")
+        received: list[torch.Tensor] | None = None
 
         for index, layer in enumerate(layers):
             if not isinstance(layer, LlamaDecoderLayer):
                 raise TypeError(f"the engine does not know how to run {type(layer).__name__}")
+            if index == drop_at:
+                # take the dropped tokens out of the sequence; the kept ones keep their rotary positions
+                keep = layout.keep
+                if keep is None:
+                    scores = received[0] * key_mask[:, :, None]  # [B, T_q, T_k], real queries only
+                    scores = scores.sum(1) / key_mask.sum(1, keepdim=True).clamp(min=1)  # [B, T_k]
+                    keep = token_selector.after_layer(scores, layout.image_mask, key_mask)
+                keep = keep.bool() & key_mask
+                source, key_mask = compact(keep)  # [B, T'], [B, T']
+                hidden = gather_positions(hidden, source)
+                cos, sin = gather_positions(cos, source), gather_positions(sin, source)
+                mask = _maybe_mask(key_mask, key_mask.shape[1], 0)
+                if latency_positions is not None:
+                    latency_positions = remap_positions(source, latency_positions)
+                layout.keep, layout.source_index = keep, source
+                received = None
+                if cache is not None:
+                    cache.selected_from, cache.selected_attention_mask = index, key_mask
+                    cache.selected_length = key_mask.shape[1]
+            elif selected_mask is not None and index == cache.selected_from:
+                mask = selected_mask
             if num_prefix is not None and index == num_prefix and not isinstance(plan, ExecutionPlan):
                 if latency_positions is None:
                     raise ValueError("a scheduler needs `latency_positions` to read the latency token")
@@ -134,12 +189,21 @@ class Engine(nn.Module):
                 if cache is not None:
                     cache.plan = plan
             scheduled = None if num_prefix is None or index < num_prefix else index - num_prefix
+            if drop_at is not None and index == drop_at - 1:
+                # the ranking layer: its attention probabilities are computed explicitly, for all of it
+                if scheduled is not None and not _runs_fully(plan, scheduled):
+                    raise ValueError(
+                        f"{type(token_selector).__name__} ranks tokens by layer {index}'s attention, which this plan does "
+                        f"not run in full: its layer_index ({drop_at}) must not exceed the scheduler's num_prefix_layers "
+                        f"({num_prefix})"
+                    )
+                received = []
 
             if gated or cache is None and scheduled is None:
                 if cache is not None and first_prefill:
                     cache.groups.append([RowGroup(rows=None)])
                 entry = cache.groups[index][0] if cache is not None else None
-                hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry)
+                hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry, received)
                 continue
 
             if cache is not None and not first_prefill:
@@ -151,7 +215,7 @@ class Engine(nn.Module):
             for group in groups:
                 rows = group.rows
                 if rows is None:
-                    hidden = _run_layer(layer, hidden, cos, sin, mask, group, cache is not None)
+                    hidden = _run_layer(layer, hidden, cos, sin, mask, group, cache is not None, received=received)
                 else:
                     rows_mask = None if mask is None else mask[rows]
                     out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], rows_mask, group, cache is not None)
@@ -161,7 +225,7 @@ class Engine(nn.Module):
         return hidden, plan if isinstance(plan, ExecutionPlan) else None
 
     # --- gated (training) ----------------------------------------------------------------------------
-    def _gated_layer(self, layer, hidden, cos, sin, mask, plan, scheduled, entry) -> torch.Tensor:
+    def _gated_layer(self, layer, hidden, cos, sin, mask, plan, scheduled, entry, received=None) -> torch.Tensor:
         layer_gate = head_gate = neuron_gate = None
         if scheduled is not None:
             if plan.attention_mask is None and plan.mlp_mask is None:
@@ -176,7 +240,7 @@ class Engine(nn.Module):
                     neuron_gate = plan.mlp_mask[:, scheduled].to(hidden.dtype)
                     neuron_gate = neuron_gate.repeat_interleave(shape.intermediate_size // groups, dim=1)  # [B, I]
         group = entry if entry is not None else RowGroup(rows=None)
-        return _run_layer(layer, hidden, cos, sin, mask, group, entry is not None, layer_gate, head_gate, neuron_gate)
+        return _run_layer(layer, hidden, cos, sin, mask, group, entry is not None, layer_gate, head_gate, neuron_gate, received)
 
     # --- skipping (inference) ------------------------------------------------------------------------
     def _row_groups(self, layer, plan, scheduled, batch, device) -> list[RowGroup]:
@@ -204,6 +268,24 @@ class Engine(nn.Module):
             weights = _slice_weights(layer, shape.num_kv_heads, kv_keep, mlp_keep, None if mlp is None else mlp.shape[1])
             groups.append(RowGroup(rows=None if rows.numel() == batch else rows, weights=weights))
         return groups
+
+
+def _maybe_mask(key_mask: torch.Tensor, length: int, past: int) -> torch.Tensor | None:
+    """None when nothing is padded (SDPA then uses its causal kernels), else :func:`_attention_mask`."""
+    if bool(key_mask.all()) and (past == 0 or length == 1):
+        return None
+    return _attention_mask(key_mask, length, past)
+
+
+def _runs_fully(plan: ExecutionPlan | PlanRequest | None, scheduled: int) -> bool:
+    """Whether every example runs schedulable layer ``scheduled`` with all its heads and MLP groups."""
+    if not isinstance(plan, ExecutionPlan):
+        return False
+    full = plan.layer_mask[:, scheduled] > 0.5  # [B]
+    for groups in (plan.attention_mask, plan.mlp_mask):
+        if groups is not None:
+            full = full & (groups[:, scheduled] > 0.5).all(-1)
+    return bool(full.all())
 
 
 def _attention_mask(key_mask: torch.Tensor, length: int, past: int) -> torch.Tensor:
@@ -265,8 +347,12 @@ def _run_layer(
     layer_gate: torch.Tensor | None = None,  # [b, 1, 1]
     head_gate: torch.Tensor | None = None,  # [b, heads]
     neuron_gate: torch.Tensor | None = None,  # [b, I]
+    received: list[torch.Tensor] | None = None,  # given: compute attention explicitly, append [b, T, T_k]
 ) -> torch.Tensor:
-    """One Llama decoder layer: x + attn(norm(x)), then + mlp(norm(.)), honouring slices and gates."""
+    """One Llama decoder layer: x + attn(norm(x)), then + mlp(norm(.)), honouring slices and gates.
+
+    With ``received`` the attention probabilities are computed explicitly (not by SDPA) and their mean
+    over heads is appended to it: what a token selector ranks positions by."""
     attn, mlp = layer.self_attn, layer.mlp
     sliced = group.weights
     batch, length, _ = hidden.shape
@@ -297,7 +383,18 @@ def _run_layer(
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
         causal = mask is None and length > 1  # a single new query may see the whole cache
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)  # [b, heads, T, D]
+        if received is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)  # [b, heads, T, D]
+        else:
+            scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [b, heads, T, T_k]
+            allowed = mask
+            if allowed is None and causal:
+                allowed = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - length)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = scores.softmax(-1)  # [b, heads, T, T_k]
+            out = probs.to(v.dtype) @ v  # [b, heads, T, D]
+            received.append(probs.mean(1))  # [b, T, T_k]
         if head_gate is not None:
             out = out * head_gate[:, :, None, None]
         out = out.transpose(1, 2).reshape(batch, length, -1)

@@ -10,6 +10,7 @@ import torch
 from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
 from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    layout: TokenLayout | None = None  # what an in-LLM token selector kept at prefill
 
 
 def _timestamp(device: torch.device) -> float:
@@ -36,15 +38,27 @@ def greedy_generate(
     stop_token_ids: list[int],
     plan: ExecutionPlan | PlanRequest | None = None,
     latency_positions: torch.Tensor | None = None,
+    token_selector: TokenSelector | None = None,
+    image_mask: torch.Tensor | None = None,  # [B, T] bool, needed by a selector that drops tokens inside the LLM
 ) -> Generation:
+    """Greedy answers; the plan and any in-LLM token drop are decided at prefill and kept while decoding
+    (the dropped tokens are not in the cache of the layers after the drop)."""
     backbone = engine.backbone
     device = embeds.device
     batch = embeds.shape[0]
     cache = PlanCache()
     positions = position_ids_from_mask(attention_mask)
+    layout = None
+    if token_selector is not None and token_selector.layer_index is not None:
+        if image_mask is None:
+            raise ValueError(f"{type(token_selector).__name__} drops image tokens inside the LLM: pass `image_mask`")
+        layout = TokenLayout(image_mask)
 
     start = _timestamp(device)
-    hidden, plan = engine(embeds, attention_mask, positions, plan, latency_positions, gated=False, cache=cache)
+    hidden, plan = engine(
+        embeds, attention_mask, positions, plan, latency_positions, gated=False, cache=cache,
+        token_selector=token_selector, layout=layout,
+    )  # fmt: skip
     logits = backbone.lm_head(backbone.final_norm(hidden[:, -1:]))  # [B, 1, V]
     prefill_seconds = _timestamp(device) - start
 
@@ -69,4 +83,4 @@ def greedy_generate(
         next_position = next_position + 1
         steps += 1
     decode_seconds = _timestamp(device) - start
-    return Generation(tokens, plan, prefill_seconds, decode_seconds, steps)
+    return Generation(tokens, plan, prefill_seconds, decode_seconds, steps, layout)

@@ -3,10 +3,13 @@ the ``<image>`` placeholders, and the latency token inserted where the scheduler
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
+from adaptive_mllm.token_selection.base import TokenSelector, compact, gather_positions
 
 
 def embed_multimodal(
@@ -57,3 +60,55 @@ def insert_token(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class SelectedInputs:
+    """The LLM's inputs once a token selector chose the visual tokens before the LLM."""
+
+    embeds: torch.Tensor  # [B, T', H]
+    attention_mask: torch.Tensor  # [B, T'], same dtype as the input mask
+    image_mask: torch.Tensor  # [B, T'] bool, the positions holding image features
+    labels: torch.Tensor | None  # [B, T'], IGNORE_INDEX on new padding
+    source_index: torch.Tensor | None  # [B, T'] input column of each position, -1 = padding; None = unchanged
+
+
+def embed_selected(
+    backbone: Backbone,
+    input_ids: torch.Tensor,  # [B, T]
+    attention_mask: torch.Tensor,  # [B, T]
+    pixel_values: torch.Tensor | None,  # [N_img, 3, H, W]
+    token_selector: TokenSelector | None = None,
+    labels: torch.Tensor | None = None,  # [B, T]
+) -> SelectedInputs:
+    """:func:`embed_multimodal` with the selector's ``before_llm`` hook: each image keeps the first
+    ``n_i`` of its ``N`` placeholders (``n_i`` = tokens the selector kept for it), the others leave the
+    sequence (:func:`~adaptive_mllm.token_selection.base.compact`, left padding) with their mask and
+    labels, and the selected features fill the kept placeholders. Without such a hook: unchanged."""
+    placeholders = input_ids == backbone.image_token_id  # [B, T]
+    if pixel_values is None or token_selector is None or not token_selector.selects_before_llm:
+        embeds = embed_multimodal(backbone, input_ids, pixel_values)
+        return SelectedInputs(embeds, attention_mask, placeholders & attention_mask.bool(), labels, None)
+    visual = backbone.encode_images(pixel_values, with_attention=token_selector.needs_visual_attention)
+    visual = token_selector.before_llm(visual)
+    features = backbone.project(visual.features)  # [N_img, n_max, hidden]
+    num_images, width = features.shape[:2]
+    token_mask = visual.token_mask if visual.token_mask is not None else features.new_ones(num_images, width, dtype=torch.bool)
+    per_image = backbone.num_image_tokens
+    if int(placeholders.sum()) != num_images * per_image:
+        raise ValueError(
+            f"{int(placeholders.sum())} <image> placeholders in the batch but {num_images} images: every image "
+            f"needs exactly {per_image} placeholders"
+        )
+    # the j-th placeholder of image i stays when j < n_i
+    flat_index = placeholders.flatten().long().cumsum(0).view_as(placeholders) - 1  # [B, T], over the batch
+    image_index = (flat_index // per_image).clamp(0, max(num_images - 1, 0))
+    counts = token_mask.sum(-1)  # [N_img]
+    kept_placeholder = placeholders & (flat_index % per_image < counts[image_index])
+    keep = attention_mask.bool() & (~placeholders | kept_placeholder)  # [B, T]
+    source, new_mask = compact(keep)  # [B, T'], [B, T']
+    embeds = gather_positions(backbone.embed(input_ids), source)  # [B, T', H]
+    image_mask = gather_positions(placeholders, source, False)  # [B, T'] bool
+    embeds = embeds.masked_scatter(image_mask[..., None], features[token_mask].to(embeds.dtype))
+    new_labels = None if labels is None else gather_positions(labels, source, IGNORE_INDEX)
+    return SelectedInputs(embeds, new_mask.to(attention_mask.dtype), image_mask, new_labels, source)

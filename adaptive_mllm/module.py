@@ -18,13 +18,19 @@ from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
 from adaptive_mllm.engine import Engine, PlanRequest
 from adaptive_mllm.generation import greedy_generate
-from adaptive_mllm.inputs import embed_multimodal, insert_token, position_ids_from_mask
+from adaptive_mllm.inputs import embed_selected, insert_token, position_ids_from_mask
 from adaptive_mllm.metrics import GroupedExactMatch
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.schedulers.base import Scheduler
-from adaptive_mllm.schedulers.baselines import BaselineScheduler
+from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
 from adaptive_mllm.schedulers.plan import ExecutionPlan
-from adaptive_mllm.token_selection.base import TokenSelector
+from adaptive_mllm.token_selection.base import (
+    TokenLayout,
+    TokenSelector,
+    gather_positions,
+    insert_column,
+    remap_positions,
+)
 
 OVERALL = "overall"
 
@@ -95,6 +101,17 @@ class AdaptiveMLLM(L.LightningModule):
                 raise ValueError(
                     f"scheduler.num_prefix_layers={prefix} must be in [0, {layers - 1}]: the backbone's LLM has {layers} layers"
                 )
+        selector = self.token_selector
+        if selector is not None and selector.layer_index is not None:
+            layers = self.backbone.shape.num_layers
+            if not 1 <= selector.layer_index < layers:
+                raise ValueError(f"token_selector.layer_index={selector.layer_index} must be in [1, {layers - 1}]")
+            scheduler = self.scheduler
+            if scheduler is not None and not isinstance(scheduler, FullScheduler) and selector.layer_index > scheduler.num_prefix_layers:
+                raise ValueError(
+                    f"token_selector.layer_index={selector.layer_index} exceeds scheduler.num_prefix_layers="
+                    f"{scheduler.num_prefix_layers}: the layer that ranks the tokens must always run"
+                )
         unknown = set(self.freeze) - {"vision_tower", "projector", "llm"}
         if unknown:
             raise ValueError(f"freeze: unknown parts {sorted(unknown)}; known: vision_tower, projector, llm")
@@ -125,18 +142,33 @@ class AdaptiveMLLM(L.LightningModule):
     def _uses_latency_token(self) -> bool:
         return self.scheduler is not None and self.scheduler.needs_latency_token
 
-    def _plan_request(self, budgets: torch.Tensor, seq_lens: torch.Tensor) -> PlanRequest | ExecutionPlan | None:
+    def _plan_request(
+        self, budgets: torch.Tensor, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None
+    ) -> PlanRequest | ExecutionPlan | None:
         """A plan the engine completes at the latency token, or, for schedulers that read no token, the plan."""
         scheduler = self.scheduler
         if scheduler is None:
             return None
         if not scheduler.needs_latency_token:
-            return scheduler(None, budgets, seq_lens)
-        return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens))
+            return scheduler(None, budgets, seq_lens, layer_tokens)
+        return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens, layer_tokens))
 
-    def _draw_budgets(self, seq_lens: torch.Tensor) -> torch.Tensor:
+    def _layer_tokens(self, seq_lens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor | None:
+        """[B, L] tokens reaching each LLM layer under the token selector (None: ``seq_lens`` everywhere)."""
+        if self.token_selector is None:
+            return None
+        return self.token_selector.layer_tokens(seq_lens, image_mask.sum(-1), self.backbone.shape.num_layers)
+
+    def _layout(self, image_mask: torch.Tensor) -> TokenLayout | None:
+        selector = self.token_selector
+        return None if selector is None or selector.layer_index is None else TokenLayout(image_mask)
+
+    def _draw_budgets(self, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None) -> torch.Tensor:
         low, high = self.train_budget_range
-        minimum = torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=seq_lens.device)
+        tokens = [None] * len(seq_lens) if layer_tokens is None else layer_tokens.tolist()
+        minimum = torch.tensor(
+            [self.scheduler.cost.min_budget(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], device=seq_lens.device
+        )
         low_t = torch.maximum(minimum, torch.full_like(minimum, low))
         high_t = torch.maximum(low_t, torch.full_like(minimum, high))
         return low_t + (high_t - low_t) * torch.rand(seq_lens.shape[0], device=seq_lens.device)
@@ -144,21 +176,31 @@ class AdaptiveMLLM(L.LightningModule):
     def forward(self, batch: dict[str, Any], budgets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token)."""
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        embeds = embed_multimodal(self.backbone, input_ids, batch.get("pixel_values"))
+        inputs = embed_selected(self.backbone, input_ids, attention_mask, batch.get("pixel_values"), self.token_selector, labels)
+        embeds, attention_mask, labels, image_mask = inputs.embeds, inputs.attention_mask, inputs.labels, inputs.image_mask
         plan = None
         latency_positions = None
         if self.scheduler is not None:
             seq_lens = attention_mask.sum(-1) + int(self._uses_latency_token())
+            layer_tokens = self._layer_tokens(seq_lens, image_mask)
             if budgets is None:
-                budgets = self._draw_budgets(seq_lens)
-            self.scheduler.check_budgets(budgets, seq_lens)
+                budgets = self._draw_budgets(seq_lens, layer_tokens)
+            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
             if self._uses_latency_token():
                 latency_positions = batch["prompt_lengths"]
-                token = self.scheduler.latency_token(budgets, seq_lens)
+                if inputs.source_index is not None:  # the prompt lost image tokens before the LLM
+                    latency_positions = remap_positions(inputs.source_index, latency_positions)
+                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
                 embeds, attention_mask, labels = insert_token(embeds, token, latency_positions, attention_mask, labels)
-            plan = self._plan_request(budgets, seq_lens)
+                image_mask = insert_column(image_mask, latency_positions, False)
+            plan = self._plan_request(budgets, seq_lens, layer_tokens)
         positions = position_ids_from_mask(attention_mask)
-        hidden, _ = self.engine(embeds, attention_mask, positions, plan, latency_positions, gated=True)
+        layout = self._layout(image_mask)
+        hidden, _ = self.engine(
+            embeds, attention_mask, positions, plan, latency_positions, gated=True, token_selector=self.token_selector, layout=layout
+        )
+        if layout is not None and layout.source_index is not None:  # tokens dropped inside the LLM: labels follow
+            labels = gather_positions(labels, layout.source_index, IGNORE_INDEX)
         logits = self.backbone.lm_head(self.backbone.final_norm(hidden))
         return logits, labels
 
@@ -188,28 +230,34 @@ class AdaptiveMLLM(L.LightningModule):
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost."""
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
         batch_size = prompt_ids.shape[0]
-        embeds = embed_multimodal(self.backbone, prompt_ids, batch.get("pixel_values"))
+        inputs = embed_selected(self.backbone, prompt_ids, prompt_mask, batch.get("pixel_values"), self.token_selector)
+        embeds, prompt_mask, image_mask = inputs.embeds, inputs.attention_mask, inputs.image_mask
         plan = None
         latency_positions = None
         seq_lens = prompt_mask.sum(-1) + int(self._uses_latency_token())
+        layer_tokens = self._layer_tokens(seq_lens, image_mask)
         budgets = torch.as_tensor(budget, dtype=torch.float32, device=prompt_ids.device).expand(batch_size)
         if self.scheduler is not None:
-            self.scheduler.check_budgets(budgets, seq_lens)
+            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
             if self._uses_latency_token():
-                latency_positions = torch.full((batch_size,), prompt_ids.shape[1], device=prompt_ids.device)
-                token = self.scheduler.latency_token(budgets, seq_lens)
+                latency_positions = torch.full((batch_size,), embeds.shape[1], device=prompt_ids.device)
+                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
                 embeds, prompt_mask, _ = insert_token(embeds, token, latency_positions, prompt_mask)
-            plan = self._plan_request(budgets, seq_lens)
+                image_mask = insert_column(image_mask, latency_positions, False)
+            plan = self._plan_request(budgets, seq_lens, layer_tokens)
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, embeds, prompt_mask, self.max_new_tokens, stop, plan, latency_positions
+            self.engine, embeds, prompt_mask, self.max_new_tokens, stop, plan, latency_positions, self.token_selector, image_mask
         )
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
         if self.scheduler is not None and result.plan is not None:
             cost = self.scheduler.cost
-            flops = cost.plan_flops(result.plan, seq_lens)
-            full = torch.tensor([cost.full_flops(int(n)) for n in seq_lens], dtype=flops.dtype, device=flops.device)
+            flops = cost.plan_flops(result.plan, seq_lens, layer_tokens)
+            tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
+            full = torch.tensor(
+                [cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=flops.dtype, device=flops.device
+            )
             flops_fraction = (flops / full).mean().item()
             units = result.plan.units.float().mean().item() if result.plan.units is not None else float("nan")
         else:

@@ -200,3 +200,21 @@ def test_bad_arguments() -> None:
         cost.full_flops(5, [5, 5, 5])
     with pytest.raises(ValueError, match="units_per_layer"):
         cost.unit_flops(5, units_per_layer=3)
+
+
+def test_fastv_layer_tokens_keep_plans_within_budget() -> None:
+    """FastV's count of the tokens reaching each layer, fed to the cost model: any plan of k units fits."""
+    from adaptive_mllm.token_selection import FastV
+
+    cost = CostModel(MHA, num_prefix_layers=2)
+    seq_lens, images = torch.tensor([40, 600, 13]), torch.tensor([16, 576, 0])
+    tokens = FastV(layer_index=2, drop_ratio=0.5).layer_tokens(seq_lens, images, MHA.num_layers)
+    assert tokens.tolist() == [[40, 40] + [32] * 6, [600, 600] + [312] * 6, [13] * 8]
+    for budget in torch.linspace(0.55, 1.0, 10).tolist():
+        budgets = torch.full((3,), budget, dtype=torch.float64)
+        k = cost.units_for_budget(budgets, seq_lens, layer_tokens=tokens)
+        for row in range(3):
+            mask = torch.zeros(1, 6)
+            mask[0, : int(k[row])] = 1
+            flops = cost.plan_flops(ExecutionPlan(2, mask), seq_lens[row : row + 1], tokens[row : row + 1])
+            assert float(flops) <= budget * cost.full_flops(int(seq_lens[row]), tokens[row].tolist())

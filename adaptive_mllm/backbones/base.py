@@ -47,6 +47,7 @@ class VisualFeatures:
     features: torch.Tensor  # [B, N, C_vision], the features the projector consumes
     cls_attention: torch.Tensor | None = None  # [B, N], CLS -> patch attention (PruMerge)
     keys: torch.Tensor | None = None  # [B, N, C_vision], patch keys (PruMerge similarity)
+    token_mask: torch.Tensor | None = None  # [B, N] bool, real tokens once a selector kept different counts; None = all
 
 
 @dataclass
@@ -118,8 +119,9 @@ class Backbone(nn.Module, ABC):
         """PIL image -> pixel tensor [3, H, W] as this vision tower expects it."""
 
     @abstractmethod
-    def encode_images(self, pixel_values: torch.Tensor) -> VisualFeatures:
-        """[B, 3, H, W] -> patch features for the projector."""
+    def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
+        """[B, 3, H, W] -> patch features for the projector; with ``with_attention`` also the CLS
+        attention and the keys a token selector such as PruMerge reads."""
 
     @abstractmethod
     def project(self, features: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Two ways in, one code path:
 - ``checkpoint``: a local directory in the transformers LLaVA layout (``config.json`` of
   ``model_type: llava``, ``*.safetensors``, tokenizer files, ``preprocessor_config.json``), as
   ``llava-hf/llava-1.5-7b-hf`` is published and as :meth:`LlavaBackbone.save_pretrained` writes it;
+  or in the original LLaVA release layout (``liuhaotian/llava-v1.5-7b``) with ``vision_tower`` a local
+  CLIP directory, mapped onto the same transformers modules by :mod:`.llava_release`;
 - ``config``: sizes for a freshly initialised model (the tiny path), with ``tokenizer`` a local
   tokenizer directory.
 Nothing is ever downloaded. Weights are created or loaded in :meth:`build` (called from the
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tokenizers import AddedToken
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -29,10 +32,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adaptive_mllm.backbones import llava_release
 from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.templates import ChatTemplate, plain_chat, vicuna_v1
+from adaptive_mllm.backbones.templates import ChatTemplate, llava_v1, plain_chat, vicuna_v1
 
-_TEMPLATES = {"vicuna_v1": vicuna_v1, "plain_chat": plain_chat}
+_TEMPLATES = {"vicuna_v1": vicuna_v1, "llava_v1": llava_v1, "plain_chat": plain_chat}
 IMAGE_TOKEN = "<image>"
 
 
@@ -44,7 +48,10 @@ class LlavaBackbone(Backbone):
     """LLaVA-1.5 style backbone.
 
     Args:
-        checkpoint: local directory in the transformers LLaVA layout; mutually exclusive with ``config``.
+        checkpoint: local directory in the transformers LLaVA layout or the original LLaVA release layout;
+            mutually exclusive with ``config``.
+        vision_tower: local CLIP directory (transformers CLIPVisionModel / CLIPModel layout); needed by the
+            release layout only, whose config.json names the tower by hub id.
         config: ``{"vision": CLIPVisionConfig kwargs, "text": LlamaConfig kwargs, "vision_feature_layer": int,
             "projector_hidden_act": str}`` for a freshly initialised model.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
@@ -59,6 +66,7 @@ class LlavaBackbone(Backbone):
     def __init__(
         self,
         checkpoint: str | None = None,
+        vision_tower: str | None = None,
         config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         template: str = "vicuna_v1",
@@ -74,6 +82,8 @@ class LlavaBackbone(Backbone):
         if template not in _TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; known: {sorted(_TEMPLATES)}")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.vision_tower = None if vision_tower is None else Path(vision_tower)
+        self.release_layout = False  # set by _read_config for an original LLaVA release directory
         self.tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.checkpoint
         if self.tokenizer_dir is None:
             raise ValueError("LlavaBackbone(config=...) needs `tokenizer`: a local tokenizer directory")
@@ -114,10 +124,17 @@ class LlavaBackbone(Backbone):
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+        if llava_release.is_release_config(raw):
+            self.release_layout = True
+            try:
+                return llava_release.release_llava_config(config_file, raw, self.vision_tower)
+            except llava_release.ReleaseLayoutError as error:
+                raise CheckpointError(str(error)) from error
         if raw.get("model_type") != "llava":
             raise CheckpointError(
                 f"{config_file} has model_type {raw.get('model_type')!r}, expected 'llava' "
-                "(the transformers LLaVA layout, as llava-hf/llava-1.5-7b-hf is published)"
+                "(the transformers LLaVA layout, as llava-hf/llava-1.5-7b-hf is published, or "
+                f"{llava_release.RELEASE_LAYOUT})"
             )
         if raw.get("text_config", {}).get("model_type", "llama") != "llama":
             raise CheckpointError(f"{config_file}: text_config.model_type must be 'llama' for LlavaBackbone")
@@ -131,7 +148,9 @@ class LlavaBackbone(Backbone):
         if self.model is not None:
             return
         tokenizer = self.tokenizer
-        if self.checkpoint is not None:
+        if self.release_layout:
+            model = self._load_release(tokenizer)
+        elif self.checkpoint is not None:
             if not any(self.checkpoint.glob("*.safetensors")):
                 raise CheckpointError(f"{self.checkpoint} holds no *.safetensors weight file")
             model = LlavaForConditionalGeneration.from_pretrained(
@@ -155,8 +174,21 @@ class LlavaBackbone(Backbone):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 model = LlavaForConditionalGeneration(config).to(self.torch_dtype)
+        model.train()  # from_pretrained hands back eval mode; a built backbone starts in train mode either way
         self.llava_config = model.config
         self.model = model
+
+    def _load_release(self, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+        """The original release layout: vocabulary grown by the added <image> token, weights mapped by name."""
+        config = self.llava_config
+        config.text_config.vocab_size = len(tokenizer)
+        config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        try:
+            return llava_release.load_release_model(
+                self.checkpoint, self.vision_tower, config, self.torch_dtype, self.attn_implementation
+            )
+        except llava_release.ReleaseLayoutError as error:
+            raise CheckpointError(str(error)) from error
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -165,6 +197,9 @@ class LlavaBackbone(Backbone):
             if not directory.is_dir():
                 raise CheckpointError(f"tokenizer directory {directory} does not exist")
             tokenizer = AutoTokenizer.from_pretrained(directory)
+            if self.release_layout and IMAGE_TOKEN not in tokenizer.get_vocab():
+                # the release splices images in at a sentinel id; transformers' LLaVA needs a real token
+                tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
             if IMAGE_TOKEN not in tokenizer.get_vocab():
                 raise CheckpointError(f"the tokenizer in {directory} has no {IMAGE_TOKEN} token")
             self._tokenizer = tokenizer
@@ -173,8 +208,9 @@ class LlavaBackbone(Backbone):
     @property
     def image_processor(self) -> CLIPImageProcessor:
         if self._image_processor is None:
-            if self.checkpoint is not None and (self.checkpoint / "preprocessor_config.json").is_file():
-                self._image_processor = CLIPImageProcessor.from_pretrained(self.checkpoint)
+            found = [d for d in (self.checkpoint, self.vision_tower) if d and (d / "preprocessor_config.json").is_file()]
+            if found:
+                self._image_processor = CLIPImageProcessor.from_pretrained(found[0])
             else:
                 size = self.llava_config.vision_config.image_size
                 self._image_processor = CLIPImageProcessor(
@@ -208,11 +244,22 @@ class LlavaBackbone(Backbone):
             image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def encode_images(self, pixel_values: torch.Tensor) -> VisualFeatures:
+    def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         tower = self.model.model.vision_tower
         outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
         selected = outputs.hidden_states[self.llava_config.vision_feature_layer]  # [B, 1 + N, C]
-        return VisualFeatures(features=selected[:, 1:])
+        if not with_attention:
+            return VisualFeatures(features=selected[:, 1:])
+        # As the PruMerge release reads it: the q / k projections of the tower's last encoder layer, on
+        # what that layer's attention sees (layer_norm1 of the penultimate hidden states), attention over
+        # the whole width (not per head), scaled by 1 / sqrt(C); only the CLS query row is needed.
+        last = getattr(tower, "vision_model", tower).encoder.layers[-1]  # CLIPVisionModel or its transformer
+        x = last.layer_norm1(outputs.hidden_states[-2])  # [B, 1 + N, C]
+        queries = last.self_attn.q_proj(x[:, :1])  # [B, 1, C]
+        keys = last.self_attn.k_proj(x)  # [B, 1 + N, C]
+        scores = queries @ keys.transpose(1, 2) * keys.shape[-1] ** -0.5  # [B, 1, 1 + N]
+        cls_attention = scores.float().softmax(-1)[:, 0, 1:]  # [B, N], CLS -> patches
+        return VisualFeatures(features=selected[:, 1:], cls_attention=cls_attention, keys=keys[:, 1:])
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
