@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,7 @@ def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypa
     assert (runs / "checkpoints" / "last.ckpt").is_file()
     table = (runs / "test_results.md").read_text()
     assert "majority baseline" in table and "budget 0.6" in table and "overall" in table
+    assert (runs / "budget_curves.png").is_file() and (runs / "layer_usage.png").is_file()
 
     # resuming continues from the checkpoint's step instead of starting over
     main([*fit, "--trainer.max_steps=5", "--trainer.val_check_interval=5", f"--ckpt_path={runs / 'checkpoints' / 'last.ckpt'}"])
@@ -81,3 +83,19 @@ def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypa
 
     state = torch.load(runs / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 5
+
+
+def test_test_sweep_writes_table_csv_curves_and_heatmaps(in_tmp):
+    budgets = "[1.0,0.9,0.75,0.6]"
+    main(["test", "--config", str(RECIPE_DIR / "tiny-h.yaml"), *_small_data(), f"--model.eval_budgets={budgets}", "--trainer.logger=false"])
+    runs = in_tmp / "runs" / "tiny-h"
+    with open(runs / "test_results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["budget"]) for row in rows] == [1.0, 0.9, 0.75, 0.6]
+    fractions = [float(row["flops_fraction"]) for row in rows]
+    assert all(f <= b + 1e-9 for f, b in zip(fractions, [1.0, 0.9, 0.75, 0.6], strict=True))
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] < fractions[0]
+    assert {"overall", "units", "prefill_ms", "decode_ms_per_token"} <= set(rows[0])
+    for figure in ("budget_curves.png", "layer_usage.png", "group_usage.png"):
+        assert (runs / figure).read_bytes()[:4] == b"\x89PNG", figure
+    assert "decode ms / token" in (runs / "test_results.md").read_text()
