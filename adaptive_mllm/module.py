@@ -412,6 +412,8 @@ class AdaptiveMLLM(L.LightningModule):
 
     # --- predict ---------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        if batch["prompt_ids"].shape[0] == 0:  # every record of the batch was skipped as bad
+            return []
         out = self.generate(batch, self.budget)
         return [
             {"id": id_, "answer": answer, "budget": self.budget, "flops_fraction": out["flops_fraction"]}

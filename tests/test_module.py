@@ -116,3 +116,15 @@ def test_a_learned_scheduler_missing_from_the_checkpoint_fails_the_load(tokenize
     learned.on_load_checkpoint(checkpoint)
     with pytest.raises(RuntimeError, match="scheduler.latency_encoder"):
         learned.load_state_dict(checkpoint["state_dict"])
+
+
+def test_predict_answers_each_record_at_the_predict_budget_and_skips_empty_batches(tokenizer_dir):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
+    model.budget = 0.8
+    batch = _batch(model, QUESTIONS, ANSWERS)
+    out = model.predict_step(batch, 0)
+    assert [row["id"] for row in out] == batch["ids"]
+    assert all(row["budget"] == 0.8 and 0 < row["flops_fraction"] <= 0.8 for row in out)
+    assert [row["answer"] for row in out] == model.generate(batch, 0.8)["answers"]
+    empty = {key: value[:0] for key, value in batch.items()}
+    assert model.predict_step(empty, 1) == []
