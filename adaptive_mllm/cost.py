@@ -1,11 +1,12 @@
-"""Analytic prefill FLOPs of a Llama-style decoder, and budget -> number of scheduler units.
+"""Analytic prefill FLOPs of a Llama- or Phi-style decoder, and budget -> number of scheduler units.
 
 A budget ``b`` means: the prefill of this request may spend at most ``b`` times the FLOPs of the
 full model on the same request (same sequence length, same token selection). The count follows
 ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add, matrix products only):
 
-- per layer and token: q / k / v / o projections with the grouped-query sizes; gate / up / down of the
-  gated MLP; element-wise work (norms, rotary, SiLU, softmax, residuals) counts 0;
+- per layer and token: q / k / v / o projections with the grouped-query sizes; gate / up / down of a
+  gated MLP (Llama) or fc1 / fc2 of a plain one (Phi: ``DecoderShape.mlp_matrices`` = 2); biases and
+  element-wise work (norms, rotary, activations, softmax, residuals) count 0, as FlopCounterMode does;
 - attention scores ``Q K^T`` and ``A V`` are counted as **full** ``T x T`` products (no causal
   halving), because that is what SDPA kernels and FlopCounterMode count;
 - the LM head runs on the **last position only** (generation needs only that logit row);
@@ -13,7 +14,7 @@ full model on the same request (same sequence length, same token selection). The
 
 One key/value group (a kv head and the ``num_heads / num_kv_heads`` query heads that read it) costs,
 for ``T`` tokens, ``2 T H d (2 q + 2) + 4 T^2 q d`` (H hidden, d head dim, q queries per kv head);
-``n`` MLP neurons cost ``6 T H n``. A layer's cost is linear in the kept groups, which is what lets a
+``n`` MLP neurons cost ``2 m T H n`` (``m`` matrices: 6 T H n for Llama, 4 T H n for Phi). A layer's cost is linear in the kept groups, which is what lets a
 head-level plan be costed from its masks.
 
 Budgets become unit counts here, not in the schedulers, so that a plan **never** exceeds its budget:
@@ -68,8 +69,8 @@ class CostModel:
         return projections + attention
 
     def mlp_flops(self, tokens: int, neurons: int) -> int:
-        """``neurons`` intermediate neurons of the gated MLP: gate, up and down."""
-        return 6 * tokens * self.shape.hidden_size * neurons
+        """``neurons`` intermediate neurons of the MLP: gate, up and down (Llama) or fc1 and fc2 (Phi)."""
+        return 2 * self.shape.mlp_matrices * tokens * self.shape.hidden_size * neurons
 
     def lm_head_flops(self) -> int:
         """The LM head on the last position only."""
@@ -208,7 +209,7 @@ class CostModel:
             tokens = layer_tokens.to(device=device, dtype=torch.float64)  # [B, L]
         q = s.queries_per_kv
         attention_group = 2 * tokens * s.hidden_size * s.head_dim * (2 * q + 2) + 4 * tokens**2 * q * s.head_dim  # [B, L]
-        mlp_neuron = 6 * tokens * s.hidden_size  # [B, L]
+        mlp_neuron = 2 * s.mlp_matrices * tokens * s.hidden_size  # [B, L]
         full_layer = s.num_kv_heads * attention_group + s.intermediate_size * mlp_neuron  # [B, L]
 
         prefix = full_layer[:, : self.num_prefix_layers].sum(-1)  # [B]

@@ -16,8 +16,11 @@ so the selector can rank positions by the attention they received; the kept posi
 out of the sequence (``token_selection.compact``), keeping their rotary positions, and the later layers
 run, and cache, only those. See ``token_selection/base.py`` for how positions and labels follow.
 
-The weights are the backbone's own transformers modules (``LlamaDecoderLayer``); the engine only
-reads their parameters, so checkpoints stay in the transformers layout.
+The weights are the backbone's own transformers modules (``LlamaDecoderLayer``, ``PhiDecoderLayer``);
+the engine only reads their parameters, so checkpoints stay in the transformers layout. What differs
+between layer types (sequential or parallel residual, full or partial rotary, gated or plain MLP) is
+read through a small per-type adapter (:mod:`adaptive_mllm.layers`); the loop, gates, slices and cache
+here are the same for every architecture.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
 
 from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.layers import LayerAdapter, adapter_for
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.token_selection.base import (
     TokenLayout,
@@ -55,7 +58,7 @@ class PlanRequest:
 
 @dataclass
 class SlicedWeights:
-    """The kept rows/columns of one layer's projections (None: the whole matrix)."""
+    """The kept rows/columns of one layer's projections. ``mlp_in`` None: the whole MLP."""
 
     q: torch.Tensor
     q_bias: torch.Tensor | None
@@ -64,12 +67,13 @@ class SlicedWeights:
     v: torch.Tensor
     v_bias: torch.Tensor | None
     o: torch.Tensor
-    gate: torch.Tensor | None
-    gate_bias: torch.Tensor | None
-    up: torch.Tensor | None
-    up_bias: torch.Tensor | None
-    down: torch.Tensor | None
+    mlp_in: list[tuple[torch.Tensor, torch.Tensor | None]] | None  # (weight [n, H], bias [n]) per input projection
+    mlp_out: torch.Tensor | None  # [H, n], the output projection's kept columns
     num_kv_heads: int
+
+    @property
+    def num_neurons(self) -> int | None:
+        return None if self.mlp_in is None else self.mlp_in[0][0].shape[0]
 
 
 @dataclass
@@ -159,8 +163,7 @@ class Engine(nn.Module):
         received: list[torch.Tensor] | None = None
 
         for index, layer in enumerate(layers):
-            if not isinstance(layer, LlamaDecoderLayer):
-                raise TypeError(f"the engine does not know how to run {type(layer).__name__}")
+            adapter_for(layer)  # fails early, naming the layer type, for an architecture without adapter
             if index == drop_at:
                 # take the dropped tokens out of the sequence; the kept ones keep their rotary positions
                 keep = layout.keep
@@ -303,17 +306,20 @@ def _attention_mask(key_mask: torch.Tensor, length: int, past: int) -> torch.Ten
 
 
 def _slice_weights(
-    layer: LlamaDecoderLayer,
+    layer: nn.Module,
     num_kv_heads: int,
     kv_keep: torch.Tensor | None,
     mlp_keep: torch.Tensor | None,
     num_mlp_groups: int | None,
 ) -> SlicedWeights:
-    attn, mlp = layer.self_attn, layer.mlp
+    adapter = adapter_for(layer)
+    attn = layer.self_attn
+    q_proj, k_proj, v_proj, o_proj = adapter.projections(layer)
     head_dim = attn.head_dim
     queries_per_kv = attn.num_key_value_groups
+    device = q_proj.weight.device
     if kv_keep is None:
-        kv_keep = torch.arange(num_kv_heads, device=attn.q_proj.weight.device)
+        kv_keep = torch.arange(num_kv_heads, device=device)
     heads = (kv_keep[:, None] * queries_per_kv + torch.arange(queries_per_kv, device=kv_keep.device)).flatten()
     q_index = (heads[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
     kv_index = (kv_keep[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
@@ -322,22 +328,31 @@ def _slice_weights(
         bias = None if linear.bias is None else linear.bias[index]
         return linear.weight[index], bias
 
-    q, q_bias = rows(attn.q_proj, q_index)
-    k, k_bias = rows(attn.k_proj, kv_index)
-    v, v_bias = rows(attn.v_proj, kv_index)
-    o = attn.o_proj.weight[:, q_index]
-    gate = gate_bias = up = up_bias = down = None
+    q, q_bias = rows(q_proj, q_index)
+    k, k_bias = rows(k_proj, kv_index)
+    v, v_bias = rows(v_proj, kv_index)
+    o = o_proj.weight[:, q_index]
+    mlp_in = mlp_out = None
     if mlp_keep is not None:
-        group_size = mlp.intermediate_size // num_mlp_groups
+        output = adapter.mlp_output(layer)
+        group_size = output.in_features // num_mlp_groups
         neurons = (mlp_keep[:, None] * group_size + torch.arange(group_size, device=mlp_keep.device)).flatten()
-        gate, gate_bias = rows(mlp.gate_proj, neurons)
-        up, up_bias = rows(mlp.up_proj, neurons)
-        down = mlp.down_proj.weight[:, neurons]
-    return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, gate, gate_bias, up, up_bias, down, int(kv_keep.numel()))
+        mlp_in = [rows(linear, neurons) for linear in adapter.mlp_inputs(layer)]
+        mlp_out = output.weight[:, neurons]
+    return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, mlp_in, mlp_out, int(kv_keep.numel()))
+
+
+def _gated_linear(x: torch.Tensor, linear: nn.Linear, gate: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x)`` whose bias counts only for examples that keep at least one gated unit ([b, units]
+    gate), so a block with every unit off adds nothing, as the skipping path does by not running it."""
+    if gate is None or linear.bias is None:
+        return linear(x)
+    kept = gate.amax(-1)[:, None, None]  # [b, 1, 1], 1 where any unit is on (straight-through gradient)
+    return F.linear(x, linear.weight) + kept * linear.bias
 
 
 def _run_layer(
-    layer: LlamaDecoderLayer,
+    layer: nn.Module,
     hidden: torch.Tensor,  # [b, T, H]
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -349,22 +364,27 @@ def _run_layer(
     neuron_gate: torch.Tensor | None = None,  # [b, I]
     received: list[torch.Tensor] | None = None,  # given: compute attention explicitly, append [b, T, T_k]
 ) -> torch.Tensor:
-    """One Llama decoder layer: x + attn(norm(x)), then + mlp(norm(.)), honouring slices and gates.
+    """One decoder layer, honouring slices and gates. Sequential (Llama): x + attn(norm(x)), then
+    + mlp(norm(.)); parallel (Phi): x + attn(norm(x)) + mlp(norm(x)), one shared norm.
 
     With ``received`` the attention probabilities are computed explicitly (not by SDPA) and their mean
     over heads is appended to it: what a token selector ranks positions by."""
-    attn, mlp = layer.self_attn, layer.mlp
+    adapter: LayerAdapter = adapter_for(layer)
+    attn = layer.self_attn
+    q_proj, k_proj, v_proj, o_proj = adapter.projections(layer)
     sliced = group.weights
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
+    runs_attention = sliced is None or sliced.num_kv_heads > 0
+    runs_mlp = sliced is None or sliced.mlp_in is None or sliced.num_neurons > 0
+    x = adapter.input_norm(layer)(hidden) if runs_attention or adapter.parallel else None  # [b, T, H]
 
     # attention ----------------------------------------------------------------------------------
-    if sliced is None or sliced.num_kv_heads > 0:
-        x = layer.input_layernorm(hidden)
+    if runs_attention:
         if sliced is None:
-            q = attn.q_proj(x)
-            k = attn.k_proj(x)
-            v = attn.v_proj(x)
+            q = q_proj(x)
+            k = k_proj(x)
+            v = v_proj(x)
         else:
             q = F.linear(x, sliced.q, sliced.q_bias)
             k = F.linear(x, sliced.k, sliced.k_bias)
@@ -372,7 +392,8 @@ def _run_layer(
         q = q.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, heads, T, D]
         k = k.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, kv_heads, T, D]
         v = v.view(batch, length, -1, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = adapter.normalise_qk(layer, q, k)
+        q, k = adapter.rotate(layer, q, k, cos, sin)
         if use_cache:
             if group.keys is not None:
                 k = torch.cat([group.keys, k], dim=2)
@@ -398,19 +419,23 @@ def _run_layer(
         if head_gate is not None:
             out = out * head_gate[:, :, None, None]
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        out = attn.o_proj(out) if sliced is None else F.linear(out, sliced.o, attn.o_proj.bias)
+        out = _gated_linear(out, o_proj, head_gate) if sliced is None else F.linear(out, sliced.o, o_proj.bias)
+        out = adapter.residual_dropout(layer, out)
         hidden = hidden + (out if layer_gate is None else layer_gate * out)
 
     # MLP ----------------------------------------------------------------------------------------
-    if sliced is None or sliced.gate is None or sliced.gate.shape[0] > 0:
-        x = layer.post_attention_layernorm(hidden)
-        if sliced is None or sliced.gate is None:
-            activation = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [b, T, I]
+    if runs_mlp:
+        if not adapter.parallel:
+            x = adapter.post_attention_norm(layer)(hidden)  # sequential: the norm of the updated residual
+        output = adapter.mlp_output(layer)
+        if sliced is None or sliced.mlp_in is None:
+            activation = adapter.mlp_activation(layer, [linear(x) for linear in adapter.mlp_inputs(layer)])  # [b, T, I]
             if neuron_gate is not None:
                 activation = activation * neuron_gate[:, None, :]
-            out = mlp.down_proj(activation)
+            out = _gated_linear(activation, output, neuron_gate)
         else:
-            activation = mlp.act_fn(F.linear(x, sliced.gate, sliced.gate_bias)) * F.linear(x, sliced.up, sliced.up_bias)
-            out = F.linear(activation, sliced.down, mlp.down_proj.bias)
+            activation = adapter.mlp_activation(layer, [F.linear(x, w, b) for w, b in sliced.mlp_in])  # [b, T, n]
+            out = F.linear(activation, sliced.mlp_out, output.bias)  # the bias once, whatever was kept
+        out = adapter.residual_dropout(layer, out)
         hidden = hidden + (out if layer_gate is None else layer_gate * out)
     return hidden

@@ -218,3 +218,48 @@ def test_fastv_layer_tokens_keep_plans_within_budget() -> None:
             mask[0, : int(k[row])] = 1
             flops = cost.plan_flops(ExecutionPlan(2, mask), seq_lens[row : row + 1], tokens[row : row + 1])
             assert float(flops) <= budget * cost.full_flops(int(seq_lens[row]), tokens[row].tolist())
+
+
+# --- Phi (Mipha): fc1 / fc2 MLP, biases everywhere, partial rotary ---------------------------------------
+def phi(num_layers: int, num_heads: int, intermediate: int, qk_layernorm: bool = False):
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(num_hidden_layers=num_layers, hidden_size=64, num_attention_heads=num_heads, head_dim=16,
+                       intermediate_size=intermediate, vocab_size=100, partial_rotary_factor=0.5,
+                       qk_layernorm=qk_layernorm, attn_implementation="eager")
+    return PhiForCausalLM(config).eval()
+
+
+def phi_shape(num_layers: int = 4, num_heads: int = 4, intermediate: int = 128) -> DecoderShape:
+    return DecoderShape(num_layers=num_layers, hidden_size=64, num_heads=num_heads, num_kv_heads=num_heads, head_dim=16,
+                        intermediate_size=intermediate, vocab_size=100, mlp_matrices=2)
+
+
+@pytest.mark.parametrize("qk_layernorm", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_phi_full_flops_match_flop_counter(length: int, qk_layernorm: bool) -> None:
+    model = phi(4, 4, 128, qk_layernorm)
+    cost = CostModel(phi_shape(), num_prefix_layers=2)
+    counter = counted(model, batch=2, length=length)
+    assert counter.get_total_flops() == 2 * cost.full_flops(length)
+    assert sum(counter.get_flop_counts()["PhiForCausalLM.lm_head"].values()) == 2 * cost.lm_head_flops()
+    # the gated-MLP count would be wrong for Phi: the two-matrix MLP is what makes it exact
+    assert cost.mlp_flops(length, 128) == 4 * length * 64 * 128
+
+
+@pytest.mark.parametrize(("heads_kept", "mlp_kept"), [(1, 1), (1, 3), (2, 4), (3, 2)])
+def test_phi_partial_layer_matches_a_smaller_layer(heads_kept: int, mlp_kept: int) -> None:
+    """A Phi layer keeping ``heads_kept`` of 4 heads and ``mlp_kept`` of 4 MLP groups costs what a Phi layer
+    of exactly those sizes costs (what the engine's sliced fc1 / fc2 and q/k/v/dense compute)."""
+    cost = CostModel(phi_shape(), num_prefix_layers=2)
+    model = phi(1, heads_kept, mlp_kept * 128 // 4)
+    flops = counted(model, 1, 9).get_flop_counts()["PhiForCausalLM.model.layers.0"]
+    assert sum(flops.values()) == cost.layer_flops(9, heads_kept, mlp_kept, num_mlp_groups=4)
+
+
+def test_phi_plan_flops_count_two_mlp_matrices() -> None:
+    shape = phi_shape()
+    cost = CostModel(shape, num_prefix_layers=2)
+    plan = ExecutionPlan(2, torch.ones(1, 2), torch.ones(1, 2, 4), torch.tensor([[[1.0, 0, 0, 0], [1, 1, 1, 1]]]))
+    expected = cost.fixed_flops(5) + cost.layer_flops(5, 4, 1, 4) + cost.layer_flops(5)
+    assert float(cost.plan_flops(plan, torch.tensor([5]))[0]) == expected

@@ -1,6 +1,7 @@
-"""The real recipes (LLaVA-1.5-7B / -7B-H / -13B) parse and train one step, run exactly as a user would
-from a directory laid out as docs/checkpoints-and-data.md says, with tiny stand-ins in those places:
-a transformers-layout LLaVA of the real depth (32 / 40 layers, width 64) and a 6-record LLaVA JSON set."""
+"""The real recipes (LLaVA-1.5-7B / -7B-H / -13B, Mipha-3B) parse and train one step, run exactly as a user
+would from a directory laid out as docs/checkpoints-and-data.md says, with tiny stand-ins in those places:
+a transformers-layout LLaVA or a Mipha-release-layout Mipha of the real depth (32 / 40 layers, width 64) and
+a 6-record LLaVA JSON set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.conftest import tiny_config
 
 RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 REAL = {"llava7b.yaml": (32, "LayerScheduler", 16), "llava7b-h.yaml": (32, "HeadScheduler", 16),
-        "llava13b.yaml": (40, "LayerScheduler", 20)}
+        "llava13b.yaml": (40, "LayerScheduler", 20), "mipha3b.yaml": (32, "LayerScheduler", 16)}
+TEMPLATES = {"mipha3b.yaml": "phi_v0"}  # the others: vicuna_v1
 # what a user overrides to try a GPU recipe on one CPU process
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
           "--data.init_args.num_workers=0"]
@@ -59,11 +61,32 @@ def write_checkpoint(directory: Path, tokenizer_dir: Path, num_layers: int) -> N
     backbone.save_pretrained(directory)
 
 
+def write_mipha_checkpoint(directory: Path, num_layers: int) -> None:
+    """A Mipha-release-layout Mipha (SigLIP + projector + Phi) with the real depth, 8 heads, width 64, and a
+    Phi-2-like tokenizer (<|endoftext|> ends answers)."""
+    from adaptive_mllm.backbones import MiphaBackbone
+    from tests.backbones.mipha_layout import write_phi_tokenizer
+
+    tokenizer_dir = directory.parent / "phi-tokenizer"
+    tokenizer_dir.mkdir(parents=True)
+    write_phi_tokenizer(tokenizer_dir)
+    config = {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=16),
+              "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=8,
+                           max_position_embeddings=2048)}
+    backbone = MiphaBackbone(config=config, tokenizer=str(tokenizer_dir), template="phi_v0")
+    backbone.build()
+    backbone.save_pretrained(directory)
+
+
 def lay_out_standins(root: Path, recipe: str, tokenizer_dir: Path) -> None:
     """Put the stand-ins where ``recipe`` looks for the real checkpoint and data (relative to ``root``)."""
     config = yaml.safe_load((RECIPE_DIR / recipe).read_text())
     checkpoint = config["model"]["backbone"]["init_args"]["checkpoint"]
-    write_checkpoint(root / checkpoint, tokenizer_dir, REAL[recipe][0])
+    if config["model"]["backbone"]["class_path"].endswith("MiphaBackbone"):
+        write_mipha_checkpoint(root / checkpoint, REAL[recipe][0])
+    else:
+        write_checkpoint(root / checkpoint, tokenizer_dir, REAL[recipe][0])
     write_llava_data(root)
 
 
@@ -77,7 +100,8 @@ def test_real_recipe_trains_a_step_on_standins(recipe, tokenizer_dir, tmp_path, 
     assert cli.trainer.global_step == 1
     assert cli.model.backbone.shape.num_layers == num_layers
     assert type(cli.model.scheduler).__name__ == scheduler and cli.model.scheduler.num_prefix_layers == prefix
-    assert cli.model.backbone.max_length == 2048 and cli.model.backbone.chat_template.name == "vicuna_v1"
+    assert cli.model.backbone.max_length == 2048
+    assert cli.model.backbone.chat_template.name == TEMPLATES.get(recipe, "vicuna_v1")
     assert not any(p.requires_grad for p in cli.model.backbone.parameter_groups()["vision_tower"])
     assert all(p.requires_grad for p in cli.model.backbone.parameter_groups()["llm"])
 

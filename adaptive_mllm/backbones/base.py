@@ -34,6 +34,7 @@ class DecoderShape:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    mlp_matrices: int = 3  # weight matrices per MLP neuron: 3 for a gated MLP (gate, up, down), 2 for fc1 / fc2
 
     @property
     def queries_per_kv(self) -> int:

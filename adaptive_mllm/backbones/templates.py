@@ -166,3 +166,9 @@ def llava_v1() -> ChatTemplate:
 def plain_chat() -> ChatTemplate:
     """A short template without system prompt, for the tiny model's word-level tokenizer."""
     return ChatTemplate(name="plain_chat", system="", add_bos=True)
+
+
+def phi_v0() -> ChatTemplate:
+    """Mipha's ``conv_phi_v0`` (``--version v0``, also named ``phi`` / ``phi-2`` there): the vicuna system prompt
+    and roles, answers closed by Phi-2's ``<|endoftext|>``, no BOS token (Phi-2's tokenizer adds none)."""
+    return ChatTemplate(name="phi_v0", sep2="<|endoftext|>", add_bos=False)
