@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.layers import LayerAdapter, adapter_for
@@ -103,9 +104,12 @@ class PlanCache:
 class Engine(nn.Module):
     """Runs ``backbone.decoder_layers`` under a plan. Holds no weights of its own."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self._backbone = [backbone]  # a plain reference: the backbone's weights belong to the backbone
+        # recompute each layer in backward instead of keeping its activations (training memory); the
+        # engine calls the layers' sub-modules itself, so transformers' own switch would not apply
+        self.activation_checkpointing = activation_checkpointing
 
     @property
     def backbone(self) -> Backbone:
@@ -206,7 +210,12 @@ class Engine(nn.Module):
                 if cache is not None and first_prefill:
                     cache.groups.append([RowGroup(rows=None)])
                 entry = cache.groups[index][0] if cache is not None else None
-                hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry, received)
+                if self.activation_checkpointing and torch.is_grad_enabled() and cache is None and received is None:
+                    hidden = checkpoint(
+                        self._gated_layer, layer, hidden, cos, sin, mask, plan, scheduled, None, None, use_reentrant=False
+                    )
+                else:
+                    hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry, received)
                 continue
 
             if cache is not None and not first_prefill:

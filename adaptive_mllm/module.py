@@ -53,6 +53,8 @@ class AdaptiveMLLM(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the optimiser steps spent warming up.
         freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
+        activation_checkpointing: recompute each LLM layer in backward instead of storing its
+            activations: less memory for long sequences and big models, about one more forward of time.
     """
 
     def __init__(
@@ -68,12 +70,13 @@ class AdaptiveMLLM(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         freeze: list[str] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.scheduler = scheduler
         self.token_selector = token_selector
-        self.engine = Engine(backbone)
+        self.engine = Engine(backbone, activation_checkpointing)
         self.eval_budgets = list(eval_budgets) if eval_budgets is not None else [1.0]
         self.train_budget_range = tuple(train_budget_range)
         self.budget = budget

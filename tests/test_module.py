@@ -128,3 +128,35 @@ def test_predict_answers_each_record_at_the_predict_budget_and_skips_empty_batch
     assert [row["answer"] for row in out] == model.generate(batch, 0.8)["answers"]
     empty = {key: value[:0] for key, value in batch.items()}
     assert model.predict_step(empty, 1) == []
+
+
+@pytest.mark.parametrize("scheduler_class", [LayerScheduler, HeadScheduler])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer_dir, scheduler_class):
+    scheduler = scheduler_class(num_prefix_layers=3) if scheduler_class is LayerScheduler else scheduler_class(num_prefix_layers=3, rank=2)
+    model = _model(tokenizer_dir, scheduler)
+    batch = _batch(model, QUESTIONS, ANSWERS)
+    budgets = torch.tensor([1.0, 0.8, 0.7])
+
+    def loss_and_grads(checkpointing: bool):
+        model.engine.activation_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(0)  # the same Gumbel noise in both runs
+        logits, labels = model(batch, budgets)
+        loss = model._loss(logits, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain_loss, plain = loss_and_grads(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ckpt_loss, ckpt = loss_and_grads(True)
+    checkpointed_numel = sum(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss_and_grads(False)
+    assert checkpointed_numel < sum(saved)  # fewer activations kept for backward
+    assert torch.allclose(plain_loss, ckpt_loss, atol=1e-6)
+    assert plain.keys() == ckpt.keys() and any(n.startswith("scheduler.") for n in ckpt)
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-5), name
