@@ -197,7 +197,7 @@ def load_release_model(
                 unexpected.append(f"{path.name}: {key}")
                 continue
             if target in _VOCAB_KEYS:
-                tensor = _grow_rows(tensor, expected[target].shape[0], path, key)
+                tensor = grow_rows(tensor, expected[target].shape[0], path, key)
             if tensor.shape != expected[target].shape:
                 raise ReleaseLayoutError(
                     f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[target].shape)}"
@@ -215,12 +215,13 @@ def load_release_model(
     return model
 
 
-def _grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Tensor:
-    """Append mean rows for tokens the tokenizer gained (``<image>``), so they start neutral."""
+def grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Tensor:
+    """Append mean rows (or mean bias entries) for tokens the tokenizer gained beyond the checkpoint's
+    rows (``<image>``), so they start neutral."""
     extra = rows - tensor.shape[0]
     if extra < 0:
         raise ReleaseLayoutError(f"{path}: {key} has {tensor.shape[0]} rows, more than the vocabulary's {rows}")
     if extra == 0:
         return tensor
     mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
-    return torch.cat([tensor, mean.expand(extra, -1)])
+    return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])

@@ -42,7 +42,7 @@ from transformers.initialization import no_init_weights
 
 from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
 from adaptive_mllm.backbones.llava import CheckpointError, pad_to_square
-from adaptive_mllm.backbones.llava_release import ReleaseLayoutError, read_weights, weight_files
+from adaptive_mllm.backbones.llava_release import ReleaseLayoutError, grow_rows, read_weights, weight_files
 from adaptive_mllm.backbones.templates import ChatTemplate, phi_v0, plain_chat
 
 _TEMPLATES = {"phi_v0": phi_v0, "plain_chat": plain_chat}
@@ -419,7 +419,7 @@ def load_weights(model: MiphaModules, checkpoint: Path) -> None:
             part, name = target
             want = expected[part][name]
             if key in _VOCAB_KEYS:
-                tensor = _grow_rows(tensor, want.shape[0], path, key)
+                tensor = grow_rows(tensor, want.shape[0], path, key)
             if tensor.shape != want.shape:
                 raise ReleaseLayoutError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects {tuple(want.shape)}")
             mapped[part][name] = tensor
@@ -433,14 +433,3 @@ def load_weights(model: MiphaModules, checkpoint: Path) -> None:
             f"{checkpoint} does not match the Mipha modules: missing keys {missing}, unexpected keys {unexpected}; "
             f"expected {LAYOUT}"
         )
-
-
-def _grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Tensor:
-    """Append mean rows (or mean bias entries) for tokens the tokenizer gained beyond the checkpoint's rows."""
-    extra = rows - tensor.shape[0]
-    if extra < 0:
-        raise ReleaseLayoutError(f"{path}: {key} has {tensor.shape[0]} rows, more than the vocabulary's {rows}")
-    if extra == 0:
-        return tensor
-    mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
-    return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
