@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 
 from adaptive_mllm.cost import CostModel
 from adaptive_mllm.engine import PlanCache
@@ -53,9 +54,11 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
     text = torch.randint(0, vocab, (batch_size, prompt_length - placeholders), generator=generator)
     text[text == backbone.image_token_id] = 0
     ids = torch.cat([torch.full((batch_size, placeholders), backbone.image_token_id), text], dim=1)
-    size = backbone.llava_config.vision_config.image_size
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
-    return ids.to(device), images.to(device)
+    # a random image through the backbone's own preprocessing, so any backbone gets its input size
+    pixels = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()
+    image = backbone.input_processor().preprocess_image(Image.fromarray(pixels))  # [3, H, W]
+    images = image[None].expand(batch_size, -1, -1, -1).contiguous()
+    return ids.to(device), images.to(device=device, dtype=next(backbone.parameters()).dtype)
 
 
 def _measure_budget(

@@ -42,3 +42,22 @@ def test_benchmark_rejects_a_budget_below_the_prefix(tmp_path, monkeypatch):
                 "--budgets", "0.3", "--prompt_length", "24", "--repeats", "1",
             ]
         )  # fmt: skip
+
+
+def test_benchmark_runs_a_phi_backbone(tokenizer_dir):
+    from adaptive_mllm.backbones import MiphaBackbone
+    from adaptive_mllm.benchmark import run_benchmark
+    from adaptive_mllm.module import AdaptiveMLLM
+    from adaptive_mllm.schedulers import LayerScheduler
+
+    config = {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+    }
+    model = AdaptiveMLLM(MiphaBackbone(config=config, tokenizer=str(tokenizer_dir), template="plain_chat"), LayerScheduler(2))
+    model.configure_model()
+    rows = run_benchmark(model, [1.0, 0.7], prompt_length=12, repeats=1, decode_tokens=2)
+    by_budget = {row["budget"]: row for row in rows}
+    assert by_budget[0.7]["units"] < by_budget[1.0]["units"]
+    assert by_budget[0.7]["flops_fraction"] <= 0.7
+    assert by_budget["transformers"]["ratio"] > 0
