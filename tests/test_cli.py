@@ -60,7 +60,7 @@ def test_budget_outside_unit_range_fails_at_parse_time():
         build_cli(["--config", str(RECIPE_DIR / "tiny.yaml"), "--model.eval_budgets=[1.0,1.5]"], run=False)
 
 
-@pytest.mark.parametrize("recipe", ["tiny.yaml", "tiny-h.yaml"])
+@pytest.mark.parametrize("recipe", ["tiny.yaml", "tiny-h.yaml", "tiny-prumerge.yaml", "tiny-fastv.yaml"])
 def test_fast_dev_run_fit(recipe, in_tmp):
     main(["fit", "--config", str(RECIPE_DIR / recipe), "--trainer.fast_dev_run=2", *_small_data()])
     assert (in_tmp / "data" / "shapes-vqa" / "train.json").is_file()
