@@ -23,7 +23,7 @@ from adaptive_mllm.cost import CostModel
 from adaptive_mllm.engine import PlanCache
 from adaptive_mllm.inputs import embed_multimodal, embed_selected, insert_token, position_ids_from_mask
 from adaptive_mllm.module import AdaptiveMLLM
-from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.reporting import format_table
 from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector, insert_column
 
 
@@ -209,10 +209,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         "prefill / decode time vs budget and token selector (ratios to the plain full model: no selector, largest "
         "budget; FLOPs fraction: of the full model with the same selector)"
     )
-    if any(row.get("selector", "none") != "none" for row in rows):  # too wide for a terminal table
-        print(title + "\n" + format_table(header, table))
-    else:
-        print_table(title, header, table)
+    print(title + "\n" + format_table(header, table))  # Markdown: 11 columns are too wide for a terminal table
     for row in rows:
         if row["budget"] == "transformers":
             print(
