@@ -1,7 +1,8 @@
 """Project checkpoints: a trained AdaLLaVA model as a plain directory, shareable and usable without Lightning.
 
-Layout written by :func:`export_checkpoint` (the backbone's own layout at the top, so transformers and
-``LlavaBackbone(checkpoint=dir)`` read it as they read any LLaVA checkpoint)::
+Layout written by :func:`export_checkpoint` (the backbone's own layout at the top: for LLaVA the
+transformers layout, which transformers and ``LlavaBackbone(checkpoint=dir)`` read as any LLaVA
+checkpoint; for Mipha its release layout, read by ``MiphaBackbone(checkpoint=dir)``)::
 
     out_dir/
       config.json, model*.safetensors, tokenizer files, preprocessor_config.json   backbone (transformers LLaVA)
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.llava import LlavaBackbone
+from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.token_selection.base import TokenSelector
@@ -142,7 +144,7 @@ def _instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
 
 def _backbone_args(backbone: Backbone) -> dict[str, Any]:
     """What a backbone needs besides its weights to behave as it did (template, lengths, preprocessing)."""
-    if not isinstance(backbone, LlavaBackbone):
+    if not isinstance(backbone, (LlavaBackbone, MiphaBackbone)):
         raise NotImplementedError(f"export does not know {type(backbone).__name__}'s construction arguments yet")
     return {
         "template": backbone.template_name,

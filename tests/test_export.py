@@ -108,3 +108,27 @@ def test_export_command_from_a_trained_lightning_checkpoint(tokenizer_dir, tmp_p
     assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out_dir", str(tmp_path / "x")])
+
+
+def test_a_mipha_model_exports_and_loads_back(tokenizer_dir, tmp_path):
+    from adaptive_mllm.backbones import MiphaBackbone
+
+    config = {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+    }
+    module = AdaptiveMLLM(MiphaBackbone(config=config, tokenizer=str(tokenizer_dir), template="plain_chat"), LayerScheduler(2))
+    module.configure_model()
+    module.eval()
+    export_module(module, tmp_path / "export")
+    torch.manual_seed(123)
+    loaded = load_exported(tmp_path / "export")
+    assert isinstance(loaded.backbone, MiphaBackbone)
+    backbone = module.backbone
+    encoded = backbone.chat_template.encode(
+        [("<image>\nHow many shapes are there ?", "two")], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
+    )
+    ids = torch.tensor([encoded.input_ids] * 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([encoded.labels] * 2),
+             "prompt_lengths": torch.tensor([encoded.prompt_length] * 2), "pixel_values": random_images(2, 32)}
+    assert torch.equal(_logits(loaded, batch), _logits(module, batch))
