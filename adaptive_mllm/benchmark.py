@@ -1,7 +1,7 @@
 """`adaptive-mllm benchmark`: measured prefill and decode time against budget, beside the plan's
 analytic FLOPs fraction, and the full-budget time beside plain transformers with the same weights.
 
-Every figure is a ratio measured inside one run (machines are noisy); the median of ``repeats`` runs.
+Every figure is a ratio measured inside one run (machines are noisy): the median of ``repeats`` rounds,\neach round timing every configuration once, so that a slow spell hits all of them alike.
 With a token selector in the model, every budget is measured twice in the same run, with the selector
 and without it, and every ratio is taken to the plain full model (no selector, the largest budget).
 "prefill" is the LLM's prefill on the projected image features; the vision tower, the selector's
@@ -33,14 +33,18 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians(fns: dict[Any, Any], repeats: int, device: torch.device) -> dict[Any, float]:
+    """Median seconds of each function, timed round-robin (one call of each per round), so that a slow
+    spell of a shared machine hits every configuration alike instead of the one measured at that moment."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[Any, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        start = _now(device)
-        fn()
-        times.append(_now(device) - start)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            start = _now(device)
+            fn()
+            times[key].append(_now(device) - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +65,13 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
     return ids.to(device), images.to(device=device, dtype=next(backbone.parameters()).dtype)
 
 
-def _measure_budget(
+def _prepare_budget(
     model: AdaptiveMLLM, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, budget: float,
-    batch_size: int, decode_tokens: int, repeats: int, device: torch.device,
+    batch_size: int, decode_tokens: int, device: torch.device,
     image_mask: torch.Tensor | None = None, selector: TokenSelector | None = None,
-) -> dict[str, Any]:
-    """Median prefill and per-token decode time under one budget, and the plan's FLOPs fraction (of the
-    full model with the same token selection, and of the plain full model: no selector)."""
+) -> tuple[dict[str, Any], Any, Any]:
+    """The row of one budget (the plan's units and FLOPs fraction, of the full model with the same token
+    selection and of the plain full model: no selector), and its prefill and decode functions to time."""
     backbone, engine, scheduler = model.backbone, model.engine, model.scheduler
     budgets_t = torch.full((batch_size,), float(budget), device=device)
     run_embeds, run_mask, latency_positions = embeds, mask, None
@@ -94,7 +98,6 @@ def _measure_budget(
         )  # fmt: skip
         return backbone.lm_head(backbone.final_norm(hidden[:, -1:])), plan
 
-    prefill_s = _median_seconds(prefill, repeats, device)
     cache = PlanCache()
     logits, plan = prefill(cache)
     # what the prefill left in the cache, restored before every decoding run (tensors are never modified in place)
@@ -113,7 +116,6 @@ def _measure_budget(
             token = backbone.lm_head(backbone.final_norm(hidden)).argmax(-1)
             position = position + 1
 
-    decode_s = _median_seconds(decode, repeats, device) / decode_tokens
     cost = scheduler.cost if scheduler is not None else CostModel(backbone.shape, 0)
     tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
     full = torch.tensor([cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=torch.float64)
@@ -123,11 +125,11 @@ def _measure_budget(
         flops = cost.plan_flops(plan, seq_lens, layer_tokens).double().cpu()
         units = float(plan.units.float().mean()) if plan.units is not None else units
     plain = torch.tensor([cost.full_flops(int(n)) for n in ids.shape[1] + seq_lens - mask.sum(-1)], dtype=torch.float64)
-    return {
+    row = {
         "budget": budget, "selector": "none" if selector is None else type(selector).__name__, "units": units,
         "flops_fraction": float((flops / full).mean()), "flops_vs_plain": float((flops / plain).mean()),
-        "prefill_s": prefill_s, "decode_s": decode_s,
     }  # fmt: skip
+    return row, prefill, decode
 
 
 @torch.no_grad()
@@ -151,32 +153,37 @@ def run_benchmark(
         model.scheduler.check_budgets(torch.tensor(budgets, dtype=torch.float32), seq_len)
     # the model's token selector, and none, in the same run
     selectors = [model.token_selector] + ([None] if model.token_selector is not None else [])
-    rows = []
+    rows, encode_fns, prefill_fns, decode_fns = [], {}, {}, {}
     for selector in selectors:
         inputs = embed_selected(backbone, ids, mask, images, selector)
-        encode_s = _median_seconds(lambda selector=selector: embed_selected(backbone, ids, mask, images, selector), repeats, device)
+        encode_fns[id(selector)] = lambda selector=selector: embed_selected(backbone, ids, mask, images, selector)
         for budget in budgets:
-            row = _measure_budget(
-                model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, repeats, device,
+            row, prefill, decode = _prepare_budget(
+                model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, device,
                 inputs.image_mask, selector,
             )  # fmt: skip
-            row["encode_s"] = encode_s
             row["llm_tokens"] = float(inputs.attention_mask.sum(-1).float().mean())
+            row["_selector"] = id(selector)
+            prefill_fns[len(rows)], decode_fns[len(rows)] = prefill, decode
             rows.append(row)
+    if compare_transformers:
+        # same input embeddings, same weights: the backbone's own transformers forward, timed in the same rounds
+        hf = backbone.model
+        prefill_fns["transformers"] = lambda: hf(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, use_cache=True)
+    encode_s = _interleaved_medians(encode_fns, repeats, device)
+    prefill_s = _interleaved_medians(prefill_fns, repeats, device)
+    decode_s = _interleaved_medians(decode_fns, repeats, device)
+    for index, row in enumerate(rows):
+        row["encode_s"] = encode_s[row.pop("_selector")]
+        row["prefill_s"] = prefill_s[index]
+        row["decode_s"] = decode_s[index] / decode_tokens
     # ratios to the plain full model: no selector, the largest budget
     reference = max((row for row in rows if row["selector"] == "none"), key=lambda row: row["budget"])
     for row in rows:
         row["prefill_ratio"] = row["prefill_s"] / reference["prefill_s"]
         row["decode_ratio"] = row["decode_s"] / reference["decode_s"]
-
     if compare_transformers:
-        # same input embeddings, same weights: transformers' own Llama forward vs our full-budget prefill
-        hf = backbone.model
-
-        def hf_prefill():
-            return hf(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, use_cache=True)
-
-        hf_s = _median_seconds(hf_prefill, repeats, device)
+        hf_s = prefill_s["transformers"]
         rows.append({"budget": "transformers", "prefill_s": hf_s, "ratio": reference["prefill_s"] / hf_s})
     return rows
 
