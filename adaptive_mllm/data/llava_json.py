@@ -496,10 +496,14 @@ class LlavaDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=LlavaCollator(processor.pad_token_id),
+            collate_fn=self._collator(processor),
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
         )
+
+    def _collator(self, processor: InputProcessor) -> LlavaCollator:
+        """Pads and batches records; subclasses that carry extra per-record fields return their own."""
+        return LlavaCollator(processor.pad_token_id)
 
     def _pin_memory(self) -> bool:
         if self.trainer is not None:

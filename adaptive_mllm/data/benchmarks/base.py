@@ -210,19 +210,8 @@ class BenchmarkDataModule(LlavaDataModule):
         return super().question_kinds(self._split(split))
 
     # --- dataloaders -------------------------------------------------------------------------------------
-    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        processor = self.input_processor()
-        dataset.set_input_processor(processor)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,  # a benchmark is read in its files' order
-            num_workers=self.num_workers,
-            collate_fn=BenchmarkCollator(processor.pad_token_id, self.extra_fields),
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self._pin_memory(),
-        )
+    def _collator(self, processor: InputProcessor) -> BenchmarkCollator:
+        return BenchmarkCollator(processor.pad_token_id, self.extra_fields)
 
     def train_dataloader(self) -> DataLoader:
         raise RuntimeError(f"{type(self).__name__} is an evaluation benchmark: it has no training data")
