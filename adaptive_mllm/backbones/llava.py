@@ -111,19 +111,10 @@ class LlavaBackbone(Backbone):
                 vision_feature_select_strategy="default",
                 projector_hidden_act=config.get("projector_hidden_act", "gelu"),
             )
-        directory = self.checkpoint
-        config_file = directory / "config.json"
-        if not directory.is_dir():
-            raise CheckpointError(f"checkpoint directory {directory} does not exist")
-        if not config_file.is_file():
-            raise CheckpointError(
-                f"{config_file} is missing: expected a transformers LLaVA checkpoint directory "
-                "(config.json with model_type 'llava', *.safetensors, tokenizer files)"
-            )
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+        config_file, raw = read_config_json(
+            self.checkpoint,
+            "a transformers LLaVA checkpoint directory (config.json with model_type 'llava', *.safetensors, tokenizer files)",
+        )
         if llava_release.is_release_config(raw):
             self.release_layout = True
             try:
@@ -138,7 +129,7 @@ class LlavaBackbone(Backbone):
             )
         if raw.get("text_config", {}).get("model_type", "llama") != "llama":
             raise CheckpointError(f"{config_file}: text_config.model_type must be 'llama' for LlavaBackbone")
-        return LlavaConfig.from_pretrained(directory)
+        return LlavaConfig.from_pretrained(self.checkpoint)
 
     @property
     def is_built(self) -> bool:
@@ -238,11 +229,7 @@ class LlavaBackbone(Backbone):
 
     # --- image side ------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        processor = self.image_processor
-        image = image.convert("RGB")
-        if self.pad_to_square:
-            image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return preprocess_padded(self.image_processor, image, self.pad_to_square)
 
     def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         tower = self.model.model.vision_tower
@@ -322,3 +309,26 @@ def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+def read_config_json(directory: Path, expected: str) -> tuple[Path, dict]:
+    """``directory/config.json`` and its content, or a CheckpointError naming what is missing and the
+    layout ``expected``."""
+    config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: expected {expected}")
+    try:
+        return config_file, json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+
+
+def preprocess_padded(processor: Any, image: Image.Image, pad: bool) -> torch.Tensor:
+    """[3, H, W]: the image in RGB, padded to a square with the processor's mean colour when ``pad`` (as
+    LLaVA-1.5 and Mipha do), then the processor's resize and normalisation."""
+    image = image.convert("RGB")
+    if pad:
+        image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]

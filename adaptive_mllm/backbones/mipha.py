@@ -41,7 +41,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.llava import CheckpointError, pad_to_square
+from adaptive_mllm.backbones.llava import CheckpointError, preprocess_padded, read_config_json
 from adaptive_mllm.backbones.llava_release import ReleaseLayoutError, grow_rows, read_weights, weight_files
 from adaptive_mllm.backbones.templates import ChatTemplate, phi_v0, plain_chat
 
@@ -153,16 +153,7 @@ class MiphaBackbone(Backbone):
                 SiglipVisionConfig(**config.get("vision", {})),
                 config.get("vision_feature_layer", -2),
             )
-        directory = self.checkpoint
-        config_file = directory / "config.json"
-        if not directory.is_dir():
-            raise CheckpointError(f"checkpoint directory {directory} does not exist")
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file} is missing: expected {LAYOUT}")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+        config_file, raw = read_config_json(self.checkpoint, LAYOUT)
         return parse_config(config_file, raw)
 
     @property
@@ -238,11 +229,7 @@ class MiphaBackbone(Backbone):
 
     # --- image side ------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        processor = self.image_processor
-        image = image.convert("RGB")
-        if self.pad_to_square:
-            image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return preprocess_padded(self.image_processor, image, self.pad_to_square)
 
     def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         if with_attention:
