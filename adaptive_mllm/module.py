@@ -290,13 +290,13 @@ class AdaptiveMLLM(L.LightningModule):
             self.eval_metrics[key] = metric.to(self.device)
         return self.eval_metrics[key]
 
-    def _question_kinds(self, stage: str) -> list[str]:
-        """The groups usage is reported by; the same list on every process (DDP sums line up)."""
+    def _question_kinds(self, stage: str, sweep: BudgetSweep) -> list[str]:
+        """The groups usage is reported by: the datamodule's, the same list on every process (DDP sums line
+        up); else the kinds this process saw."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "question_kinds"):
             return list(datamodule.question_kinds(stage))
-        seen = {kind for stats in self._sweeps.get(stage, BudgetSweep()).stats.values() for kind in stats.kind_examples}
-        return sorted(seen)
+        return sorted({kind for stats in sweep.stats.values() for kind in stats.kind_examples})
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         if batch["input_ids"].shape[0] == 0:
@@ -337,7 +337,7 @@ class AdaptiveMLLM(L.LightningModule):
         """One row per budget (scores, FLOPs fraction, units, times), and the usage stats behind them."""
         shape = self.backbone.shape
         sweep = self._sweeps.pop(stage, BudgetSweep())
-        stats = sweep.synced(self._question_kinds(stage), shape.num_layers, shape.num_kv_heads)
+        stats = sweep.synced(self._question_kinds(stage, sweep), shape.num_layers, shape.num_kv_heads)
         rows = []
         for budget in self.eval_budgets:
             metric = self._metric(stage, budget)

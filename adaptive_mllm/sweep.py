@@ -42,9 +42,10 @@ def layer_usage(plan: ExecutionPlan | None, num_layers: int, batch_size: int) ->
     return usage
 
 
-def group_usage(plan: ExecutionPlan | None, num_layers: int, num_groups: int, batch_size: int) -> torch.Tensor:
-    """[B, L, G] 1 where the key/value group ran (a running layer without a head mask runs every group)."""
-    usage = layer_usage(plan, num_layers, batch_size)[:, :, None].expand(-1, -1, num_groups).clone()
+def group_usage(plan: ExecutionPlan | None, layers: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[B, L, G] 1 where the key/value group ran, from the plan and its :func:`layer_usage` ``layers`` [B, L]
+    (a running layer without a head mask runs every group)."""
+    usage = layers[:, :, None].expand(-1, -1, num_groups).clone()
     if plan is not None and plan.attention_mask is not None:
         usage[:, plan.num_prefix_layers :] *= (plan.attention_mask.detach().float().cpu() > 0.5).float()
     return usage
@@ -77,7 +78,7 @@ class BudgetSweep:
         stats.prefill_seconds += prefill_seconds
         stats.decode_seconds_per_token += decode_seconds_per_token
         layers = layer_usage(plan, num_layers, batch)  # [B, L]
-        groups = group_usage(plan, num_layers, num_groups, batch)  # [B, L, G]
+        groups = group_usage(plan, layers, num_groups)  # [B, L, G]
         for row, kind in enumerate(question_kinds):
             stats.layer_usage[kind] = stats.layer_usage.get(kind, torch.zeros(num_layers)) + layers[row]
             stats.group_usage[kind] = stats.group_usage.get(kind, torch.zeros(num_layers, num_groups)) + groups[row]
