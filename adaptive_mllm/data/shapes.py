@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,13 +169,24 @@ def sample_example(rng: np.random.Generator, kind: str, yes: bool = True) -> Exa
             return Example(shapes=shapes, kind=kind, question=asked[0], answer=asked[1])
 
 
-def generate_examples(num_examples: int, seed: int, split: str = "train") -> list[Example]:
+def check_question_kinds(question_kinds: Sequence[str]) -> tuple[str, ...]:
+    kinds = tuple(question_kinds)
+    unknown = [kind for kind in kinds if kind not in QUESTION_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"question_kinds={list(kinds)}: expected distinct kinds out of {list(QUESTION_KINDS)}")
+    return kinds
+
+
+def generate_examples(
+    num_examples: int, seed: int, split: str = "train", question_kinds: Sequence[str] = QUESTION_KINDS
+) -> list[Example]:
     """The examples of one split: kinds exactly balanced (and left-of answers split yes / no), then
     shuffled. Each split draws from its own stream, so resizing one split leaves the others unchanged."""
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    kinds = check_question_kinds(question_kinds)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]))
-    slots = [(QUESTION_KINDS[i % len(QUESTION_KINDS)], (i // len(QUESTION_KINDS)) % 2 == 0) for i in range(num_examples)]
+    slots = [(kinds[i % len(kinds)], (i // len(kinds)) % 2 == 0) for i in range(num_examples)]
     order = rng.permutation(num_examples)
     return [sample_example(rng, *slots[int(i)]) for i in order]
 
@@ -215,17 +227,20 @@ def _write_split(out_dir: Path, split: str, examples: list[Example]) -> list[dic
     return records
 
 
-def _meta(seed: int, sizes: dict[str, int]) -> dict:
+def _meta(seed: int, sizes: dict[str, int], question_kinds: Sequence[str]) -> dict:
     return {
         "dataset": "shapes-vqa",
         "format_version": FORMAT_VERSION,
         "seed": seed,
+        "question_kinds": list(question_kinds),
         "image_size": IMAGE_SIZE,
         **{f"num_{split}": sizes[split] for split in SPLITS},
     }
 
 
-def is_generated(out_dir: str | Path, num_train: int, num_val: int, num_test: int, seed: int = 0) -> bool:
+def is_generated(
+    out_dir: str | Path, num_train: int, num_val: int, num_test: int, seed: int = 0, question_kinds: Sequence[str] = QUESTION_KINDS
+) -> bool:
     """Whether ``out_dir`` already holds exactly this dataset (meta.json is written last)."""
     out_dir = Path(out_dir)
     meta_path = out_dir / META_FILE
@@ -235,7 +250,7 @@ def is_generated(out_dir: str | Path, num_train: int, num_val: int, num_test: in
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    expected = _meta(seed, {"train": num_train, "val": num_val, "test": num_test})
+    expected = _meta(seed, {"train": num_train, "val": num_val, "test": num_test}, question_kinds)
     files = [out_dir / f"{split}.json" for split in SPLITS] + [out_dir / TOKENIZER_DIR / "tokenizer.json"]
     return meta == expected and all(path.is_file() for path in files)
 
@@ -246,14 +261,16 @@ def generate_shapes_vqa(
     num_val: int = 1_000,
     num_test: int = 2_000,
     seed: int = 0,
+    question_kinds: Sequence[str] = QUESTION_KINDS,
 ) -> Path:
     """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
     ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``."""
+    question_kinds = check_question_kinds(question_kinds)
     out_dir = Path(out_dir)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     if any(size < 0 for size in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
-    if is_generated(out_dir, num_train, num_val, num_test, seed):
+    if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
         return out_dir
     meta_path = out_dir / META_FILE
     if meta_path.is_file():  # a different set of ours: clear it, so no stale image survives
@@ -264,9 +281,9 @@ def generate_shapes_vqa(
     template = plain_chat()
     texts = []
     for split in SPLITS:
-        records = _write_split(out_dir, split, generate_examples(sizes[split], seed, split))
+        records = _write_split(out_dir, split, generate_examples(sizes[split], seed, split, question_kinds))
         _write_json(out_dir / f"{split}.json", records)
         texts += [template.render([(r["conversations"][0]["value"], r["conversations"][1]["value"])]) for r in records]
     train_word_tokenizer(texts, out_dir / TOKENIZER_DIR, template=template)
-    _write_json(meta_path, _meta(seed, sizes))
+    _write_json(meta_path, _meta(seed, sizes, question_kinds))
     return out_dir

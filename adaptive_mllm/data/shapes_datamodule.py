@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from adaptive_mllm.data.llava_json import LlavaDataModule
-from adaptive_mllm.data.shapes import IMAGE_DIR, TOKENIZER_DIR, generate_shapes_vqa, is_generated
+from adaptive_mllm.data.shapes import IMAGE_DIR, QUESTION_KINDS, TOKENIZER_DIR, check_question_kinds, generate_shapes_vqa, is_generated
 
 
 class ShapesVQADataModule(LlavaDataModule):
@@ -21,6 +22,7 @@ class ShapesVQADataModule(LlavaDataModule):
         num_val: validation examples.
         num_test: test examples.
         seed: generation seed; the same seed gives byte-identical files.
+        question_kinds: which kinds of question to ask, in equal shares (any of colour, shape, count, left_of).
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size; None = ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -34,6 +36,7 @@ class ShapesVQADataModule(LlavaDataModule):
         num_val: int = 1_000,
         num_test: int = 2_000,
         seed: int = 0,
+        question_kinds: Sequence[str] = QUESTION_KINDS,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -56,6 +59,7 @@ class ShapesVQADataModule(LlavaDataModule):
         self.num_val = num_val
         self.num_test = num_test
         self.seed = seed
+        self.kinds_to_ask = check_question_kinds(question_kinds)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -63,12 +67,13 @@ class ShapesVQADataModule(LlavaDataModule):
 
     def prepare_data(self) -> None:
         """Generate the set unless ``meta.json`` says it is already there (then this is instant)."""
-        generate_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed)
+        generate_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask)
 
     def setup(self, stage: str) -> None:
-        if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed):
+        if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask):
             raise RuntimeError(
                 f"{self.data_dir} does not hold the shapes-VQA set asked for (sizes {self.num_train} / "
-                f"{self.num_val} / {self.num_test}, seed {self.seed}): call prepare_data() first"
+                f"{self.num_val} / {self.num_test}, seed {self.seed}, kinds {list(self.kinds_to_ask)}): "
+                "call prepare_data() first"
             )
         super().setup(stage)

@@ -201,3 +201,21 @@ def test_shapes_datamodule(shapes_sizes, shapes_dir, processor, tmp_path):
     baseline = datamodule.majority_baseline("test")
     assert set(baseline) == {"overall", *QUESTION_KINDS} and all(0 <= v <= 1 for v in baseline.values())
     assert isinstance(datamodule.train_dataloader().collate_fn, LlavaCollator)
+
+
+def test_a_subset_of_question_kinds_is_asked_in_equal_shares_and_regenerates(shapes_sizes, shapes_dir, tmp_path):
+    examples = generate_examples(300, seed=3, question_kinds=["colour", "count", "shape"])
+    assert Counter(e.kind for e in examples) == {"colour": 100, "count": 100, "shape": 100}
+    for bad in ([], ["colour", "colour"], ["size"]):
+        with pytest.raises(ValueError, match="expected distinct kinds out of"):
+            generate_examples(4, seed=3, question_kinds=bad)
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    datamodule = ShapesVQADataModule(data_dir=str(directory), question_kinds=["count"], **shapes_sizes)
+    with pytest.raises(RuntimeError, match=r"kinds \['count'\]"):
+        datamodule.setup("test")  # the set on disk asks all four kinds
+    datamodule.prepare_data()
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["question_kinds"] == ["count"]
+    records = json.loads((directory / "test.json").read_text())
+    assert {r["question_kind"] for r in records} == {"count"}
