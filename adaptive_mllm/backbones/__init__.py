@@ -1,5 +1,6 @@
 from adaptive_mllm.backbones.base import Backbone, DecoderShape, InputProcessor, VisualFeatures
-from adaptive_mllm.backbones.llava import CheckpointError, LlavaBackbone
+from adaptive_mllm.backbones.llava import LlavaBackbone
+from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.backbones.templates import ChatTemplate
 

@@ -14,16 +14,13 @@ LightningModule's ``configure_model``), so parsing a recipe stays instant.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tokenizers import AddedToken
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -33,18 +30,12 @@ from transformers import (
 )
 
 from adaptive_mllm.backbones import llava_release
-from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.templates import ChatTemplate, llava_v1, plain_chat, vicuna_v1
-
-_TEMPLATES = {"vicuna_v1": vicuna_v1, "llava_v1": llava_v1, "plain_chat": plain_chat}
-IMAGE_TOKEN = "<image>"
+from adaptive_mllm.backbones.base import DecoderShape, VisualFeatures
+from adaptive_mllm.backbones.local import IMAGE_TOKEN, CheckpointError, LocalBackbone, read_config_json
+from adaptive_mllm.backbones.templates import llava_v1, plain_chat, vicuna_v1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing or not in the layout this backbone reads."""
-
-
-class LlavaBackbone(Backbone):
+class LlavaBackbone(LocalBackbone):
     """LLaVA-1.5 style backbone.
 
     Args:
@@ -63,6 +54,8 @@ class LlavaBackbone(Backbone):
         attn_implementation: transformers attention backend of the reference modules (``sdpa`` or ``eager``).
     """
 
+    templates = {"vicuna_v1": vicuna_v1, "llava_v1": llava_v1, "plain_chat": plain_chat}
+
     def __init__(
         self,
         checkpoint: str | None = None,
@@ -76,28 +69,12 @@ class LlavaBackbone(Backbone):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
     ) -> None:
-        super().__init__()
-        if (checkpoint is None) == (config is None):
-            raise ValueError("LlavaBackbone needs exactly one of `checkpoint` (a local directory) or `config` (sizes)")
-        if template not in _TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; known: {sorted(_TEMPLATES)}")
-        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        super().__init__(checkpoint, config, tokenizer, template, pad_to_square, seed, dtype, attn_implementation)
         self.vision_tower = None if vision_tower is None else Path(vision_tower)
         self.release_layout = False  # set by _read_config for an original LLaVA release directory
-        self.tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.checkpoint
-        if self.tokenizer_dir is None:
-            raise ValueError("LlavaBackbone(config=...) needs `tokenizer`: a local tokenizer directory")
-        self.template_name = template
-        self.pad_to_square = pad_to_square
-        self.seed = seed
-        self.torch_dtype = getattr(torch, dtype)
-        self.attn_implementation = attn_implementation
         self.llava_config = self._read_config(config)
-        text = self.llava_config.text_config
-        self._max_length = max_length or text.max_position_embeddings
+        self._max_length = max_length or self.llava_config.text_config.max_position_embeddings
         self.model: LlavaForConditionalGeneration | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._image_processor: CLIPImageProcessor | None = None
 
     # --- construction ----------------------------------------------------------------------------
     def _read_config(self, config: dict[str, Any] | None) -> LlavaConfig:
@@ -130,10 +107,6 @@ class LlavaBackbone(Backbone):
         if raw.get("text_config", {}).get("model_type", "llama") != "llama":
             raise CheckpointError(f"{config_file}: text_config.model_type must be 'llama' for LlavaBackbone")
         return LlavaConfig.from_pretrained(self.checkpoint)
-
-    @property
-    def is_built(self) -> bool:
-        return self.model is not None
 
     def build(self) -> None:
         if self.model is not None:
@@ -184,15 +157,12 @@ class LlavaBackbone(Backbone):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            directory = self.tokenizer_dir
-            if not directory.is_dir():
-                raise CheckpointError(f"tokenizer directory {directory} does not exist")
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer = self._load_tokenizer()
             if self.release_layout and IMAGE_TOKEN not in tokenizer.get_vocab():
                 # the release splices images in at a sentinel id; transformers' LLaVA needs a real token
                 tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
             if IMAGE_TOKEN not in tokenizer.get_vocab():
-                raise CheckpointError(f"the tokenizer in {directory} has no {IMAGE_TOKEN} token")
+                raise CheckpointError(f"the tokenizer in {self.tokenizer_dir} has no {IMAGE_TOKEN} token")
             self._tokenizer = tokenizer
         return self._tokenizer
 
@@ -211,26 +181,11 @@ class LlavaBackbone(Backbone):
 
     # --- text side -------------------------------------------------------------------------------
     @property
-    def chat_template(self) -> ChatTemplate:
-        return _TEMPLATES[self.template_name]()
-
-    @property
-    def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    @property
     def num_image_tokens(self) -> int:
         vision = self.llava_config.vision_config
         return (vision.image_size // vision.patch_size) ** 2
 
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
     # --- image side ------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return preprocess_padded(self.image_processor, image, self.pad_to_square)
-
     def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         tower = self.model.model.vision_tower
         outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
@@ -298,37 +253,3 @@ class LlavaBackbone(Backbone):
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-
-
-def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
-    """LLaVA-1.5's ``expand2square``: centre the image on a square canvas of the mean colour."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def read_config_json(directory: Path, expected: str) -> tuple[Path, dict]:
-    """``directory/config.json`` and its content, or a CheckpointError naming what is missing and the
-    layout ``expected``."""
-    config_file = directory / "config.json"
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} is missing: expected {expected}")
-    try:
-        return config_file, json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
-
-
-def preprocess_padded(processor: Any, image: Image.Image, pad: bool) -> torch.Tensor:
-    """[3, H, W]: the image in RGB, padded to a square with the processor's mean colour when ``pad`` (as
-    LLaVA-1.5 and Mipha do), then the processor's resize and normalisation."""
-    image = image.convert("RGB")
-    if pad:
-        image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tokenizers import AddedToken
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     PhiConfig,
     PhiForCausalLM,
     PreTrainedTokenizerBase,
@@ -40,13 +38,11 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from adaptive_mllm.backbones.base import Backbone, DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.llava import CheckpointError, preprocess_padded, read_config_json
+from adaptive_mllm.backbones.base import DecoderShape, VisualFeatures
 from adaptive_mllm.backbones.llava_release import ReleaseLayoutError, grow_rows, read_weights, weight_files
-from adaptive_mllm.backbones.templates import ChatTemplate, phi_v0, plain_chat
+from adaptive_mllm.backbones.local import IMAGE_TOKEN, CheckpointError, LocalBackbone, read_config_json
+from adaptive_mllm.backbones.templates import phi_v0, plain_chat
 
-_TEMPLATES = {"phi_v0": phi_v0, "plain_chat": plain_chat}
-IMAGE_TOKEN = "<image>"
 MODEL_TYPE = "mipha_phi"
 ARCHITECTURE = "MiphaPhiForCausalLM"
 LAYOUT = (
@@ -95,7 +91,7 @@ class MiphaModules(nn.Module):
         return self.llm(**kwargs)
 
 
-class MiphaBackbone(Backbone):
+class MiphaBackbone(LocalBackbone):
     """Mipha (SigLIP + MLP projector + Phi-2).
 
     Args:
@@ -113,6 +109,8 @@ class MiphaBackbone(Backbone):
         attn_implementation: transformers attention backend of the reference modules (``sdpa`` or ``eager``).
     """
 
+    templates = {"phi_v0": phi_v0, "plain_chat": plain_chat}
+
     def __init__(
         self,
         checkpoint: str | None = None,
@@ -125,25 +123,10 @@ class MiphaBackbone(Backbone):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
     ) -> None:
-        super().__init__()
-        if (checkpoint is None) == (config is None):
-            raise ValueError("MiphaBackbone needs exactly one of `checkpoint` (a local directory) or `config` (sizes)")
-        if template not in _TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; known: {sorted(_TEMPLATES)}")
-        self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.checkpoint
-        if self.tokenizer_dir is None:
-            raise ValueError("MiphaBackbone(config=...) needs `tokenizer`: a local tokenizer directory")
-        self.template_name = template
-        self.pad_to_square = pad_to_square
-        self.seed = seed
-        self.torch_dtype = getattr(torch, dtype)
-        self.attn_implementation = attn_implementation
+        super().__init__(checkpoint, config, tokenizer, template, pad_to_square, seed, dtype, attn_implementation)
         self.text_config, self.vision_config, self.vision_feature_layer = self._read_config(config)
         self._max_length = max_length or self.text_config.max_position_embeddings
         self.model: MiphaModules | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._image_processor: SiglipImageProcessor | None = None
 
     # --- construction ----------------------------------------------------------------------------
     def _read_config(self, config: dict[str, Any] | None) -> tuple[PhiConfig, SiglipVisionConfig, int]:
@@ -155,10 +138,6 @@ class MiphaBackbone(Backbone):
             )
         config_file, raw = read_config_json(self.checkpoint, LAYOUT)
         return parse_config(config_file, raw)
-
-    @property
-    def is_built(self) -> bool:
-        return self.model is not None
 
     def build(self) -> None:
         if self.model is not None:
@@ -187,10 +166,7 @@ class MiphaBackbone(Backbone):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            directory = self.tokenizer_dir
-            if not directory.is_dir():
-                raise CheckpointError(f"tokenizer directory {directory} does not exist")
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer = self._load_tokenizer()
             if IMAGE_TOKEN not in tokenizer.get_vocab():
                 # the release splices images in at a sentinel id; the placeholders here need a real token
                 tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -211,26 +187,11 @@ class MiphaBackbone(Backbone):
 
     # --- text side -------------------------------------------------------------------------------
     @property
-    def chat_template(self) -> ChatTemplate:
-        return _TEMPLATES[self.template_name]()
-
-    @property
-    def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    @property
     def num_image_tokens(self) -> int:
         vision = self.vision_config
         return (vision.image_size // vision.patch_size) ** 2  # no CLS token: every patch
 
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
     # --- image side ------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return preprocess_padded(self.image_processor, image, self.pad_to_square)
-
     def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         if with_attention:
             raise ValueError(

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from adaptive_mllm.backbones import CheckpointError, LlavaBackbone
-from adaptive_mllm.backbones.llava import pad_to_square
+from adaptive_mllm.backbones.local import pad_to_square
 from tests.conftest import random_images, tiny_config
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from adaptive_mllm.backbones import LlavaBackbone
-from adaptive_mllm.backbones.llava import pad_to_square
+from adaptive_mllm.backbones.local import pad_to_square
 from tests.backbones.release_layout import write_release
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -1,0 +1,119 @@
+"""What every backbone loaded from a local directory (or built from sizes) shares: argument checks,
+the lazily loaded tokenizer, the chat template and the padded image preprocessing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.templates import ChatTemplate
+
+IMAGE_TOKEN = "<image>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing or not in the layout this backbone reads."""
+
+
+class LocalBackbone(Backbone):
+    """Base of :class:`LlavaBackbone` and :class:`MiphaBackbone`; subclasses set ``_max_length`` once
+    their config is read, and ``model`` in ``build``."""
+
+    templates: dict[str, Callable[[], ChatTemplate]] = {}
+
+    def __init__(
+        self,
+        checkpoint: str | None,
+        config: dict | None,
+        tokenizer: str | None,
+        template: str,
+        pad_to_square: bool,
+        seed: int,
+        dtype: str,
+        attn_implementation: str,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if (checkpoint is None) == (config is None):
+            raise ValueError(f"{name} needs exactly one of `checkpoint` (a local directory) or `config` (sizes)")
+        if template not in self.templates:
+            raise ValueError(f"unknown chat template {template!r}; known: {sorted(self.templates)}")
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.tokenizer_dir = Path(tokenizer) if tokenizer is not None else self.checkpoint
+        if self.tokenizer_dir is None:
+            raise ValueError(f"{name}(config=...) needs `tokenizer`: a local tokenizer directory")
+        self.template_name = template
+        self.pad_to_square = pad_to_square
+        self.seed = seed
+        self.torch_dtype = getattr(torch, dtype)
+        self.attn_implementation = attn_implementation
+        self._max_length = 0
+        self.model: torch.nn.Module | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._image_processor = None
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        directory = self.tokenizer_dir
+        if not directory.is_dir():
+            raise CheckpointError(f"tokenizer directory {directory} does not exist")
+        return AutoTokenizer.from_pretrained(directory)
+
+    @property
+    def is_built(self) -> bool:
+        return self.model is not None
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self.templates[self.template_name]()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return preprocess_padded(self.image_processor, image, self.pad_to_square)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5's ``expand2square``: centre the image on a square canvas of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def read_config_json(directory: Path, expected: str) -> tuple[Path, dict]:
+    """``directory/config.json`` and its content, or a CheckpointError naming what is missing and the
+    layout ``expected``."""
+    config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: expected {expected}")
+    try:
+        return config_file, json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+
+
+def preprocess_padded(processor: Any, image: Image.Image, pad: bool) -> torch.Tensor:
+    """[3, H, W]: the image in RGB, padded to a square with the processor's mean colour when ``pad`` (as
+    LLaVA-1.5 and Mipha do), then the processor's resize and normalisation."""
+    image = image.convert("RGB")
+    if pad:
+        image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
