@@ -118,17 +118,15 @@ def test_mixed_batch_equals_each_alone(gqa_backbone, level):
             torch.testing.assert_close(batched[row, -length:], single[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("level", ["none", "layer", "head"])
-def test_cached_generation_equals_uncached(gqa_backbone, level):
-    backbone = gqa_backbone
+def assert_cached_generation_equals_uncached(backbone, level: str, steps: int = 5) -> None:
+    """Greedy generation with the KV cache, against recomputing every step from scratch (no cache) under
+    the same plan (``level``: none / layer / head)."""
     ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
     plan = {"none": None, "layer": _layer_plan(3, 4, seed=6), "head": _head_plan(backbone, 3, seed=6)}[level]
     engine = Engine(backbone)
-    steps = 5
     with torch.no_grad():
         generated = greedy_generate(engine, backbone.embed(ids), mask, steps, [], plan)
         assert all(len(tokens) == steps for tokens in generated.tokens)
-        # recompute every step from scratch, without a cache, under the same plan
         sequence, sequence_mask = ids, mask
         for step in range(steps):
             hidden, _ = engine(backbone.embed(sequence), sequence_mask, position_ids_from_mask(sequence_mask), plan, gated=False)
@@ -136,6 +134,11 @@ def test_cached_generation_equals_uncached(gqa_backbone, level):
             assert next_token.tolist() == [tokens[step] for tokens in generated.tokens]
             sequence = torch.cat([sequence, next_token[:, None]], dim=1)
             sequence_mask = torch.cat([sequence_mask, torch.ones_like(next_token[:, None])], dim=1)
+
+
+@pytest.mark.parametrize("level", ["none", "layer", "head"])
+def test_cached_generation_equals_uncached(gqa_backbone, level):
+    assert_cached_generation_equals_uncached(gqa_backbone, level)
 
 
 def test_kv_cache_stores_only_what_the_plan_runs(gqa_backbone):

@@ -12,7 +12,14 @@ from adaptive_mllm.generation import greedy_generate
 from adaptive_mllm.inputs import embed_multimodal, position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 from tests.conftest import random_images
-from tests.test_engine import PREFIX, _head_plan, _layer_plan, _left_padded, _logits
+from tests.test_engine import (
+    PREFIX,
+    _head_plan,
+    _layer_plan,
+    _left_padded,
+    _logits,
+    assert_cached_generation_equals_uncached,
+)
 
 
 def make_phi_backbone(tokenizer_dir, qk_layernorm: bool = False, seed: int = 0):
@@ -158,20 +165,7 @@ def test_mixed_batch_equals_each_alone_phi(phi_backbone, level):
 
 @pytest.mark.parametrize("level", ["none", "layer", "head"])
 def test_cached_generation_equals_uncached_phi(phi_backbone, level):
-    backbone = phi_backbone
-    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
-    plan = {"none": None, "layer": _layer_plan(3, 4, seed=6), "head": _head_plan(backbone, 3, seed=6)}[level]
-    engine = Engine(backbone)
-    steps = 5
-    with torch.no_grad():
-        generated = greedy_generate(engine, backbone.embed(ids), mask, steps, [], plan)
-        sequence, sequence_mask = ids, mask
-        for step in range(steps):
-            hidden, _ = engine(backbone.embed(sequence), sequence_mask, position_ids_from_mask(sequence_mask), plan, gated=False)
-            next_token = _logits(backbone, hidden[:, -1]).argmax(-1)
-            assert next_token.tolist() == [tokens[step] for tokens in generated.tokens]
-            sequence = torch.cat([sequence, next_token[:, None]], dim=1)
-            sequence_mask = torch.cat([sequence_mask, torch.ones_like(next_token[:, None])], dim=1)
+    assert_cached_generation_equals_uncached(phi_backbone, level)
 
 
 def test_kv_cache_keeps_only_kept_phi_heads(phi_backbone):
