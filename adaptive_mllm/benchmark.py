@@ -246,7 +246,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     if datamodule is not None and hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
     model = cli.model
-    model.configure_model()
+    with torch.device(own.device):  # random weights drawn where they run: seconds for a 7B model on a GPU, minutes on a CPU
+        model.configure_model()
     model.to(own.device)
     torch.set_grad_enabled(False)
     rows = run_benchmark(
