@@ -165,6 +165,7 @@ class Engine(nn.Module):
             if layout is None:
                 raise ValueError(f"{type(token_selector).__name__} drops image tokens inside the LLM: pass `layout`")
         received: list[torch.Tensor] | None = None
+        host_plan: ExecutionPlan | None = None  # the plan's CPU copy, for the skipping path's decisions
 
         for index, layer in enumerate(layers):
             adapter_for(layer)  # fails early, naming the layer type, for an architecture without adapter
@@ -221,7 +222,9 @@ class Engine(nn.Module):
             if cache is not None and not first_prefill:
                 groups = cache.groups[index]
             else:
-                groups = self._row_groups(layer, plan, scheduled, batch, hidden.device)
+                if host_plan is None and isinstance(plan, ExecutionPlan):
+                    host_plan = plan.to_host()
+                groups = self._row_groups(layer, host_plan, scheduled, batch, hidden.device)
                 if cache is not None:
                     cache.groups.append(groups)
             for group in groups:
@@ -256,6 +259,8 @@ class Engine(nn.Module):
 
     # --- skipping (inference) ------------------------------------------------------------------------
     def _row_groups(self, layer, plan, scheduled, batch, device) -> list[RowGroup]:
+        """Which rows run this layer, and how. ``plan`` is on the CPU: every decision here is made on the host
+        and only index tensors travel to ``device``, so no layer waits for the accelerator."""
         if scheduled is None:
             return [RowGroup(rows=None)]
         runs = plan.layer_runs(scheduled)
@@ -263,7 +268,7 @@ class Engine(nn.Module):
             if bool(runs.all()):
                 return [RowGroup(rows=None)]
             rows = runs.nonzero().flatten()
-            return [RowGroup(rows=rows)] if rows.numel() else []
+            return [RowGroup(rows=rows.to(device))] if rows.numel() else []
         shape = self.backbone.shape
         attn = plan.attention_mask[:, scheduled] if plan.attention_mask is not None else None
         mlp = plan.mlp_mask[:, scheduled] if plan.mlp_mask is not None else None
@@ -275,10 +280,14 @@ class Engine(nn.Module):
         groups = []
         for pattern_index, pattern in enumerate(patterns):
             rows = active[inverse == pattern_index]
-            kv_keep = pattern[: attn.shape[1]].nonzero().flatten() if attn is not None else None
-            mlp_keep = pattern[-mlp.shape[1] :].nonzero().flatten() if mlp is not None else None
+            rows = None if rows.numel() == batch else rows.to(device)
+            if bool(pattern.all()):  # every group kept: the layer's own weights, nothing to slice
+                groups.append(RowGroup(rows=rows))
+                continue
+            kv_keep = pattern[: attn.shape[1]].nonzero().flatten().to(device) if attn is not None else None
+            mlp_keep = pattern[-mlp.shape[1] :].nonzero().flatten().to(device) if mlp is not None else None
             weights = _slice_weights(layer, shape.num_kv_heads, kv_keep, mlp_keep, None if mlp is None else mlp.shape[1])
-            groups.append(RowGroup(rows=None if rows.numel() == batch else rows, weights=weights))
+            groups.append(RowGroup(rows=rows, weights=weights))
         return groups
 
 

@@ -161,3 +161,6 @@ def test_kv_cache_stores_only_what_the_plan_runs(gqa_backbone):
     assert cache.groups[1] == []
     assert cache.groups[2][0].keys.shape[1] == 1
     assert cache.groups[3][0].keys.shape[1] == backbone.shape.num_kv_heads
+    # a layer that keeps every group runs with its own weights: no sliced copy is made
+    assert cache.groups[2][0].weights is not None
+    assert cache.groups[3][0].weights is None

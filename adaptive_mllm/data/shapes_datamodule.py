@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adaptive_mllm.data.llava_json import LlavaDataModule
-from adaptive_mllm.data.shapes import IMAGE_DIR, QUESTION_KINDS, TOKENIZER_DIR, check_question_kinds, generate_shapes_vqa, is_generated
+from adaptive_mllm.data.shapes import (
+    IMAGE_DIR,
+    QUESTION_KINDS,
+    TOKENIZER_DIR,
+    check_question_kinds,
+    generate_shapes_vqa,
+    is_generated,
+)
 
 
 class ShapesVQADataModule(LlavaDataModule):

@@ -42,6 +42,16 @@ class ExecutionPlan:
         """[B] bool: which examples run schedulable layer ``scheduled_index``."""
         return self.layer_mask[:, scheduled_index] > 0.5
 
+    def to_host(self) -> ExecutionPlan:
+        """A CPU copy, made in one transfer: the engine reads it for its per-layer decisions (which rows, which
+        slices) without a device synchronisation per layer, which on a GPU would stall the launch queue."""
+        if self.layer_mask.device.type == "cpu":
+            return self
+        pick = lambda t: None if t is None else t.to("cpu", non_blocking=False)  # noqa: E731
+        return ExecutionPlan(
+            self.num_prefix_layers, pick(self.layer_mask), pick(self.attention_mask), pick(self.mlp_mask), pick(self.units)
+        )
+
     def select(self, rows: torch.Tensor) -> ExecutionPlan:
         """The plan of a subset of the batch (rows: index tensor)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
