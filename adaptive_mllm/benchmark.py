@@ -249,7 +249,6 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     with torch.device(own.device):  # random weights drawn where they run: seconds for a 7B model on a GPU, minutes on a CPU
         model.configure_model()
     model.to(own.device)
-    torch.set_grad_enabled(False)
     rows = run_benchmark(
         model, own.budgets, own.prompt_length, own.batch_size, own.decode_tokens, own.repeats, not own.no_transformers
     )

@@ -32,7 +32,7 @@ from adaptive_mllm.backbones.base import DecoderShape
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
-from adaptive_mllm.schedulers.sampling import gumbel_top_r
+from adaptive_mllm.schedulers.sampling import gumbel_top_r, top_k_mask
 
 
 class HeadScheduler(Scheduler):
@@ -103,10 +103,15 @@ class HeadScheduler(Scheduler):
         logits = self.head(latency_hidden.to(self.head.weight.dtype)).float().view(batch, layers, kv + groups)
         attention_logits, mlp_logits = logits[..., :kv], logits[..., kv:]  # [B, L_s, G_kv], [B, L_s, G]
 
+        k = k.to(logits.device)
+        if not self.training and not torch.is_grad_enabled():  # inference: the same plan, without the loop
+            attention_mask, mlp_mask = self._ranked_masks(attention_logits, mlp_logits, k)
+            layer_mask = (attention_mask.sum(-1) + mlp_mask.sum(-1) > 0.5).to(logits.dtype)
+            return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
+
         attention_mask = logits.new_zeros(batch, layers, kv)  # [B, L_s, G_kv]
         mlp_mask = logits.new_zeros(batch, layers, groups)  # [B, L_s, G]
         placed = torch.zeros(batch, layers, dtype=torch.long, device=logits.device)  # units per layer
-        k = k.to(logits.device)
         for unit in range(int(k.max()) if batch else 0):
             active = (unit < k).to(logits.dtype)  # [B]
             taken = torch.cat([attention_mask, mlp_mask], dim=-1).detach() > 0.5  # [B, L_s, G_kv + G]
@@ -133,3 +138,36 @@ class HeadScheduler(Scheduler):
 
         layer_mask = ((attention_mask.detach().sum(-1) + mlp_mask.detach().sum(-1)) > 0.5).to(logits.dtype)  # [B, L_s]
         return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
+
+    def _ranked_masks(
+        self,
+        attention_logits: torch.Tensor,  # [B, L_s, G_kv]
+        mlp_logits: torch.Tensor,  # [B, L_s, G]
+        k: torch.Tensor,  # [B]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noiseless greedy plan of :meth:`forward`, computed at once instead of unit by unit.
+
+        Without noise, a layer gives out its groups in descending logit order, ``r`` at a time, so the
+        score it offers for its ``j``-th unit (the mean of the logits it has left) is known beforehand
+        and never rises with ``j``. Picking the best offer ``k`` times is then taking the ``k`` best
+        (layer, j) offers: one ranking, a few kernels, where the loop launches a dozen per unit."""
+        units, per_kv, per_mlp = self.units_per_layer, self.kv_groups_per_unit, self.mlp_groups_per_unit
+        batch, layers, kv = attention_logits.shape
+        groups = mlp_logits.shape[-1]
+        attention_sorted, attention_order = attention_logits.sort(dim=-1, descending=True, stable=True)
+        mlp_sorted, mlp_order = mlp_logits.sort(dim=-1, descending=True, stable=True)
+        zero = attention_logits.new_zeros(batch, layers, 1)
+        attention_taken = torch.cat([zero, attention_sorted.cumsum(-1)], -1)[..., : units * per_kv : per_kv]  # [B, L_s, U]
+        mlp_taken = torch.cat([zero, mlp_sorted.cumsum(-1)], -1)[..., : units * per_mlp : per_mlp]
+        total = attention_sorted.sum(-1, keepdim=True) + mlp_sorted.sum(-1, keepdim=True)  # [B, L_s, 1]
+        left = kv + groups - torch.arange(units, device=k.device) * (per_kv + per_mlp)  # [U] groups still there
+        offers = (total - attention_taken - mlp_taken) / left  # [B, L_s, U]
+        offers = offers.cummin(-1).values  # rounding must not let a later unit of a layer outrank an earlier one
+        chosen = top_k_mask(offers.flatten(1), k).view(batch, layers, units).sum(-1)  # [B, L_s] units per layer
+        slots = torch.arange(kv, device=k.device)
+        attention_mask = torch.zeros_like(attention_logits).scatter_(
+            -1, attention_order, (slots < chosen[..., None] * per_kv).to(attention_logits.dtype)
+        )
+        slots = torch.arange(groups, device=k.device)
+        mlp_mask = torch.zeros_like(mlp_logits).scatter_(-1, mlp_order, (slots < chosen[..., None] * per_mlp).to(mlp_logits.dtype))
+        return attention_mask, mlp_mask

@@ -29,6 +29,17 @@ def gumbel_top_r(logits: torch.Tensor, r: int, tau: float, training: bool) -> to
     return hard + (soft - soft.detach())
 
 
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, N] -> [B, N] 0/1: the ``k[b]`` largest entries of each row (ties: the lower index first).
+
+    What picking one at a time without noise gives, in a handful of kernels instead of ``k.max()`` rounds
+    of them: on a GPU each round is a dozen launches, which a batch-1 prefill would wait for."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # [B, N]
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # [B, N] rank of each entry
+    return (rank < k.to(scores.device)[:, None]).to(scores.dtype)
+
+
 def sample_k_of_n(logits: torch.Tensor, k: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
     """Pick ``k[b]`` of the ``N`` entries of each row, one at a time, without replacement.
 
@@ -49,6 +60,8 @@ def sample_k_of_n(logits: torch.Tensor, k: torch.Tensor, tau: float, training: b
         raise ValueError(f"k must have shape [{batch}], got {list(k.shape)}")
     if bool((k < 0).any()) or bool((k > n).any()):
         raise ValueError(f"k must be in [0, {n}], got {k.tolist()}")
+    if not training and not torch.is_grad_enabled():  # inference: no noise, no gradient, one ranking
+        return top_k_mask(logits, k)
     mask = torch.zeros_like(logits)
     chosen = torch.zeros_like(logits, dtype=torch.bool)  # [B, N]
     for pick_index in range(int(k.max()) if batch else 0):

@@ -157,3 +157,23 @@ def test_dropped_tokens_plans_stay_within_budget() -> None:
         plan = scheduler(torch.randn(200, 64), budgets, lengths, tokens)
         flops = cost.plan_flops(plan, lengths, tokens)
         assert bool((flops <= budgets * cost.full_flops(50, per_layer.tolist())).all())
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+def test_inference_plan_equals_the_greedy_loop(shape: DecoderShape, rank: int, monkeypatch) -> None:
+    """Without gradients, evaluation ranks every layer's offers at once; it must pick exactly what the
+    unit-by-unit loop (run here with gradients on) picks, for every budget of a sweep."""
+    scheduler = configured(shape, rank).eval()
+    lengths = torch.full((300,), 40)
+    budgets = torch.linspace(scheduler.cost.min_budget(40), 1.0, 300, dtype=torch.float64)
+    hidden = 3 * torch.randn(300, 64)
+    looped = scheduler(hidden, budgets, lengths)
+    ranked_calls = []
+    ranked_masks = scheduler._ranked_masks
+    monkeypatch.setattr(scheduler, "_ranked_masks", lambda *args: ranked_calls.append(1) or ranked_masks(*args))
+    with torch.no_grad():
+        ranked = scheduler(hidden, budgets, lengths)
+    assert ranked_calls == [1]  # the ranked path really ran
+    assert len(set(looped.units.tolist())) == scheduler.num_units + 1  # every unit count was compared
+    for name in ("attention_mask", "mlp_mask", "layer_mask", "units"):
+        assert torch.equal(getattr(ranked, name), getattr(looped, name).detach()), name

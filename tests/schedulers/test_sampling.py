@@ -79,3 +79,15 @@ def test_top_r_never_picks_excluded(training: bool) -> None:
     mask = gumbel_top_r(logits, 3, tau=5.0, training=training)
     assert mask.sum(-1).tolist() == [3.0] * 50
     assert mask[:, :3].sum() == 0
+
+
+def test_inference_top_k_equals_the_pick_loop() -> None:
+    """Without gradients, evaluation ranks once instead of picking k times: the same masks."""
+    torch.manual_seed(3)
+    logits = torch.randn(200, 13)
+    k = torch.randint(0, 14, (200,))
+    looped = sample_k_of_n(logits, k, tau=5.0, training=False)  # gradients on: the pick loop
+    with torch.no_grad():
+        ranked = sample_k_of_n(logits, k, tau=5.0, training=False)
+    assert torch.equal(ranked, looped.detach())
+    assert ranked.sum(-1).tolist() == k.float().tolist()
