@@ -7,8 +7,8 @@ from pathlib import Path
 
 from adaptive_mllm.data.llava_json import LlavaDataModule
 from adaptive_mllm.data.shapes import (
+    DEFAULT_QUESTION_KINDS,
     IMAGE_DIR,
-    QUESTION_KINDS,
     TOKENIZER_DIR,
     check_question_kinds,
     generate_shapes_vqa,
@@ -29,7 +29,8 @@ class ShapesVQADataModule(LlavaDataModule):
         num_val: validation examples.
         num_test: test examples.
         seed: generation seed; the same seed gives byte-identical files.
-        question_kinds: which kinds of question to ask, in equal shares (any of colour, shape, count, left_of).
+        question_kinds: which kinds of question to ask, in equal shares (any of colour, shape, count,
+            count_shape, left_of; by default colour, shape, count_shape).
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size; None = ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -43,7 +44,7 @@ class ShapesVQADataModule(LlavaDataModule):
         num_val: int = 1_000,
         num_test: int = 2_000,
         seed: int = 0,
-        question_kinds: Sequence[str] = QUESTION_KINDS,
+        question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,

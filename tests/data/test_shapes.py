@@ -17,9 +17,17 @@ from PIL import Image
 
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.data import LlavaCollator, LlavaJsonDataset, ShapesVQADataModule, generate_shapes_vqa
-from adaptive_mllm.data.shapes import BACKGROUND, CELL_SIZE, COLOURS, QUESTION_KINDS, generate_examples
+from adaptive_mllm.data.shapes import (
+    BACKGROUND,
+    CELL_SIZE,
+    COLOURS,
+    DEFAULT_QUESTION_KINDS,
+    QUESTION_KINDS,
+    generate_examples,
+)
 
 COUNT_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
+NUMBER_WORDS = {0: "zero", **{n: word for word, n in COUNT_WORDS.items()}}
 
 
 def split_sizes(sizes: dict[str, int]) -> dict[str, int]:
@@ -59,6 +67,8 @@ def answer_from_scene(question: str, scene: set[tuple[int, int, str, str]]) -> s
     """The answer, asserting that the question names exactly one object."""
     if question == "How many shapes are there?":
         return {1: "one", 2: "two", 3: "three", 4: "four"}[len(scene)]
+    if match := re.fullmatch(r"How many (circle|square|triangle)s are there\?", question):
+        return NUMBER_WORDS[sum(shape == match[1] for _, _, _, shape in scene)]
     if match := re.fullmatch(r"What colour is the (\w+)\?", question):
         found = [colour for _, _, colour, shape in scene if shape == match[1]]
         assert len(found) == 1, (question, scene)
@@ -76,9 +86,11 @@ def answer_from_scene(question: str, scene: set[tuple[int, int, str, str]]) -> s
 
 
 def kind_of(question: str) -> str:
-    return {"How": "count", "Is": "left_of"}.get(question.split()[0]) or (
-        "colour" if question.startswith("What colour") else "shape"
-    )
+    if question.startswith("How many"):
+        return "count" if question == "How many shapes are there?" else "count_shape"
+    if question.startswith("Is"):
+        return "left_of"
+    return "colour" if question.startswith("What colour") else "shape"
 
 
 # --- tests ----------------------------------------------------------------------------------------
@@ -113,13 +125,23 @@ def test_llava_format_exactly(shapes_sizes, shapes_dir):
     assert meta["seed"] == 0 and meta["num_train"] == shapes_sizes["num_train"] and "format_version" in meta
 
 
-def test_answers_are_true_of_the_drawn_images(shapes_sizes, shapes_dir):
-    for split in split_sizes(shapes_sizes):
-        for record in json.loads((shapes_dir / f"{split}.json").read_text()):
-            question = record["conversations"][0]["value"].split("\n", 1)[1]
-            scene = scene_from_image(shapes_dir / "images" / record["image"])
-            assert 1 <= len(scene) <= 4
-            assert answer_from_scene(question, scene) == record["conversations"][1]["value"], record["id"]
+def test_answers_are_true_of_the_drawn_images(shapes_sizes, shapes_dir, tmp_path):
+    every_kind = generate_shapes_vqa(tmp_path / "every-kind", seed=0, question_kinds=QUESTION_KINDS, **shapes_sizes)
+    asked = Counter()
+    for directory in (shapes_dir, every_kind):
+        for split in split_sizes(shapes_sizes):
+            for record in json.loads((directory / f"{split}.json").read_text()):
+                question = record["conversations"][0]["value"].split("\n", 1)[1]
+                scene = scene_from_image(directory / "images" / record["image"])
+                assert 1 <= len(scene) <= 4
+                assert answer_from_scene(question, scene) == record["conversations"][1]["value"], record["id"]
+                asked[record["question_kind"]] += 1
+    assert set(asked) == set(QUESTION_KINDS)
+
+
+def test_the_default_kinds_are_the_tiny_recipes(shapes_dir):
+    assert json.loads((shapes_dir / "meta.json").read_text())["question_kinds"] == list(DEFAULT_QUESTION_KINDS)
+    assert set(DEFAULT_QUESTION_KINDS) < set(QUESTION_KINDS)
 
 
 def test_files_follow_the_generators_scene_description(shapes_sizes, shapes_dir):
@@ -139,7 +161,7 @@ def test_files_follow_the_generators_scene_description(shapes_sizes, shapes_dir)
 
 
 def test_question_kinds_and_answers_are_balanced():
-    examples = generate_examples(800, seed=3)
+    examples = generate_examples(1000, seed=3, question_kinds=QUESTION_KINDS)
     kinds = Counter(example.kind for example in examples)
     assert kinds == {kind: 200 for kind in QUESTION_KINDS}
     answers = {kind: Counter(e.answer for e in examples if e.kind == kind) for kind in QUESTION_KINDS}
@@ -147,6 +169,7 @@ def test_question_kinds_and_answers_are_balanced():
     assert set(answers["count"]) == set(COUNT_WORDS) and min(answers["count"].values()) >= 30
     assert set(answers["colour"]) == set(COLOURS) and min(answers["colour"].values()) >= 15
     assert set(answers["shape"]) == {"circle", "square", "triangle"} and min(answers["shape"].values()) >= 40
+    assert {"zero", "one", "two"} <= set(answers["count_shape"]) <= set(NUMBER_WORDS.values())
     # the kinds are shuffled, not in a fixed cycle
     assert [e.kind for e in examples[:8]] != list(QUESTION_KINDS) * 2
 
@@ -199,7 +222,7 @@ def test_shapes_datamodule(shapes_sizes, shapes_dir, processor, tmp_path):
     datamodule.setup("test")
     assert sum(len(b["ids"]) for b in datamodule.test_dataloader()) == shapes_sizes["num_test"]
     baseline = datamodule.majority_baseline("test")
-    assert set(baseline) == {"overall", *QUESTION_KINDS} and all(0 <= v <= 1 for v in baseline.values())
+    assert set(baseline) == {"overall", *DEFAULT_QUESTION_KINDS} and all(0 <= v <= 1 for v in baseline.values())
     assert isinstance(datamodule.train_dataloader().collate_fn, LlavaCollator)
 
 
