@@ -60,11 +60,11 @@ def test_single_turn_with_image_matches_hand_built_ids(write_llava, make_record,
 def test_multi_turn_labels_only_the_answers(write_llava, processor):
     tok = processor.tokenizer
     bos, eos, image = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")
-    turns = conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")
+    turns = conversation("<image>\nHow many circles are there?", "two", "What colour is the square?", "blue")
     path = write_llava([{"id": "multi", "image": "good.png", "conversations": turns}])
     item = LlavaJsonDataset(path, path.parent / "images", input_processor=processor)[0]
 
-    question_1 = [bos] + vocab(tok, "USER", ":") + [image] * 16 + vocab(tok, "How", "many", "shapes", "are", "there", "?", "ASSISTANT", ":")
+    question_1 = [bos] + vocab(tok, "USER", ":") + [image] * 16 + vocab(tok, "How", "many", "circles", "are", "there", "?", "ASSISTANT", ":")
     answer_1 = vocab(tok, "two") + [eos]
     question_2 = vocab(tok, "USER", ":", "What", "colour", "is", "the", "square", "?", "ASSISTANT", ":")
     answer_2 = vocab(tok, "blue") + [eos]
@@ -80,10 +80,10 @@ def test_multi_turn_labels_only_the_answers(write_llava, processor):
 
 def test_text_only_record(write_llava, make_record, processor):
     tok = processor.tokenizer
-    path = write_llava([make_record("text", "How many shapes are there?", "four", image=None)])
+    path = write_llava([make_record("text", "How many circles are there?", "one", image=None)])
     item = LlavaJsonDataset(path, input_processor=processor)[0]
-    prompt = [tok.bos_token_id] + vocab(tok, "USER", ":", "How", "many", "shapes", "are", "there", "?", "ASSISTANT", ":")
-    assert item["input_ids"].tolist() == prompt + vocab(tok, "four") + [tok.eos_token_id]
+    prompt = [tok.bos_token_id] + vocab(tok, "USER", ":", "How", "many", "circles", "are", "there", "?", "ASSISTANT", ":")
+    assert item["input_ids"].tolist() == prompt + vocab(tok, "one") + [tok.eos_token_id]
     assert item["pixel_values"] is None
 
 
@@ -97,8 +97,8 @@ def test_image_folder_defaults_to_the_json_directory(make_record, processor, wri
 # --- collation ------------------------------------------------------------------------------------
 def test_collator_pads_right_for_training_and_left_for_prompts(write_llava, make_record, processor, tmp_path):
     records = [
-        {"id": "long", "image": "good.png", "conversations": conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")},
-        make_record("text", "How many shapes are there?", "four", image=None, question_kind="count"),
+        {"id": "long", "image": "good.png", "conversations": conversation("<image>\nHow many circles are there?", "two", "What colour is the square?", "blue")},
+        make_record("text", "How many circles are there?", "four", image=None, question_kind="count"),
         make_record("short", question_kind="colour"),
     ]
     dataset = LlavaJsonDataset(write_llava(records), tmp_path / "images", input_processor=processor)
@@ -140,7 +140,7 @@ def test_collator_all_skipped_and_text_only_batches(write_llava, make_record, pr
     assert empty["input_ids"].shape == empty["prompt_ids"].shape == (0, 0)
     assert empty["prompt_lengths"].shape == empty["has_image"].shape == (0,)
     assert empty["pixel_values"] is None and empty["ids"] == [] and empty["num_skipped"] == 2
-    dataset = LlavaJsonDataset(write_llava([make_record("t", "How many shapes are there?", "one", image=None)]), input_processor=processor)
+    dataset = LlavaJsonDataset(write_llava([make_record("t", "How many circles are there?", "one", image=None)]), input_processor=processor)
     text_only = collate([dataset[0]])
     assert text_only["pixel_values"] is None and text_only["has_image"].tolist() == [False]
 
@@ -160,7 +160,7 @@ def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
     good = (image_folder / "good.png").read_bytes()
     (image_folder / "truncated.png").write_bytes(good[: len(good) // 2])
     bad = "bad-record"
-    two_turns = conversation("<image>\nHow many shapes are there?", "two", "What colour is the square?", "blue")
+    two_turns = conversation("<image>\nHow many circles are there?", "two", "What colour is the square?", "blue")
     return {
         "missing image file": BadCase(make_record(bad, image="nowhere.png"), "image", "does not exist", False),
         "corrupt image file": BadCase(make_record(bad, image="corrupt.png"), "image", "cannot read image file", True),
@@ -177,7 +177,7 @@ def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
             {"id": bad, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value", "missing", False
         ),
         "ends without answer": BadCase(
-            {"id": bad, "conversations": [{"from": "human", "value": "How many shapes are there?"}]}, "conversations", "human turn", False
+            {"id": bad, "conversations": [{"from": "human", "value": "How many circles are there?"}]}, "conversations", "human turn", False
         ),
         "longer than max_length": BadCase(
             {"id": bad, "image": "good.png", "conversations": two_turns}, "conversations", "exceed max_length 40", True
