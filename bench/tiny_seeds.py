@@ -20,7 +20,6 @@ import os
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,10 +62,10 @@ def read_results(path: Path) -> dict[float, dict[str, float]]:
 
 
 class Runner:
+    """Runs `adaptive-mllm` subprocesses with a thread budget each, none past a common deadline."""
+
     def __init__(self, extra: list[str], threads: int, deadline: float) -> None:
         self.extra, self.threads, self.deadline = extra, threads, deadline
-        self.processes: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
 
     def call(self, args: list[str], log: Path) -> bool:
         remaining = self.deadline - time.monotonic()
@@ -78,8 +77,6 @@ class Runner:
             handle.write("$ " + shlex.join(command) + "\n")
             handle.flush()
             process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            with self.lock:
-                self.processes.add(process)
             try:
                 code = process.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
@@ -87,8 +84,6 @@ class Runner:
                 process.wait()
                 handle.write("killed: past the deadline\n")
                 code = -1
-            with self.lock:
-                self.processes.discard(process)
         return code == 0
 
     def train_and_score(self, name: str, config_path: Path, flags: list[str], run_dir: Path) -> None:
