@@ -164,3 +164,32 @@ def test_kv_cache_stores_only_what_the_plan_runs(gqa_backbone):
     # a layer that keeps every group runs with its own weights: no sliced copy is made
     assert cache.groups[2][0].weights is not None
     assert cache.groups[3][0].weights is None
+
+
+def test_rows_that_keep_different_heads_decode_together(gqa_backbone):
+    """Prefill runs one sliced pass per head pattern; for decoding, a layer whose rows differ keeps one
+    group with full-head keys / values and each row's gates, while rows that agree stay sliced."""
+    from adaptive_mllm.engine import PlanCache
+
+    backbone = gqa_backbone
+    shape = backbone.shape
+    ids, mask = _left_padded(backbone, [5, 5], seed=9)
+    scheduled = shape.num_layers - PREFIX
+    attention = torch.ones(2, scheduled, shape.num_kv_heads)
+    mlp = torch.ones(2, scheduled, shape.num_heads)
+    attention[:, 0, 0] = 0.0  # scheduled layer 0: both rows drop kv group 0 -> stays one sliced group
+    attention[0, 1, 0] = 0.0  # scheduled layer 1: the rows differ -> merged for decoding
+    attention[1, 1, 1] = 0.0
+    plan = ExecutionPlan(PREFIX, torch.ones(2, scheduled), attention, mlp)
+    cache = PlanCache()
+    with torch.no_grad():
+        Engine(backbone)(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+    (agreeing,) = cache.groups[PREFIX]
+    assert agreeing.weights is not None and agreeing.head_gate is None
+    assert agreeing.keys.shape[1] == shape.num_kv_heads - 1
+    (merged,) = cache.groups[PREFIX + 1]
+    assert merged.weights is None and merged.rows is None
+    assert merged.keys.shape == (2, shape.num_kv_heads, 5, shape.head_dim)
+    assert torch.equal(merged.head_gate, attention[:, 1].repeat_interleave(shape.queries_per_kv, dim=1))
+    assert merged.keys[0, 0].abs().sum() == 0 and merged.keys[1, 1].abs().sum() == 0  # dropped heads: zeros
+    assert merged.keys[0, 1].abs().sum() > 0 and merged.keys[1, 0].abs().sum() > 0
