@@ -177,16 +177,32 @@ class CostModel:
         tokens = None if layer_tokens is None else layer_tokens.detach().cpu().tolist()
         counts = []
         for index, (budget, length) in enumerate(zip(values, lengths, strict=True)):
-            per_layer = None if tokens is None else tokens[index]
-            units = sorted(self.unit_flops(length, units_per_layer, per_layer), reverse=True)
-            worst = [cost for cost in units for _ in range(units_per_layer)]  # most expensive first
-            spent = [self.fixed_flops(length, per_layer)]
-            for cost in worst:
-                spent.append(spent[-1] + cost)  # exact integers
-            allowed = budget * self.full_flops(length, per_layer)
+            spent = self._cumulative_flops(length, units_per_layer, None if tokens is None else tokens[index])
+            allowed = budget * self.full_flops(length, None if tokens is None else tokens[index])
             # spent[i] = fixed + the i most expensive units; Python compares int <= float exactly
             counts.append(max(0, bisect.bisect_right(spent, allowed) - 1))
         return torch.tensor(counts, dtype=torch.long, device=budgets.device)
+
+    def budget_for_units(
+        self, units: int, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None
+    ) -> float:
+        """A budget that allows exactly ``units`` units: the middle of that level (1.0 for all units), so
+        float rounding never moves it to a neighbouring level. Training draws levels, then this budget."""
+        spent = self._cumulative_flops(seq_len, units_per_layer, layer_tokens)
+        if not 0 <= units < len(spent):
+            raise ValueError(f"units={units} must be in [0, {len(spent) - 1}]")
+        if units == len(spent) - 1:
+            return 1.0
+        return (spent[units] + spent[units + 1]) / 2 / self.full_flops(seq_len, layer_tokens)
+
+    def _cumulative_flops(self, seq_len: int, units_per_layer: int, layer_tokens: Sequence[int] | None) -> list[int]:
+        """[fixed, fixed + the most expensive unit, ...]: the worst-case cost of each unit count."""
+        units = sorted(self.unit_flops(seq_len, units_per_layer, layer_tokens), reverse=True)
+        spent = [self.fixed_flops(seq_len, layer_tokens)]
+        for cost in units:
+            for _ in range(units_per_layer):
+                spent.append(spent[-1] + cost)  # exact integers
+        return spent
 
     # --- plans -------------------------------------------------------------------------------------
     def plan_flops(

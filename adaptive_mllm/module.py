@@ -170,14 +170,21 @@ class AdaptiveMLLM(L.LightningModule):
         return None if selector is None or selector.layer_index is None else TokenLayout(image_mask)
 
     def _draw_budgets(self, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] one budget per example, uniform over the admissible levels (unit counts) of
+        ``train_budget_range``, the full model included: a continuous draw would never reach budget 1.0."""
         low, high = self.train_budget_range
+        cost, units_per_layer = self.scheduler.cost, self.scheduler.units_per_layer
         tokens = [None] * len(seq_lens) if layer_tokens is None else layer_tokens.tolist()
-        minimum = torch.tensor(
-            [self.scheduler.cost.min_budget(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], device=seq_lens.device
-        )
-        low_t = torch.maximum(minimum, torch.full_like(minimum, low))
-        high_t = torch.maximum(low_t, torch.full_like(minimum, high))
-        return low_t + (high_t - low_t) * torch.rand(seq_lens.shape[0], device=seq_lens.device)
+        budgets = []
+        for length, per_layer in zip(seq_lens.tolist(), tokens, strict=True):
+            minimum = cost.min_budget(length, per_layer)
+            ends = torch.tensor([max(low, minimum), max(high, minimum)], dtype=torch.float64)
+            lengths = torch.tensor([length, length])
+            per_layer_t = None if per_layer is None else torch.tensor([per_layer, per_layer])
+            fewest, most = cost.units_for_budget(ends, lengths, units_per_layer, per_layer_t).tolist()
+            units = int(torch.randint(fewest, most + 1, ()).item())
+            budgets.append(cost.budget_for_units(units, length, units_per_layer, per_layer))
+        return torch.tensor(budgets, device=seq_lens.device)
 
     def forward(self, batch: dict[str, Any], budgets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token)."""

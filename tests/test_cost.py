@@ -263,3 +263,20 @@ def test_phi_plan_flops_count_two_mlp_matrices() -> None:
     plan = ExecutionPlan(2, torch.ones(1, 2), torch.ones(1, 2, 4), torch.tensor([[[1.0, 0, 0, 0], [1, 1, 1, 1]]]))
     expected = cost.fixed_flops(5) + cost.layer_flops(5, 4, 1, 4) + cost.layer_flops(5)
     assert float(cost.plan_flops(plan, torch.tensor([5]))[0]) == expected
+
+
+@pytest.mark.parametrize("shape, units_per_layer", [(MHA, 1), (GQA, 2)])
+def test_budget_for_units_allows_exactly_that_many_units(shape: DecoderShape, units_per_layer: int) -> None:
+    cost = CostModel(shape, num_prefix_layers=3)
+    tokens = [40] * 3 + [20] * 5  # tokens dropped after layer 3: units differ in cost
+    for layer_tokens in (None, tokens):
+        length = 40
+        total = len(cost.unit_flops(length)) * units_per_layer
+        budgets = [cost.budget_for_units(k, length, units_per_layer, layer_tokens) for k in range(total + 1)]
+        assert budgets[-1] == 1.0 and all(a < b for a, b in zip(budgets, budgets[1:], strict=False))
+        per_layer = None if layer_tokens is None else torch.tensor([layer_tokens] * (total + 1))
+        # float32, as training passes them on: the middle of a level survives the rounding
+        k = cost.units_for_budget(torch.tensor(budgets), torch.full((total + 1,), length), units_per_layer, per_layer)
+        assert k.tolist() == list(range(total + 1))
+    with pytest.raises(ValueError, match=r"units=99 must be in \[0, "):
+        cost.budget_for_units(99, 40, units_per_layer)

@@ -160,3 +160,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer_di
     assert plain.keys() == ckpt.keys() and any(n.startswith("scheduler.") for n in ckpt)
     for name in plain:
         assert torch.allclose(plain[name], ckpt[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("scheduler_class", [LayerScheduler, HeadScheduler])
+def test_training_budgets_are_uniform_over_the_levels_full_model_included(tokenizer_dir, scheduler_class):
+    kwargs = {"rank": 2} if scheduler_class is HeadScheduler else {}
+    model = _model(tokenizer_dir, scheduler_class(num_prefix_layers=2, **kwargs))  # train_budget_range (0.6, 1.0)
+    scheduler, length = model.scheduler, 30
+    lengths = torch.full((4000,), length)
+    fewest, most = scheduler.units_for_budget(torch.tensor([0.6, 1.0], dtype=torch.float64), lengths[:2]).tolist()
+    torch.manual_seed(0)
+    units = scheduler.units_for_budget(model._draw_budgets(lengths), lengths)
+    counts = torch.bincount(units, minlength=most + 1)
+    assert counts[:fewest].sum() == 0  # never below train_budget_range's low end
+    levels = most - fewest + 1
+    assert levels >= 3 and counts[most] > 0  # the full model is trained too
+    expected = len(lengths) / levels
+    assert ((counts[fewest:].float() - expected).abs() < 5 * expected**0.5).all()  # uniform within ~5 sigma
