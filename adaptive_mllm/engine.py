@@ -70,8 +70,11 @@ class SlicedWeights:
     o: torch.Tensor
     mlp_in: list[tuple[torch.Tensor, torch.Tensor | None]] | None  # (weight [n, H], bias [n]) per input projection
     mlp_out: torch.Tensor | None  # [H, n], the output projection's kept columns
-    num_kv_heads: int
-    kv_keep: torch.Tensor | None = None  # [kept] indices of the kept key/value heads
+    kv_keep: torch.Tensor  # [kept] indices of the kept key/value heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_keep.numel()
 
     @property
     def num_neurons(self) -> int | None:
@@ -254,16 +257,21 @@ class Engine(nn.Module):
             if plan.attention_mask is None and plan.mlp_mask is None:
                 layer_gate = plan.layer_mask[:, scheduled].to(hidden.dtype)[:, None, None]  # [B, 1, 1]
             else:
-                shape = self.backbone.shape
-                if plan.attention_mask is not None:
-                    head_gate = plan.attention_mask[:, scheduled].to(hidden.dtype)
-                    head_gate = head_gate.repeat_interleave(shape.queries_per_kv, dim=1)  # [B, heads]
-                if plan.mlp_mask is not None:
-                    groups = plan.mlp_mask.shape[-1]
-                    neuron_gate = plan.mlp_mask[:, scheduled].to(hidden.dtype)
-                    neuron_gate = neuron_gate.repeat_interleave(shape.intermediate_size // groups, dim=1)  # [B, I]
+                head_gate, neuron_gate = self._unit_gates(plan, scheduled, slice(None), hidden.dtype)
         group = entry if entry is not None else RowGroup(rows=None)
         return _run_layer(layer, hidden, cos, sin, mask, group, entry is not None, layer_gate, head_gate, neuron_gate, received)
+
+    def _unit_gates(self, plan, scheduled, rows, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A head-level plan's masks of schedulable layer ``scheduled`` for ``rows``, widened to the tensors
+        they multiply: [b, heads] (a kv group gates all its query heads) and [b, intermediate]."""
+        shape = self.backbone.shape
+        head_gate = neuron_gate = None
+        if plan.attention_mask is not None:
+            head_gate = plan.attention_mask[rows, scheduled].to(dtype).repeat_interleave(shape.queries_per_kv, dim=1)
+        if plan.mlp_mask is not None:
+            width = shape.intermediate_size // plan.mlp_mask.shape[-1]
+            neuron_gate = plan.mlp_mask[rows, scheduled].to(dtype).repeat_interleave(width, dim=1)
+        return head_gate, neuron_gate
 
     # --- skipping (inference) ------------------------------------------------------------------------
     def _row_groups(self, layer, plan, scheduled, batch, device) -> list[RowGroup]:
@@ -298,7 +306,6 @@ class Engine(nn.Module):
             groups.append(RowGroup(rows=rows, weights=weights))
         return groups
 
-
     def _merged_for_decoding(self, groups: list[RowGroup], plan: ExecutionPlan, scheduled: int, hidden: torch.Tensor) -> RowGroup:
         """One decoding group for rows that keep different heads of a layer.
 
@@ -328,15 +335,8 @@ class Engine(nn.Module):
             keys[slot], values[slot] = torch.cat(kept_keys), torch.cat(kept_values)
         keys = keys.view(active.numel(), heads, length, shape.head_dim)
         values = values.view(active.numel(), heads, length, shape.head_dim)
-        rows_on_host = active.cpu()
-        head_gate = neuron_gate = None
-        if plan.attention_mask is not None:
-            head_gate = plan.attention_mask[rows_on_host, scheduled].repeat_interleave(shape.queries_per_kv, dim=1)  # [b, heads]
-            head_gate = head_gate.to(device=device, dtype=dtype)
-        if plan.mlp_mask is not None:
-            width = shape.intermediate_size // plan.mlp_mask.shape[-1]
-            neuron_gate = plan.mlp_mask[rows_on_host, scheduled].repeat_interleave(width, dim=1)  # [b, I]
-            neuron_gate = neuron_gate.to(device=device, dtype=dtype)
+        gates = self._unit_gates(plan, scheduled, active.cpu(), dtype)  # the plan is on the host
+        head_gate, neuron_gate = (None if gate is None else gate.to(device) for gate in gates)
         rows = None if active.numel() == plan.batch_size else active
         return RowGroup(rows=rows, keys=keys, values=values, head_gate=head_gate, neuron_gate=neuron_gate)
 
@@ -407,7 +407,7 @@ def _slice_weights(
         neurons = (mlp_keep[:, None] * group_size + torch.arange(group_size, device=mlp_keep.device)).flatten()
         mlp_in = [rows(linear, neurons) for linear in adapter.mlp_inputs(layer)]
         mlp_out = output.weight[:, neurons]
-    return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, mlp_in, mlp_out, int(kv_keep.numel()), kv_keep)
+    return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, mlp_in, mlp_out, kv_keep)
 
 
 def _gated_linear(x: torch.Tensor, linear: nn.Linear, gate: torch.Tensor | None) -> torch.Tensor:

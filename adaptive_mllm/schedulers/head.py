@@ -106,9 +106,17 @@ class HeadScheduler(Scheduler):
         k = k.to(logits.device)
         if not self.training and not torch.is_grad_enabled():  # inference: the same plan, without the loop
             attention_mask, mlp_mask = self._ranked_masks(attention_logits, mlp_logits, k)
-            layer_mask = (attention_mask.sum(-1) + mlp_mask.sum(-1) > 0.5).to(logits.dtype)
-            return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
+        else:
+            attention_mask, mlp_mask = self._greedy_masks(logits, k)
+        layer_mask = ((attention_mask.detach().sum(-1) + mlp_mask.detach().sum(-1)) > 0.5).to(logits.dtype)  # [B, L_s]
+        return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
 
+    def _greedy_masks(self, logits: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit by unit: the layer with the best mean of its remaining logits, then its best groups (Gumbel
+        noise in training; straight-through gradients). logits: [B, L_s, G_kv + G]."""
+        batch, layers, _ = logits.shape
+        kv, groups = self.shape.num_kv_heads, self.shape.num_heads
+        attention_logits, mlp_logits = logits[..., :kv], logits[..., kv:]  # [B, L_s, G_kv], [B, L_s, G]
         attention_mask = logits.new_zeros(batch, layers, kv)  # [B, L_s, G_kv]
         mlp_mask = logits.new_zeros(batch, layers, groups)  # [B, L_s, G]
         placed = torch.zeros(batch, layers, dtype=torch.long, device=logits.device)  # units per layer
@@ -136,8 +144,7 @@ class HeadScheduler(Scheduler):
             mlp_mask = mlp_mask + chosen_layer[..., None] * mlp_pick[:, None, :]
             placed = placed + chosen_layer.detach().round().long()
 
-        layer_mask = ((attention_mask.detach().sum(-1) + mlp_mask.detach().sum(-1)) > 0.5).to(logits.dtype)  # [B, L_s]
-        return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
+        return attention_mask, mlp_mask
 
     def _ranked_masks(
         self,

@@ -47,7 +47,7 @@ class ExecutionPlan:
         slices) without a device synchronisation per layer, which on a GPU would stall the launch queue."""
         if self.layer_mask.device.type == "cpu":
             return self
-        pick = lambda t: None if t is None else t.to("cpu", non_blocking=False)  # noqa: E731
+        pick = lambda t: None if t is None else t.cpu()  # noqa: E731
         return ExecutionPlan(
             self.num_prefix_layers, pick(self.layer_mask), pick(self.attention_mask), pick(self.mlp_mask), pick(self.units)
         )
