@@ -572,6 +572,20 @@ def test_pope_answer(prediction, expected):
     assert pope_answer(prediction) == expected
 
 
+def test_pope_corpus_scores_by_eval_pope():
+    # eval_pope.py per answer: yes, yes ("No\nThere" is one word), yes ("NO"), no, yes (empty), no
+    labels = ["yes", "yes", "no", "no", "yes", "no"]
+    predictions = ["Yes", "No\nThere is a cat", "NO", "There is no dog.", "", "no."]
+    metric = POPEMetrics(["random"])
+    metric.update(predictions, {"answers": labels, "question_kinds": ["random"] * 6})
+    scores = _values(metric.compute())
+    # TP 3 (answers 1, 2, 5), FP 1 (answer 3), TN 2, FN 0
+    assert metric.counts.tolist() == [[3, 1, 2, 0]]
+    assert scores["random/precision"] == pytest.approx(3 / 4) and scores["random/recall"] == 1.0
+    assert scores["random/f1"] == pytest.approx(6 / 7) and scores[OVERALL] == pytest.approx(6 / 7)
+    assert scores["random/accuracy"] == pytest.approx(5 / 6) and scores["random/yes_ratio"] == pytest.approx(4 / 6)
+
+
 def test_pope_counts_hand_computed():
     metric = POPEMetrics(["adversarial", "random"])
     labels = ["yes", "yes", "no", "no", "yes", "no"]
@@ -593,9 +607,17 @@ def test_pope_counts_hand_computed():
 
 @pytest.mark.parametrize(
     ("prediction", "expected"),
-    [("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("No.", "no"), ("Not sure", "no"), ("It is yes", None), ("maybe", None)],
-)
+    [
+        ("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("No.", "no"), ("NO.", "no"), (" yes \n", "yes"),
+        ("Yes\nIt is", "yes"),  # "yes" in the first four characters
+        ("Not sure", "no"), ("nope", "no"), ("no, yes", "no"),  # "no" in the first four, "yes" not
+        ("Eyes", "yes"), ("Knob", "no"),  # calculation.py's substring test, literally
+        ("It is yes", None), ("maybe", None), ("I don't know", None), ("Unknown", None), ("", None),
+    ],
+)  # fmt: skip
 def test_mme_answer(prediction, expected):
+    # MME's eval_tool/calculation.py: lower-cased; exactly "yes" / "no"; else "yes" in the first four
+    # characters, else "no" in them; else "other" (wrong)
     assert mme_answer(prediction) == expected
 
 
