@@ -32,6 +32,23 @@ def _present(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in _MISSING
 
 
+def read_mmbench_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of an MMBench TSV as strings by column, or a DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError.at(path, "file not found")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError.at(path, f"cannot read the TSV file: {error}") from error
+    columns = set(rows[0]) if rows else set()
+    missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
+    if missing:
+        raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
+    return rows
+
+
 class MMBenchDataset(BenchmarkDataset):
     """Decodes each record's image from the TSV's base64 text when the item is loaded."""
 
@@ -82,26 +99,10 @@ class MMBenchDataModule(BenchmarkDataModule):
     def source(self) -> Path:
         return Path(self.tsv)
 
-    def _rows(self) -> list[dict[str, str]]:
-        path = self.tsv
-        if not os.path.isfile(path):
-            raise DataError.at(path, "file not found")
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
-        try:
-            with open(path, encoding="utf-8", newline="") as handle:
-                rows = list(csv.DictReader(handle, delimiter="\t"))
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise DataError.at(path, f"cannot read the TSV file: {error}") from error
-        columns = set(rows[0]) if rows else set()
-        missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
-        if missing:
-            raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
-        return rows
-
     def _read(self, require_answers: bool) -> tuple[list[BenchmarkQuestion], list[str]]:
         """The questions (one per rotation) and the base64 image of each."""
         path = self.tsv
-        rows = self._rows()
+        rows = read_mmbench_rows(path)
         indices = []
         for position, row in enumerate(rows):
             try:
