@@ -4,7 +4,8 @@ Design (the reference supports plain multi-head attention only; this generalises
 
 - **Groups.** Attention is selected by key/value group: one kv head and the ``q = num_heads /
   num_kv_heads`` query heads that read it, so grouped-query attention slices coherently (for MHA a
-  group is one head). MLP neurons are split into ``num_heads`` equal contiguous groups.
+  group is one head). MLP neurons are split into ``num_heads`` contiguous groups, the first ``intermediate_size mod num_heads``
+  one neuron wider when the width does not divide (Vicuna-13B: 13824 / 40), as the release splits them.
 - **Logits.** One linear layer gives, per schedulable layer, ``num_kv_heads`` attention logits and
   ``num_heads`` MLP logits: ``L_sched * (num_kv_heads + num_heads)`` in all, which for MHA is the
   reference's ``L_sched * num_heads * 2`` (1024 for LLaVA-1.5-7B).
@@ -65,9 +66,9 @@ class HeadScheduler(Scheduler):
             )
         if shape.num_heads % self.rank:
             raise ValueError(f"rank={self.rank} must divide num_heads={shape.num_heads}")
-        if shape.intermediate_size % shape.num_heads:
+        if shape.intermediate_size < shape.num_heads:
             raise ValueError(
-                f"intermediate_size={shape.intermediate_size} does not split into num_heads={shape.num_heads} equal MLP groups"
+                f"intermediate_size={shape.intermediate_size} is smaller than num_heads={shape.num_heads}: some MLP groups would be empty"
             )
 
     def _build(self, shape: DecoderShape) -> None:
