@@ -5,7 +5,7 @@ The model is linear in the work the budget leaves, fitted by least squares on th
 
     prefill_ms  = p0 + p1 * B * T + p2 * b * B * T      (B batch size, T prompt tokens, b budget)
     decode_ms   = d0 + d1 * B     + d2 * b * B          (per generated token)
-    total_ms    = prefill_ms + new_tokens * decode_ms
+    total_ms    = prefill_ms + (new_tokens - 1) * decode_ms  (the first token comes out of the prefill)
 
 The budget ``b`` stands for the FLOPs fraction of the plan: a plan never spends more than its budget,
 so predicting with ``b`` errs on the slow side. Being linear in ``b``, the model inverts in closed form.
@@ -111,8 +111,9 @@ class LatencyModel:
         p0, p1, p2 = self.prefill
         d0, d1, d2 = self.decode
         work = batch_size * prompt_tokens
-        a = p0 + p1 * work + new_tokens * (d0 + d1 * batch_size)
-        c = p2 * work + new_tokens * d2 * batch_size
+        steps = max(new_tokens - 1, 0)
+        a = p0 + p1 * work + steps * (d0 + d1 * batch_size)
+        c = p2 * work + steps * d2 * batch_size
         return a, c
 
     def predict_ms(self, budget: float, prompt_tokens: int, new_tokens: int, batch_size: int = 1, scale: float = 1.0) -> float:

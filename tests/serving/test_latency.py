@@ -32,9 +32,11 @@ def test_fit_recovers_the_coefficients_of_exact_measurements():
 
 def test_prediction_by_hand():
     model = LatencyModel(PREFILL, DECODE)
-    # budget 0.5, T=40, B=2, 3 new tokens: prefill 2 + 0.8 + 2.0 = 4.8; decode 1 + 0.2 + 0.4 = 1.6 per token
-    assert model.predict_ms(0.5, 40, 3, 2) == pytest.approx(4.8 + 3 * 1.6)
-    assert model.predict_ms(0.5, 40, 3, 2, scale=2.0) == pytest.approx(2 * (4.8 + 3 * 1.6))
+    # budget 0.5, T=40, B=2, 3 new tokens = prefill + 2 decoding steps:
+    # prefill 2 + 0.8 + 2.0 = 4.8; decode 1 + 0.2 + 0.4 = 1.6 per step
+    assert model.predict_ms(0.5, 40, 3, 2) == pytest.approx(4.8 + 2 * 1.6)
+    assert model.predict_ms(0.5, 40, 3, 2, scale=2.0) == pytest.approx(2 * (4.8 + 2 * 1.6))
+    assert model.predict_ms(0.5, 40, 1, 2) == pytest.approx(4.8)
 
 
 @pytest.mark.parametrize("budget", [0.55, 0.7, 0.9, 1.0])
@@ -53,10 +55,10 @@ def test_generous_deadline_gives_the_full_model_and_unmeetable_the_smallest_budg
     model = LatencyModel(PREFILL, DECODE, margin=0.1)
     generous = model.budget_for_deadline(1e6, 50, 4, 1, min_budget=0.4)
     assert (generous.budget, generous.met) == (1.0, True)
-    # the smallest budget 0.4 needs 2 + 0.5 + 1.0 + 4 * (1 + 0.1 + 0.16) = 8.54 ms; 5 ms cannot be met
+    # the smallest budget 0.4 needs 2 + 0.5 + 1.0 + 3 * (1 + 0.1 + 0.16) = 7.28 ms; 5 ms cannot be met
     choice = model.budget_for_deadline(5.0, 50, 4, 1, min_budget=0.4)
     assert (choice.budget, choice.met) == (0.4, False)
-    assert choice.predicted_ms == pytest.approx(8.54)
+    assert choice.predicted_ms == pytest.approx(7.28)
     with pytest.raises(ValueError, match="deadline_ms 0 must be > 0"):
         model.budget_for_deadline(0, 50, 4, 1)
 
