@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_mllm.tracking import ResilientWandbLogger, online_problem
+from adaptive_mllm.tracking import online_problem
 
 RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 
