@@ -14,7 +14,9 @@ from collections.abc import Callable
 from adaptive_mllm import benchmark, export, plots, serving
 from adaptive_mllm.recipe import build_cli
 
-__all__ = ["build_cli", "main"]
+__all__ = ["build_cli", "entry_point", "main"]
+
+TRACEBACK_VARIABLE = "ADAPTIVE_MLLM_TRACEBACK"
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "benchmark": benchmark.main,
@@ -35,5 +37,18 @@ def main(args: list[str] | None = None) -> None:
     build_cli(args)
 
 
+def entry_point() -> None:
+    """The console script: ``main`` with an error shown as its message alone, not under a 30-60 line traceback
+    (set ADAPTIVE_MLLM_TRACEBACK=1 for it)."""
+    try:
+        main()
+    except Exception as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+            raise
+        print(f"adaptive-mllm: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"(the full traceback: {TRACEBACK_VARIABLE}=1 adaptive-mllm ...)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -22,8 +22,9 @@ class PredictionWriter(BasePredictionWriter):
     """Writes ``predict``'s rows to ``<output_dir>/budget-<b>.jsonl`` (``.rank<r>`` added under several processes).
 
     Args:
-        output_dir: where the answers go; it must not hold answers already. Default: a new
-            ``<default_root_dir>/predictions/<date>-<time>`` directory.
+        output_dir: where the answers go; it must not hold answers already. Default: the trainer's
+            ``default_root_dir`` (``predict`` gives each run its own), or a new ``predictions/<time>`` below it
+            if that holds answers already.
     """
 
     def __init__(self, output_dir: str | None = None) -> None:
@@ -38,8 +39,10 @@ class PredictionWriter(BasePredictionWriter):
             return
         directory = None
         if trainer.is_global_zero:  # one name for all processes, chosen once
-            directory = Path(self.output_dir) if self.output_dir else _new_directory(Path(trainer.default_root_dir) / "predictions")
-            if any(directory.glob("budget-*.jsonl")):
+            directory = Path(self.output_dir or trainer.default_root_dir)
+            if not self.output_dir and _holds_answers(directory):
+                directory = new_directory(directory / "predictions")
+            if _holds_answers(directory):
                 raise FileExistsError(f"PredictionWriter.output_dir={directory} already holds answers; choose a new directory")
         directory = Path(trainer.strategy.broadcast(str(directory), src=0))
         directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,11 @@ class PredictionWriter(BasePredictionWriter):
         return self._files[budget]
 
 
-def _new_directory(parent: Path) -> Path:
+def _holds_answers(directory: Path) -> bool:
+    return any(directory.glob("budget-*.jsonl"))
+
+
+def new_directory(parent: Path) -> Path:
     """A new directory no other run has taken: the time, then a counter if two runs start in one second."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent.mkdir(parents=True, exist_ok=True)

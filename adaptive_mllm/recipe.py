@@ -10,21 +10,36 @@ The parts' packages are imported here so that short class names resolve, e.g.
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
 import adaptive_mllm.data  # noqa: F401
 import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
+from adaptive_mllm.checkpoints import check_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
+
+RUN_DIRECTORY_VARIABLE = "ADAPTIVE_MLLM_RUN_DIR"
 
 
 class SaveConfigToWandb(SaveConfigCallback):
-    """Writes config.yaml beside the run (overwriting, so a second run never aborts on it) and pushes the
-    resolved config to W&B."""
+    """Writes the resolved config beside the run and pushes it to W&B. A resumed fit whose config differs
+    keeps the first one and writes its own as ``config-resumed-<time>.yaml``: a run's files are never replaced."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and stage == "fit" and trainer.log_dir is not None:
+            first = Path(trainer.log_dir) / "config.yaml"
+            if first.is_file() and first.read_text() != self.parser.dump(self.config, skip_none=False):
+                self.config_filename = f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
@@ -33,13 +48,47 @@ class SaveConfigToWandb(SaveConfigCallback):
 
 
 class AdaptiveMLLMCLI(LightningCLI):
-    """LightningCLI plus ``--test_after_fit``: the test split is scored at every budget when ``fit`` ends."""
+    """LightningCLI with runs that keep their files, a checked checkpoint, and ``--test_after_fit``.
+
+    ``validate`` / ``test`` / ``predict`` write into a new ``<default_root_dir>/<subcommand>/<time>`` directory
+    (config, tables, plots, answers, W&B run), so evaluating a training run's checkpoint never replaces the
+    training run's files; ``fit`` refuses a directory that holds another run unless it resumes it
+    (``--ckpt_path``) or ``--overwrite_run=true`` says to replace it.
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the trained weights after fit")
+        parser.add_argument(
+            "--overwrite_run", type=bool, default=False, help="let `fit` replace the run already in its directory"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path"):
+            check_checkpoint(config.ckpt_path)
+        if self.subcommand in ("validate", "test", "predict"):
+            _own_directory(config, self.subcommand)
+
+    def before_fit(self) -> None:
+        config = self.config["fit"]
+        earlier = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
+        if earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):
+            raise FileExistsError(
+                f"{earlier.parent} holds an earlier run ({earlier}): resume it with --ckpt_path (its checkpoints' "
+                "last.ckpt), give this run its own directory (trainer.default_root_dir, the logger's save_dir, "
+                "ModelCheckpoint's dirpath), or replace it with --overwrite_run=true"
+            )
+        if config.get("test_after_fit") and not _has_test_split(self.datamodule):
+            rank_zero_warn(f"test_after_fit: {type(self.datamodule).__name__} has no test split; only fit runs")
+
+    def before_predict(self) -> None:
+        """Answers are kept: a PredictionWriter joins the trainer unless the recipe lists one."""
+        if not any(isinstance(callback, PredictionWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.fast_dev_run:
+        config = self.config["fit"]
+        if config.get("test_after_fit") and not self.trainer.fast_dev_run and _has_test_split(self.datamodule):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
@@ -49,8 +98,32 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCL
         AdaptiveMLLM,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToWandb,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True},  # fit checks for an earlier run itself (before_fit)
         seed_everything_default=0,
         args=args,
         run=run,
     )
+
+
+def _own_directory(config: Any, subcommand: str) -> None:
+    """Point the trainer's root and its loggers' save_dir at a new ``<root>/<subcommand>/<time>`` directory.
+
+    The name is chosen once and kept in the environment, so the processes a strategy launches from this one
+    (which parse the same command line again) write into the same directory."""
+    launched = any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK"))
+    directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if launched else None
+    if directory is None:
+        directory = str(new_directory(Path(config.trainer.get("default_root_dir") or ".") / subcommand))
+        os.environ[RUN_DIRECTORY_VARIABLE] = directory
+    config.trainer.default_root_dir = directory
+    loggers = config.trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and "save_dir" in init_args:
+            init_args.save_dir = directory
+
+
+def _has_test_split(datamodule: Any) -> bool:
+    """False only for a datamodule that says it has no test records (LLaVA JSON without ``test_json``)."""
+    paths = getattr(datamodule, "json_paths", None)
+    return not isinstance(paths, dict) or paths.get("test") is not None

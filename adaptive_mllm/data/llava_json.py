@@ -381,6 +381,7 @@ class LlavaJsonDataset(Dataset):
             "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),  # [Tp]
             "pixel_values": pixel_values,  # [3, H, W] or None
             "answer": record.answers[-1] if answered else "",
+            "question": record.questions[-1].replace(IMAGE_PLACEHOLDER, "").strip(),  # the one the answer is to
             "question_kind": record.question_kind,
         }
 
@@ -414,6 +415,7 @@ class LlavaCollator:
             "pixel_values": torch.stack(images) if images else None,  # [N_img, 3, H, W], in batch order
             "has_image": torch.tensor([item["pixel_values"] is not None for item in kept], dtype=torch.bool),  # [B]
             "answers": [item["answer"] for item in kept],
+            "questions": [item["question"] for item in kept],
             "question_kinds": [item["question_kind"] for item in kept],
             "ids": [item["id"] for item in kept],
             "num_skipped": len(items) - len(kept),

@@ -1,0 +1,103 @@
+"""The recipe CLI keeps every run's files: evaluation writes into its own directory, fit refuses another
+run's directory, checkpoints are checked before loading, and a missing test split never fails a fit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptive_mllm.checkpoints import CheckpointError
+from adaptive_mllm.cli import entry_point, main
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
+SMALL = [
+    "--data.init_args.num_train=32",
+    "--data.init_args.num_val=8",
+    "--data.init_args.num_test=12",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=8",
+    "--data.init_args.num_workers=0",
+]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return tmp_path
+
+
+def _run(args: list[str]) -> None:
+    """One command, as its own process would run it: its W&B run ends with it (in one process, the next
+    WandbLogger would append to a run still open)."""
+    import wandb
+
+    try:
+        main(args)
+    finally:
+        wandb.finish()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """The run's files; W&B's links to its shared service log (``logs/debug-core.log``) are not the run's."""
+    paths = sorted(path for path in directory.rglob("*") if path.is_file() and not path.is_symlink())
+    return {str(path.relative_to(directory)): path.read_bytes() for path in paths}
+
+
+def test_test_and_predict_on_a_fit_keep_its_files_and_write_their_own(in_tmp):
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"]
+    _run(fit)
+    run = in_tmp / "runs" / "tiny"
+    before = _files(run)
+    assert "config.yaml" in before and "test_results.csv" in before and "checkpoints/last.ckpt" in before
+
+    checkpoint = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    _run(["test", "--config", RECIPE, *SMALL, checkpoint, "--model.eval_budgets=[1.0,0.6]"])
+    _run(["predict", "--config", RECIPE, *SMALL, checkpoint, "--model.budget=0.6"])
+
+    after = _files(run)
+    assert {name: after[name] for name in before} == before, "test / predict changed the fit's files"
+    (tested,) = (run / "test").iterdir()
+    assert {"config.yaml", "test_results.csv"} <= {path.name for path in tested.iterdir()}
+    (predicted,) = (run / "predict").iterdir()
+    rows = [json.loads(line) for line in (predicted / "budget-0.6.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and len({row["id"] for row in rows}) == 12
+    assert all(row["budget"] == 0.6 and row["question"] and isinstance(row["answer"], str) for row in rows)
+    assert all(0 < row["flops_fraction"] <= 0.6 + 1e-9 and row["units"] >= 0 for row in rows)
+
+    # a second fit into the same directory, neither resuming nor told to replace it, is refused before it trains
+    with pytest.raises(FileExistsError, match=r"holds an earlier run .*--overwrite_run=true"):
+        _run(fit)
+    assert _files(run) == after
+
+
+def test_an_empty_checkpoint_is_named_before_lightning_reads_it(in_tmp):
+    (in_tmp / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.ckpt: the file is empty"):
+        main(["test", "--config", RECIPE, *SMALL, "--ckpt_path=empty.ckpt"])
+
+
+def test_the_command_prints_the_message_alone(in_tmp, monkeypatch, capsys):
+    (in_tmp / "empty.ckpt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["adaptive-mllm", "test", "--config", RECIPE, *SMALL, "--ckpt_path=empty.ckpt"])
+    monkeypatch.delenv("ADAPTIVE_MLLM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        entry_point()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "adaptive-mllm: error: CheckpointError: checkpoint empty.ckpt: the file is empty" in err
+    assert "Traceback" not in err and "ADAPTIVE_MLLM_TRACEBACK=1" in err
+    monkeypatch.setenv("ADAPTIVE_MLLM_TRACEBACK", "1")
+    with pytest.raises(CheckpointError):
+        entry_point()
+
+
+def test_fit_without_a_test_split_finishes_and_says_why_it_did_not_test(in_tmp):
+    with pytest.warns(UserWarning, match="has no test split"):
+        main(["fit", "--config", RECIPE, *SMALL, "--data.init_args.num_test=0", "--trainer.max_steps=2",
+              "--trainer.limit_val_batches=0"])
+    run = in_tmp / "runs" / "tiny"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "test_results.csv").exists()
