@@ -17,23 +17,16 @@ from torchmetrics import Metric
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
-from adaptive_mllm.engine import Engine, PlanRequest
+from adaptive_mllm.engine import Engine
 from adaptive_mllm.generation import greedy_generate
-from adaptive_mllm.inputs import embed_selected, insert_token, position_ids_from_mask
 from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
+from adaptive_mllm.planning import Planner
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
-from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
-from adaptive_mllm.token_selection.base import (
-    TokenLayout,
-    TokenSelector,
-    gather_positions,
-    insert_column,
-    remap_positions,
-)
+from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
 OVERALL = "overall"
 
@@ -144,74 +137,24 @@ class AdaptiveMLLM(L.LightningModule):
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
 
-    # --- inputs ----------------------------------------------------------------------------------------
-    def _uses_latency_token(self) -> bool:
-        return self.scheduler is not None and self.scheduler.needs_latency_token
-
-    def _plan_request(
-        self, budgets: torch.Tensor, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None
-    ) -> PlanRequest | ExecutionPlan | None:
-        """A plan the engine completes at the latency token, or, for schedulers that read no token, the plan."""
-        scheduler = self.scheduler
-        if scheduler is None:
-            return None
-        if not scheduler.needs_latency_token:
-            return scheduler(None, budgets, seq_lens, layer_tokens)
-        return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens, layer_tokens))
-
-    def _layer_tokens(self, seq_lens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor | None:
-        """[B, L] tokens reaching each LLM layer under the token selector (None: ``seq_lens`` everywhere)."""
-        if self.token_selector is None:
-            return None
-        return self.token_selector.layer_tokens(seq_lens, image_mask.sum(-1), self.backbone.shape.num_layers)
-
-    def _layout(self, image_mask: torch.Tensor) -> TokenLayout | None:
-        selector = self.token_selector
-        return None if selector is None or selector.layer_index is None else TokenLayout(image_mask)
-
-    def _draw_budgets(self, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[B] one budget per example, uniform over the admissible levels (unit counts) of
-        ``train_budget_range``, the full model included: a continuous draw would never reach budget 1.0."""
-        low, high = self.train_budget_range
-        cost, units_per_layer = self.scheduler.cost, self.scheduler.units_per_layer
-        tokens = [None] * len(seq_lens) if layer_tokens is None else layer_tokens.tolist()
-        budgets = []
-        for length, per_layer in zip(seq_lens.tolist(), tokens, strict=True):
-            minimum = cost.min_budget(length, per_layer)
-            ends = torch.tensor([max(low, minimum), max(high, minimum)], dtype=torch.float64)
-            lengths = torch.tensor([length, length])
-            per_layer_t = None if per_layer is None else torch.tensor([per_layer, per_layer])
-            fewest, most = cost.units_for_budget(ends, lengths, units_per_layer, per_layer_t).tolist()
-            units = int(torch.randint(fewest, most + 1, ()).item())
-            budgets.append(cost.budget_for_units(units, length, units_per_layer, per_layer))
-        return torch.tensor(budgets, device=seq_lens.device)
+    # --- the LLM under budgets -----------------------------------------------------------------------
+    @property
+    def planner(self) -> Planner:
+        """The one way from a batch and budgets to the engine's inputs and back to FLOPs (serving uses it too)."""
+        return Planner(self.backbone, self.scheduler, self.token_selector)
 
     def forward(self, batch: dict[str, Any], budgets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token)."""
-        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        inputs = embed_selected(self.backbone, input_ids, attention_mask, batch.get("pixel_values"), self.token_selector, labels)
-        embeds, attention_mask, labels, image_mask = inputs.embeds, inputs.attention_mask, inputs.labels, inputs.image_mask
-        plan = None
-        latency_positions = None
-        if self.scheduler is not None:
-            seq_lens = attention_mask.sum(-1) + int(self._uses_latency_token())
-            layer_tokens = self._layer_tokens(seq_lens, image_mask)
-            if budgets is None:
-                budgets = self._draw_budgets(seq_lens, layer_tokens)
-            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
-            if self._uses_latency_token():
-                latency_positions = batch["prompt_lengths"]
-                if inputs.source_index is not None:  # the prompt lost image tokens before the LLM
-                    latency_positions = remap_positions(inputs.source_index, latency_positions)
-                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
-                embeds, attention_mask, labels = insert_token(embeds, token, latency_positions, attention_mask, labels)
-                image_mask = insert_column(image_mask, latency_positions, False)
-            plan = self._plan_request(budgets, seq_lens, layer_tokens)
-        positions = position_ids_from_mask(attention_mask)
-        layout = self._layout(image_mask)
+        """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token).
+        ``budgets`` [B]; None: drawn from ``train_budget_range``."""
+        planner = self.planner
+        inputs = planner.embed(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+        prepared = planner.prepare(inputs, budgets, batch.get("prompt_lengths"), draw_range=self.train_budget_range)
+        layout = prepared.layout()
         hidden, _ = self.engine(
-            embeds, attention_mask, positions, plan, latency_positions, gated=True, token_selector=self.token_selector, layout=layout
-        )
+            prepared.embeds, prepared.attention_mask, prepared.position_ids, prepared.plan, prepared.latency_positions,
+            gated=True, token_selector=self.token_selector, layout=layout,
+        )  # fmt: skip
+        labels = prepared.labels
         if layout is not None and layout.source_index is not None:  # tokens dropped inside the LLM: labels follow
             labels = gather_positions(labels, layout.source_index, IGNORE_INDEX)
         logits = self.backbone.lm_head(self.backbone.final_norm(hidden))
@@ -241,40 +184,23 @@ class AdaptiveMLLM(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], budget: float | torch.Tensor) -> dict[str, Any]:
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost."""
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
+        prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
-        inputs = embed_selected(self.backbone, prompt_ids, prompt_mask, batch.get("pixel_values"), self.token_selector)
-        embeds, prompt_mask, image_mask = inputs.embeds, inputs.attention_mask, inputs.image_mask
-        plan = None
-        latency_positions = None
-        seq_lens = prompt_mask.sum(-1) + int(self._uses_latency_token())
-        layer_tokens = self._layer_tokens(seq_lens, image_mask)
+        planner = self.planner
+        inputs = planner.embed(prompt_ids, batch["prompt_attention_mask"], batch.get("pixel_values"))
         budgets = torch.as_tensor(budget, dtype=torch.float32, device=prompt_ids.device).expand(batch_size)
-        if self.scheduler is not None:
-            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
-            if self._uses_latency_token():
-                latency_positions = torch.full((batch_size,), embeds.shape[1], device=prompt_ids.device)
-                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
-                embeds, prompt_mask, _ = insert_token(embeds, token, latency_positions, prompt_mask)
-                image_mask = insert_column(image_mask, latency_positions, False)
-            plan = self._plan_request(budgets, seq_lens, layer_tokens)
+        prepared = planner.prepare(inputs, budgets)
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, embeds, prompt_mask, self.max_new_tokens, stop, plan, latency_positions, self.token_selector, image_mask
-        )
+            self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
+            prepared.latency_positions, self.token_selector, prepared.image_mask,
+        )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
-        if self.scheduler is not None and result.plan is not None:
-            cost = self.scheduler.cost
-            flops = cost.plan_flops(result.plan, seq_lens, layer_tokens)
-            tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
-            full = torch.tensor(
-                [cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=flops.dtype, device=flops.device
-            )
-            flops_fraction = (flops / full).mean().item()
-            units = result.plan.units.float().mean().item() if result.plan.units is not None else float("nan")
-        else:
-            flops_fraction, units = 1.0, float("nan")
+        flops_fraction, units = 1.0, float("nan")
+        if result.plan is not None:
+            flops_fraction = planner.flops_fraction(result.plan, prepared.inputs).mean().item()
+            units = result.plan.units.float().mean().item() if result.plan.units is not None else units
         return {
             "answers": answers,
             "flops_fraction": flops_fraction,
@@ -312,7 +238,7 @@ class AdaptiveMLLM(L.LightningModule):
         if stage == "val":
             budgets = None
             if self.scheduler is not None:
-                seq_lens = batch["attention_mask"].sum(-1) + int(self._uses_latency_token())
+                seq_lens = self.planner.seq_lens(batch["attention_mask"])
                 budgets = torch.full((batch_size,), max(self.eval_budgets), device=self.device)
                 budgets = torch.maximum(budgets, torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=self.device))
             logits, labels = self(batch, budgets)
