@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from adaptive_mllm.cost import CostModel
 from adaptive_mllm.engine import PlanCache
-from adaptive_mllm.inputs import embed_multimodal, embed_selected, insert_token, position_ids_from_mask
+from adaptive_mllm.inputs import SelectedInputs, embed_multimodal, embed_selected
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.planning import Planner
 from adaptive_mllm.recipe import build_cli
 from adaptive_mllm.reporting import format_table
-from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector, insert_column
+from adaptive_mllm.token_selection.base import TokenSelector
 
 
 def _now(device: torch.device) -> float:
@@ -67,35 +67,21 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
 
 
 def _prepare_budget(
-    model: AdaptiveMLLM, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, budget: float,
-    batch_size: int, decode_tokens: int, device: torch.device,
-    image_mask: torch.Tensor | None = None, selector: TokenSelector | None = None,
+    model: AdaptiveMLLM, inputs: SelectedInputs, ids: torch.Tensor, budget: float, decode_tokens: int,
+    selector: TokenSelector | None = None,
 ) -> tuple[dict[str, Any], Any, Any]:
     """The row of one budget (the plan's units and FLOPs fraction, of the full model with the same token
     selection and of the plain full model: no selector), and its prefill and decode functions to time."""
-    backbone, engine, scheduler = model.backbone, model.engine, model.scheduler
-    budgets_t = torch.full((batch_size,), float(budget), device=device)
-    run_embeds, run_mask, latency_positions = embeds, mask, None
-    seq_lens = mask.sum(-1) + int(model._uses_latency_token())
-    if image_mask is None:
-        image_mask = ids == backbone.image_token_id
-    layer_tokens = None if selector is None else selector.layer_tokens(seq_lens, image_mask.sum(-1), backbone.shape.num_layers)
-    if scheduler is not None:
-        scheduler.check_budgets(budgets_t, seq_lens, layer_tokens)
-        if model._uses_latency_token():
-            latency_positions = torch.full((batch_size,), embeds.shape[1], device=device)
-            token = scheduler.latency_token(budgets_t, seq_lens, layer_tokens)
-            run_embeds, run_mask, _ = insert_token(embeds, token, latency_positions, mask)
-            image_mask = insert_column(image_mask, latency_positions, False)
-    positions = position_ids_from_mask(run_mask)
-    request = model._plan_request(budgets_t, seq_lens, layer_tokens)
-    in_llm = selector is not None and selector.layer_index is not None
+    backbone, engine = model.backbone, model.engine
+    planner = Planner(backbone, model.scheduler, selector)
+    batch_size = ids.shape[0]
+    prepared = planner.prepare(inputs, torch.full((batch_size,), float(budget), device=ids.device))
+    positions = prepared.position_ids
 
     def prefill(cache: PlanCache | None = None):
-        layout = TokenLayout(image_mask) if in_llm else None
         hidden, plan = engine(
-            run_embeds, run_mask, positions, request, latency_positions, gated=False, cache=cache,
-            token_selector=selector, layout=layout,
+            prepared.embeds, prepared.attention_mask, positions, prepared.plan, prepared.latency_positions, gated=False,
+            cache=cache, token_selector=selector, layout=prepared.layout(),
         )  # fmt: skip
         return backbone.lm_head(backbone.final_norm(hidden[:, -1:])), plan
 
@@ -117,15 +103,11 @@ def _prepare_budget(
             token = backbone.lm_head(backbone.final_norm(hidden)).argmax(-1)
             position = position + 1
 
-    cost = scheduler.cost if scheduler is not None else CostModel(backbone.shape, 0)
-    tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
-    full = torch.tensor([cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=torch.float64)
-    flops = full.clone()
-    units = float("nan")
-    if scheduler is not None and plan is not None:
-        flops = cost.plan_flops(plan, seq_lens, layer_tokens).double().cpu()
-        units = float(plan.units.float().mean()) if plan.units is not None else units
-    plain = torch.tensor([cost.full_flops(int(n)) for n in ids.shape[1] + seq_lens - mask.sum(-1)], dtype=torch.float64)
+    sizes = prepared.inputs
+    full, flops = planner.full_flops(sizes), planner.flops(plan, sizes)
+    units = float(plan.units.float().mean()) if plan is not None and plan.units is not None else float("nan")
+    prompt_lengths = ids.shape[1] + sizes.seq_lens - inputs.attention_mask.sum(-1)  # no selector
+    plain = torch.tensor([planner.cost.full_flops(int(n)) for n in prompt_lengths], dtype=torch.float64)
     row = {
         "budget": budget, "selector": "none" if selector is None else type(selector).__name__, "units": units,
         "flops_fraction": float((flops / full).mean()), "flops_vs_plain": float((flops / plain).mean()),
@@ -150,7 +132,7 @@ def run_benchmark(
     mask = torch.ones_like(ids)
     embeds = embed_multimodal(backbone, ids, images)
     if model.scheduler is not None:  # every budget checked before minutes of timing, not after
-        seq_len = torch.full((len(budgets),), prompt_length + int(model._uses_latency_token()))
+        seq_len = torch.full((len(budgets),), prompt_length + int(model.planner.uses_latency_token))
         model.scheduler.check_budgets(torch.tensor(budgets, dtype=torch.float32), seq_len)
     # the model's token selector, and none, in the same run
     selectors = [model.token_selector] + ([None] if model.token_selector is not None else [])
@@ -159,10 +141,7 @@ def run_benchmark(
         inputs = embed_selected(backbone, ids, mask, images, selector)
         encode_fns[id(selector)] = lambda selector=selector: embed_selected(backbone, ids, mask, images, selector)
         for budget in budgets:
-            row, prefill, decode = _prepare_budget(
-                model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, device,
-                inputs.image_mask, selector,
-            )  # fmt: skip
+            row, prefill, decode = _prepare_budget(model, inputs, ids, budget, decode_tokens, selector)
             row["llm_tokens"] = float(inputs.attention_mask.sum(-1).float().mean())
             row["_selector"] = id(selector)
             prefill_fns[len(rows)], decode_fns[len(rows)] = prefill, decode

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
-from torchmetrics import Metric
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND
-from adaptive_mllm.engine import Engine, PlanRequest
+from adaptive_mllm.engine import Engine
 from adaptive_mllm.generation import greedy_generate
-from adaptive_mllm.inputs import embed_selected, insert_token, position_ids_from_mask
-from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
-from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
-from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.planning import Planner
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
-from adaptive_mllm.schedulers.plan import ExecutionPlan
-from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
-from adaptive_mllm.token_selection.base import (
-    TokenLayout,
-    TokenSelector,
-    gather_positions,
-    insert_column,
-    remap_positions,
-)
-
-OVERALL = "overall"
+from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
 
 class AdaptiveMLLM(L.LightningModule):
@@ -86,8 +68,6 @@ class AdaptiveMLLM(L.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.freeze = list(freeze) if freeze is not None else ["vision_tower"]
         self._check_arguments()
-        self.eval_metrics = nn.ModuleDict()
-        self._sweeps: dict[str, BudgetSweep] = {}
         self._skipped = 0
 
     def _check_arguments(self) -> None:
@@ -144,74 +124,24 @@ class AdaptiveMLLM(L.LightningModule):
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
 
-    # --- inputs ----------------------------------------------------------------------------------------
-    def _uses_latency_token(self) -> bool:
-        return self.scheduler is not None and self.scheduler.needs_latency_token
-
-    def _plan_request(
-        self, budgets: torch.Tensor, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None
-    ) -> PlanRequest | ExecutionPlan | None:
-        """A plan the engine completes at the latency token, or, for schedulers that read no token, the plan."""
-        scheduler = self.scheduler
-        if scheduler is None:
-            return None
-        if not scheduler.needs_latency_token:
-            return scheduler(None, budgets, seq_lens, layer_tokens)
-        return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens, layer_tokens))
-
-    def _layer_tokens(self, seq_lens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor | None:
-        """[B, L] tokens reaching each LLM layer under the token selector (None: ``seq_lens`` everywhere)."""
-        if self.token_selector is None:
-            return None
-        return self.token_selector.layer_tokens(seq_lens, image_mask.sum(-1), self.backbone.shape.num_layers)
-
-    def _layout(self, image_mask: torch.Tensor) -> TokenLayout | None:
-        selector = self.token_selector
-        return None if selector is None or selector.layer_index is None else TokenLayout(image_mask)
-
-    def _draw_budgets(self, seq_lens: torch.Tensor, layer_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[B] one budget per example, uniform over the admissible levels (unit counts) of
-        ``train_budget_range``, the full model included: a continuous draw would never reach budget 1.0."""
-        low, high = self.train_budget_range
-        cost, units_per_layer = self.scheduler.cost, self.scheduler.units_per_layer
-        tokens = [None] * len(seq_lens) if layer_tokens is None else layer_tokens.tolist()
-        budgets = []
-        for length, per_layer in zip(seq_lens.tolist(), tokens, strict=True):
-            minimum = cost.min_budget(length, per_layer)
-            ends = torch.tensor([max(low, minimum), max(high, minimum)], dtype=torch.float64)
-            lengths = torch.tensor([length, length])
-            per_layer_t = None if per_layer is None else torch.tensor([per_layer, per_layer])
-            fewest, most = cost.units_for_budget(ends, lengths, units_per_layer, per_layer_t).tolist()
-            units = int(torch.randint(fewest, most + 1, ()).item())
-            budgets.append(cost.budget_for_units(units, length, units_per_layer, per_layer))
-        return torch.tensor(budgets, device=seq_lens.device)
+    # --- the LLM under budgets -----------------------------------------------------------------------
+    @property
+    def planner(self) -> Planner:
+        """The one way from a batch and budgets to the engine's inputs and back to FLOPs (serving uses it too)."""
+        return Planner(self.backbone, self.scheduler, self.token_selector)
 
     def forward(self, batch: dict[str, Any], budgets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token)."""
-        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        inputs = embed_selected(self.backbone, input_ids, attention_mask, batch.get("pixel_values"), self.token_selector, labels)
-        embeds, attention_mask, labels, image_mask = inputs.embeds, inputs.attention_mask, inputs.labels, inputs.image_mask
-        plan = None
-        latency_positions = None
-        if self.scheduler is not None:
-            seq_lens = attention_mask.sum(-1) + int(self._uses_latency_token())
-            layer_tokens = self._layer_tokens(seq_lens, image_mask)
-            if budgets is None:
-                budgets = self._draw_budgets(seq_lens, layer_tokens)
-            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
-            if self._uses_latency_token():
-                latency_positions = batch["prompt_lengths"]
-                if inputs.source_index is not None:  # the prompt lost image tokens before the LLM
-                    latency_positions = remap_positions(inputs.source_index, latency_positions)
-                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
-                embeds, attention_mask, labels = insert_token(embeds, token, latency_positions, attention_mask, labels)
-                image_mask = insert_column(image_mask, latency_positions, False)
-            plan = self._plan_request(budgets, seq_lens, layer_tokens)
-        positions = position_ids_from_mask(attention_mask)
-        layout = self._layout(image_mask)
+        """Teacher-forced forward (gated): returns logits [B, T', V] and labels [B, T'] (T' = T + latency token).
+        ``budgets`` [B]; None: drawn from ``train_budget_range``."""
+        planner = self.planner
+        inputs = planner.embed(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+        prepared = planner.prepare(inputs, budgets, batch.get("prompt_lengths"), draw_range=self.train_budget_range)
+        layout = prepared.layout()
         hidden, _ = self.engine(
-            embeds, attention_mask, positions, plan, latency_positions, gated=True, token_selector=self.token_selector, layout=layout
-        )
+            prepared.embeds, prepared.attention_mask, prepared.position_ids, prepared.plan, prepared.latency_positions,
+            gated=True, token_selector=self.token_selector, layout=layout,
+        )  # fmt: skip
+        labels = prepared.labels
         if layout is not None and layout.source_index is not None:  # tokens dropped inside the LLM: labels follow
             labels = gather_positions(labels, layout.source_index, IGNORE_INDEX)
         logits = self.backbone.lm_head(self.backbone.final_norm(hidden))
@@ -241,40 +171,23 @@ class AdaptiveMLLM(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], budget: float | torch.Tensor) -> dict[str, Any]:
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost."""
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
+        prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
-        inputs = embed_selected(self.backbone, prompt_ids, prompt_mask, batch.get("pixel_values"), self.token_selector)
-        embeds, prompt_mask, image_mask = inputs.embeds, inputs.attention_mask, inputs.image_mask
-        plan = None
-        latency_positions = None
-        seq_lens = prompt_mask.sum(-1) + int(self._uses_latency_token())
-        layer_tokens = self._layer_tokens(seq_lens, image_mask)
+        planner = self.planner
+        inputs = planner.embed(prompt_ids, batch["prompt_attention_mask"], batch.get("pixel_values"))
         budgets = torch.as_tensor(budget, dtype=torch.float32, device=prompt_ids.device).expand(batch_size)
-        if self.scheduler is not None:
-            self.scheduler.check_budgets(budgets, seq_lens, layer_tokens)
-            if self._uses_latency_token():
-                latency_positions = torch.full((batch_size,), embeds.shape[1], device=prompt_ids.device)
-                token = self.scheduler.latency_token(budgets, seq_lens, layer_tokens)
-                embeds, prompt_mask, _ = insert_token(embeds, token, latency_positions, prompt_mask)
-                image_mask = insert_column(image_mask, latency_positions, False)
-            plan = self._plan_request(budgets, seq_lens, layer_tokens)
+        prepared = planner.prepare(inputs, budgets)
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, embeds, prompt_mask, self.max_new_tokens, stop, plan, latency_positions, self.token_selector, image_mask
-        )
+            self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
+            prepared.latency_positions, self.token_selector, prepared.image_mask,
+        )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
-        if self.scheduler is not None and result.plan is not None:
-            cost = self.scheduler.cost
-            flops = cost.plan_flops(result.plan, seq_lens, layer_tokens)
-            tokens = [None] * batch_size if layer_tokens is None else layer_tokens.tolist()
-            full = torch.tensor(
-                [cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)], dtype=flops.dtype, device=flops.device
-            )
-            flops_fraction = (flops / full).mean().item()
-            units = result.plan.units.float().mean().item() if result.plan.units is not None else float("nan")
-        else:
-            flops_fraction, units = 1.0, float("nan")
+        flops_fraction, units = 1.0, float("nan")
+        if result.plan is not None:
+            flops_fraction = planner.flops_fraction(result.plan, prepared.inputs).mean().item()
+            units = result.plan.units.float().mean().item() if result.plan.units is not None else units
         return {
             "answers": answers,
             "flops_fraction": flops_fraction,
@@ -285,140 +198,28 @@ class AdaptiveMLLM(L.LightningModule):
         }
 
     # --- validation / test -----------------------------------------------------------------------------
-    def _metric(self, stage: str, budget: float) -> Metric:
-        """The datamodule's metric (exact match per question kind, or a benchmark's own), one per budget."""
-        key = f"{stage}_{budget:g}".replace(".", "p")
-        if key not in self.eval_metrics:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if datamodule is not None and hasattr(datamodule, "make_metric"):
-                metric = datamodule.make_metric(stage)
-            else:
-                metric = GroupedExactMatch([DEFAULT_QUESTION_KIND])
-            self.eval_metrics[key] = metric.to(self.device)
-        return self.eval_metrics[key]
-
-    def _question_kinds(self, stage: str, sweep: BudgetSweep) -> list[str]:
-        """The groups usage is reported by: the datamodule's, the same list on every process (DDP sums line
-        up); else the kinds this process saw."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "question_kinds"):
-            return list(datamodule.question_kinds(stage))
-        return sorted({kind for stats in sweep.stats.values() for kind in stats.kind_examples})
-
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+    def _eval_step(self, batch: dict[str, Any]) -> dict[float, dict[str, Any]] | None:
+        """The batch answered at every budget: budget -> :meth:`generate`'s output. Scoring them and the
+        sweep's statistics are :class:`~adaptive_mllm.callbacks.SweepReport`'s, listed in the recipes."""
         if batch["input_ids"].shape[0] == 0:
-            return
+            return None
+        return {budget: self.generate(batch, budget) for budget in self.eval_budgets}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
         batch_size = batch["input_ids"].shape[0]
-        if stage == "val":
-            budgets = None
-            if self.scheduler is not None:
-                seq_lens = batch["attention_mask"].sum(-1) + int(self._uses_latency_token())
-                budgets = torch.full((batch_size,), max(self.eval_budgets), device=self.device)
-                budgets = torch.maximum(budgets, torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=self.device))
-            logits, labels = self(batch, budgets)
-            self.log("val/loss", self._loss(logits, labels), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        shape = self.backbone.shape
-        sweep = self._sweeps.setdefault(stage, BudgetSweep())
-        for budget in self.eval_budgets:
-            out = self.generate(batch, budget)
-            self._metric(stage, budget).update(out["answers"], batch)
-            sweep.update(
-                budget,
-                list(batch["question_kinds"]),
-                out["flops_fraction"],
-                out["units"],
-                out["prefill_seconds"],
-                out["decode_seconds_per_token"],
-                out["plan"],
-                shape.num_layers,
-                shape.num_kv_heads,
-            )
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def _eval_epoch_end(self, stage: str) -> tuple[list[dict[str, Any]], dict[float, BudgetStats]]:
-        """One row per budget (scores, FLOPs fraction, units, times), and the usage stats behind them."""
-        shape = self.backbone.shape
-        sweep = self._sweeps.pop(stage, BudgetSweep())
-        stats = sweep.synced(self._question_kinds(stage, sweep), shape.num_layers, shape.num_kv_heads)
-        rows = []
-        for budget in self.eval_budgets:
-            metric = self._metric(stage, budget)
-            scores = metric.compute()
-            metric.reset()
-            suffix = f"budget_{budget:g}"
-            for name, value in scores.items():
-                self.log(f"{stage}/score/{name}/{suffix}", value.float(), sync_dist=False)  # already reduced
-            row = {"budget": budget, **{name: float(value) for name, value in scores.items()}}
-            if budget in stats and stats[budget].examples:
-                row.update(summary_row(stats[budget]))
-                for name in ("flops_fraction", "units", "prefill_ms", "decode_ms_per_token"):
-                    self.log(f"{stage}/{name}/{suffix}", row[name], sync_dist=False)  # summed across processes
-            rows.append(row)
-        return rows, stats
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        rows, stats = self._eval_epoch_end("test")
-        if self.trainer.sanity_checking or not rows:
-            return
-        self._report(rows, stats)
-
-    def _report(self, rows: list[dict[str, Any]], stats: dict[float, BudgetStats]) -> None:
-        """The sweep's table (terminal, Markdown, CSV, W&B), its curves and plan heatmaps (PNG, W&B)."""
-        if not self.trainer.is_global_zero:
-            return
-        metric = self._metric("test", rows[0]["budget"])
-        measured = {"budget", "flops_fraction", "units", "prefill_ms", "decode_ms_per_token"}
-        names = [OVERALL] + sorted(k for k in rows[0] if k not in measured | {OVERALL})
-        baseline = {}
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "majority_baseline"):
-            baseline = datamodule.majority_baseline("test")
-        header = ["score"] + [f"budget {row['budget']:g}" for row in rows] + (["majority baseline"] if baseline else [])
-        pad = [""] if baseline else []
-        table = []
-        for name in names:
-            line = [name] + [_score_cell(metric, name, row.get(name)) for row in rows]
-            if baseline:
-                line.append(_score_cell(metric, name, baseline.get(name)))
-            table.append(line)
+        if batch_size == 0:
+            return None
+        budgets = None
         if self.scheduler is not None:
-            table.append(["units run"] + [f"{row.get('units', float('nan')):.2f}" for row in rows] + pad)
-            table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + pad)
-        table.append(["prefill ms / batch"] + [f"{row.get('prefill_ms', float('nan')):.1f}" for row in rows] + pad)
-        table.append(["decode ms / token"] + [f"{row.get('decode_ms_per_token', float('nan')):.2f}" for row in rows] + pad)
-        print_table(f"test scores ({type(metric).__name__})", header, table)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
-        with open(log_dir / "test_results.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
-            writer.writeheader()
-            writer.writerows(rows)
-        label = type(self.scheduler).__name__ if self.scheduler is not None else "full model"
-        if self.token_selector is not None:
-            label += f" + {type(self.token_selector).__name__}"
-        figures = {"test/budget_curves": save(plot_budget_curves({label: rows}), log_dir / "budget_curves.png")}
-        usage = {budget: usage_fractions(stats[budget]) for budget in stats if stats[budget].layer_usage}
-        if usage:
-            prefix = self.scheduler.num_prefix_layers if self.scheduler is not None else 0
-            figures["test/layer_usage"] = save(plot_layer_usage(usage, prefix), log_dir / "layer_usage.png")
-        if self.scheduler is not None and self.scheduler.units_per_layer > 1:  # head-level plans
-            groups = {budget: group_fractions(stats[budget]) for budget in stats if stats[budget].group_usage}
-            figures["test/group_usage"] = save(plot_group_usage(groups), log_dir / "group_usage.png")
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):
-                logger.log_table("test/results", columns=header, data=table)
-            if hasattr(logger, "log_image"):
-                for key, path in figures.items():
-                    logger.log_image(key, images=[str(path)])
+            seq_lens = self.planner.seq_lens(batch["attention_mask"])
+            budgets = torch.full((batch_size,), max(self.eval_budgets), device=self.device)
+            budgets = torch.maximum(budgets, torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=self.device))
+        logits, labels = self(batch, budgets)
+        self.log("val/loss", self._loss(logits, labels), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
+        return self._eval_step(batch)
 
     # --- predict ---------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -445,15 +246,3 @@ class AdaptiveMLLM(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-
-def _score_cell(metric: Metric, name: str, value: float | None) -> str:
-    """Scores as percentages, except counts (unparsable answers) and MME's points."""
-    if value is None or value != value:
-        return "-"
-    if name == UNPARSABLE:
-        return f"{int(value)}"
-    if isinstance(metric, MMEScore) and not name.endswith(("/acc", "/acc_plus")):
-        return f"{value:.1f}"
-    return f"{100 * value:.1f}%"

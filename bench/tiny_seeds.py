@@ -101,7 +101,8 @@ class Runner:
                 scheduler.append(f"--model.scheduler.num_prefix_layers={prefix}")
             out = run_dir / baseline
             args = ["test", "--config", str(config_path), *flags, *scheduler, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
-                    f"--trainer.default_root_dir={out}", "--trainer.logger=false", "--trainer.callbacks=[]"]
+                    f"--trainer.default_root_dir={out}", "--trainer.logger=false",
+                    "--trainer.callbacks=[{class_path: adaptive_mllm.callbacks.SweepReport}]"]
             if not self.call(args, log):
                 print(f"[{name}] {baseline} test failed: see {log}", flush=True)
 

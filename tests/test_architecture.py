@@ -116,3 +116,9 @@ def test_no_module_imports_one_above_it(module):
     upward = sorted(f"{name} (floor {floor_of(name)})" for name in GRAPH[module] if (floor_of(name) or 0) > floor_of(module))
     assert not upward, f"{module} (floor {floor_of(module)}) imports {upward}"
 
+
+
+def test_module_py_imports_at_most_six_package_units():
+    """module.py is the LightningModule: training and evaluation under budgets; reports are a callback's."""
+    units = {name.split(".")[1] for name in GRAPH["adaptive_mllm.module"]}
+    assert len(units) <= 6, sorted(units)

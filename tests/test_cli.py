@@ -40,6 +40,8 @@ def test_every_recipe_parses(recipe, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["backbone"]["class_path"].endswith("Backbone")
     assert "class_path" in config["data"]
+    callbacks = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
+    assert "adaptive_mllm.callbacks.SweepReport" in callbacks  # scores and the test report at every budget
 
 
 def test_a_part_is_swapped_by_one_flag(capsys):

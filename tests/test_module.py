@@ -7,6 +7,7 @@ import torch
 
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.planning import PlanInputs
 from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler, StaticScheduler
 from tests.conftest import make_backbone, random_images
 
@@ -170,7 +171,7 @@ def test_training_budgets_are_uniform_over_the_levels_full_model_included(tokeni
     lengths = torch.full((4000,), length)
     fewest, most = scheduler.units_for_budget(torch.tensor([0.6, 1.0], dtype=torch.float64), lengths[:2]).tolist()
     torch.manual_seed(0)
-    units = scheduler.units_for_budget(model._draw_budgets(lengths), lengths)
+    units = scheduler.units_for_budget(model.planner.draw_budgets(PlanInputs(None, lengths), model.train_budget_range), lengths)
     counts = torch.bincount(units, minlength=most + 1)
     assert counts[:fewest].sum() == 0  # never below train_budget_range's low end
     levels = most - fewest + 1

@@ -10,11 +10,10 @@ import torch
 from adaptive_mllm.backbones import LlavaBackbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.generation import greedy_generate
-from adaptive_mllm.inputs import embed_selected, insert_token, position_ids_from_mask
+from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.schedulers import FullScheduler, HeadScheduler, LayerScheduler
 from adaptive_mllm.token_selection import FastV, PruMerge, PruMergePlus, TokenLayout
-from adaptive_mllm.token_selection.base import insert_column
 from tests.conftest import random_images, tiny_config
 from tests.test_module import ANSWERS, QUESTIONS, _batch
 
@@ -45,18 +44,20 @@ def _images_batch(model) -> dict:
 
 
 def _prefill_inputs(model: AdaptiveMLLM, batch: dict, budget: float):
-    """What ``AdaptiveMLLM.generate`` hands ``greedy_generate``."""
-    inputs = embed_selected(model.backbone, batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"], model.token_selector)
-    embeds, mask, image_mask = inputs.embeds, inputs.attention_mask, inputs.image_mask
-    size = embeds.shape[0]
-    seq_lens = mask.sum(-1) + 1
-    layer_tokens = model._layer_tokens(seq_lens, image_mask)
-    budgets = torch.full((size,), budget)
-    latency = torch.full((size,), embeds.shape[1])
-    token = model.scheduler.latency_token(budgets, seq_lens, layer_tokens)
-    embeds, mask, _ = insert_token(embeds, token, latency, mask)
-    image_mask = insert_column(image_mask, latency, False)
-    return embeds, mask, image_mask, latency, model._plan_request(budgets, seq_lens, layer_tokens), seq_lens, layer_tokens
+    """What ``AdaptiveMLLM.generate`` hands ``greedy_generate``, through the public planning API; the
+    sizes the budget is measured against are recounted here by hand (prompt + latency token)."""
+    planner = model.planner
+    inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+    size = inputs.embeds.shape[0]
+    prepared = planner.prepare(inputs, torch.full((size,), budget))
+    seq_lens = inputs.attention_mask.sum(-1) + 1
+    layer_tokens = model.token_selector.layer_tokens(seq_lens, inputs.image_mask.sum(-1), model.backbone.shape.num_layers)
+    assert torch.equal(prepared.inputs.seq_lens, seq_lens)
+    assert (prepared.inputs.layer_tokens is None) == (layer_tokens is None)
+    assert layer_tokens is None or torch.equal(prepared.inputs.layer_tokens, layer_tokens)
+    assert prepared.latency_positions.tolist() == [inputs.embeds.shape[1]] * size  # after the prompt
+    plan = prepared.plan
+    return prepared.embeds, prepared.attention_mask, prepared.image_mask, prepared.latency_positions, plan, seq_lens, layer_tokens
 
 
 @pytest.mark.parametrize("selector", SELECTORS)

@@ -7,6 +7,7 @@ import csv
 import lightning as L
 import pytest
 
+from adaptive_mllm.callbacks import SweepReport
 from adaptive_mllm.data.benchmarks import (
     GQADataModule,
     MMBenchDataModule,
@@ -52,9 +53,13 @@ def test_tiny_model_runs_the_benchmark_at_every_budget(name, tokenizer_dir, tmp_
     make_datamodule, write, metric_class = BENCHMARKS[name]
     datamodule = make_datamodule(write(tmp_path / name))
     model = AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=4), LayerScheduler(num_prefix_layers=2), eval_budgets=[1.0, 0.7], max_new_tokens=2)
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False, enable_model_summary=False)
+    report = SweepReport()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[report],
+    )
     trainer.test(model, datamodule=datamodule)
-    assert isinstance(model._metric("test", 1.0), metric_class)
+    assert isinstance(report.metric(trainer, model, "test", 1.0), metric_class)
     with open(tmp_path / "run" / "test_results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(row["budget"]) for row in rows] == [1.0, 0.7]

@@ -1,0 +1,180 @@
+"""SweepReport: what validation and test measure at every budget, and the test sweep's report.
+
+The LightningModule answers every question at every budget (its validation / test steps return those
+answers with their FLOPs fraction, units, times and plan); this callback, listed in the recipes,
+scores them with the datamodule's metric, sums the budget sweep's statistics (:mod:`adaptive_mllm.sweep`),
+logs both per budget, and after ``test`` writes the report: a table (terminal, Markdown, CSV, W&B), the
+budget curves and the plan-usage heatmaps (PNG, W&B). The module stays "train and evaluate under
+budgets", as torchgeo keeps its tasks thin.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torchmetrics import Metric
+
+from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
+from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
+from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
+
+OVERALL = "overall"
+MEASURED = ("flops_fraction", "units", "prefill_ms", "decode_ms_per_token")
+
+
+class SweepReport(L.Callback):
+    """Scores and statistics of every budget of validation / test, logged as ``<stage>/score/<name>/budget_<b>``
+    and ``<stage>/<measure>/budget_<b>``; after test, ``test_results.{md,csv}``, ``budget_curves.png``,
+    ``layer_usage.png`` and, for head-level plans, ``group_usage.png`` in the log directory."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[tuple[str, float], Metric] = {}
+        self._sweeps: dict[str, BudgetSweep] = {}
+
+    def metric(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, budget: float) -> Metric:
+        """The datamodule's metric for ``stage`` (exact match per question kind, or a benchmark's own), one per budget."""
+        key = (stage, budget)
+        if key not in self._metrics:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "make_metric"):
+                metric = datamodule.make_metric(stage)
+            else:
+                metric = GroupedExactMatch()
+            self._metrics[key] = metric.to(pl_module.device)
+        return self._metrics[key]
+
+    # --- per batch -------------------------------------------------------------------------------------
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(trainer, pl_module, "val", outputs, batch)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(trainer, pl_module, "test", outputs, batch)
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: dict[float, dict[str, Any]] | None, batch: dict[str, Any]) -> None:
+        """``outputs``: budget -> what ``AdaptiveMLLM.generate`` returned for the batch (None: an empty batch)."""
+        if not outputs:
+            return
+        shape = pl_module.backbone.shape
+        sweep = self._sweeps.setdefault(stage, BudgetSweep())
+        for budget, out in outputs.items():
+            self.metric(trainer, pl_module, stage, budget).update(out["answers"], batch)
+            sweep.update(
+                budget, list(batch["question_kinds"]), out["flops_fraction"], out["units"], out["prefill_seconds"],
+                out["decode_seconds_per_token"], out["plan"], shape.num_layers, shape.num_kv_heads,
+            )  # fmt: skip
+
+    # --- per epoch -------------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows, stats = self._epoch_end(trainer, pl_module, "test")
+        if trainer.sanity_checking or not rows or not trainer.is_global_zero:
+            return
+        self._report(trainer, pl_module, rows, stats)
+
+    def _question_kinds(self, trainer: L.Trainer, stage: str, sweep: BudgetSweep) -> list[str]:
+        """The groups usage is reported by: the datamodule's, the same list on every process (DDP sums line
+        up); else the kinds this process saw."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "question_kinds"):
+            return list(datamodule.question_kinds(stage))
+        return sorted({kind for stats in sweep.stats.values() for kind in stats.kind_examples})
+
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> tuple[list[dict[str, Any]], dict[float, BudgetStats]]:
+        """One row per budget (scores, FLOPs fraction, units, times), logged, and the usage stats behind them."""
+        shape = pl_module.backbone.shape
+        sweep = self._sweeps.pop(stage, BudgetSweep())
+        stats = sweep.synced(self._question_kinds(trainer, stage, sweep), shape.num_layers, shape.num_kv_heads)
+        rows = []
+        for budget in pl_module.eval_budgets:
+            metric = self.metric(trainer, pl_module, stage, budget)
+            scores = metric.compute()
+            metric.reset()
+            suffix = f"budget_{budget:g}"
+            for name, value in scores.items():
+                pl_module.log(f"{stage}/score/{name}/{suffix}", value.float(), sync_dist=False)  # already reduced
+            row = {"budget": budget, **{name: float(value) for name, value in scores.items()}}
+            if budget in stats and stats[budget].examples:
+                row.update(summary_row(stats[budget]))
+                for name in MEASURED:
+                    pl_module.log(f"{stage}/{name}/{suffix}", row[name], sync_dist=False)  # summed across processes
+            rows.append(row)
+        return rows, stats
+
+    # --- the test report -------------------------------------------------------------------------------
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats]) -> None:
+        """The sweep's table (terminal, Markdown, CSV, W&B), its curves and plan heatmaps (PNG, W&B)."""
+        metric = self.metric(trainer, pl_module, "test", rows[0]["budget"])
+        header, table = _score_table(trainer, pl_module, metric, rows)
+        print_table(f"test scores ({type(metric).__name__})", header, table)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
+        with open(log_dir / "test_results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
+            writer.writeheader()
+            writer.writerows(rows)
+        figures = _figures(pl_module, rows, stats, log_dir)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table("test/results", columns=header, data=table)
+            if hasattr(logger, "log_image"):
+                for key, path in figures.items():
+                    logger.log_image(key, images=[str(path)])
+
+
+def _score_table(trainer: L.Trainer, pl_module: L.LightningModule, metric: Metric, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one column per budget (and the majority baseline, where the datamodule has one),
+    one row per score, then units, FLOPs fraction and times."""
+    names = [OVERALL] + sorted(k for k in rows[0] if k not in {"budget", *MEASURED, OVERALL})
+    baseline = {}
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "majority_baseline"):
+        baseline = datamodule.majority_baseline("test")
+    header = ["score"] + [f"budget {row['budget']:g}" for row in rows] + (["majority baseline"] if baseline else [])
+    pad = [""] if baseline else []
+    table = []
+    for name in names:
+        line = [name] + [_score_cell(metric, name, row.get(name)) for row in rows]
+        if baseline:
+            line.append(_score_cell(metric, name, baseline.get(name)))
+        table.append(line)
+    if pl_module.scheduler is not None:
+        table.append(["units run"] + [f"{row.get('units', float('nan')):.2f}" for row in rows] + pad)
+        table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + pad)
+    table.append(["prefill ms / batch"] + [f"{row.get('prefill_ms', float('nan')):.1f}" for row in rows] + pad)
+    table.append(["decode ms / token"] + [f"{row.get('decode_ms_per_token', float('nan')):.2f}" for row in rows] + pad)
+    return header, table
+
+
+def _figures(pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats], log_dir: Path) -> dict[str, Path]:
+    """Budget curves and plan heatmaps written to ``log_dir``, by their W&B key."""
+    scheduler = pl_module.scheduler
+    label = type(scheduler).__name__ if scheduler is not None else "full model"
+    if pl_module.token_selector is not None:
+        label += f" + {type(pl_module.token_selector).__name__}"
+    figures = {"test/budget_curves": save(plot_budget_curves({label: rows}), log_dir / "budget_curves.png")}
+    usage = {budget: usage_fractions(stats[budget]) for budget in stats if stats[budget].layer_usage}
+    if usage:
+        prefix = scheduler.num_prefix_layers if scheduler is not None else 0
+        figures["test/layer_usage"] = save(plot_layer_usage(usage, prefix), log_dir / "layer_usage.png")
+    if scheduler is not None and scheduler.units_per_layer > 1:  # head-level plans
+        groups = {budget: group_fractions(stats[budget]) for budget in stats if stats[budget].group_usage}
+        figures["test/group_usage"] = save(plot_group_usage(groups), log_dir / "group_usage.png")
+    return figures
+
+
+def _score_cell(metric: Metric, name: str, value: float | None) -> str:
+    """Scores as percentages, except counts (unparsable answers) and MME's points."""
+    if value is None or value != value:
+        return "-"
+    if name == UNPARSABLE:
+        return f"{int(value)}"
+    if isinstance(metric, MMEScore) and not name.endswith(("/acc", "/acc_plus")):
+        return f"{value:.1f}"
+    return f"{100 * value:.1f}%"
