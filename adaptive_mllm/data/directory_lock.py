@@ -7,6 +7,7 @@ ends, however it ends, so a killed run never leaves the directory locked.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -28,8 +29,15 @@ class DirectoryLock:
         return self._fd
 
     def shared(self) -> None:
-        """Hold the directory for reading; waits while a writer holds it."""
-        fcntl.flock(self._open(), fcntl.LOCK_SH)
+        """Hold the directory for reading; waits while a writer holds it. In a directory where the lock
+        file cannot be created (read-only), holds nothing: this process could not replace the set either."""
+        try:
+            fd = self._open()
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return
+            raise
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
     def try_exclusive(self) -> bool:
         """Hold the directory for writing, if no other holder has it (never waits)."""
