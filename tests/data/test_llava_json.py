@@ -72,7 +72,9 @@ def test_multi_turn_labels_only_the_answers(write_llava, processor):
     assert item["labels"].tolist() == (
         [IGNORE_INDEX] * len(question_1) + answer_1 + [IGNORE_INDEX] * len(question_2) + answer_2
     )
-    assert item["prompt_length"] == len(question_1)  # where the first answer starts
+    # the latency token's place: after the last ignored label, before the LAST answer (AdaLLaVA's release
+    # insert_latency_token), not before the first
+    assert item["prompt_length"] == len(question_1 + answer_1 + question_2)
     # for generation: every question, every answer but the last (the reference), the open role
     assert item["prompt_ids"].tolist() == question_1 + answer_1 + question_2
     assert item["answer"] == "blue" and item["question_kind"] == "all"
