@@ -184,14 +184,16 @@ class AdaptiveMLLM(L.LightningModule):
             prepared.latency_positions, self.token_selector, prepared.image_mask,
         )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
-        flops_fraction, units = 1.0, float("nan")
+        fractions, units = [1.0] * batch_size, [float("nan")] * batch_size  # per example
         if result.plan is not None:
-            flops_fraction = planner.flops_fraction(result.plan, prepared.inputs).mean().item()
-            units = result.plan.units.float().mean().item() if result.plan.units is not None else units
+            fractions = planner.flops_fraction(result.plan, prepared.inputs).tolist()
+            units = result.plan.units.float().tolist() if result.plan.units is not None else units
         return {
             "answers": answers,
-            "flops_fraction": flops_fraction,
-            "units": units,
+            "flops_fraction": sum(fractions) / batch_size,  # the batch's mean
+            "units": sum(units) / batch_size,
+            "flops_fractions": fractions,
+            "units_per_example": units,
             "prefill_seconds": result.prefill_seconds,
             "decode_seconds_per_token": result.decode_seconds / max(result.decode_steps, 1),
             "plan": result.plan,
@@ -226,9 +228,11 @@ class AdaptiveMLLM(L.LightningModule):
         if batch["prompt_ids"].shape[0] == 0:  # every record of the batch was skipped as bad
             return []
         out = self.generate(batch, self.budget)
+        questions = batch.get("questions", [None] * len(out["answers"]))
+        columns = zip(batch["ids"], questions, out["answers"], out["units_per_example"], out["flops_fractions"], strict=True)
         return [
-            {"id": id_, "answer": answer, "budget": self.budget, "flops_fraction": out["flops_fraction"]}
-            for id_, answer in zip(batch["ids"], out["answers"], strict=True)
+            {"id": id_, "question": question, "answer": answer, "budget": self.budget, "units": units, "flops_fraction": flops}
+            for id_, question, answer, units, flops in columns
         ]
 
     # --- optimisation ----------------------------------------------------------------------------------

@@ -62,12 +62,17 @@ class AdaptiveMLLMCLI(LightningCLI):
             "--overwrite_run", type=bool, default=False, help="let `fit` replace the run already in its directory"
         )
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads the checkpoint's hyperparameters."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
         if config.get("ckpt_path"):
             check_checkpoint(config.ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
         if self.subcommand in ("validate", "test", "predict"):
-            _own_directory(config, self.subcommand)
+            _own_directory(self.config[self.subcommand], self.subcommand)
 
     def before_fit(self) -> None:
         config = self.config["fit"]
