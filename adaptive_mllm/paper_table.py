@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,15 @@ class Run:
     rows: dict[float, dict[str, float]]
 
 
-def column_of(class_path: str | None, fallback: str) -> str:
-    """The table column of a datamodule class (full or short path); ``fallback`` for any other class."""
-    if not class_path:
+def column_of(data: dict | None, fallback: str) -> str:
+    """The table column of a data config (``class_path``, full or short, and ``init_args``); ``fallback``
+    for any other datamodule. ScienceQA over every test problem is "SQA", not the paper's IMG subset."""
+    if not data:
         return fallback
-    return COLUMNS.get(class_path.rsplit(".", 1)[-1], fallback)
+    name = data["class_path"].rsplit(".", 1)[-1]
+    if name == "ScienceQADataModule" and (data.get("init_args") or {}).get("images_only") is False:
+        return "SQA"
+    return COLUMNS.get(name, fallback)
 
 
 def _split_label(spec: str) -> tuple[str | None, str]:
@@ -69,9 +74,9 @@ def _split_label(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def _data_class_path(path: Path, run_config: bool) -> str | None:
-    """The datamodule class of a benchmark YAML (``class_path`` at the top), or of a run's config.yaml
-    (under ``data``)."""
+def _data_config(path: Path, run_config: bool) -> dict:
+    """The data config of a benchmark YAML (``class_path`` and ``init_args`` at the top), or of a run's
+    config.yaml (under ``data``)."""
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -81,7 +86,7 @@ def _data_class_path(path: Path, run_config: bool) -> str | None:
     if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
         where = "data.class_path" if run_config else "class_path"
         raise ValueError(f"{path}: field {where!r} missing; a benchmark YAML is `class_path: ...DataModule` plus `init_args`")
-    return config["class_path"]
+    return config
 
 
 def read_run(spec: str) -> Run:
@@ -91,8 +96,7 @@ def read_run(spec: str) -> Run:
     directory = Path(path)
     config = directory / "config.yaml"
     if name is None:
-        class_path = _data_class_path(config, run_config=True) if config.is_file() else None
-        name = column_of(class_path, directory.name)
+        name = column_of(_data_config(config, run_config=True) if config.is_file() else None, directory.name)
     results = directory / RESULTS
     rows = {}
     for index, row in enumerate(read_results_csv(results)):
@@ -185,7 +189,7 @@ def plan_runs(benchmarks: Sequence[str], out: Path) -> list[tuple[str, Path, Pat
         data_yaml = Path(path)
         if not data_yaml.is_file():
             raise FileNotFoundError(f"{data_yaml}: no such benchmark YAML (e.g. recipes/benchmarks/pope.yaml)")
-        column = name or column_of(_data_class_path(data_yaml, run_config=False), data_yaml.stem)
+        column = name or column_of(_data_config(data_yaml, run_config=False), data_yaml.stem)
         twin = next((other for col, other, _ in planned if col == column), None)
         if twin is not None:
             raise ValueError(f"{twin} and {data_yaml} both fill column {column!r}; name one with NAME=path")
@@ -253,3 +257,7 @@ def main(argv: list[str]) -> Path:
     write_csv(out / "paper_table.csv", columns, rows)
     print(f"wrote {out / 'paper_table.md'} and {out / 'paper_table.csv'}")
     return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -10,18 +10,18 @@ import pytest
 import yaml
 
 from adaptive_mllm.cli import main as cli_main
-from adaptive_mllm.paper_table import main
+from adaptive_mllm.paper_table import column_of, main
 from tests.data.benchmarks.conftest import write_mme, write_pope
 
 RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 PAPER_ORDER = ["VQAv2", "GQA", "SQA-I", "TextVQA", "POPE", "MME", "MMB"]  # METHOD.md's table, GQA where LLaVA-1.5 has it
 
 
-def _write_run(directory: Path, class_path: str | None, rows: list[dict[str, float]]) -> Path:
+def _write_run(directory: Path, class_path: str | None, rows: list[dict[str, float]], **init_args: object) -> Path:
     """A finished `test` run as the module writes it: config.yaml (data section) and test_results.csv."""
     directory.mkdir(parents=True)
     if class_path is not None:
-        (directory / "config.yaml").write_text(yaml.safe_dump({"data": {"class_path": class_path, "init_args": {}}}))
+        (directory / "config.yaml").write_text(yaml.safe_dump({"data": {"class_path": class_path, "init_args": init_args}}))
     fields = sorted({key for row in rows for key in row})
     with open(directory / "test_results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -115,11 +115,31 @@ def test_from_runs_prints_paper_columns_scores_and_percent_of_full(hand_runs, tm
     assert kept["60"]["POPE"] == "75.0" and kept["85"]["MME"] == "80.0" and kept["60"]["shapes"] == "-"
 
 
-def test_from_runs_name_overrides_the_column(hand_runs, tmp_path):
+def test_from_runs_name_overrides_the_column_and_sqa_over_all_problems_is_not_sqa_i(hand_runs, tmp_path):
     out = tmp_path / "table"
-    main(["--from_runs", f"MMB={hand_runs[3]}", "--out", str(out)])
+    every = _write_run(tmp_path / "runs" / "sqa", "ScienceQADataModule", [{"budget": 1.0, "overall": 0.7}], images_only=False)
+    main(["--from_runs", f"MMB={hand_runs[3]}", str(every), "--out", str(out)])
     rows = _read_csv(out / "paper_table.csv")
     assert [row["MMB"] for row in rows] == ["0.0", "30.0"] and "shapes" not in rows[0]
+    assert [row["SQA"] for row in rows] == ["70.0", ""] and [row["SQA-I"] for row in rows] == ["", ""]
+
+
+def test_arguments_choose_one_mode(hand_runs, tmp_path):
+    for argv in ([], ["--config", "x.yaml", "--from_runs", str(hand_runs[0])], ["--config", "x.yaml"], ["--from_runs", str(hand_runs[0]), "--ckpt_path", "c.ckpt"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+
+
+@pytest.mark.parametrize("name", ["vqav2", "gqa", "scienceqa", "textvqa", "pope", "mme", "mmbench"])
+def test_benchmark_yamls_parse_as_the_data_section_and_fill_their_column(name, capsys):
+    path = RECIPE_DIR / "benchmarks" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["test", "--config", str(RECIPE_DIR / "tiny.yaml"), "--data", str(path), "--print_config"])
+    assert exit_.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    expected = {"vqav2": "VQAv2", "gqa": "GQA", "scienceqa": "SQA-I", "textvqa": "TextVQA", "pope": "POPE", "mme": "MME", "mmbench": "MMB"}
+    assert column_of(data, "?") == expected[name]
+    assert data["init_args"] == {**data["init_args"], **yaml.safe_load(path.read_text())["init_args"]}  # the file's paths reach the datamodule
 
 
 def test_from_runs_errors_name_the_file_and_field(hand_runs, tmp_path):
