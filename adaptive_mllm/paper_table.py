@@ -209,7 +209,7 @@ def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Seque
         "test",
         "--config", config,
         "--data", str(data_yaml),
-        f"--model.eval_budgets=[{','.join(f'{b:g}' for b in budgets)}]",
+        f"--model.eval_budgets=[{','.join(repr(float(b)) for b in budgets)}]",  # exact: the CSV rows match
         "--trainer.logger=false",
         f"--trainer.default_root_dir={run_dir}",
         *extra,

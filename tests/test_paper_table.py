@@ -153,6 +153,38 @@ def test_from_runs_errors_name_the_file_and_field(hand_runs, tmp_path):
         main(["--from_runs", str(tmp_path / "nowhere"), "--out", out])
 
 
+def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_directory(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build_cli(args: list[str]) -> None:  # stands in for the LightningCLI: writes what `test` would
+        calls.append(args)
+        flags = dict(arg.split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
+        run_dir = Path(flags["--trainer.default_root_dir"])
+        budgets = yaml.safe_load(flags["--model.eval_budgets"])
+        _write_run(run_dir, None, [{"budget": b, "overall": b / 2} for b in budgets])
+
+    monkeypatch.setattr("adaptive_mllm.recipe.build_cli", fake_build_cli)
+    pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    own = _benchmark_yaml(tmp_path / "own.yaml", "POPEDataModule", question_folder="q", image_folder="i")
+    out = tmp_path / "table"
+    main(["--config", "r.yaml", "--ckpt_path", "c.ckpt", "--benchmarks", str(pope), f"adv={own}", "--budgets", "1.0", "0.123456789",
+          "--out", str(out), "--trainer.devices=1"])  # fmt: skip
+    assert calls[0] == ["test", "--config", "r.yaml", "--data", str(pope), "--model.eval_budgets=[1.0,0.123456789]", "--trainer.logger=false",
+                        f"--trainer.default_root_dir={out / 'POPE'}", "--trainer.devices=1", "--ckpt_path", "c.ckpt"]  # fmt: skip
+    assert f"--trainer.default_root_dir={out / 'adv'}" in calls[1]
+    rows = _read_csv(out / "paper_table.csv")
+    assert [float(row["budget"]) for row in rows] == [1.0, 0.123456789]
+    # 0.123456789 / 2 in %, and its % of full: (0.123456789 / 2) / (1.0 / 2) = 12.3456789%
+    assert float(rows[1]["POPE"]) == pytest.approx(100 * 0.123456789 / 2) and float(rows[1]["adv % of full"]) == pytest.approx(12.3456789)
+    # a second table into the same --out and any name clash stop before running anything
+    calls.clear()
+    with pytest.raises(FileExistsError, match="table/POPE: already holds a run"):
+        main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
+    with pytest.raises(ValueError, match=r"pope.yaml and .*own.yaml both fill column 'POPE'"):
+        main(["--config", "r.yaml", "--benchmarks", str(pope), str(own), "--out", str(tmp_path / "new")])
+    assert calls == []
+
+
 def _benchmark_yaml(path: Path, class_path: str, **init_args: object) -> Path:
     path.write_text(yaml.safe_dump({"class_path": class_path, "init_args": {**init_args, "batch_size": 8, "num_workers": 0}}))
     return path
@@ -180,7 +212,8 @@ def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path,
         rows = _read_csv(out / column / "test_results.csv")  # each benchmark in its own directory
         assert [float(row["budget"]) for row in rows] == [1.0, 0.85, 0.6]  # the paper's budgets by default
         runs[column] = {float(row["budget"]): row for row in rows}
-    assert "POPEDataModule" in (out / "POPE" / "config.yaml").read_text()
+    config = yaml.safe_load((out / "POPE" / "config.yaml").read_text())
+    assert config["data"]["class_path"].endswith("POPEDataModule") and config["trainer"]["enable_model_summary"] is False
     table_rows = {float(row["budget"]): row for row in _read_csv(out / "paper_table.csv")}
     assert list(table_rows) == [1.0, 0.85, 0.6]
     for budget, row in table_rows.items():
