@@ -193,7 +193,7 @@ def _benchmark_yaml(path: Path, class_path: str, **init_args: object) -> Path:
 def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = str(RECIPE_DIR / "tiny.yaml")
-    small = ["--data.init_args.num_train=64", "--data.init_args.num_val=16", "--data.init_args.num_test=24",
+    small = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
              "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]  # fmt: skip
     cli_main(["fit", "--config", recipe, *small, "--trainer.max_steps=2", "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=runs/tiny",
               "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--test_after_fit=false"])  # fmt: skip
