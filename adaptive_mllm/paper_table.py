@@ -1,0 +1,263 @@
+"""`adaptive-mllm table`: the paper's table for one model: a row per budget, a column per benchmark
+(the headline score in the paper's unit), the FLOPs fraction, and each score as a % of its full-budget
+score.
+
+Each benchmark is scored by the same `adaptive-mllm test` run a user would type (the recipe, the
+checkpoint, the benchmark's data YAML, the budgets), each in a new directory of its own; the table is
+then read back from the runs' test_results.csv. `--from_runs` skips the evaluation and only reads runs
+already made. Markdown goes to the terminal, paper_table.md and paper_table.csv to the output folder.
+
+  adaptive-mllm table --config recipes/llava7b.yaml --ckpt_path runs/llava7b/checkpoints/last.ckpt \\
+      --benchmarks recipes/benchmarks/*.yaml --out runs/llava7b-table
+  adaptive-mllm table --from_runs runs/llava7b-table/* --out runs/llava7b-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from adaptive_mllm.plots import read_results_csv
+from adaptive_mllm.reporting import format_table
+
+PAPER_BUDGETS = [1.0, 0.85, 0.6]
+HEADLINE = "overall"  # every benchmark metric's headline score, as test_results.csv names it
+# benchmark datamodule -> its column, in the column order of the AdaLLaVA / LLaVA-1.5 tables
+COLUMNS = {
+    "VQAv2DataModule": "VQAv2",
+    "GQADataModule": "GQA",
+    "ScienceQADataModule": "SQA-I",
+    "TextVQADataModule": "TextVQA",
+    "POPEDataModule": "POPE",
+    "MMEDataModule": "MME",
+    "MMBenchDataModule": "MMB",
+}
+PAPER_COLUMNS = ["VQAv2", "SQA-I", "TextVQA", "POPE", "MME", "MMB"]  # always shown, "-" where not run
+POINTS = {"MME"}  # headline in points (MME perception, max 2000); every other one is a fraction shown in %
+MISSING = "-"
+RESULTS = "test_results.csv"
+
+
+@dataclass
+class Run:
+    """One benchmark's test run: its column in the table and its CSV rows keyed by budget."""
+
+    column: str
+    directory: Path
+    rows: dict[float, dict[str, float]]
+
+
+def column_of(data: dict | None, fallback: str) -> str:
+    """The table column of a data config (``class_path``, full or short, and ``init_args``); ``fallback``
+    for any other datamodule. ScienceQA over every test problem is "SQA", not the paper's IMG subset."""
+    if not data:
+        return fallback
+    name = data["class_path"].rsplit(".", 1)[-1]
+    if name == "ScienceQADataModule" and (data.get("init_args") or {}).get("images_only") is False:
+        return "SQA"
+    return COLUMNS.get(name, fallback)
+
+
+def _split_label(spec: str) -> tuple[str | None, str]:
+    """``"NAME=path"`` -> (NAME, path); a plain (or existing) path -> (None, path)."""
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        if name and "/" not in name:
+            return name, path
+    return None, spec
+
+
+def _data_config(path: Path, run_config: bool) -> dict:
+    """The data config of a benchmark YAML (``class_path`` and ``init_args`` at the top), or of a run's
+    config.yaml (under ``data``)."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not YAML ({error})") from None
+    if run_config:
+        config = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
+        where = "data.class_path" if run_config else "class_path"
+        raise ValueError(f"{path}: field {where!r} missing; a benchmark YAML is `class_path: ...DataModule` plus `init_args`")
+    return config
+
+
+def read_run(spec: str) -> Run:
+    """A finished run from its directory (``NAME=dir`` names its column): the rows of its
+    test_results.csv; the column from its config.yaml's datamodule, else the directory's name."""
+    name, path = _split_label(spec)
+    directory = Path(path)
+    config = directory / "config.yaml"
+    if name is None:
+        name = column_of(_data_config(config, run_config=True) if config.is_file() else None, directory.name)
+    results = directory / RESULTS
+    rows = {}
+    for index, row in enumerate(read_results_csv(results)):
+        if HEADLINE not in row:
+            raise ValueError(f"{results}: row {index + 1} (budget {row['budget']:g}): field {HEADLINE!r} missing")
+        if row["budget"] in rows:
+            raise ValueError(f"{results}: row {index + 1}: budget {row['budget']:g} appears twice")
+        rows[row["budget"]] = row
+    return Run(name, directory, rows)
+
+
+def _ordered_columns(runs: Sequence[Run]) -> list[str]:
+    """The paper's columns (and GQA when run) in its order, then any other benchmark as given."""
+    given = [run.column for run in runs]
+    known = [column for column in COLUMNS.values() if column in PAPER_COLUMNS or column in given]
+    return known + [column for column in given if column not in known]
+
+
+def _in_paper_unit(column: str, value: float) -> float:
+    return value if column in POINTS else 100 * value
+
+
+def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> tuple[list[str], list[dict[str, float | None]]]:
+    """The table as numbers: the column names and one dict per budget (largest first) with ``budget``,
+    ``flops_fraction`` (mean over the runs at that budget), each benchmark's headline in the paper's unit
+    and ``<benchmark> % of full`` (its score over its score at budget 1.0); None where absent."""
+    seen: dict[str, Path] = {}
+    for run in runs:
+        if run.column in seen:
+            raise ValueError(f"two runs for column {run.column!r}: {seen[run.column]} and {run.directory}; name one with NAME=path")
+        seen[run.column] = run.directory
+    columns = _ordered_columns(runs)
+    by_column = {run.column: run for run in runs}
+    if budgets is None:
+        budgets = sorted({budget for run in runs for budget in run.rows}, reverse=True)
+    rows = []
+    for budget in budgets:
+        row: dict[str, float | None] = {"budget": budget}
+        fractions = [run.rows[budget]["flops_fraction"] for run in runs if "flops_fraction" in run.rows.get(budget, {})]
+        row["flops_fraction"] = sum(fractions) / len(fractions) if fractions else None
+        for column in columns:
+            run = by_column.get(column)
+            score = run.rows.get(budget, {}).get(HEADLINE) if run else None
+            full = run.rows.get(1.0, {}).get(HEADLINE) if run else None
+            row[column] = None if score is None else _in_paper_unit(column, score)
+            row[f"{column} % of full"] = 100 * score / full if score is not None and full else None
+        rows.append(row)
+    return columns, rows
+
+
+def _cell(value: float | None, decimals: int = 1) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def markdown(columns: Sequence[str], rows: Sequence[dict[str, float | None]]) -> str:
+    """Two Markdown tables: the scores as the paper prints them (accuracy %, MME points), then each
+    score as a % of the same benchmark's score at budget 1.0."""
+    header = ["budget", "FLOPs %", *columns]
+    scores = [
+        [f"{100 * row['budget']:g}", _cell(None if row["flops_fraction"] is None else 100 * row["flops_fraction"]), *(_cell(row[c]) for c in columns)]
+        for row in rows
+    ]
+    kept = [[f"{100 * row['budget']:g}", *(_cell(row[f"{c} % of full"]) for c in columns)] for row in rows]
+    return (
+        "Scores (accuracy %; MME: perception points)\n\n"
+        + format_table(header, scores)
+        + "\n\n% of full (score / score at budget 100)\n\n"
+        + format_table(["budget", *columns], kept)
+        + "\n"
+    )
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, float | None]]) -> None:
+    """The same numbers unrounded, empty where absent."""
+    fields = ["budget", "flops_fraction", *columns, *(f"{c} % of full" for c in columns)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if row[key] is None else row[key] for key in fields})
+
+
+def plan_runs(benchmarks: Sequence[str], out: Path) -> list[tuple[str, Path, Path]]:
+    """(column, data YAML, run directory) per benchmark, checked before anything runs: each YAML exists and
+    names a datamodule, no two share a column, and no run directory already holds files (a table never
+    writes over another run)."""
+    planned: list[tuple[str, Path, Path]] = []
+    for spec in benchmarks:
+        name, path = _split_label(spec)
+        data_yaml = Path(path)
+        if not data_yaml.is_file():
+            raise FileNotFoundError(f"{data_yaml}: no such benchmark YAML (e.g. recipes/benchmarks/pope.yaml)")
+        column = name or column_of(_data_config(data_yaml, run_config=False), data_yaml.stem)
+        twin = next((other for col, other, _ in planned if col == column), None)
+        if twin is not None:
+            raise ValueError(f"{twin} and {data_yaml} both fill column {column!r}; name one with NAME=path")
+        run_dir = out / column
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir}: already holds a run; choose another --out (a table never writes over a run)")
+        planned.append((column, data_yaml, run_dir))
+    return planned
+
+
+def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Sequence[float], run_dir: Path, extra: Sequence[str]) -> None:
+    """One benchmark through `adaptive-mllm test` (the same LightningCLI and flags a user would give),
+    its files in ``run_dir`` only."""
+    from adaptive_mllm.recipe import build_cli  # the LightningCLI; imported here so --from_runs stays light
+
+    args = [
+        "test",
+        "--config", config,
+        "--data", str(data_yaml),
+        f"--model.eval_budgets=[{','.join(repr(float(b)) for b in budgets)}]",  # exact: the CSV rows match
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={run_dir}",
+        *extra,
+    ]  # fmt: skip
+    if ckpt_path:
+        args += ["--ckpt_path", ckpt_path]
+    build_cli(args)
+    if not (run_dir / RESULTS).is_file():
+        raise RuntimeError(f"{run_dir / RESULTS}: the test run of {data_yaml} wrote no results there (did a flag set a logger with its own save_dir?)")
+
+
+def main(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="adaptive-mllm table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the model's recipe (evaluation mode)")
+    parser.add_argument("--ckpt_path", help="the checkpoint to score (default: the recipe's weights as they are)")
+    parser.add_argument("--benchmarks", nargs="+", default=[], help="benchmark data YAMLs (e.g. recipes/benchmarks/*.yaml); NAME=path names a column")
+    parser.add_argument("--budgets", nargs="+", type=float, default=PAPER_BUDGETS, help="the paper's by default")
+    parser.add_argument("--from_runs", nargs="+", default=[], help="read these runs' test_results.csv instead of evaluating; NAME=dir names a column")
+    parser.add_argument("--out", default="runs/table", help="one directory per benchmark run, and paper_table.md / .csv")
+    args, extra = parser.parse_known_args(argv)
+    if bool(args.from_runs) == bool(args.config):
+        parser.error("give either --config (with --benchmarks) to evaluate, or --from_runs to read finished runs")
+    if args.from_runs and (args.benchmarks or args.ckpt_path or extra):
+        parser.error(f"--from_runs only reads runs; unexpected: {' '.join(['--benchmarks'] * bool(args.benchmarks) + ['--ckpt_path'] * bool(args.ckpt_path) + extra)}")
+    if args.config and not args.benchmarks:
+        parser.error("--benchmarks: at least one benchmark YAML to evaluate")
+    bad = [b for b in args.budgets if not 0.0 < b <= 1.0]
+    if bad:
+        parser.error(f"--budgets must be in (0, 1], got {bad}")
+    out = Path(args.out)
+    if args.config:
+        # extra flags go to every test run (e.g. --trainer.devices=1 --trainer.precision=bf16-true)
+        specs = []
+        for column, data_yaml, run_dir in plan_runs(args.benchmarks, out):
+            evaluate(args.config, args.ckpt_path, data_yaml, args.budgets, run_dir, extra)
+            specs.append(f"{column}={run_dir}")
+        budgets: list[float] | None = args.budgets
+    else:
+        specs, budgets = args.from_runs, None
+    columns, rows = table_rows([read_run(spec) for spec in specs], budgets)
+    text = markdown(columns, rows)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paper_table.md").write_text(text)
+    write_csv(out / "paper_table.csv", columns, rows)
+    print(f"wrote {out / 'paper_table.md'} and {out / 'paper_table.csv'}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
