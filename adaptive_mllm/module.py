@@ -87,6 +87,7 @@ class AdaptiveMLLM(L.LightningModule):
                 raise ValueError(
                     f"scheduler.num_prefix_layers={prefix} must be in [0, {layers - 1}]: the backbone's LLM has {layers} layers"
                 )
+            self._check_budgets_reach_the_prefix(prefix, layers)
         selector = self.token_selector
         if selector is not None and selector.layer_index is not None:
             layers = self.backbone.shape.num_layers
@@ -101,6 +102,20 @@ class AdaptiveMLLM(L.LightningModule):
         unknown = set(self.freeze) - {"vision_tower", "projector", "llm"}
         if unknown:
             raise ValueError(f"freeze: unknown parts {sorted(unknown)}; known: vision_tower, projector, llm")
+
+    def _check_budgets_reach_the_prefix(self, prefix: int, layers: int) -> None:
+        """The always-run prefix layers cost at least ``prefix / layers`` of any request (the LM head only adds
+        to that share), so a lower budget can never be met: say so now, naming the argument."""
+        if isinstance(self.scheduler, FullScheduler) or getattr(self.scheduler, "budget_rule", "flops") != "flops":
+            return  # the full model ignores budgets; the release's rule runs 0 units below the prefix
+        floor = prefix / layers
+        for name, values in [("eval_budgets", self.eval_budgets), ("budget", [self.budget])]:
+            low = [value for value in values if value < floor]
+            if low:
+                raise ValueError(
+                    f"{name}: budget {low[0]} is below {floor:.3f}, the share of the {prefix} always-run prefix layers of "
+                    f"{layers} (scheduler.num_prefix_layers): no plan can meet it; raise it or lower num_prefix_layers"
+                )
 
     # --- construction --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -117,12 +132,30 @@ class AdaptiveMLLM(L.LightningModule):
         budget curves compare on the same weights: the scheduler tensors it has no use for (the learned
         plan head) are dropped, with a warning. Missing tensors still fail the (strict) load."""
         state = checkpoint["state_dict"]
+        self._check_scheduler_of(checkpoint)
         own = set(self.state_dict())
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
             for key in unused:
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
+
+    def _check_scheduler_of(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint trained with another learned scheduler (AdaLLaVA-H into an L recipe) is named as such,
+        instead of failing the load on a tensor size deep inside torch."""
+        state, own = checkpoint["state_dict"], self.state_dict()
+        wrong = [key for key, value in state.items() if key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
+        missing = [key for key in own if key.startswith("scheduler.") and key not in state]
+        saved = (checkpoint.get("hyper_parameters") or {}).get("scheduler")
+        saved_class = saved.get("class_path", "") if isinstance(saved, dict) else type(saved).__name__ if saved is not None else ""
+        mine = type(self.scheduler).__name__
+        if wrong or (missing and saved_class and not saved_class.endswith(mine)):
+            holds = saved_class.rsplit(".", 1)[-1] or "another scheduler"
+            raise ValueError(
+                f"the checkpoint holds a {holds} (its {(wrong or missing)[0]} does not fit), the recipe builds a {mine}: "
+                f"evaluate it with the recipe it was trained with, or with a baseline scheduler (StaticScheduler, "
+                "RandomScheduler, FullScheduler) for the same weights"
+            )
 
     # --- the LLM under budgets -----------------------------------------------------------------------
     @property

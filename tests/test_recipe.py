@@ -101,3 +101,27 @@ def test_fit_without_a_test_split_finishes_and_says_why_it_did_not_test(in_tmp):
               "--trainer.limit_val_batches=0"])
     run = in_tmp / "runs" / "tiny"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "test_results.csv").exists()
+
+
+@pytest.mark.parametrize("budgets", ["[1.0,0.1]", "[0.0]"])
+def test_eval_budgets_below_the_prefix_fail_when_the_recipe_is_parsed(budgets):
+    from adaptive_mllm.recipe import build_cli
+
+    # tiny.yaml: 2 always-run prefix layers of 8, so no plan costs less than 2 / 8 of the full model
+    with pytest.raises(ValueError, match=r"eval_budgets: budget 0\.[01] is below 0\.250, .* 2 always-run prefix layers of 8"):
+        build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}"], run=False)
+
+
+def test_a_checkpoint_of_another_scheduler_is_named(in_tmp):
+    from adaptive_mllm.recipe import build_cli
+
+    def built(recipe: str):
+        cli = build_cli(["--config", str(Path(RECIPE).parent / recipe), *SMALL], run=False)
+        cli.datamodule.prepare_data()  # the generated tokenizer the backbone reads
+        cli.model.configure_model()
+        return cli.model
+
+    head = built("tiny-h.yaml")
+    checkpoint = {"state_dict": head.state_dict(), "hyper_parameters": {"scheduler": {"class_path": "adaptive_mllm.schedulers.HeadScheduler"}}}
+    with pytest.raises(ValueError, match="the checkpoint holds a HeadScheduler .* the recipe builds a LayerScheduler"):
+        built("tiny.yaml").on_load_checkpoint(checkpoint)
