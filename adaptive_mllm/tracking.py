@@ -54,7 +54,7 @@ class ResilientWandbLogger(WandbLogger):
         import wandb
 
         if wandb.run is not None:  # a half-started online run would be reused by the next init
-            wandb.finish(exit_code=1, quiet=True)
+            wandb.finish(exit_code=1)
         self._offline = True
         self._wandb_init["mode"] = "offline"
         self._experiment = None
