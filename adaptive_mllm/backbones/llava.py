@@ -14,6 +14,7 @@ LightningModule's ``configure_model``), so parsing a recipe stays instant.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerBase,
 )
 
@@ -170,7 +172,7 @@ class LlavaBackbone(LocalBackbone):
     @property
     def image_processor(self) -> CLIPImageProcessor:
         if self._image_processor is None:
-            found = [d for d in (self.checkpoint, self.vision_tower) if d and (d / "preprocessor_config.json").is_file()]
+            found = [d for d in (self.checkpoint, self.vision_tower) if d and has_image_processor(d)]
             if found:
                 self._image_processor = CLIPImageProcessor.from_pretrained(found[0])
             else:
@@ -260,7 +262,39 @@ class LlavaBackbone(LocalBackbone):
 
     # --- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
+        """The transformers LLaVA layout: weights and config, ``preprocessor_config.json`` (as transformers 4
+        wrote it), and what ``LlavaProcessor.from_pretrained`` reads (``processor_config.json``, the chat
+        template, the tokenizer)."""
         directory = Path(directory)
         self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        self.processor().save_pretrained(directory)
+
+    def processor(self) -> LlavaProcessor:
+        """transformers' LlavaProcessor equivalent to this backbone's inputs: the image processor, the tokenizer,
+        the chat template (as Jinja), and the patch size and strategy that give ``num_image_tokens``
+        placeholders per image (CLIP's CLS is the one additional token). It does not pad to a square."""
+        config = self.llava_config
+        return LlavaProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            chat_template=self.chat_template.jinja(),
+            image_token=IMAGE_TOKEN,
+            num_additional_image_tokens=1,
+        )
+
+
+def has_image_processor(directory: Path) -> bool:
+    """An image processor config in ``directory``: ``preprocessor_config.json`` (transformers 4 and hub CLIP
+    towers) or ``processor_config.json`` with the image processor nested in it (transformers 5)."""
+    if (directory / "preprocessor_config.json").is_file():
+        return True
+    processor_file = directory / "processor_config.json"
+    if not processor_file.is_file():
+        return False
+    try:
+        return "image_processor" in json.loads(processor_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{processor_file} is not valid JSON: {error}") from error

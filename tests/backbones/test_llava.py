@@ -137,3 +137,25 @@ def test_full_strategy_with_a_cls_attention_selector_is_a_clear_error(tokenizer_
     with pytest.raises(ValueError, match="'full' keeps the CLS token.*PruMerge"):
         backbone.encode_images(random_images(1), with_attention=True)
 
+
+
+def test_a_transformers_5_processor_directory_gives_its_image_processor(backbone, tmp_path):
+    """transformers 5 nests the image processor in processor_config.json (no preprocessor_config.json):
+    its mean / std must be read, not CLIP's defaults."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    backbone.save_pretrained(tmp_path / "ckpt")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (tmp_path / "ckpt" / name).unlink(missing_ok=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5, 0.25, 0.125], image_std=[0.2, 0.3, 0.4]
+    )
+    LlavaProcessor(image_processor=image_processor, tokenizer=backbone.tokenizer, patch_size=16).save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "preprocessor_config.json").exists()
+    loaded = LlavaBackbone(checkpoint=str(tmp_path / "ckpt"), template="plain_chat", pad_to_square=False)
+    assert list(loaded.image_processor.image_mean) == [0.5, 0.25, 0.125]
+    assert list(loaded.image_processor.image_std) == [0.2, 0.3, 0.4]
+    # by hand: a uniform grey 128 image normalised with that mean / std
+    pixels = loaded.preprocess_image(Image.new("RGB", (32, 32), (128, 128, 128)))
+    expected = torch.tensor([(128 / 255 - m) / s for m, s in [(0.5, 0.2), (0.25, 0.3), (0.125, 0.4)]])
+    torch.testing.assert_close(pixels[:, 5, 5], expected, atol=1e-5, rtol=0)
