@@ -159,7 +159,10 @@ def test_an_export_is_a_directory_llava_processor_reads(tokenizer_dir, tmp_path)
         questions, ["two"], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
     )
     assert inputs["input_ids"][0].tolist() == expected
-    torch.testing.assert_close(inputs["pixel_values"][0], backbone.preprocess_image(image))  # square: nothing to pad
+    torch.testing.assert_close(inputs["pixel_values"][0], backbone.preprocess_image(image))
+    wide = image.resize((48, 20))  # LLaVA-1.5 pads to a square of the mean colour before resizing
+    torch.testing.assert_close(processor(images=wide, text=text, return_tensors="pt")["pixel_values"][0],
+                               backbone.preprocess_image(wide), atol=0, rtol=0)
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert reference(**inputs).logits.shape[1] == len(expected)

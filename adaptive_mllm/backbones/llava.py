@@ -27,6 +27,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
@@ -273,10 +274,13 @@ class LlavaBackbone(LocalBackbone):
     def processor(self) -> LlavaProcessor:
         """transformers' LlavaProcessor equivalent to this backbone's inputs: the image processor, the tokenizer,
         the chat template (as Jinja), and the patch size and strategy that give ``num_image_tokens``
-        placeholders per image (CLIP's CLS is the one additional token). It does not pad to a square."""
+        placeholders per image (CLIP's CLS is the one additional token). Its image processor is transformers'
+        LlavaImageProcessor with the CLIP settings, padding to a square of the mean colour when ``pad_to_square``
+        (LLaVA-1.5's expand2square)."""
         config = self.llava_config
+        settings = {key: value for key, value in self.image_processor.to_dict().items() if key != "image_processor_type"}
         return LlavaProcessor(
-            image_processor=self.image_processor,
+            image_processor=LlavaImageProcessor(**settings, do_pad=self.pad_to_square),
             tokenizer=self.tokenizer,
             patch_size=config.vision_config.patch_size,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
