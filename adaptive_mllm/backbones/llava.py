@@ -14,7 +14,6 @@ LightningModule's ``configure_model``), so parsing a recipe stays instant.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,13 @@ from transformers import (
 
 from adaptive_mllm.backbones import llava_release
 from adaptive_mllm.backbones.base import DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.local import IMAGE_TOKEN, CheckpointError, LocalBackbone, read_config_json
+from adaptive_mllm.backbones.local import (
+    IMAGE_TOKEN,
+    CheckpointError,
+    LocalBackbone,
+    has_image_processor,
+    read_config_json,
+)
 from adaptive_mllm.backbones.templates import llava_v1, plain_chat, vicuna_v1
 
 
@@ -289,16 +294,3 @@ class LlavaBackbone(LocalBackbone):
             num_additional_image_tokens=1,
         )
 
-
-def has_image_processor(directory: Path) -> bool:
-    """An image processor config in ``directory``: ``preprocessor_config.json`` (transformers 4 and hub CLIP
-    towers) or ``processor_config.json`` with the image processor nested in it (transformers 5)."""
-    if (directory / "preprocessor_config.json").is_file():
-        return True
-    processor_file = directory / "processor_config.json"
-    if not processor_file.is_file():
-        return False
-    try:
-        return "image_processor" in json.loads(processor_file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{processor_file} is not valid JSON: {error}") from error
