@@ -283,7 +283,8 @@ class LlavaBackbone(LocalBackbone):
         LlavaImageProcessor with the CLIP settings, padding to a square of the mean colour when ``pad_to_square``
         (LLaVA-1.5's expand2square)."""
         config = self.llava_config
-        settings = {key: value for key, value in self.image_processor.to_dict().items() if key != "image_processor_type"}
+        own = ("image_processor_type", "processor_class", "do_pad")  # set here, whatever the loaded config said
+        settings = {key: value for key, value in self.image_processor.to_dict().items() if key not in own}
         return LlavaProcessor(
             image_processor=LlavaImageProcessor(**settings, do_pad=self.pad_to_square),
             tokenizer=self.tokenizer,
