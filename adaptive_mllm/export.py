@@ -6,6 +6,7 @@ checkpoint; for Mipha its release layout, read by ``MiphaBackbone(checkpoint=dir
 
     out_dir/
       config.json, model*.safetensors, tokenizer files, preprocessor_config.json   backbone (transformers LLaVA)
+      processor_config.json, chat_template.jinja    what LlavaProcessor.from_pretrained reads (LLaVA)
       backbone.json           {"class_path", "init_args"}: how to construct the backbone on this directory
       scheduler.json          {"class_path", "init_args"}: the scheduler's constructor arguments
       scheduler.safetensors   its weights: plan head and latency encoder

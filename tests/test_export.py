@@ -132,3 +132,37 @@ def test_a_mipha_model_exports_and_loads_back(tokenizer_dir, tmp_path):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([encoded.labels] * 2),
              "prompt_lengths": torch.tensor([encoded.prompt_length] * 2), "pixel_values": random_images(2, 32)}
     assert torch.equal(_logits(loaded, batch), _logits(module, batch))
+
+
+def test_an_export_is_a_directory_llava_processor_reads(tokenizer_dir, tmp_path):
+    """LlavaProcessor.from_pretrained(export) gives this model's prompt (chat template), placeholders (patch
+    size, strategy) and pixels, and transformers' LLaVA runs on its output."""
+    from PIL import Image
+    from transformers import LlavaProcessor
+
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2))
+    module.configure_model()
+    export_module(module, tmp_path / "export")
+    processor = LlavaProcessor.from_pretrained(tmp_path / "export")
+    backbone = module.backbone
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What colour is the circle ?"}]},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    questions = ["<image>\nHow many shapes are there ?", "What colour is the circle ?"]
+    assert text == backbone.chat_template.render([(questions[0], "two"), (questions[1], None)])
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    expected = backbone.chat_template.encode_prompt(
+        questions, ["two"], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
+    )
+    assert inputs["input_ids"][0].tolist() == expected
+    torch.testing.assert_close(inputs["pixel_values"][0], backbone.preprocess_image(image))
+    wide = image.resize((48, 20))  # LLaVA-1.5 pads to a square of the mean colour before resizing
+    torch.testing.assert_close(processor(images=wide, text=text, return_tensors="pt")["pixel_values"][0],
+                               backbone.preprocess_image(wide), atol=0, rtol=0)
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert reference(**inputs).logits.shape[1] == len(expected)

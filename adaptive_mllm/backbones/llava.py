@@ -26,12 +26,20 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
     PreTrainedTokenizerBase,
 )
 
 from adaptive_mllm.backbones import llava_release
 from adaptive_mllm.backbones.base import DecoderShape, VisualFeatures
-from adaptive_mllm.backbones.local import IMAGE_TOKEN, CheckpointError, LocalBackbone, read_config_json
+from adaptive_mllm.backbones.local import (
+    IMAGE_TOKEN,
+    CheckpointError,
+    LocalBackbone,
+    has_image_processor,
+    read_config_json,
+)
 from adaptive_mllm.backbones.templates import llava_v1, plain_chat, vicuna_v1
 
 
@@ -43,8 +51,9 @@ class LlavaBackbone(LocalBackbone):
             mutually exclusive with ``config``.
         vision_tower: local CLIP directory (transformers CLIPVisionModel / CLIPModel layout); needed by the
             release layout only, whose config.json names the tower by hub id.
-        config: ``{"vision": CLIPVisionConfig kwargs, "text": LlamaConfig kwargs, "vision_feature_layer": int,
-            "projector_hidden_act": str}`` for a freshly initialised model.
+        config: ``{"vision": CLIPVisionConfig kwargs, "text": LlamaConfig kwargs, "vision_feature_layer": int or
+            list of ints (their hidden states concatenated), "vision_feature_select_strategy": "default" (drop
+            CLS, LLaVA-1.5) or "full", "projector_hidden_act": str}`` for a freshly initialised model.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
         template: chat template name (``vicuna_v1`` for LLaVA-1.5, ``plain_chat`` for the tiny model).
         max_length: longest sequence accepted; defaults to the text config's ``max_position_embeddings``.
@@ -81,11 +90,11 @@ class LlavaBackbone(LocalBackbone):
         if config is not None:
             vision = CLIPVisionConfig(**config.get("vision", {}))
             text = LlamaConfig(**config.get("text", {}))
-            return LlavaConfig(
+            return LlavaConfig(  # transformers checks the strategy ("default" / "full") and the layer (int / list)
                 vision_config=vision,
                 text_config=text,
                 vision_feature_layer=config.get("vision_feature_layer", -2),
-                vision_feature_select_strategy="default",
+                vision_feature_select_strategy=config.get("vision_feature_select_strategy", "default"),
                 projector_hidden_act=config.get("projector_hidden_act", "gelu"),
             )
         config_file, raw = read_config_json(
@@ -169,7 +178,7 @@ class LlavaBackbone(LocalBackbone):
     @property
     def image_processor(self) -> CLIPImageProcessor:
         if self._image_processor is None:
-            found = [d for d in (self.checkpoint, self.vision_tower) if d and (d / "preprocessor_config.json").is_file()]
+            found = [d for d in (self.checkpoint, self.vision_tower) if d and has_image_processor(d)]
             if found:
                 self._image_processor = CLIPImageProcessor.from_pretrained(found[0])
             else:
@@ -183,15 +192,25 @@ class LlavaBackbone(LocalBackbone):
     @property
     def num_image_tokens(self) -> int:
         vision = self.llava_config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + int(self.llava_config.vision_feature_select_strategy == "full")  # "full" keeps CLS
 
     # --- image side ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualFeatures:
         tower = self.model.model.vision_tower
         outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
-        selected = outputs.hidden_states[self.llava_config.vision_feature_layer]  # [B, 1 + N, C]
+        layers = self.llava_config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        selected = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)  # [B, 1 + N, C * layers]
+        full = self.llava_config.vision_feature_select_strategy == "full"
+        features = selected if full else selected[:, 1:]  # "default" drops CLS, as LLaVA-1.5
         if not with_attention:
-            return VisualFeatures(features=selected[:, 1:])
+            return VisualFeatures(features=features)
+        if full:
+            raise ValueError(
+                "vision_feature_select_strategy 'full' keeps the CLS token among the image features; a token selector "
+                "that reads CLS attention (PruMerge) needs the patch tokens only: use the 'default' strategy"
+            )
         # As the PruMerge release reads it: the q / k projections of the tower's last encoder layer, on
         # what that layer's attention sees (layer_norm1 of the penultimate hidden states), attention over
         # the whole width (not per head), scaled by 1 / sqrt(C); only the CLS query row is needed.
@@ -201,7 +220,7 @@ class LlavaBackbone(LocalBackbone):
         keys = last.self_attn.k_proj(x)  # [B, 1 + N, C]
         scores = queries @ keys.transpose(1, 2) * keys.shape[-1] ** -0.5  # [B, 1, 1 + N]
         cls_attention = scores.float().softmax(-1)[:, 0, 1:]  # [B, N], CLS -> patches
-        return VisualFeatures(features=selected[:, 1:], cls_attention=cls_attention, keys=keys[:, 1:])
+        return VisualFeatures(features=features, cls_attention=cls_attention, keys=keys[:, 1:])
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
@@ -249,7 +268,30 @@ class LlavaBackbone(LocalBackbone):
 
     # --- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
+        """The transformers LLaVA layout: weights and config, ``preprocessor_config.json`` (as transformers 4
+        wrote it), and what ``LlavaProcessor.from_pretrained`` reads (``processor_config.json``, the chat
+        template, the tokenizer)."""
         directory = Path(directory)
         self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        self.processor().save_pretrained(directory)
+
+    def processor(self) -> LlavaProcessor:
+        """transformers' LlavaProcessor equivalent to this backbone's inputs: the image processor, the tokenizer,
+        the chat template (as Jinja), and the patch size and strategy that give ``num_image_tokens``
+        placeholders per image (CLIP's CLS is the one additional token). Its image processor is transformers'
+        LlavaImageProcessor with the CLIP settings, padding to a square of the mean colour when ``pad_to_square``
+        (LLaVA-1.5's expand2square)."""
+        config = self.llava_config
+        own = ("image_processor_type", "processor_class", "do_pad")  # set here, whatever the loaded config said
+        settings = {key: value for key, value in self.image_processor.to_dict().items() if key not in own}
+        return LlavaProcessor(
+            image_processor=LlavaImageProcessor(**settings, do_pad=self.pad_to_square),
+            tokenizer=self.tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            chat_template=self.chat_template.jinja(),
+            image_token=IMAGE_TOKEN,
+            num_additional_image_tokens=1,
+        )
+

@@ -110,6 +110,20 @@ def read_config_json(directory: Path, expected: str) -> tuple[Path, dict]:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
 
 
+def has_image_processor(directory: Path) -> bool:
+    """An image processor config in ``directory``: ``preprocessor_config.json`` (transformers 4, hub vision
+    towers) or ``processor_config.json`` with the image processor nested in it (transformers 5)."""
+    if (directory / "preprocessor_config.json").is_file():
+        return True
+    processor_file = directory / "processor_config.json"
+    if not processor_file.is_file():
+        return False
+    try:
+        return "image_processor" in json.loads(processor_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{processor_file} is not valid JSON: {error}") from error
+
+
 def preprocess_padded(processor: Any, image: Image.Image, pad: bool) -> torch.Tensor:
     """[3, H, W]: the image in RGB, padded to a square with the processor's mean colour when ``pad`` (as
     LLaVA-1.5 and Mipha do), then the processor's resize and normalisation."""

@@ -40,7 +40,13 @@ from transformers.initialization import no_init_weights
 
 from adaptive_mllm.backbones.base import DecoderShape, VisualFeatures
 from adaptive_mllm.backbones.llava_release import ReleaseLayoutError, grow_rows, read_weights, weight_files
-from adaptive_mllm.backbones.local import IMAGE_TOKEN, CheckpointError, LocalBackbone, read_config_json
+from adaptive_mllm.backbones.local import (
+    IMAGE_TOKEN,
+    CheckpointError,
+    LocalBackbone,
+    has_image_processor,
+    read_config_json,
+)
 from adaptive_mllm.backbones.templates import phi_v0, plain_chat
 
 MODEL_TYPE = "mipha_phi"
@@ -178,7 +184,7 @@ class MiphaBackbone(LocalBackbone):
     @property
     def image_processor(self) -> SiglipImageProcessor:
         if self._image_processor is None:
-            if self.checkpoint is not None and (self.checkpoint / "preprocessor_config.json").is_file():
+            if self.checkpoint is not None and has_image_processor(self.checkpoint):
                 self._image_processor = SiglipImageProcessor.from_pretrained(self.checkpoint)
             else:
                 size = self.vision_config.image_size  # SigLIP: a plain resize to size x size, mean / std 0.5

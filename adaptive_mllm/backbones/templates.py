@@ -11,6 +11,7 @@ clear error instead of silently shifting the mask.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,30 @@ class ChatTemplate:
             else:
                 text += f"{self.assistant_role}: {answer}{self.sep2}"
         return text
+
+    def jinja(self) -> str:
+        """The same rendering as a transformers chat template (``apply_chat_template`` on HF messages: a
+        user turn's images first, each as ``<image>\\n``, then its text), written beside exported models
+        so that ``LlavaProcessor`` prompts as this template does; a leading system message replaces the
+        system prompt."""
+        literal = json.dumps  # a Jinja string literal with the same escapes
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+            f"{{%- else -%}}{{%- set system = {literal(self.system)} -%}}{{%- endif -%}}"
+            f"{{%- if system -%}}{{{{ system + {literal(self.sep)} }}}}{{%- endif -%}}"
+            "{%- for message in messages -%}"
+            f"{{%- if message['role'] == 'user' -%}}{{{{ {literal(self.user_role + ': ')} }}}}"
+            f"{{%- else -%}}{{{{ {literal(self.assistant_role + ': ')} }}}}{{%- endif -%}}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+            f"{{%- for part in message['content'] if part['type'] == 'image' -%}}{{{{ {literal(IMAGE_PLACEHOLDER + chr(10))} }}}}"
+            "{%- endfor -%}"
+            "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+            "{%- endif -%}"
+            f"{{%- if message['role'] == 'user' -%}}{{{{ {literal(self.sep)} }}}}{{%- else -%}}{{{{ {literal(self.sep2)} }}}}"
+            "{%- endif -%}{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {literal(self.assistant_role + ':')} }}}}{{%- endif -%}}"
+        )
 
     # --- token ids -------------------------------------------------------------------------------
     def encode(

@@ -104,3 +104,58 @@ def test_pad_to_square_centres_on_the_fill_colour():
 def test_preprocess_image_gives_the_tower_size(backbone):
     pixels = backbone.preprocess_image(Image.new("RGB", (50, 20), (0, 128, 255)))
     assert pixels.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("layer", "strategy"), [([-2, -1], "default"), (-2, "full"), ([-3, -1], "full")])
+def test_feature_selection_variants_match_transformers(tokenizer_dir, layer, strategy):
+    """A list of layers (hidden states concatenated) and the "full" strategy (CLS kept): the engine's
+    full-model logits are transformers' LlavaForConditionalGeneration's on the same ids."""
+    from adaptive_mllm.engine import Engine
+    from adaptive_mllm.inputs import embed_multimodal, position_ids_from_mask
+
+    config = {**tiny_config(), "vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
+    backbone = LlavaBackbone(config=config, tokenizer=str(tokenizer_dir), template="plain_chat")
+    backbone.build()
+    backbone.eval()
+    assert backbone.num_image_tokens == (32 // 16) ** 2 + (strategy == "full")  # by hand: 4 patches (+ CLS)
+    ids, images = _inputs(backbone)
+    ids = ids.repeat(2, 1)
+    images = random_images(2)
+    mask = torch.ones_like(ids)
+    features = backbone.encode_images(images).features
+    assert features.shape == (2, backbone.num_image_tokens, 32 * (len(layer) if isinstance(layer, list) else 1))
+    with torch.no_grad():
+        reference = backbone.model(input_ids=ids, pixel_values=images, attention_mask=mask).logits
+        hidden, _ = Engine(backbone)(embed_multimodal(backbone, ids, images), mask, position_ids_from_mask(mask), gated=False)
+    torch.testing.assert_close(backbone.lm_head(backbone.final_norm(hidden)), reference, atol=1e-5, rtol=0)
+
+
+def test_full_strategy_with_a_cls_attention_selector_is_a_clear_error(tokenizer_dir):
+    config = {**tiny_config(), "vision_feature_select_strategy": "full"}
+    backbone = LlavaBackbone(config=config, tokenizer=str(tokenizer_dir), template="plain_chat")
+    backbone.build()
+    with pytest.raises(ValueError, match="'full' keeps the CLS token.*PruMerge"):
+        backbone.encode_images(random_images(1), with_attention=True)
+
+
+
+def test_a_transformers_5_processor_directory_gives_its_image_processor(backbone, tmp_path):
+    """transformers 5 nests the image processor in processor_config.json (no preprocessor_config.json):
+    its mean / std must be read, not CLIP's defaults."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    backbone.save_pretrained(tmp_path / "ckpt")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (tmp_path / "ckpt" / name).unlink(missing_ok=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5, 0.25, 0.125], image_std=[0.2, 0.3, 0.4]
+    )
+    LlavaProcessor(image_processor=image_processor, tokenizer=backbone.tokenizer, patch_size=16).save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "preprocessor_config.json").exists()
+    loaded = LlavaBackbone(checkpoint=str(tmp_path / "ckpt"), template="plain_chat", pad_to_square=False)
+    assert list(loaded.image_processor.image_mean) == [0.5, 0.25, 0.125]
+    assert list(loaded.image_processor.image_std) == [0.2, 0.3, 0.4]
+    # by hand: a uniform grey 128 image normalised with that mean / std
+    pixels = loaded.preprocess_image(Image.new("RGB", (32, 32), (128, 128, 128)))
+    expected = torch.tensor([(128 / 255 - m) / s for m, s in [(0.5, 0.2), (0.25, 0.3), (0.125, 0.4)]])
+    torch.testing.assert_close(pixels[:, 5, 5], expected, atol=1e-5, rtol=0)

@@ -210,3 +210,17 @@ def test_preprocessing_pads_with_mean_grey_and_normalises_to_half(tmp_path):
     assert pixels.shape == (3, 32, 32)
     torch.testing.assert_close(pixels[:, 16, 16], torch.ones(3))  # white: (1 - 0.5) / 0.5
     torch.testing.assert_close(pixels[:, 0, 16], torch.full((3,), 127 / 255 * 2 - 1), atol=1e-2, rtol=0)  # padding
+
+
+def test_a_transformers_5_processor_directory_gives_its_image_processor(tmp_path):
+    """transformers 5 nests the image processor in processor_config.json: its mean / std are read, not the
+    SigLIP defaults."""
+    from transformers import SiglipImageProcessor
+
+    directory, _, _ = write_mipha(tmp_path)
+    (directory / "preprocessor_config.json").unlink(missing_ok=True)
+    nested = SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    (directory / "processor_config.json").write_text(json.dumps({"image_processor": nested.to_dict(), "processor_class": "X"}))
+    backbone = MiphaBackbone(checkpoint=str(directory))
+    assert list(backbone.image_processor.image_mean) == [0.1, 0.2, 0.3]
+    assert list(backbone.image_processor.image_std) == [0.4, 0.5, 0.6]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from adaptive_mllm.backbones.templates import IGNORE_INDEX, llava_v1, vicuna_v1
+from adaptive_mllm.backbones.templates import IGNORE_INDEX, llava_v1, plain_chat, vicuna_v1
 from tests.backbones.release_layout import write_release_tokenizer
 from tests.backbones.spm_tokenizer import write_spm_tokenizer
 
@@ -161,3 +161,21 @@ def test_the_answer_starts_with_its_word_start_token(spm_tokenizer):
     labelled = [token for token, label in zip(tokens, encoded.labels, strict=True) if label != IGNORE_INDEX]
     assert labelled == ["▁He", "▁is", ".", "</s>"]
     assert encoded.prompt_length == len(tokens) - 4
+
+
+def test_a_tokenizer_that_merges_across_the_answer_boundary_is_a_clear_error():
+    """A character BPE with the merge ": " puts "ASSISTANT:" and the answer's space in one token: the answer's
+    first label would fall inside a token, so encoding stops instead of shifting the mask."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from adaptive_mllm.backbones.templates import ConversationError
+
+    text = plain_chat().render([("Who?", "He.")]) + "<s>"
+    vocab = {char: index for index, char in enumerate(sorted(set(text)))}
+    vocab[": "] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(":", " ")]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    tokenizer.add_special_tokens({"eos_token": "</s>"})
+    with pytest.raises(ConversationError, match=r"merges text across the end of .*ASSISTANT:'"):
+        plain_chat().encode([("Who?", "He.")], tokenizer, 0, 1)
