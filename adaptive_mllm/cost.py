@@ -244,10 +244,10 @@ class CostModel:
 
         prefix = full_layer[:, : self.num_prefix_layers].sum(-1)  # [B]
         runs = (plan.layer_mask.detach() > 0.5).double()  # [B, L_sched]
-        if plan.attention_mask is None:
+        if plan.head_mask is None:
             kv_kept = runs * s.num_kv_heads
         else:
-            kv_kept = runs * (plan.attention_mask.detach() > 0.5).double().sum(-1)
+            kv_kept = runs * (plan.head_mask.detach() > 0.5).double().sum(-1)
         if plan.mlp_mask is None:
             neurons = runs * s.intermediate_size
         else:

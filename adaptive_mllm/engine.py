@@ -109,6 +109,27 @@ class PlanCache:
     selected_length: int = 0
 
 
+@dataclass
+class _Pass:
+    """One forward pass's state as it moves through the layers."""
+
+    hidden: torch.Tensor  # [B, T, H]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor  # [B, T_k] bool, the real tokens (cached ones first)
+    mask: torch.Tensor | None  # [B, 1, T, T_k] for attention; None = causal, nothing padded
+    latency_positions: torch.Tensor | None  # [B]
+    plan: ExecutionPlan | None  # None until a request is made (or without a scheduler)
+    request: PlanRequest | None  # the plan still to be made at layer num_prefix
+    num_prefix: int | None
+    past: int  # tokens already cached
+    selected_mask: torch.Tensor | None  # [B, 1, T, T'_k]: decoding after a prefill that dropped tokens
+    first_prefill: bool  # the cache is empty: this pass fills it
+    drop_at: int | None  # the first layer that sees only the selected tokens
+    received: list[torch.Tensor] | None = None  # the ranking layer's attention probabilities, when it has run
+    host_plan: ExecutionPlan | None = None  # the plan's CPU copy, for the skipping path's decisions
+
+
 class Engine(nn.Module):
     """Runs ``backbone.decoder_layers`` under a plan. Holds no weights of its own."""
 
@@ -129,7 +150,7 @@ class Engine(nn.Module):
         attention_mask: torch.Tensor,  # [B, T] 1 = real token
         position_ids: torch.Tensor,  # [B, T]
         plan: ExecutionPlan | PlanRequest | None = None,
-        latency_positions: torch.Tensor | None = None,  # [B], needed when `plan` is a function
+        latency_positions: torch.Tensor | None = None,  # [B], needed when `plan` is a request
         gated: bool = True,
         cache: PlanCache | None = None,
         token_selector: TokenSelector | None = None,
@@ -142,119 +163,126 @@ class Engine(nn.Module):
         ``layout.source_index`` [B, T'] says where each came from (``layout.keep``: what was kept).
         """
         layers = self.backbone.decoder_layers
-        batch, length, _ = hidden.shape
-        past = 0
-        selected_mask = None  # [B, 1, T, T'_cached + T]: decoding after a prefill that dropped tokens
-        if cache is not None:
-            past = cache.length
-            key_mask = attention_mask.bool()
-            if cache.attention_mask is not None:
-                key_mask = torch.cat([cache.attention_mask, key_mask], dim=1)
-            cache.attention_mask = key_mask
-            if cache.plan is not None:
-                plan = cache.plan
-            if cache.selected_from is not None:
-                selected_keys = torch.cat([cache.selected_attention_mask, attention_mask.bool()], dim=1)
-                selected_mask = _maybe_mask(selected_keys, length, cache.selected_length)
-                cache.selected_attention_mask = selected_keys
-                cache.selected_length += length
-        else:
-            key_mask = attention_mask.bool()
-        mask = _maybe_mask(key_mask, length, past)  # [B, 1, T, past + T] or None
-        cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
-
-        num_prefix = None if plan is None else plan.num_prefix_layers
-        first_prefill = cache is not None and not cache.groups
-        drop_at = None  # the first layer that sees only the selected tokens
-        if token_selector is not None and token_selector.layer_index is not None and past == 0:
-            drop_at = token_selector.layer_index
-            if not 1 <= drop_at < len(layers):
-                raise ValueError(f"token_selector.layer_index={drop_at} must be in [1, {len(layers) - 1}] for {len(layers)} layers")
-            if layout is None:
-                raise ValueError(f"{type(token_selector).__name__} drops image tokens inside the LLM: pass `layout`")
-        received: list[torch.Tensor] | None = None
-        host_plan: ExecutionPlan | None = None  # the plan's CPU copy, for the skipping path's decisions
-
+        run = self._start(hidden, attention_mask, position_ids, plan, latency_positions, cache, token_selector, layout)
         for index, layer in enumerate(layers):
             adapter_for(layer)  # fails early, naming the layer type, for an architecture without adapter
-            if index == drop_at:
-                # take the dropped tokens out of the sequence; the kept ones keep their rotary positions
-                keep = layout.keep
-                if keep is None:
-                    scores = received[0] * key_mask[:, :, None]  # [B, T_q, T_k], real queries only
-                    scores = scores.sum(1) / key_mask.sum(1, keepdim=True).clamp(min=1)  # [B, T_k]
-                    keep = token_selector.after_layer(scores, layout.image_mask, key_mask)
-                keep = keep.bool() & key_mask
-                source, key_mask = compact(keep)  # [B, T'], [B, T']
-                hidden = gather_positions(hidden, source)
-                cos, sin = gather_positions(cos, source), gather_positions(sin, source)
-                mask = _maybe_mask(key_mask, key_mask.shape[1], 0)
-                if latency_positions is not None:
-                    latency_positions = remap_positions(source, latency_positions)
-                layout.keep, layout.source_index = keep, source
-                received = None
-                if cache is not None:
-                    cache.selected_from, cache.selected_attention_mask = index, key_mask
-                    cache.selected_length = key_mask.shape[1]
-            elif selected_mask is not None and index == cache.selected_from:
-                mask = selected_mask
-            if num_prefix is not None and index == num_prefix and not isinstance(plan, ExecutionPlan):
-                if latency_positions is None:
-                    raise ValueError("a scheduler needs `latency_positions` to read the latency token")
-                plan = plan(hidden[torch.arange(batch, device=hidden.device), latency_positions])
-                if cache is not None:
-                    cache.plan = plan
-            scheduled = None if num_prefix is None or index < num_prefix else index - num_prefix
-            if drop_at is not None and index == drop_at - 1:
-                # the ranking layer: its attention probabilities are computed explicitly, for all of it
-                if scheduled is not None and not _runs_fully(plan, scheduled):
-                    raise ValueError(
-                        f"{type(token_selector).__name__} ranks tokens by layer {index}'s attention, which this plan does "
-                        f"not run in full: its layer_index ({drop_at}) must not exceed the scheduler's num_prefix_layers "
-                        f"({num_prefix})"
-                    )
-                received = []
-
+            if index == run.drop_at:
+                self._drop_tokens(run, index, token_selector, layout, cache)
+            elif run.selected_mask is not None and index == cache.selected_from:
+                run.mask = run.selected_mask  # decoding after a drop: these layers cached only the kept tokens
+            if index == run.num_prefix and run.request is not None:
+                self._make_plan(run, cache)
+            scheduled = None if run.num_prefix is None or index < run.num_prefix else index - run.num_prefix
+            if run.drop_at is not None and index == run.drop_at - 1:
+                self._start_ranking(run, index, scheduled, token_selector)
             if gated or cache is None and scheduled is None:
-                if cache is not None and first_prefill:
-                    cache.groups.append([RowGroup(rows=None)])
-                entry = cache.groups[index][0] if cache is not None else None
-                if self.activation_checkpointing and torch.is_grad_enabled() and cache is None and received is None:
-                    hidden = checkpoint(
-                        self._gated_layer, layer, hidden, cos, sin, mask, plan, scheduled, None, None, use_reentrant=False
-                    )
-                else:
-                    hidden = self._gated_layer(layer, hidden, cos, sin, mask, plan, scheduled, entry, received)
-                continue
-
-            if cache is not None and not first_prefill:
-                groups = cache.groups[index]
+                self._gated_step(run, index, layer, scheduled, cache)
             else:
-                if host_plan is None and isinstance(plan, ExecutionPlan):
-                    host_plan = plan.to_host()
-                groups = self._row_groups(layer, host_plan, scheduled, batch, hidden.device)
-                if cache is not None:
-                    cache.groups.append(groups)
-            for group in groups:
-                rows = group.rows
-                gates = {"head_gate": group.head_gate, "neuron_gate": group.neuron_gate}
-                if rows is None:
-                    hidden = _run_layer(layer, hidden, cos, sin, mask, group, cache is not None, received=received, **gates)
-                else:
-                    rows_mask = None if mask is None else mask[rows]
-                    out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], rows_mask, group, cache is not None, **gates)
-                    hidden = hidden.index_copy(0, rows, out)
-            if first_prefill and len(groups) > 1:
-                cache.groups[index] = [self._merged_for_decoding(groups, host_plan, scheduled, hidden)]
+                self._skipping_step(run, index, layer, scheduled, cache)
         if cache is not None:
-            cache.length = past + length
-        return hidden, plan if isinstance(plan, ExecutionPlan) else None
+            cache.length = run.past + hidden.shape[1]
+        return run.hidden, run.plan
+
+    # --- the steps of a pass ---------------------------------------------------------------------------
+    def _start(self, hidden, attention_mask, position_ids, plan, latency_positions, cache, token_selector, layout) -> _Pass:
+        """The pass's state before layer 0: masks (the cache's prepended), rotary tables, the plan or its
+        request (a cache's plan wins: it was fixed at prefill), and the layer of an in-LLM token drop."""
+        length = hidden.shape[1]
+        key_mask, past, selected_mask = _cache_masks(attention_mask, cache)
+        if cache is not None and cache.plan is not None:
+            plan = cache.plan
+        cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
+        return _Pass(
+            hidden=hidden, cos=cos, sin=sin, key_mask=key_mask, mask=_maybe_mask(key_mask, length, past),
+            latency_positions=latency_positions,
+            plan=plan if isinstance(plan, ExecutionPlan) else None,
+            request=None if plan is None or isinstance(plan, ExecutionPlan) else plan,
+            num_prefix=None if plan is None else plan.num_prefix_layers,
+            past=past, selected_mask=selected_mask, first_prefill=cache is not None and not cache.groups,
+            drop_at=_drop_layer(token_selector, layout, past, len(self.backbone.decoder_layers)),
+        )  # fmt: skip
+
+    def _drop_tokens(self, run: _Pass, index: int, token_selector: TokenSelector, layout: TokenLayout, cache: PlanCache | None) -> None:
+        """Take the dropped tokens out of the sequence before layer ``index``; the kept ones keep their rotary positions."""
+        keep = layout.keep
+        if keep is None:
+            keep = token_selector.after_layer(_received_attention(run.received[0], run.key_mask), layout.image_mask, run.key_mask)
+        keep = keep.bool() & run.key_mask
+        source, run.key_mask = compact(keep)  # [B, T'], [B, T']
+        run.hidden = gather_positions(run.hidden, source)
+        run.cos, run.sin = gather_positions(run.cos, source), gather_positions(run.sin, source)
+        run.mask = _maybe_mask(run.key_mask, run.key_mask.shape[1], 0)
+        if run.latency_positions is not None:
+            run.latency_positions = remap_positions(source, run.latency_positions)
+        layout.keep, layout.source_index = keep, source
+        run.received = None
+        if cache is not None:
+            cache.selected_from, cache.selected_attention_mask = index, run.key_mask
+            cache.selected_length = run.key_mask.shape[1]
+
+    def _make_plan(self, run: _Pass, cache: PlanCache | None) -> None:
+        """At the input of layer ``num_prefix_layers``: the scheduler reads the latency token and the plan is fixed."""
+        if run.latency_positions is None:
+            raise ValueError("a scheduler needs `latency_positions` to read the latency token")
+        rows = torch.arange(run.hidden.shape[0], device=run.hidden.device)
+        run.plan, run.request = run.request(run.hidden[rows, run.latency_positions]), None
+        if cache is not None:
+            cache.plan = run.plan
+
+    def _start_ranking(self, run: _Pass, index: int, scheduled: int | None, token_selector: TokenSelector) -> None:
+        """Layer ``index`` ranks the tokens: its attention probabilities are computed explicitly, for all of it."""
+        if scheduled is not None and not _runs_fully(run.plan, scheduled):
+            raise ValueError(
+                f"{type(token_selector).__name__} ranks tokens by layer {index}'s attention, which this plan does "
+                f"not run in full: its layer_index ({run.drop_at}) must not exceed the scheduler's num_prefix_layers "
+                f"({run.num_prefix})"
+            )
+        run.received = []
+
+    def _gated_step(self, run: _Pass, index: int, layer: nn.Module, scheduled: int | None, cache: PlanCache | None) -> None:
+        """Every row runs the layer; a plan's masks multiply (training), or nothing is scheduled here."""
+        if cache is not None and run.first_prefill:
+            cache.groups.append([RowGroup(rows=None)])
+        entry = cache.groups[index][0] if cache is not None else None
+        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None and run.received is None:
+            run.hidden = checkpoint(
+                self._gated_layer, layer, run.hidden, run.cos, run.sin, run.mask, run.plan, scheduled, None, None, use_reentrant=False
+            )
+        else:
+            run.hidden = self._gated_layer(layer, run.hidden, run.cos, run.sin, run.mask, run.plan, scheduled, entry, run.received)
+
+    def _skipping_step(self, run: _Pass, index: int, layer: nn.Module, scheduled: int | None, cache: PlanCache | None) -> None:
+        """The rows that keep the layer run it, in groups of equal slices (inference); decoding reuses the
+        prefill's groups."""
+        if cache is not None and not run.first_prefill:
+            groups = cache.groups[index]
+        else:
+            if run.host_plan is None and run.plan is not None:
+                run.host_plan = run.plan.to_host()
+            groups = self._row_groups(layer, run.host_plan, scheduled, run.hidden.shape[0], run.hidden.device)
+            if cache is not None:
+                cache.groups.append(groups)
+        for group in groups:
+            run.hidden = self._run_group(run, layer, group, cache is not None)
+        if run.first_prefill and len(groups) > 1:
+            cache.groups[index] = [self._merged_for_decoding(groups, run.host_plan, scheduled, run.hidden)]
+
+    @staticmethod
+    def _run_group(run: _Pass, layer: nn.Module, group: RowGroup, use_cache: bool) -> torch.Tensor:
+        """The hidden states after one row group ran the layer (other rows unchanged)."""
+        gates = {"head_gate": group.head_gate, "neuron_gate": group.neuron_gate}
+        if group.rows is None:
+            return _run_layer(layer, run.hidden, run.cos, run.sin, run.mask, group, use_cache, received=run.received, **gates)
+        rows = group.rows
+        rows_mask = None if run.mask is None else run.mask[rows]
+        out = _run_layer(layer, run.hidden[rows], run.cos[rows], run.sin[rows], rows_mask, group, use_cache, **gates)
+        return run.hidden.index_copy(0, rows, out)
 
     # --- gated (training) ----------------------------------------------------------------------------
     def _gated_layer(self, layer, hidden, cos, sin, mask, plan, scheduled, entry, received=None) -> torch.Tensor:
         layer_gate = head_gate = neuron_gate = None
         if scheduled is not None:
-            if plan.attention_mask is None and plan.mlp_mask is None:
+            if plan.head_mask is None and plan.mlp_mask is None:
                 layer_gate = plan.layer_mask[:, scheduled].to(hidden.dtype)[:, None, None]  # [B, 1, 1]
             else:
                 head_gate, neuron_gate = self._unit_gates(plan, scheduled, slice(None), hidden.dtype)
@@ -266,8 +294,8 @@ class Engine(nn.Module):
         they multiply: [b, heads] (a kv group gates all its query heads) and [b, intermediate]."""
         shape = self.backbone.shape
         head_gate = neuron_gate = None
-        if plan.attention_mask is not None:
-            head_gate = plan.attention_mask[rows, scheduled].to(dtype).repeat_interleave(shape.queries_per_kv, dim=1)
+        if plan.head_mask is not None:
+            head_gate = plan.head_mask[rows, scheduled].to(dtype).repeat_interleave(shape.queries_per_kv, dim=1)
         if plan.mlp_mask is not None:
             neuron_gate = widen_mlp_mask(plan.mlp_mask[rows, scheduled].to(dtype), shape.intermediate_size)
         return head_gate, neuron_gate
@@ -285,7 +313,7 @@ class Engine(nn.Module):
             rows = runs.nonzero().flatten()
             return [RowGroup(rows=rows.to(device))] if rows.numel() else []
         shape = self.backbone.shape
-        attn = plan.attention_mask[:, scheduled] if plan.attention_mask is not None else None
+        attn = plan.head_mask[:, scheduled] if plan.head_mask is not None else None
         mlp = plan.mlp_mask[:, scheduled] if plan.mlp_mask is not None else None
         keys = torch.cat([m for m in (attn, mlp) if m is not None], dim=1) > 0.5  # [B, G_attn + G_mlp]
         active = runs.nonzero().flatten()
@@ -347,12 +375,50 @@ def _maybe_mask(key_mask: torch.Tensor, length: int, past: int) -> torch.Tensor 
     return _attention_mask(key_mask, length, past)
 
 
-def _runs_fully(plan: ExecutionPlan | PlanRequest | None, scheduled: int) -> bool:
+def _cache_masks(attention_mask: torch.Tensor, cache: PlanCache | None) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """The real-token mask over every key (the cache's first, then the new tokens'), the number of cached
+    tokens, and after an in-LLM drop the attention mask of the layers that cached only the kept tokens.
+    Records the new tokens in the cache's masks."""
+    key_mask = attention_mask.bool()
+    if cache is None:
+        return key_mask, 0, None
+    if cache.attention_mask is not None:
+        key_mask = torch.cat([cache.attention_mask, key_mask], dim=1)
+    cache.attention_mask = key_mask
+    selected_mask = None
+    if cache.selected_from is not None:
+        length = attention_mask.shape[1]
+        selected_keys = torch.cat([cache.selected_attention_mask, attention_mask.bool()], dim=1)
+        selected_mask = _maybe_mask(selected_keys, length, cache.selected_length)
+        cache.selected_attention_mask = selected_keys
+        cache.selected_length += length
+    return key_mask, cache.length, selected_mask
+
+
+def _drop_layer(token_selector: TokenSelector | None, layout: TokenLayout | None, past: int, num_layers: int) -> int | None:
+    """The first layer that sees only the tokens an in-LLM selector keeps; None without such a drop (or
+    when decoding: the prefill dropped them)."""
+    if token_selector is None or token_selector.layer_index is None or past != 0:
+        return None
+    drop_at = token_selector.layer_index
+    if not 1 <= drop_at < num_layers:
+        raise ValueError(f"token_selector.layer_index={drop_at} must be in [1, {num_layers - 1}] for {num_layers} layers")
+    if layout is None:
+        raise ValueError(f"{type(token_selector).__name__} drops image tokens inside the LLM: pass `layout`")
+    return drop_at
+
+
+def _received_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] what a token selector ranks positions by: the attention each position received in the
+    ranking layer (``probs`` [B, heads, T, T], its probabilities), mean over heads and real query positions."""
+    received = probs.mean(1) * key_mask[:, :, None]  # [B, T_q, T_k], real queries only
+    return received.sum(1) / key_mask.sum(1, keepdim=True).clamp(min=1)
+
+
+def _runs_fully(plan: ExecutionPlan, scheduled: int) -> bool:
     """Whether every example runs schedulable layer ``scheduled`` with all its heads and MLP groups."""
-    if not isinstance(plan, ExecutionPlan):
-        return False
     full = plan.layer_mask[:, scheduled] > 0.5  # [B]
-    for groups in (plan.attention_mask, plan.mlp_mask):
+    for groups in (plan.head_mask, plan.mlp_mask):
         if groups is not None:
             full = full & (groups[:, scheduled] > 0.5).all(-1)
     return bool(full.all())
@@ -428,80 +494,100 @@ def _run_layer(
     layer_gate: torch.Tensor | None = None,  # [b, 1, 1]
     head_gate: torch.Tensor | None = None,  # [b, heads]
     neuron_gate: torch.Tensor | None = None,  # [b, I]
-    received: list[torch.Tensor] | None = None,  # given: compute attention explicitly, append [b, T, T_k]
+    received: list[torch.Tensor] | None = None,  # given: compute attention explicitly, append [b, heads, T, T_k]
 ) -> torch.Tensor:
     """One decoder layer, honouring slices and gates. Sequential (Llama): x + attn(norm(x)), then
     + mlp(norm(.)); parallel (Phi): x + attn(norm(x)) + mlp(norm(x)), one shared norm.
 
-    With ``received`` the attention probabilities are computed explicitly (not by SDPA) and their mean
-    over heads is appended to it: what a token selector ranks positions by."""
+    With ``received`` the attention probabilities are computed explicitly (not by SDPA) and appended to
+    it: what a token selector ranks positions by (:func:`_received_attention`)."""
     adapter: LayerAdapter = adapter_for(layer)
-    attn = layer.self_attn
-    q_proj, k_proj, v_proj, o_proj = adapter.projections(layer)
     sliced = group.weights
-    batch, length, _ = hidden.shape
-    head_dim = attn.head_dim
     runs_attention = sliced is None or sliced.num_kv_heads > 0
     runs_mlp = sliced is None or sliced.mlp_in is None or sliced.num_neurons > 0
     x = adapter.input_norm(layer)(hidden) if runs_attention or adapter.parallel else None  # [b, T, H]
-
-    # attention ----------------------------------------------------------------------------------
     if runs_attention:
-        if sliced is None:
-            q = q_proj(x)
-            k = k_proj(x)
-            v = v_proj(x)
-        else:
-            q = F.linear(x, sliced.q, sliced.q_bias)
-            k = F.linear(x, sliced.k, sliced.k_bias)
-            v = F.linear(x, sliced.v, sliced.v_bias)
-        q = q.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, heads, T, D]
-        k = k.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, kv_heads, T, D]
-        v = v.view(batch, length, -1, head_dim).transpose(1, 2)
-        q, k = adapter.normalise_qk(layer, q, k)
-        q, k = adapter.rotate(layer, q, k, cos, sin)
-        if use_cache:
-            if group.keys is not None:
-                k = torch.cat([group.keys, k], dim=2)
-                v = torch.cat([group.values, v], dim=2)
-            group.keys, group.values = k, v
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        causal = mask is None and length > 1  # a single new query may see the whole cache
-        if received is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)  # [b, heads, T, D]
-        else:
-            scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [b, heads, T, T_k]
-            allowed = mask
-            if allowed is None and causal:
-                allowed = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - length)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = scores.softmax(-1)  # [b, heads, T, T_k]
-            out = probs.to(v.dtype) @ v  # [b, heads, T, D]
-            received.append(probs.mean(1))  # [b, T, T_k]
-        if head_gate is not None:
-            out = out * head_gate[:, :, None, None]
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        out = _gated_linear(out, o_proj, head_gate) if sliced is None else F.linear(out, sliced.o, o_proj.bias)
-        out = adapter.residual_dropout(layer, out)
+        out = _attention(layer, adapter, x, cos, sin, mask, group, use_cache, head_gate, received)
         hidden = hidden + (out if layer_gate is None else layer_gate * out)
-
-    # MLP ----------------------------------------------------------------------------------------
     if runs_mlp:
         if not adapter.parallel:
             x = adapter.post_attention_norm(layer)(hidden)  # sequential: the norm of the updated residual
-        output = adapter.mlp_output(layer)
-        if sliced is None or sliced.mlp_in is None:
-            activation = adapter.mlp_activation(layer, [linear(x) for linear in adapter.mlp_inputs(layer)])  # [b, T, I]
-            if neuron_gate is not None:
-                activation = activation * neuron_gate[:, None, :]
-            out = _gated_linear(activation, output, neuron_gate)
-        else:
-            activation = adapter.mlp_activation(layer, [F.linear(x, w, b) for w, b in sliced.mlp_in])  # [b, T, n]
-            out = F.linear(activation, sliced.mlp_out, output.bias)  # the bias once, whatever was kept
-        out = adapter.residual_dropout(layer, out)
+        out = _mlp(layer, adapter, x, sliced, neuron_gate)
         hidden = hidden + (out if layer_gate is None else layer_gate * out)
     return hidden
+
+
+def _attention(
+    layer: nn.Module,
+    adapter: LayerAdapter,
+    x: torch.Tensor,  # [b, T, H] normed input
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    group: RowGroup,
+    use_cache: bool,
+    head_gate: torch.Tensor | None,
+    received: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """[b, T, H] the attention block's output (after ``o_proj`` and residual dropout); the group's cache grows."""
+    attn = layer.self_attn
+    q_proj, k_proj, v_proj, o_proj = adapter.projections(layer)
+    sliced = group.weights
+    batch, length, _ = x.shape
+    head_dim = attn.head_dim
+    if sliced is None:
+        q, k, v = q_proj(x), k_proj(x), v_proj(x)
+    else:
+        q, k, v = F.linear(x, sliced.q, sliced.q_bias), F.linear(x, sliced.k, sliced.k_bias), F.linear(x, sliced.v, sliced.v_bias)
+    q = q.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, heads, T, D]
+    k = k.view(batch, length, -1, head_dim).transpose(1, 2)  # [b, kv_heads, T, D]
+    v = v.view(batch, length, -1, head_dim).transpose(1, 2)
+    q, k = adapter.normalise_qk(layer, q, k)
+    q, k = adapter.rotate(layer, q, k, cos, sin)
+    if use_cache:
+        if group.keys is not None:
+            k = torch.cat([group.keys, k], dim=2)
+            v = torch.cat([group.values, v], dim=2)
+        group.keys, group.values = k, v
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+    causal = mask is None and length > 1  # a single new query may see the whole cache
+    if received is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)  # [b, heads, T, D]
+    else:
+        out = _explicit_attention(q, k, v, mask, causal, attn.scaling, received)
+    if head_gate is not None:
+        out = out * head_gate[:, :, None, None]
+    out = out.transpose(1, 2).reshape(batch, length, -1)
+    out = _gated_linear(out, o_proj, head_gate) if sliced is None else F.linear(out, sliced.o, o_proj.bias)
+    return adapter.residual_dropout(layer, out)
+
+
+def _explicit_attention(q, k, v, mask, causal: bool, scale: float, received: list[torch.Tensor]) -> torch.Tensor:
+    """SDPA's result computed by hand, its probabilities [b, heads, T, T_k] appended to ``received``."""
+    length = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [b, heads, T, T_k]
+    allowed = mask
+    if allowed is None and causal:
+        allowed = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - length)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1)  # [b, heads, T, T_k]
+    received.append(probs)
+    return probs.to(v.dtype) @ v  # [b, heads, T, D]
+
+
+def _mlp(layer: nn.Module, adapter: LayerAdapter, x: torch.Tensor, sliced: SlicedWeights | None, neuron_gate: torch.Tensor | None) -> torch.Tensor:
+    """[b, T, H] the MLP block's output (after residual dropout): full, gated, or on the kept neurons only."""
+    output = adapter.mlp_output(layer)
+    if sliced is None or sliced.mlp_in is None:
+        activation = adapter.mlp_activation(layer, [linear(x) for linear in adapter.mlp_inputs(layer)])  # [b, T, I]
+        if neuron_gate is not None:
+            activation = activation * neuron_gate[:, None, :]
+        out = _gated_linear(activation, output, neuron_gate)
+    else:
+        activation = adapter.mlp_activation(layer, [F.linear(x, w, b) for w, b in sliced.mlp_in])  # [b, T, n]
+        out = F.linear(activation, sliced.mlp_out, output.bias)  # the bias once, whatever was kept
+    return adapter.residual_dropout(layer, out)

@@ -46,8 +46,8 @@ def group_usage(plan: ExecutionPlan | None, layers: torch.Tensor, num_groups: in
     """[B, L, G] 1 where the key/value group ran, from the plan and its :func:`layer_usage` ``layers`` [B, L]
     (a running layer without a head mask runs every group)."""
     usage = layers[:, :, None].expand(-1, -1, num_groups).clone()
-    if plan is not None and plan.attention_mask is not None:
-        usage[:, plan.num_prefix_layers :] *= (plan.attention_mask.detach().float().cpu() > 0.5).float()
+    if plan is not None and plan.head_mask is not None:
+        usage[:, plan.num_prefix_layers :] *= (plan.head_mask.detach().float().cpu() > 0.5).float()
     return usage
 
 

@@ -122,3 +122,10 @@ def test_module_py_imports_at_most_six_package_units():
     """module.py is the LightningModule: training and evaluation under budgets; reports are a callback's."""
     units = {name.split(".")[1] for name in GRAPH["adaptive_mllm.module"]}
     assert len(units) <= 6, sorted(units)
+
+
+def test_no_function_in_engine_py_is_longer_than_sixty_lines():
+    """The engine reads as a short loop of named steps."""
+    tree = ast.parse(MODULES["adaptive_mllm.engine"].read_text())
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert lengths and max(lengths.values()) <= 60, {name: n for name, n in lengths.items() if n > 60}

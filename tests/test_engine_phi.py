@@ -85,7 +85,7 @@ def test_gated_equals_skipping_phi(phi_backbone, level):
     plan = _layer_plan(5, backbone.shape.num_layers, seed=2) if level == "layer" else _head_plan(backbone, 5, seed=2)
     if level == "head":
         plan.mlp_mask[1, 1] = 0.0  # a layer with attention heads only: fc2's bias must go with its groups
-        plan.attention_mask[1, 1, 0] = 1.0
+        plan.head_mask[1, 1, 0] = 1.0
     engine = Engine(backbone)
     with torch.no_grad():
         embeds = backbone.embed(ids)

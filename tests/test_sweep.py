@@ -24,7 +24,7 @@ def _plan() -> ExecutionPlan:
             [[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]],
         ]
     )
-    return ExecutionPlan(2, layer_mask, attention_mask=attention, units=torch.tensor([3, 1, 5]))
+    return ExecutionPlan(2, layer_mask, head_mask=attention, units=torch.tensor([3, 1, 5]))
 
 
 def test_usage_per_kind_is_the_fraction_of_its_examples_that_ran_each_layer() -> None:

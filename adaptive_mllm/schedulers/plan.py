@@ -25,7 +25,7 @@ from adaptive_mllm.layers import mlp_group_sizes
 class ExecutionPlan:
     num_prefix_layers: int
     layer_mask: torch.Tensor  # [B, L_sched]; 1 = the layer runs (at least partly)
-    attention_mask: torch.Tensor | None = None  # [B, L_sched, num_kv_heads]; None = every group of a running layer
+    head_mask: torch.Tensor | None = None  # [B, L_sched, num_kv_heads]; None = every group of a running layer
     mlp_mask: torch.Tensor | None = None  # [B, L_sched, num_mlp_groups]; None = the whole MLP of a running layer
     units: torch.Tensor | None = None  # [B] scheduler units switched on (for reports)
 
@@ -39,7 +39,7 @@ class ExecutionPlan:
 
     @property
     def is_head_level(self) -> bool:
-        return self.attention_mask is not None or self.mlp_mask is not None
+        return self.head_mask is not None or self.mlp_mask is not None
 
     def layer_runs(self, scheduled_index: int) -> torch.Tensor:
         """[B] bool: which examples run schedulable layer ``scheduled_index``."""
@@ -52,14 +52,14 @@ class ExecutionPlan:
             return self
         pick = lambda t: None if t is None else t.cpu()  # noqa: E731
         return ExecutionPlan(
-            self.num_prefix_layers, pick(self.layer_mask), pick(self.attention_mask), pick(self.mlp_mask), pick(self.units)
+            self.num_prefix_layers, pick(self.layer_mask), pick(self.head_mask), pick(self.mlp_mask), pick(self.units)
         )
 
     def select(self, rows: torch.Tensor) -> ExecutionPlan:
         """The plan of a subset of the batch (rows: index tensor)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return ExecutionPlan(
-            self.num_prefix_layers, self.layer_mask[rows], pick(self.attention_mask), pick(self.mlp_mask), pick(self.units)
+            self.num_prefix_layers, self.layer_mask[rows], pick(self.head_mask), pick(self.mlp_mask), pick(self.units)
         )
 
     @staticmethod

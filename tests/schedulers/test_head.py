@@ -27,7 +27,7 @@ def configured(shape: DecoderShape, rank: int, prefix: int = 3) -> HeadScheduler
 
 def units_per_layer_in(plan, scheduler: HeadScheduler) -> torch.Tensor:
     """[B, L_sched] units per layer read from the masks; both masks must agree."""
-    attention = plan.attention_mask.sum(-1) / scheduler.kv_groups_per_unit
+    attention = plan.head_mask.sum(-1) / scheduler.kv_groups_per_unit
     mlp = plan.mlp_mask.sum(-1) / scheduler.mlp_groups_per_unit
     assert torch.equal(attention, mlp)
     return attention
@@ -64,9 +64,9 @@ def test_exactly_k_units_mixed_budgets(shape: DecoderShape, rank: int, training:
     plan = scheduler(torch.randn(6, 64), budgets, lengths)
     k = scheduler.units_for_budget(budgets, lengths)
     assert len(set(k.tolist())) >= 4
-    assert plan.attention_mask.shape == (6, 5, shape.num_kv_heads)
+    assert plan.head_mask.shape == (6, 5, shape.num_kv_heads)
     assert plan.mlp_mask.shape == (6, 5, shape.num_heads)
-    for mask in (plan.attention_mask, plan.mlp_mask, plan.layer_mask):
+    for mask in (plan.head_mask, plan.mlp_mask, plan.layer_mask):
         assert bool(((mask == 0) | (mask == 1)).all())
     per_layer = units_per_layer_in(plan, scheduler)
     assert per_layer.sum(-1).tolist() == k.float().tolist()
@@ -79,7 +79,7 @@ def test_exactly_k_units_mixed_budgets(shape: DecoderShape, rank: int, training:
 def test_all_units_is_the_full_model(shape: DecoderShape, rank: int) -> None:
     scheduler = configured(shape, rank).train()
     plan = scheduler(torch.randn(3, 64), torch.ones(3), torch.tensor([4, 8, 16]))
-    assert bool((plan.attention_mask == 1).all()) and bool((plan.mlp_mask == 1).all())
+    assert bool((plan.head_mask == 1).all()) and bool((plan.mlp_mask == 1).all())
     assert bool((plan.layer_mask == 1).all())
 
 
@@ -89,7 +89,7 @@ def test_eval_is_deterministic() -> None:
     first = scheduler(hidden, budgets, lengths)
     torch.manual_seed(99)
     second = scheduler(hidden, budgets, lengths)
-    assert torch.equal(first.attention_mask, second.attention_mask)
+    assert torch.equal(first.head_mask, second.head_mask)
     assert torch.equal(first.mlp_mask, second.mlp_mask)
 
 
@@ -171,7 +171,7 @@ def test_gradients_reach_head_and_latency_encoder() -> None:
     token = scheduler.latency_token(budgets, lengths)
     hidden = token + torch.randn_like(token)
     plan = scheduler(hidden, budgets, lengths)
-    loss = (plan.attention_mask * torch.randn_like(plan.attention_mask)).sum()
+    loss = (plan.head_mask * torch.randn_like(plan.head_mask)).sum()
     loss = loss + (plan.mlp_mask * torch.randn_like(plan.mlp_mask)).sum()
     loss.backward()
     grad = scheduler.head.weight.grad
@@ -233,5 +233,5 @@ def test_inference_plan_equals_the_greedy_loop(shape: DecoderShape, rank: int, m
         ranked = scheduler(hidden, budgets, lengths)
     assert ranked_calls == [1]  # the ranked path really ran
     assert len(set(looped.units.tolist())) == scheduler.num_units + 1  # every unit count was compared
-    for name in ("attention_mask", "mlp_mask", "layer_mask", "units"):
+    for name in ("head_mask", "mlp_mask", "layer_mask", "units"):
         assert torch.equal(getattr(ranked, name), getattr(looped, name).detach()), name
