@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adaptive_mllm.backbones.base import DecoderShape
-from adaptive_mllm.cost import CostModel
+from adaptive_mllm.cost import BudgetRule, CostModel
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 
@@ -27,13 +27,18 @@ class Scheduler(nn.Module):
     Args:
         num_prefix_layers: the first LLM layers, which always run; the scheduler reads the latency
             token at the input of this layer.
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int) -> None:
+    def __init__(self, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
         super().__init__()
         if num_prefix_layers < 0:
             raise ValueError(f"num_prefix_layers={num_prefix_layers} must be >= 0")
+        if budget_rule not in ("flops", "release"):
+            raise ValueError(f"budget_rule={budget_rule!r} must be 'flops' or 'release'")
         self.num_prefix_layers = num_prefix_layers
+        self.budget_rule = budget_rule
         self._shape: DecoderShape | None = None
         self._cost: CostModel | None = None
         self.latency_encoder: LatencyEncoder | None = None  # created by _build where the scheduler reads a token
@@ -46,7 +51,7 @@ class Scheduler(nn.Module):
             if self._shape != shape:
                 raise ValueError(f"{type(self).__name__} is already configured for {self._shape}, not {shape}")
             return
-        cost = CostModel(shape, self.num_prefix_layers)  # validates num_prefix_layers against the LLM
+        cost = CostModel(shape, self.num_prefix_layers, self.budget_rule)  # validates num_prefix_layers against the LLM
         self._check_shape(shape)
         self._build(shape)
         self._shape, self._cost = shape, cost
