@@ -21,6 +21,23 @@ from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 
 
+#: transformers' ``initializer_range`` of the LLMs the release builds on (Llama / Vicuna; Phi-2 too)
+INIT_STD = 0.02
+
+
+def init_like_transformers(module: nn.Module) -> None:
+    """The release's initialisation of the scheduler and the latency encoder: they are sub-modules of its
+    transformers model, so ``_init_weights`` gives every Linear ``N(0, initializer_range)`` weights and zero
+    biases; LayerNorms keep ones / zeros. (PyTorch's own default is Kaiming-uniform with non-zero biases.)"""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Scheduler(nn.Module):
     """Base class of every scheduler.
 
@@ -54,6 +71,7 @@ class Scheduler(nn.Module):
         cost = CostModel(shape, self.num_prefix_layers, self.budget_rule)  # validates num_prefix_layers against the LLM
         self._check_shape(shape)
         self._build(shape)
+        self.apply(init_like_transformers)
         self._shape, self._cost = shape, cost
 
     def _check_shape(self, shape: DecoderShape) -> None:
