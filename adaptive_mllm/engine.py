@@ -41,6 +41,7 @@ from adaptive_mllm.token_selection.base import (
     TokenSelector,
     compact,
     gather_positions,
+    last_query_attention,
     remap_positions,
 )
 
@@ -181,8 +182,7 @@ class Engine(nn.Module):
                 # take the dropped tokens out of the sequence; the kept ones keep their rotary positions
                 keep = layout.keep
                 if keep is None:
-                    scores = received[0] * key_mask[:, :, None]  # [B, T_q, T_k], real queries only
-                    scores = scores.sum(1) / key_mask.sum(1, keepdim=True).clamp(min=1)  # [B, T_k]
+                    scores = last_query_attention(received[0], key_mask)  # [B, T_k], from each row's last real query
                     keep = token_selector.after_layer(scores, layout.image_mask, key_mask)
                 keep = keep.bool() & key_mask
                 source, key_mask = compact(keep)  # [B, T'], [B, T']
