@@ -17,9 +17,16 @@ for ``T`` tokens, ``2 T H d (2 q + 2) + 4 T^2 q d`` (H hidden, d head dim, q que
 ``n`` MLP neurons cost ``2 m T H n`` (``m`` matrices: 6 T H n for Llama, 4 T H n for Phi). A layer's cost is linear in the kept groups, which is what lets a
 head-level plan be costed from its masks.
 
-Budgets become unit counts here, not in the schedulers, so that a plan **never** exceeds its budget:
-the reference's ``floor(L * b) - L_prefix`` ignores the LM head (and any token dropping) and can
-overshoot by a little; ``units_for_budget`` returns the largest ``k`` whose worst plan still fits.
+Budgets become unit counts here, not in the schedulers. Two rules (``budget_rule``):
+
+- ``"flops"`` (default): a plan **never** exceeds its budget: ``units_for_budget`` returns the largest
+  ``k`` whose worst plan still fits, LM head and dropped tokens counted;
+- ``"release"``: the AdaLLaVA release's ``k = max(0, floor(U * b) - U_prefix)`` with ``U`` the model's
+  units (``L`` layers, or ``L * num_heads / rank`` head units) and ``U_prefix`` those of the prefix
+  layers. It ignores the LM head and any token selection, so it can overshoot a little (LLaVA-1.5-7B with
+  FastV at 0.6: 3 layers where the FLOPs rule allows 2), and any budget in ``[0, 1]`` is accepted (below
+  the prefix: 0 units). It reproduces the paper's rows. ``floor`` is taken on the budget's decimal value
+  (rounded to 6 places), so a float32 ``0.7`` over 10 layers gives 7, not 6.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -38,15 +45,22 @@ if TYPE_CHECKING:
     from adaptive_mllm.schedulers.plan import ExecutionPlan
 
 
+BudgetRule = Literal["flops", "release"]
+
+
 class CostModel:
     """Prefill FLOPs of one request, of a plan, and the number of scheduler units a budget allows.
 
     Args:
         shape: sizes of the LLM.
         num_prefix_layers: the first layers, which always run.
+        budget_rule: ``"flops"`` (a plan never exceeds its budget's FLOPs) or ``"release"`` (the release's
+            ``floor(U * b) - U_prefix`` units).
     """
 
-    def __init__(self, shape: DecoderShape, num_prefix_layers: int) -> None:
+    def __init__(self, shape: DecoderShape, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
+        if budget_rule not in ("flops", "release"):
+            raise ValueError(f"budget_rule={budget_rule!r} must be 'flops' or 'release'")
         if not 0 <= num_prefix_layers < shape.num_layers:
             raise ValueError(
                 f"num_prefix_layers={num_prefix_layers} must be in [0, {shape.num_layers - 1}] for an LLM of {shape.num_layers} layers"
@@ -55,6 +69,7 @@ class CostModel:
             raise ValueError(f"num_heads={shape.num_heads} is not a multiple of num_kv_heads={shape.num_kv_heads}")
         self.shape = shape
         self.num_prefix_layers = num_prefix_layers
+        self.budget_rule = budget_rule
 
     @property
     def num_scheduled_layers(self) -> int:
@@ -121,7 +136,10 @@ class CostModel:
         return sum(self.layer_flops(t) for t in tokens) + self.lm_head_flops()
 
     def min_budget(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> float:
-        """The smallest admissible budget: prefix layers + LM head, as a fraction of the full model."""
+        """The smallest admissible budget: prefix layers + LM head, as a fraction of the full model (0 under
+        the release's rule, which gives such budgets 0 units)."""
+        if self.budget_rule == "release":
+            return 0.0
         return self.fixed_flops(seq_len, layer_tokens) / self.full_flops(seq_len, layer_tokens)
 
     def unit_flops(self, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None) -> list[int]:
@@ -167,6 +185,10 @@ class CostModel:
         lengths = seq_lens.detach().cpu().tolist()
         tokens = None if layer_tokens is None else layer_tokens.detach().cpu().tolist()
         for index, (budget, length) in enumerate(zip(values, lengths, strict=True)):
+            if self.budget_rule == "release":
+                if not (budget >= 0.0 and budget <= 1.0):  # also catches NaN
+                    raise ValueError(f"budget {float(budget):g} (example {index}) is outside [0, 1] (budget_rule 'release')")
+                continue
             minimum = self.min_budget(length, None if tokens is None else tokens[index])
             floor = torch.tensor(minimum, dtype=values.dtype)
             if not (budget >= floor and budget <= 1.0):  # also catches NaN
@@ -188,6 +210,9 @@ class CostModel:
         expensive units are assumed, so the bound holds whichever units the scheduler picks."""
         self.check_budgets(budgets, seq_lens, layer_tokens)
         values = budgets.detach().double().cpu().tolist()
+        if self.budget_rule == "release":
+            counts = [self._release_units(budget, units_per_layer) for budget in values]
+            return torch.tensor(counts, dtype=torch.long, device=budgets.device)
         lengths = seq_lens.detach().cpu().tolist()
         tokens = None if layer_tokens is None else layer_tokens.detach().cpu().tolist()
         counts = []
@@ -203,12 +228,23 @@ class CostModel:
     ) -> float:
         """A budget that allows exactly ``units`` units: the middle of that level (1.0 for all units), so
         float rounding never moves it to a neighbouring level. Training draws levels, then this budget."""
+        if self.budget_rule == "release":
+            most = self.num_scheduled_layers * units_per_layer
+            if not 0 <= units <= most:
+                raise ValueError(f"units={units} must be in [0, {most}]")
+            prefix, total = self.num_prefix_layers * units_per_layer, self.shape.num_layers * units_per_layer
+            return 1.0 if units == most else (prefix + units + 0.5) / total
         spent = self._cumulative_flops(seq_len, units_per_layer, layer_tokens)
         if not 0 <= units < len(spent):
             raise ValueError(f"units={units} must be in [0, {len(spent) - 1}]")
         if units == len(spent) - 1:
             return 1.0
         return (spent[units] + spent[units + 1]) / 2 / self.full_flops(seq_len, layer_tokens)
+
+    def _release_units(self, budget: float, units_per_layer: int) -> int:
+        """The release's ``max(0, floor(U * b) - U_prefix)``, on the budget rounded to 6 decimals."""
+        prefix, total = self.num_prefix_layers * units_per_layer, self.shape.num_layers * units_per_layer
+        return max(0, math.floor(round(budget, 6) * total + 1e-9) - prefix)
 
     def _cumulative_flops(self, seq_len: int, units_per_layer: int, layer_tokens: Sequence[int] | None) -> list[int]:
         """[fixed, fixed + the most expensive unit, ...]: the worst-case cost of each unit count."""

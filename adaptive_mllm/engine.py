@@ -41,6 +41,7 @@ from adaptive_mllm.token_selection.base import (
     TokenSelector,
     compact,
     gather_positions,
+    last_query_attention,
     remap_positions,
 )
 
@@ -410,9 +411,9 @@ def _drop_layer(token_selector: TokenSelector | None, layout: TokenLayout | None
 
 def _received_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] what a token selector ranks positions by: the attention each position received in the
-    ranking layer (``probs`` [B, heads, T, T], its probabilities), mean over heads and real query positions."""
-    received = probs.mean(1) * key_mask[:, :, None]  # [B, T_q, T_k], real queries only
-    return received.sum(1) / key_mask.sum(1, keepdim=True).clamp(min=1)
+    ranking layer (``probs`` [B, heads, T, T], its probabilities) from each row's last real query, mean
+    over heads, as FastV's official code ranks (averaging over all queries would favour early tokens)."""
+    return last_query_attention(probs.mean(1), key_mask)
 
 
 def _runs_fully(plan: ExecutionPlan, scheduled: int) -> bool:

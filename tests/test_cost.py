@@ -317,3 +317,54 @@ def test_uneven_units_fit_whichever_groups_are_picked() -> None:
         if units < 8:
             assert worst + (wide if units < 4 else narrow) > budget * full
     assert k[-1] == 8
+
+
+# --- the release's budget rule ----------------------------------------------------------------------------
+VICUNA_7B = DecoderShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008, vocab_size=32000)
+
+
+def test_release_rule_reproduces_the_papers_fastv_rows() -> None:
+    """LLaVA-1.5-7B, prefix 16, FastV (K = 2, R = 0.5) on a 640-token prompt with 576 image tokens, budget 0.6:
+    the release keeps floor(32 x 0.6) - 16 = 3 layers (it ignores the dropped tokens and the LM head); the
+    FLOPs rule keeps 2. Head level (rank 8, 4 units per layer): floor(128 x 0.6) - 64 = 12 units, and at
+    0.85 floor(108.8) - 64 = 44."""
+    tokens = torch.tensor([[640] * 2 + [640 - 288] * 30])
+    lengths, budget = torch.tensor([640]), torch.tensor([0.6])
+    release = CostModel(VICUNA_7B, 16, budget_rule="release")
+    flops = CostModel(VICUNA_7B, 16)
+    assert release.units_for_budget(budget, lengths, 1, tokens).tolist() == [3]
+    assert flops.units_for_budget(budget, lengths, 1, tokens).tolist() == [2]
+    assert release.units_for_budget(torch.tensor([0.6, 0.85]), torch.tensor([640, 640]), 4).tolist() == [12, 44]
+
+
+def test_release_rule_below_the_prefix_is_zero_units() -> None:
+    release = CostModel(VICUNA_7B, 16, budget_rule="release")
+    budgets, lengths = torch.tensor([0.0, 0.3, 0.53, 0.55, 1.0]), torch.full((5,), 100)
+    assert release.units_for_budget(budgets, lengths).tolist() == [0, 0, 0, 1, 16]  # floor(16.96) - 16 = 0, floor(17.6) - 16 = 1
+    assert release.min_budget(100) == 0.0
+    with pytest.raises(ValueError, match="admissible range"):
+        CostModel(VICUNA_7B, 16).units_for_budget(torch.tensor([0.3]), torch.tensor([100]))
+    for bad in (1.01, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+            release.units_for_budget(torch.tensor([bad]), torch.tensor([100]))
+    with pytest.raises(ValueError, match="budget_rule"):
+        CostModel(VICUNA_7B, 16, budget_rule="paper")
+
+
+def test_release_rule_reads_decimal_budgets() -> None:
+    """floor(10 x 0.7) is 7 although float32 0.7 x 10 is 6.99999988; floor(100 x 0.29) is 29 although
+    0.29 x 100 is 28.999999999999996 in float64."""
+    ten = CostModel(DecoderShape(10, 64, 4, 4, 16, 128, 100), 2, budget_rule="release")
+    assert ten.units_for_budget(torch.tensor([0.7], dtype=torch.float32), torch.tensor([5])).tolist() == [5]
+    hundred = CostModel(DecoderShape(100, 64, 4, 4, 16, 128, 100), 0, budget_rule="release")
+    assert hundred.units_for_budget(torch.tensor([0.29], dtype=torch.float64), torch.tensor([5])).tolist() == [29]
+
+
+@pytest.mark.parametrize("units_per_layer", [1, 4])
+def test_release_rule_budget_for_units_round_trips(units_per_layer: int) -> None:
+    release = CostModel(VICUNA_7B, 16, budget_rule="release")
+    most = 16 * units_per_layer
+    budgets = [release.budget_for_units(u, 50, units_per_layer) for u in range(most + 1)]
+    assert budgets[-1] == 1.0
+    k = release.units_for_budget(torch.tensor(budgets, dtype=torch.float64), torch.full((most + 1,), 50), units_per_layer)
+    assert k.tolist() == list(range(most + 1))

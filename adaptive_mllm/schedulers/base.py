@@ -16,9 +16,26 @@ import torch
 from torch import nn
 
 from adaptive_mllm.backbones.base import DecoderShape
-from adaptive_mllm.cost import CostModel
+from adaptive_mllm.cost import BudgetRule, CostModel
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+
+
+#: transformers' ``initializer_range`` of the LLMs the release builds on (Llama / Vicuna; Phi-2 too)
+INIT_STD = 0.02
+
+
+def init_like_transformers(module: nn.Module) -> None:
+    """The release's initialisation of the scheduler and the latency encoder: they are sub-modules of its
+    transformers model, so ``_init_weights`` gives every Linear ``N(0, initializer_range)`` weights and zero
+    biases; LayerNorms keep ones / zeros. (PyTorch's own default is Kaiming-uniform with non-zero biases.)"""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class Scheduler(nn.Module):
@@ -27,13 +44,18 @@ class Scheduler(nn.Module):
     Args:
         num_prefix_layers: the first LLM layers, which always run; the scheduler reads the latency
             token at the input of this layer.
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int) -> None:
+    def __init__(self, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
         super().__init__()
         if num_prefix_layers < 0:
             raise ValueError(f"num_prefix_layers={num_prefix_layers} must be >= 0")
+        if budget_rule not in ("flops", "release"):
+            raise ValueError(f"budget_rule={budget_rule!r} must be 'flops' or 'release'")
         self.num_prefix_layers = num_prefix_layers
+        self.budget_rule = budget_rule
         self._shape: DecoderShape | None = None
         self._cost: CostModel | None = None
         self.latency_encoder: LatencyEncoder | None = None  # created by _build where the scheduler reads a token
@@ -46,9 +68,10 @@ class Scheduler(nn.Module):
             if self._shape != shape:
                 raise ValueError(f"{type(self).__name__} is already configured for {self._shape}, not {shape}")
             return
-        cost = CostModel(shape, self.num_prefix_layers)  # validates num_prefix_layers against the LLM
+        cost = CostModel(shape, self.num_prefix_layers, self.budget_rule)  # validates num_prefix_layers against the LLM
         self._check_shape(shape)
         self._build(shape)
+        self.apply(init_like_transformers)
         self._shape, self._cost = shape, cost
 
     def _check_shape(self, shape: DecoderShape) -> None:

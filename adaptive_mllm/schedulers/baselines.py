@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
@@ -27,10 +28,12 @@ class BaselineScheduler(Scheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False) -> None:
-        super().__init__(num_prefix_layers)
+    def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False, budget_rule: BudgetRule = "flops") -> None:
+        super().__init__(num_prefix_layers, budget_rule)
         self.insert_latency_token = insert_latency_token
 
     def _build(self, shape: DecoderShape) -> None:
@@ -77,10 +80,14 @@ class RandomScheduler(BaselineScheduler):
         num_prefix_layers: the first LLM layers, which always run.
         seed: seed of the generator.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int, seed: int = 0, insert_latency_token: bool = False) -> None:
-        super().__init__(num_prefix_layers, insert_latency_token)
+    def __init__(
+        self, num_prefix_layers: int, seed: int = 0, insert_latency_token: bool = False, budget_rule: BudgetRule = "flops"
+    ) -> None:
+        super().__init__(num_prefix_layers, insert_latency_token, budget_rule)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -104,6 +111,8 @@ class StaticScheduler(BaselineScheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
     def forward(

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
@@ -45,10 +46,12 @@ class HeadScheduler(Scheduler):
         rank: query heads (and MLP groups) per unit; a multiple of ``num_heads / num_kv_heads`` that
             divides ``num_heads`` (8 in the reference release).
         tau: softmax temperature of the straight-through picks (5 in the reference release).
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int, rank: int = 8, tau: float = 5.0) -> None:
-        super().__init__(num_prefix_layers)
+    def __init__(self, num_prefix_layers: int, rank: int = 8, tau: float = 5.0, budget_rule: BudgetRule = "flops") -> None:
+        super().__init__(num_prefix_layers, budget_rule)
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
         if tau <= 0:

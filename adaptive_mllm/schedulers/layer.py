@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
@@ -18,10 +19,12 @@ class LayerScheduler(Scheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         tau: softmax temperature of the straight-through picks (5 in the reference release).
+        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
+            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
-    def __init__(self, num_prefix_layers: int, tau: float = 5.0) -> None:
-        super().__init__(num_prefix_layers)
+    def __init__(self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "flops") -> None:
+        super().__init__(num_prefix_layers, budget_rule)
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
         self.tau = tau

@@ -5,8 +5,8 @@ A selector has two optional hooks:
 - ``before_llm`` works on the vision tower's :class:`VisualFeatures` (PruMerge): it returns, per
   image, the features to project, possibly a different number per image, padded, with ``token_mask``;
 - ``after_layer`` runs inside the LLM after its first ``layer_index`` layers (FastV): the engine hands
-  it the attention each position received in layer ``layer_index - 1`` and it answers which positions
-  stay.
+  it the attention each position received in layer ``layer_index - 1`` from each row's last real query
+  position (:func:`last_query_attention`, FastV's rule) and it answers which positions stay.
 
 A selector knows nothing of schedulers, and the other way round; the module calls ``before_llm``
 (through :func:`adaptive_mllm.inputs.embed_selected`), the engine calls ``after_layer``.
@@ -70,7 +70,7 @@ class TokenSelector(nn.Module):
 
     def after_layer(
         self,
-        received: torch.Tensor,  # [B, T] attention received, mean over heads and real query positions
+        received: torch.Tensor,  # [B, T] attention received from the last real query position, mean over heads
         image_mask: torch.Tensor,  # [B, T] bool
         attention_mask: torch.Tensor,  # [B, T] bool, real tokens
     ) -> torch.Tensor:
@@ -133,6 +133,15 @@ def insert_column(values: torch.Tensor, positions: torch.Tensor, fill: bool | in
     at = positions[:, None]
     source = torch.where(new_index < at, new_index, new_index - 1).clamp(min=0)
     return torch.where(new_index == at, torch.full_like(values[:, :1], fill), values.gather(1, source))
+
+
+def last_query_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T_q, T_k] attention probabilities (mean over heads), [B, T] real-token mask -> [B, T_k]: the row of
+    each example's last real query position, as FastV ranks tokens (``[0][-1]`` in its modeling_llama.py).
+    Left-padded prompts end at the last column; right-padded rows at their last real token."""
+    length = key_mask.shape[1]
+    last = length - 1 - key_mask.flip(1).to(torch.int8).argmax(1)  # [B]
+    return probs[torch.arange(probs.shape[0], device=probs.device), last.to(probs.device)]
 
 
 def kept_count(total: torch.Tensor, drop_ratio: float) -> torch.Tensor:

@@ -2,10 +2,10 @@
 least attention.
 
 The engine computes, in layer ``K - 1`` only (0-based; every other layer keeps SDPA), the attention
-probabilities, and hands on what each position received: the mean over heads and over the real query
-positions (zeros included for queries that cannot see it, which does not change a row's ranking).
-Per example, the ``ceil((1 - R) N)`` image tokens with the most received attention stay; text tokens
-(the latency token too) always stay. Layers ``K ..`` run on the shorter sequence; kept tokens keep
+probabilities, and hands on what each position received from the example's LAST real query position,
+averaged over heads, as the official code ranks them (``torch.mean(attention, dim=1)[0][-1]``; a mean
+over all queries would favour early tokens under the causal mask). Per example, the ``ceil((1 - R) N)``
+image tokens with the most received attention stay; text tokens (the latency token too) always stay. Layers ``K ..`` run on the shorter sequence; kept tokens keep
 their rotary positions. AdaLLaVA's table uses K = 2, R = 0.5.
 """
 
@@ -17,7 +17,7 @@ from adaptive_mllm.token_selection.base import TokenSelector, kept_count
 
 
 class FastV(TokenSelector):
-    """Drops the ``drop_ratio`` image tokens with the lowest mean received attention after layer ``layer_index``.
+    """Drops the ``drop_ratio`` image tokens the last query attends to least, after layer ``layer_index``.
 
     Args:
         layer_index: K, the number of LLM layers that see every token (>= 1); with a scheduler it must not

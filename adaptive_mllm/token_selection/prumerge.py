@@ -1,26 +1,30 @@
 """PruMerge and PruMerge+ (arXiv 2403.15388): prune the vision tower's patches to the few the CLS token
 attends to most, and merge what was pruned into them, before the projector.
 
-Per image (never across the batch, unlike the release, which takes the quartiles of the whole batch):
-
 1. ``a`` [N]: the CLS token's attention to each patch (``VisualFeatures.cls_attention``, computed by the
    backbone as the release does: last encoder layer's q / k on the penultimate hidden states);
 2. kept = the inter-quartile outliers ``a > Q3 + 1.5 (Q3 - Q1)`` (quartiles with linear interpolation,
-   as ``numpy.percentile``); the release keeps ``int(N * r)`` top-attention patches with ``r`` the
-   outlier fraction, i.e. the outliers themselves; here their count is exact, not through a float ratio;
+   as ``numpy.percentile``). ``outliers="image"`` (default) takes the quartiles per image, so an image
+   never depends on its batch; the release's count is ``int(N * r)`` with ``r`` the outlier fraction,
+   i.e. the outliers themselves, counted here exactly, not through a float ratio. ``outliers="batch"`` is
+   the release's rule as written: quartiles over the whole batch, and every image keeps its
+   ``int(N * r)`` (= outliers in the batch // batch size) patches of highest attention;
 3. PruMerge+ only: add the spatially uniform patches ``0, s, 2s, ... < N - 1`` not already kept, with
-   ``s = max(1, (N // n_outliers) // 3)`` (the release's ``int(int(1 / r) / 3)``; no outlier counts as one);
+   ``s = max(1, int(1 / r) // 3)`` (the release's ``int(int(1 / r) / 3)``, in exact integers; no outlier
+   counts as one);
 4. each kept patch ``i`` becomes ``x_i + sum_{j in nn_k(i)} a_j x_j``: its ``k`` most similar other
    patches (cosine similarity of keys, among all other patches, kept or pruned), weighted by their CLS
    attention and summed (not averaged);
 5. one extra token is appended: ``sum_{j pruned} a_j x_j``.
 
-Kept patches come out in raster order (the release orders them by attention; the merge itself does
-not depend on the order, and raster order is what the LLM saw in training), the extra token last.
-Images keep different numbers of tokens: the output is padded, with ``token_mask``.
+Output order, as the authors' code emits it (and checkpoints fine-tuned with PruMerge saw): the outliers
+in descending CLS attention, then PruMerge+'s samples in index order, then the extra token. Images keep
+different numbers of tokens: the output is padded, with ``token_mask``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +41,17 @@ def iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
     return values > (q3 + 1.5 * (q3 - q1))[:, None]
 
 
-def uniform_samples(outliers: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool outliers -> [B, N] bool: PruMerge+'s evenly spaced patches, per row."""
-    batch, length = outliers.shape
-    counts = outliers.sum(-1).clamp(min=1)  # [B]; no outlier counts as one
-    step = ((length // counts) // 3).clamp(min=1)  # [B]
-    index = torch.arange(length, device=outliers.device)[None, :]  # [1, N]
-    return (index % step[:, None] == 0) & (index < length - 1)
+def top_per_row(attention: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, N] -> [B, N] bool: the ``count`` highest values of each row (ties: the lower index)."""
+    order = attention.argsort(dim=-1, descending=True, stable=True)  # [B, N]
+    rank = order.argsort(dim=-1)
+    return rank < count
+
+
+def uniform_step(outliers: torch.Tensor, denominator: int) -> torch.Tensor:
+    """[B] outlier counts -> [B] PruMerge+'s sampling step for the outlier fraction ``r = outliers /
+    denominator`` (``N`` per image, ``B N`` per batch): ``int(1 / r) // 3`` in integers, at least 1."""
+    return ((denominator // outliers.clamp(min=1)) // 3).clamp(min=1)
 
 
 class PruMerge(TokenSelector):
@@ -52,19 +60,41 @@ class PruMerge(TokenSelector):
     Args:
         num_neighbours: ``k``, the most similar patches merged into each kept patch (32 in the release;
             clipped to ``N - 1``).
+        outliers: ``"image"``: the inter-quartile rule per image (an image never depends on its batch);
+            ``"batch"``: the release's rule, quartiles over the whole batch and the same count per image.
     """
 
     needs_visual_attention = True
 
-    def __init__(self, num_neighbours: int = 32) -> None:
+    def __init__(self, num_neighbours: int = 32, outliers: Literal["image", "batch"] = "image") -> None:
         super().__init__()
         if num_neighbours < 0:
             raise ValueError(f"num_neighbours={num_neighbours} must be >= 0")
+        if outliers not in ("image", "batch"):
+            raise ValueError(f"outliers={outliers!r} must be 'image' or 'batch'")
         self.num_neighbours = num_neighbours
+        self.outliers = outliers
+
+    def selected(self, cls_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N] -> the outliers [B, N] bool and PruMerge+'s added samples [B, N] bool (disjoint)."""
+        batch, length = cls_attention.shape
+        if self.outliers == "image":
+            top = iqr_outliers(cls_attention)
+            found, denominator = top.sum(-1), length  # [B], the fraction's parts
+        else:
+            total = int(iqr_outliers(cls_attention.reshape(1, -1)).sum())
+            top = top_per_row(cls_attention.float(), total // batch)  # int(N * total / (B N))
+            found, denominator = torch.full((batch,), total, device=cls_attention.device), batch * length
+        return top, self.samples(found, denominator, length) & ~top
+
+    def samples(self, outliers: torch.Tensor, denominator: int, length: int) -> torch.Tensor:
+        """[B] outlier counts -> [B, N] bool patches added to the outliers (none for PruMerge)."""
+        return torch.zeros(outliers.shape[0], length, dtype=torch.bool, device=outliers.device)
 
     def keep_mask(self, cls_attention: torch.Tensor) -> torch.Tensor:
         """[B, N] -> [B, N] bool: the patches kept (before merging)."""
-        return iqr_outliers(cls_attention)
+        top, samples = self.selected(cls_attention)
+        return top | samples
 
     def before_llm(self, visual: VisualFeatures) -> VisualFeatures:
         if visual.cls_attention is None or visual.keys is None:
@@ -72,12 +102,18 @@ class PruMerge(TokenSelector):
         features = visual.features  # [B, N, C]
         batch, length, channels = features.shape
         attention = visual.cls_attention.to(features.dtype)  # [B, N]
-        kept = self.keep_mask(visual.cls_attention)  # [B, N]
+        top, samples = self.selected(visual.cls_attention)  # [B, N], [B, N]
+        kept = top | samples
 
         counts = kept.sum(-1)  # [B]
         width = int(counts.max()) + 1  # kept patches + the extra token
-        # the kept patches in raster order, padded with pruned ones (overwritten below): [B, n_max - 1]
-        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, : width - 1]
+        # the kept patches in the release's order (outliers by descending attention, then the samples by
+        # index), padded with pruned ones (overwritten below): [B, n_max - 1]
+        index = torch.arange(length, device=features.device).expand(batch, -1)
+        within = torch.where(top, -visual.cls_attention.double(), index.double())  # order inside each part
+        order = within.argsort(dim=1, stable=True)
+        part = torch.where(top, 0, torch.where(samples, 1, 2)).gather(1, order)  # outliers, samples, pruned
+        order = order.gather(1, part.argsort(dim=1, stable=True))[:, : width - 1]
 
         # each kept patch's k nearest other patches by key cosine similarity, among all N
         k = min(self.num_neighbours, length - 1)
@@ -108,8 +144,10 @@ class PruMergePlus(PruMerge):
 
     Args:
         num_neighbours: ``k``, the most similar patches merged into each kept patch (32 in the release).
+        outliers: ``"image"`` (per image, default) or ``"batch"`` (the release's quartiles over the batch).
     """
 
-    def keep_mask(self, cls_attention: torch.Tensor) -> torch.Tensor:
-        outliers = iqr_outliers(cls_attention)
-        return outliers | uniform_samples(outliers)
+    def samples(self, outliers: torch.Tensor, denominator: int, length: int) -> torch.Tensor:
+        step = uniform_step(outliers, denominator)  # [B]
+        index = torch.arange(length, device=outliers.device)[None, :]  # [1, N]
+        return (index % step[:, None] == 0) & (index < length - 1)

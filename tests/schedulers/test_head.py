@@ -129,7 +129,7 @@ def test_eval_plans_follow_the_release_rule(shape: DecoderShape, rank: int) -> N
             assert plan.units.tolist() == [units] * 40
             for row in range(40):
                 attention, mlp = release_plan(logits[row], units, kv, scheduler.kv_groups_per_unit, scheduler.mlp_groups_per_unit)
-                assert plan.attention_mask[row].tolist() == attention, (units, row, grad)
+                assert plan.head_mask[row].tolist() == attention, (units, row, grad)
                 assert plan.mlp_mask[row].tolist() == mlp, (units, row, grad)
 
 

@@ -56,3 +56,24 @@ def test_schedulers_encode_units_over_units_plus_one() -> None:
         expected = scheduler.latency_encoder(k.float() / (scheduler.num_units + 1))
         torch.testing.assert_close(token, expected)
         assert token.shape == (3, SHAPE.hidden_size)
+
+
+def test_initialisation_is_the_releases() -> None:
+    """The release's scheduler and latency encoder live inside its transformers model and get its
+    ``_init_weights``: Linear weights N(0, 0.02) (Llama's initializer_range), zero biases; LayerNorm 1 / 0.
+    PyTorch's default (Kaiming-uniform, std 1 / sqrt(3 fan_in), non-zero biases) is not that."""
+    from adaptive_mllm.schedulers import StaticScheduler
+
+    torch.manual_seed(0)
+    for scheduler in (LayerScheduler(4), HeadScheduler(4, rank=4), StaticScheduler(4, insert_latency_token=True)):
+        scheduler.configure(SHAPE)
+        linears = [m for m in scheduler.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == (2 if isinstance(scheduler, StaticScheduler) else 3)  # latency encoder (+ the head)
+        for linear in linears:
+            assert bool((linear.bias == 0).all())
+            weight = linear.weight.detach()
+            # std of n >= 320 normal draws: within 12% of 0.02 (4 standard errors at n = 320)
+            assert abs(float(weight.std()) - 0.02) < 0.0024, (type(scheduler).__name__, weight.shape)
+            assert abs(float(weight.mean())) < 0.005
+        norm = scheduler.latency_encoder.norm
+        assert bool((norm.weight == 1).all()) and bool((norm.bias == 0).all())

@@ -119,3 +119,27 @@ def test_budget_errors() -> None:
         scheduler(None, torch.tensor([1.0]), torch.tensor([9]))
     with pytest.raises(ValueError, match="tau"):
         LayerScheduler(2, tau=0.0)
+
+
+def test_release_budget_rule_is_a_scheduler_option() -> None:
+    """``budget_rule: release``: the release's floor(32 b) - 16 layers of a 32-layer LLM (LLaVA-1.5-7B's
+    depth), FastV's dropped tokens ignored: 3 at 0.6 (the FLOPs rule: fewer), 0 below the prefix (no error)."""
+    from adaptive_mllm.schedulers import HeadScheduler
+
+    shape = DecoderShape(num_layers=32, hidden_size=64, num_heads=32, num_kv_heads=32, head_dim=2, intermediate_size=11008 // 64, vocab_size=32000)
+    tokens = torch.tensor([[640] * 2 + [352] * 30] * 3)  # FastV K = 2, R = 0.5 on 576 image tokens
+    lengths, budgets = torch.full((3,), 640), torch.tensor([0.6, 0.3, 1.0])
+    release = LayerScheduler(num_prefix_layers=16, budget_rule="release")
+    release.configure(shape)
+    plan = release(torch.randn(3, 64), budgets, lengths, tokens)
+    assert plan.layer_mask.sum(-1).tolist() == [3, 0, 16]
+    flops = LayerScheduler(num_prefix_layers=16)
+    flops.configure(shape)
+    assert int(flops.units_for_budget(budgets[:1], lengths[:1], tokens[:1])[0]) < 3  # 2 at 7B sizes: tests/test_cost.py
+    with pytest.raises(ValueError, match="admissible range"):
+        flops.check_budgets(budgets[1:2], lengths[1:2], tokens[1:2])
+    head = HeadScheduler(num_prefix_layers=16, rank=8, budget_rule="release")  # 4 units per layer
+    head.configure(shape)
+    assert head.units_for_budget(torch.tensor([0.6, 0.85]), lengths[:2]).tolist() == [12, 44]  # floor(128 b) - 64
+    # the latency token encodes k / (units + 1), as the release's latency_quantizing
+    torch.testing.assert_close(release.latency_token(budgets, lengths, tokens), release.latency_encoder(torch.tensor([3, 0, 16]) / 17))

@@ -1,5 +1,6 @@
-"""FastV inside the engine: exactly ceil((1 - R) N) image tokens stay, the most attended ones (checked
-against transformers' own eager attention maps); text tokens and labels are untouched."""
+"""FastV inside the engine: exactly ceil((1 - R) N) image tokens stay, the ones the last query token attends
+to most at layer K - 1, averaged over heads, as the official code ranks them (checked against transformers'
+own eager attention maps); text tokens and labels are untouched."""
 
 from __future__ import annotations
 
@@ -53,11 +54,13 @@ def test_fastv_keeps_the_most_attended_image_tokens(tokenizer_dir, ratio):
     mask = torch.ones_like(ids)
     positions = position_ids_from_mask(mask)
     with torch.no_grad():
-        # independent: transformers' eager attention maps of layer K - 1, mean over heads and queries
+        # independent: transformers' eager attention maps of layer K - 1, mean over heads, last query row
+        # (FastV's modeling_llama.py: torch.mean(attention, dim=1)[0][-1])
         reference = backbone.model.model.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True
         )
-        received = reference.attentions[K - 1].mean(1).mean(1)  # [B, T]
+        received = reference.attentions[K - 1].mean(1)[:, -1]  # [B, T]
+        averaged = reference.attentions[K - 1].mean(1).mean(1)  # [B, T]: the mean over queries, another rule
         layout = TokenLayout(image_mask)
         hidden, _ = Engine(backbone)(embeds, mask, positions, gated=False, token_selector=FastV(K, ratio), layout=layout)
     n = backbone.num_image_tokens
@@ -70,12 +73,45 @@ def test_fastv_keeps_the_most_attended_image_tokens(tokenizer_dir, ratio):
         if images.numel():
             best = images[received[row, images].argsort(descending=True)[:keep_n]]
             assert sorted(kept.nonzero().flatten()[image_mask[row][kept]].tolist()) == sorted(best.tolist())
+            other = images[averaged[row, images].argsort(descending=True)[:keep_n]]
+            assert ratio == 0.75 or sorted(other.tolist()) != sorted(best.tolist())  # the rules differ here
     assert hidden.shape[1] == ids.shape[1] if keep_n == n else hidden.shape[1] == int(layout.keep.sum(-1).max())
     # the kept positions, in order, right-aligned; text ids follow their tokens
     for row in range(3):
         real = layout.source_index[row] >= 0
         assert layout.source_index[row][real].tolist() == layout.keep[row].nonzero().flatten().tolist()
         assert bool(real[-int(real.sum()) :].all())
+
+
+def test_padded_rows_rank_by_their_own_last_token(tokenizer_dir):
+    """Right-padded (training) and left-padded (generation) rows: each row ranks by its own last real query,
+    as if it ran alone without padding (transformers' eager maps of each row alone)."""
+    backbone = _backbone(tokenizer_dir, "eager")
+    n, image, pad = backbone.num_image_tokens, backbone.image_token_id, backbone.tokenizer.pad_token_id
+    rows = [[5, 6] + [image] * n + [7, 8, 9, 10, 11], [10] + [image] * n + [11]]
+    images = random_images(2, size=64)
+    for side in ("right", "left"):
+        width = max(len(r) for r in rows)
+        padded = [r + [pad] * (width - len(r)) if side == "right" else [pad] * (width - len(r)) + r for r in rows]
+        ids = torch.tensor(padded)
+        mask = (ids != pad).long()
+        with torch.no_grad():
+            embeds = embed_multimodal(backbone, ids, images)
+            layout = TokenLayout(ids == image)
+            Engine(backbone)(embeds, mask, position_ids_from_mask(mask), gated=False, token_selector=FastV(K, 0.5), layout=layout)
+        for row, tokens in enumerate(rows):
+            alone = torch.tensor([tokens])
+            with torch.no_grad():
+                alone_embeds = embed_multimodal(backbone, alone, images[row : row + 1])
+                maps = backbone.model.model.language_model(
+                    inputs_embeds=alone_embeds, attention_mask=torch.ones_like(alone), output_attentions=True
+                ).attentions[K - 1]
+            received = maps.mean(1)[0, -1]  # [T]
+            where = (alone[0] == image).nonzero().flatten()
+            best = where[received[where].argsort(descending=True)[: n // 2]]
+            offset = 0 if side == "right" else width - len(tokens)
+            kept = (layout.keep[row] & layout.image_mask[row]).nonzero().flatten() - offset
+            assert sorted(kept.tolist()) == sorted(best.tolist()), (side, row)
 
 
 def test_no_drop_is_the_plain_model(tokenizer_dir):

@@ -25,24 +25,44 @@ def _visual(batch: int, length: int, channels: int, seed: int) -> VisualFeatures
 
 
 def _reference_kept(attention: np.ndarray, plus: bool) -> list[int]:
+    """The kept patches in the authors' output order: the outliers by descending CLS attention (their
+    ``topk(..., sorted=True)``), then PruMerge+'s uniform samples not already kept, in index order."""
     q1, q3 = np.percentile(attention, 25), np.percentile(attention, 75)
-    kept = [i for i, value in enumerate(attention) if value > q3 + 1.5 * (q3 - q1)]
+    kept = sorted((i for i, value in enumerate(attention) if value > q3 + 1.5 * (q3 - q1)), key=lambda i: -attention[i])
     if plus:
         length = len(attention)
         step = max(1, (length // max(len(kept), 1)) // 3)
-        kept = sorted(set(kept) | set(range(0, length - 1, step)))
+        kept = kept + [i for i in range(0, length - 1, step) if i not in kept]
     return kept
 
 
-def _reference(visual: VisualFeatures, k: int, plus: bool) -> list[np.ndarray]:
+def _reference_kept_batch(attention: np.ndarray, plus: bool) -> list[list[int]]:
+    """The release's batch rule as written (clip_encoder.py ``outlier_dectection`` on the whole batch):
+    ``r`` = outliers of the flattened batch / its size; each image keeps its ``int(N r)`` top patches,
+    descending; PruMerge+ adds ``range(0, N - 1, int(int(1 / r) / 3))`` minus those, in index order."""
+    batch, length = attention.shape
+    flat = attention.flatten()
+    q1, q3 = np.percentile(flat, 25), np.percentile(flat, 75)
+    ratio = int((flat > q3 + 1.5 * (q3 - q1)).sum()) / flat.size
+    rows = []
+    for b in range(batch):
+        kept = [int(i) for i in np.argsort(-attention[b], kind="stable")[: int(length * ratio)]]
+        if plus:
+            kept = kept + [i for i in range(0, length - 1, int(int(1 / ratio) / 3)) if i not in kept]
+        rows.append(kept)
+    return rows
+
+
+def _reference(visual: VisualFeatures, k: int, plus: bool, batch_rule: bool = False) -> list[np.ndarray]:
     """Per example: the kept patches merged with their k most similar others, then the pruned sum."""
     out = []
+    per_batch = _reference_kept_batch(visual.cls_attention.numpy(), plus) if batch_rule else None
     for b in range(visual.features.shape[0]):
         x = visual.features[b].numpy()
         a = visual.cls_attention[b].numpy()
         keys = visual.keys[b].numpy()
         keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
-        kept = _reference_kept(a, plus)
+        kept = per_batch[b] if batch_rule else _reference_kept(a, plus)
         rows = []
         for i in kept:
             others = [j for j in range(len(a)) if j != i]
@@ -61,7 +81,7 @@ def test_kept_set_is_the_iqr_rule_per_example(selector_class):
     kept = selector_class().keep_mask(visual.cls_attention)
     for b in range(4):
         expected = _reference_kept(visual.cls_attention[b].numpy(), plus=selector_class is PruMergePlus)
-        assert kept[b].nonzero().flatten().tolist() == expected
+        assert kept[b].nonzero().flatten().tolist() == sorted(expected)
     counts = kept.sum(-1)
     assert len(set(counts.tolist())) > 1  # examples really keep different numbers
     if selector_class is PruMerge:
@@ -80,6 +100,39 @@ def test_merged_features_match_the_rule(selector_class, k):
         assert bool(out.token_mask[b, :count].all()) and not bool(out.token_mask[b, count:].any())
         np.testing.assert_allclose(out.features[b, :count].numpy(), rows, rtol=1e-10, atol=1e-12)
         assert bool((out.features[b, count:] == 0).all())
+
+
+@pytest.mark.parametrize("selector_class", [PruMerge, PruMergePlus])
+def test_output_order_is_the_authors(selector_class):
+    """The kept tokens come out by descending CLS attention (then PruMerge+'s samples by index), the
+    extra token last: read back through the merge of an identity-like feature set with no neighbours."""
+    visual = _visual(3, 48, 48, seed=4)
+    visual.features = torch.eye(48, dtype=torch.float64).expand(3, -1, -1).clone()  # feature j = one-hot j
+    out = selector_class(num_neighbours=0).before_llm(visual)
+    for b in range(3):
+        count = int(out.token_mask[b].sum()) - 1  # without the extra token
+        emitted = out.features[b, :count].argmax(-1).tolist()  # which patch each output token is
+        expected = _reference_kept(visual.cls_attention[b].numpy(), plus=selector_class is PruMergePlus)
+        assert emitted == expected
+        attention = visual.cls_attention[b]
+        outliers = [i for i in emitted if i in _reference_kept(attention.numpy(), plus=False)]
+        assert outliers == emitted[: len(outliers)] and attention[outliers].tolist() == sorted(attention[outliers].tolist(), reverse=True)
+        assert emitted != sorted(emitted)  # not raster order
+
+
+@pytest.mark.parametrize("selector_class", [PruMerge, PruMergePlus])
+def test_batch_outlier_rule_is_the_releases(selector_class):
+    visual = _visual(4, 60, 6, seed=5)
+    visual.cls_attention[1] = visual.cls_attention[1] ** 3 / (visual.cls_attention[1] ** 3).sum()  # a peakier image
+    selector = selector_class(num_neighbours=4, outliers="batch")
+    out = selector.before_llm(visual)
+    expected = _reference(visual, 4, plus=selector_class is PruMergePlus, batch_rule=True)
+    per_image = _reference(visual, 4, plus=selector_class is PruMergePlus)
+    assert [len(rows) for rows in expected] != [len(rows) for rows in per_image]  # the two rules differ here
+    for b, rows in enumerate(expected):
+        count = int(out.token_mask[b].sum())
+        assert count == len(rows)
+        np.testing.assert_allclose(out.features[b, :count].numpy(), rows, rtol=1e-10, atol=1e-12)
 
 
 def test_an_example_never_depends_on_its_batch():
