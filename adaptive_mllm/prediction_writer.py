@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from adaptive_mllm.data.benchmarks.submission import write_submission
+
 COLUMNS = ("id", "question", "answer", "budget", "units", "flops_fraction")
 
 
@@ -66,10 +68,22 @@ class PredictionWriter(BasePredictionWriter):
         if self.directory is None:
             return
         rank_zero_info(f"predict: {len(self._rows)} answers written to {self.directory}")
+        self._write_submissions(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 data = [[row[column] for column in COLUMNS] for row in self._rows]
                 logger.log_table(key="predict/answers", columns=list(COLUMNS), data=data)
+
+    def _write_submissions(self, trainer: Any) -> None:
+        """For a benchmark scored by its server (VQAv2 test-dev, MMBench test), the file it takes, per budget."""
+        if trainer.world_size > 1:  # each process holds its share of the answers only
+            rank_zero_info("predict: under several processes, write the server's file with data.benchmarks.write_submission")
+            return
+        for budget in sorted({row["budget"] for row in self._rows}, reverse=True):
+            answers = {row["id"]: row["answer"] for row in self._rows if row["budget"] == budget}
+            path = write_submission(getattr(trainer, "datamodule", None), self.directory / f"submission-budget-{budget:g}", answers)
+            if path is not None:
+                rank_zero_info(f"predict: the server's submission file for budget {budget:g} is {path}")
 
     def _file(self, budget: float, trainer: Any) -> IO[str]:
         if budget not in self._files:

@@ -35,10 +35,10 @@ def _predict(root, writer):
     return writer.directory
 
 
-def test_answers_land_per_budget_in_a_new_directory(tmp_path):
-    first = _predict(tmp_path, PredictionWriter())
-    second = _predict(tmp_path, PredictionWriter())
-    assert first != second and first.parent == second.parent == tmp_path / "predictions"
+def test_answers_land_per_budget_and_never_over_earlier_ones(tmp_path):
+    first = _predict(tmp_path, PredictionWriter())  # the run's own directory (the CLI gives each predict one)
+    second = _predict(tmp_path, PredictionWriter())  # ... which holds answers now: a new one below it
+    assert first == tmp_path and second.parent == tmp_path / "predictions"
     for budget in ("1", "0.6"):
         rows = [json.loads(line) for line in (first / f"budget-{budget}.jsonl").read_text().splitlines()]
         assert [row["id"] for row in rows] == [f"q{i}" for i in range(5)]

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import read_json, require
-from adaptive_mllm.data.benchmarks.mmbench import read_mmbench_rows
+from adaptive_mllm.data.benchmarks.mmbench import MMBenchDataModule, read_mmbench_rows
+from adaptive_mllm.data.benchmarks.vqav2 import VQAv2DataModule
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import evalai_answer
 
@@ -115,3 +116,13 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
         sheet.append(line)
     book.save(path)
     return path
+
+
+def write_submission(datamodule: object, stem: str | Path, answers: Mapping[str | int, str]) -> Path | None:
+    """The server's file for ``predict``'s answers on a benchmark whose labels only its server holds (VQAv2:
+    ``<stem>.json``; MMBench: ``<stem>.xlsx``); None for any other datamodule."""
+    if isinstance(datamodule, VQAv2DataModule):
+        return write_vqav2_submission(f"{stem}.json", answers, datamodule.questions_json)
+    if isinstance(datamodule, MMBenchDataModule):
+        return write_mmbench_submission(f"{stem}.xlsx", answers, datamodule.tsv)
+    return None

@@ -66,3 +66,31 @@ def test_tiny_model_runs_the_benchmark_at_every_budget(name, tokenizer_dir, tmp_
     assert all(row["overall"] != "" for row in rows)
     assert float(rows[1]["flops_fraction"]) <= 0.7 < float(rows[0]["flops_fraction"]) + 1e-9
     assert (tmp_path / "run" / "layer_usage.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["vqav2", "mmbench"])
+def test_predict_writes_the_servers_submission_file(name, tokenizer_dir, tmp_path):
+    """VQAv2 test-dev and MMBench test are scored by their servers: predict writes the file each takes."""
+    import json
+
+    from openpyxl import load_workbook
+
+    from adaptive_mllm.prediction_writer import PredictionWriter
+
+    files = BENCHMARKS[name][1](tmp_path / name)
+    datamodule = VQAv2DataModule(str(files["questions"]), None, batch_size=4) if name == "vqav2" else MMBenchDataModule(str(files["tsv"]), circular=False, batch_size=4)
+    model = AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=4), LayerScheduler(num_prefix_layers=2), budget=0.7, max_new_tokens=2)
+    writer = PredictionWriter()
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False, callbacks=[writer])
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    answers = {json.loads(line)["id"]: json.loads(line)["answer"] for line in (writer.directory / "budget-0.7.jsonl").read_text().splitlines()}
+    if name == "vqav2":
+        submitted = json.loads((writer.directory / "submission-budget-0.7.json").read_text())
+        questions = json.loads(files["questions"].read_text())["questions"]
+        assert [row["question_id"] for row in submitted] == [q["question_id"] for q in questions]
+        assert {str(row["question_id"]) for row in submitted} == set(answers)
+    else:
+        sheet = load_workbook(writer.directory / "submission-budget-0.7.xlsx").active
+        header, *rows = [list(row) for row in sheet.iter_rows(values_only=True)]
+        predictions = {str(row[header.index("index")]): row[header.index("prediction")] or "" for row in rows}
+        assert predictions == answers
