@@ -21,7 +21,7 @@ from adaptive_mllm.data.shapes import draw_scene, sample_scene
 # the keys of every batch (LlavaCollator's) beside each benchmark's extra fields
 BATCH_KEYS = {
     "input_ids", "labels", "attention_mask", "prompt_ids", "prompt_attention_mask", "prompt_lengths",
-    "pixel_values", "has_image", "answers", "question_kinds", "ids", "num_skipped",
+    "pixel_values", "has_image", "answers", "questions", "question_kinds", "ids", "num_skipped",
 }  # fmt: skip
 
 
