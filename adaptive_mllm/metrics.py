@@ -145,30 +145,6 @@ class _CountMetric(Metric):
         self._computed = None
 
 
-class ExactMatch(_CountMetric):
-    """Accuracy of normalised exact match; 0 before any example (torchmetrics' convention)."""
-
-    correct: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        # integer counts: exact at any size, and untouched by precision casts of the LightningModule
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, predictions: Sequence[str], references: Sequence[str] | Mapping[str, Any]) -> None:
-        """``references`` is the reference answers, or a collated batch (its ``"answers"`` are used)."""
-        if isinstance(references, Mapping):
-            references = _field(references, "answers", self)
-        _check_batch(predictions=predictions, references=references)
-        self.correct += sum(_hits(predictions, references))
-        self.total += len(references)
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
-
-
 class GroupedExactMatch(_CountMetric):
     """Normalised exact match overall and per group (e.g. question kind).
 

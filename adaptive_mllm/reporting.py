@@ -1,28 +1,17 @@
 """Tables for people: Markdown for files and W&B, rich for the terminal.
 
-The tables are generic (a header and rows of cells); the caller decides how numbers read, with
-``percent`` for accuracies. ``accuracy_rows`` builds the usual layout: one row per group (question
-kind), one column per score (model at each budget, majority baseline), and optionally a count column.
+The tables are generic (a header and rows of cells); the caller decides how numbers read.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 Cell = str | float | int
-MISSING = "n/a"  # a score a column does not have for a group
-
-
-def percent(value: float | None, decimals: int = 1) -> str:
-    """An accuracy in [0, 1] as a percentage, e.g. ``0.8125 -> "81.2%"``; missing or NaN -> ``n/a``."""
-    if value is None or math.isnan(value):
-        return MISSING
-    return f"{100 * value:.{decimals}f}%"
 
 
 def _cell(value: Cell) -> str:
@@ -72,33 +61,3 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Cell]
         table.add_row(*[Text(_cell(c)) for c in row])
     (console or Console()).print(table)
 
-
-def accuracy_rows(
-    columns: Mapping[str, Mapping[str, float]],
-    counts: Mapping[str, int] | None = None,
-    first: str = "question kind",
-    overall: str = "overall",
-) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of an accuracy table: a row per group (``overall`` first, the rest sorted), a
-    column per entry of ``columns`` (its name -> {group: accuracy}), then the example count if given.
-    A group a column lacks reads ``n/a``."""
-    groups = sorted({group for scores in columns.values() for group in scores} | set(counts or {}))
-    if overall in groups:
-        groups = [overall] + [group for group in groups if group != overall]
-    header = [first, *columns] + (["examples"] if counts is not None else [])
-    rows = []
-    for group in groups:
-        row = [group] + [percent(scores.get(group)) for scores in columns.values()]
-        if counts is not None:
-            row.append(str(counts.get(group, 0)))
-        rows.append(row)
-    return header, rows
-
-
-def accuracy_table(
-    columns: Mapping[str, Mapping[str, float]],
-    counts: Mapping[str, int] | None = None,
-    first: str = "question kind",
-) -> str:
-    """``accuracy_rows`` as Markdown, e.g. ``{"budget 0.5": {...}, "majority baseline": {...}}``."""
-    return format_table(*accuracy_rows(columns, counts, first))

@@ -52,7 +52,7 @@ def group_usage(plan: ExecutionPlan | None, layers: torch.Tensor, num_groups: in
 
 
 class BudgetSweep:
-    """Accumulates :class:`BudgetStats` per budget for one stage; ``rows()`` turns them into report rows."""
+    """Accumulates :class:`BudgetStats` per budget for one stage; :func:`summary_row` reads one budget's."""
 
     def __init__(self) -> None:
         self.stats: dict[float, BudgetStats] = {}
@@ -83,9 +83,6 @@ class BudgetSweep:
             stats.layer_usage[kind] = stats.layer_usage.get(kind, torch.zeros(num_layers)) + layers[row]
             stats.group_usage[kind] = stats.group_usage.get(kind, torch.zeros(num_layers, num_groups)) + groups[row]
             stats.kind_examples[kind] = stats.kind_examples.get(kind, 0.0) + 1
-
-    def reset(self) -> None:
-        self.stats = {}
 
     # --- reading ---------------------------------------------------------------------------------------
     def synced(self, kinds: list[str], num_layers: int, num_groups: int) -> dict[float, BudgetStats]:

@@ -129,3 +129,12 @@ def test_no_function_in_engine_py_is_longer_than_sixty_lines():
     tree = ast.parse(MODULES["adaptive_mllm.engine"].read_text())
     lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert lengths and max(lengths.values()) <= 60, {name: n for name, n in lengths.items() if n > 60}
+
+
+def test_architecture_md_lists_every_module_and_package():
+    tree = re.search(r"```\n(adaptive_mllm/\n.*?)```", ARCHITECTURE.read_text(), re.S)
+    assert tree, f"{ARCHITECTURE}: no module tree"
+    listed = set(re.findall(r"[\w/]+\.py|[\w/]+/", tree.group(1)))
+    wanted = {path.name for path in PACKAGE.glob("*.py") if path.name != "__init__.py"}
+    wanted |= {f"{path.parent.relative_to(PACKAGE).as_posix()}/" for path in PACKAGE.rglob("__init__.py") if path.parent != PACKAGE}
+    assert not wanted - listed, f"missing from {ARCHITECTURE}'s tree: {sorted(wanted - listed)}"

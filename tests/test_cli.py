@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from adaptive_mllm.cli import build_cli, main
@@ -64,8 +65,13 @@ def test_budget_outside_unit_range_fails_at_parse_time():
 
 @pytest.mark.parametrize("recipe", ["tiny.yaml", "tiny-h.yaml", "tiny-prumerge.yaml", "tiny-fastv.yaml"])
 def test_fast_dev_run_fit(recipe, in_tmp):
-    main(["fit", "--config", str(RECIPE_DIR / recipe), "--trainer.fast_dev_run=2", *_small_data()])
+    cli = build_cli(["fit", "--config", str(RECIPE_DIR / recipe), "--trainer.fast_dev_run=2", *_small_data()])
     assert (in_tmp / "data" / "shapes-vqa" / "train.json").is_file()
+    trainer = cli.trainer
+    assert trainer.global_step == 2  # two optimiser steps ran
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+    assert 0.0 <= float(metrics["val/score/overall/budget_1"]) <= 1.0  # the recipe's SweepReport scored validation
 
 
 def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypatch):
@@ -81,8 +87,6 @@ def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypa
 
     # resuming continues from the checkpoint's step instead of starting over
     main([*fit, "--trainer.max_steps=5", "--trainer.val_check_interval=5", f"--ckpt_path={runs / 'checkpoints' / 'last.ckpt'}"])
-    import torch
-
     state = torch.load(runs / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 5
 

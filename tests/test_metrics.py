@@ -5,7 +5,6 @@ majority baseline, and for every benchmark a corpus of tricky predictions scored
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ import torch.multiprocessing as mp
 from adaptive_mllm.metrics import (
     DEFAULT_GROUP,
     OVERALL,
-    ExactMatch,
     GQAAccuracy,
     GroupedExactMatch,
     MMEScore,
@@ -85,56 +83,6 @@ def test_normalisation_makes_equivalent_answers_equal():
     assert normalize_answer("2") != normalize_answer("3")
 
 
-# --- ExactMatch -----------------------------------------------------------------------------------
-def test_exact_match_hand_computed():
-    metric = ExactMatch()
-    metric.update(["Yes.", "two", "the cat", "red"], ["yes", "2", "cat", "blue"])
-    assert metric.compute().item() == pytest.approx(3 / 4)
-    metric.update(["no"], ["No"])
-    assert metric.compute().item() == pytest.approx(4 / 5)
-    assert metric.correct.item() == 4 and metric.total.item() == 5
-
-
-def test_exact_match_reset():
-    metric = ExactMatch()
-    metric.update(["yes", "yes"], ["yes", "yes"])
-    assert metric.compute().item() == 1.0
-    metric.reset()
-    assert metric.correct.item() == 0 and metric.total.item() == 0
-    metric.update(["yes", "no"], ["no", "no"])
-    assert metric.compute().item() == pytest.approx(1 / 2)  # the two earlier hits are gone
-
-
-def test_exact_match_empty_is_zero():
-    metric = ExactMatch()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchmetrics warns of compute before update
-        assert metric.compute().item() == 0.0
-
-
-def test_exact_match_rejects_bad_batches():
-    metric = ExactMatch()
-    with pytest.raises(TypeError, match="one string"):
-        metric.update("yes", "yes")
-    with pytest.raises(ValueError, match="lengths differ"):
-        metric.update(["yes", "no"], ["yes"])
-    assert metric.total.item() == 0
-
-
-def test_exact_match_merge_of_two_ranks_equals_one_pass():
-    predictions = ["Yes.", "two", "the cat", "red", "3", "blue"]
-    references = ["yes", "2", "cat", "blue", "three", "green"]
-    single = ExactMatch()
-    single.update(predictions, references)
-    rank0, rank1 = ExactMatch(), ExactMatch()
-    rank0.update(predictions[:2], references[:2])
-    rank1.update(predictions[2:], references[2:])
-    assert rank0.compute().item() == 1.0 and rank1.compute().item() == pytest.approx(2 / 4)  # differ from the whole
-    rank0.merge_state(rank1)
-    assert rank0.compute().item() == pytest.approx(4 / 6)
-    assert rank0.compute().item() == single.compute().item()
-
-
 # --- GroupedExactMatch ----------------------------------------------------------------------------
 # color: 1 of 2, count: 2 of 3, yesno: 1 of 1, shape: no example; overall 4 of 6
 PREDICTIONS = ["Red", "blue", "two", "3", "4", "No."]
@@ -196,6 +144,8 @@ def test_grouped_exact_match_rejects_bad_groups(groups, error):
 
 def test_grouped_exact_match_rejects_bad_batches():
     metric = GroupedExactMatch(KINDS)
+    with pytest.raises(TypeError, match="one string"):  # not scored character by character
+        metric.update("red", ["red", "e", "d"], ["color"] * 3)
     with pytest.raises(ValueError, match="lengths differ"):
         metric.update(["red"], ["red"], ["color", "color"])
     with pytest.raises(TypeError, match="groups"):
@@ -303,9 +253,6 @@ def _values(scores: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def test_exact_match_metrics_take_a_batch():
     batch = {"answers": ["red", "2", "cat"], "question_kinds": ["color", "count", "color"]}
-    metric = ExactMatch()
-    metric.update(["Red.", "two", "dog"], batch)
-    assert metric.compute().item() == pytest.approx(2 / 3)
     grouped = GroupedExactMatch(["color", "count"])
     grouped.update(["Red.", "two", "dog"], batch)
     assert _scores(grouped) == pytest.approx({OVERALL: 2 / 3, "color": 1 / 2, "count": 1.0})

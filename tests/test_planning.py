@@ -20,12 +20,17 @@ def _model(tokenizer_dir, scheduler) -> AdaptiveMLLM:
     return model.eval()
 
 
-def test_generation_puts_the_latency_token_after_the_prompt_and_defers_the_plan(tokenizer_dir):
-    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2))
+def _prepared_prompts(model: AdaptiveMLLM, budgets: list[float]):
+    """The batch and what the planner prepares for generating its answers under ``budgets``."""
     batch = _batch(model, QUESTIONS, ANSWERS)
     planner = model.planner
     inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
-    prepared = planner.prepare(inputs, torch.tensor([1.0, 0.8, 0.6]))
+    return batch, planner.prepare(inputs, torch.tensor(budgets))
+
+
+def test_generation_puts_the_latency_token_after_the_prompt_and_defers_the_plan(tokenizer_dir):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2))
+    batch, prepared = _prepared_prompts(model, [1.0, 0.8, 0.6])
     width = batch["prompt_ids"].shape[1]
     assert prepared.embeds.shape[1] == width + 1 and prepared.latency_positions.tolist() == [width] * 3
     # the token is the scheduler's embedding of each budget, at the last column
@@ -51,11 +56,8 @@ def test_training_puts_the_latency_token_at_the_end_of_each_prompt(tokenizer_dir
 
 def test_a_rule_scheduler_without_token_gets_its_plan_at_once(tokenizer_dir):
     model = _model(tokenizer_dir, StaticScheduler(num_prefix_layers=2))
-    batch = _batch(model, QUESTIONS, ANSWERS)
-    planner = model.planner
-    inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
-    prepared = planner.prepare(inputs, torch.tensor([1.0, 1.0, 1.0]))
-    assert not planner.uses_latency_token and prepared.latency_positions is None
+    batch, prepared = _prepared_prompts(model, [1.0, 1.0, 1.0])
+    assert not model.planner.uses_latency_token and prepared.latency_positions is None
     assert prepared.embeds.shape[1] == batch["prompt_ids"].shape[1]
     assert isinstance(prepared.plan, ExecutionPlan) and bool((prepared.plan.layer_mask == 1).all())
 

@@ -62,6 +62,7 @@ def test_plot_command_errors_name_the_problem(tmp_path, capsys):
     assert "no column 'shape'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plot", str(path), "--labels", "x", "y"])
+    assert "2 labels for 1 result files" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         read_results_csv(tmp_path / "missing.csv")
     (tmp_path / "bad.csv").write_text("name,score\nx,1\n")

@@ -1,4 +1,4 @@
-"""Tables: exact Markdown layout, rich output, accuracy layout."""
+"""Tables: exact Markdown layout, rich output."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from adaptive_mllm.reporting import accuracy_rows, accuracy_table, format_table, percent, print_table
-
-
-def test_percent():
-    assert percent(2 / 3) == "66.7%"
-    assert percent(1.0) == "100.0%"
-    assert percent(0.0) == "0.0%"
-    assert percent(0.5, decimals=0) == "50%"
-    assert percent(float("nan")) == "n/a"
-    assert percent(None) == "n/a"
+from adaptive_mllm.reporting import format_table, print_table
 
 
 def test_format_table_layout():
@@ -68,21 +59,3 @@ def test_print_table_rejects_ragged_rows():
     with pytest.raises(ValueError):
         print_table("t", ["x", "y"], [["a"]], console=Console(file=io.StringIO()))
 
-
-def test_accuracy_rows():
-    columns = {
-        "budget 0.5": {"overall": 0.5, "color": 0.25, "count": 0.75},
-        "majority baseline": {"overall": 0.3, "count": 0.6},
-    }
-    header, rows = accuracy_rows(columns, counts={"overall": 8, "color": 4, "count": 4})
-    assert header == ["question kind", "budget 0.5", "majority baseline", "examples"]
-    assert rows == [
-        ["overall", "50.0%", "30.0%", "8"],  # overall first, then the groups sorted
-        ["color", "25.0%", "n/a", "4"],  # a score the baseline lacks
-        ["count", "75.0%", "60.0%", "4"],
-    ]
-
-
-def test_accuracy_table():
-    table = accuracy_table({"budget 1": {"overall": 1.0, "a": 1.0}}, first="kind")
-    assert table == "| kind    | budget 1 |\n| ------- | -------: |\n| overall |   100.0% |\n| a       |   100.0% |"
