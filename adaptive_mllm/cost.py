@@ -39,17 +39,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.layers import mlp_group_sizes
 
 if TYPE_CHECKING:
     from adaptive_mllm.schedulers.plan import ExecutionPlan
-
-
-def mlp_group_sizes(intermediate_size: int, num_groups: int) -> list[int]:
-    """Neurons in each of ``num_groups`` contiguous MLP groups: ``I // G``, the first ``I mod G`` one more."""
-    if not 1 <= num_groups <= intermediate_size:
-        raise ValueError(f"{intermediate_size} MLP neurons cannot be split into {num_groups} non-empty groups")
-    width, remainder = divmod(intermediate_size, num_groups)
-    return [width + 1] * remainder + [width] * (num_groups - remainder)
 
 
 BudgetRule = Literal["flops", "release"]

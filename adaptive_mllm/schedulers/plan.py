@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_mllm.cost import mlp_group_sizes
+from adaptive_mllm.layers import mlp_group_sizes
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptive_mllm.cost import mlp_group_sizes
+from adaptive_mllm.layers import mlp_group_sizes
 from adaptive_mllm.schedulers.plan import mlp_group_neurons, widen_mlp_mask
 
 

@@ -1,0 +1,267 @@
+"""DeadlineAPI: the LitServe API behind ``POST /v1/chat/completions``.
+
+Requests that arrive together become one ``AdaptiveMLLM.generate`` call with one budget per request
+(the engine runs mixed plans in one batch). A request carries a ``budget`` or a ``deadline_ms``; a
+deadline becomes the largest budget the latency model, scaled by its online correction, predicts to
+finish in time. A bad request never fails its batch: it is answered with its own 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import litserve as ls
+import torch
+from fastapi.responses import JSONResponse
+
+from adaptive_mllm.serving.correction import RunningRatio
+from adaptive_mllm.serving.latency import LatencyModel
+from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
+
+log = logging.getLogger(__name__)
+API_PATH = "/v1/chat/completions"
+
+
+@dataclass
+class Answer:
+    """What one request got: the text and what it cost."""
+
+    text: str
+    budget: float
+    requested: str  # "budget", "deadline" or "default"
+    deadline_ms: float | None
+    deadline_feasible: bool  # False: even the smallest budget was predicted to miss the deadline
+    units: float
+    flops_fraction: float
+    predicted_ms: float | None
+    measured_ms: float
+    batch_size: int
+
+
+class DeadlineAPI(ls.LitAPI):
+    """LitAPI over an AdaptiveMLLM built in the worker by ``build_model`` (a picklable callable).
+
+    Args:
+        build_model: returns the AdaptiveMLLM (weights loaded); called once per worker in ``setup``.
+        profile: latency profile JSON; without one, requests with ``deadline_ms`` are refused (400).
+        limits: what requests may contain (image folder, sizes, strict fields).
+        margin: the latency model's safety margin.
+        metrics_path: the worker writes its counts here (JSON) after every batch; ``/metrics`` serves them.
+        pinned_budget: answer every request at this budget, ignoring its budget / deadline (a baseline
+            for the load test); None = adaptive.
+        max_batch_size, batch_timeout: LitServe's dynamic batching.
+    """
+
+    def __init__(
+        self,
+        build_model: Callable[[], Any],
+        profile: str | None = None,
+        limits: RequestLimits | None = None,
+        margin: float = 0.2,
+        metrics_path: str | None = None,
+        pinned_budget: float | None = None,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.01,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        self.build_model = build_model
+        self.profile = profile
+        self.limits = limits or RequestLimits()
+        self.margin = margin
+        self.metrics_path = metrics_path
+        self.pinned_budget = pinned_budget
+
+    # --- worker setup --------------------------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        model = self.build_model()
+        model.to(device).eval()
+        self.model = model
+        self.torch_device = torch.device(device)
+        self.processor = model.backbone.input_processor()
+        self.latency = LatencyModel.load(self.profile, self.margin) if self.profile else None
+        self.ratio = RunningRatio()
+        self.counts: Counter[str] = Counter()
+        self.decode_steps = 0
+        # decoding steps of a generate call = LM head calls - 1 (the first token comes out of the prefill)
+        model.backbone.lm_head.register_forward_hook(self._count_step)
+        self._write_metrics()
+
+    def _count_step(self, module: Any, args: Any, output: Any) -> None:
+        self.decode_steps += 1
+
+    # --- one request ---------------------------------------------------------------------------------
+    def decode_request(self, request: dict) -> ChatRequest | RequestError:
+        """Never raises: an error is carried to ``encode_response``, so it fails only its own request."""
+        try:
+            parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits)
+        except RequestError as error:
+            return error
+        if parsed.deadline_ms is not None and self.latency is None and self.pinned_budget is None:
+            return RequestError(400, "this server has no latency profile (start it with --profile)", "deadline_ms")
+        return parsed
+
+    def batch(self, inputs: list[Any]) -> list[Any]:
+        return list(inputs)
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return output
+
+    def encode_response(self, output: Answer | RequestError):  # noqa: ANN201 - LitServe reads a return annotation as the response model
+        """The OpenAI chat completion plus an ``adaptive`` field; a bad request as its own 4xx response."""
+        if isinstance(output, RequestError):
+            return JSONResponse(output.body(), status_code=output.status)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "adaptive-mllm",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text}, "finish_reason": "stop"}],
+            "adaptive": {
+                "budget": output.budget,
+                "requested": output.requested,
+                "deadline_ms": output.deadline_ms,
+                "deadline_feasible": output.deadline_feasible,
+                "units": output.units,
+                "flops_fraction": output.flops_fraction,
+                "predicted_ms": output.predicted_ms,
+                "measured_ms": output.measured_ms,
+                "batch_size": output.batch_size,
+                "correction": self.ratio.value,
+            },
+        }
+
+    # --- one batch -----------------------------------------------------------------------------------
+    def predict(self, items: list[ChatRequest | RequestError]) -> list[Answer | RequestError]:
+        valid = [item for item in items if isinstance(item, ChatRequest)]
+        self.counts["requests"] += len(items)
+        self.counts["rejected"] += len(items) - len(valid)
+        answers = iter(self._answer(valid) if valid else [])
+        outputs = [next(answers) if isinstance(item, ChatRequest) else item for item in items]
+        self._write_metrics()
+        return outputs
+
+    def _answer(self, requests: list[ChatRequest]) -> list[Answer]:
+        batch = self._collate(requests)
+        prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model._uses_latency_token())
+        new_tokens = self.model.max_new_tokens
+        size = len(requests)
+        choices = [self._choose(request, prompt_tokens, new_tokens, size) for request in requests]
+        budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
+        self.decode_steps = 0
+        start = _now(self.torch_device)
+        out = self.model.generate(batch, budgets.to(self.torch_device))
+        measured_ms = 1000 * (_now(self.torch_device) - start)
+        steps = max(self.decode_steps - 1, 0)
+        units, fractions = self._costs(out["plan"], batch, size)
+        self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, out["decode_seconds_per_token"])
+        self.counts["batches"] += 1
+        self.counts["answered"] += size
+        answers = []
+        for index, (budget, requested, deadline) in enumerate(choices):
+            request = requests[index]
+            predicted = None
+            feasible = True
+            if self.latency is not None:
+                predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size, self.ratio.value)
+            if requested == "deadline":
+                feasible = deadline
+                self.counts["deadline_requests"] += 1
+                self.counts["deadline_met"] += int(measured_ms <= request.deadline_ms)
+                self.counts["deadline_infeasible"] += int(not feasible)
+            answers.append(
+                Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
+                       fractions[index], predicted, measured_ms, size)
+            )  # fmt: skip
+        return answers
+
+    def _choose(self, request: ChatRequest, prompt_tokens: int, new_tokens: int, size: int) -> tuple[float, str, bool]:
+        """(budget, what decided it, deadline predicted feasible) within what the scheduler admits."""
+        scheduler = self.model.scheduler
+        seq_len = len(request.prompt_ids) + int(self.model._uses_latency_token())
+        minimum = scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
+        if self.pinned_budget is not None:
+            return max(self.pinned_budget, minimum), "pinned", True
+        if request.budget is not None:
+            return max(request.budget, minimum), "budget", True
+        if request.deadline_ms is not None:
+            choice = self.latency.budget_for_deadline(request.deadline_ms, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
+            return choice.budget, "deadline", choice.met
+        return max(self.model.budget, minimum), "default", True
+
+    def _collate(self, requests: list[ChatRequest]) -> dict[str, torch.Tensor]:
+        """Prompts left-padded (generation appends at one column for the whole batch), images stacked."""
+        length = max(len(request.prompt_ids) for request in requests)
+        pad = self.processor.pad_token_id
+        ids = torch.full((len(requests), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), length), dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[row, length - len(request.prompt_ids) :] = 1
+        dtype = next(self.model.backbone.parameters()).dtype
+        pixels = torch.stack([request.pixel_values for request in requests]).to(self.torch_device, dtype)
+        return {"prompt_ids": ids.to(self.torch_device), "prompt_attention_mask": mask.to(self.torch_device), "pixel_values": pixels}
+
+    def _costs(self, plan: Any, batch: dict[str, torch.Tensor], size: int) -> tuple[list[float], list[float]]:
+        """Per request: units run and FLOPs fraction of its plan (generate reports batch means)."""
+        scheduler = self.model.scheduler
+        if scheduler is None or plan is None:
+            return [float("nan")] * size, [1.0] * size
+        seq_lens = batch["prompt_attention_mask"].sum(-1) + int(self.model._uses_latency_token())
+        flops = scheduler.cost.plan_flops(plan, seq_lens).cpu()
+        full = torch.tensor([scheduler.cost.full_flops(int(n)) for n in seq_lens], dtype=flops.dtype)
+        units = plan.units.float().cpu().tolist() if plan.units is not None else [float("nan")] * size
+        return units, (flops / full).tolist()
+
+    def _correct(
+        self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,
+        decode_seconds_per_token: float,
+    ) -> None:
+        """Fold the batch into the running ratio, as if it had decoded all ``new_tokens`` (answers that
+        stop early would otherwise look fast)."""
+        if self.latency is None:
+            return
+        budget = float(budgets.mean())
+        if steps == 0:
+            predicted = self.latency.predict_ms(budget, prompt_tokens, 1, size)
+            self.ratio.update(predicted, measured_ms)
+            return
+        full_ms = measured_ms + (new_tokens - 1 - steps) * 1000 * decode_seconds_per_token
+        self.ratio.update(self.latency.predict_ms(budget, prompt_tokens, new_tokens, size), full_ms)
+
+    # --- counts --------------------------------------------------------------------------------------
+    def _write_metrics(self) -> None:
+        counts = {"requests": 0, "answered": 0, "rejected": 0, "batches": 0, "deadline_requests": 0, "deadline_met": 0,
+                  "deadline_infeasible": 0, **self.counts}  # fmt: skip
+        counts["correction"] = self.ratio.value
+        log.info("metrics %s", json.dumps(counts, sort_keys=True))
+        if self.metrics_path is None:
+            return
+        path = Path(self.metrics_path)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(counts, sort_keys=True))
+        temporary.replace(path)  # readers never see half a file
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def read_metrics(path: str) -> dict[str, Any]:
+    """The worker's latest counts ({} before the first write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+

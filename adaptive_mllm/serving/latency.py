@@ -1,0 +1,165 @@
+"""LatencyModel: milliseconds predicted from (budget, prompt tokens, new tokens, batch size), fitted to
+a measured profile (JSON), and inverted: the largest budget predicted to meet a deadline.
+
+The model is linear in the work the budget leaves, fitted by least squares on the profile's grid:
+
+    prefill_ms  = p0 + p1 * B * T + p2 * b * B * T      (B batch size, T prompt tokens, b budget)
+    decode_ms   = d0 + d1 * B     + d2 * b * B          (per generated token)
+    total_ms    = prefill_ms + (new_tokens - 1) * decode_ms  (the first token comes out of the prefill)
+
+The budget ``b`` stands for the FLOPs fraction of the plan: a plan never spends more than its budget,
+so predicting with ``b`` errs on the slow side. Being linear in ``b``, the model inverts in closed form.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROFILE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One grid point of a profile: medians over interleaved rounds, warm-up excluded."""
+
+    budget: float
+    flops_fraction: float
+    prompt_tokens: int
+    batch_size: int
+    prefill_ms: float  # vision tower + projector + LLM prefill of the whole batch
+    decode_ms_per_token: float  # one decoding step of the whole batch
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What :meth:`LatencyModel.budget_for_deadline` decided; ``met`` False = even the smallest budget
+    is predicted to miss the deadline (the request is still answered, at that budget, and flagged)."""
+
+    budget: float
+    predicted_ms: float
+    met: bool
+
+
+@dataclass
+class LatencyModel:
+    """Predicted milliseconds of a batch, and the largest budget that meets a deadline.
+
+    Args:
+        prefill: (p0, p1, p2), see the module docstring.
+        decode: (d0, d1, d2), see the module docstring.
+        margin: safety margin: a budget is chosen only if ``predicted * (1 + margin) <= deadline``.
+        meta: where the profile was measured (device, dtype, torch version, grid).
+    """
+
+    prefill: tuple[float, float, float]
+    decode: tuple[float, float, float]
+    margin: float = 0.2
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # --- fitting and files -------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, measurements: list[Measurement], margin: float = 0.2, meta: dict[str, Any] | None = None) -> LatencyModel:
+        """Least-squares fit of both stages to a profile's measurements."""
+        if len(measurements) < 3:
+            raise ValueError(f"a latency profile needs at least 3 measurements to fit 3 coefficients, got {len(measurements)}")
+        if margin < 0:
+            raise ValueError(f"margin {margin} must be >= 0")
+        rows = [(m.budget, m.batch_size, m.prompt_tokens) for m in measurements]
+        prefill_x = np.array([[1.0, b_size * t, b * b_size * t] for b, b_size, t in rows])
+        decode_x = np.array([[1.0, b_size, b * b_size] for b, b_size, _ in rows])
+        prefill_y = np.array([m.prefill_ms for m in measurements])
+        decode_y = np.array([m.decode_ms_per_token for m in measurements])
+        prefill = np.linalg.lstsq(prefill_x, prefill_y, rcond=None)[0]
+        decode = np.linalg.lstsq(decode_x, decode_y, rcond=None)[0]
+        return cls(tuple(float(v) for v in prefill), tuple(float(v) for v in decode), margin, dict(meta or {}))
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any], margin: float = 0.2) -> LatencyModel:
+        """Fit to a profile dict as :func:`save_profile` writes it."""
+        if profile.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"latency profile: format {profile.get('format')!r}, expected {PROFILE_FORMAT}")
+        try:
+            measurements = [Measurement(**row) for row in profile["measurements"]]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"latency profile: bad `measurements` ({error})") from error
+        meta = {key: value for key, value in profile.items() if key != "measurements"}
+        return cls.fit(measurements, margin, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, margin: float = 0.2) -> LatencyModel:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"latency profile {path} does not exist (write one with `adaptive-mllm profile`)")
+        try:
+            profile = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"latency profile {path}: not JSON ({error})") from error
+        try:
+            return cls.from_profile(profile, margin)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+
+    # --- prediction --------------------------------------------------------------------------------
+    def _terms(self, prompt_tokens: int, new_tokens: int, batch_size: int) -> tuple[float, float]:
+        """(a, c) with total_ms = a + c * budget."""
+        p0, p1, p2 = self.prefill
+        d0, d1, d2 = self.decode
+        work = batch_size * prompt_tokens
+        steps = max(new_tokens - 1, 0)
+        a = p0 + p1 * work + steps * (d0 + d1 * batch_size)
+        c = p2 * work + steps * d2 * batch_size
+        return a, c
+
+    def predict_ms(self, budget: float, prompt_tokens: int, new_tokens: int, batch_size: int = 1, scale: float = 1.0) -> float:
+        """Milliseconds for a batch run at ``budget``; ``scale`` is the online correction (measured / predicted)."""
+        a, c = self._terms(prompt_tokens, new_tokens, batch_size)
+        return scale * max(a + c * budget, 0.0)
+
+    def budget_for_deadline(
+        self,
+        deadline_ms: float,
+        prompt_tokens: int,
+        new_tokens: int,
+        batch_size: int = 1,
+        min_budget: float = 0.0,
+        scale: float = 1.0,
+    ) -> BudgetChoice:
+        """The largest budget in ``[min_budget, 1]`` with ``predict_ms * (1 + margin) <= deadline_ms``;
+        when none meets it, ``min_budget`` flagged ``met=False``."""
+        if not deadline_ms > 0:
+            raise ValueError(f"deadline_ms {deadline_ms} must be > 0")
+        if not 0.0 <= min_budget <= 1.0:
+            raise ValueError(f"min_budget {min_budget} must be in [0, 1]")
+        allowed = deadline_ms / (1.0 + self.margin) / scale
+        a, c = self._terms(prompt_tokens, new_tokens, batch_size)
+        if a + c * 1.0 <= allowed:
+            budget = 1.0
+        elif c > 0 and a + c * min_budget <= allowed:
+            budget = min(max((allowed - a) / c, min_budget), 1.0)
+        else:
+            budget = min_budget
+        budget = max(_round_down(budget), min_budget)
+        predicted = self.predict_ms(budget, prompt_tokens, new_tokens, batch_size, scale)
+        met = predicted * (1.0 + self.margin) <= deadline_ms * (1 + 1e-9)
+        return BudgetChoice(budget, predicted, met)
+
+
+def _round_down(value: float, digits: int = 6) -> float:
+    """Round toward 0 so that the chosen budget never exceeds the exact solution."""
+    scale = 10**digits
+    return math.floor(value * scale) / scale
+
+
+def save_profile(path: str | Path, measurements: list[Measurement], meta: dict[str, Any]) -> Path:
+    """Write a profile: ``format``, ``meta`` keys (device, dtype, torch, grid) and ``measurements``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"format": PROFILE_FORMAT, **meta, "measurements": [asdict(m) for m in measurements]}
+    path.write_text(json.dumps(profile, indent=2) + "\n")
+    return path

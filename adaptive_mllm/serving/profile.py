@@ -1,0 +1,111 @@
+"""`adaptive-mllm profile`: measure, on this machine, prefill and per-token decode time against budget,
+prompt length and batch size, and write the latency profile (JSON) that the server's LatencyModel fits.
+
+    adaptive-mllm profile --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
+        --out profiles/tiny-cpu.json [--device cuda]
+
+Timing follows ``adaptive-mllm benchmark``: a warm-up call of every configuration, then the median of
+``--repeats`` rounds, each round timing every configuration of a (prompt length, batch size) once, so a
+slow spell hits all budgets alike. "prefill" here is what the server waits for before the first token:
+vision tower + projector + LLM prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from typing import Any
+
+import torch
+
+from adaptive_mllm.benchmark import _interleaved_medians, _prepare_budget, synthetic_prompt
+from adaptive_mllm.inputs import embed_selected
+from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
+
+
+def default_prompt_lengths(model: Any, new_tokens: int) -> list[int]:
+    """Two lengths: the image plus a short question, and about the longest prompt the model admits."""
+    backbone = model.backbone
+    shortest = backbone.num_image_tokens + 8
+    longest = max(shortest + 1, min(backbone.max_length - new_tokens - 1, backbone.num_image_tokens + 512))
+    return [shortest, longest]
+
+
+@torch.no_grad()
+def measure(
+    model: Any, budgets: list[float], prompt_lengths: list[int], batch_sizes: list[int], decode_tokens: int, repeats: int
+) -> list[Measurement]:
+    """One Measurement per (budget, prompt length, batch size); budgets below a length's admissible
+    minimum are measured at that minimum."""
+    model.eval()
+    backbone = model.backbone
+    device = next(backbone.parameters()).device
+    rows = []
+    for length in prompt_lengths:
+        for batch_size in batch_sizes:
+            ids, images = synthetic_prompt(model, length, batch_size, device)
+            mask = torch.ones_like(ids)
+            inputs = embed_selected(backbone, ids, mask, images, model.token_selector)
+            seq_len = length + int(model._uses_latency_token())
+            minimum = model.scheduler.cost.min_budget(seq_len) if model.scheduler is not None else 1.0
+            levels = sorted({max(budget, minimum) for budget in budgets}, reverse=True)
+            prefill_fns, decode_fns, info = {}, {}, {}
+            for budget in levels:
+                row, prefill, decode = _prepare_budget(
+                    model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, device,
+                    inputs.image_mask, model.token_selector,
+                )  # fmt: skip
+                prefill_fns[budget], decode_fns[budget], info[budget] = prefill, decode, row
+            encode = _interleaved_medians(
+                {"encode": lambda: embed_selected(backbone, ids, mask, images, model.token_selector)}, repeats, device
+            )["encode"]
+            prefill_s = _interleaved_medians(prefill_fns, repeats, device)
+            decode_s = _interleaved_medians(decode_fns, repeats, device)
+            for budget in levels:
+                rows.append(
+                    Measurement(
+                        budget=float(budget), flops_fraction=float(info[budget]["flops_fraction"]), prompt_tokens=seq_len,
+                        batch_size=batch_size, prefill_ms=1000 * (encode + prefill_s[budget]),
+                        decode_ms_per_token=1000 * decode_s[budget] / decode_tokens,
+                    )
+                )  # fmt: skip
+    return rows
+
+
+def main(argv: list[str]) -> LatencyModel:
+    """Measure, write the profile, print the fitted model's error on its own grid."""
+    from adaptive_mllm.serving.server import build_model
+
+    parser = argparse.ArgumentParser(prog="adaptive-mllm profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the recipe (with --ckpt_path: the one the checkpoint was trained with)")
+    parser.add_argument("--ckpt_path", help="Lightning checkpoint; without it, random weights (timing does not depend on them)")
+    parser.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
+    parser.add_argument("--out", required=True, help="profile JSON to write")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.85, 0.7, 0.55, 0.0], help="0 = the smallest admissible")
+    parser.add_argument("--prompt_lengths", type=int, nargs="+", help="default: the image + 8 tokens, and a long prompt")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--decode_tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    own, overrides = parser.parse_known_args(argv)
+    model = build_model(own.config, own.ckpt_path, own.export_dir, overrides, own.device)
+    model.to(own.device)
+    lengths = own.prompt_lengths or default_prompt_lengths(model, model.max_new_tokens)
+    rows = measure(model, own.budgets, lengths, own.batch_sizes, own.decode_tokens, own.repeats)
+    device = torch.device(own.device)
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(next(model.backbone.parameters()).dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "grid": {"budgets": own.budgets, "prompt_lengths": lengths, "batch_sizes": own.batch_sizes,
+                 "decode_tokens": own.decode_tokens, "repeats": own.repeats},
+    }  # fmt: skip
+    path = save_profile(own.out, rows, meta)
+    latency = LatencyModel.fit(rows, meta=meta)
+    print(f"wrote {path}: {len(rows)} measurements on {meta['device']}")
+    for row in rows:
+        predicted = latency.predict_ms(row.budget, row.prompt_tokens, 2, row.batch_size)
+        measured = row.prefill_ms + row.decode_ms_per_token
+        print(f"budget {row.budget:.3f}  T={row.prompt_tokens:4d}  B={row.batch_size:3d}  prefill {row.prefill_ms:8.2f} ms  "
+              f"decode {row.decode_ms_per_token:7.2f} ms/token  fit error (2 tokens) {100 * (predicted / measured - 1):+.1f}%")  # fmt: skip
+    return latency

@@ -1,0 +1,226 @@
+"""Parsing and validating an OpenAI-style chat request: text turns, one image, a budget or a deadline.
+
+Every problem becomes a :class:`RequestError` (an HTTP 4xx status, a message, the offending field), so
+the server answers it and keeps serving. Images come as a base64 ``data:`` URL or as a file path inside
+the one folder the operator allows; nothing else on disk is readable, and nothing is fetched remotely.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import torch
+from PIL import Image
+
+from adaptive_mllm.backbones.base import InputProcessor
+from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationError
+
+KNOWN_FIELDS = frozenset({"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user"})
+
+
+class RequestError(Exception):
+    """A bad request: ``status`` (400 bad input, 403 forbidden path, 413 too large), message, field."""
+
+    def __init__(self, status: int, message: str, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object."""
+        return {"error": {"message": f"{self.field}: {self.message}", "type": "invalid_request_error", "param": self.field}}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the operator allows.
+
+    Args:
+        image_dir: the only folder image paths may point into; None = paths refused (data URLs only).
+        max_image_bytes: largest encoded image (base64-decoded or file size).
+        max_image_pixels: largest width * height, checked before the pixels are decoded.
+        strict: unknown top-level fields are an error (else ignored).
+    """
+
+    image_dir: str | None = None
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    strict: bool = True
+
+
+@dataclass
+class ChatRequest:
+    """A valid request, encoded for the model."""
+
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor  # [3, H, W]
+    budget: float | None
+    deadline_ms: float | None
+
+
+def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int, limits: RequestLimits) -> ChatRequest:
+    """The request as the model's input, or a :class:`RequestError` naming the problem."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown and limits.strict:
+        raise RequestError(400, f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}", unknown[0])
+    if body.get("stream"):
+        raise RequestError(400, "streaming is not supported: answers are a few tokens, sent whole", "stream")
+    temperature = body.get("temperature")
+    if temperature not in (None, 0, 0.0):
+        raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {temperature!r}", "temperature")
+    budget, deadline_ms = _budget_or_deadline(body)
+    questions, answers, image_url = _turns(body.get("messages"))
+    pixel_values = processor.preprocess_image(_read_image(image_url, limits))
+    try:
+        prompt_ids = processor.chat_template.encode_prompt(
+            questions, answers, processor.tokenizer, processor.image_token_id, processor.num_image_tokens
+        )
+    except ConversationError as error:
+        raise RequestError(400, str(error), "messages") from error
+    placeholders = sum(1 for token in prompt_ids if token == processor.image_token_id)
+    if placeholders != processor.num_image_tokens:
+        raise RequestError(
+            400, f"{placeholders} image placeholder tokens after encoding, expected {processor.num_image_tokens}", "messages"
+        )
+    needed = len(prompt_ids) + 1 + max_new_tokens  # + the latency token, + the answer
+    if needed > processor.max_length:
+        raise RequestError(
+            400,
+            f"the prompt is {len(prompt_ids)} tokens ({placeholders} of them image placeholders); with the answer's "
+            f"{max_new_tokens} tokens it exceeds the model's maximum length {processor.max_length}",
+            "messages",
+        )
+    return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms)
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"must be a finite number, got {value!r}", name)
+    return float(value)
+
+
+def _budget_or_deadline(body: dict[str, Any]) -> tuple[float | None, float | None]:
+    budget, deadline_ms = _number(body, "budget"), _number(body, "deadline_ms")
+    if budget is not None and deadline_ms is not None:
+        raise RequestError(400, "give either `budget` or `deadline_ms`, not both", "budget")
+    if budget is not None and not 0.0 <= budget <= 1.0:
+        raise RequestError(400, f"budget {budget:g} is outside [0, 1]", "budget")
+    if deadline_ms is not None and deadline_ms <= 0:
+        raise RequestError(400, f"deadline_ms {deadline_ms:g} must be > 0", "deadline_ms")
+    return budget, deadline_ms
+
+
+def _turns(messages: Any) -> tuple[list[str], list[str], str]:
+    """(questions, answers, image URL): user / assistant turns alternating, the last one a user turn,
+    exactly one image, in the first user turn (placed before its text, as LLaVA's data does)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "must be a non-empty list of {role, content} objects", "messages")
+    questions: list[str] = []
+    answers: list[str] = []
+    image_url = None
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(400, "must be an object with `role` and `content`", field)
+        role = message.get("role")
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            raise RequestError(400, f"role {role!r}, expected {expected!r} (user and assistant turns alternate, "
+                                    "starting with user; the chat template sets its own system prompt)", f"{field}.role")  # fmt: skip
+        text, url = _content(message.get("content"), f"{field}.content")
+        if IMAGE_PLACEHOLDER in text:
+            raise RequestError(400, f"{IMAGE_PLACEHOLDER} in the text; send the image as an image_url part", f"{field}.content")
+        if url is not None and index != 0:
+            raise RequestError(400, "the image must be in the first user turn", f"{field}.content")
+        if url is not None:
+            image_url = url
+        (questions if role == "user" else answers).append(text)
+    if len(messages) % 2 == 0:
+        raise RequestError(400, "the last message must be a user turn", f"messages[{len(messages) - 1}].role")
+    if image_url is None:
+        raise RequestError(400, "no image: the first user turn needs one image_url part", "messages[0].content")
+    questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"
+    return questions, answers, image_url
+
+
+def _content(content: Any, field: str) -> tuple[str, str | None]:
+    """A message's text and its image URL (if any): a string, or a list of text / image_url parts."""
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        raise RequestError(400, "must be a string or a list of {type: text | image_url} parts", field)
+    texts, urls = [], []
+    for index, part in enumerate(content):
+        part_field = f"{field}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise RequestError(400, "image_url needs a `url` string", part_field)
+            urls.append(url)
+        else:
+            raise RequestError(400, "each part must be {type: text, text} or {type: image_url, image_url: {url}}", part_field)
+    if len(urls) > 1:
+        raise RequestError(400, f"{len(urls)} images; the model takes one image per request", field)
+    return " ".join(texts), (urls[0] if urls else None)
+
+
+def _read_image(url: str, limits: RequestLimits) -> Image.Image:
+    """The RGB image behind a data URL or an allowed file path; size checked before pixels are decoded."""
+    field = "messages[0].content.image_url"
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise RequestError(400, "a data URL must be base64: data:image/<type>;base64,<data>", field)
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise RequestError(400, f"invalid base64 data: {error}", field) from error
+    else:
+        data = _read_allowed_file(url, limits, field)
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise RequestError(413, f"the image is {width}x{height} pixels, more than {limits.max_image_pixels}", field)
+        return image.convert("RGB")  # decodes all pixels: truncated data fails here
+    except RequestError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(400, f"not a readable image: {error}", field) from error
+
+
+def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        raise RequestError(400, f"only data: URLs and file paths are served, not {parsed.scheme}: (nothing is fetched)", field)
+    if limits.image_dir is None:
+        raise RequestError(403, "image paths are disabled on this server (no image folder allowed); send a data URL", field)
+    root = Path(limits.image_dir).resolve()
+    raw = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+    path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
+    if not path.is_relative_to(root):
+        raise RequestError(403, f"{url} is outside the allowed image folder", field)
+    if not path.is_file():
+        raise RequestError(400, f"{url}: no such file in the allowed image folder", field)
+    if path.stat().st_size > limits.max_image_bytes:
+        raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
+    return path.read_bytes()

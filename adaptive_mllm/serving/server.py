@@ -1,0 +1,105 @@
+"""`adaptive-mllm serve`: the deadline-aware chat endpoint on LitServe.
+
+    adaptive-mllm serve --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
+        --profile profiles/tiny-cpu.json --port 8000 --image_dir data/images
+
+Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``deadline_ms``),
+``GET /health`` (LitServe's: 200 once the model is loaded), ``GET /metrics`` (request counts, deadlines
+met, the online correction). The server listens on 127.0.0.1 unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_mllm.serving.api import DeadlineAPI, read_metrics
+from adaptive_mllm.serving.requests import RequestLimits
+
+
+def build_model(
+    config: str | None, ckpt_path: str | None, export_dir: str | None, overrides: list[str], device: str = "cpu"
+) -> Any:
+    """The AdaptiveMLLM to serve: an exported directory, a recipe + Lightning checkpoint, or a recipe with
+    random weights (drawn on ``device``; for load tests and latency profiles)."""
+    if export_dir is not None:
+        from adaptive_mllm.export import load_exported
+
+        return load_exported(export_dir)
+    if config is None:
+        raise ValueError("give --export_dir, or --config (with --ckpt_path for trained weights)")
+    if ckpt_path is not None:
+        from adaptive_mllm.export import module_from_checkpoint
+
+        return module_from_checkpoint(ckpt_path, config, overrides)[0]
+    from adaptive_mllm.recipe import build_cli
+
+    quiet_trainer = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses the list it is given, and warns about sys.argv
+    try:
+        cli = build_cli(["--config", str(config), *overrides, *quiet_trainer], run=False)
+    finally:
+        sys.argv = argv
+    datamodule = cli.datamodule
+    if datamodule is not None and hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()  # e.g. the tiny recipe's tokenizer
+    model = cli.model
+    with torch.device(device):
+        model.configure_model()
+    return model
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaptive-mllm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="the recipe (with --ckpt_path: the one the checkpoint was trained with)")
+    p.add_argument("--ckpt_path", help="Lightning checkpoint; without it and --export_dir, random weights")
+    p.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
+    p.add_argument("--profile", help="latency profile JSON (`adaptive-mllm profile`); needed for deadline_ms")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--image_dir", help="the only folder image paths may point into (default: paths refused)")
+    p.add_argument("--max_image_bytes", type=int, default=RequestLimits.max_image_bytes)
+    p.add_argument("--max_image_pixels", type=int, default=RequestLimits.max_image_pixels)
+    p.add_argument("--lax", action="store_true", help="ignore unknown request fields instead of answering 400")
+    p.add_argument("--max_batch_size", type=int, default=8)
+    p.add_argument("--batch_timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget")
+    p.add_argument("--pinned_budget", type=float, help="answer everything at this budget (a baseline)")
+    p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait in the queue")
+    return p
+
+
+def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
+    """The LitServer (not yet running), with ``/metrics`` added."""
+    import litserve as ls
+
+    metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
+    limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, strict=not args.lax)
+    builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
+    api = DeadlineAPI(
+        builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size, args.batch_timeout
+    )
+    accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout)
+    server.app.add_api_route("/metrics", partial(read_metrics, metrics_path), methods=["GET"])
+    return server
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parser().parse_known_args(argv)
+    if args.profile is not None and not Path(args.profile).is_file():
+        raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
+    server = make_server(args, overrides)
+    server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

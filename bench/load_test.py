@@ -1,0 +1,272 @@
+"""Load test of the deadline-aware server: does it hold deadlines while the machine slows down?
+
+Starts `adaptive-mllm serve` on 127.0.0.1 twice with the same model: (a) adaptive, each request carrying
+``deadline_ms``; (b) pinned to budget 1.0 (deadlines ignored). Each server gets three phases of the same
+request mix: light load (one client), heavy load (``--heavy_clients`` clients), and light load with a
+CPU hog (one busy process per core) running while the middle third of the phase's requests is sent. Every phase is
+bounded by ``--requests`` and ``--phase_seconds``; nothing leaves the loopback interface.
+
+    python bench/load_test.py --config recipes/tiny.yaml --out runs/load_test [--ckpt_path C] [--profile P]
+
+Prints throughput, p50 / p95 / p99 end-to-end latency and the deadline hit rate per server and phase,
+and writes ``<out>/requests.csv``, ``<out>/summary.md`` and ``<out>/latency.png`` (latency over time,
+the deadline line, the budgets chosen, the hog's span). Without ``--profile`` one is measured first
+(``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x the profile's prediction for
+one request at budget 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+QUESTIONS = ["What colour is the circle ?", "What shape is red ?", "How many squares are there ?", "Is there a blue triangle ?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _images(count: int, size: int = 64) -> list[str]:
+    rng = np.random.default_rng(0)
+    urls = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
+
+
+def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+               "--config", args.config, "--profile", str(profile), "--host", "127.0.0.1", "--port", str(port),
+               "--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout)]  # fmt: skip
+    if args.ckpt_path:
+        command += ["--ckpt_path", args.ckpt_path]
+    if pinned:
+        command += ["--pinned_budget", "1.0"]
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise RuntimeError(f"the server did not start; see {log_path}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """The server and the workers it spawned (its own session)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def start_hog() -> list[subprocess.Popen]:
+    """One busy process per core: the server keeps about half the machine."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+
+
+def stop_hog(hogs: list[subprocess.Popen]) -> None:
+    for process in hogs:
+        process.kill()
+        process.wait()
+
+
+def warm_up(base: str, images: list[str]) -> None:
+    """A few requests before timing starts (first calls allocate and compile)."""
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[0]}},
+                                                      {"type": "text", "text": QUESTIONS[0]}]}]}  # fmt: skip
+    for _ in range(3):
+        httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).raise_for_status()
+
+
+def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: float, images: list[str], hog: bool) -> dict:
+    """Send requests from ``clients`` threads until ``--requests`` are sent or ``--phase_seconds`` pass."""
+    records: list[dict] = []
+    lock = threading.Lock()
+    sent = [0]
+    start = time.perf_counter()
+    stop_at = start + args.phase_seconds
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    if sent[0] >= args.requests:
+                        return
+                    number = sent[0]
+                    sent[0] += 1
+                body = {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": images[number % len(images)]}},
+                    {"type": "text", "text": QUESTIONS[number % len(QUESTIONS)]}]}],
+                    "deadline_ms": deadline_ms}  # fmt: skip
+                begin = time.perf_counter()
+                reply = http.post(f"{base}/v1/chat/completions", json=body)
+                end = time.perf_counter()
+                extra = reply.json().get("adaptive", {}) if reply.status_code == 200 else {}
+                with lock:
+                    records.append({"t": begin - start, "latency_ms": 1000 * (end - begin), "status": reply.status_code,
+                                    "budget": extra.get("budget"), "batch_size": extra.get("batch_size"),
+                                    "correction": extra.get("correction")})  # fmt: skip
+
+    hogs: list[subprocess.Popen] = []
+    hog_span: list[float] = []  # when the hog actually started and stopped, seconds into the phase
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            # the hog runs while the middle third of the requests is sent
+            if hog and not hog_span and sent[0] >= args.requests / 3:
+                hogs = start_hog()
+                hog_span.append(time.perf_counter() - start)
+            if hogs and sent[0] >= 2 * args.requests / 3:
+                stop_hog(hogs)
+                hogs = []
+                hog_span.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    finally:
+        stop_hog(hogs)
+        if len(hog_span) == 1:
+            hog_span.append(time.perf_counter() - start)
+    return {"records": sorted(records, key=lambda r: r["t"]), "seconds": time.perf_counter() - start, "hog_span": tuple(hog_span) or None}
+
+
+def summarise(name: str, phase: str, result: dict, deadline_ms: float) -> dict:
+    ok = [r for r in result["records"] if r["status"] == 200]
+    latencies = sorted(r["latency_ms"] for r in ok)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(latencies, q)) if latencies else float("nan")
+
+    budgets = [r["budget"] for r in ok if r["budget"] is not None]
+    return {
+        "server": name, "phase": phase, "requests": len(result["records"]), "errors": len(result["records"]) - len(ok),
+        "throughput_rps": len(ok) / result["seconds"], "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+        "deadline_hit": sum(lat <= deadline_ms for lat in latencies) / max(len(result["records"]), 1),
+        "mean_budget": statistics.mean(budgets) if budgets else float("nan"),
+    }  # fmt: skip
+
+
+def plot(results: dict, deadline_ms: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for name, _ in results})
+    phases = ["light", "heavy", "hog"]
+    figure, axes = plt.subplots(len(names), len(phases), figsize=(5 * len(phases), 3.5 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        for column, phase in enumerate(phases):
+            axis = axes[row][column]
+            result = results[(name, phase)]
+            ok = [r for r in result["records"] if r["status"] == 200]
+            axis.scatter([r["t"] for r in ok], [r["latency_ms"] for r in ok], s=8, label="latency")
+            axis.axhline(deadline_ms, color="red", linestyle="--", label="deadline")
+            if result["hog_span"]:
+                axis.axvspan(*result["hog_span"], color="grey", alpha=0.2, label="CPU hog")
+            axis.set_title(f"{name}, {phase}")
+            axis.set_xlabel("time in phase (s)")
+            axis.set_ylabel("latency (ms)")
+            twin = axis.twinx()
+            twin.plot([r["t"] for r in ok], [r["budget"] for r in ok], color="green", marker=".", linewidth=0.8, label="budget")
+            twin.set_ylim(0, 1.05)
+            twin.set_ylabel("budget")
+            if row == 0 and column == 0:
+                axis.legend(loc="upper left", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "recipes" / "tiny.yaml"))
+    parser.add_argument("--ckpt_path", help="trained weights (default: random weights; timing does not depend on them)")
+    parser.add_argument("--profile", help="latency profile (default: measured into <out>/profile.json)")
+    parser.add_argument("--out", default="runs/load_test")
+    parser.add_argument("--requests", type=int, default=60, help="at most this many requests per phase")
+    parser.add_argument("--phase_seconds", type=float, default=60, help="at most this long per phase")
+    parser.add_argument("--heavy_clients", type=int, default=8)
+    parser.add_argument("--deadline_ms", type=float, help="default: --deadline_factor x the predicted full-budget time")
+    parser.add_argument("--deadline_factor", type=float, default=1.5)
+    parser.add_argument("--max_batch_size", type=int, default=8)
+    parser.add_argument("--batch_timeout", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = Path(args.profile) if args.profile else out / "profile.json"
+    if not profile.is_file():
+        from adaptive_mllm.serving import profile as measure_profile
+
+        command = ["--config", args.config, "--out", str(profile)] + (["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])
+        measure_profile(command)
+    deadline_ms = args.deadline_ms
+    if deadline_ms is None:
+        from adaptive_mllm.serving.latency import LatencyModel
+
+        latency = LatencyModel.load(profile)
+        prompt = min(latency.meta["grid"]["prompt_lengths"]) + 1  # the short prompts sent here, + latency token
+        deadline_ms = args.deadline_factor * latency.predict_ms(1.0, prompt, 4, 1)
+    images = _images(16)
+    results: dict[tuple[str, str], dict] = {}
+    rows = []
+    for name, pinned in (("adaptive", False), ("pinned 1.0", True)):
+        process, base = start_server(args, profile, pinned, out / f"server-{name.split()[0]}.log")
+        try:
+            warm_up(base, images)
+            for phase, clients, hog in (("light", 1, False), ("heavy", args.heavy_clients, False), ("hog", 1, True)):
+                results[(name, phase)] = run_phase(base, clients, args, deadline_ms, images, hog)
+                rows.append(summarise(name, phase, results[(name, phase)], deadline_ms))
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        finally:
+            stop(process)
+    header = ["server", "phase", "requests", "errors", "throughput (req/s)", "p50 ms", "p95 ms", "p99 ms", "deadline hit", "mean budget"]
+    lines = [f"deadline {deadline_ms:.1f} ms", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['phase']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.2f} | "
+                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {100 * r['deadline_hit']:.1f}% | "
+                     f"{r['mean_budget']:.2f} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    (out / "summary.md").write_text(table + "\n")
+    with open(out / "requests.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["server", "phase", "t", "latency_ms", "status", "budget", "batch_size", "correction"])
+        writer.writeheader()
+        for (name, phase), result in results.items():
+            for record in result["records"]:
+                writer.writerow({"server": name, "phase": phase, **record})
+    plot(results, deadline_ms, out / "latency.png")
+    print(f"wrote {out / 'summary.md'}, {out / 'requests.csv'}, {out / 'latency.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""LatencyModel: fitting, prediction, inversion, profile files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adaptive_mllm.serving.correction import RunningRatio
+from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
+
+# hand-chosen coefficients: prefill 2 + 0.01*B*T + 0.05*b*B*T ms, decode 1 + 0.1*B + 0.4*b*B ms / token
+PREFILL = (2.0, 0.01, 0.05)
+DECODE = (1.0, 0.1, 0.4)
+
+
+def _exact(budget: float, tokens: int, batch: int) -> Measurement:
+    prefill = PREFILL[0] + PREFILL[1] * batch * tokens + PREFILL[2] * budget * batch * tokens
+    decode = DECODE[0] + DECODE[1] * batch + DECODE[2] * budget * batch
+    return Measurement(budget, budget, tokens, batch, prefill, decode)
+
+
+def _grid() -> list[Measurement]:
+    return [_exact(b, t, n) for b in (1.0, 0.8, 0.6) for t in (24, 64) for n in (1, 4)]
+
+
+def test_fit_recovers_the_coefficients_of_exact_measurements():
+    model = LatencyModel.fit(_grid())
+    assert model.prefill == pytest.approx(PREFILL, abs=1e-9)
+    assert model.decode == pytest.approx(DECODE, abs=1e-9)
+
+
+def test_prediction_by_hand():
+    model = LatencyModel(PREFILL, DECODE)
+    # budget 0.5, T=40, B=2, 3 new tokens = prefill + 2 decoding steps:
+    # prefill 2 + 0.8 + 2.0 = 4.8; decode 1 + 0.2 + 0.4 = 1.6 per step
+    assert model.predict_ms(0.5, 40, 3, 2) == pytest.approx(4.8 + 2 * 1.6)
+    assert model.predict_ms(0.5, 40, 3, 2, scale=2.0) == pytest.approx(2 * (4.8 + 2 * 1.6))
+    assert model.predict_ms(0.5, 40, 1, 2) == pytest.approx(4.8)
+
+
+@pytest.mark.parametrize("budget", [0.55, 0.7, 0.9, 1.0])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inverts_its_own_predictions(budget: float, batch: int):
+    model = LatencyModel(PREFILL, DECODE, margin=0.25)
+    deadline = model.predict_ms(budget, 50, 4, batch) * 1.25
+    choice = model.budget_for_deadline(deadline, 50, 4, batch, min_budget=0.5)
+    assert choice.met
+    assert choice.budget == pytest.approx(budget, abs=2e-6)
+    assert choice.budget <= budget + 1e-12  # never above: rounded down
+    assert choice.predicted_ms * 1.25 <= deadline * (1 + 1e-9)
+
+
+def test_generous_deadline_gives_the_full_model_and_unmeetable_the_smallest_budget_flagged():
+    model = LatencyModel(PREFILL, DECODE, margin=0.1)
+    generous = model.budget_for_deadline(1e6, 50, 4, 1, min_budget=0.4)
+    assert (generous.budget, generous.met) == (1.0, True)
+    # the smallest budget 0.4 needs 2 + 0.5 + 1.0 + 3 * (1 + 0.1 + 0.16) = 7.28 ms; 5 ms cannot be met
+    choice = model.budget_for_deadline(5.0, 50, 4, 1, min_budget=0.4)
+    assert (choice.budget, choice.met) == (0.4, False)
+    assert choice.predicted_ms == pytest.approx(7.28)
+    with pytest.raises(ValueError, match="deadline_ms 0 must be > 0"):
+        model.budget_for_deadline(0, 50, 4, 1)
+
+
+def test_online_correction_lowers_the_budget_when_times_double_and_raises_it_back():
+    model = LatencyModel(PREFILL, DECODE, margin=0.1)
+    deadline = model.predict_ms(0.9, 400, 4, 4) * 1.1
+    ratio = RunningRatio(weight=0.5)
+    before = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
+    for _ in range(6):  # the machine slows down: every batch takes twice the prediction
+        predicted = model.predict_ms(0.9, 400, 4, 4)
+        ratio.update(predicted, 2 * predicted)
+    assert ratio.value == pytest.approx(2.0, abs=0.05)  # 2 - 1/2**6
+    slowed = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value)
+    assert slowed.budget < before - 0.2
+    assert slowed.predicted_ms * 1.1 <= deadline * (1 + 1e-9)
+    for _ in range(8):  # the load goes
+        predicted = model.predict_ms(0.9, 400, 4, 4)
+        ratio.update(predicted, predicted)
+    recovered = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
+    assert recovered > slowed.budget + 0.2
+
+
+def test_profile_file_round_trip_and_clear_errors(tmp_path):
+    path = save_profile(tmp_path / "p.json", _grid(), {"device": "cpu", "dtype": "float32", "torch": "x", "grid": {}})
+    model = LatencyModel.load(path, margin=0.3)
+    assert model.prefill == pytest.approx(PREFILL, abs=1e-9)
+    assert model.margin == 0.3 and model.meta["device"] == "cpu"
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        LatencyModel.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": 1, "measurements": [{"budget": 1.0}]}))
+    with pytest.raises(ValueError, match="bad.json: latency profile: bad `measurements`"):
+        LatencyModel.load(bad)

@@ -1,0 +1,42 @@
+"""`adaptive-mllm profile`: a small grid measured on the tiny model, written as a profile the server reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from adaptive_mllm.serving import profile
+from adaptive_mllm.serving.latency import LatencyModel
+from tests.conftest import tiny_config
+
+
+def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer_dir: Path):
+    recipe = {
+        "model": {
+            "backbone": {
+                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
+                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat"},
+            },
+            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
+        }
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "profile.json"
+    argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "0.0",
+            "--prompt_lengths", "8", "12", "--batch_sizes", "1", "2", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
+    profile(argv)
+    written = json.loads(out.read_text())
+    assert written["format"] == 1 and written["dtype"] == "float32" and written["device"].startswith("cpu")
+    assert written["grid"]["batch_sizes"] == [1, 2]
+    rows = written["measurements"]
+    assert len(rows) == 2 * 2 * 2  # budgets x lengths x batch sizes
+    for row in rows:
+        assert row["prompt_tokens"] in (9, 13)  # + the latency token
+        assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0
+        # budget 0 is measured at the smallest admissible budget: 1 prefix layer of 4 plus the LM head
+        assert row["budget"] == 1.0 or 0.25 < row["budget"] < 0.5
+        assert row["flops_fraction"] <= row["budget"] + 1e-9
+    model = LatencyModel.load(out)
+    assert model.meta["grid"]["prompt_lengths"] == [8, 12]

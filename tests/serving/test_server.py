@@ -1,0 +1,231 @@
+"""A real server process on 127.0.0.1, called over HTTP (openai client and httpx): answers equal
+``AdaptiveMLLM.generate``'s, mixed budgets batch together, bad requests get their own 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adaptive_mllm.serving.latency import Measurement, save_profile
+from adaptive_mllm.serving.server import build_model
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
+OTHER = "How many shapes are there ?"  # a different question
+MAX_PIXELS = 64 * 64
+
+
+def _png(seed: int, size: int = 32) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _messages(image_url: str, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+    """The tiny model (AdaLLaVA-L, random weights) saved as a checkpoint, served by a subprocess."""
+    root = tmp_path_factory.mktemp("served")
+    recipe = {
+        "model": {
+            "backbone": {
+                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
+                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat", "seed": 0},
+            },
+            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
+            "max_new_tokens": 4,
+        }
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    module = build_model(str(root / "recipe.yaml"), None, None, []).eval()
+    torch.save({"state_dict": module.state_dict()}, root / "model.ckpt")
+    images = root / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png(1))
+    (root / "secret.png").write_bytes(_png(1))
+    # a hand-made profile: prefill 5 + 0.01 BT + 0.5 bBT ms, decode 2 + 0.1 B + 1.0 bB ms per step
+    rows = [
+        Measurement(b, b, t, n, 5 + 0.01 * n * t + 0.5 * b * n * t, 2 + 0.1 * n + 1.0 * b * n)
+        for b in (1.0, 0.5) for t in (20, 60) for n in (1, 4)
+    ]  # fmt: skip
+    profile = save_profile(root / "profile.json", rows, {"device": "test", "dtype": "float32", "torch": "", "grid": {}})
+    port = _free_port()
+    command = [
+        sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+        "--config", str(root / "recipe.yaml"), "--ckpt_path", str(root / "model.ckpt"), "--profile", str(profile),
+        "--port", str(port), "--image_dir", str(images), "--max_image_pixels", str(MAX_PIXELS),
+        "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"base": base, "module": module, "images": images, "root": root}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it spawned
+        process.wait(timeout=30)
+        log.close()
+
+
+def _expected(module, image: bytes, text: str, budget: float) -> str:
+    """``AdaptiveMLLM.generate`` on a batch built the way the data pipeline builds one (LLaVA's
+    "<image>\\n" + question, the backbone's template and image preprocessing)."""
+    processor = module.backbone.input_processor()
+    ids = processor.chat_template.encode_prompt(
+        [f"<image>\n{text}"], [], processor.tokenizer, processor.image_token_id, processor.num_image_tokens
+    )
+    pixels = processor.preprocess_image(Image.open(io.BytesIO(image)).convert("RGB"))
+    batch = {
+        "prompt_ids": torch.tensor([ids]),
+        "prompt_attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": pixels[None],
+    }
+    return module.generate(batch, budget)["answers"][0]
+
+
+def _post(base: str, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def test_answers_like_generate_through_the_openai_client(served):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served['base']}/v1", api_key="unused", timeout=120, max_retries=0)
+    image = _png(7)
+    for budget in (1.0, 0.6):
+        reply = client.chat.completions.create(model="tiny", messages=_messages(_data_url(image), QUESTION), extra_body={"budget": budget})
+        assert reply.choices[0].message.content == _expected(served["module"], image, QUESTION, budget)
+        extra = reply.model_dump()["adaptive"]
+        assert extra["budget"] == budget and extra["requested"] == "budget"
+        # 3 scheduled layers of equal cost: 1.0 runs all 3, 0.6 runs 1 (the prefix layer and LM head take the rest)
+        assert extra["units"] == (3.0 if budget == 1.0 else 1.0)
+        assert extra["measured_ms"] > 0 and extra["predicted_ms"] > 0
+
+
+def test_mixed_budgets_in_one_batch_answer_as_each_alone(served):
+    cases = [(_png(11), QUESTION, 1.0), (_png(12), OTHER, 0.3), (_png(13), QUESTION, 0.6)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        replies = list(pool.map(lambda c: _post(served["base"], {"messages": _messages(_data_url(c[0]), c[1]), "budget": c[2]}), cases))
+    for (image, text, budget), reply in zip(cases, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["adaptive"]["batch_size"] == 3  # one engine call for all three
+        assert body["adaptive"]["budget"] == budget
+        assert body["choices"][0]["message"]["content"] == _expected(served["module"], image, text, budget)
+
+
+def test_deadlines_become_budgets_and_an_unmeetable_one_is_flagged(served):
+    image = _data_url(_png(3))
+    generous = _post(served["base"], {"messages": _messages(image, QUESTION), "deadline_ms": 1e7}).json()["adaptive"]
+    assert generous["budget"] == 1.0 and generous["requested"] == "deadline" and generous["deadline_feasible"]
+    # the smallest budget alone is predicted at >= 5 ms of prefill; 1 ms cannot be met
+    tight = _post(served["base"], {"messages": _messages(image, QUESTION), "deadline_ms": 1}).json()["adaptive"]
+    assert tight["deadline_feasible"] is False
+    assert tight["units"] == 0.0 and tight["budget"] < 0.5  # the smallest admissible budget: prefix layer + LM head
+
+
+def _disconnect_mid_request(base: str) -> None:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{\"messages\": [")  # fmt: skip
+
+
+def test_bad_requests_interleaved_with_good_ones(served):
+    base, images = served["base"], served["images"]
+    good_image = (images / "a.png").read_bytes()
+    expected = _expected(served["module"], good_image, QUESTION, 0.6)
+    good = {"messages": _messages(_data_url(good_image), QUESTION), "budget": 0.6}
+    ok = lambda image_url: {"messages": _messages(image_url, QUESTION)}  # noqa: E731
+    huge = io.BytesIO()
+    Image.new("RGB", (65, 65)).save(huge, "PNG")  # 4225 pixels > 64 * 64
+    long_text = " ".join(["shape"] * 300)
+    bad = [
+        ("malformed JSON", b"{\"messages\": [", 422, "JSON decode error"),
+        ("missing image", {"messages": [{"role": "user", "content": QUESTION}]}, 400, "no image"),
+        ("non-image bytes", ok("data:image/png;base64," + base64.b64encode(b"not an image at all").decode()), 400, "not a readable image"),
+        ("bad base64", ok("data:image/png;base64,%%%"), 400, "invalid base64"),
+        ("huge image", ok(_data_url(huge.getvalue())), 413, "65x65 pixels"),
+        ("path outside the folder", ok(str(served["root"] / "secret.png")), 403, "outside the allowed image folder"),
+        ("dot-dot path", ok("../secret.png"), 403, "outside the allowed image folder"),
+        ("remote URL", ok("http://example.com/a.png"), 400, "nothing is fetched"),
+        ("prompt too long", {"messages": _messages(_data_url(good_image), long_text)}, 400, "maximum length 256"),
+        ("budget above 1", {**good, "budget": 1.5}, 400, "budget 1.5 is outside [0, 1]"),
+        ("budget not a number", {**good, "budget": "high"}, 400, "must be a finite number"),
+        ("zero deadline", {"messages": good["messages"], "deadline_ms": 0}, 400, "deadline_ms 0 must be > 0"),
+        ("negative deadline", {"messages": good["messages"], "deadline_ms": -5}, 400, "deadline_ms -5 must be > 0"),
+        ("both", {**good, "deadline_ms": 100}, 400, "either `budget` or `deadline_ms`"),
+        ("unknown field", {**good, "n": 2}, 400, "unknown field(s) ['n']"),
+        ("streaming", {**good, "stream": True}, 400, "streaming is not supported"),
+        ("system turn", {"messages": [{"role": "system", "content": "x"}, *good["messages"]]}, 400, "expected 'user'"),
+        ("not an object", [1, 2], 422, "dict"),
+    ]
+    for name, body, status, message in bad:
+        if isinstance(body, bytes):
+            reply = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+        else:
+            reply = _post(base, body)
+        assert reply.status_code == status, (name, reply.text)
+        assert message in reply.text, (name, reply.text)
+        if name == "unknown field":
+            _disconnect_mid_request(base)  # a client that goes away mid-request
+        answer = _post(base, good)
+        assert answer.status_code == 200, (name, answer.text)
+        assert answer.json()["choices"][0]["message"]["content"] == expected, name
+    # a path inside the allowed folder is read, relative or absolute
+    for url in ("a.png", str(images / "a.png"), f"file://{images / 'a.png'}"):
+        reply = _post(base, {"messages": _messages(url, QUESTION), "budget": 0.6})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_health_and_metrics(served):
+    assert httpx.get(f"{served['base']}/health", timeout=10).text == "ok"
+    _post(served["base"], {"messages": _messages(_data_url(_png(5)), QUESTION), "budget": 2})  # rejected
+    metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    assert metrics["rejected"] >= 1 and metrics["answered"] >= 1
+    assert metrics["requests"] == metrics["answered"] + metrics["rejected"]
+    assert metrics["batches"] <= metrics["answered"]
+    assert json.dumps(metrics)  # plain JSON
