@@ -166,7 +166,7 @@ class CostModel:
         costs = []
         for t in tokens:
             spent = [self.layer_flops(t, j * kv, j * mlp, s.num_heads) for j in range(units_per_layer + 1)]
-            costs.append([after - before for before, after in zip(spent, spent[1:])])
+            costs.append([after - before for before, after in zip(spent[:-1], spent[1:], strict=True)])
         return costs
 
     # --- budgets -----------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from adaptive_mllm.cost import BudgetRule, CostModel
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 
-
 #: transformers' ``initializer_range`` of the LLMs the release builds on (Llama / Vicuna; Phi-2 too)
 INIT_STD = 0.02
 
