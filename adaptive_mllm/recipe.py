@@ -50,9 +50,9 @@ class SaveConfigToWandb(SaveConfigCallback):
 class AdaptiveMLLMCLI(LightningCLI):
     """LightningCLI with runs that keep their files, a checked checkpoint, and ``--test_after_fit``.
 
-    ``validate`` / ``test`` / ``predict`` write into a new ``<default_root_dir>/<subcommand>/<time>`` directory
-    (config, tables, plots, answers, W&B run), so evaluating a training run's checkpoint never replaces the
-    training run's files; ``fit`` refuses a directory that holds another run unless it resumes it
+    ``validate`` / ``test`` / ``predict`` write into ``default_root_dir`` when it is new or empty, else into a
+    new ``<default_root_dir>/<subcommand>/<time>`` (config, tables, plots, answers, W&B run), so evaluating a
+    training run's checkpoint never replaces the training run's files; ``fit`` refuses a directory that holds another run unless it resumes it
     (``--ckpt_path``) or ``--overwrite_run=true`` says to replace it.
     """
 
@@ -111,14 +111,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCL
 
 
 def _own_directory(config: Any, subcommand: str) -> None:
-    """Point the trainer's root and its loggers' save_dir at a new ``<root>/<subcommand>/<time>`` directory.
+    """Point the trainer's root and its loggers' save_dir at a directory of this run's own: the root itself
+    when it is new or empty, else a new ``<root>/<subcommand>/<time>``.
 
     The name is chosen once and kept in the environment, so the processes a strategy launches from this one
     (which parse the same command line again) write into the same directory."""
     launched = any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK"))
     directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if launched else None
     if directory is None:
-        directory = str(new_directory(Path(config.trainer.get("default_root_dir") or ".") / subcommand))
+        root = Path(config.trainer.get("default_root_dir") or ".")
+        fresh = not root.exists() or not any(root.iterdir())
+        directory = str(root if fresh else new_directory(root / subcommand))
         os.environ[RUN_DIRECTORY_VARIABLE] = directory
     config.trainer.default_root_dir = directory
     loggers = config.trainer.get("logger")
