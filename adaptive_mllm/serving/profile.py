@@ -57,7 +57,8 @@ def measure(
                 )  # fmt: skip
                 prefill_fns[budget], decode_fns[budget], info[budget] = prefill, decode, row
             encode = _interleaved_medians(
-                {"encode": lambda: embed_selected(backbone, ids, mask, images, model.token_selector)}, repeats, device
+                {"encode": lambda ids=ids, mask=mask, images=images: embed_selected(backbone, ids, mask, images, model.token_selector)},
+                repeats, device,
             )["encode"]
             prefill_s = _interleaved_medians(prefill_fns, repeats, device)
             decode_s = _interleaved_medians(decode_fns, repeats, device)

@@ -88,7 +88,11 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
         builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size, args.batch_timeout
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout)
+    # a body is at most one base64 image (4/3 of its bytes) plus text: anything larger is refused (413) unread
+    max_payload = args.max_image_bytes * 4 // 3 + 1024 * 1024
+    server = ls.LitServer(
+        api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
+    )
     server.app.add_api_route("/metrics", partial(read_metrics, metrics_path), methods=["GET"])
     return server
 

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
 OTHER = "How many shapes are there ?"  # a different question
 MAX_PIXELS = 64 * 64
+MAX_BYTES = 200_000  # the server then refuses bodies over 4/3 of this + 1 MiB unread
 
 
 def _png(seed: int, size: int = 32) -> bytes:
@@ -74,6 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
     images.mkdir()
     (images / "a.png").write_bytes(_png(1))
     (root / "secret.png").write_bytes(_png(1))
+    (images / "link.png").symlink_to(root / "secret.png")  # inside the folder, pointing out of it
     # a hand-made profile: prefill 5 + 0.01 BT + 0.5 bBT ms, decode 2 + 0.1 B + 1.0 bB ms per step
     rows = [
         Measurement(b, b, t, n, 5 + 0.01 * n * t + 0.5 * b * n * t, 2 + 0.1 * n + 1.0 * b * n)
@@ -85,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
         sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
         "--config", str(root / "recipe.yaml"), "--ckpt_path", str(root / "model.ckpt"), "--profile", str(profile),
         "--port", str(port), "--image_dir", str(images), "--max_image_pixels", str(MAX_PIXELS),
-        "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
+        "--max_image_bytes", str(MAX_BYTES), "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     log = open(root / "server.log", "w")
@@ -190,6 +192,9 @@ def test_bad_requests_interleaved_with_good_ones(served):
         ("huge image", ok(_data_url(huge.getvalue())), 413, "65x65 pixels"),
         ("path outside the folder", ok(str(served["root"] / "secret.png")), 403, "outside the allowed image folder"),
         ("dot-dot path", ok("../secret.png"), 403, "outside the allowed image folder"),
+        ("symlink out of the folder", ok("link.png"), 403, "outside the allowed image folder"),
+        ("image over the byte limit", ok(_data_url(b"x" * (MAX_BYTES + 10))), 413, f"larger than {MAX_BYTES} bytes"),
+        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 1_500_000)}, 413, "Payload too large"),
         ("remote URL", ok("http://example.com/a.png"), 400, "nothing is fetched"),
         ("prompt too long", {"messages": _messages(_data_url(good_image), long_text)}, 400, "maximum length 256"),
         ("budget above 1", {**good, "budget": 1.5}, 400, "budget 1.5 is outside [0, 1]"),
