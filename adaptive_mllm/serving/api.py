@@ -150,7 +150,8 @@ class DeadlineAPI(ls.LitAPI):
         return outputs
 
     def _answer(self, requests: list[ChatRequest]) -> list[Answer]:
-        batch = self._collate(requests)
+        dtype = next(self.model.backbone.parameters()).dtype
+        batch = collate(requests, self.processor.pad_token_id, self.torch_device, dtype)
         prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model._uses_latency_token())
         new_tokens = self.model.max_new_tokens
         size = len(requests)
@@ -197,19 +198,6 @@ class DeadlineAPI(ls.LitAPI):
             return choice.budget, "deadline", choice.met
         return max(self.model.budget, minimum), "default", True
 
-    def _collate(self, requests: list[ChatRequest]) -> dict[str, torch.Tensor]:
-        """Prompts left-padded (generation appends at one column for the whole batch), images stacked."""
-        length = max(len(request.prompt_ids) for request in requests)
-        pad = self.processor.pad_token_id
-        ids = torch.full((len(requests), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), length), dtype=torch.long)
-        for row, request in enumerate(requests):
-            ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, length - len(request.prompt_ids) :] = 1
-        dtype = next(self.model.backbone.parameters()).dtype
-        pixels = torch.stack([request.pixel_values for request in requests]).to(self.torch_device, dtype)
-        return {"prompt_ids": ids.to(self.torch_device), "prompt_attention_mask": mask.to(self.torch_device), "pixel_values": pixels}
-
     def _costs(self, plan: Any, batch: dict[str, torch.Tensor], size: int) -> tuple[list[float], list[float]]:
         """Per request: units run and FLOPs fraction of its plan (generate reports batch means)."""
         scheduler = self.model.scheduler
@@ -249,6 +237,18 @@ class DeadlineAPI(ls.LitAPI):
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(counts, sort_keys=True))
         temporary.replace(path)  # readers never see half a file
+
+
+def collate(requests: list[ChatRequest], pad_token_id: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Prompts left-padded (generation appends at one column for the whole batch), images stacked."""
+    length = max(len(request.prompt_ids) for request in requests)
+    ids = torch.full((len(requests), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), length), dtype=torch.long)
+    for row, request in enumerate(requests):
+        ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+        mask[row, length - len(request.prompt_ids) :] = 1
+    pixels = torch.stack([request.pixel_values for request in requests]).to(device, dtype)
+    return {"prompt_ids": ids.to(device), "prompt_attention_mask": mask.to(device), "pixel_values": pixels}
 
 
 def _now(device: torch.device) -> float:
