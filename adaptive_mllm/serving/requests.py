@@ -64,6 +64,7 @@ class ChatRequest:
     pixel_values: torch.Tensor  # [3, H, W]
     budget: float | None
     deadline_ms: float | None
+    received: float | None = None  # time.monotonic() when the request reached the server, if known
 
 
 def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int, limits: RequestLimits) -> ChatRequest:

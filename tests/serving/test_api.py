@@ -64,18 +64,32 @@ def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api:
     tokens = len(request.prompt_ids) + 1  # + the latency token
     new = api.model.max_new_tokens
     request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
-    before, _, feasible = api._choose(request, tokens, new, 1)
+    before, _, feasible = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and before == pytest.approx(0.9, abs=1e-5)
     budgets = torch.tensor([before])
     for _ in range(8):  # every batch takes twice its prediction
         api._correct(budgets, tokens, new, 1, 2 * api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
     assert api.ratio.value == pytest.approx(2 - 0.7**8)  # EMA of weight 0.3 from 1 toward 2
-    slowed, _, feasible = api._choose(request, tokens, new, 1)
+    slowed, _, feasible = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and slowed < 0.5  # by hand: (0.9 * c + a) / 2 = a + b c  ->  b ~ 0.43 with a ~ 1.3, c ~ 2T
     for _ in range(12):  # the load goes
         api._correct(budgets, tokens, new, 1, api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
-    recovered, _, _ = api._choose(request, tokens, new, 1)
+    recovered, _, _ = api._choose(request, 0.0, tokens, new, 1)
     assert recovered > 0.85
+
+
+def test_time_spent_queued_counts_against_the_deadline(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    request = _request(api, 1.0)
+    tokens = len(request.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    late, _, feasible = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
+    assert feasible and late < fresh - 0.3  # half the time left: about half the budget-dependent work
+    expired, requested, feasible = api._choose(request, request.deadline_ms + 1, tokens, new, 1)
+    minimum = api.model.scheduler.cost.min_budget(tokens)
+    assert (expired, requested, feasible) == (minimum, "deadline", False)
 
 
 def test_an_answer_that_stops_early_is_compared_at_full_length(api: DeadlineAPI):

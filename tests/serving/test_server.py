@@ -150,12 +150,15 @@ def test_mixed_budgets_in_one_batch_answer_as_each_alone(served):
     cases = [(_png(11), QUESTION, 1.0), (_png(12), OTHER, 0.3), (_png(13), QUESTION, 0.6)]
     with ThreadPoolExecutor(len(cases)) as pool:
         replies = list(pool.map(lambda c: _post(served["base"], {"messages": _messages(_data_url(c[0]), c[1]), "budget": c[2]}), cases))
+    queued = []
     for (image, text, budget), reply in zip(cases, replies, strict=True):
         assert reply.status_code == 200, reply.text
         body = reply.json()
+        queued.append(body["adaptive"]["queued_ms"])
         assert body["adaptive"]["batch_size"] == 3  # one engine call for all three
         assert body["adaptive"]["budget"] == budget
         assert body["choices"][0]["message"]["content"] == _expected(served["module"], image, text, budget)
+    assert min(queued) >= 0 and max(queued) > 0  # the first waited for the others (the worker saw its arrival time)
 
 
 def test_deadlines_become_budgets_and_an_unmeetable_one_is_flagged(served):
