@@ -12,7 +12,8 @@ Prints throughput, p50 / p95 / p99 end-to-end latency and the deadline hit rate 
 and writes ``<out>/requests.csv``, ``<out>/summary.md`` and ``<out>/latency.png`` (latency over time,
 the deadline line, the budgets chosen, the hog's span). Without ``--profile`` one is measured first
 (``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x the profile's prediction for
-one request at budget 1.0.
+one request at budget 1.0. Other flags are recipe overrides, passed to every model build, e.g.
+``--data.init_args.num_train=500`` (random weights need only the tokenizer the datamodule writes).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path
         command += ["--ckpt_path", args.ckpt_path]
     if pinned:
         command += ["--pinned_budget", "1.0"]
+    command += args.overrides
     log = open(log_path, "w")
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
@@ -189,7 +191,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     from adaptive_mllm.serving.requests import RequestLimits, parse_chat_request
     from adaptive_mllm.serving.server import build_model
 
-    model = build_model(args.config, args.ckpt_path, None, []).eval()
+    model = build_model(args.config, args.ckpt_path, None, args.overrides).eval()
     processor = model.backbone.input_processor()
     requests = [parse_chat_request(_body(images, n), processor, model.max_new_tokens, RequestLimits()) for n in range(batch_size)]
     dtype = next(model.backbone.parameters()).dtype
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--batch_timeout", type=float, default=0.01)
     parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    args.overrides = overrides  # recipe flags for every model build
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     profile = Path(args.profile) if args.profile else out / "profile.json"
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from adaptive_mllm.serving import profile as measure_profile
 
         command = ["--config", args.config, "--out", str(profile)] + (["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])
-        measure_profile(command)
+        measure_profile(command + args.overrides)
     deadline_ms = args.deadline_ms
     if deadline_ms is None:
         from adaptive_mllm.serving.latency import LatencyModel
