@@ -164,6 +164,9 @@ class DeadlineAPI(ls.LitAPI):
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
         choices = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
         budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
+        predicted = [None] * size  # what the choice was based on, before this batch corrects the model
+        if self.latency is not None:
+            predicted = [self.latency.predict_ms(b, prompt_tokens, new_tokens, size, self.ratio.value) for b, _, _ in choices]
         self.decode_steps = 0
         start = _now(self.torch_device)
         out = self.model.generate(batch, budgets.to(self.torch_device))
@@ -176,16 +179,13 @@ class DeadlineAPI(ls.LitAPI):
         answers = []
         for index, (budget, requested, feasible) in enumerate(choices):
             request = requests[index]
-            predicted = None
-            if self.latency is not None:
-                predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size, self.ratio.value)
             if request.deadline_ms is not None:
                 self.counts["deadline_requests"] += 1
                 self.counts["deadline_met"] += int(queued[index] + measured_ms <= request.deadline_ms)
                 self.counts["deadline_infeasible"] += int(not feasible)
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
-                       fractions[index], predicted, measured_ms, queued[index], size)
+                       fractions[index], predicted[index], measured_ms, queued[index], size)
             )  # fmt: skip
         return answers
 
