@@ -66,6 +66,8 @@ def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path
         command += ["--ckpt_path", args.ckpt_path]
     if pinned:
         command += ["--pinned_budget", "1.0"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     command += args.overrides
     log = open(log_path, "w")
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
@@ -191,6 +193,8 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     from adaptive_mllm.serving.requests import RequestLimits, parse_chat_request
     from adaptive_mllm.serving.server import build_model
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = build_model(args.config, args.ckpt_path, None, args.overrides).eval()
     processor = model.backbone.input_processor()
     requests = [parse_chat_request(_body(images, n), processor, model.max_new_tokens, RequestLimits()) for n in range(batch_size)]
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--deadline_factor", type=float, default=1.5)
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--batch_timeout", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, help="torch threads of the servers, the profile and the checks")
     parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides  # recipe flags for every model build
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from adaptive_mllm.serving import profile as measure_profile
 
         command = ["--config", args.config, "--out", str(profile)] + (["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])
-        measure_profile(command + args.overrides)
+        threads = ["--threads", str(args.threads)] if args.threads is not None else []
+        measure_profile(command + threads + args.overrides)
     deadline_ms = args.deadline_ms
     if deadline_ms is None:
         from adaptive_mllm.serving.latency import LatencyModel

@@ -62,6 +62,7 @@ class DeadlineAPI(ls.LitAPI):
         pinned_budget: answer every request at this budget, ignoring its budget / deadline (a baseline
             for the load test); None = adaptive.
         max_batch_size, batch_timeout: LitServe's dynamic batching.
+        threads: torch's intra-op threads in the worker (None: torch's default, one per core).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class DeadlineAPI(ls.LitAPI):
         pinned_budget: float | None = None,
         max_batch_size: int = 8,
         batch_timeout: float = 0.01,
+        threads: int | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=StampingLoop())
         self.build_model = build_model
@@ -82,9 +84,12 @@ class DeadlineAPI(ls.LitAPI):
         self.margin = margin
         self.metrics_path = metrics_path
         self.pinned_budget = pinned_budget
+        self.threads = threads
 
     # --- worker setup --------------------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         model = self.build_model()
         model.to(device).eval()
         self.model = model
