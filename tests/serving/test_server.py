@@ -171,11 +171,16 @@ def test_deadlines_become_budgets_and_an_unmeetable_one_is_flagged(served):
     assert tight["units"] == 0.0 and tight["budget"] < 0.5  # the smallest admissible budget: prefix layer + LM head
 
 
-def _disconnect_mid_request(base: str) -> None:
+def _disconnect_mid_request(base: str, body: dict) -> None:
+    """Two clients that go away: one in the middle of its body, one while its answer is computed."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 5000\r\n\r\n{\"messages\": [")  # fmt: skip
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
 
 
 def test_bad_requests_interleaved_with_good_ones(served):
@@ -218,7 +223,7 @@ def test_bad_requests_interleaved_with_good_ones(served):
         assert reply.status_code == status, (name, reply.text)
         assert message in reply.text, (name, reply.text)
         if name == "unknown field":
-            _disconnect_mid_request(base)  # a client that goes away mid-request
+            _disconnect_mid_request(base, good)
         answer = _post(base, good)
         assert answer.status_code == 200, (name, answer.text)
         assert answer.json()["choices"][0]["message"]["content"] == expected, name
