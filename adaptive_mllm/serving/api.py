@@ -39,7 +39,7 @@ class Answer:
 
     text: str
     budget: float
-    requested: str  # "budget", "deadline" or "default"
+    requested: str  # what set the budget: "budget", "deadline", "default" or "pinned"
     deadline_ms: float | None
     deadline_feasible: bool  # False: even the smallest budget was predicted to miss the deadline
     units: float
