@@ -242,3 +242,12 @@ def test_health_and_metrics(served):
     assert metrics["requests"] == metrics["answered"] + metrics["rejected"]
     assert metrics["batches"] <= metrics["answered"]
     assert json.dumps(metrics)  # plain JSON
+
+
+def test_command_line_errors_name_the_problem(tmp_path: Path):
+    from adaptive_mllm.serving import serve
+
+    with pytest.raises(SystemExit, match="--profile .*missing.json does not exist"):
+        serve(["--config", "recipe.yaml", "--profile", str(tmp_path / "missing.json")])
+    with pytest.raises(ValueError, match="give --export_dir, or --config"):
+        build_model(None, None, None, [])
