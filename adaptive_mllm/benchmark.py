@@ -23,6 +23,7 @@ from adaptive_mllm.cost import CostModel
 from adaptive_mllm.engine import PlanCache
 from adaptive_mllm.inputs import embed_multimodal, embed_selected, insert_token, position_ids_from_mask
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.recipe import build_cli
 from adaptive_mllm.reporting import format_table
 from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector, insert_column
 
@@ -226,8 +227,6 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
-    from adaptive_mllm.cli import build_cli
-
     parser = argparse.ArgumentParser(prog="adaptive-mllm benchmark", description=__doc__)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.55])
     parser.add_argument("--prompt_length", type=int, default=600, help="prompt tokens, image placeholders included")

@@ -1,78 +1,36 @@
-"""`adaptive-mllm`: LightningCLI over AdaptiveMLLM, parts chosen by ``class_path`` in YAML or a flag.
+"""`adaptive-mllm`: dispatches to a subcommand.
 
-``benchmark`` and ``export`` (a trained checkpoint as a plain directory) are dispatched before LightningCLI.
-
-The parts' packages are imported here so that short class names resolve, e.g.
-``--model.scheduler=LayerScheduler`` or ``--data=ShapesVQADataModule``.
+``fit`` / ``validate`` / ``test`` / ``predict`` run the recipe's LightningCLI (:mod:`adaptive_mllm.recipe`);
+``benchmark``, ``plot``, ``export``, ``serve`` and ``profile`` have their own parsers. Nothing else lives here, so no module
+needs to import this one back.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from adaptive_mllm import benchmark, export, plots, serving
+from adaptive_mllm.recipe import build_cli
 
-import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
-import adaptive_mllm.data  # noqa: F401
-import adaptive_mllm.schedulers  # noqa: F401
-import adaptive_mllm.token_selection  # noqa: F401
-from adaptive_mllm.module import AdaptiveMLLM
+__all__ = ["build_cli", "main"]
 
-
-class SaveConfigToWandb(SaveConfigCallback):
-    """Writes config.yaml beside the run (overwriting, so a second run never aborts on it) and pushes the
-    resolved config to W&B."""
-
-    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
-
-
-class AdaptiveMLLMCLI(LightningCLI):
-    """LightningCLI plus ``--test_after_fit``: the test split is scored at every budget when ``fit`` ends."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the trained weights after fit")
-
-    def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.fast_dev_run:
-            self.trainer.test(self.model, datamodule=self.datamodule)
-
-
-def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCLI:
-    return AdaptiveMLLMCLI(
-        AdaptiveMLLM,
-        subclass_mode_data=True,
-        save_config_callback=SaveConfigToWandb,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=args,
-        run=run,
-    )
+SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
+    "benchmark": benchmark.main,
+    "plot": plots.main,
+    "export": export.main,
+    "serve": serving.serve,
+    "profile": serving.profile,
+}
 
 
 def main(args: list[str] | None = None) -> None:
-    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark`` and ``export``."""
+    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``export``, ``serve`` and ``profile``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "benchmark":
-        from adaptive_mllm.benchmark import main as benchmark_main
-
-        benchmark_main(argv[1:])
-        return
-    if argv and argv[0] == "plot":
-        from adaptive_mllm.plots import main as plot_main
-
-        plot_main(argv[1:])
-        return
-    if argv and argv[0] == "export":
-        from adaptive_mllm.export import main as export_main
-
-        export_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
         return
     build_cli(args)
 

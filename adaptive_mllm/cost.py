@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adaptive_mllm.backbones.base import DecoderShape
+from adaptive_mllm.layers import mlp_group_sizes
 
 if TYPE_CHECKING:
     from adaptive_mllm.schedulers.plan import ExecutionPlan
@@ -84,7 +85,8 @@ class CostModel:
         num_mlp_groups: int | None = None,
     ) -> int:
         """One decoder layer on ``seq_len`` tokens; None keeps every group. MLP groups are
-        ``num_mlp_groups`` (default ``num_heads``) equal contiguous slices of the intermediate size."""
+        ``num_mlp_groups`` (default ``num_heads``) contiguous slices of the intermediate size; when they are
+        uneven (:func:`mlp_group_sizes`) ``mlp_groups_kept`` counts the widest ones: the most it can cost."""
         s = self.shape
         kv = s.num_kv_heads if kv_groups_kept is None else kv_groups_kept
         if not 0 <= kv <= s.num_kv_heads:
@@ -92,12 +94,10 @@ class CostModel:
         if mlp_groups_kept is None:
             neurons = s.intermediate_size
         else:
-            groups = s.num_heads if num_mlp_groups is None else num_mlp_groups
-            if s.intermediate_size % groups:
-                raise ValueError(f"intermediate_size={s.intermediate_size} does not split into {groups} equal MLP groups")
-            if not 0 <= mlp_groups_kept <= groups:
-                raise ValueError(f"mlp_groups_kept={mlp_groups_kept} must be in [0, {groups}]")
-            neurons = mlp_groups_kept * (s.intermediate_size // groups)
+            sizes = mlp_group_sizes(s.intermediate_size, s.num_heads if num_mlp_groups is None else num_mlp_groups)
+            if not 0 <= mlp_groups_kept <= len(sizes):
+                raise ValueError(f"mlp_groups_kept={mlp_groups_kept} must be in [0, {len(sizes)}]")
+            neurons = sum(sizes[:mlp_groups_kept])  # the widest groups come first
         return kv * self.attention_group_flops(seq_len) + self.mlp_flops(seq_len, neurons)
 
     def tokens_per_layer(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> list[int]:
@@ -125,16 +125,31 @@ class CostModel:
         return self.fixed_flops(seq_len, layer_tokens) / self.full_flops(seq_len, layer_tokens)
 
     def unit_flops(self, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None) -> list[int]:
-        """Cost of one unit in each schedulable layer, when a layer splits into ``units_per_layer``
-        equal units (layer level: 1; head level: ``num_heads // rank``)."""
+        """Cost of one unit in each schedulable layer, when a layer splits into ``units_per_layer`` units
+        (layer level: 1; head level: ``num_heads // rank``): the most expensive one where MLP groups are uneven."""
+        return [costs[0] for costs in self.unit_costs(seq_len, units_per_layer, layer_tokens)]
+
+    def unit_costs(self, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None) -> list[list[int]]:
+        """Per schedulable layer, the most its ``j``-th unit can add, for ``j`` in ``[0, units_per_layer)``.
+
+        A unit holds ``num_kv_heads / units_per_layer`` kv groups and ``num_heads / units_per_layer`` MLP
+        groups. Equal groups make every unit cost the same; uneven MLP groups (the first ``I mod G`` one
+        neuron wider) make the ``j``-th unit at most the ``j``-th slice of the groups sorted widest first,
+        a non-increasing list, so the worst plan of ``u`` units in a layer is its first ``u`` entries."""
         s = self.shape
         if units_per_layer < 1 or s.num_kv_heads % units_per_layer or s.num_heads % units_per_layer:
             raise ValueError(
                 f"units_per_layer={units_per_layer} must divide num_kv_heads={s.num_kv_heads} and num_heads={s.num_heads}"
             )
         tokens = self.tokens_per_layer(seq_len, layer_tokens)[self.num_prefix_layers :]
+        if units_per_layer == 1:
+            return [[self.layer_flops(t)] for t in tokens]
         kv, mlp = s.num_kv_heads // units_per_layer, s.num_heads // units_per_layer
-        return [self.layer_flops(t, kv, mlp, s.num_heads) if units_per_layer > 1 else self.layer_flops(t) for t in tokens]
+        costs = []
+        for t in tokens:
+            spent = [self.layer_flops(t, j * kv, j * mlp, s.num_heads) for j in range(units_per_layer + 1)]
+            costs.append([after - before for before, after in zip(spent, spent[1:])])
+        return costs
 
     # --- budgets -----------------------------------------------------------------------------------
     def check_budgets(
@@ -197,11 +212,10 @@ class CostModel:
 
     def _cumulative_flops(self, seq_len: int, units_per_layer: int, layer_tokens: Sequence[int] | None) -> list[int]:
         """[fixed, fixed + the most expensive unit, ...]: the worst-case cost of each unit count."""
-        units = sorted(self.unit_flops(seq_len, units_per_layer, layer_tokens), reverse=True)
+        units = sorted((cost for costs in self.unit_costs(seq_len, units_per_layer, layer_tokens) for cost in costs), reverse=True)
         spent = [self.fixed_flops(seq_len, layer_tokens)]
-        for cost in units:
-            for _ in range(units_per_layer):
-                spent.append(spent[-1] + cost)  # exact integers
+        for cost in units:  # each layer's list is non-increasing: the k largest are a valid plan
+            spent.append(spent[-1] + cost)  # exact integers
         return spent
 
     # --- plans -------------------------------------------------------------------------------------
@@ -237,8 +251,8 @@ class CostModel:
         if plan.mlp_mask is None:
             neurons = runs * s.intermediate_size
         else:
-            groups = plan.mlp_mask.shape[-1]
-            neurons = runs * (plan.mlp_mask.detach() > 0.5).double().sum(-1) * (s.intermediate_size // groups)
+            sizes = torch.tensor(mlp_group_sizes(s.intermediate_size, plan.mlp_mask.shape[-1]), dtype=torch.float64, device=device)
+            neurons = runs * ((plan.mlp_mask.detach() > 0.5).double() @ sizes)
         scheduled = (
             kv_kept * attention_group[:, self.num_prefix_layers :] + neurons * mlp_neuron[:, self.num_prefix_layers :]
         ).sum(-1)  # [B]

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.layers import LayerAdapter, adapter_for
-from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.schedulers.plan import ExecutionPlan, mlp_group_neurons, widen_mlp_mask
 from adaptive_mllm.token_selection.base import (
     TokenLayout,
     TokenSelector,
@@ -269,8 +269,7 @@ class Engine(nn.Module):
         if plan.attention_mask is not None:
             head_gate = plan.attention_mask[rows, scheduled].to(dtype).repeat_interleave(shape.queries_per_kv, dim=1)
         if plan.mlp_mask is not None:
-            width = shape.intermediate_size // plan.mlp_mask.shape[-1]
-            neuron_gate = plan.mlp_mask[rows, scheduled].to(dtype).repeat_interleave(width, dim=1)
+            neuron_gate = widen_mlp_mask(plan.mlp_mask[rows, scheduled].to(dtype), shape.intermediate_size)
         return head_gate, neuron_gate
 
     # --- skipping (inference) ------------------------------------------------------------------------
@@ -403,8 +402,7 @@ def _slice_weights(
     mlp_in = mlp_out = None
     if mlp_keep is not None:
         output = adapter.mlp_output(layer)
-        group_size = output.in_features // num_mlp_groups
-        neurons = (mlp_keep[:, None] * group_size + torch.arange(group_size, device=mlp_keep.device)).flatten()
+        neurons = mlp_group_neurons(mlp_keep, output.in_features, num_mlp_groups)
         mlp_in = [rows(linear, neurons) for linear in adapter.mlp_inputs(layer)]
         mlp_out = output.weight[:, neurons]
     return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, mlp_in, mlp_out, kv_keep)

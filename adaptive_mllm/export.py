@@ -35,6 +35,7 @@ from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.llava import LlavaBackbone
 from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.recipe import build_cli
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.token_selection.base import TokenSelector
 
@@ -70,8 +71,6 @@ def module_from_checkpoint(
     ckpt_path: str | Path, config: str | Path, overrides: list[str]
 ) -> tuple[AdaptiveMLLM, dict[str, Any] | None]:
     """The recipe's module with the checkpoint's weights, and the recipe's scheduler spec (class_path, init_args)."""
-    from adaptive_mllm.cli import build_cli
-
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")

@@ -26,6 +26,14 @@ from transformers.models.phi.modeling_phi import PhiDecoderLayer
 from transformers.models.phi.modeling_phi import apply_rotary_pos_emb as phi_rotary
 
 
+def mlp_group_sizes(intermediate_size: int, num_groups: int) -> list[int]:
+    """Neurons in each of ``num_groups`` contiguous MLP groups: ``I // G``, the first ``I mod G`` one more."""
+    if not 1 <= num_groups <= intermediate_size:
+        raise ValueError(f"{intermediate_size} MLP neurons cannot be split into {num_groups} non-empty groups")
+    width, remainder = divmod(intermediate_size, num_groups)
+    return [width + 1] * remainder + [width] * (num_groups - remainder)
+
+
 class LayerAdapter:
     """How the engine reads one decoder-layer type. Stateless: one shared instance per type."""
 

@@ -1,9 +1,12 @@
 """Answer metrics as torchmetrics Metrics: their states are count tensors of fixed shape that sum across
 processes, so DDP just works.
 
-Answers are compared after the normalisation of the official VQA evaluation script
-(GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), so that "Yes." and "yes", or
-"two" and "2", count as the same answer.
+The generic metrics (:class:`ExactMatch`, :class:`GroupedExactMatch`) compare answers after the
+normalisation of the official VQA evaluation script (GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), so that "Yes." and "yes", or "two" and "2", count as
+the same answer. The benchmark metrics read and compare answers exactly as each benchmark's official
+pipeline does (LLaVA-1.5's conversion scripts, then the benchmark's own scorer), so that their numbers are
+comparable with published tables: see docs/benchmarks.md for the script each one matches.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_STRIP.sub("", out)
+    # the script passes re.UNICODE (32) where re.sub takes its count: at most 32 periods are removed
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)
 
 
 def _process_digit_article(text: str) -> str:
@@ -98,6 +102,17 @@ def normalize_answer(text: str) -> str:
     Unlike the script, which normalises only when the human answers disagree, this always normalises:
     there is one reference per question here, and a normalised comparison is the fair one.
     """
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(text))
+
+
+def evalai_answer(text: str) -> str:
+    """An answer as the EvalAI answer processor of m4c_evaluator.py (LLaVA's ``EvalAIAnswerProcessor``)
+    writes it: lower-cased, commas and question marks deleted, "'s" split off as its own word ("man's"
+    -> "man 's"), then the vqaEval punctuation, number-word, article and contraction rules. LLaVA-1.5
+    passes VQAv2 predictions through it before submission, and TextVQA's scorer applies it to both sides.
+    """
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _process_digit_article(_process_punctuation(text))
 
@@ -205,11 +220,15 @@ class GroupedExactMatch(_CountMetric):
         # count on the host, then one addition per state: no device op per example
         correct = [0] * len(self.groups)
         total = [0] * len(self.groups)
-        for hit, group in zip(_hits(predictions, references), groups, strict=True):
+        for hit, group in zip(self.hits(predictions, references), groups, strict=True):
             correct[self._index[group]] += hit
             total[self._index[group]] += 1
         self.correct += torch.tensor(correct, dtype=torch.long, device=self.correct.device)
         self.total += torch.tensor(total, dtype=torch.long, device=self.total.device)
+
+    def hits(self, predictions: Sequence[str], references: Sequence[str]) -> list[int]:
+        """1 for each prediction that matches its reference, else 0 (normalised exact match)."""
+        return _hits(predictions, references)
 
     def compute(self) -> dict[str, torch.Tensor]:
         scores = {OVERALL: self.correct.sum().float() / self.total.sum().clamp(min=1).float()}
@@ -298,38 +317,76 @@ def _long(values: list[int], like: torch.Tensor) -> torch.Tensor:
 # Per-question scores are multiples of 1 / (3 n) for n human answers; counted in units of 1 / VQA_SCALE,
 # exact for any n dividing 27720 (every n up to 12; VQAv2 and TextVQA have 10), as integers.
 VQA_SCALE = 3 * 27720
+VQA_RULES = ("vqav2", "textvqa")
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one prediction against its human answers (normalised as
-    :func:`normalize_answer`): over the n leave-one-out subsets of n - 1 humans, the mean of
-    ``min(#humans in the subset that gave the prediction / 3, 1)``."""
-    return float(_vqa_thirds(prediction, answers))
+def _leave_one_out(matches: int, humans: int) -> Fraction:
+    """The mean over the ``humans`` subsets that leave one human out of min(#matching in the subset / 3,
+    1): leaving out a human who gave the prediction leaves ``matches - 1``, another leaves ``matches``."""
+    thirds = matches * min(3, matches - 1) + (humans - matches) * min(3, matches)
+    return Fraction(thirds, 3 * humans)
 
 
-def _vqa_thirds(prediction: str, answers: Sequence[str]) -> Fraction:
+def _vqav2_thirds(prediction: str, answers: Sequence[str]) -> Fraction:
+    # LLaVA-1.5's convert_vqav2_for_submission.py: the generated text (stripped by model_vqa_loader)
+    # through the EvalAI answer processor; that is the answer the evaluation server receives
+    submitted = evalai_answer(prediction.strip())
+    # vqaEval.py: newlines / tabs to spaces and strip on both sides; the punctuation and digit-article
+    # steps only when the humans disagree (ten identical human answers are compared as they are)
+    submitted = submitted.replace("\n", " ").replace("\t", " ").strip()
+    humans = [answer.replace("\n", " ").replace("\t", " ").strip() for answer in answers]
+    if len(set(humans)) > 1:
+        humans = [normalize_answer(answer) for answer in humans]
+        submitted = normalize_answer(submitted)
+    return _leave_one_out(sum(answer == submitted for answer in humans), len(humans))
+
+
+def _textvqa_thirds(prediction: str, answers: Sequence[str]) -> Fraction:
+    # m4c_evaluator.py's TextVQAAccuracyEvaluator (LLaVA's eval_textvqa.py): the EvalAI answer
+    # processor on the prediction and on each of exactly ten human answers, always
+    if len(answers) != 10:
+        raise ValueError(f"TextVQA's evaluator expects exactly 10 human answers, got {len(answers)}: {list(answers)!r:.120}")
+    predicted = evalai_answer(prediction.strip())
+    return _leave_one_out(sum(evalai_answer(answer) == predicted for answer in answers), len(answers))
+
+
+def _vqa_thirds(prediction: str, answers: Sequence[str], rule: str) -> Fraction:
     if isinstance(answers, str) or not answers:
         raise ValueError(f"expected a non-empty list of human answers, got {answers!r}")
-    predicted = normalize_answer(prediction)
-    matches = sum(normalize_answer(answer) == predicted for answer in answers)
-    # leaving out a human who gave the prediction leaves matches - 1 of them, leaving out another leaves all
-    thirds = matches * min(3, matches - 1) + (len(answers) - matches) * min(3, matches)
-    return Fraction(thirds, 3 * len(answers))
+    if rule == "vqav2":
+        return _vqav2_thirds(prediction, answers)
+    if rule == "textvqa":
+        return _textvqa_thirds(prediction, answers)
+    raise ValueError(f"unknown VQA rule {rule!r}; expected one of {VQA_RULES}")
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], rule: str = "vqav2") -> float:
+    """The official accuracy of one generated answer against its human answers.
+
+    ``"vqav2"``: LLaVA-1.5's submission conversion (EvalAI answer processor), then vqaEval.py's
+    accuracy (normalisation only where the humans disagree). ``"textvqa"``: m4c_evaluator.py's
+    TextVQA accuracy (EvalAI processor on both sides, exactly ten humans). Both average
+    ``min(#matching humans / 3, 1)`` over the leave-one-out subsets of the humans.
+    """
+    return float(_vqa_thirds(prediction, answers, rule))
 
 
 class VQAAccuracy(_CountMetric):
-    """VQAv2 / TextVQA accuracy, overall and per group (e.g. VQAv2's answer type).
+    """VQAv2 / TextVQA accuracy, overall and per group (e.g. VQAv2's answer type), by the official
+    rule named in ``rule`` (see :func:`vqa_accuracy`).
 
     Reads ``batch["all_answers"]`` (the human answers of each question, 10 in VQAv2 and TextVQA) and
-    ``batch["question_kinds"]`` (the groups; one ``"all"`` group without them). Unlike vqaEval.py, which
-    normalises only when the humans disagree, answers are always normalised (see :func:`normalize_answer`).
+    ``batch["question_kinds"]`` (the groups; one ``"all"`` group without them).
     """
 
     score: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, groups: Sequence[str] | None = None, **kwargs) -> None:
+    def __init__(self, groups: Sequence[str] | None = None, rule: str = "vqav2", **kwargs) -> None:
         super().__init__(**kwargs)
+        if rule not in VQA_RULES:
+            raise ValueError(f"unknown VQA rule {rule!r}; expected one of {VQA_RULES}")
+        self.rule = rule
         self.groups = _group_names(groups)
         self._index = {group: i for i, group in enumerate(self.groups)}
         self.add_state("score", default=torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
@@ -342,7 +399,7 @@ class VQAAccuracy(_CountMetric):
         indices = _group_indices(groups, self._index)
         score, total = [0] * len(self.groups), [0] * len(self.groups)
         for prediction, humans, index in zip(predictions, answers, indices, strict=True):
-            score[index] += round(_vqa_thirds(prediction, humans) * VQA_SCALE)
+            score[index] += round(_vqa_thirds(prediction, humans, self.rule) * VQA_SCALE)
             total[index] += 1
         self.score += _long(score, self.score)
         self.total += _long(total, self.total)
@@ -356,37 +413,91 @@ class VQAAccuracy(_CountMetric):
         return scores
 
 
+# GQA ----------------------------------------------------------------------------------------------
+def gqa_prediction(prediction: str) -> str:
+    """A generated answer as LLaVA-1.5's convert_gqa_for_eval.py writes it for GQA's eval.py: the text
+    (stripped by model_vqa_loader) without trailing periods, lower-cased; nothing else ("a dog" stays)."""
+    return prediction.strip().rstrip(".").lower()
+
+
+class GQAAccuracy(GroupedExactMatch):
+    """GQA's eval.py accuracy after LLaVA-1.5's conversion: ``gqa_prediction(p) == answer``, the answer
+    exactly as in the questions file (no VQA normalisation), overall and per group (structural type)."""
+
+    def hits(self, predictions: Sequence[str], references: Sequence[str]) -> list[int]:
+        return [int(gqa_prediction(p) == r) for p, r in zip(predictions, references, strict=True)]
+
+
 # multiple choice ----------------------------------------------------------------------------------
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_LETTER_ONLY = re.compile(r"\(?([A-Za-z])\)?[.:]?")  # "B", "b", "B.", "(B)", "B)"
-_LETTER_LEADS = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.:)])(?:\s|$)")  # "(B) cat", "B. cat", "B) cat", "B: cat"
-# "the answer is B", "Answer: (B)", "option B.": the letter must end there (or be in brackets), so that the
-# article in "the answer is A cat" is never read as option A
-_LETTER_NAMED = re.compile(r"(?i:answer|option|choice)(?:\s+is)?\s*:?\s*(?:\(([A-Z])\)|([A-Z])(?=$|[\s.,;:!?]*$|[.,;:!?)]))")
+CHOICE_RULES = ("scienceqa", "mmbench")
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options
+_SCIENCEQA_SENTENCE = re.compile(r"The answer is ([A-Z]).")  # eval_science_qa.py's pattern: "." is any character
+# MMBench's can_infer_option: these marks become spaces before the answer is split into words
+_MMBENCH_MARKS = ".()[],:;!*#{}"
+# ... and an answer holding one of these phrases is a refusal (its option "Z": wrong)
+_MMBENCH_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
 
 
-def parse_option_letter(prediction: str, num_choices: int = len(OPTION_LETTERS)) -> str | None:
-    """The option letter a free-form answer gives, or None when it gives none of the first ``num_choices``.
-
-    Read, in this order: the whole answer is one letter ("B", "b", "B.", "(B)"); the answer starts with a
-    marked letter ("B. cat", "(B) cat", "B) cat"); the letter follows "answer", "option" or "choice"
-    ("The answer is B", "Answer: (B)"). An unmarked leading capital ("A cat") is an article, not option A;
-    a letter past the options counts as no letter.
+def scienceqa_letter(prediction: str, num_choices: int) -> str | None:
+    """The option letter eval_science_qa.py (LLaVA-1.5) reads from a generated answer, None when it reads
+    none (a wrong answer): the whole answer is one of A-E; or it starts with a letter, ". " and more
+    ("B. cat"); or it holds exactly one "The answer is X" followed by any character. A letter past the
+    question's options counts as none. "b", "(B)", "B.", "B)" and "The answer is B" (nothing after) read
+    as none, as in the script.
     """
-    text = prediction.strip()
-    match = _LETTER_ONLY.fullmatch(text) or _LETTER_LEADS.match(text) or _LETTER_NAMED.search(text)
-    if match is None:
+    text = prediction.strip()  # model_vqa_science strips the generated text
+    if text in SCIENCEQA_OPTIONS:
+        letter = text
+    elif len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _SCIENCEQA_SENTENCE.findall(text)
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter in SCIENCEQA_OPTIONS[:num_choices] else None
+
+
+def mmbench_choice(prediction: str, options: Sequence[str]) -> str | None:
+    """The option letter MMBench's answer matching without an LLM judge (``can_infer`` of
+    open-compass/VLMEvalKit, 2024 releases) reads from a generated answer, None when it reads none or
+    the answer is a refusal (both wrong).
+
+    First the letters: ``.()[],:;!*#{}`` become spaces, the answer is split into words, and if exactly one
+    option letter is a word, that is the answer (so "A cat" reads as option A, as in MMBench). Else the
+    option texts: if exactly one option's text (case-insensitive) is inside the answer, that option.
+    """
+    if isinstance(options, str):
+        raise TypeError(f"options must be the list of option texts, not one string: {options!r}")
+    letters = OPTION_LETTERS[: len(options)]
+    text = str(prediction)
+    if any(refusal in text for refusal in _MMBENCH_REFUSALS):
         return None
-    letter = next(group for group in match.groups() if group).upper()
-    return letter if OPTION_LETTERS.index(letter) < num_choices else None
+    spaced = text
+    for mark in _MMBENCH_MARKS:
+        spaced = spaced.replace(mark, " ")
+    words = spaced.split()
+    named = [letter for letter in letters if letter in words]
+    if len(named) == 1:
+        return named[0]
+    if not named and "Z" in words:  # "Z": MMBench's "no option" answer
+        return None
+    lowered = text.lower()
+    inside = [letter for letter, option in zip(letters, options, strict=True) if str(option).lower() in lowered]
+    return inside[0] if len(inside) == 1 else None
 
 
 class MultipleChoiceAccuracy(_CountMetric):
-    """Accuracy of option letters read from free-form answers (ScienceQA, MMBench), overall and per group.
-
-    Reads ``batch["answers"]`` (the correct letters), ``batch["num_choices"]`` (optional: letters past it
-    are not options) and ``batch["question_kinds"]``. An answer with no option letter
-    (:func:`parse_option_letter`) is wrong and also counted under ``"unparsable"``.
+    """Accuracy of the option letters read from generated answers, overall and per group, by the rule of
+    the benchmark's official scorer: ``"scienceqa"`` (:func:`scienceqa_letter`, reads
+    ``batch["num_choices"]``) or ``"mmbench"`` (:func:`mmbench_choice`, reads ``batch["options"]``, the
+    option texts of each record in its order). Also reads ``batch["answers"]`` (the correct letters) and
+    ``batch["question_kinds"]``. An answer from which no option is read is wrong and also counted under
+    ``"unparsable"``.
 
     ``circular=True`` is MMBench's circular evaluation: the records of one question (its options shifted
     round, one record per shift) share ``batch["question_group"]``, and the question is right only if
@@ -398,8 +509,11 @@ class MultipleChoiceAccuracy(_CountMetric):
     total: torch.Tensor
     unparsable: torch.Tensor
 
-    def __init__(self, groups: Sequence[str] | None = None, circular: bool = False, **kwargs) -> None:
+    def __init__(self, groups: Sequence[str] | None = None, rule: str = "scienceqa", circular: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        if rule not in CHOICE_RULES:
+            raise ValueError(f"unknown multiple-choice rule {rule!r}; expected one of {CHOICE_RULES}")
+        self.rule = rule
         self.groups = _group_names(groups, reserved=(UNPARSABLE, "vanilla"))
         self.circular = circular
         self._index = {group: i for i, group in enumerate(self.groups)}
@@ -412,22 +526,30 @@ class MultipleChoiceAccuracy(_CountMetric):
             self.add_state("record_group", default=[], dist_reduce_fx="cat")
             self.add_state("record_hit", default=[], dist_reduce_fx="cat")
 
+    def _letters(self, predictions: Sequence[str], batch: Mapping[str, Any], size: int) -> list[str | None]:
+        if self.rule == "mmbench":
+            options = _field(batch, "options", self)
+            if len(options) != size:
+                raise ValueError(f"batch lengths differ: {size} answers, {len(options)} options")
+            return [mmbench_choice(p, o) for p, o in zip(predictions, options, strict=True)]
+        choices = _field(batch, "num_choices", self)
+        if len(choices) != size:
+            raise ValueError(f"batch lengths differ: {size} answers, {len(choices)} num_choices")
+        return [scienceqa_letter(p, int(n)) for p, n in zip(predictions, choices, strict=True)]
+
     def update(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> None:
         references = _field(batch, "answers", self)
         size = len(references)
-        choices = _field(batch, "num_choices", self) if "num_choices" in batch else [len(OPTION_LETTERS)] * size
         groups = _kinds(batch, size)
         _check_batch(predictions=predictions, answers=references, groups=groups)
-        if len(choices) != size:
-            raise ValueError(f"batch lengths differ: {size} answers, {len(choices)} num_choices")
         questions = _field(batch, "question_group", self) if self.circular else []
         if self.circular and len(questions) != size:
             raise ValueError(f"batch lengths differ: {size} answers, {len(questions)} question_group")
         indices = _group_indices(groups, self._index)
+        letters = self._letters(predictions, batch, size)
         correct, total, unparsable = ([0] * len(self.groups) for _ in range(3))
         hits = []
-        for prediction, reference, num_choices, index in zip(predictions, references, choices, indices, strict=True):
-            letter = parse_option_letter(prediction, int(num_choices))
+        for letter, reference, index in zip(letters, references, indices, strict=True):
             hit = int(letter is not None and letter == reference.strip().upper())
             hits.append(hit)
             correct[index] += hit
@@ -475,11 +597,12 @@ _POPE_PARTS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
 def pope_answer(prediction: str) -> str:
-    """"yes" or "no" as the POPE evaluation (and LLaVA's eval_pope.py) reads an answer: only its first
-    sentence counts, commas dropped; it is "no" if one of its space-separated words is "No", "no" or
-    "not", else "yes" (so an answer that is neither still counts, as yes)."""
-    sentence = prediction.split(".")[0].replace(",", "")
-    return "no" if {"No", "no", "not"} & set(sentence.split()) else "yes"
+    """"yes" or "no" as LLaVA-1.5's eval_pope.py reads a generated answer (stripped by model_vqa_loader):
+    only the text before its first period counts, commas dropped; it is "no" if one of its words split
+    on single spaces (not on newlines or tabs: "No\nthere" is one word) is "No", "no" or "not", else
+    "yes" (so "NO", "Nope" and an empty answer count as yes)."""
+    sentence = prediction.strip().split(".")[0].replace(",", "")
+    return "no" if {"No", "no", "not"} & set(sentence.split(" ")) else "yes"
 
 
 class POPEMetrics(_CountMetric):
@@ -545,8 +668,9 @@ MME_SUBTASKS = MME_PERCEPTION + MME_COGNITION
 
 
 def mme_answer(prediction: str) -> str | None:
-    """"yes" / "no" as MME's calculation.py reads an answer (lower-cased: exactly "yes" or "no", else
-    the first of them found in its first four characters), None when it is neither (a wrong answer)."""
+    """"yes" / "no" as MME's calculation.py reads an answer (lower-cased: exactly "yes" or "no"; else
+    "yes" if its first four characters hold "yes", else "no" if they hold "no"), None when it is neither
+    (calculation.py's "other": a wrong answer)."""
     text = prediction.strip().lower()
     if text in ("yes", "no"):
         return text

@@ -280,3 +280,40 @@ def test_budget_for_units_allows_exactly_that_many_units(shape: DecoderShape, un
         assert k.tolist() == list(range(total + 1))
     with pytest.raises(ValueError, match=r"units=99 must be in \[0, "):
         cost.budget_for_units(99, 40, units_per_layer)
+
+
+# --- uneven MLP groups (Vicuna-13B: 13824 neurons in 40 groups) -----------------------------------------
+UNEVEN = DecoderShape(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, intermediate_size=130, vocab_size=100)
+# 130 neurons in 4 groups: 33, 33, 32, 32 (the release's split: the first 130 mod 4 = 2 groups one wider)
+
+
+def test_uneven_plan_flops_match_a_layer_of_the_kept_neurons() -> None:
+    """A plan keeping MLP groups 1 and 3 (33 + 32 = 65 neurons) and one kv group costs what FlopCounterMode
+    counts for a layer with exactly 1 head and 65 neurons."""
+    cost = CostModel(UNEVEN, num_prefix_layers=5)
+    length = 7
+    attention = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
+    mlp = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]])
+    flops = cost.plan_flops(ExecutionPlan(5, torch.ones(1, 1), attention, mlp), torch.tensor([length]))
+    layer = counted(llama(1, 1, 1, 16, 65), 1, length).get_flop_counts()["LlamaForCausalLM.model.layers.0"]
+    assert float(flops[0]) == cost.fixed_flops(length) + sum(layer.values())
+
+
+def test_uneven_units_fit_whichever_groups_are_picked() -> None:
+    """Units of 2 MLP groups: the first unit of a layer may hold both wide groups (66 neurons), the second
+    the narrow ones (64). Every plan of the ``k`` units a budget allows stays within it, and the count is the
+    largest for which the widest plan does (the first unit per layer counted at 66, the next at 64)."""
+    cost = CostModel(UNEVEN, num_prefix_layers=2)
+    length = 9
+    wide, narrow = (cost.layer_flops(length, 2, 2, 4), cost.layer_flops(length, 4, 4, 4) - cost.layer_flops(length, 2, 2, 4))
+    assert wide - narrow == 2 * cost.mlp_flops(length, 1)  # 66 against 64 neurons
+    assert cost.unit_costs(length, 2) == [[wide, narrow]] * 4
+    fixed, full = cost.fixed_flops(length), cost.full_flops(length)
+    budgets = torch.linspace(cost.min_budget(length), 1.0, 300, dtype=torch.float64)
+    k = cost.units_for_budget(budgets, torch.full((300,), length), 2)
+    for budget, units in zip(budgets.tolist(), k.tolist(), strict=True):
+        worst = fixed + min(units, 4) * wide + max(units - 4, 0) * narrow  # the wide units of 4 layers first
+        assert worst <= budget * full
+        if units < 8:
+            assert worst + (wide if units < 4 else narrow) > budget * full
+    assert k[-1] == 8

@@ -1,5 +1,6 @@
 """Metrics against hand-computed answers: VQA normalisation, (grouped) exact match, DDP merging,
-majority baseline."""
+majority baseline, and for every benchmark a corpus of tricky predictions scored by the official rule
+(each expected value derived by hand from the script named above its test)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ from adaptive_mllm.metrics import (
     DEFAULT_GROUP,
     OVERALL,
     ExactMatch,
+    GQAAccuracy,
     GroupedExactMatch,
     MMEScore,
     MultipleChoiceAccuracy,
     POPEMetrics,
     VQAAccuracy,
+    evalai_answer,
+    gqa_prediction,
     majority_answers,
     majority_baseline_accuracy,
+    mmbench_choice,
     mme_answer,
     normalize_answer,
-    parse_option_letter,
     pope_answer,
+    scienceqa_letter,
     vqa_accuracy,
 )
 
@@ -221,11 +226,12 @@ def _list_state_results(rank: int) -> dict[str, float]:
     part = slice(0, 3) if rank == 0 else slice(3, 4)
     batch = {"answers": ["Yes", "No", "Yes", "No"], "question_kinds": ["existence"] * 4, "image_id": ["a", "a", "b", "b"]}
     mme.update(["Yes", "No", "Yes", "Yes"][part], {k: v[part] for k, v in batch.items()})  # the last one wrong
-    circular = MultipleChoiceAccuracy(circular=True)
+    circular = MultipleChoiceAccuracy(rule="mmbench", circular=True)
     if rank == 0:
-        circular.update(["A"], {"answers": ["A"], "question_group": ["q"]})
+        circular.update(["A"], {"answers": ["A"], "question_group": ["q"], "options": [["x", "y", "z"]]})
     else:
-        circular.update(["C", "B"], {"answers": ["B", "B"], "question_group": ["q", "r"]})
+        batch = {"answers": ["B", "B"], "question_group": ["q", "r"], "options": [["y", "z", "x"], ["x", "y"]]}
+        circular.update(["C", "B"], batch)
     return {"mme": mme.compute()["existence"].item(), "circular": circular.compute()[OVERALL].item()}
 
 
@@ -305,6 +311,11 @@ def test_exact_match_metrics_take_a_batch():
     assert _scores(grouped) == pytest.approx({OVERALL: 2 / 3, "color": 1 / 2, "count": 1.0})
 
 
+# --- VQAv2: LLaVA-1.5's convert_vqav2_for_submission.py (EvalAI answer processor), then vqaEval.py ---------
+# Each expected value by hand: the prediction, stripped, goes through the EvalAI processor (lower-case;
+# "," and "?" deleted; "'s" -> " 's"; punctuation, number words, articles, contractions); vqaEval then
+# normalises both sides only when the ten humans disagree, and averages min(#matching / 3, 1) over the
+# ten leave-one-out subsets of nine humans.
 @pytest.mark.parametrize(
     ("prediction", "answers", "expected"),
     [
@@ -314,17 +325,74 @@ def test_exact_match_metrics_take_a_batch():
         ("red", ["red"] * 2 + ["blue"] * 8, 0.6),  # (2 * 1/3 + 8 * 2/3) / 10
         ("red", ["red"] + ["blue"] * 9, 0.3),  # (0 + 9 * 1/3) / 10
         ("red", ["blue"] * 10, 0.0),
-        ("Two.", ["2"] * 3 + ["3"] * 7, 0.9),  # number words and punctuation are normalised
-        ("a dog", ["dog"] * 10, 1.0),  # articles
+        ("Yes.", ["yes"] * 10, 1.0),  # EvalAI: lower-cased, the period stripped
+        ("YES", ["yes"] * 10, 1.0),
+        ("yes!", ["yes"] * 10, 1.0),  # "!" touches no space: a space, then dropped by the word split
+        ("Two.", ["2"] * 3 + ["3"] * 7, 0.9),  # EvalAI: "two" -> "2"; humans disagree: normalised too
+        ("Two", ["2"] * 10, 1.0),  # EvalAI maps the number word itself
+        ("a dog", ["dog"] * 10, 1.0),  # EvalAI drops articles
         ("The Dog!", ["dog"] * 10, 1.0),
-        ("black-and-white", ["black and white"] * 10, 1.0),
-        ("dont know", ["don't know"] * 10, 1.0),  # contractions restored
-        ("2", ["two"] * 10, 1.0),
-        ("2", ["to"] * 10, 0.0),
+        ("black-and-white", ["black and white"] * 10, 1.0),  # "-" inside a word becomes a space
+        ("dont know", ["don't know"] * 10, 1.0),  # contraction restored by EvalAI
+        ("1,000", ["1000"] * 10, 1.0),  # EvalAI deletes commas
+        ("red\nblue", ["red blue"] * 10, 1.0),  # newline to space
+        ("  red  ", ["red"] * 10, 1.0),  # model_vqa_loader strips the generated text
+        ("", ["yes"] * 10, 0.0),  # an empty answer matches no human
+        ("The answer is yes", ["yes"] * 10, 0.0),  # "the" dropped, "answer is yes" != "yes"
+        # ten humans agree: vqaEval compares their answer as written, so a capitalised one never matches
+        # the lower-cased submission, and "2" never matches "two"
+        ("Dog", ["Dog"] * 10, 0.0),
+        ("2", ["two"] * 10, 0.0),
+        ("2", ["two"] * 9 + ["2"], 1.0),  # disagree: "two" -> "2" for all ten, so every subset holds 9
+        # EvalAI splits "'s" off ("man 's"); vqaEval's own normalisation keeps "man's": never equal
+        ("man's", ["man's"] * 10, 0.0),
+        ("man's", ["man's"] * 9 + ["man"], 0.0),
     ],
 )
-def test_vqa_accuracy_hand_computed(prediction, answers, expected):
-    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+def test_vqav2_accuracy_official_rule(prediction, answers, expected):
+    assert vqa_accuracy(prediction, answers, rule="vqav2") == pytest.approx(expected)
+
+
+def test_evalai_answer_processor():
+    # m4c_evaluator.py's EvalAIAnswerProcessor, by hand
+    assert evalai_answer("Man's hat?") == "man 's hat"
+    assert evalai_answer("Hello, World") == "hello world"
+    assert evalai_answer("hello,world") == "helloworld"  # the comma deleted, not made a space
+    assert evalai_answer("Coca-Cola") == "coca cola"
+    assert evalai_answer("The two dogs.") == "2 dogs"
+    assert evalai_answer("3.5 m.") == "3.5 m"
+    assert evalai_answer("") == ""
+
+
+# --- TextVQA: m4c_evaluator.py's TextVQAAccuracyEvaluator (LLaVA's eval_textvqa.py) ---------------------
+# EvalAI processor on the prediction and on all ten human answers, always; then the leave-one-out mean.
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("Dakota", ["dakota"] * 10, 1.0),
+        ("DAKOTA.", ["dakota"] * 10, 1.0),
+        ("the nokia", ["nokia"] * 10, 1.0),  # article dropped
+        ("nokia\n", ["nokia"] * 10, 1.0),
+        ("", ["nokia"] * 10, 0.0),
+        ("coca-cola", ["coca cola"] * 10, 1.0),
+        ("man's", ["man's"] * 10, 1.0),  # both sides become "man 's"
+        ("Dog", ["Dog"] * 10, 1.0),  # humans are processed even when they agree (unlike VQAv2)
+        ("hello,world", ["hello world"] * 10, 0.0),  # EvalAI deletes the comma: "helloworld"
+        ("Hello, World", ["hello world"] * 10, 1.0),
+        ("stop", ["stop"] * 2 + ["halt"] * 8, 0.6),  # (2 * 1/3 + 8 * 2/3) / 10
+        ("STOP!", ["stop"] * 4 + ["halt"] * 6, 1.0),
+        ("cant", ["can't"] * 10, 1.0),
+    ],
+)
+def test_textvqa_accuracy_official_rule(prediction, answers, expected):
+    assert vqa_accuracy(prediction, answers, rule="textvqa") == pytest.approx(expected)
+
+
+def test_textvqa_needs_ten_answers():
+    with pytest.raises(ValueError, match="exactly 10 human answers"):
+        vqa_accuracy("red", ["red"] * 9, rule="textvqa")
+    with pytest.raises(ValueError, match="unknown VQA rule"):
+        VQAAccuracy(rule="lenient")
 
 
 def test_vqa_accuracy_metric_groups_and_batches():
@@ -339,6 +407,19 @@ def test_vqa_accuracy_metric_groups_and_batches():
     assert metric.score.dtype == torch.long  # integer states: untouched by a module's precision cast
 
 
+def test_vqa_metric_corpus_per_rule():
+    # the same predictions, scored by each rule (values from the two parametrised corpora above)
+    predictions = ["Dog", "man's", "hello,world", "Two"]
+    answers = [["Dog"] * 10, ["man's"] * 10, ["hello world"] * 10, ["2"] * 10]
+    vqav2, textvqa = VQAAccuracy(rule="vqav2"), VQAAccuracy(rule="textvqa")
+    vqav2.update(predictions, {"all_answers": answers})
+    textvqa.update(predictions, {"all_answers": answers})
+    # vqav2: 0 ("Dog" vs agreeing "Dog"), 0 ("man 's" vs "man's"), 0 ("helloworld"), 1 -> 1/4
+    assert vqav2.compute()[OVERALL].item() == pytest.approx(1 / 4)
+    # textvqa: 1, 1, 0, 1 -> 3/4
+    assert textvqa.compute()[OVERALL].item() == pytest.approx(3 / 4)
+
+
 def test_vqa_accuracy_needs_the_human_answers():
     metric = VQAAccuracy()
     with pytest.raises(KeyError, match="all_answers"):
@@ -349,64 +430,160 @@ def test_vqa_accuracy_needs_the_human_answers():
         metric.update(["red"], {"all_answers": [["red"]], "question_kinds": ["other"]})
 
 
+# --- GQA: LLaVA-1.5's convert_gqa_for_eval.py (rstrip "." and lower-case), then GQA's eval.py (==) ----
+@pytest.mark.parametrize(
+    ("prediction", "answer", "hit"),
+    [
+        ("Dog", "dog", 1),
+        ("dog.", "dog", 1),
+        ("Dog..", "dog", 1),  # every trailing period
+        (" no\n", "no", 1),  # model_vqa_loader strips the generated text
+        ("3.", "3", 1),
+        ("a dog", "dog", 0),  # no article removal
+        ("the dog", "dog", 0),
+        ("two", "2", 0),  # no number words
+        ("yes!", "yes", 0),  # no punctuation removal
+        ("Yes, it is.", "yes", 0),
+        ("Black-and-white", "black and white", 0),
+        ("black and white", "black and white", 1),
+        ("", "no", 0),
+        ("no .", "no", 0),  # "no " after the period goes: the space stays
+    ],
+)
+def test_gqa_official_rule(prediction, answer, hit):
+    metric = GQAAccuracy()
+    metric.update([prediction], [answer], [DEFAULT_GROUP])
+    assert metric.compute()[OVERALL].item() == hit
+
+
+def test_gqa_metric_corpus_per_group():
+    metric = GQAAccuracy(["verify", "query"])
+    batch = {"answers": ["no", "triangle", "green", "2"], "question_kinds": ["verify", "query", "query", "query"]}
+    metric.update(["No.", "A triangle", "Green", "two"], batch)  # hits 1, 0, 1, 0 by the rule above
+    assert _values(metric.compute()) == pytest.approx({OVERALL: 2 / 4, "verify": 1.0, "query": 1 / 3})
+    assert gqa_prediction("  Left..\n") == "left"
+
+
+# --- ScienceQA: LLaVA-1.5's eval_science_qa.py letter parsing ----------------------------------------
+# The stripped answer is one of A-E; or it starts with a letter of A-E and ". "; or it holds exactly one
+# match of "The answer is ([A-Z])." (the "." is any character); else FAILED. A letter past the options
+# (or not in A-E) counts as wrong.
 @pytest.mark.parametrize(
     ("prediction", "expected"),
     [
-        ("B", "B"), ("b", "B"), ("B.", "B"), ("(B)", "B"), ("B)", "B"), (" C ", "C"),
-        ("(B) cat", "B"), ("B. cat", "B"), ("B: cat", "B"), ("The answer is B", "B"), ("The answer is B.", "B"),
-        ("Answer: (C) triangle", "C"), ("the correct option is D", "D"),
-        ("A cat", None),  # an article, not option A
-        ("the answer is A cat", None), ("cat", None), ("", None), ("E", None), ("I think so", None),
+        ("B", "B"), (" C\n", "C"), ("B. cat", "B"), ("The answer is B.", "B"), ("The answer is B,", "B"),
+        ("I think so. The answer is C. Done", "C"),
+        ("b", None),  # lower case: not an option
+        ("(B)", None), ("B.", None), ("B)", None), ("B: cat", None),  # none of the three forms
+        ("The answer is B", None),  # nothing after the letter: the pattern's "." needs a character
+        ("the answer is B.", None),  # lower-case "the"
+        ("The answer is (B).", None),
+        ("The answer is B. The answer is C.", None),  # two matches
+        ("A cat", None), ("cat", None), ("", None),
+        ("E", None),  # past the 4 options
+        ("F", None),  # not in A-E at all
     ],
 )  # fmt: skip
-def test_parse_option_letter(prediction, expected):
-    assert parse_option_letter(prediction, num_choices=4) == expected
+def test_scienceqa_letter_official_rule(prediction, expected):
+    assert scienceqa_letter(prediction, num_choices=4) == expected
 
 
-def test_parse_option_letter_past_the_options():
-    assert parse_option_letter("the correct option is D", num_choices=3) is None
-    assert parse_option_letter("C", num_choices=3) == "C" and parse_option_letter("D.", num_choices=3) is None
+def test_scienceqa_metric_counts_unparsable():
+    metric = MultipleChoiceAccuracy(["nat", "soc"], rule="scienceqa")
+    batch = {"answers": ["B", "A", "C", "A", "B"], "num_choices": [2, 2, 3, 2, 3], "question_kinds": ["nat", "nat", "soc", "soc", "soc"]}
+    # B right; "(A)" unparsable; "The answer is C." right; "C" past 2 options: unparsable; "A. cat" parsed, wrong
+    metric.update(["B", "(A)", "The answer is C.", "C", "A. cat"], batch)
+    assert _values(metric.compute()) == pytest.approx({OVERALL: 2 / 5, "nat": 1 / 2, "soc": 1 / 3, "unparsable": 2})
+    with pytest.raises(ValueError, match="unknown multiple-choice rule"):
+        MultipleChoiceAccuracy(rule="lenient")
 
 
-def test_multiple_choice_counts_unparsable():
-    metric = MultipleChoiceAccuracy(["nat", "soc"])
-    batch = {"answers": ["B", "A", "C", "A"], "num_choices": [2, 2, 3, 2], "question_kinds": ["nat", "nat", "soc", "soc"]}
-    metric.update(["(B) cat", "B", "I do not know", "C"], batch)  # C is past 2 options
-    assert _values(metric.compute()) == pytest.approx({OVERALL: 1 / 4, "nat": 1 / 2, "soc": 0.0, "unparsable": 2})
+# --- MMBench: can_infer of open-compass/VLMEvalKit (no LLM judge) ------------------------------------
+# can_infer_option: ".()[],:;!*#{}" become spaces, split into words; exactly one option letter among the
+# words -> that letter; no letter but a "Z" word, or a refusal phrase -> no option. Else can_infer_text:
+# exactly one option text (lower-cased) inside the lower-cased answer -> that option.
+MMBENCH_OPTIONS = ["dog", "cat", "bird"]
 
 
-def test_multiple_choice_circular_across_batches_and_ranks():
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("B", "B"), ("(B)", "B"), ("B.", "B"), ("B) cat", "B"), ("The answer is B.", "B"), ("**B**", "B"),
+        ("cat\nB", "B"),  # split on any whitespace
+        ("The bird, option C", "C"),
+        ("A cat", "A"),  # MMBench reads the capital "A" as option A
+        ("cat", "B"), ("It is a cat.", "B"), ("Birds", "C"), ("CAT", "B"),  # by option text
+        ("b", None),  # a lower-case letter is no option letter, and no option text is in "b"
+        ("B or C", None),  # two letters, no option text
+        ("a cat or a dog", None),  # two option texts
+        ("D", None),  # not an option: no letter, no text
+        ("Z", None), ("", None), ("I don't know", None),
+        ("Cannot determine the answer", None),  # a refusal
+    ],
+)  # fmt: skip
+def test_mmbench_choice_official_rule(prediction, expected):
+    assert mmbench_choice(prediction, MMBENCH_OPTIONS) == expected
+
+
+def test_mmbench_circular_across_batches_and_ranks():
+    options = [["dog", "cat", "bird"], ["cat", "bird", "dog"], ["bird", "dog", "cat"], ["red", "blue"], ["blue", "red"]]
     batch = {
-        "answers": ["A", "B", "C", "B", "A"],
+        "answers": ["B", "A", "C", "B", "A"],
+        "options": options,
         "question_group": ["q1", "q1", "q1", "q2", "q2"],
         "question_kinds": ["x", "x", "x", "y", "y"],
     }
-    predictions = ["A", "B", "C", "B", "B"]  # q1 right in every shift, q2 wrong in one
-    single = MultipleChoiceAccuracy(["x", "y"], circular=True)
+    # q1: "cat" (text -> B), "A." (A), "(C) cat" (C): right in every shift; q2: "blue" (B) right, "I don't know"
+    # (no option) wrong
+    predictions = ["cat", "A.", "(C) cat", "blue", "I don't know"]
+    single = MultipleChoiceAccuracy(["x", "y"], rule="mmbench", circular=True)
     single.update(predictions, batch)
-    expected = {OVERALL: 0.5, "vanilla": 4 / 5, "x": 1.0, "y": 0.0, "unparsable": 0}
+    expected = {OVERALL: 0.5, "vanilla": 4 / 5, "x": 1.0, "y": 0.0, "unparsable": 1}
     assert _values(single.compute()) == pytest.approx(expected)
     # the shifts of q1 split over two ranks: merged, still one question
-    rank0, rank1 = MultipleChoiceAccuracy(["x", "y"], circular=True), MultipleChoiceAccuracy(["x", "y"], circular=True)
+    rank0 = MultipleChoiceAccuracy(["x", "y"], rule="mmbench", circular=True)
+    rank1 = MultipleChoiceAccuracy(["x", "y"], rule="mmbench", circular=True)
     rank0.update(predictions[:2], {k: v[:2] for k, v in batch.items()})
     rank1.update(predictions[2:], {k: v[2:] for k, v in batch.items()})
     rank0.merge_state(rank1)
     assert _values(rank0.compute()) == pytest.approx(expected)
     with pytest.raises(KeyError, match="question_group"):
-        MultipleChoiceAccuracy(circular=True).update(["A"], {"answers": ["A"]})
+        MultipleChoiceAccuracy(rule="mmbench", circular=True).update(["A"], {"answers": ["A"], "options": [["x", "y"]]})
+    with pytest.raises(KeyError, match="options"):
+        MultipleChoiceAccuracy(rule="mmbench").update(["A"], {"answers": ["A"]})
 
 
+# --- POPE: LLaVA-1.5's eval_pope.py ----------------------------------------------------------------
+# Text before the first ".", commas deleted, split on single spaces: "No" / "no" / "not" a word -> no.
 @pytest.mark.parametrize(
     ("prediction", "expected"),
     [
         ("Yes", "yes"), ("No", "no"), ("no", "no"), ("No, there is not.", "no"), ("There is not a dog.", "no"),
         ("Yes. There is no dog.", "yes"),  # only the first sentence counts
-        ("No.", "no"), ("NO", "yes"), ("Nope", "yes"), ("I cannot tell", "yes"),  # eval_pope.py's rule, literally
+        ("No.", "no"), (" no \n", "no"),  # model_vqa_loader strips the generated text
+        ("NO", "yes"), ("Nope", "yes"), ("I cannot tell", "yes"), ("", "yes"),  # eval_pope.py's rule, literally
         ("yes, no", "no"),  # commas dropped, then "no" is a word
+        ("No\nThere is a dog", "yes"),  # split on spaces only: "No\nThere" is one word
+        ("no\tdog", "yes"),
+        ("Yes.\nNo", "yes"),
     ],
 )  # fmt: skip
 def test_pope_answer(prediction, expected):
     assert pope_answer(prediction) == expected
+
+
+def test_pope_corpus_scores_by_eval_pope():
+    # eval_pope.py per answer: yes, yes ("No\nThere" is one word), yes ("NO"), no, yes (empty), no
+    labels = ["yes", "yes", "no", "no", "yes", "no"]
+    predictions = ["Yes", "No\nThere is a cat", "NO", "There is no dog.", "", "no."]
+    metric = POPEMetrics(["random"])
+    metric.update(predictions, {"answers": labels, "question_kinds": ["random"] * 6})
+    scores = _values(metric.compute())
+    # TP 3 (answers 1, 2, 5), FP 1 (answer 3), TN 2, FN 0
+    assert metric.counts.tolist() == [[3, 1, 2, 0]]
+    assert scores["random/precision"] == pytest.approx(3 / 4) and scores["random/recall"] == 1.0
+    assert scores["random/f1"] == pytest.approx(6 / 7) and scores[OVERALL] == pytest.approx(6 / 7)
+    assert scores["random/accuracy"] == pytest.approx(5 / 6) and scores["random/yes_ratio"] == pytest.approx(4 / 6)
 
 
 def test_pope_counts_hand_computed():
@@ -430,9 +607,17 @@ def test_pope_counts_hand_computed():
 
 @pytest.mark.parametrize(
     ("prediction", "expected"),
-    [("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("No.", "no"), ("Not sure", "no"), ("It is yes", None), ("maybe", None)],
-)
+    [
+        ("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("No.", "no"), ("NO.", "no"), (" yes \n", "yes"),
+        ("Yes\nIt is", "yes"),  # "yes" in the first four characters
+        ("Not sure", "no"), ("nope", "no"), ("no, yes", "no"),  # "no" in the first four, "yes" not
+        ("Eyes", "yes"), ("Knob", "no"),  # calculation.py's substring test, literally
+        ("It is yes", None), ("maybe", None), ("I don't know", None), ("Unknown", None), ("", None),
+    ],
+)  # fmt: skip
 def test_mme_answer(prediction, expected):
+    # MME's eval_tool/calculation.py: lower-cased; exactly "yes" / "no"; else "yes" in the first four
+    # characters, else "no" in them; else "other" (wrong)
     assert mme_answer(prediction) == expected
 
 

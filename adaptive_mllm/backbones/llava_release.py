@@ -13,6 +13,7 @@ every weight found must be used: anything else fails with the list of keys.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ _LLM_PREFIXES = (
     ("lm_head.", "lm_head."),
 )
 _TOWER_TARGET = "model.vision_tower."
+# An unconsolidated checkpoint (saved with the tower attached) also holds LLaVA's CLIPVisionTower weights.
+_TOWER_IN_CHECKPOINT = "model.vision_tower.vision_tower."
 _CLIP_TEXT_SIDE = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # a CLIPModel's other half
 # Buffers that older transformers saved and that are recomputed, not loaded.
 _RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -55,7 +58,8 @@ _LLAMA_KEYS = (
     "tie_word_embeddings", "initializer_range",
 )
 _PROJECTORS = {"mlp2x_gelu": "gelu"}  # release projector type -> transformers projector activation
-_SELECT_FEATURES = {"patch": "default"}  # release feature selection -> transformers strategy (drop CLS)
+# release feature selection -> transformers strategy: "patch" drops CLS, "cls_patch" keeps every token
+_SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
 
 class ReleaseLayoutError(ValueError):
@@ -179,14 +183,29 @@ def load_release_model(
 
     ``config.text_config.vocab_size`` may exceed the checkpoint's rows (the added ``<image>`` token): the
     extra embedding and output rows are the mean of the checkpoint's rows.
+
+    An unconsolidated checkpoint (tower weights ``model.vision_tower.vision_tower.*`` inside it) is read as
+    LLaVA's loader reads it, with a warning: its tower weights replace ``vision_tower``'s when config.json
+    sets ``unfreeze_mm_vision_tower`` (the tower was trained), and are ignored otherwise (LLaVA builds the
+    tower lazily from ``mm_vision_tower`` and drops them).
     """
     with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     expected = model.state_dict()
     loaded: set[str] = set()
     unexpected: list[str] = []
-    sources = [(path, _llm_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
-    sources += [(path, _tower_key) for path in weight_files(vision_tower, TOWER_LAYOUT)]
+    use_inner_tower = bool(json.loads((checkpoint / "config.json").read_text()).get("unfreeze_mm_vision_tower", False))
+    inner_tower_keys: list[str] = []
+
+    def checkpoint_key(key: str) -> str | None:
+        if key.startswith(_TOWER_IN_CHECKPOINT):
+            inner_tower_keys.append(key)
+            return _tower_key(key[len(_TOWER_IN_CHECKPOINT):]) if use_inner_tower else ""
+        return _llm_key(key)
+
+    # the tower directory first, so that a checkpoint's own tower weights (when used) overwrite it
+    sources = [(path, _tower_key) for path in weight_files(vision_tower, TOWER_LAYOUT)]
+    sources += [(path, checkpoint_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
     for path, rename in sources:
         mapped: dict[str, torch.Tensor] = {}
         for key, tensor in read_weights(path).items():
@@ -206,6 +225,18 @@ def load_release_model(
         model.load_state_dict(mapped, strict=False)
         loaded.update(mapped)
         del mapped
+    if inner_tower_keys:
+        action = (
+            f"used instead of {vision_tower}'s (config.json sets unfreeze_mm_vision_tower)"
+            if use_inner_tower
+            else f"ignored: the tower comes from {vision_tower} (config.json does not set unfreeze_mm_vision_tower)"
+        )
+        warnings.warn(
+            f"{checkpoint} is an unconsolidated LLaVA checkpoint: {len(inner_tower_keys)} vision tower weights "
+            f"({inner_tower_keys[0]}, ...) are {action}, as LLaVA's own loader does",
+            UserWarning,
+            stacklevel=3,
+        )
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise ReleaseLayoutError(

@@ -1,8 +1,12 @@
-"""Chat templates: a conversation -> token ids and labels, built from per-turn spans.
+"""Chat templates: a conversation -> token ids and labels, by LLaVA's rules.
 
-Labels come from the spans we tokenised ourselves (prompt spans ignored, answer spans kept), never
-from re-tokenising the joined string and guessing offsets, so a template/tokenizer mismatch cannot
-silently turn a loss to zero: the ids the model sees are exactly the concatenated spans.
+Ids: the rendered conversation is tokenised whole, split only at ``<image>`` (LLaVA's
+``tokenizer_image_token``); tokenising role words, questions and answers apart would add a
+SentencePiece word-start token before each piece that the reference never sees.
+Labels: each answer and its end-of-turn token, nothing else (LLaVA's ``preprocess_v1`` mask). The
+boundaries are found by tokenising the rendered text up to each one and checking that those ids are a
+prefix of the whole conversation's ids, so a tokenizer that merges across a role boundary fails with a
+clear error instead of silently shifting the mask.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ class ConversationError(ValueError):
 class EncodedConversation:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX outside the answers
-    prompt_length: int  # tokens before the first answer token: where the latency token goes in training
+    # Tokens before the LAST answer's first token: where the latency token goes in training (AdaLLaVA's
+    # release inserts it after the last ignored label).
+    prompt_length: int
 
 
 @dataclass(frozen=True)
@@ -73,19 +79,19 @@ class ChatTemplate:
         """Training encoding: every answer (and its end-of-turn token) is a label, nothing else."""
         if not turns:
             raise ConversationError("the conversation has no (human, gpt) turn", field="conversations")
-        input_ids, labels = self._prefix(tokenizer)
-        prompt_length = None
-        for index, (question, answer) in enumerate(turns):
+        for index, (_, answer) in enumerate(turns):
             if not answer.strip():
                 raise ConversationError(f"turn {index} has an empty answer", field=f"conversations[{2 * index + 1}].value")
-            prompt = self._question_ids(question, tokenizer, image_token_id, num_image_tokens, first=index == 0)
-            input_ids += prompt
-            labels += [IGNORE_INDEX] * len(prompt)
-            if prompt_length is None:
-                prompt_length = len(input_ids)
-            answer_ids = self._text_ids(f" {answer}", tokenizer) + self._end_of_turn_ids(tokenizer)
-            input_ids += answer_ids
-            labels += answer_ids
+        self._check_placeholders([question for question, _ in turns])
+        image_args = (tokenizer, image_token_id, num_image_tokens)
+        input_ids = self.tokenize(self.render(turns), *image_args)
+        labels = [IGNORE_INDEX] * len(input_ids)
+        prompt_length = 0
+        for index, (question, _) in enumerate(turns):
+            start = self._boundary(self.render([*turns[:index], (question, None)]), input_ids, *image_args)
+            end = self._boundary(self.render(turns[: index + 1]), input_ids, *image_args)
+            labels[start:end] = input_ids[start:end]
+            prompt_length = start
         return EncodedConversation(input_ids, labels, prompt_length)
 
     def encode_prompt(
@@ -100,50 +106,52 @@ class ChatTemplate:
         assistant role; ``len(answers) == len(questions) - 1``."""
         if len(answers) != len(questions) - 1:
             raise ConversationError("a prompt needs one answer fewer than questions", field="conversations")
-        ids, _ = self._prefix(tokenizer)
-        for index, question in enumerate(questions):
-            ids += self._question_ids(question, tokenizer, image_token_id, num_image_tokens, first=index == 0)
-            if index < len(answers):
-                ids += self._text_ids(f" {answers[index]}", tokenizer) + self._end_of_turn_ids(tokenizer)
+        self._check_placeholders(questions)
+        turns: list[tuple[str, str | None]] = [*zip(questions[:-1], answers, strict=True), (questions[-1], None)]
+        return self.tokenize(self.render(turns), tokenizer, image_token_id, num_image_tokens)
+
+    def tokenize(
+        self, text: str, tokenizer: PreTrainedTokenizerBase, image_token_id: int, num_image_tokens: int
+    ) -> list[int]:
+        """LLaVA's ``tokenizer_image_token``: BOS, then the text between ``<image>`` placeholders tokenised
+        piece by piece, each placeholder expanded to ``num_image_tokens`` image token ids."""
+        ids = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
+        for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if index > 0:
+                ids += [image_token_id] * num_image_tokens
+            if piece:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        return self._end_of_turn_ids(tokenizer)[-1:]
-
-    # --- pieces ----------------------------------------------------------------------------------
-    def _prefix(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-        ids = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
-        if self.system:
-            ids += self._text_ids(self.system + self.sep, tokenizer)
-        return ids, [IGNORE_INDEX] * len(ids)
-
-    def _question_ids(
-        self, question: str, tokenizer: PreTrainedTokenizerBase, image_token_id: int, num_image_tokens: int, first: bool
-    ) -> list[int]:
-        if IMAGE_PLACEHOLDER in question and not first:
-            raise ConversationError(f"{IMAGE_PLACEHOLDER} may only appear in the first human turn", field="conversations")
-        if question.count(IMAGE_PLACEHOLDER) > 1:
-            raise ConversationError(f"more than one {IMAGE_PLACEHOLDER} in a turn", field="conversations[0].value")
-        ids: list[int] = []
-        pieces = question.split(IMAGE_PLACEHOLDER)
-        text = f"{self.user_role}: "
-        for index, piece in enumerate(pieces):
-            ids += self._text_ids(text + piece, tokenizer)
-            text = ""
-            if index < len(pieces) - 1:
-                ids += [image_token_id] * num_image_tokens
-        return ids + self._text_ids(f"{self.sep}{self.assistant_role}:", tokenizer)
-
-    def _end_of_turn_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if tokenizer.eos_token is not None and self.sep2 == tokenizer.eos_token:
             return [tokenizer.eos_token_id]
-        return self._text_ids(self.sep2, tokenizer)
+        return list(tokenizer(self.sep2, add_special_tokens=False)["input_ids"])[-1:]
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def _boundary(
+        self, prefix: str, input_ids: list[int], tokenizer: PreTrainedTokenizerBase, image_token_id: int,
+        num_image_tokens: int,
+    ) -> int:
+        """The number of tokens of ``prefix`` (a rendered start of the conversation) within ``input_ids``."""
+        prefix_ids = self.tokenize(prefix, tokenizer, image_token_id, num_image_tokens)
+        if input_ids[: len(prefix_ids)] != prefix_ids:
+            raise ConversationError(
+                f"the tokenizer merges text across the end of {prefix[-40:]!r} (template {self.name!r}): the "
+                "answer labels cannot be placed on whole tokens",
+                field="conversations",
+            )
+        return len(prefix_ids)
 
     @staticmethod
-    def _text_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        if not text:
-            return []
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _check_placeholders(questions: list[str]) -> None:
+        for index, question in enumerate(questions):
+            if IMAGE_PLACEHOLDER in question and index > 0:
+                raise ConversationError(
+                    f"{IMAGE_PLACEHOLDER} may only appear in the first human turn", field=f"conversations[{2 * index}].value"
+                )
+        if questions and questions[0].count(IMAGE_PLACEHOLDER) > 1:
+            raise ConversationError(f"more than one {IMAGE_PLACEHOLDER} in a turn", field="conversations[0].value")
 
 
 def vicuna_v1() -> ChatTemplate:

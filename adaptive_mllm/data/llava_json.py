@@ -11,6 +11,7 @@ counts instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -107,6 +108,34 @@ def read_json_records(json_path: str | Path) -> list[Any]:
     return records
 
 
+def image_inside(image_folder: str | Path, name: str) -> Path:
+    """``image_folder / name`` with every symlink resolved; a ValueError if that leads out of the folder.
+
+    A JSON file must not reach any file the process can read: an absolute path, ``..`` and a symlink
+    (file or directory) that leads out of the image folder are all refused. Directories are resolved
+    through a cache (cleared for each dataset): 665k records share a few hundred directories, and
+    resolving every path component of every record took minutes.
+    """
+    if os.path.isabs(name):
+        raise ValueError(f"{name!r} is an absolute path; expected a path relative to the image folder {image_folder}")
+    root = _real_directory(os.fspath(image_folder))
+    directory, file_name = os.path.split(os.path.join(root, name))
+    if file_name in ("", ".", ".."):
+        resolved = os.path.realpath(os.path.join(root, name))
+    else:
+        resolved = os.path.join(_real_directory(directory), file_name)
+        if os.path.islink(resolved):
+            resolved = os.path.realpath(resolved)
+    if not resolved.startswith(root.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{name!r} resolves to {resolved}, outside the image folder {root}")
+    return Path(resolved)
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_directory(path: str) -> str:
+    return os.path.realpath(path)
+
+
 def parse_record(
     raw: Any, index: int, json_path: str | Path, image_folder: Path, require_answer: bool = True
 ) -> LlavaRecord:
@@ -166,7 +195,10 @@ def parse_record(
             raise fail("image", f"expected a file name relative to the image folder, got {image!r}")
         if not placeholders:
             raise fail("conversations[0].value", f"the record has an image but no {IMAGE_PLACEHOLDER} placeholder")
-        image_path = image_folder / image
+        try:
+            image_path = image_inside(image_folder, image)
+        except ValueError as error:
+            raise fail("image", str(error)) from error
         if not os.path.exists(image_path):
             raise fail("image", f"image file {image_path} does not exist")
     kind = raw.get("question_kind", DEFAULT_QUESTION_KIND)
@@ -184,15 +216,18 @@ def parse_record(
 class LlavaJsonDataset(Dataset):
     """The records of one LLaVA JSON file as model inputs.
 
-    Structure is validated here, eagerly; the tokenizer-dependent encoding and the image decoding
-    happen in ``__getitem__``, once :meth:`set_input_processor` has given the model's tokenizer.
+    Structure, unique ids and image paths (which must stay inside ``image_folder``) are validated
+    here, eagerly; a file with no usable record is a DataError. The tokenizer-dependent encoding and
+    the image decoding happen in ``__getitem__``, once :meth:`set_input_processor` has given the
+    model's tokenizer.
 
     Args:
         json_path: the LLaVA JSON list.
         image_folder: root of the records' ``image`` paths; None = the JSON file's directory.
         skip_bad_records: warn (:class:`DataWarning`, once per record) and drop bad records instead of
-            raising; structural drops are counted in ``num_skipped_at_load``, lazy ones make
-            ``__getitem__`` return None (the collator counts them as ``num_skipped``).
+            raising; structural drops are counted in ``num_skipped_at_load``. Every bad record, found
+            when the file is read or when its item is loaded, makes ``__getitem__`` return None at its
+            position, which the collator counts in ``num_skipped``.
         require_answer: False accepts conversations that end with a human turn (prediction inputs).
         input_processor: the model's InputProcessor, if already known.
     """
@@ -212,24 +247,59 @@ class LlavaJsonDataset(Dataset):
         self.input_processor = input_processor
         self.num_skipped_at_load = 0
         self.records: list[LlavaRecord] = []
-        for index, raw in enumerate(read_json_records(self.json_path)):
+        raw_records = read_json_records(self.json_path)
+        _real_directory.cache_clear()  # links may have changed since another dataset was read
+        first_index: dict[str, int] = {}  # record id -> index of the first record with it
+        for index, raw in enumerate(raw_records):
             try:
-                self.records.append(parse_record(raw, index, self.json_path, self.image_folder, require_answer))
+                record = parse_record(raw, index, self.json_path, self.image_folder, require_answer)
+                if record.id in first_index:  # answers and predictions are keyed by id
+                    raise DataError.at(
+                        self.json_path, f"duplicate id: record {first_index[record.id]} has the same id",
+                        record_id=record.id, index=index, field="id",
+                    )
+                first_index[record.id] = index
+                self.records.append(record)
             except DataError as error:
                 if not skip_bad_records:
                     raise
                 warnings.warn(str(error), DataWarning, stacklevel=2)
                 self.num_skipped_at_load += 1
+        self._check_some_left(len(raw_records))
         self._bad: set[int] = set()  # lazily found bad records (per process: each worker has its own)
+
+    def _check_some_left(self, num_read: int) -> None:
+        """A DataError for a file with no usable record (torch's empty-sampler error names no file);
+        a summary warning when records were skipped."""
+        if num_read == 0:
+            raise DataError.at(self.json_path, "the JSON list is empty: no records to use")
+        if not self.records:
+            raise DataError.at(
+                self.json_path, f"all {num_read} records are bad and were skipped (see the warnings above): no records to use"
+            )
+        if self.num_skipped_at_load:
+            warnings.warn(
+                f"{self.json_path}: {self.num_skipped_at_load} of {num_read} records skipped as bad, {len(self.records)} kept",
+                DataWarning,
+                stacklevel=3,
+            )
 
     def set_input_processor(self, processor: InputProcessor) -> None:
         self.input_processor = processor
 
     def __len__(self) -> int:
-        return len(self.records)
+        """One position per record of the file: those skipped when it was read come last and load as
+        None, so the collator counts them in ``num_skipped`` like the records found bad later."""
+        return len(self.records) + self.num_skipped_at_load
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """The encoded example, or None for a bad record when ``skip_bad_records`` is on."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        if index < 0:
+            index += len(self)
+        if index >= len(self.records):  # skipped when the file was read
+            return None
         record = self.records[index]
         if record.index in self._bad:
             return None
@@ -241,6 +311,21 @@ class LlavaJsonDataset(Dataset):
             self._bad.add(record.index)
             warnings.warn(str(error), DataWarning, stacklevel=2)
             return None
+
+    def check_usable(self) -> None:
+        """With ``skip_bad_records``, a DataError unless some record loads: a run whose every record is
+        bad must fail before it starts, not train on nothing and report success. Stops at the first good
+        record, so it costs one item unless the leading records are bad. Needs the InputProcessor."""
+        if not self.skip_bad_records:
+            return  # the first bad record raises when it is loaded
+        for position in range(len(self.records)):
+            if self[position] is not None:
+                return
+        raise DataError.at(
+            self.json_path,
+            f"none of the {len(self)} records is usable: {self.num_skipped_at_load} skipped when the file was read, "
+            f"{len(self.records)} when their items were loaded (see the warnings above)",
+        )
 
     def _open_image(self, record: LlavaRecord) -> Image.Image:
         """The record's image, opened lazily (a hook for datasets whose images are not files, e.g. base64)."""
@@ -491,6 +576,7 @@ class LlavaDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         processor = self.input_processor()
         dataset.set_input_processor(processor)
+        dataset.check_usable()
         return DataLoader(
             dataset,
             batch_size=batch_size,

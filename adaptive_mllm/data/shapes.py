@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, plain_chat
+from adaptive_mllm.data.directory_lock import DirectoryLock
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
 
 FORMAT_VERSION = 2  # bump whenever the generated content changes: cached data is then regenerated
@@ -276,25 +279,91 @@ def generate_shapes_vqa(
 ) -> Path:
     """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
     ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``."""
+    hold_shapes_vqa(out_dir, num_train, num_val, num_test, seed, question_kinds).release()
+    return Path(out_dir)
+
+
+def hold_shapes_vqa(
+    out_dir: str | Path,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int = 0,
+    question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+) -> DirectoryLock:
+    """Make sure ``out_dir`` holds this set and return the shared lock that keeps other runs from
+    replacing it until released.
+
+    A missing or different set is written into ``out_dir/.generating`` and then moved into place,
+    ``meta.json`` last, under the directory's exclusive lock: a run that holds the shared lock of
+    another set is never disturbed (a RuntimeError instead), and runs asking for the same set at once
+    write it once.
+    """
     question_kinds = check_question_kinds(question_kinds)
     out_dir = Path(out_dir)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     if any(size < 0 for size in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
-    if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
-        return out_dir
-    meta_path = out_dir / META_FILE
-    if meta_path.is_file():  # a different set of ours: clear it, so no stale image survives
-        meta_path.unlink()
-        for directory in (IMAGE_DIR, TOKENIZER_DIR):
-            shutil.rmtree(out_dir / directory, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(out_dir)
+    for _ in range(_LOCK_ATTEMPTS):
+        lock.shared()  # waits while another run writes a set here
+        if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
+            return lock
+        lock.release()
+        if lock.try_exclusive():
+            try:
+                if not is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
+                    _write_set(out_dir, seed, sizes, question_kinds)
+            finally:
+                lock.release()
+            continue  # hold it shared, checked again
+        time.sleep(random.uniform(0.02, 0.1))  # another run holds the set: it may be the one we want
+    lock.release()
+    raise RuntimeError(
+        f"{out_dir} holds another shapes-VQA set ({_describe(out_dir)}), in use by another run: it is not "
+        f"replaced by the one asked for (sizes {num_train} / {num_val} / {num_test}, seed {seed}, kinds "
+        f"{list(question_kinds)}). Use another data_dir, or run again once that run has ended."
+    )
+
+
+_LOCK_ATTEMPTS = 50  # ~3 s of retries before deciding the directory is held by a run of another set
+STAGING_DIR = ".generating"
+REPLACED_DIR = ".replaced"
+
+
+def _describe(out_dir: Path) -> str:
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+        return f"sizes {meta['num_train']} / {meta['num_val']} / {meta['num_test']}, seed {meta['seed']}, kinds {meta['question_kinds']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "being written, or not a shapes-VQA set"
+
+
+def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: Sequence[str]) -> None:
+    """Write the set into a staging directory, then move it into ``out_dir`` (the caller holds the
+    exclusive lock). The old ``meta.json`` goes first and the new one last, so a run killed halfway
+    leaves a directory that counts as empty, never a mix that counts as a set."""
+    staging = out_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while writing
+    staging.mkdir()
     template = plain_chat()
     texts = []
     for split in SPLITS:
-        records = _write_split(out_dir, split, generate_examples(sizes[split], seed, split, question_kinds))
-        _write_json(out_dir / f"{split}.json", records)
+        records = _write_split(staging, split, generate_examples(sizes[split], seed, split, question_kinds))
+        _write_json(staging / f"{split}.json", records)
         texts += [template.render([(r["conversations"][0]["value"], r["conversations"][1]["value"])]) for r in records]
-    train_word_tokenizer(texts, out_dir / TOKENIZER_DIR, template=template)
-    _write_json(meta_path, _meta(seed, sizes, question_kinds))
-    return out_dir
+    train_word_tokenizer(texts, staging / TOKENIZER_DIR, template=template)
+    _write_json(staging / META_FILE, _meta(seed, sizes, question_kinds))
+
+    (out_dir / META_FILE).unlink(missing_ok=True)  # from here on, the old set no longer counts as there
+    replaced = out_dir / REPLACED_DIR
+    shutil.rmtree(replaced, ignore_errors=True)
+    replaced.mkdir()
+    for name in (IMAGE_DIR, TOKENIZER_DIR, *(f"{split}.json" for split in SPLITS)):
+        if os.path.lexists(out_dir / name):
+            os.replace(out_dir / name, replaced / name)
+        os.replace(staging / name, out_dir / name)
+    os.replace(staging / META_FILE, out_dir / META_FILE)
+    shutil.rmtree(replaced)
+    staging.rmdir()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from adaptive_mllm.data.directory_lock import DirectoryLock
 from adaptive_mllm.data.llava_json import LlavaDataModule
 from adaptive_mllm.data.shapes import (
     DEFAULT_QUESTION_KINDS,
     IMAGE_DIR,
     TOKENIZER_DIR,
     check_question_kinds,
-    generate_shapes_vqa,
+    hold_shapes_vqa,
     is_generated,
 )
 
@@ -21,7 +22,12 @@ class ShapesVQADataModule(LlavaDataModule):
 
     The tokenizer trained on the generated text is written to ``{data_dir}/tokenizer``, where the tiny
     backbone's ``tokenizer`` argument points; ``prepare_data`` runs before ``configure_model``, so it
-    exists by the time the model is built. Prediction answers the test split.
+    exists by the time the model is built. Prediction answers the test split; a split of size 0 is
+    not set (no validation, or no test split).
+
+    From ``prepare_data`` (or ``setup``) to ``teardown`` the datamodule holds a shared lock on
+    ``data_dir``: another run asking for another set there fails with a RuntimeError instead of
+    replacing the files this one reads.
 
     Args:
         data_dir: where the set lives (generated there if it is missing or was made with other sizes / seed).
@@ -53,9 +59,9 @@ class ShapesVQADataModule(LlavaDataModule):
         directory = Path(data_dir)
         super().__init__(
             train_json=str(directory / "train.json"),
-            val_json=str(directory / "val.json"),
-            test_json=str(directory / "test.json"),
-            predict_json=str(directory / "test.json"),
+            val_json=str(directory / "val.json") if num_val > 0 else None,
+            test_json=str(directory / "test.json") if num_test > 0 else None,
+            predict_json=str(directory / "test.json") if num_test > 0 else None,
             image_folder=str(directory / IMAGE_DIR),
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
@@ -68,20 +74,33 @@ class ShapesVQADataModule(LlavaDataModule):
         self.num_test = num_test
         self.seed = seed
         self.kinds_to_ask = check_question_kinds(question_kinds)
+        self._lock: DirectoryLock | None = None
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.data_dir / TOKENIZER_DIR
 
     def prepare_data(self) -> None:
-        """Generate the set unless ``meta.json`` says it is already there (then this is instant)."""
-        generate_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask)
+        """Generate the set unless ``meta.json`` says it is already there (then this is instant), and
+        hold it until ``teardown``."""
+        self.teardown("prepare_data")
+        self._lock = hold_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask)
 
     def setup(self, stage: str) -> None:
+        if self._lock is None and self.data_dir.is_dir():  # e.g. a DDP rank other than the one that prepared
+            self._lock = DirectoryLock(self.data_dir)
+            self._lock.shared()
         if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask):
+            self.teardown(stage)
             raise RuntimeError(
                 f"{self.data_dir} does not hold the shapes-VQA set asked for (sizes {self.num_train} / "
                 f"{self.num_val} / {self.num_test}, seed {self.seed}, kinds {list(self.kinds_to_ask)}): "
                 "call prepare_data() first"
             )
         super().setup(stage)
+
+    def teardown(self, stage: str) -> None:
+        """Let other runs replace the set again."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -4,20 +4,22 @@ Design (the reference supports plain multi-head attention only; this generalises
 
 - **Groups.** Attention is selected by key/value group: one kv head and the ``q = num_heads /
   num_kv_heads`` query heads that read it, so grouped-query attention slices coherently (for MHA a
-  group is one head). MLP neurons are split into ``num_heads`` equal contiguous groups.
+  group is one head). MLP neurons are split into ``num_heads`` contiguous groups, the first ``intermediate_size mod num_heads``
+  one neuron wider when the width does not divide (Vicuna-13B: 13824 / 40), as the release splits them.
 - **Logits.** One linear layer gives, per schedulable layer, ``num_kv_heads`` attention logits and
   ``num_heads`` MLP logits: ``L_sched * (num_kv_heads + num_heads)`` in all, which for MHA is the
   reference's ``L_sched * num_heads * 2`` (1024 for LLaVA-1.5-7B).
 - **Unit.** ``rank`` query heads' worth of attention (``rank / q`` kv groups, so ``rank`` must be a
   multiple of ``q``) plus ``rank`` MLP groups, in one layer. A layer holds ``num_heads / rank`` units,
   all of the same cost, so a plan's FLOPs depend only on how many units it has per layer.
-- **Picking one unit.** Among the layers that still have room, pick a layer by the mean of its
-  remaining (not yet chosen) logits: Gumbel noise / tau / straight-through in training, argmax in
-  evaluation. Then, inside that layer, the best ``rank / q`` remaining kv groups and the best ``rank``
-  remaining MLP groups (Gumbel top-r in training, top-r in evaluation), straight-through too. The unit
-  adds ``layer one-hot x group mask`` to the plan, so gradients reach both the layer choice and the
-  group choice. (The reference picks the layer by one Gumbel pick over all remaining logits of every
-  layer; the mean is our choice, so that a layer is judged on everything it still offers.)
+- **Picking one unit** (the release's rule, ``n_times_gumbel_softmax_head_version``): one pick over
+  every still-unchosen element logit of every layer, attention and MLP alike (Gumbel noise / tau /
+  straight-through in training, argmax in evaluation); the layer holding the picked element is the
+  unit's layer. Then, inside that layer, the best ``rank / q`` remaining kv groups and the best
+  ``rank`` remaining MLP groups (Gumbel top-r in training, top-r in evaluation), straight-through too.
+  The unit adds ``layer one-hot x group mask`` to the plan, so gradients reach both the layer choice
+  (the softmax mass of the layer's elements) and the group choice. A full layer has no element left,
+  so it cannot be picked again.
 - Repeated ``k`` times per example (``k`` from the cost model, examples may differ), vectorised over
   the batch: exactly ``k`` units, hence the budget, by construction. ``layer_mask`` marks the layers
   that keep anything.
@@ -64,9 +66,9 @@ class HeadScheduler(Scheduler):
             )
         if shape.num_heads % self.rank:
             raise ValueError(f"rank={self.rank} must divide num_heads={shape.num_heads}")
-        if shape.intermediate_size % shape.num_heads:
+        if shape.intermediate_size < shape.num_heads:
             raise ValueError(
-                f"intermediate_size={shape.intermediate_size} does not split into num_heads={shape.num_heads} equal MLP groups"
+                f"intermediate_size={shape.intermediate_size} is smaller than num_heads={shape.num_heads}: some MLP groups would be empty"
             )
 
     def _build(self, shape: DecoderShape) -> None:
@@ -112,23 +114,21 @@ class HeadScheduler(Scheduler):
         return ExecutionPlan(self.num_prefix_layers, layer_mask, attention_mask, mlp_mask, units=k)
 
     def _greedy_masks(self, logits: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit by unit: the layer with the best mean of its remaining logits, then its best groups (Gumbel
-        noise in training; straight-through gradients). logits: [B, L_s, G_kv + G]."""
-        batch, layers, _ = logits.shape
+        """Unit by unit, as the release: one pick over all remaining element logits gives the layer, then its
+        best groups (Gumbel noise in training; straight-through gradients). logits: [B, L_s, G_kv + G]."""
+        batch, layers, elements = logits.shape
         kv, groups = self.shape.num_kv_heads, self.shape.num_heads
         attention_logits, mlp_logits = logits[..., :kv], logits[..., kv:]  # [B, L_s, G_kv], [B, L_s, G]
         attention_mask = logits.new_zeros(batch, layers, kv)  # [B, L_s, G_kv]
         mlp_mask = logits.new_zeros(batch, layers, groups)  # [B, L_s, G]
-        placed = torch.zeros(batch, layers, dtype=torch.long, device=logits.device)  # units per layer
         for unit in range(int(k.max()) if batch else 0):
             active = (unit < k).to(logits.dtype)  # [B]
             taken = torch.cat([attention_mask, mlp_mask], dim=-1).detach() > 0.5  # [B, L_s, G_kv + G]
 
-            # the layer: mean of its remaining logits, among layers with room left
-            remaining = (~taken).to(logits.dtype)
-            score = (logits * remaining).sum(-1) / remaining.sum(-1).clamp_min(1.0)  # [B, L_s]
-            score = score.masked_fill(placed >= self.units_per_layer, float("-inf"))
-            layer = gumbel_top_r(score, 1, self.tau, self.training)  # [B, L_s] one-hot
+            # the layer: the one holding the element picked among every remaining element of every layer
+            remaining = logits.masked_fill(taken, float("-inf")).flatten(1)  # [B, L_s * (G_kv + G)]
+            element = gumbel_top_r(remaining, 1, self.tau, self.training)  # [B, L_s * (G_kv + G)] one-hot
+            layer = element.view(batch, layers, elements).sum(-1)  # [B, L_s] one-hot, straight-through
 
             # the groups inside it: logits and what is taken, read through the (straight-through) one-hot
             hard_layer = layer.detach()[..., None]  # [B, L_s, 1]
@@ -142,7 +142,6 @@ class HeadScheduler(Scheduler):
             chosen_layer = layer * active[:, None]  # [B, L_s]
             attention_mask = attention_mask + chosen_layer[..., None] * attention_pick[:, None, :]
             mlp_mask = mlp_mask + chosen_layer[..., None] * mlp_pick[:, None, :]
-            placed = placed + chosen_layer.detach().round().long()
 
         return attention_mask, mlp_mask
 
@@ -152,24 +151,19 @@ class HeadScheduler(Scheduler):
         mlp_logits: torch.Tensor,  # [B, L_s, G]
         k: torch.Tensor,  # [B]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noiseless greedy plan of :meth:`forward`, computed at once instead of unit by unit.
+        """The noiseless plan of :meth:`_greedy_masks`, computed at once instead of unit by unit.
 
-        Without noise, a layer gives out its groups in descending logit order, ``r`` at a time, so the
-        score it offers for its ``j``-th unit (the mean of the logits it has left) is known beforehand
-        and never rises with ``j``. Picking the best offer ``k`` times is then taking the ``k`` best
-        (layer, j) offers: one ranking, a few kernels, where the loop launches a dozen per unit."""
+        Without noise, a layer gives out its groups in descending logit order, ``r`` at a time, so what it
+        offers for its ``j``-th unit (its largest remaining logit: ``max`` of the ``j r``-th sorted attention
+        and MLP logits) is known beforehand and never rises with ``j``; other layers' picks do not change
+        it. Picking the best offer ``k`` times is then taking the ``k`` best (layer, j) offers: one
+        ranking, a few kernels, where the loop launches a dozen per unit."""
         units, per_kv, per_mlp = self.units_per_layer, self.kv_groups_per_unit, self.mlp_groups_per_unit
         batch, layers, kv = attention_logits.shape
         groups = mlp_logits.shape[-1]
         attention_sorted, attention_order = attention_logits.sort(dim=-1, descending=True, stable=True)
         mlp_sorted, mlp_order = mlp_logits.sort(dim=-1, descending=True, stable=True)
-        zero = attention_logits.new_zeros(batch, layers, 1)
-        attention_taken = torch.cat([zero, attention_sorted.cumsum(-1)], -1)[..., : units * per_kv : per_kv]  # [B, L_s, U]
-        mlp_taken = torch.cat([zero, mlp_sorted.cumsum(-1)], -1)[..., : units * per_mlp : per_mlp]
-        total = attention_sorted.sum(-1, keepdim=True) + mlp_sorted.sum(-1, keepdim=True)  # [B, L_s, 1]
-        left = kv + groups - torch.arange(units, device=k.device) * (per_kv + per_mlp)  # [U] groups still there
-        offers = (total - attention_taken - mlp_taken) / left  # [B, L_s, U]
-        offers = offers.cummin(-1).values  # rounding must not let a later unit of a layer outrank an earlier one
+        offers = torch.maximum(attention_sorted[..., ::per_kv], mlp_sorted[..., ::per_mlp])  # [B, L_s, U]
         chosen = top_k_mask(offers.flatten(1), k).view(batch, layers, units).sum(-1)  # [B, L_s] units per layer
         slots = torch.arange(kv, device=k.device)
         attention_mask = torch.zeros_like(attention_logits).scatter_(

@@ -8,7 +8,8 @@ layers and sliced weights.
 Head-level plans select attention by key/value group (``num_kv_heads`` per layer): a kept group keeps
 its key/value head and all the query heads that read it, so grouped-query attention slices coherently
 (for plain multi-head attention a group is one head). MLP neurons are split into ``num_mlp_groups``
-equal contiguous groups.
+contiguous groups; when the width does not divide (Vicuna-13B: 13824 neurons, 40 groups) the first
+``width mod groups`` groups hold one neuron more, as the release's ``AdaLlamaMLP`` splits them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from adaptive_mllm.layers import mlp_group_sizes
 
 
 @dataclass
@@ -63,3 +66,28 @@ class ExecutionPlan:
     def full(batch_size: int, num_layers: int, num_prefix_layers: int, device: torch.device | None = None) -> ExecutionPlan:
         mask = torch.ones(batch_size, num_layers - num_prefix_layers, device=device)
         return ExecutionPlan(num_prefix_layers, mask)
+
+
+# --- MLP groups ------------------------------------------------------------------------------------
+def widen_mlp_mask(mask: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """[b, G] group mask -> [b, I] neuron mask (each group's value repeated over its neurons; gradients pass)."""
+    width, remainder = divmod(intermediate_size, mask.shape[-1])
+    if remainder == 0:
+        return mask.repeat_interleave(width, dim=-1)
+    sizes = torch.tensor(mlp_group_sizes(intermediate_size, mask.shape[-1]), device=mask.device)
+    return mask.repeat_interleave(sizes, dim=-1, output_size=intermediate_size)  # output_size: no device sync
+
+
+def mlp_group_neurons(keep: torch.Tensor, intermediate_size: int, num_groups: int) -> torch.Tensor:
+    """[n] kept group indices (ascending) -> the indices of their neurons, ascending, on ``keep``'s device.
+
+    Equal groups are plain arithmetic; uneven ones need the count of kept wide groups, one small device
+    synchronisation per sliced pattern of a prefill."""
+    width, remainder = divmod(intermediate_size, num_groups)
+    if remainder == 0:
+        return (keep[:, None] * width + torch.arange(width, device=keep.device)).flatten()
+    sizes = torch.tensor(mlp_group_sizes(intermediate_size, num_groups), device=keep.device)
+    owner = torch.arange(num_groups, device=keep.device).repeat_interleave(sizes)  # [I] group of each neuron
+    kept = torch.zeros(num_groups, dtype=torch.bool, device=keep.device)
+    kept[keep] = True
+    return kept[owner].nonzero().flatten()

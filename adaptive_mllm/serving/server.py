@@ -38,7 +38,7 @@ def build_model(
         from adaptive_mllm.export import module_from_checkpoint
 
         return module_from_checkpoint(ckpt_path, config, overrides)[0]
-    from adaptive_mllm.cli import build_cli  # the lead moves this import when cli.py is refactored
+    from adaptive_mllm.recipe import build_cli
 
     quiet_trainer = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses the list it is given, and warns about sys.argv

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptive_mllm.backbones import CheckpointError, LlavaBackbone
-from tests.backbones.release_layout import write_release
+from tests.backbones.release_layout import VISION, release_config, write_release
+from tests.backbones.spm_tokenizer import write_spm_tokenizer
 from tests.conftest import random_images
 
 
@@ -117,7 +118,7 @@ def test_release_of_another_language_model_fails(tmp_path):
 
 @pytest.mark.parametrize(("key", "value", "match"), [
     ("mm_projector_type", "linear", r"mm_projector_type 'linear' is not supported"),
-    ("mm_vision_select_feature", "cls_patch", r"mm_vision_select_feature 'cls_patch' is not supported"),
+    ("mm_vision_select_feature", "cls", r"mm_vision_select_feature 'cls' is not supported"),
     ("mm_hidden_size", 1024, r"mm_hidden_size 1024 differs from the vision tower's hidden_size 32"),
 ])
 def test_unsupported_release_config_keys(tmp_path, key, value, match):
@@ -167,3 +168,55 @@ def test_a_plain_language_model_directory_fails(tmp_path, model_type):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"]}))
     with pytest.raises(CheckpointError, match=rf"model_type '{model_type}', expected 'llava'.*original LLaVA release"):
         LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))
+
+
+def _make_unconsolidated(release, tower, seed: int) -> dict:
+    """Add the tower's weights, with other values, inside the LLM checkpoint under LLaVA's own module names
+    (``model.vision_tower.vision_tower.vision_model.*``: LlavaMetaModel.vision_tower is a CLIPVisionTower
+    whose ``vision_tower`` is the CLIPVisionModel), as a checkpoint saved with the tower attached holds them."""
+    generator = torch.Generator().manual_seed(seed)
+    inner = {
+        "model.vision_tower.vision_tower." + key: torch.randn(tensor.shape, generator=generator)
+        for key, tensor in load_file(tower / "model.safetensors").items()
+        if key.startswith("vision_model.") and not key.endswith("position_ids")
+    }
+    shard = release / "model-00001-of-00002.safetensors"
+    save_file({**load_file(shard), **inner}, shard)
+    index_file = release / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"].update({key: shard.name for key in inner})
+    index_file.write_text(json.dumps(index))
+    return inner
+
+
+@pytest.mark.parametrize("unfreeze", [False, True])
+def test_unconsolidated_checkpoint_loads_as_llavas_loader_does(tmp_path, unfreeze):
+    """LLaVA builds the tower lazily (delay_load) from mm_vision_tower: the checkpoint's own tower weights are
+    dropped, unless unfreeze_mm_vision_tower made it build the tower first, and then they overwrite it."""
+    release, tower, reference, _ = write_release(tmp_path)
+    inner = _make_unconsolidated(release, tower, seed=7)
+    if unfreeze:
+        _edit_config(release, unfreeze_mm_vision_tower=True)
+    with pytest.warns(UserWarning, match="unconsolidated LLaVA checkpoint: .* are " + ("used instead" if unfreeze else "ignored")):
+        backbone = _load(release, tower)
+    state = backbone.model.state_dict()
+    for key, tensor in inner.items():
+        target = "model.vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]
+        expected = tensor if unfreeze else reference.state_dict()[target]
+        assert torch.equal(state[target], expected), target
+    assert torch.equal(state["lm_head.weight"], reference.state_dict()["lm_head.weight"])
+
+
+def test_a_release_directory_with_only_tokenizer_model_reads_its_tokenizer(tmp_path):
+    """liuhaotian/llava-v1.5-7b ships tokenizer.model + tokenizer_config.json, no tokenizer.json: reading it
+    needs sentencepiece (a dependency). The tokenizer is a real Llama-style SentencePiece model."""
+    release = write_spm_tokenizer(tmp_path / "release")
+    (release / "config.json").write_text(json.dumps(release_config(32000)))
+    tower = tmp_path / "tower"
+    tower.mkdir()
+    (tower / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **VISION}))
+    backbone = LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+    tokenizer = backbone.tokenizer
+    assert backbone.image_token_id == 32000 and len(tokenizer) == 32001  # <image> added after the 32,000 pieces
+    ids = tokenizer("USER: Hi", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["▁US", "ER", ":", "▁Hi"]

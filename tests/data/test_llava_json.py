@@ -72,7 +72,9 @@ def test_multi_turn_labels_only_the_answers(write_llava, processor):
     assert item["labels"].tolist() == (
         [IGNORE_INDEX] * len(question_1) + answer_1 + [IGNORE_INDEX] * len(question_2) + answer_2
     )
-    assert item["prompt_length"] == len(question_1)  # where the first answer starts
+    # the latency token's place: after the last ignored label, before the LAST answer (AdaLLaVA's release
+    # insert_latency_token), not before the first
+    assert item["prompt_length"] == len(question_1 + answer_1 + question_2)
     # for generation: every question, every answer but the last (the reference), the open role
     assert item["prompt_ids"].tolist() == question_1 + answer_1 + question_2
     assert item["answer"] == "blue" and item["question_kind"] == "all"
@@ -261,22 +263,28 @@ def test_unreadable_json_file(tmp_path):
 def test_skip_bad_records_warns_once_and_counts(write_llava, make_record, make_processor, tmp_path):
     cases = bad_cases(tmp_path / "images", make_record)
     good = [make_record(f"good-{i}") for i in range(4)]
-    path = write_llava(good[:2] + [case.record for case in cases.values()] + good[2:])
+    bad = [{**case.record, "id": f"bad-record-{i}"} for i, case in enumerate(cases.values())]  # ids must be unique
+    path = write_llava(good[:2] + bad + good[2:])
     structural = [case for case in cases.values() if not case.lazy]
     lazy = [case for case in cases.values() if case.lazy]
 
     with pytest.warns(DataWarning) as caught:
         dataset = LlavaJsonDataset(path, tmp_path / "images", skip_bad_records=True)
-    assert len(caught) == dataset.num_skipped_at_load == len(structural)
-    assert {w.message.args[0].split("field ")[1].split(":")[0].strip("'") for w in caught} == {c.field for c in structural}
-    assert len(dataset) == len(good) + len(lazy)
+    per_record, summary = caught[:-1], caught[-1]
+    assert len(per_record) == dataset.num_skipped_at_load == len(structural)
+    assert {w.message.args[0].split("field ")[1].split(":")[0].strip("'") for w in per_record} == {c.field for c in structural}
+    total = len(good) + len(cases)
+    assert str(summary.message) == f"{path}: {len(structural)} of {total} records skipped as bad, {len(good) + len(lazy)} kept"
+    assert len(dataset.records) == len(good) + len(lazy)
+    assert len(dataset) == total  # one position per record of the file: those skipped when read load as None
 
     dataset.set_input_processor(make_processor(max_length=MAX_LENGTH))
     with warnings.catch_warnings(record=True) as first_pass:
         warnings.simplefilter("always")
         items = [dataset[i] for i in range(len(dataset))]
-    assert sum(item is None for item in items) == len(first_pass) == len(lazy)
-    assert all(issubclass(w.category, DataWarning) and "'bad-record'" in str(w.message) for w in first_pass)
+    assert len(first_pass) == len(lazy)
+    assert sum(item is None for item in items) == len(lazy) + len(structural)
+    assert all(issubclass(w.category, DataWarning) and "'bad-record-" in str(w.message) for w in first_pass)
     with warnings.catch_warnings(record=True) as second_pass:
         warnings.simplefilter("always")
         assert [dataset[i] is None for i in range(len(dataset))] == [item is None for item in items]
@@ -284,7 +292,7 @@ def test_skip_bad_records_warns_once_and_counts(write_llava, make_record, make_p
 
     loader = DataLoader(dataset, batch_size=3, collate_fn=LlavaCollator(0))
     batches = list(loader)
-    assert sum(batch["num_skipped"] for batch in batches) == len(lazy)
+    assert sum(batch["num_skipped"] for batch in batches) == len(lazy) + len(structural)
     assert [i for batch in batches for i in batch["ids"]] == [record["id"] for record in good]
 
 

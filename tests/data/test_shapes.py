@@ -242,3 +242,15 @@ def test_a_subset_of_question_kinds_is_asked_in_equal_shares_and_regenerates(sha
     assert meta["question_kinds"] == ["count"]
     records = json.loads((directory / "test.json").read_text())
     assert {r["question_kind"] for r in records} == {"count"}
+
+
+def test_a_split_of_size_zero_is_not_set(processor, tmp_path):
+    """An empty JSON list is an error (issue 18): a split asked with 0 examples is simply absent."""
+    datamodule = ShapesVQADataModule(data_dir=str(tmp_path / "no-val"), num_train=4, num_val=0, num_test=0, batch_size=2)
+    datamodule.prepare_data()
+    datamodule.set_input_processor(processor)
+    datamodule.setup("fit")
+    assert datamodule.val_dataloader() == []  # fitting without validation
+    with pytest.raises(ValueError, match="needs test_json"):
+        datamodule.setup("test")
+    datamodule.teardown("fit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,8 +12,10 @@ from adaptive_mllm.schedulers import HeadScheduler
 
 MHA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=128, vocab_size=100)
 GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
-CASES = [(MHA, 2), (MHA, 8), (GQA, 4), (GQA, 8)]  # (shape, rank): 4, 1, 2, 1 units per layer
-IDS = ["mha-r2", "mha-r8", "gqa-r4", "gqa-r8"]
+# UNEVEN: 100 MLP neurons in 8 groups (4 of 13, 4 of 12), as Vicuna-13B's 13824 in 40
+UNEVEN = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=100, vocab_size=100)
+CASES = [(MHA, 2), (MHA, 8), (GQA, 4), (GQA, 8), (UNEVEN, 2)]  # (shape, rank): 4, 1, 2, 1, 4 units per layer
+IDS = ["mha-r2", "mha-r8", "gqa-r4", "gqa-r8", "uneven-r2"]
 
 
 def configured(shape: DecoderShape, rank: int, prefix: int = 3) -> HeadScheduler:
@@ -34,9 +38,9 @@ def test_rank_must_fit_the_heads() -> None:
         HeadScheduler(2, rank=2).configure(GQA)  # 4 queries per kv head
     with pytest.raises(ValueError, match="must divide num_heads"):
         HeadScheduler(2, rank=3).configure(MHA)
-    odd = DecoderShape(num_layers=4, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=100, vocab_size=10)
-    with pytest.raises(ValueError, match="equal MLP groups"):
-        HeadScheduler(2, rank=2).configure(odd)
+    narrow = DecoderShape(num_layers=4, hidden_size=64, num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=4, vocab_size=10)
+    with pytest.raises(ValueError, match="MLP groups would be empty"):
+        HeadScheduler(2, rank=2).configure(narrow)
     with pytest.raises(ValueError, match="rank"):
         HeadScheduler(2, rank=0)
 
@@ -89,23 +93,76 @@ def test_eval_is_deterministic() -> None:
     assert torch.equal(first.mlp_mask, second.mlp_mask)
 
 
-def test_eval_first_unit_follows_the_logits() -> None:
-    """One unit in evaluation: the layer with the highest mean logit, then its best groups."""
-    scheduler = configured(MHA, 2).eval()
-    hidden = torch.randn(5, 64)
-    lengths = torch.full((5,), 3)
-    logits = scheduler.head(hidden).view(5, 5, 16)
+def release_plan(logits: list[list[float]], k: int, kv: int, per_kv: int, per_mlp: int) -> tuple[list, list]:
+    """The release's noiseless rule (scheduler_utils.py ``n_times_gumbel_softmax_head_version``), written
+    from its description with plain lists: each unit, the largest logit among every still-unchosen element
+    of every layer names the layer; in that layer the ``per_kv`` best unchosen attention logits and the
+    ``per_mlp`` best unchosen MLP logits are taken. logits: [L_s][kv + G]. Returns 0/1 lists per layer."""
+    taken = [[False] * len(row) for row in logits]
+    for _ in range(k):
+        best = max((value, layer) for layer, row in enumerate(logits) for element, value in enumerate(row) if not taken[layer][element])
+        layer = best[1]
+        row = logits[layer]
+        for lo, hi, count in ((0, kv, per_kv), (kv, len(row), per_mlp)):
+            free = sorted((e for e in range(lo, hi) if not taken[layer][e]), key=lambda e: -row[e])
+            for element in free[:count]:
+                taken[layer][element] = True
+    attention = [[float(t) for t in row[:kv]] for row in taken]
+    mlp = [[float(t) for t in row[kv:]] for row in taken]
+    return attention, mlp
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+def test_eval_plans_follow_the_release_rule(shape: DecoderShape, rank: int) -> None:
+    """Every unit count, 40 random latency states: the plan is the release's (one pick over all remaining
+    element logits names the layer), not the layer with the best mean logit."""
+    scheduler = configured(shape, rank).eval()
+    kv = shape.num_kv_heads
+    hidden = 3 * torch.randn(40, 64)
+    logits = scheduler.head(hidden).view(40, 5, -1).tolist()
+    lengths = torch.full((40,), 20)
+    for units in range(scheduler.num_units + 1):
+        budget = scheduler.cost.budget_for_units(units, 20, scheduler.units_per_layer)
+        for grad in (True, False):  # the unit-by-unit loop and the ranked inference path
+            with torch.set_grad_enabled(grad):
+                plan = scheduler(hidden, torch.full((40,), budget, dtype=torch.float64), lengths)
+            assert plan.units.tolist() == [units] * 40
+            for row in range(40):
+                attention, mlp = release_plan(logits[row], units, kv, scheduler.kv_groups_per_unit, scheduler.mlp_groups_per_unit)
+                assert plan.attention_mask[row].tolist() == attention, (units, row, grad)
+                assert plan.mlp_mask[row].tolist() == mlp, (units, row, grad)
+
+
+def set_logits(scheduler: HeadScheduler, logits: torch.Tensor) -> None:
+    """Make the scheduler's head output ``logits`` [L_s, kv + G] whatever its input (weight 0, bias = logits)."""
+    with torch.no_grad():
+        scheduler.head.weight.zero_()
+        scheduler.head.bias.copy_(logits.flatten())
+
+
+def test_one_element_names_the_layer_not_the_mean() -> None:
+    """Layer 0 holds one high logit among very low ones, layer 1 only medium ones: the release's pick over
+    all elements takes layer 0 in evaluation, and in training takes layer l with probability
+    ``sum_{e in l} softmax(logits)_e`` (Gumbel-max over the flattened logits): for layer 0,
+    ``e^3 / (e^3 + 16 e) = 0.316``. The best-mean rule would take layer 1 (mean 1 against -9.2) almost always."""
+    scheduler = configured(MHA, 8)  # one unit per layer: a unit is a whole layer
+    logits = torch.full((5, 16), -10.0)
+    logits[0, 3] = 3.0
+    logits[1] = 1.0
+    set_logits(scheduler, logits)
     cost = scheduler.cost
-    # a budget for one unit and a half: exactly one unit
-    one = (cost.fixed_flops(3) + 1.5 * cost.unit_flops(3, 4)[0]) / cost.full_flops(3)
-    plan = scheduler(hidden, torch.full((5,), one, dtype=torch.float64), lengths)
-    assert plan.units.tolist() == [1] * 5
-    layer = logits.mean(-1).argmax(-1)  # [B]
-    for row in range(5):
-        assert plan.layer_mask[row].nonzero().flatten().tolist() == [int(layer[row])]
-        chosen = logits[row, layer[row]]
-        assert set(plan.attention_mask[row, layer[row]].nonzero().flatten().tolist()) == set(chosen[:8].topk(2).indices.tolist())
-        assert set(plan.mlp_mask[row, layer[row]].nonzero().flatten().tolist()) == set(chosen[8:].topk(2).indices.tolist())
+    one = (cost.fixed_flops(3) + 1.5 * cost.unit_flops(3, 1)[0]) / cost.full_flops(3)  # exactly one unit
+    draws = 4000
+    budgets, lengths = torch.full((draws,), one, dtype=torch.float64), torch.full((draws,), 3)
+    with torch.no_grad():
+        plan = scheduler.eval()(torch.zeros(1, 64), budgets[:1], lengths[:1])
+    assert plan.layer_mask.tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0]]
+    torch.manual_seed(0)
+    plan = scheduler.train()(torch.zeros(draws, 64), budgets, lengths)
+    frequency = plan.layer_mask.detach().mean(0)
+    expected = math.exp(3) / (math.exp(3) + 16 * math.e)  # 0.3160
+    assert abs(float(frequency[0]) - expected) < 0.03  # binomial sd 0.0074
+    assert abs(float(frequency[1]) - (1 - expected)) < 0.03
 
 
 def test_gradients_reach_head_and_latency_encoder() -> None:
@@ -138,9 +195,10 @@ def test_budget_sweep_never_exceeds(shape: DecoderShape, rank: int, training: bo
         flops = cost.plan_flops(plan, lengths)
         full = cost.full_flops(length)
         assert bool((flops <= budgets * full).all())
-        unit = cost.unit_flops(length, scheduler.units_per_layer)[0]
-        room = plan.units < scheduler.num_units
-        assert bool((flops[room] + unit > budgets[room] * full).all())  # maximal
+        if shape.intermediate_size % shape.num_heads == 0:  # equal units (uneven ones: tests/test_cost.py)
+            unit = cost.unit_flops(length, scheduler.units_per_layer)[0]
+            room = plan.units < scheduler.num_units
+            assert bool((flops[room] + unit > budgets[room] * full).all())  # maximal
         assert int(plan.units[0]) == 0 and int(plan.units[-1]) == scheduler.num_units
 
 

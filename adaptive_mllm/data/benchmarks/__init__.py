@@ -14,6 +14,7 @@ from adaptive_mllm.data.benchmarks.mmbench import MMBenchDataModule
 from adaptive_mllm.data.benchmarks.mme import MMEDataModule
 from adaptive_mllm.data.benchmarks.pope import POPEDataModule
 from adaptive_mllm.data.benchmarks.scienceqa import ScienceQADataModule
+from adaptive_mllm.data.benchmarks.submission import write_mmbench_submission, write_vqav2_submission
 from adaptive_mllm.data.benchmarks.textvqa import TextVQADataModule
 from adaptive_mllm.data.benchmarks.vqav2 import VQAv2DataModule
 
@@ -31,4 +32,6 @@ __all__ = [
     "ScienceQADataModule",
     "TextVQADataModule",
     "VQAv2DataModule",
+    "write_mmbench_submission",
+    "write_vqav2_submission",
 ]

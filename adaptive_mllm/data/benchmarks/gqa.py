@@ -14,12 +14,14 @@ from adaptive_mllm.data.benchmarks.base import (
     with_suffix,
 )
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
-from adaptive_mllm.metrics import GroupedExactMatch
+from adaptive_mllm.metrics import GQAAccuracy
 
 
 class GQADataModule(BenchmarkDataModule):
-    """GQA, scored by normalised exact match (:class:`GroupedExactMatch`) per structural type
-    (verify, query, choose, logical, compare).
+    """GQA, scored as LLaVA-1.5's convert_gqa_for_eval.py + GQA's eval.py do (:class:`GQAAccuracy`:
+    exact match after trailing periods are stripped and the text lower-cased) per structural type
+    (verify, query, choose, logical, compare). The prompt is the question and the instruction, one per
+    line, as in LLaVA-1.5's ``llava_gqa_testdev_balanced.jsonl``.
 
     Args:
         questions_json: ``testdev_balanced_questions.json``: ``{question id: {"question", "imageId",
@@ -74,5 +76,5 @@ class GQADataModule(BenchmarkDataModule):
             )
         return questions
 
-    def make_metric(self, stage: str = "test") -> GroupedExactMatch:
-        return GroupedExactMatch(self.question_kinds(stage))
+    def make_metric(self, stage: str = "test") -> GQAAccuracy:
+        return GQAAccuracy(self.question_kinds(stage))

@@ -32,6 +32,23 @@ def _present(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in _MISSING
 
 
+def read_mmbench_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of an MMBench TSV as strings by column, or a DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError.at(path, "file not found")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError.at(path, f"cannot read the TSV file: {error}") from error
+    columns = set(rows[0]) if rows else set()
+    missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
+    if missing:
+        raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
+    return rows
+
+
 class MMBenchDataset(BenchmarkDataset):
     """Decodes each record's image from the TSV's base64 text when the item is loaded."""
 
@@ -44,14 +61,18 @@ class MMBenchDataset(BenchmarkDataset):
 
 
 class MMBenchDataModule(BenchmarkDataModule):
-    """MMBench, scored by :class:`MultipleChoiceAccuracy` with circular evaluation, per category.
+    """MMBench, scored by :class:`MultipleChoiceAccuracy` with the ``"mmbench"`` rule (MMBench's answer
+    matching without an LLM judge: an option letter, else an option's text) and circular evaluation,
+    per category.
 
     Columns used: ``index``, ``question``, ``hint``, ``A``..``D`` (absent options empty), ``answer``,
     ``category``, ``image`` (base64; a short number refers to the row of that index, as some releases
     de-duplicate images). The prompt is the hint (when there is one), the question, the options as
-    ``A. ...`` lines and the instruction. With ``circular``, every question is asked once per rotation
+    ``A. ...`` lines and the instruction, as LLaVA-1.5's model_vqa_mmbench.py with
+    ``--single-pred-prompt`` builds it. With ``circular``, every question is asked once per rotation
     of its options (as LLaVA-1.5's ``--all-rounds``) and is right only if every rotation is; a TSV that
-    already holds the rotations (indices ``>= 1e6``) is grouped by ``index % 1e6`` instead.
+    already holds the rotations (indices ``>= 1e6``) is grouped by ``index % 1e6`` instead. Without
+    ``circular``, only the original rows (index ``< 1e6``) are asked and scored.
 
     Args:
         tsv: the MMBench TSV.
@@ -59,7 +80,7 @@ class MMBenchDataModule(BenchmarkDataModule):
         prompt_suffix: the instruction after the options.
     """
 
-    extra_fields = ("num_choices", "question_group")
+    extra_fields = ("num_choices", "question_group", "options")
 
     def __init__(
         self,
@@ -78,26 +99,10 @@ class MMBenchDataModule(BenchmarkDataModule):
     def source(self) -> Path:
         return Path(self.tsv)
 
-    def _rows(self) -> list[dict[str, str]]:
-        path = self.tsv
-        if not os.path.isfile(path):
-            raise DataError.at(path, "file not found")
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
-        try:
-            with open(path, encoding="utf-8", newline="") as handle:
-                rows = list(csv.DictReader(handle, delimiter="\t"))
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise DataError.at(path, f"cannot read the TSV file: {error}") from error
-        columns = set(rows[0]) if rows else set()
-        missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
-        if missing:
-            raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
-        return rows
-
     def _read(self, require_answers: bool) -> tuple[list[BenchmarkQuestion], list[str]]:
         """The questions (one per rotation) and the base64 image of each."""
         path = self.tsv
-        rows = self._rows()
+        rows = read_mmbench_rows(path)
         indices = []
         for position, row in enumerate(rows):
             try:
@@ -108,11 +113,13 @@ class MMBenchDataModule(BenchmarkDataModule):
         pre_expanded = any(index >= CIRCULAR_OFFSET for index in indices)
         questions, images = [], []
         for position, (index, row) in enumerate(zip(indices, rows, strict=True)):
+            if pre_expanded and not self.circular and index >= CIRCULAR_OFFSET:
+                continue  # a rotated copy: vanilla evaluation scores the original rows only
             options = []
             for letter in LETTERS:
                 if not _present(row.get(letter)):
                     break
-                options.append(row[letter].strip())
+                options.append(row[letter])  # as read, as LLaVA asks and MMBench matches them
             if len(options) < 2:
                 raise DataError.at(path, "expected at least options A and B", index, position, "B")
             answer = (row.get("answer") or "").strip().upper()
@@ -124,7 +131,7 @@ class MMBenchDataModule(BenchmarkDataModule):
                 image = by_index[int(image)]["image"].strip()
             if not image:
                 raise DataError.at(path, "missing (expected a base64 image)", index, position, "image")
-            hint = f"{row['hint'].strip()}\n" if _present(row.get("hint")) else ""
+            hint = f"{row['hint']}\n" if _present(row.get("hint")) else ""
             category = (row.get("category") or "").strip() or DEFAULT_QUESTION_KIND
             group = str(index % CIRCULAR_OFFSET if pre_expanded else index)
             rounds = len(options) if self.circular and not pre_expanded else 1
@@ -135,10 +142,10 @@ class MMBenchDataModule(BenchmarkDataModule):
                     BenchmarkQuestion(
                         id=f"{index}" if rounds == 1 else f"{index}-{shift}",
                         image=Path(f"{path}#index={index}"),  # named in errors; the pixels come from `images`
-                        text=with_suffix(f"{hint}{row['question'].strip()}\n{options_text(shifted)}", self.prompt_suffix),
+                        text=with_suffix(f"{hint}{row['question']}\n{options_text(shifted)}", self.prompt_suffix),
                         answer=letter,
                         kind=category,
-                        extra={"num_choices": len(options), "question_group": group},
+                        extra={"num_choices": len(options), "question_group": group, "options": shifted},
                     )
                 )
                 images.append(image)
@@ -152,4 +159,4 @@ class MMBenchDataModule(BenchmarkDataModule):
         return MMBenchDataset(self.source, questions, images)
 
     def make_metric(self, stage: str = "test") -> MultipleChoiceAccuracy:
-        return MultipleChoiceAccuracy(self.question_kinds(stage), circular=self.circular)
+        return MultipleChoiceAccuracy(self.question_kinds(stage), rule="mmbench", circular=self.circular)

@@ -15,7 +15,8 @@ from adaptive_mllm.data.benchmarks.base import (
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import MME_SUBTASKS, MMEScore
 
-QA_FOLDER = "questions_answers_YN"  # subtasks with their own images/ folder keep the text files here
+QA_FOLDER = "questions_answers_YN"
+MME_INSTRUCTION = "Please answer yes or no."  # ends every MME question; LLaVA-1.5 asks without it  # subtasks with their own images/ folder keep the text files here
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 
@@ -27,10 +28,15 @@ class MMEDataModule(BenchmarkDataModule):
     ``<subtask>/<name>.jpg`` beside ``<subtask>/<name>.txt`` (the others). Each text line is
     ``question<TAB>Yes|No``.
 
+    The prompt is the question without MME's own " Please answer yes or no." and then the instruction,
+    one per line, as in LLaVA-1.5's ``llava_mme.jsonl`` (its convert_answer_to_mme.py adds MME's
+    sentence back to find the answer). With an empty ``prompt_suffix`` the question is asked as MME
+    wrote it.
+
     Args:
         root: the release folder.
         subtasks: which subtasks; None = every official subtask whose folder is there.
-        prompt_suffix: the instruction after each question.
+        prompt_suffix: the instruction after each question, in place of MME's own.
     """
 
     extra_fields = ("image_id",)
@@ -99,13 +105,21 @@ class MMEDataModule(BenchmarkDataModule):
                         BenchmarkQuestion(
                             id=record_id,
                             image=image,
-                            text=with_suffix(question, self.prompt_suffix),
+                            text=with_suffix(self._without_instruction(question), self.prompt_suffix),
                             answer=answer,
                             kind=subtask,
                             extra={"image_id": stem},
                         )
                     )
         return questions
+
+    def _without_instruction(self, question: str) -> str:
+        """The question without MME's closing instruction (one or two spaces before it in the release),
+        when LLaVA's instruction replaces it."""
+        question = question.strip()
+        if self.prompt_suffix and question.endswith(MME_INSTRUCTION):
+            return question[: -len(MME_INSTRUCTION)].rstrip()
+        return question
 
     def make_metric(self, stage: str = "test") -> MMEScore:
         return MMEScore(self.question_kinds(stage))

@@ -21,10 +21,12 @@ from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 
 class ScienceQADataModule(BenchmarkDataModule):
-    """ScienceQA-IMG, scored by :class:`MultipleChoiceAccuracy` per subject.
+    """ScienceQA-IMG, scored by :class:`MultipleChoiceAccuracy` with the ``"scienceqa"`` rule (the letter
+    parsing of LLaVA-1.5's eval_science_qa.py; an answer it cannot parse is wrong) per subject.
 
     The prompt is ``Context: <hint>`` (when there is one), the question, the options as ``A. ...`` lines
-    and the instruction; the reference is the correct option's letter.
+    and the instruction, as in LLaVA-1.5's ``llava_test_CQM-A.json`` with ``--single-pred-prompt``; the
+    reference is the correct option's letter.
 
     Args:
         problems_json: ``problems.json`` (``{pid: {"question", "choices", "answer": index, "hint",
@@ -107,4 +109,4 @@ class ScienceQADataModule(BenchmarkDataModule):
         return questions
 
     def make_metric(self, stage: str = "test") -> MultipleChoiceAccuracy:
-        return MultipleChoiceAccuracy(self.question_kinds(stage))
+        return MultipleChoiceAccuracy(self.question_kinds(stage), rule="scienceqa")

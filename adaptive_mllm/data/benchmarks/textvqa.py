@@ -28,10 +28,13 @@ def _data(path: str | Path, what: str) -> list:
 
 
 class TextVQADataModule(BenchmarkDataModule):
-    """TextVQA, scored by :class:`VQAAccuracy` (ten human answers per question).
+    """TextVQA, scored by :class:`VQAAccuracy` with the ``"textvqa"`` rule (m4c_evaluator.py's
+    accuracy, as LLaVA-1.5's eval_textvqa.py: ten human answers per question).
 
-    The prompt is ``question``, ``Reference OCR token: tok1, tok2, ...`` and the instruction, one per
-    line (no OCR line when an image has no token), as in LLaVA-1.5's ``llava_textvqa_val_v051_ocr``.
+    The prompt is the question with its first letter capitalised, ``Reference OCR token: tok1, tok2,
+    ...`` and the instruction, one per line (no OCR line when an image has no token), as in LLaVA-1.5's
+    ``llava_textvqa_val_v051_ocr.jsonl`` ("What is the brand of this camera?\nReference OCR token:
+    DAKOTA, DIGITAL, ...").
 
     Args:
         questions_json: ``TextVQA_0.5.1_val.json`` (``{"data": [{"question", "image_id", "question_id",
@@ -89,6 +92,8 @@ class TextVQADataModule(BenchmarkDataModule):
             humans = require(raw, "answers", list, path, question_id, index) if require_answers else raw.get("answers") or []
             if not all(isinstance(a, str) for a in humans):
                 raise DataError.at(path, "expected a list of strings", question_id, index, "answers")
+            text = text.strip()
+            text = text[:1].upper() + text[1:]  # the annotation's lower-case question, capitalised as LLaVA asks it
             if self.use_ocr:
                 if ocr is None:
                     tokens = require(raw, "ocr_tokens", list, path, question_id, index)
@@ -97,7 +102,7 @@ class TextVQADataModule(BenchmarkDataModule):
                 else:
                     raise DataError.at(self.ocr_json, f"no OCR tokens for image {image_id!r}", question_id, index, "image_id")
                 if tokens:
-                    text = f"{text.strip()}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
+                    text = f"{text}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
             # the reference for loss and the plain exact match: the most common human answer
             common = Counter(humans).most_common()
             answer = min((a for a, n in common if n == common[0][1]), default="") if common else ""
@@ -113,4 +118,4 @@ class TextVQADataModule(BenchmarkDataModule):
         return questions
 
     def make_metric(self, stage: str = "test") -> VQAAccuracy:
-        return VQAAccuracy(self.question_kinds(stage))
+        return VQAAccuracy(self.question_kinds(stage), rule="textvqa")

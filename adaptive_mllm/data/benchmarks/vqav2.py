@@ -29,7 +29,9 @@ def _records(path: str | Path, key: str, other: str) -> list:
 
 class VQAv2DataModule(BenchmarkDataModule):
     """VQAv2 (questions + annotations, as released by visualqa.org), scored by :class:`VQAAccuracy`
-    per answer type ("yes/no", "number", "other").
+    with the ``"vqav2"`` rule (LLaVA-1.5's EvalAI answer processing, then vqaEval.py's accuracy) per
+    answer type ("yes/no", "number", "other"). The prompt is the question and the instruction, one per
+    line, as in LLaVA-1.5's ``llava_vqav2_mscoco_test-dev2015.jsonl``.
 
     Args:
         questions_json: e.g. ``v2_OpenEnded_mscoco_val2014_questions.json``.
@@ -115,4 +117,4 @@ class VQAv2DataModule(BenchmarkDataModule):
         return questions
 
     def make_metric(self, stage: str = "test") -> VQAAccuracy:
-        return VQAAccuracy(self.question_kinds(stage))
+        return VQAAccuracy(self.question_kinds(stage), rule="vqav2")

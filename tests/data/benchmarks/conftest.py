@@ -192,7 +192,8 @@ def write_mme(root: Path) -> dict[str, Path]:
         )
     save_image(release / "code_reasoning" / "0020.png", 5)
     (release / "code_reasoning" / "0020.txt").write_text(
-        "Is the output of the code 'Hello'? Please answer yes or no.\tYes\nIs the output of the code 'World'? Please answer yes or no.\tNo\n"
+        # the release has a few questions with two spaces before its instruction
+        "Is the output of the code 'Hello'? Please answer yes or no.\tYes\nIs the output of the code 'World'?  Please answer yes or no.\tNo\n"
     )
     return {"root": release}
 

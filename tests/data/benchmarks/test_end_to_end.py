@@ -17,7 +17,7 @@ from adaptive_mllm.data.benchmarks import (
     VQAv2DataModule,
 )
 from adaptive_mllm.metrics import (
-    GroupedExactMatch,
+    GQAAccuracy,
     MMEScore,
     MultipleChoiceAccuracy,
     POPEMetrics,
@@ -38,7 +38,7 @@ from tests.data.benchmarks.conftest import (
 
 BENCHMARKS = {
     "vqav2": (lambda f: VQAv2DataModule(str(f["questions"]), str(f["annotations"]), batch_size=4), write_vqav2, VQAAccuracy),
-    "gqa": (lambda f: GQADataModule(str(f["questions"]), batch_size=4), write_gqa, GroupedExactMatch),
+    "gqa": (lambda f: GQADataModule(str(f["questions"]), batch_size=4), write_gqa, GQAAccuracy),
     "textvqa": (lambda f: TextVQADataModule(str(f["questions"]), ocr_json=str(f["ocr"]), batch_size=4), write_textvqa, VQAAccuracy),
     "scienceqa": (lambda f: ScienceQADataModule(str(f["problems"]), batch_size=4), write_scienceqa, MultipleChoiceAccuracy),
     "pope": (lambda f: POPEDataModule(str(f["questions"]), str(f["images"]), batch_size=4), write_pope, POPEMetrics),

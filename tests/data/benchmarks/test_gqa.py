@@ -8,7 +8,7 @@ import pytest
 
 from adaptive_mllm.data import DataError
 from adaptive_mllm.data.benchmarks import SHORT_ANSWER, GQADataModule
-from adaptive_mllm.metrics import GroupedExactMatch
+from adaptive_mllm.metrics import GQAAccuracy
 
 
 def test_reads_testdev_balanced(gqa_files, first_batch, prompts_of):
@@ -25,8 +25,9 @@ def test_metric(gqa_files, first_batch):
     dm = GQADataModule(str(gqa_files["questions"]), batch_size=3)
     batch = first_batch(dm)
     metric = dm.make_metric("test")
-    assert isinstance(metric, GroupedExactMatch) and metric.groups == ["query", "verify"]
-    metric.update(["No.", "A triangle", "red"], batch)
+    assert isinstance(metric, GQAAccuracy) and metric.groups == ["query", "verify"]
+    # convert_gqa_for_eval.py + eval.py: "No." -> "no" right; "A triangle" keeps its article: wrong
+    metric.update(["No.", "A triangle", "Green"], batch)
     assert {k: v.item() for k, v in metric.compute().items()} == pytest.approx({"overall": 2 / 3, "verify": 1.0, "query": 0.5})
 
 

@@ -18,6 +18,7 @@ def test_circular_rotations(mmbench_files, first_batch, prompts_of):
     assert batch["answers"] == ["B", "A", "C", "D", "C", "B", "A"]
     assert batch["question_group"] == ["0"] * 3 + ["1"] * 4
     assert batch["num_choices"] == [3] * 3 + [4] * 4
+    assert batch["options"][1] == ["square", "triangle", "circle"]  # each rotation's option texts, for matching
     assert batch["question_kinds"] == ["object_localization"] * 3 + ["image_scene"] * 4
     assert prompts_of(dm)[1] == f"<image>\nWhich shape is in the top left?\nA. square\nB. triangle\nC. circle\n{OPTION_LETTER}"
     assert prompts_of(dm)[3] == f"<image>\nLook at the shapes.\nWhich scene is this?\nA. beach\nB. forest\nC. city\nD. grid\n{OPTION_LETTER}"
@@ -29,9 +30,11 @@ def test_circular_metric(mmbench_files, first_batch):
     dm = MMBenchDataModule(str(mmbench_files["tsv"]), batch_size=8)
     batch = first_batch(dm)
     metric = dm.make_metric()
-    assert isinstance(metric, MultipleChoiceAccuracy) and metric.circular
-    # question 0 right in every rotation; question 1 wrong in its last one ("no idea": unparsable)
-    metric.update(["B", "A.", "The answer is C", "D", "(C) city", "B", "no idea"], batch)
+    assert isinstance(metric, MultipleChoiceAccuracy) and metric.circular and metric.rule == "mmbench"
+    # MMBench's can_infer: "square" is option B's text in rotation 0; "The answer is C" holds one letter;
+    # "grid" is D in rotation 0 of question 1; question 1 wrong in its last rotation: "a city or a beach"
+    # names two option texts (unparsable)
+    metric.update(["square", "A.", "The answer is C", "grid", "(C) city", "B", "a city or a beach"], batch)
     scores = metric.compute()
     assert scores["overall"].item() == 0.5
     assert scores["vanilla"].item() == pytest.approx(6 / 7)
@@ -55,6 +58,9 @@ def test_tsv_holding_the_rotations(mmbench_tsv, first_batch):
     batch = first_batch(dm)
     assert batch["ids"] == ["0", "1", "1000000"]  # not rotated again
     assert batch["question_group"] == ["0", "1", "0"]
+    # vanilla evaluation: the original rows only, as MMBench scores them
+    vanilla = MMBenchDataModule(str(mmbench_tsv(add_rotation)), circular=False, batch_size=8)
+    assert first_batch(vanilla)["ids"] == ["0", "1"]
 
 
 def test_missing_answer(mmbench_tsv, first_batch):

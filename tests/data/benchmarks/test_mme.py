@@ -19,8 +19,17 @@ def test_reads_the_release_folder(mme_files, first_batch, prompts_of):
     assert batch["answers"] == ["Yes", "No"] * 4
     assert batch["image_id"][:3] == ["000000006040", "000000006040", "000000018918"]
     assert batch["pixel_values"].shape == (8, 3, 64, 64)
-    assert prompts_of(dm)[4] == f"<image>\nDoes this artwork exist in the form of painting? Please answer yes or no.\n{SHORT_ANSWER}"
+    # MME's own "Please answer yes or no." gives way to LLaVA-1.5's instruction (llava_mme.jsonl)
+    assert prompts_of(dm)[4] == f"<image>\nDoes this artwork exist in the form of painting?\n{SHORT_ANSWER}"
+    assert prompts_of(dm)[0] == f"<image>\nIs there a circle in this image?\n{SHORT_ANSWER}"
+    assert prompts_of(dm)[7] == f"<image>\nIs the output of the code 'World'?\n{SHORT_ANSWER}"
     assert dm.question_kinds("test") == ["artwork", "code_reasoning", "existence"]
+
+
+def test_without_an_instruction_the_question_is_mme_s_own(mme_files, first_batch, prompts_of):
+    dm = MMEDataModule(str(mme_files["root"]), prompt_suffix="", batch_size=8)
+    first_batch(dm)
+    assert prompts_of(dm)[4] == "<image>\nDoes this artwork exist in the form of painting? Please answer yes or no."
 
 
 def test_metric_pairs_questions_by_image(mme_files, first_batch):

@@ -36,11 +36,15 @@ def test_metric(scienceqa_files, first_batch):
     dm = ScienceQADataModule(str(scienceqa_files["problems"]), batch_size=4)
     batch = first_batch(dm)
     metric = dm.make_metric()
-    assert isinstance(metric, MultipleChoiceAccuracy)
-    metric.update(["(B) square", "C"], batch)  # C is past the 2 options of problem 9: unparsable
+    assert isinstance(metric, MultipleChoiceAccuracy) and metric.rule == "scienceqa"
+    # eval_science_qa.py: "B. square" parses as B (right); "C" is past the 2 options of problem 9 (wrong)
+    metric.update(["B. square", "C"], batch)
     scores = metric.compute()
     assert scores["overall"].item() == 0.5 and scores["unparsable"].item() == 1
     assert scores["natural science"].item() == 1.0 and scores["social science"].item() == 0.0
+    metric.reset()
+    metric.update(["(B) square", "The answer is A."], batch)  # "(B) square" is none of the script's forms
+    assert metric.compute()["overall"].item() == 0.5
 
 
 def test_answer_out_of_range(scienceqa_files):

@@ -18,11 +18,12 @@ def test_reads_questions_and_ocr(textvqa_files, first_batch, prompts_of):
     assert batch["answers"] == ["dakota", "halt"]  # the most common human answer
     assert batch["all_answers"][0] == ["dakota"] * 8 + ["dakota digital"] * 2
     assert prompts_of(dm) == [
-        f"<image>\nwhat is the brand of this camera?\nReference OCR token: dakota, digital\n{SHORT_ANSWER}",
-        f"<image>\nwhat does the sign say?\n{SHORT_ANSWER}",  # no OCR token: no OCR line
+        # the question capitalised as in LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl
+        f"<image>\nWhat is the brand of this camera?\nReference OCR token: dakota, digital\n{SHORT_ANSWER}",
+        f"<image>\nWhat does the sign say?\n{SHORT_ANSWER}",  # no OCR token: no OCR line
     ]
     metric = dm.make_metric()
-    assert isinstance(metric, VQAAccuracy)
+    assert isinstance(metric, VQAAccuracy) and metric.rule == "textvqa"
     metric.update(["Dakota", "stop"], batch)  # 1.0 and 4 of 10 humans: min(1, 3/3 or 4/3) -> 1.0 in every subset
     assert metric.compute()["overall"].item() == pytest.approx(1.0)
 

@@ -1,0 +1,46 @@
+"""Checks on a checkpoint file before Lightning loads it: torch's own errors for a broken file (a bare
+``EOFError`` for an empty one, a zip error for a truncated one) name no file.
+
+A checkpoint written by ``torch.save`` (as Lightning's are) is a zip archive whose directory sits at
+its very end, so reading that directory is a cheap test that the file was written to the end: no
+tensor data is read.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file and what is wrong."""
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """``path`` if it looks like a complete ``torch.save`` checkpoint, else a CheckpointError naming it.
+
+    Remote paths (``s3://...``, anything with ``://``) and directories (sharded checkpoints, which
+    Lightning reads itself) are passed through unchecked.
+    """
+    if "://" in str(path):
+        return Path(path)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        return path
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes); the run that wrote it was probably killed while saving")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes): not a complete PyTorch checkpoint ({error}); it is truncated "
+            "(the run that wrote it was killed, or a copy stopped early) or not a checkpoint at all"
+        ) from error
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
+    return path

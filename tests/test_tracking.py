@@ -1,0 +1,73 @@
+"""Tracking trouble never stops training: W&B online without a key or a reachable host falls back to offline."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from adaptive_mllm.tracking import online_problem
+
+RECIPE_DIR = Path(__file__).parents[1] / "recipes"
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    """W&B set online, with no key anywhere W&B would look for one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_no_api_key_is_a_problem(no_wandb_login):
+    assert "no W&B API key" in online_problem()
+
+
+def test_unreachable_host_is_a_problem_found_quickly(no_wandb_login, monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on: the connect is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    assert "unreachable" in online_problem(timeout=1.0)
+
+
+def test_reachable_host_with_key_is_fine(no_wandb_login, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert online_problem(timeout=1.0) is None
+
+
+def test_offline_mode_is_never_a_problem(no_wandb_login, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert online_problem() is None
+
+
+def test_fit_without_a_key_finishes_offline_with_a_warning(no_wandb_login):
+    from adaptive_mllm.cli import main
+
+    tmp = no_wandb_login
+    logger = [
+        "--trainer.logger=adaptive_mllm.tracking.ResilientWandbLogger",
+        "--trainer.logger.offline=false",
+        f"--trainer.logger.save_dir={tmp / 'runs'}",
+    ]
+    small = [
+        "--data.init_args.num_train=16",
+        "--data.init_args.num_val=8",
+        "--data.init_args.num_test=8",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+    ]
+    with pytest.warns(UserWarning, match="no W&B API key.*offline"):
+        main(["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), *logger, *small, "--trainer.max_steps=2",
+              "--trainer.limit_val_batches=0", "--test_after_fit=false"])
+    assert (tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp / "runs" / "wandb").glob("offline-run-*")), "the run was not recorded offline"
