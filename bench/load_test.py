@@ -12,7 +12,8 @@ Prints throughput, p50 / p95 / p99 end-to-end latency and the deadline hit rate 
 and writes ``<out>/requests.csv``, ``<out>/summary.md`` and ``<out>/latency.png`` (latency over time,
 the deadline line, the budgets chosen, the hog's span). Without ``--profile`` one is measured first
 (``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x the profile's prediction for
-one request at budget 1.0.
+one request at budget 1.0. Other flags are recipe overrides, passed to every model build, e.g.
+``--data.init_args.num_train=500`` (random weights need only the tokenizer the datamodule writes).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path
         command += ["--ckpt_path", args.ckpt_path]
     if pinned:
         command += ["--pinned_budget", "1.0"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    command += args.overrides
     log = open(log_path, "w")
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
@@ -101,10 +105,8 @@ def stop_hog(hogs: list[subprocess.Popen]) -> None:
 
 def warm_up(base: str, images: list[str]) -> None:
     """A few requests before timing starts (first calls allocate and compile)."""
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[0]}},
-                                                      {"type": "text", "text": QUESTIONS[0]}]}]}  # fmt: skip
-    for _ in range(3):
-        httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).raise_for_status()
+    for number in range(3):
+        httpx.post(f"{base}/v1/chat/completions", json=_body(images, number), timeout=120).raise_for_status()
 
 
 def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: float, images: list[str], hog: bool) -> dict:
@@ -123,12 +125,8 @@ def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: fl
                         return
                     number = sent[0]
                     sent[0] += 1
-                body = {"messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": images[number % len(images)]}},
-                    {"type": "text", "text": QUESTIONS[number % len(QUESTIONS)]}]}],
-                    "deadline_ms": deadline_ms}  # fmt: skip
                 begin = time.perf_counter()
-                reply = http.post(f"{base}/v1/chat/completions", json=body)
+                reply = http.post(f"{base}/v1/chat/completions", json=_body(images, number, deadline_ms=deadline_ms))
                 end = time.perf_counter()
                 extra = reply.json().get("adaptive", {}) if reply.status_code == 200 else {}
                 with lock:
@@ -157,6 +155,69 @@ def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: fl
         if len(hog_span) == 1:
             hog_span.append(time.perf_counter() - start)
     return {"records": sorted(records, key=lambda r: r["t"]), "seconds": time.perf_counter() - start, "hog_span": tuple(hog_span) or None}
+
+
+def _body(images: list[str], number: int, **extra: float) -> dict:
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": images[number % len(images)]}},
+        {"type": "text", "text": QUESTIONS[number % len(QUESTIONS)]}]}], **extra}  # fmt: skip
+
+
+def served_batch_ms(base: str, images: list[str], batch_size: int, rounds: int) -> tuple[float, list[int]]:
+    """Median over rounds of the slowest of ``batch_size`` budget-1.0 requests sent at once (end to end),
+    and the batch sizes the server reported (all equal to ``batch_size`` when it batched them together)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    times, sizes = [], []
+    with ThreadPoolExecutor(batch_size) as pool, httpx.Client(timeout=120) as http:
+        for _ in range(rounds):
+            def one(number: int) -> tuple[float, int]:
+                begin = time.perf_counter()
+                reply = http.post(f"{base}/v1/chat/completions", json=_body(images, number, budget=1.0))
+                reply.raise_for_status()
+                return time.perf_counter() - begin, reply.json()["adaptive"]["batch_size"]
+
+            results = list(pool.map(one, range(batch_size)))
+            times.append(1000 * max(t for t, _ in results))
+            sizes += [size for _, size in results]
+    return statistics.median(times), sizes
+
+
+def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, rounds: int) -> dict[str, float]:
+    """In this process, on the same model: ``generate`` at budget 1.0 on the batch the server would build,
+    and a mixed-budget batch against the same requests grouped by budget (medians of interleaved rounds)."""
+    import torch
+
+    from adaptive_mllm.benchmark import _interleaved_medians
+    from adaptive_mllm.serving.api import collate
+    from adaptive_mllm.serving.requests import RequestLimits, parse_chat_request
+    from adaptive_mllm.serving.server import build_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.config, args.ckpt_path, None, args.overrides).eval()
+    processor = model.backbone.input_processor()
+    requests = [parse_chat_request(_body(images, n), processor, model.max_new_tokens, RequestLimits()) for n in range(batch_size)]
+    dtype = next(model.backbone.parameters()).dtype
+    batch = collate(requests, processor.pad_token_id, torch.device("cpu"), dtype)
+    levels = [1.0, 0.85, 0.7, 0.55]
+    budgets = torch.tensor([levels[n % len(levels)] for n in range(batch_size)])
+    groups = {}
+    for level in levels:
+        members = [r for r, b in zip(requests, budgets.tolist(), strict=True) if b == level]
+        if members:
+            groups[level] = collate(members, processor.pad_token_id, torch.device("cpu"), dtype)
+    with torch.no_grad():
+        seconds = _interleaved_medians(
+            {
+                "full": lambda: model.generate(batch, 1.0),
+                "mixed": lambda: model.generate(batch, budgets),
+                "grouped": lambda: [model.generate(group, level) for level, group in groups.items()],
+            },
+            rounds,
+            torch.device("cpu"),
+        )
+    return {key: 1000 * value for key, value in seconds.items()}
 
 
 def summarise(name: str, phase: str, result: dict, deadline_ms: float) -> dict:
@@ -219,7 +280,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--deadline_factor", type=float, default=1.5)
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--batch_timeout", type=float, default=0.01)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, help="torch threads of the servers, the profile and the checks")
+    parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
+    args, overrides = parser.parse_known_args(argv)
+    args.overrides = overrides  # recipe flags for every model build
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     profile = Path(args.profile) if args.profile else out / "profile.json"
@@ -227,7 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from adaptive_mllm.serving import profile as measure_profile
 
         command = ["--config", args.config, "--out", str(profile)] + (["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])
-        measure_profile(command)
+        threads = ["--threads", str(args.threads)] if args.threads is not None else []
+        measure_profile(command + threads + args.overrides)
     deadline_ms = args.deadline_ms
     if deadline_ms is None:
         from adaptive_mllm.serving.latency import LatencyModel
@@ -246,15 +311,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results[(name, phase)] = run_phase(base, clients, args, deadline_ms, images, hog)
                 rows.append(summarise(name, phase, results[(name, phase)], deadline_ms))
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+            if pinned and args.check_rounds:
+                served_ms, sizes = served_batch_ms(base, images, args.max_batch_size, args.check_rounds)
         finally:
             stop(process)
+    checks = []
+    if args.check_rounds:
+        engine = engine_checks(args, images, args.max_batch_size, args.check_rounds)
+        checks = [
+            f"serving overhead at budget 1.0, batch {args.max_batch_size} (server batched them as {sorted(set(sizes))}): "
+            f"{served_ms:.1f} ms end to end vs {engine['full']:.1f} ms for module.generate on the same batch "
+            f"({100 * (served_ms / engine['full'] - 1):+.1f}%)",
+            f"mixed budgets 1.0 / 0.85 / 0.7 / 0.55 in one batch of {args.max_batch_size}: {engine['mixed']:.1f} ms vs "
+            f"{engine['grouped']:.1f} ms grouped by budget: {engine['grouped'] / engine['mixed']:.2f}x the grouped throughput",
+        ]
     header = ["server", "phase", "requests", "errors", "throughput (req/s)", "p50 ms", "p95 ms", "p99 ms", "deadline hit", "mean budget"]
     lines = [f"deadline {deadline_ms:.1f} ms", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append(f"| {r['server']} | {r['phase']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.2f} | "
                      f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {100 * r['deadline_hit']:.1f}% | "
                      f"{r['mean_budget']:.2f} |")  # fmt: skip
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + [f"- {line}" for line in checks])
     print(table)
     (out / "summary.md").write_text(table + "\n")
     with open(out / "requests.csv", "w", newline="") as handle:

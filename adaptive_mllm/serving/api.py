@@ -3,7 +3,8 @@
 Requests that arrive together become one ``AdaptiveMLLM.generate`` call with one budget per request
 (the engine runs mixed plans in one batch). A request carries a ``budget`` or a ``deadline_ms``; a
 deadline becomes the largest budget the latency model, scaled by its online correction, predicts to
-finish in time. A bad request never fails its batch: it is answered with its own 4xx status.
+finish in the time left once it reached the worker (the deadline counts from its arrival at the
+server). A bad request never fails its batch: it is answered with its own 4xx status.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
 
+from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import LatencyModel
 from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
@@ -36,13 +39,14 @@ class Answer:
 
     text: str
     budget: float
-    requested: str  # "budget", "deadline" or "default"
+    requested: str  # what set the budget: "budget", "deadline", "default" or "pinned"
     deadline_ms: float | None
     deadline_feasible: bool  # False: even the smallest budget was predicted to miss the deadline
     units: float
     flops_fraction: float
     predicted_ms: float | None
-    measured_ms: float
+    measured_ms: float  # the batch's generate call
+    queued_ms: float  # from arrival at the server to the start of the batch
     batch_size: int
 
 
@@ -58,6 +62,7 @@ class DeadlineAPI(ls.LitAPI):
         pinned_budget: answer every request at this budget, ignoring its budget / deadline (a baseline
             for the load test); None = adaptive.
         max_batch_size, batch_timeout: LitServe's dynamic batching.
+        threads: torch's intra-op threads in the worker (None: torch's default, one per core).
     """
 
     def __init__(
@@ -70,17 +75,21 @@ class DeadlineAPI(ls.LitAPI):
         pinned_budget: float | None = None,
         max_batch_size: int = 8,
         batch_timeout: float = 0.01,
+        threads: int | None = None,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=StampingLoop())
         self.build_model = build_model
         self.profile = profile
         self.limits = limits or RequestLimits()
         self.margin = margin
         self.metrics_path = metrics_path
         self.pinned_budget = pinned_budget
+        self.threads = threads
 
     # --- worker setup --------------------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         model = self.build_model()
         model.to(device).eval()
         self.model = model
@@ -100,10 +109,12 @@ class DeadlineAPI(ls.LitAPI):
     # --- one request ---------------------------------------------------------------------------------
     def decode_request(self, request: dict) -> ChatRequest | RequestError:
         """Never raises: an error is carried to ``encode_response``, so it fails only its own request."""
+        received = request.pop(RECEIVED, None) if isinstance(request, dict) else None
         try:
             parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits)
         except RequestError as error:
             return error
+        parsed.received = received
         if parsed.deadline_ms is not None and self.latency is None and self.pinned_budget is None:
             return RequestError(400, "this server has no latency profile (start it with --profile)", "deadline_ms")
         return parsed
@@ -133,6 +144,7 @@ class DeadlineAPI(ls.LitAPI):
                 "flops_fraction": output.flops_fraction,
                 "predicted_ms": output.predicted_ms,
                 "measured_ms": output.measured_ms,
+                "queued_ms": output.queued_ms,
                 "batch_size": output.batch_size,
                 "correction": self.ratio.value,
             },
@@ -149,12 +161,17 @@ class DeadlineAPI(ls.LitAPI):
         return outputs
 
     def _answer(self, requests: list[ChatRequest]) -> list[Answer]:
-        batch = self._collate(requests)
+        dtype = next(self.model.backbone.parameters()).dtype
+        batch = collate(requests, self.processor.pad_token_id, self.torch_device, dtype)
         prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model._uses_latency_token())
         new_tokens = self.model.max_new_tokens
         size = len(requests)
-        choices = [self._choose(request, prompt_tokens, new_tokens, size) for request in requests]
+        queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
+        choices = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
         budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
+        predicted = [None] * size  # what the choice was based on, before this batch corrects the model
+        if self.latency is not None:
+            predicted = [self.latency.predict_ms(b, prompt_tokens, new_tokens, size, self.ratio.value) for b, _, _ in choices]
         self.decode_steps = 0
         start = _now(self.torch_device)
         out = self.model.generate(batch, budgets.to(self.torch_device))
@@ -165,25 +182,23 @@ class DeadlineAPI(ls.LitAPI):
         self.counts["batches"] += 1
         self.counts["answered"] += size
         answers = []
-        for index, (budget, requested, deadline) in enumerate(choices):
+        for index, (budget, requested, feasible) in enumerate(choices):
             request = requests[index]
-            predicted = None
-            feasible = True
-            if self.latency is not None:
-                predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size, self.ratio.value)
-            if requested == "deadline":
-                feasible = deadline
+            if request.deadline_ms is not None:
                 self.counts["deadline_requests"] += 1
-                self.counts["deadline_met"] += int(measured_ms <= request.deadline_ms)
+                self.counts["deadline_met"] += int(queued[index] + measured_ms <= request.deadline_ms)
                 self.counts["deadline_infeasible"] += int(not feasible)
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
-                       fractions[index], predicted, measured_ms, size)
+                       fractions[index], predicted[index], measured_ms, queued[index], size)
             )  # fmt: skip
         return answers
 
-    def _choose(self, request: ChatRequest, prompt_tokens: int, new_tokens: int, size: int) -> tuple[float, str, bool]:
-        """(budget, what decided it, deadline predicted feasible) within what the scheduler admits."""
+    def _choose(
+        self, request: ChatRequest, queued_ms: float, prompt_tokens: int, new_tokens: int, size: int
+    ) -> tuple[float, str, bool]:
+        """(budget, what decided it, deadline predicted feasible) within what the scheduler admits; a
+        deadline counts from the request's arrival, so ``queued_ms`` is already spent."""
         scheduler = self.model.scheduler
         seq_len = len(request.prompt_ids) + int(self.model._uses_latency_token())
         minimum = scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
@@ -192,22 +207,12 @@ class DeadlineAPI(ls.LitAPI):
         if request.budget is not None:
             return max(request.budget, minimum), "budget", True
         if request.deadline_ms is not None:
-            choice = self.latency.budget_for_deadline(request.deadline_ms, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
+            remaining = request.deadline_ms - queued_ms
+            if remaining <= 0:
+                return minimum, "deadline", False
+            choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
             return choice.budget, "deadline", choice.met
         return max(self.model.budget, minimum), "default", True
-
-    def _collate(self, requests: list[ChatRequest]) -> dict[str, torch.Tensor]:
-        """Prompts left-padded (generation appends at one column for the whole batch), images stacked."""
-        length = max(len(request.prompt_ids) for request in requests)
-        pad = self.processor.pad_token_id
-        ids = torch.full((len(requests), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), length), dtype=torch.long)
-        for row, request in enumerate(requests):
-            ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, length - len(request.prompt_ids) :] = 1
-        dtype = next(self.model.backbone.parameters()).dtype
-        pixels = torch.stack([request.pixel_values for request in requests]).to(self.torch_device, dtype)
-        return {"prompt_ids": ids.to(self.torch_device), "prompt_attention_mask": mask.to(self.torch_device), "pixel_values": pixels}
 
     def _costs(self, plan: Any, batch: dict[str, torch.Tensor], size: int) -> tuple[list[float], list[float]]:
         """Per request: units run and FLOPs fraction of its plan (generate reports batch means)."""
@@ -248,6 +253,18 @@ class DeadlineAPI(ls.LitAPI):
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(counts, sort_keys=True))
         temporary.replace(path)  # readers never see half a file
+
+
+def collate(requests: list[ChatRequest], pad_token_id: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Prompts left-padded (generation appends at one column for the whole batch), images stacked."""
+    length = max(len(request.prompt_ids) for request in requests)
+    ids = torch.full((len(requests), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), length), dtype=torch.long)
+    for row, request in enumerate(requests):
+        ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+        mask[row, length - len(request.prompt_ids) :] = 1
+    pixels = torch.stack([request.pixel_values for request in requests]).to(device, dtype)
+    return {"prompt_ids": ids.to(device), "prompt_attention_mask": mask.to(device), "pixel_values": pixels}
 
 
 def _now(device: torch.device) -> float:

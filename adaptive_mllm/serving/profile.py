@@ -57,7 +57,8 @@ def measure(
                 )  # fmt: skip
                 prefill_fns[budget], decode_fns[budget], info[budget] = prefill, decode, row
             encode = _interleaved_medians(
-                {"encode": lambda: embed_selected(backbone, ids, mask, images, model.token_selector)}, repeats, device
+                {"encode": lambda ids=ids, mask=mask, images=images: embed_selected(backbone, ids, mask, images, model.token_selector)},
+                repeats, device,
             )["encode"]
             prefill_s = _interleaved_medians(prefill_fns, repeats, device)
             decode_s = _interleaved_medians(decode_fns, repeats, device)
@@ -87,7 +88,10 @@ def main(argv: list[str]) -> LatencyModel:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--decode_tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads, as the server will use (default: one per core)")
     own, overrides = parser.parse_known_args(argv)
+    if own.threads is not None:
+        torch.set_num_threads(own.threads)
     model = build_model(own.config, own.ckpt_path, own.export_dir, overrides, own.device)
     model.to(own.device)
     lengths = own.prompt_lengths or default_prompt_lengths(model, model.max_new_tokens)

@@ -64,6 +64,7 @@ class ChatRequest:
     pixel_values: torch.Tensor  # [3, H, W]
     budget: float | None
     deadline_ms: float | None
+    received: float | None = None  # time.monotonic() when the request reached the server, if known
 
 
 def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int, limits: RequestLimits) -> ChatRequest:
@@ -216,7 +217,10 @@ def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
         raise RequestError(403, "image paths are disabled on this server (no image folder allowed); send a data URL", field)
     root = Path(limits.image_dir).resolve()
     raw = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
-    path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
+    try:
+        path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
+    except (OSError, ValueError) as error:  # e.g. a NUL byte, a symlink loop
+        raise RequestError(400, f"not a usable path: {error}", field) from error
     if not path.is_relative_to(root):
         raise RequestError(403, f"{url} is outside the allowed image folder", field)
     if not path.is_file():

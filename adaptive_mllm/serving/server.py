@@ -74,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned_budget", type=float, help="answer everything at this budget (a baseline)")
     p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait in the queue")
+    p.add_argument("--threads", type=int, help="torch threads in the worker (default: one per core)")
     return p
 
 
@@ -85,10 +86,15 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, strict=not args.lax)
     builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     api = DeadlineAPI(
-        builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size, args.batch_timeout
+        builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size,
+        args.batch_timeout, args.threads,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout)
+    # a body is at most one base64 image (4/3 of its bytes) plus text: anything larger is refused (413) unread
+    max_payload = args.max_image_bytes * 4 // 3 + 1024 * 1024
+    server = ls.LitServer(
+        api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
+    )
     server.app.add_api_route("/metrics", partial(read_metrics, metrics_path), methods=["GET"])
     return server
 

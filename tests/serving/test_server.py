@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
 OTHER = "How many shapes are there ?"  # a different question
 MAX_PIXELS = 64 * 64
+MAX_BYTES = 200_000  # the server then refuses bodies over 4/3 of this + 1 MiB unread
 
 
 def _png(seed: int, size: int = 32) -> bytes:
@@ -74,6 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
     images.mkdir()
     (images / "a.png").write_bytes(_png(1))
     (root / "secret.png").write_bytes(_png(1))
+    (images / "link.png").symlink_to(root / "secret.png")  # inside the folder, pointing out of it
     # a hand-made profile: prefill 5 + 0.01 BT + 0.5 bBT ms, decode 2 + 0.1 B + 1.0 bB ms per step
     rows = [
         Measurement(b, b, t, n, 5 + 0.01 * n * t + 0.5 * b * n * t, 2 + 0.1 * n + 1.0 * b * n)
@@ -85,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
         sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
         "--config", str(root / "recipe.yaml"), "--ckpt_path", str(root / "model.ckpt"), "--profile", str(profile),
         "--port", str(port), "--image_dir", str(images), "--max_image_pixels", str(MAX_PIXELS),
-        "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
+        "--max_image_bytes", str(MAX_BYTES), "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     log = open(root / "server.log", "w")
@@ -148,12 +150,15 @@ def test_mixed_budgets_in_one_batch_answer_as_each_alone(served):
     cases = [(_png(11), QUESTION, 1.0), (_png(12), OTHER, 0.3), (_png(13), QUESTION, 0.6)]
     with ThreadPoolExecutor(len(cases)) as pool:
         replies = list(pool.map(lambda c: _post(served["base"], {"messages": _messages(_data_url(c[0]), c[1]), "budget": c[2]}), cases))
+    queued = []
     for (image, text, budget), reply in zip(cases, replies, strict=True):
         assert reply.status_code == 200, reply.text
         body = reply.json()
+        queued.append(body["adaptive"]["queued_ms"])
         assert body["adaptive"]["batch_size"] == 3  # one engine call for all three
         assert body["adaptive"]["budget"] == budget
         assert body["choices"][0]["message"]["content"] == _expected(served["module"], image, text, budget)
+    assert min(queued) >= 0 and max(queued) > 0  # the first waited for the others (the worker saw its arrival time)
 
 
 def test_deadlines_become_budgets_and_an_unmeetable_one_is_flagged(served):
@@ -166,11 +171,16 @@ def test_deadlines_become_budgets_and_an_unmeetable_one_is_flagged(served):
     assert tight["units"] == 0.0 and tight["budget"] < 0.5  # the smallest admissible budget: prefix layer + LM head
 
 
-def _disconnect_mid_request(base: str) -> None:
+def _disconnect_mid_request(base: str, body: dict) -> None:
+    """Two clients that go away: one in the middle of its body, one while its answer is computed."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 5000\r\n\r\n{\"messages\": [")  # fmt: skip
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
 
 
 def test_bad_requests_interleaved_with_good_ones(served):
@@ -190,6 +200,9 @@ def test_bad_requests_interleaved_with_good_ones(served):
         ("huge image", ok(_data_url(huge.getvalue())), 413, "65x65 pixels"),
         ("path outside the folder", ok(str(served["root"] / "secret.png")), 403, "outside the allowed image folder"),
         ("dot-dot path", ok("../secret.png"), 403, "outside the allowed image folder"),
+        ("symlink out of the folder", ok("link.png"), 403, "outside the allowed image folder"),
+        ("image over the byte limit", ok(_data_url(b"x" * (MAX_BYTES + 10))), 413, f"larger than {MAX_BYTES} bytes"),
+        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 1_500_000)}, 413, "Payload too large"),
         ("remote URL", ok("http://example.com/a.png"), 400, "nothing is fetched"),
         ("prompt too long", {"messages": _messages(_data_url(good_image), long_text)}, 400, "maximum length 256"),
         ("budget above 1", {**good, "budget": 1.5}, 400, "budget 1.5 is outside [0, 1]"),
@@ -210,7 +223,7 @@ def test_bad_requests_interleaved_with_good_ones(served):
         assert reply.status_code == status, (name, reply.text)
         assert message in reply.text, (name, reply.text)
         if name == "unknown field":
-            _disconnect_mid_request(base)  # a client that goes away mid-request
+            _disconnect_mid_request(base, good)
         answer = _post(base, good)
         assert answer.status_code == 200, (name, answer.text)
         assert answer.json()["choices"][0]["message"]["content"] == expected, name
@@ -229,3 +242,12 @@ def test_health_and_metrics(served):
     assert metrics["requests"] == metrics["answered"] + metrics["rejected"]
     assert metrics["batches"] <= metrics["answered"]
     assert json.dumps(metrics)  # plain JSON
+
+
+def test_command_line_errors_name_the_problem(tmp_path: Path):
+    from adaptive_mllm.serving import serve
+
+    with pytest.raises(SystemExit, match="--profile .*missing.json does not exist"):
+        serve(["--config", "recipe.yaml", "--profile", str(tmp_path / "missing.json")])
+    with pytest.raises(ValueError, match="give --export_dir, or --config"):
+        build_model(None, None, None, [])

@@ -1,0 +1,108 @@
+"""DeadlineAPI in-process (no HTTP): the online correction moves budgets, and short answers do not
+make the machine look fast."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adaptive_mllm.serving.api import DeadlineAPI
+from adaptive_mllm.serving.latency import Measurement, save_profile
+from adaptive_mllm.serving.server import build_model
+from tests.conftest import tiny_config
+
+# hand-made profile: prefill 1 + 2 b*B*T ms, decode 0.1 + 0.1 b*B ms per step: the budget dominates
+PREFILL = (1.0, 0.0, 2.0)
+DECODE = (0.1, 0.0, 0.1)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> DeadlineAPI:
+    root = tmp_path_factory.mktemp("api")
+    recipe = {
+        "model": {
+            "backbone": {
+                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
+                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat"},
+            },
+            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
+            "max_new_tokens": 4,
+        }
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    module = build_model(str(root / "recipe.yaml"), None, None, [])
+    rows = [
+        Measurement(b, b, t, n, PREFILL[0] + PREFILL[2] * b * n * t, DECODE[0] + DECODE[2] * b * n)
+        for b in (1.0, 0.5) for t in (10, 30) for n in (1, 2)
+    ]  # fmt: skip
+    profile = save_profile(root / "profile.json", rows, {"device": "test", "dtype": "float32", "torch": "", "grid": {}})
+    api = DeadlineAPI(lambda: module, str(profile), margin=0.1)
+    api.setup("cpu")
+    return api
+
+
+def _request(api: DeadlineAPI, deadline_ms: float):
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What colour is the circle ?"}]}],
+            "deadline_ms": deadline_ms}  # fmt: skip
+    return api.decode_request(body)
+
+
+def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    request = _request(api, 1.0)  # the deadline is set below, once the prompt length is known
+    tokens = len(request.prompt_ids) + 1  # + the latency token
+    new = api.model.max_new_tokens
+    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    before, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+    assert feasible and before == pytest.approx(0.9, abs=1e-5)
+    budgets = torch.tensor([before])
+    for _ in range(8):  # every batch takes twice its prediction
+        api._correct(budgets, tokens, new, 1, 2 * api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
+    assert api.ratio.value == pytest.approx(2 - 0.7**8)  # EMA of weight 0.3 from 1 toward 2
+    slowed, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+    assert feasible and slowed < 0.5  # by hand: (0.9 * c + a) / 2 = a + b c  ->  b ~ 0.43 with a ~ 1.3, c ~ 2T
+    for _ in range(12):  # the load goes
+        api._correct(budgets, tokens, new, 1, api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
+    recovered, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    assert recovered > 0.85
+
+
+def test_time_spent_queued_counts_against_the_deadline(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    request = _request(api, 1.0)
+    tokens = len(request.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    late, _, feasible = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
+    assert feasible and late < fresh - 0.3  # half the time left: about half the budget-dependent work
+    expired, requested, feasible = api._choose(request, request.deadline_ms + 1, tokens, new, 1)
+    minimum = api.model.scheduler.cost.min_budget(tokens)
+    assert (expired, requested, feasible) == (minimum, "deadline", False)
+
+
+def test_an_answer_that_stops_early_is_compared_at_full_length(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    tokens, new, budget = 20, api.model.max_new_tokens, 0.8
+    step_ms = DECODE[0] + DECODE[2] * budget  # 0.18 ms per decoding step
+    prefill_ms = PREFILL[0] + PREFILL[2] * budget * tokens  # 33 ms
+    # one decoding step of the 3 the prediction assumes: measured = prefill + 1 step, exactly as predicted
+    api._correct(torch.tensor([budget]), tokens, new, 1, prefill_ms + step_ms, 1, step_ms / 1000)
+    assert api.ratio.value == pytest.approx(1.0)
+    # an answer done at the first token: compared with the prefill alone
+    api._correct(torch.tensor([budget]), tokens, new, 1, prefill_ms, 0, 0.0)
+    assert api.ratio.value == pytest.approx(1.0)
+    # the same answer twice as slow moves the ratio toward 2 (weight 0.3: 1 -> 1.3)
+    api._correct(torch.tensor([budget]), tokens, new, 1, 2 * prefill_ms, 0, 0.0)
+    assert api.ratio.value == pytest.approx(1.3)
