@@ -163,7 +163,7 @@ class DeadlineAPI(ls.LitAPI):
     def _answer(self, requests: list[ChatRequest]) -> list[Answer]:
         dtype = next(self.model.backbone.parameters()).dtype
         batch = collate(requests, self.processor.pad_token_id, self.torch_device, dtype)
-        prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model._uses_latency_token())
+        prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model.planner.uses_latency_token)
         new_tokens = self.model.max_new_tokens
         size = len(requests)
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
@@ -177,7 +177,7 @@ class DeadlineAPI(ls.LitAPI):
         out = self.model.generate(batch, budgets.to(self.torch_device))
         measured_ms = 1000 * (_now(self.torch_device) - start)
         steps = max(self.decode_steps - 1, 0)
-        units, fractions = self._costs(out["plan"], batch, size)
+        units, fractions = out["units_per_example"], out["flops_fractions"]
         self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, out["decode_seconds_per_token"])
         self.counts["batches"] += 1
         self.counts["answered"] += size
@@ -200,7 +200,7 @@ class DeadlineAPI(ls.LitAPI):
         """(budget, what decided it, deadline predicted feasible) within what the scheduler admits; a
         deadline counts from the request's arrival, so ``queued_ms`` is already spent."""
         scheduler = self.model.scheduler
-        seq_len = len(request.prompt_ids) + int(self.model._uses_latency_token())
+        seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
         minimum = scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
         if self.pinned_budget is not None:
             return max(self.pinned_budget, minimum), "pinned", True
@@ -213,17 +213,6 @@ class DeadlineAPI(ls.LitAPI):
             choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
             return choice.budget, "deadline", choice.met
         return max(self.model.budget, minimum), "default", True
-
-    def _costs(self, plan: Any, batch: dict[str, torch.Tensor], size: int) -> tuple[list[float], list[float]]:
-        """Per request: units run and FLOPs fraction of its plan (generate reports batch means)."""
-        scheduler = self.model.scheduler
-        if scheduler is None or plan is None:
-            return [float("nan")] * size, [1.0] * size
-        seq_lens = batch["prompt_attention_mask"].sum(-1) + int(self.model._uses_latency_token())
-        flops = scheduler.cost.plan_flops(plan, seq_lens).cpu()
-        full = torch.tensor([scheduler.cost.full_flops(int(n)) for n in seq_lens], dtype=flops.dtype)
-        units = plan.units.float().cpu().tolist() if plan.units is not None else [float("nan")] * size
-        return units, (flops / full).tolist()
 
     def _correct(
         self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,

@@ -46,15 +46,12 @@ def measure(
             ids, images = synthetic_prompt(model, length, batch_size, device)
             mask = torch.ones_like(ids)
             inputs = embed_selected(backbone, ids, mask, images, model.token_selector)
-            seq_len = length + int(model._uses_latency_token())
+            seq_len = length + int(model.planner.uses_latency_token)
             minimum = model.scheduler.cost.min_budget(seq_len) if model.scheduler is not None else 1.0
             levels = sorted({max(budget, minimum) for budget in budgets}, reverse=True)
             prefill_fns, decode_fns, info = {}, {}, {}
             for budget in levels:
-                row, prefill, decode = _prepare_budget(
-                    model, inputs.embeds, inputs.attention_mask, ids, budget, batch_size, decode_tokens, device,
-                    inputs.image_mask, model.token_selector,
-                )  # fmt: skip
+                row, prefill, decode = _prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector)
                 prefill_fns[budget], decode_fns[budget], info[budget] = prefill, decode, row
             encode = _interleaved_medians(
                 {"encode": lambda ids=ids, mask=mask, images=images: embed_selected(backbone, ids, mask, images, model.token_selector)},
