@@ -158,7 +158,9 @@ def _figures(pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: di
     label = type(scheduler).__name__ if scheduler is not None else "full model"
     if pl_module.token_selector is not None:
         label += f" + {type(pl_module.token_selector).__name__}"
-    figures = {"test/budget_curves": save(plot_budget_curves({label: rows}), log_dir / "budget_curves.png")}
+    datamodule = getattr(pl_module.trainer, "datamodule", None)
+    baseline = datamodule.majority_baseline("test").get("overall") if hasattr(datamodule, "majority_baseline") else None
+    figures = {"test/budget_curves": save(plot_budget_curves({label: rows}, baseline=baseline), log_dir / "budget_curves.png")}
     usage = {budget: usage_fractions(stats[budget]) for budget in stats if stats[budget].layer_usage}
     if usage:
         prefix = scheduler.num_prefix_layers if scheduler is not None else 0

@@ -233,11 +233,16 @@ class AdaptiveMLLM(L.LightningModule):
         }
 
     # --- validation / test -----------------------------------------------------------------------------
-    def _eval_step(self, batch: dict[str, Any]) -> dict[float, dict[str, Any]] | None:
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
         """The batch answered at every budget: budget -> :meth:`generate`'s output. Scoring them and the
-        sweep's statistics are :class:`~adaptive_mllm.callbacks.SweepReport`'s, listed in the recipes."""
+        sweep's statistics are :class:`~adaptive_mllm.callbacks.SweepReport`'s, listed in the recipes.
+
+        The first batch is answered once untimed before: the first call pays one-time costs (allocator,
+        kernel selection, caches) that would otherwise land on the first budget's prefill and decode times."""
         if batch["input_ids"].shape[0] == 0:
             return None
+        if batch_idx == 0:
+            self.generate(batch, self.eval_budgets[0])  # warm-up, not reported
         return {budget: self.generate(batch, budget) for budget in self.eval_budgets}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
@@ -251,10 +256,10 @@ class AdaptiveMLLM(L.LightningModule):
             budgets = torch.maximum(budgets, torch.tensor([self.scheduler.cost.min_budget(int(n)) for n in seq_lens], device=self.device))
         logits, labels = self(batch, budgets)
         self.log("val/loss", self._loss(logits, labels), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        return self._eval_step(batch)
+        return self._eval_step(batch, batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
-        return self._eval_step(batch)
+        return self._eval_step(batch, batch_idx)
 
     # --- predict ---------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

@@ -43,16 +43,25 @@ def read_results_csv(path: str | Path) -> list[dict[str, float]]:
     return parsed
 
 
-def plot_budget_curves(runs: Mapping[str, Rows], metric: str = "overall") -> Figure:
+def plot_budget_curves(runs: Mapping[str, Rows], metric: str = "overall", baseline: float | None = None) -> Figure:
     """Two panels, one line per run: ``metric`` against the requested budget and against the FLOPs
-    fraction the plans actually used."""
+    fraction the plans actually used. A percentage axis runs from the majority-answer ``baseline`` (drawn
+    dashed; a fraction) or 0 up to 100, so a 0.1-point wiggle looks like one, not like a cliff."""
     figure, (by_budget, by_flops) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    scores_seen = []
     for label, rows in runs.items():
         rows = sorted(rows, key=lambda row: row["budget"])
         scores = [100 * row.get(metric, float("nan")) for row in rows]
+        scores_seen += [score for score in scores if score == score]
         by_budget.plot([row["budget"] for row in rows], scores, marker="o", label=label)
         by_flops.plot([row.get("flops_fraction", float("nan")) for row in rows], scores, marker="o", label=label)
+    percent = bool(scores_seen) and 0 <= min(scores_seen) and max(scores_seen) <= 100
     for axes, xlabel in ((by_budget, "budget"), (by_flops, "FLOPs fraction (analytic)")):
+        if baseline is not None:
+            axes.axhline(100 * baseline, color="grey", linestyle="--", linewidth=1, label="majority baseline")
+        if percent:
+            bottom = 0.0 if baseline is None else min(100 * baseline, min(scores_seen))
+            axes.set_ylim(bottom - 2, 102)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(f"{metric} (%)")
         axes.grid(alpha=0.3)

@@ -178,3 +178,17 @@ def test_training_budgets_are_uniform_over_the_levels_full_model_included(tokeni
     assert levels >= 3 and counts[most] > 0  # the full model is trained too
     expected = len(lengths) / levels
     assert ((counts[fewest:].float() - expected).abs() < 5 * expected**0.5).all()  # uniform within ~5 sigma
+
+
+def test_the_first_evaluation_batch_is_answered_once_untimed_before_the_sweep(tokenizer_dir, monkeypatch):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
+    model.eval_budgets = [1.0, 0.7]
+    batch = _batch(model, QUESTIONS, ANSWERS)
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda b, budget: calls.append(budget) or generate(b, budget))
+    first = model.test_step(batch, 0)
+    assert calls == [1.0, 1.0, 0.7] and list(first) == [1.0, 0.7]  # a warm-up call, then the timed sweep
+    calls.clear()
+    model.test_step(batch, 1)
+    assert calls == [1.0, 0.7]  # later batches: no extra call

@@ -68,3 +68,15 @@ def test_plot_command_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("name,score\nx,1\n")
     with pytest.raises(ValueError, match="'budget' column"):
         read_results_csv(tmp_path / "bad.csv")
+
+
+def test_score_axis_spans_baseline_to_100_so_a_small_wiggle_stays_small():
+    wiggle = [dict(ROWS[0], overall=0.983), dict(ROWS[1], overall=0.982)]
+    figure = plot_budget_curves({"L": wiggle}, "overall", baseline=0.302)
+    for axes in figure.axes[:2]:
+        bottom, top = axes.get_ylim()
+        assert bottom == pytest.approx(30.2 - 2) and top == pytest.approx(102)  # the 0.1-point gap is 0.1% of the axis
+        dashed = [line for line in axes.get_lines() if line.get_label() == "majority baseline"]
+        assert dashed and list(dashed[0].get_ydata()) == pytest.approx([30.2, 30.2])
+    bottom, top = plot_budget_curves({"L": wiggle}, "overall").axes[0].get_ylim()
+    assert (bottom, top) == pytest.approx((-2, 102))  # no baseline: from 0
