@@ -183,6 +183,17 @@ def served_batch_ms(base: str, images: list[str], batch_size: int, rounds: int) 
     return statistics.median(times), sizes
 
 
+def served_single_ms(base: str, images: list[str], rounds: int) -> float:
+    """Median end-to-end time of one budget-1.0 request at a time (a batch of one, nothing queued)."""
+    times = []
+    with httpx.Client(timeout=120) as http:
+        for _ in range(rounds):
+            begin = time.perf_counter()
+            http.post(f"{base}/v1/chat/completions", json=_body(images, 0, budget=1.0)).raise_for_status()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
 def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, rounds: int) -> dict[str, float]:
     """In this process, on the same model: ``generate`` at budget 1.0 on the batch the server would build,
     and a mixed-budget batch against the same requests grouped by budget (medians of interleaved rounds)."""
@@ -200,6 +211,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     requests = [parse_chat_request(_body(images, n), processor, model.max_new_tokens, RequestLimits()) for n in range(batch_size)]
     dtype = next(model.backbone.parameters()).dtype
     batch = collate(requests, processor.pad_token_id, torch.device("cpu"), dtype)
+    single = collate(requests[:1], processor.pad_token_id, torch.device("cpu"), dtype)
     levels = [1.0, 0.85, 0.7, 0.55]
     budgets = torch.tensor([levels[n % len(levels)] for n in range(batch_size)])
     groups = {}
@@ -210,6 +222,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     with torch.no_grad():
         seconds = _interleaved_medians(
             {
+                "single": lambda: model.generate(single, 1.0),
                 "full": lambda: model.generate(batch, 1.0),
                 "mixed": lambda: model.generate(batch, budgets),
                 "grouped": lambda: [model.generate(group, level) for level, group in groups.items()],
@@ -313,12 +326,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
             if pinned and args.check_rounds:
                 served_ms, sizes = served_batch_ms(base, images, args.max_batch_size, args.check_rounds)
+                served_one_ms = served_single_ms(base, images, args.check_rounds)
         finally:
             stop(process)
     checks = []
     if args.check_rounds:
         engine = engine_checks(args, images, args.max_batch_size, args.check_rounds)
         checks = [
+            f"serving overhead at budget 1.0, one request at a time: {served_one_ms:.1f} ms end to end vs "
+            f"{engine['single']:.1f} ms for module.generate on it ({100 * (served_one_ms / engine['single'] - 1):+.1f}%)",
             f"serving overhead at budget 1.0, batch {args.max_batch_size} (server batched them as {sorted(set(sizes))}): "
             f"{served_ms:.1f} ms end to end vs {engine['full']:.1f} ms for module.generate on the same batch "
             f"({100 * (served_ms / engine['full'] - 1):+.1f}%)",

@@ -20,7 +20,7 @@ class RunningRatio:
             later deadline look unmeetable (or free).
     """
 
-    def __init__(self, weight: float = 0.3, low: float = 0.2, high: float = 10.0) -> None:
+    def __init__(self, weight: float = 0.3, low: float = 0.05, high: float = 20.0) -> None:
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight {weight} must be in (0, 1]")
         if not 0.0 < low <= 1.0 <= high:

@@ -5,8 +5,8 @@ prompt length and batch size, and write the latency profile (JSON) that the serv
         --out profiles/tiny-cpu.json [--device cuda]
 
 Timing follows ``adaptive-mllm benchmark``: a warm-up call of every configuration, then the median of
-``--repeats`` rounds, each round timing every configuration of a (prompt length, batch size) once, so a
-slow spell hits all budgets alike. "prefill" here is what the server waits for before the first token:
+``--repeats`` rounds, each round timing every point of the grid once, so a slow spell hits all points
+alike. "prefill" here is what the server waits for before the first token:
 vision tower + projector + LLM prefill.
 """
 
@@ -36,11 +36,13 @@ def measure(
     model: Any, budgets: list[float], prompt_lengths: list[int], batch_sizes: list[int], decode_tokens: int, repeats: int
 ) -> list[Measurement]:
     """One Measurement per (budget, prompt length, batch size); budgets below a length's admissible
-    minimum are measured at that minimum."""
+    minimum are measured at that minimum. Every grid point is timed once per round, the whole grid
+    round-robin (not one point after the other), so that a busy spell of a shared machine is spread over
+    all points and the medians drop it instead of bending the fit. All points' KV caches are held at once."""
     model.eval()
     backbone = model.backbone
     device = next(backbone.parameters()).device
-    rows = []
+    encode_fns, prefill_fns, decode_fns, points = {}, {}, {}, []
     for length in prompt_lengths:
         for batch_size in batch_sizes:
             ids, images = synthetic_prompt(model, length, batch_size, device)
@@ -48,25 +50,27 @@ def measure(
             inputs = embed_selected(backbone, ids, mask, images, model.token_selector)
             seq_len = length + int(model.planner.uses_latency_token)
             minimum = model.scheduler.cost.min_budget(seq_len) if model.scheduler is not None else 1.0
-            levels = sorted({max(budget, minimum) for budget in budgets}, reverse=True)
-            prefill_fns, decode_fns, info = {}, {}, {}
-            for budget in levels:
+            encode_fns[(length, batch_size)] = lambda ids=ids, mask=mask, images=images: embed_selected(
+                backbone, ids, mask, images, model.token_selector
+            )
+            for budget in sorted({max(budget, minimum) for budget in budgets}, reverse=True):
                 row, prefill, decode = _prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector)
-                prefill_fns[budget], decode_fns[budget], info[budget] = prefill, decode, row
-            encode = _interleaved_medians(
-                {"encode": lambda ids=ids, mask=mask, images=images: embed_selected(backbone, ids, mask, images, model.token_selector)},
-                repeats, device,
-            )["encode"]
-            prefill_s = _interleaved_medians(prefill_fns, repeats, device)
-            decode_s = _interleaved_medians(decode_fns, repeats, device)
-            for budget in levels:
-                rows.append(
-                    Measurement(
-                        budget=float(budget), flops_fraction=float(info[budget]["flops_fraction"]), prompt_tokens=seq_len,
-                        batch_size=batch_size, prefill_ms=1000 * (encode + prefill_s[budget]),
-                        decode_ms_per_token=1000 * decode_s[budget] / decode_tokens,
-                    )
-                )  # fmt: skip
+                key = (budget, length, batch_size)
+                prefill_fns[key], decode_fns[key] = prefill, decode
+                points.append((key, seq_len, float(row["flops_fraction"])))
+    encode_s = _interleaved_medians(encode_fns, repeats, device)
+    prefill_s = _interleaved_medians(prefill_fns, repeats, device)
+    decode_s = _interleaved_medians(decode_fns, repeats, device)
+    rows = []
+    for (budget, length, batch_size), seq_len, flops_fraction in points:
+        key = (budget, length, batch_size)
+        rows.append(
+            Measurement(
+                budget=float(budget), flops_fraction=flops_fraction, prompt_tokens=seq_len, batch_size=batch_size,
+                prefill_ms=1000 * (encode_s[(length, batch_size)] + prefill_s[key]),
+                decode_ms_per_token=1000 * decode_s[key] / decode_tokens,
+            )
+        )  # fmt: skip
     return rows
 
 
@@ -84,7 +88,7 @@ def main(argv: list[str]) -> LatencyModel:
     parser.add_argument("--prompt_lengths", type=int, nargs="+", help="default: the image + 8 tokens, and a long prompt")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--decode_tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads, as the server will use (default: one per core)")
     own, overrides = parser.parse_known_args(argv)
     if own.threads is not None:
