@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -23,7 +22,7 @@ from adaptive_mllm.engine import PlanCache
 from adaptive_mllm.inputs import SelectedInputs, embed_multimodal, embed_selected
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.planning import Planner
-from adaptive_mllm.recipe import build_cli
+from adaptive_mllm.recipe import build_model
 from adaptive_mllm.reporting import format_table
 from adaptive_mllm.token_selection.base import TokenSelector
 
@@ -34,7 +33,7 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _interleaved_medians(fns: dict[Any, Any], repeats: int, device: torch.device) -> dict[Any, float]:
+def interleaved_medians(fns: dict[Any, Any], repeats: int, device: torch.device) -> dict[Any, float]:
     """Median seconds of each function, timed round-robin (one call of each per round), so that a slow
     spell of a shared machine hits every configuration alike instead of the one measured at that moment."""
     for fn in fns.values():
@@ -66,7 +65,7 @@ def synthetic_prompt(model: AdaptiveMLLM, prompt_length: int, batch_size: int, d
     return ids.to(device), images.to(device=device, dtype=next(backbone.parameters()).dtype)
 
 
-def _prepare_budget(
+def prepare_budget(
     model: AdaptiveMLLM, inputs: SelectedInputs, ids: torch.Tensor, budget: float, decode_tokens: int,
     selector: TokenSelector | None = None,
 ) -> tuple[dict[str, Any], Any, Any]:
@@ -141,7 +140,7 @@ def run_benchmark(
         inputs = embed_selected(backbone, ids, mask, images, selector)
         encode_fns[id(selector)] = lambda selector=selector: embed_selected(backbone, ids, mask, images, selector)
         for budget in budgets:
-            row, prefill, decode = _prepare_budget(model, inputs, ids, budget, decode_tokens, selector)
+            row, prefill, decode = prepare_budget(model, inputs, ids, budget, decode_tokens, selector)
             row["llm_tokens"] = float(inputs.attention_mask.sum(-1).float().mean())
             row["_selector"] = id(selector)
             prefill_fns[len(rows)], decode_fns[len(rows)] = prefill, decode
@@ -150,9 +149,9 @@ def run_benchmark(
         # same input embeddings, same weights: the backbone's own transformers forward, timed in the same rounds
         hf = backbone.model
         prefill_fns["transformers"] = lambda: hf(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, use_cache=True)
-    encode_s = _interleaved_medians(encode_fns, repeats, device)
-    prefill_s = _interleaved_medians(prefill_fns, repeats, device)
-    decode_s = _interleaved_medians(decode_fns, repeats, device)
+    encode_s = interleaved_medians(encode_fns, repeats, device)
+    prefill_s = interleaved_medians(prefill_fns, repeats, device)
+    decode_s = interleaved_medians(decode_fns, repeats, device)
     for index, row in enumerate(rows):
         row["encode_s"] = encode_s[row.pop("_selector")]
         row["prefill_s"] = prefill_s[index]
@@ -215,17 +214,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no_transformers", action="store_true", help="skip the comparison with plain transformers")
     own, rest = parser.parse_known_args(argv)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses `rest` only; it warns when argv holds more
-    try:
-        cli = build_cli(rest, run=False)
-    finally:
-        sys.argv = argv
-    datamodule = cli.datamodule
-    if datamodule is not None and hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
-    model = cli.model
-    with torch.device(own.device):  # random weights drawn where they run: seconds for a 7B model on a GPU, minutes on a CPU
-        model.configure_model()
+    model = build_model(rest, own.device)
     model.to(own.device)
     rows = run_benchmark(
         model, own.budgets, own.prompt_length, own.batch_size, own.decode_tokens, own.repeats, not own.no_transformers

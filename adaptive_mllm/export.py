@@ -25,7 +25,6 @@ import argparse
 import importlib
 import inspect
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.llava import LlavaBackbone
 from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.module import AdaptiveMLLM
-from adaptive_mllm.recipe import build_cli
+from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.token_selection.base import TokenSelector
 
@@ -75,13 +74,7 @@ def module_from_checkpoint(
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    # the trainer is built by the CLI but never used here: keep it on one CPU process, without a logger
-    quiet_trainer = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses the list it is given, and warns about sys.argv
-    try:
-        cli = build_cli(["--config", str(config), *overrides, *quiet_trainer], run=False)
-    finally:
-        sys.argv = argv
+    cli = parse_recipe(["--config", str(config), *overrides, *UNUSED_TRAINER])
     module = cli.model
     module.configure_model()
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)

@@ -11,10 +11,12 @@ The parts' packages are imported here so that short class names resolve, e.g.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,6 +30,8 @@ from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
 
 RUN_DIRECTORY_VARIABLE = "ADAPTIVE_MLLM_RUN_DIR"
+#: a trainer that is built by the CLI but never run: one CPU process, no logger
+UNUSED_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
 
 
 class SaveConfigToWandb(SaveConfigCallback):
@@ -108,6 +112,27 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCL
         args=args,
         run=run,
     )
+
+
+def parse_recipe(args: list[str]) -> AdaptiveMLLMCLI:
+    """The recipe's model, datamodule and trainer from ``args`` (``--config R`` and flags), nothing run.
+    LightningCLI parses only ``args``, not the calling command's own ``sys.argv``."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds more than the program
+    try:
+        return build_cli(args, run=False)
+    finally:
+        sys.argv = argv
+
+
+def build_model(args: list[str], device: str = "cpu") -> AdaptiveMLLM:
+    """The recipe's module with its weights created (or loaded from the backbone's checkpoint) on ``device``,
+    after the datamodule has prepared what the backbone reads (e.g. the tiny recipe's generated tokenizer)."""
+    cli = parse_recipe(args)
+    if cli.datamodule is not None and hasattr(cli.datamodule, "prepare_data"):
+        cli.datamodule.prepare_data()
+    with torch.device(device):  # random weights drawn where they run: seconds for 7B on a GPU, minutes on a CPU
+        cli.model.configure_model()
+    return cli.model
 
 
 def _own_directory(config: Any, subcommand: str) -> None:

@@ -199,7 +199,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     and a mixed-budget batch against the same requests grouped by budget (medians of interleaved rounds)."""
     import torch
 
-    from adaptive_mllm.benchmark import _interleaved_medians
+    from adaptive_mllm.benchmark import interleaved_medians
     from adaptive_mllm.serving.api import collate
     from adaptive_mllm.serving.requests import RequestLimits, parse_chat_request
     from adaptive_mllm.serving.server import build_model
@@ -220,7 +220,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
         if members:
             groups[level] = collate(members, processor.pad_token_id, torch.device("cpu"), dtype)
     with torch.no_grad():
-        seconds = _interleaved_medians(
+        seconds = interleaved_medians(
             {
                 "single": lambda: model.generate(single, 1.0),
                 "full": lambda: model.generate(batch, 1.0),

@@ -13,15 +13,14 @@ from the directory the model was trained in: the saved config's paths are relati
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from adaptive_mllm.cli import build_cli
 from adaptive_mllm.data.shapes import COLOURS, GRID, SHAPES, draw_scene, generate_examples
 from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.recipe import parse_recipe
 
 # keys a saved `fit` config holds that a model-only parse does not accept
 _RUN_ONLY_KEYS = ("ckpt_path", "weights_only", "optimizer", "lr_scheduler", "verbose", "test_after_fit")
@@ -34,11 +33,9 @@ def load_model(run: Path, at_init: bool) -> AdaptiveMLLM:
     config["trainer"] = {"logger": False, "callbacks": [], "accelerator": "cpu"}
     parsed = run / "visual_tokens_config.yaml"
     parsed.write_text(yaml.safe_dump(config))
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only the list below
     try:
-        model = build_cli(["--config", str(parsed)], run=False).model
+        model = parse_recipe(["--config", str(parsed)]).model
     finally:
-        sys.argv = argv
         parsed.unlink()
     model.configure_model()
     if not at_init:

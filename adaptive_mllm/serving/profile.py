@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from adaptive_mllm.benchmark import _interleaved_medians, _prepare_budget, synthetic_prompt
+from adaptive_mllm.benchmark import interleaved_medians, prepare_budget, synthetic_prompt
 from adaptive_mllm.inputs import embed_selected
 from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
 
@@ -54,13 +54,13 @@ def measure(
                 backbone, ids, mask, images, model.token_selector
             )
             for budget in sorted({max(budget, minimum) for budget in budgets}, reverse=True):
-                row, prefill, decode = _prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector)
+                row, prefill, decode = prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector)
                 key = (budget, length, batch_size)
                 prefill_fns[key], decode_fns[key] = prefill, decode
                 points.append((key, seq_len, float(row["flops_fraction"])))
-    encode_s = _interleaved_medians(encode_fns, repeats, device)
-    prefill_s = _interleaved_medians(prefill_fns, repeats, device)
-    decode_s = _interleaved_medians(decode_fns, repeats, device)
+    encode_s = interleaved_medians(encode_fns, repeats, device)
+    prefill_s = interleaved_medians(prefill_fns, repeats, device)
+    decode_s = interleaved_medians(decode_fns, repeats, device)
     rows = []
     for (budget, length, batch_size), seq_len, flops_fraction in points:
         key = (budget, length, batch_size)

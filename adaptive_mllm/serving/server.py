@@ -17,8 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adaptive_mllm.serving.api import DeadlineAPI, read_metrics
 from adaptive_mllm.serving.requests import RequestLimits
 
@@ -38,21 +36,10 @@ def build_model(
         from adaptive_mllm.export import module_from_checkpoint
 
         return module_from_checkpoint(ckpt_path, config, overrides)[0]
-    from adaptive_mllm.recipe import build_cli
+    from adaptive_mllm.recipe import UNUSED_TRAINER
+    from adaptive_mllm.recipe import build_model as build_recipe_model
 
-    quiet_trainer = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false"]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI parses the list it is given, and warns about sys.argv
-    try:
-        cli = build_cli(["--config", str(config), *overrides, *quiet_trainer], run=False)
-    finally:
-        sys.argv = argv
-    datamodule = cli.datamodule
-    if datamodule is not None and hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()  # e.g. the tiny recipe's tokenizer
-    model = cli.model
-    with torch.device(device):
-        model.configure_model()
-    return model
+    return build_recipe_model(["--config", str(config), *overrides, *UNUSED_TRAINER], device)
 
 
 def parser() -> argparse.ArgumentParser:

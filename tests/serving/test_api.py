@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from adaptive_mllm.serving.api import DeadlineAPI
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.server import build_model
-from tests.conftest import tiny_config
+from tests.serving.conftest import write_tiny_recipe
 
 # hand-made profile: prefill 1 + 2 b*B*T ms, decode 0.1 + 0.1 b*B ms per step: the budget dominates
 PREFILL = (1.0, 0.0, 2.0)
@@ -26,17 +25,7 @@ DECODE = (0.1, 0.0, 0.1)
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> DeadlineAPI:
     root = tmp_path_factory.mktemp("api")
-    recipe = {
-        "model": {
-            "backbone": {
-                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
-                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat"},
-            },
-            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
-            "max_new_tokens": 4,
-        }
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_tiny_recipe(root / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
     module = build_model(str(root / "recipe.yaml"), None, None, [])
     rows = [
         Measurement(b, b, t, n, PREFILL[0] + PREFILL[2] * b * n * t, DECODE[0] + DECODE[2] * b * n)

@@ -5,24 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from adaptive_mllm.serving import profile
 from adaptive_mllm.serving.latency import LatencyModel
-from tests.conftest import tiny_config
+from tests.serving.conftest import write_tiny_recipe
 
 
 def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer_dir: Path):
-    recipe = {
-        "model": {
-            "backbone": {
-                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
-                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat"},
-            },
-            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
-        }
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
     out = tmp_path / "profile.json"
     argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "0.0",
             "--prompt_lengths", "8", "12", "--batch_sizes", "1", "2", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip

@@ -19,12 +19,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.server import build_model
-from tests.conftest import tiny_config
+from tests.serving.conftest import write_tiny_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
@@ -58,17 +57,7 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
     """The tiny model (AdaLLaVA-L, random weights) saved as a checkpoint, served by a subprocess."""
     root = tmp_path_factory.mktemp("served")
-    recipe = {
-        "model": {
-            "backbone": {
-                "class_path": "adaptive_mllm.backbones.LlavaBackbone",
-                "init_args": {"config": tiny_config(), "tokenizer": str(tokenizer_dir), "template": "plain_chat", "seed": 0},
-            },
-            "scheduler": {"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 1}},
-            "max_new_tokens": 4,
-        }
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_tiny_recipe(root / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
     module = build_model(str(root / "recipe.yaml"), None, None, []).eval()
     torch.save({"state_dict": module.state_dict()}, root / "model.ckpt")
     images = root / "images"
