@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
 import adaptive_mllm.data  # noqa: F401
@@ -77,6 +77,7 @@ class AdaptiveMLLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand in ("validate", "test", "predict"):
             _own_directory(self.config[self.subcommand], self.subcommand)
+            rank_zero_info(f"{self.subcommand}: this run writes into {self.config[self.subcommand].trainer.default_root_dir}")
 
     def before_fit(self) -> None:
         config = self.config["fit"]
