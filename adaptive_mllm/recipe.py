@@ -82,7 +82,8 @@ class AdaptiveMLLMCLI(LightningCLI):
     def before_fit(self) -> None:
         config = self.config["fit"]
         earlier = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
-        if earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):
+        # only the process the user started decides: processes a strategy launches may find rank 0's config
+        if not _launched() and earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):
             raise FileExistsError(
                 f"{earlier.parent} holds an earlier run ({earlier}): resume it with --ckpt_path (its checkpoints' "
                 "last.ckpt), give this run its own directory (trainer.default_root_dir, the logger's save_dir, "
@@ -142,8 +143,7 @@ def _own_directory(config: Any, subcommand: str) -> None:
 
     The name is chosen once and kept in the environment, so the processes a strategy launches from this one
     (which parse the same command line again) write into the same directory."""
-    launched = any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK"))
-    directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if launched else None
+    directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if _launched() else None
     if directory is None:
         root = Path(config.trainer.get("default_root_dir") or ".")
         fresh = not root.exists() or not any(root.iterdir())
@@ -155,6 +155,11 @@ def _own_directory(config: Any, subcommand: str) -> None:
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
         if init_args is not None and "save_dir" in init_args:
             init_args.save_dir = directory
+
+
+def _launched() -> bool:
+    """Whether this process was launched by a strategy (a rank other than 0 of the command the user ran)."""
+    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK"))
 
 
 def _has_test_split(datamodule: Any) -> bool:
