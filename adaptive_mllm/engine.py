@@ -413,7 +413,7 @@ def _received_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Te
     """[B, T] what a token selector ranks positions by: the attention each position received in the
     ranking layer (``probs`` [B, heads, T, T], its probabilities) from each row's last real query, mean
     over heads, as FastV's official code ranks (averaging over all queries would favour early tokens)."""
-    return last_query_attention(probs.mean(1), key_mask)
+    return last_query_attention(probs, key_mask).mean(1)  # the one query row first: [B, heads, T] -> [B, T]
 
 
 def _runs_fully(plan: ExecutionPlan, scheduled: int) -> bool:

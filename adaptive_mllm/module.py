@@ -131,19 +131,18 @@ class AdaptiveMLLM(L.LightningModule):
         """Let a baseline scheduler (Full, Static, Random) evaluate a model trained with a learned one, so
         budget curves compare on the same weights: the scheduler tensors it has no use for (the learned
         plan head) are dropped, with a warning. Missing tensors still fail the (strict) load."""
-        state = checkpoint["state_dict"]
-        self._check_scheduler_of(checkpoint)
-        own = set(self.state_dict())
+        state, own = checkpoint["state_dict"], self.state_dict()
+        self._check_scheduler_of(checkpoint, own)
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
             for key in unused:
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
 
-    def _check_scheduler_of(self, checkpoint: dict[str, Any]) -> None:
+    def _check_scheduler_of(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
         """A checkpoint trained with another learned scheduler (AdaLLaVA-H into an L recipe) is named as such,
         instead of failing the load on a tensor size deep inside torch."""
-        state, own = checkpoint["state_dict"], self.state_dict()
+        state = checkpoint["state_dict"]
         wrong = [key for key, value in state.items() if key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
         missing = [key for key in own if key.startswith("scheduler.") and key not in state]
         saved = (checkpoint.get("hyper_parameters") or {}).get("scheduler")

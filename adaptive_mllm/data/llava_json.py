@@ -352,13 +352,12 @@ class LlavaJsonDataset(Dataset):
         image_args = (processor.image_token_id, processor.num_image_tokens)
         answered = len(record.answers) == len(record.questions)
         try:
-            prompt_ids = template.encode_prompt(
-                list(record.questions), list(record.answers[: len(record.questions) - 1]), tokenizer, *image_args
-            )
-            if answered:
+            if answered:  # the generation prompt is the conversation up to the last answer: a prefix of the ids
                 encoded = template.encode(list(zip(record.questions, record.answers, strict=True)), tokenizer, *image_args)
                 input_ids, labels, prompt_length = encoded.input_ids, encoded.labels, encoded.prompt_length
+                prompt_ids = input_ids[:prompt_length]
             else:  # an open record (prediction input): nothing to learn from
+                prompt_ids = template.encode_prompt(list(record.questions), list(record.answers), tokenizer, *image_args)
                 input_ids, labels, prompt_length = prompt_ids, [IGNORE_INDEX] * len(prompt_ids), len(prompt_ids)
         except ConversationError as error:
             raise fail(error.field, str(error)) from error

@@ -136,12 +136,12 @@ def insert_column(values: torch.Tensor, positions: torch.Tensor, fill: bool | in
 
 
 def last_query_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T_q, T_k] attention probabilities (mean over heads), [B, T] real-token mask -> [B, T_k]: the row of
-    each example's last real query position, as FastV ranks tokens (``[0][-1]`` in its modeling_llama.py).
+    """[B, ..., T_q, T_k] attention probabilities (e.g. per head), [B, T] real-token mask -> [B, ..., T_k]: the row
+    of each example's last real query position, as FastV ranks tokens (``[0][-1]`` in its modeling_llama.py).
     Left-padded prompts end at the last column; right-padded rows at their last real token."""
     length = key_mask.shape[1]
     last = length - 1 - key_mask.flip(1).to(torch.int8).argmax(1)  # [B]
-    return probs[torch.arange(probs.shape[0], device=probs.device), last.to(probs.device)]
+    return probs[torch.arange(probs.shape[0], device=probs.device), ..., last.to(probs.device), :]
 
 
 def kept_count(total: torch.Tensor, drop_ratio: float) -> torch.Tensor:
