@@ -11,8 +11,9 @@ bounded by ``--requests`` and ``--phase_seconds``; nothing leaves the loopback i
 Prints throughput, p50 / p95 / p99 end-to-end latency and the deadline hit rate per server and phase,
 and writes ``<out>/requests.csv``, ``<out>/summary.md`` and ``<out>/latency.png`` (latency over time,
 the deadline line, the budgets chosen, the hog's span). Without ``--profile`` one is measured first
-(``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x the profile's prediction for
-one request at budget 1.0. Other flags are recipe overrides, passed to every model build, e.g.
+(``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x what one request at budget
+1.0 takes: the profile's prediction plus the server's time outside the model (HTTP in and out, measured
+while warming up). Other flags are recipe overrides, passed to every model build, e.g.
 ``--data.init_args.num_train=500`` (random weights need only the tokenizer the datamodule writes).
 """
 
@@ -103,10 +104,12 @@ def stop_hog(hogs: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def warm_up(base: str, images: list[str]) -> None:
-    """A few requests before timing starts (first calls allocate and compile)."""
-    for number in range(3):
+def warm_up(base: str, images: list[str]) -> float:
+    """A few requests before timing starts (first calls allocate and compile); returns the server's running
+    mean of the time a request spends in it outside the model's worker (ms)."""
+    for number in range(10):
         httpx.post(f"{base}/v1/chat/completions", json=_body(images, number), timeout=120).raise_for_status()
+    return float(httpx.get(f"{base}/metrics", timeout=10).json().get("outside_worker_ms", 0.0))
 
 
 def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: float, images: list[str], hog: bool) -> dict:
@@ -183,6 +186,22 @@ def served_batch_ms(base: str, images: list[str], batch_size: int, rounds: int) 
     return statistics.median(times), sizes
 
 
+def served_throughput(base: str, images: list[str], clients: int, requests: int) -> float:
+    """Requests per second of budget-1.0 requests from ``clients`` clients that keep the queue full (each
+    sends its next request as soon as its answer comes): the server's throughput when batches are full."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for number in range(index, requests, clients):
+                http.post(f"{base}/v1/chat/completions", json=_body(images, number, budget=1.0)).raise_for_status()
+
+    begin = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return requests / (time.perf_counter() - begin)
+
+
 def served_single_ms(base: str, images: list[str], rounds: int) -> float:
     """Median end-to-end time of one budget-1.0 request at a time (a batch of one, nothing queued)."""
     times = []
@@ -213,17 +232,24 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     batch = collate(requests, processor.pad_token_id, torch.device("cpu"), dtype)
     single = collate(requests[:1], processor.pad_token_id, torch.device("cpu"), dtype)
     levels = [1.0, 0.85, 0.7, 0.55]
-    budgets = torch.tensor([levels[n % len(levels)] for n in range(batch_size)])
+    assigned = [levels[n % len(levels)] for n in range(batch_size)]  # Python floats: float32 0.85 != 0.85
+    budgets = torch.tensor(assigned)
     groups = {}
     for level in levels:
-        members = [r for r, b in zip(requests, budgets.tolist(), strict=True) if b == level]
+        members = [r for r, b in zip(requests, assigned, strict=True) if b == level]
         if members:
             groups[level] = collate(members, processor.pad_token_id, torch.device("cpu"), dtype)
+    assert sum(len(group["prompt_ids"]) for group in groups.values()) == batch_size  # every request in one group
     with torch.no_grad():
+        # the answers the server gave (the same requests at budget 1.0, stopping where they stop)
         seconds = interleaved_medians(
+            {"single": lambda: model.generate(single, 1.0), "full": lambda: model.generate(batch, 1.0)}, rounds, torch.device("cpu")
+        )
+        # every call decodes max_new_tokens: with random weights the answers' lengths differ between budgets,
+        # and the calls compared here must do the same work
+        model.backbone.chat_template.stop_token_ids = lambda tokenizer: []
+        seconds |= interleaved_medians(
             {
-                "single": lambda: model.generate(single, 1.0),
-                "full": lambda: model.generate(batch, 1.0),
                 "mixed": lambda: model.generate(batch, budgets),
                 "grouped": lambda: [model.generate(group, level) for level, group in groups.items()],
             },
@@ -231,6 +257,16 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
             torch.device("cpu"),
         )
     return {key: 1000 * value for key, value in seconds.items()}
+
+
+def default_deadline(profile: Path, outside_ms: float, factor: float) -> float:
+    """``factor`` x what one short request at budget 1.0 takes: the profile's prediction plus the server's
+    time outside the model (HTTP in and out), as measured while warming up."""
+    from adaptive_mllm.serving.latency import LatencyModel
+
+    latency = LatencyModel.load(profile)
+    prompt = min(latency.meta["grid"]["prompt_lengths"]) + 1  # the short prompts sent here, + latency token
+    return factor * (latency.predict_ms(1.0, prompt, 4, 1) + outside_ms)
 
 
 def summarise(name: str, phase: str, result: dict, deadline_ms: float) -> dict:
@@ -292,7 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--deadline_ms", type=float, help="default: --deadline_factor x the predicted full-budget time")
     parser.add_argument("--deadline_factor", type=float, default=1.5)
     parser.add_argument("--max_batch_size", type=int, default=8)
-    parser.add_argument("--batch_timeout", type=float, default=0.01)
+    parser.add_argument("--batch_timeout", type=float, default=0.0)
     parser.add_argument("--threads", type=int, help="torch threads of the servers, the profile and the checks")
     parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
     args, overrides = parser.parse_known_args(argv)
@@ -307,19 +343,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         threads = ["--threads", str(args.threads)] if args.threads is not None else []
         measure_profile(command + threads + args.overrides)
     deadline_ms = args.deadline_ms
-    if deadline_ms is None:
-        from adaptive_mllm.serving.latency import LatencyModel
-
-        latency = LatencyModel.load(profile)
-        prompt = min(latency.meta["grid"]["prompt_lengths"]) + 1  # the short prompts sent here, + latency token
-        deadline_ms = args.deadline_factor * latency.predict_ms(1.0, prompt, 4, 1)
     images = _images(16)
     results: dict[tuple[str, str], dict] = {}
     rows = []
     for name, pinned in (("adaptive", False), ("pinned 1.0", True)):
         process, base = start_server(args, profile, pinned, out / f"server-{name.split()[0]}.log")
         try:
-            warm_up(base, images)
+            outside_ms = warm_up(base, images)
+            if deadline_ms is None:
+                deadline_ms = default_deadline(profile, outside_ms, args.deadline_factor)
             for phase, clients, hog in (("light", 1, False), ("heavy", args.heavy_clients, False), ("hog", 1, True)):
                 results[(name, phase)] = run_phase(base, clients, args, deadline_ms, images, hog)
                 rows.append(summarise(name, phase, results[(name, phase)], deadline_ms))
@@ -327,6 +359,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if pinned and args.check_rounds:
                 served_ms, sizes = served_batch_ms(base, images, args.max_batch_size, args.check_rounds)
                 served_one_ms = served_single_ms(base, images, args.check_rounds)
+                served_rps = served_throughput(base, images, 2 * args.max_batch_size, 4 * args.max_batch_size * args.check_rounds)
         finally:
             stop(process)
     checks = []
@@ -338,6 +371,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"serving overhead at budget 1.0, batch {args.max_batch_size} (server batched them as {sorted(set(sizes))}): "
             f"{served_ms:.1f} ms end to end vs {engine['full']:.1f} ms for module.generate on the same batch "
             f"({100 * (served_ms / engine['full'] - 1):+.1f}%)",
+            f"serving overhead at budget 1.0 under full load ({2 * args.max_batch_size} clients): {served_rps:.1f} requests/s "
+            f"vs {1000 * args.max_batch_size / engine['full']:.1f} for module.generate on batches of {args.max_batch_size} "
+            f"({100 * (1000 * args.max_batch_size / engine['full'] / served_rps - 1):+.1f}% time per request)",
             f"mixed budgets 1.0 / 0.85 / 0.7 / 0.55 in one batch of {args.max_batch_size}: {engine['mixed']:.1f} ms vs "
             f"{engine['grouped']:.1f} ms grouped by budget: {engine['grouped'] / engine['mixed']:.2f}x the grouped throughput",
         ]

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import LatencyModel
+from adaptive_mllm.serving.overhead import ServerTimes
 from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,11 @@ class DeadlineAPI(ls.LitAPI):
         metrics_path: the worker writes its counts here (JSON) after every batch; ``/metrics`` serves them.
         pinned_budget: answer every request at this budget, ignoring its budget / deadline (a baseline
             for the load test); None = adaptive.
-        max_batch_size, batch_timeout: LitServe's dynamic batching.
+        max_batch_size, batch_timeout: LitServe's dynamic batching (``batch_timeout=0``: no waiting, see
+            :mod:`~adaptive_mllm.serving.arrival`).
         threads: torch's intra-op threads in the worker (None: torch's default, one per core).
+        times: the server's time outside this worker, measured by the HTTP server's middleware and taken
+            off every deadline (None: not counted).
     """
 
     def __init__(
@@ -74,8 +78,9 @@ class DeadlineAPI(ls.LitAPI):
         metrics_path: str | None = None,
         pinned_budget: float | None = None,
         max_batch_size: int = 8,
-        batch_timeout: float = 0.01,
+        batch_timeout: float = 0.0,
         threads: int | None = None,
+        times: ServerTimes | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=StampingLoop())
         self.build_model = build_model
@@ -85,6 +90,7 @@ class DeadlineAPI(ls.LitAPI):
         self.metrics_path = metrics_path
         self.pinned_budget = pinned_budget
         self.threads = threads
+        self.times = times
 
     # --- worker setup --------------------------------------------------------------------------------
     def setup(self, device: str) -> None:
@@ -198,7 +204,8 @@ class DeadlineAPI(ls.LitAPI):
         self, request: ChatRequest, queued_ms: float, prompt_tokens: int, new_tokens: int, size: int
     ) -> tuple[float, str, bool]:
         """(budget, what decided it, deadline predicted feasible) within what the scheduler admits; a
-        deadline counts from the request's arrival, so ``queued_ms`` is already spent."""
+        deadline counts from the request's arrival, so ``queued_ms`` is already spent, and the time the server
+        spends outside this worker (reading the request, writing the answer) is still to come."""
         scheduler = self.model.scheduler
         seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
         minimum = scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
@@ -207,7 +214,7 @@ class DeadlineAPI(ls.LitAPI):
         if request.budget is not None:
             return max(request.budget, minimum), "budget", True
         if request.deadline_ms is not None:
-            remaining = request.deadline_ms - queued_ms
+            remaining = request.deadline_ms - queued_ms - (self.times.outside_ms if self.times is not None else 0.0)
             if remaining <= 0:
                 return minimum, "deadline", False
             choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
@@ -235,6 +242,8 @@ class DeadlineAPI(ls.LitAPI):
         counts = {"requests": 0, "answered": 0, "rejected": 0, "batches": 0, "deadline_requests": 0, "deadline_met": 0,
                   "deadline_infeasible": 0, **self.counts}  # fmt: skip
         counts["correction"] = self.ratio.value
+        if self.times is not None:
+            counts["outside_worker_ms"] = self.times.outside_ms
         log.info("metrics %s", json.dumps(counts, sort_keys=True))
         if self.metrics_path is None:
             return

@@ -1,5 +1,11 @@
-"""When each request reached the server: LitServe's batched loop, with every payload stamped with the
-time its request was queued, so that a deadline counts the time spent waiting for the worker.
+"""The worker's batched loop: every payload stamped with the time its request reached the server (a
+deadline counts the time spent waiting for the worker), and batches collected without waiting.
+
+LitServe's batched loop waits ``batch_timeout`` for a batch to fill, a delay every request pays even when
+it is alone. With ``batch_timeout=0`` (the server's default) the loop here blocks until a request comes,
+then takes whatever else is already queued, up to ``max_batch_size``: an idle server answers at once, and
+under load requests pile up while a batch runs, so the next batch is full by itself. (LitServe's own
+``batch_timeout=0`` polls the queue in a busy loop, which would take a core from the model.)
 
 LitServe queues ``(response queue id, uid, time.monotonic() at arrival, payload)``; the worker's loop
 sees the time but ``decode_request`` only the payload. ``time.monotonic`` is one clock for every process
@@ -11,9 +17,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from queue import Empty
+
 from litserve.loops import BatchedLoop
+from litserve.loops.base import collate_requests
 
 RECEIVED = "__received_monotonic"
+IDLE_WAIT_S = 0.1  # an idle worker wakes this often (to see LitServe's stop signal), not a request delay
 
 
 def waited_ms(received: float | None) -> float:
@@ -41,8 +51,33 @@ class _StampingQueue:
         return _stamp(self.queue.get_nowait())
 
 
+class _HeldFirst:
+    """A queue whose first item was already taken (to wait for it without polling): it is handed out again
+    first, so LitServe's collection sees every request."""
+
+    def __init__(self, first: Any, queue: Any) -> None:
+        self.first = first
+        self.queue = queue
+
+    def get_nowait(self) -> Any:
+        if self.first is not None:
+            item, self.first = self.first, None
+            return item
+        return self.queue.get_nowait()
+
+
 class StampingLoop(BatchedLoop):
-    """LitServe's BatchedLoop reading a stamping view of the request queue."""
+    """LitServe's BatchedLoop reading a stamping view of the request queue, collecting greedily when the
+    API's ``batch_timeout`` is 0 (LitServe's waiting collection otherwise)."""
 
     def get_batch_requests(self, lit_api: Any, request_queue: Any, transport: Any) -> tuple[list, list]:
-        return super().get_batch_requests(lit_api, _StampingQueue(request_queue), transport)
+        queue = _StampingQueue(request_queue)
+        if lit_api.batch_timeout > 0:
+            return super().get_batch_requests(lit_api, queue, transport)
+        try:
+            first = queue.get(timeout=IDLE_WAIT_S)
+        except Empty:
+            return [], []
+        # LitServe's no-wait collection (marks each request started, drops timed-out ones, stops on the
+        # stop signal), fed the held request first and then only what is already queued
+        return collate_requests(loop=self, lit_api=lit_api, request_queue=_HeldFirst(first, queue), transport=transport)

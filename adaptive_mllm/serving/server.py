@@ -17,7 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from adaptive_mllm.serving.api import DeadlineAPI, read_metrics
+from adaptive_mllm.serving.api import API_PATH, DeadlineAPI, read_metrics
+from adaptive_mllm.serving.overhead import ServerTimeMiddleware, ServerTimes
 from adaptive_mllm.serving.requests import RequestLimits
 
 
@@ -56,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_image_pixels", type=int, default=RequestLimits.max_image_pixels)
     p.add_argument("--lax", action="store_true", help="ignore unknown request fields instead of answering 400")
     p.add_argument("--max_batch_size", type=int, default=8)
-    p.add_argument("--batch_timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    p.add_argument("--batch_timeout", type=float, default=0.0,
+                   help="seconds a batch waits to fill (0: no waiting; requests queued while a batch runs form the next)")
     p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget")
     p.add_argument("--pinned_budget", type=float, help="answer everything at this budget (a baseline)")
     p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
@@ -72,9 +74,10 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
     limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, strict=not args.lax)
     builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
+    times = ServerTimes()
     api = DeadlineAPI(
         builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size,
-        args.batch_timeout, args.threads,
+        args.batch_timeout, args.threads, times,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     # a body is at most one base64 image (4/3 of its bytes) plus text: anything larger is refused (413) unread
@@ -82,8 +85,15 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
     )
-    server.app.add_api_route("/metrics", partial(read_metrics, metrics_path), methods=["GET"])
+    server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
+    server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH)
     return server
+
+
+def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
+    """The worker's counts and the HTTP server's own (time outside the worker, deadlines met end to end
+    in the server)."""
+    return {**read_metrics(metrics_path), **times.counts()}
 
 
 def main(argv: list[str]) -> None:

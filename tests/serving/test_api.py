@@ -14,6 +14,7 @@ from PIL import Image
 
 from adaptive_mllm.serving.api import DeadlineAPI
 from adaptive_mllm.serving.latency import Measurement, save_profile
+from adaptive_mllm.serving.overhead import ServerTimes
 from adaptive_mllm.serving.server import build_model
 from tests.serving.conftest import write_tiny_recipe
 
@@ -58,10 +59,10 @@ def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api:
     budgets = torch.tensor([before])
     for _ in range(8):  # every batch takes twice its prediction
         api._correct(budgets, tokens, new, 1, 2 * api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
-    assert api.ratio.value == pytest.approx(2 - 0.7**8)  # EMA of weight 0.3 from 1 toward 2
+    assert api.ratio.value == pytest.approx(2 - 0.3**8)  # rises with weight 0.7 from 1 toward 2
     slowed, _, feasible = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and slowed < 0.5  # by hand: (0.9 * c + a) / 2 = a + b c  ->  b ~ 0.43 with a ~ 1.3, c ~ 2T
-    for _ in range(12):  # the load goes
+    for _ in range(20):  # the load goes (the ratio falls slower than it rose: weight 0.2)
         api._correct(budgets, tokens, new, 1, api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
     recovered, _, _ = api._choose(request, 0.0, tokens, new, 1)
     assert recovered > 0.85
@@ -92,6 +93,24 @@ def test_an_answer_that_stops_early_is_compared_at_full_length(api: DeadlineAPI)
     # an answer done at the first token: compared with the prefill alone
     api._correct(torch.tensor([budget]), tokens, new, 1, prefill_ms, 0, 0.0)
     assert api.ratio.value == pytest.approx(1.0)
-    # the same answer twice as slow moves the ratio toward 2 (weight 0.3: 1 -> 1.3)
+    # the same answer twice as slow moves the ratio toward 2 (a rise, weight 0.7: 1 -> 1.7)
     api._correct(torch.tensor([budget]), tokens, new, 1, 2 * prefill_ms, 0, 0.0)
-    assert api.ratio.value == pytest.approx(1.3)
+    assert api.ratio.value == pytest.approx(1.7)
+
+
+def test_time_outside_the_worker_counts_against_the_deadline(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    request = _request(api, 1.0)
+    tokens = len(request.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    queued, _, _ = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
+    api.times = ServerTimes()
+    try:
+        api.times.update(request.deadline_ms / 2)  # half the deadline goes to reading and writing HTTP
+        outside, _, _ = api._choose(request, 0.0, tokens, new, 1)
+        assert outside < fresh - 0.3
+        assert outside == pytest.approx(queued)  # the same as half the deadline spent queued
+    finally:
+        api.times = None

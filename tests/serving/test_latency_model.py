@@ -66,17 +66,18 @@ def test_generous_deadline_gives_the_full_model_and_unmeetable_the_smallest_budg
 def test_online_correction_lowers_the_budget_when_times_double_and_raises_it_back():
     model = LatencyModel(PREFILL, DECODE, margin=0.1)
     deadline = model.predict_ms(0.9, 400, 4, 4) * 1.1
-    ratio = RunningRatio(weight=0.5)
+    ratio = RunningRatio(rise=0.5, fall=0.25)
     before = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
     for _ in range(6):  # the machine slows down: every batch takes twice the prediction
         predicted = model.predict_ms(0.9, 400, 4, 4)
         ratio.update(predicted, 2 * predicted)
-    assert ratio.value == pytest.approx(2.0, abs=0.05)  # 2 - 1/2**6
+    assert ratio.value == pytest.approx(2.0 - 0.5**6)  # rises with weight 0.5
     slowed = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value)
     assert slowed.budget < before - 0.2
     assert slowed.predicted_ms * 1.1 <= deadline * (1 + 1e-9)
-    for _ in range(8):  # the load goes
-        predicted = model.predict_ms(0.9, 400, 4, 4)
+    predicted = model.predict_ms(0.9, 400, 4, 4)
+    assert ratio.update(predicted, predicted) == pytest.approx(0.75 * (2.0 - 0.5**6) + 0.25)  # falls with weight 0.25
+    for _ in range(11):  # the load goes
         ratio.update(predicted, predicted)
     recovered = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
     assert recovered > slowed.budget + 0.2

@@ -226,7 +226,15 @@ def test_bad_requests_interleaved_with_good_ones(served):
 def test_health_and_metrics(served):
     assert httpx.get(f"{served['base']}/health", timeout=10).text == "ok"
     _post(served["base"], {"messages": _messages(_data_url(_png(5)), QUESTION), "budget": 2})  # rejected
+    before = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    image = _data_url(_png(5))
+    _post(served["base"], {"messages": _messages(image, QUESTION), "deadline_ms": 1e7})  # met
+    _post(served["base"], {"messages": _messages(image, QUESTION), "deadline_ms": 1})  # missed
     metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    # the HTTP server's middleware timed them end to end: one of the two deadlines met
+    assert metrics["server_deadline_requests"] - before["server_deadline_requests"] == 2
+    assert metrics["server_deadline_met"] - before["server_deadline_met"] == 1
+    assert metrics["outside_worker_ms"] > 0  # reading and writing HTTP takes some time
     assert metrics["rejected"] >= 1 and metrics["answered"] >= 1
     assert metrics["requests"] == metrics["answered"] + metrics["rejected"]
     assert metrics["batches"] <= metrics["answered"]
