@@ -216,6 +216,8 @@ def served_single_ms(base: str, images: list[str], rounds: int) -> float:
 def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, rounds: int) -> dict[str, float]:
     """In this process, on the same model: ``generate`` at budget 1.0 on the batch the server would build,
     and a mixed-budget batch against the same requests grouped by budget (medians of interleaved rounds)."""
+    from unittest import mock
+
     import torch
 
     from adaptive_mllm.benchmark import interleaved_medians
@@ -247,15 +249,15 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
         )
         # every call decodes max_new_tokens: with random weights the answers' lengths differ between budgets,
         # and the calls compared here must do the same work
-        model.backbone.chat_template.stop_token_ids = lambda tokenizer: []
-        seconds |= interleaved_medians(
-            {
-                "mixed": lambda: model.generate(batch, budgets),
-                "grouped": lambda: [model.generate(group, level) for level, group in groups.items()],
-            },
-            rounds,
-            torch.device("cpu"),
-        )
+        with mock.patch.object(type(model.backbone.chat_template), "stop_token_ids", lambda self, tokenizer: []):
+            seconds |= interleaved_medians(
+                {
+                    "mixed": lambda: model.generate(batch, budgets),
+                    "grouped": lambda: [model.generate(group, level) for level, group in groups.items()],
+                },
+                rounds,
+                torch.device("cpu"),
+            )
     return {key: 1000 * value for key, value in seconds.items()}
 
 
