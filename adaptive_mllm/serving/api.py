@@ -174,10 +174,11 @@ class DeadlineAPI(ls.LitAPI):
         size = len(requests)
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
         choices = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
+        choices = self._share_the_batch(choices, requests, queued, prompt_tokens, new_tokens)
         budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
-        predicted = [None] * size  # what the choice was based on, before this batch corrects the model
+        predicted = None  # the batch's, before this batch corrects the model: one generate call, one time
         if self.latency is not None:
-            predicted = [self.latency.predict_ms(b, prompt_tokens, new_tokens, size, self.ratio.value) for b, _, _ in choices]
+            predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, self.ratio.value)
         self.decode_steps = 0
         start = _now(self.torch_device)
         out = self.model.generate(batch, budgets.to(self.torch_device))
@@ -196,7 +197,7 @@ class DeadlineAPI(ls.LitAPI):
                 self.counts["deadline_infeasible"] += int(not feasible)
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
-                       fractions[index], predicted[index], measured_ms, queued[index], size)
+                       fractions[index], predicted, measured_ms, queued[index], size)
             )  # fmt: skip
         return answers
 
@@ -206,20 +207,66 @@ class DeadlineAPI(ls.LitAPI):
         """(budget, what decided it, deadline predicted feasible) within what the scheduler admits; a
         deadline counts from the request's arrival, so ``queued_ms`` is already spent, and the time the server
         spends outside this worker (reading the request, writing the answer) is still to come."""
-        scheduler = self.model.scheduler
-        seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
-        minimum = scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
+        minimum = self._minimum(request)
         if self.pinned_budget is not None:
             return max(self.pinned_budget, minimum), "pinned", True
         if request.budget is not None:
             return max(request.budget, minimum), "budget", True
         if request.deadline_ms is not None:
-            remaining = request.deadline_ms - queued_ms - (self.times.outside_ms if self.times is not None else 0.0)
+            remaining = self._remaining_ms(request, queued_ms)
             if remaining <= 0:
                 return minimum, "deadline", False
             choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
             return choice.budget, "deadline", choice.met
         return max(self.model.budget, minimum), "default", True
+
+    def _minimum(self, request: ChatRequest) -> float:
+        """The smallest budget the scheduler admits for this prompt (prefix layers + LM head)."""
+        scheduler = self.model.scheduler
+        seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
+        return scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
+
+    def _remaining_ms(self, request: ChatRequest, queued_ms: float) -> float:
+        """What is left of a request's deadline for the worker: minus the time it queued, and minus the time
+        the server will spend outside the worker (reading the request, writing the answer)."""
+        outside = self.times.outside_ms if self.times is not None else 0.0
+        return request.deadline_ms - queued_ms - outside
+
+    def _share_the_batch(
+        self, choices: list[tuple[float, str, bool]], requests: list[ChatRequest], queued: list[float],
+        prompt_tokens: int, new_tokens: int,
+    ) -> list[tuple[float, str, bool]]:  # fmt: skip
+        """Budgets that fit the batch's tightest deadline together.
+
+        A batch is one ``generate`` call: every request in it is answered when the batch is done, after about
+        the time of its budgets' mean. Each deadline chose its budget alone, so a request that queued longer
+        would miss because a fresher one chose more. Here the deadline-driven budgets above a level are
+        lowered to it (never below a request's minimum) until the mean fits the tightest deadline; budgets
+        a request asked for are kept."""
+        rows = [index for index, (_, requested, _) in enumerate(choices) if requested == "deadline"]
+        if self.latency is None or len(choices) == 1 or not rows:
+            return choices
+        size = len(choices)
+        remaining = {index: self._remaining_ms(requests[index], queued[index]) for index in rows}
+        tightest = min(remaining.values())
+        mean_cap = 0.0  # the mean budget the batch can afford by its tightest deadline
+        if tightest > 0:
+            mean_cap = self.latency.budget_for_deadline(tightest, prompt_tokens, new_tokens, size, 0.0, self.ratio.value).budget
+        minimum = {index: self._minimum(requests[index]) for index in rows}
+        chosen = [budget for budget, _, _ in choices]
+
+        def levelled(level: float) -> list[float]:
+            return [max(min(b, level), minimum[i]) if i in remaining else b for i, b in enumerate(chosen)]
+
+        if sum(chosen) / size > mean_cap:
+            low, high = 0.0, 1.0
+            for _ in range(40):  # bisection on the level: the mean never falls as the level rises
+                middle = (low + high) / 2
+                low, high = (middle, high) if sum(levelled(middle)) / size <= mean_cap else (low, middle)
+            chosen = levelled(low)
+        batch_ms = self.latency.predict_ms(sum(chosen) / size, prompt_tokens, new_tokens, size, self.ratio.value)
+        fits = {index: batch_ms * (1 + self.latency.margin) <= left * (1 + 1e-9) for index, left in remaining.items()}
+        return [(chosen[i], requested, fits.get(i, feasible)) for i, (_, requested, feasible) in enumerate(choices)]
 
     def _correct(
         self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,

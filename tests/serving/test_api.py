@@ -114,3 +114,30 @@ def test_time_outside_the_worker_counts_against_the_deadline(api: DeadlineAPI):
         assert outside == pytest.approx(queued)  # the same as half the deadline spent queued
     finally:
         api.times = None
+
+
+def test_a_batch_shares_its_tightest_deadline(api: DeadlineAPI):
+    api.ratio.value = 1.0
+    fresh, old, fixed = _request(api, 1.0), _request(api, 1.0), _request(api, 1.0)
+    tokens = len(fresh.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    deadline = 1.1 * api.latency.predict_ms(0.9, tokens, new, 3)
+    fresh.deadline_ms = old.deadline_ms = deadline
+    fixed.budget = 0.95  # asked for: kept
+    queued = [0.0, deadline / 3, 0.0]  # the old one waited a third of its deadline
+    requests = [fresh, old, fixed]
+    alone = [api._choose(r, q, tokens, new, 3) for r, q in zip(requests, queued, strict=True)]
+    shared = api._share_the_batch(alone, requests, queued, tokens, new)
+    (b_fresh, _, ok_fresh), (b_old, _, ok_old), (b_fixed, _, _) = shared
+    assert alone[0][0] > alone[1][0] + 0.2  # alone, the fresh one takes more than the old one could
+    assert b_fixed == 0.95 and b_old <= alone[1][0]  # nobody is raised, asked budgets kept
+    assert b_fresh < alone[0][0] - 0.2  # lowered to share the old one's deadline
+    assert b_fresh == pytest.approx(b_old)  # both cut to one level (the fixed 0.95 leaves them less)
+    # the batch's time (at its mean budget) fits the tightest deadline, by an independent computation
+    batch_ms = api.latency.predict_ms((b_fresh + b_old + b_fixed) / 3, tokens, new, 3)
+    assert batch_ms * 1.1 <= (deadline - deadline / 3) * (1 + 1e-6)
+    assert ok_fresh and ok_old
+    # as tight as possible: a little more budget for the fresh one would break the old one's deadline
+    assert api.latency.predict_ms((b_fresh + 0.01 + b_old + b_fixed) / 3, tokens, new, 3) * 1.1 > deadline - deadline / 3
+    # one request alone, or no deadline in the batch: unchanged
+    assert api._share_the_batch(alone[:1], requests[:1], queued[:1], tokens, new) == alone[:1]
