@@ -112,7 +112,7 @@ def test_real_recipe_keeps_the_release_hyperparameters(recipe):
     trainer, model, data = config["trainer"], config["model"], config["data"]["init_args"]
     assert trainer["devices"] * data["batch_size"] * trainer["accumulate_grad_batches"] == 128
     assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 1
-    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert trainer["strategy"]["class_path"] == "adaptive_mllm.sharding.LayerShardedStrategy"  # per-layer FSDP2 units
     assert (model["learning_rate"], model["warmup_ratio"], model["freeze"]) == (1.0e-5, 0.03, ["vision_tower"])
     assert model["scheduler"]["init_args"]["num_prefix_layers"] == REAL[recipe][2]
     assert model["backbone"]["init_args"]["max_length"] == 2048

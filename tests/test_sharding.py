@@ -5,17 +5,25 @@ without a token selector, and validation's skipping path answering as one proces
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from adaptive_mllm.sharding import is_sharded, local_numel, shard_module, through_unit
 from tests.test_module import ANSWERS, QUESTIONS, _batch
+from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
+
+REPO = Path(__file__).parents[1]
 
 STEPS = 3
 SCENARIOS = ["layer", "head+fastv", "layer+prumerge"]
@@ -159,3 +167,67 @@ def test_through_unit_is_a_plain_call_without_sharding():
     assert torch.equal(through_unit(layer, layer, x), layer(x))
     assert not is_sharded(layer)
     assert local_numel(layer.parameters()) == 6
+
+
+class FullWeightDigest(Callback):
+    """Each rank writes a digest of the full (gathered) weights and the step, at the start and the end of training."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.start: tuple[str, int] | None = None
+
+    @staticmethod
+    def _digest(module: nn.Module) -> str:
+        digest = hashlib.sha256()
+        for name, parameter in sorted(module.named_parameters()):
+            full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter  # collective: every rank
+            digest.update(name.encode())
+            digest.update(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = (self._digest(pl_module), trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        decoder = pl_module.backbone.decoder_layers
+        result = {"start": self.start, "end": (self._digest(pl_module), trainer.global_step), "world_size": trainer.world_size,
+                  "local": local_numel(decoder.parameters()), "total": sum(p.numel() for p in decoder.parameters()),
+                  "strategy": type(trainer.strategy).__name__}  # fmt: skip
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def _fit(root: Path, name: str, devices: int, max_steps: int, *extra: str) -> list[dict]:
+    digest = {"class_path": "tests.test_sharding.FullWeightDigest", "init_args": {"out_dir": str(root / name)}}
+    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(root / "sharded"), "every_n_train_steps": 2, "save_top_k": -1}}  # fmt: skip
+    command = [
+        sys.executable, "-m", "adaptive_mllm.cli", "fit", "--config", str(RECIPE_DIR / "llava7b.yaml"),
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.precision=32-true",
+        f"--trainer.max_steps={max_steps}", "--trainer.accumulate_grad_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.callbacks+={json.dumps(digest)}", f"--trainer.callbacks+={json.dumps(saver)}",
+        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((root / name / f"rank{rank}.json").read_text()) for rank in range(devices)]
+
+
+def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_its_sharded_checkpoint(tokenizer_dir, tmp_path):
+    """The llava7b recipe as is (its LayerShardedStrategy), on the tiny stand-ins, 2 gloo processes: each rank
+    holds half of the decoder; the sharded checkpoint (a directory) resumes at its step with its weights, on 2
+    processes and on 1."""
+    lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
+    first = _fit(tmp_path, "first", devices=2, max_steps=2)
+    assert [r["strategy"] for r in first] == ["LayerShardedStrategy"] * 2
+    assert [r["end"][1] for r in first] == [2, 2] and first[0]["end"][0] != first[0]["start"][0]  # it trained
+    assert first[0]["end"] == first[1]["end"]  # the ranks agree on the (gathered) weights
+    for rank in first:
+        assert abs(rank["local"] / rank["total"] - 0.5) < 0.01
+    checkpoint = tmp_path / "sharded" / "epoch=0-step=2.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # each rank wrote its shards
+    for devices in (2, 1):
+        resumed = _fit(tmp_path, f"resumed{devices}", devices, 3, f"--ckpt_path={checkpoint}", "--trainer.max_epochs=2")
+        assert [r["start"] for r in resumed] == [first[0]["end"]] * devices  # the same step, the same weights
+        assert [r["end"][1] for r in resumed] == [3] * devices
