@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from adaptive_mllm.export import export_module, module_from_checkpoint
 from adaptive_mllm.sharding import is_sharded, local_numel, shard_module, through_unit
 from tests.test_module import ANSWERS, QUESTIONS, _batch
 from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
@@ -214,10 +215,11 @@ def _fit(root: Path, name: str, devices: int, max_steps: int, *extra: str) -> li
     return [json.loads((root / name / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
 
-def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_its_sharded_checkpoint(tokenizer_dir, tmp_path):
+def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_its_sharded_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
     """The llava7b recipe as is (its LayerShardedStrategy), on the tiny stand-ins, 2 gloo processes: each rank
     holds half of the decoder; the sharded checkpoint (a directory) resumes at its step with its weights, on 2
-    processes and on 1."""
+    processes and on 1, and export reads it (in one process) with the weights the ranks trained."""
+    monkeypatch.chdir(tmp_path)
     lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
     first = _fit(tmp_path, "first", devices=2, max_steps=2)
     assert [r["strategy"] for r in first] == ["LayerShardedStrategy"] * 2
@@ -227,6 +229,10 @@ def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_its_shar
         assert abs(rank["local"] / rank["total"] - 0.5) < 0.01
     checkpoint = tmp_path / "sharded" / "epoch=0-step=2.ckpt"
     assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # each rank wrote its shards
+    module, _ = module_from_checkpoint(checkpoint, RECIPE_DIR / "llava7b.yaml", [])
+    assert FullWeightDigest._digest(module) == first[0]["end"][0]
+    export_module(module, tmp_path / "exported")
+    assert (tmp_path / "exported" / "scheduler.safetensors").is_file()
     for devices in (2, 1):
         resumed = _fit(tmp_path, f"resumed{devices}", devices, 3, f"--ckpt_path={checkpoint}", "--trainer.max_epochs=2")
         assert [r["start"] for r in resumed] == [first[0]["end"]] * devices  # the same step, the same weights
