@@ -51,21 +51,27 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
+def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = True, param_dtype: str | None = None) -> None:
     """Each of ``module.backbone.decoder_layers`` its own FSDP2 unit over ``mesh`` (1-D: the data-parallel
     ranks), then ``module`` itself the root unit holding every other parameter. Idempotent.
 
     ``reshard_after_forward`` frees a layer's gathered parameters after its forward (gathered again in
-    backward): memory of one layer at a time, one more all-gather per layer."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    backward): memory of one layer at a time, one more all-gather per layer. ``param_dtype`` (e.g.
+    ``"bfloat16"``): units are gathered in that dtype (half the traffic and memory of fp32 master weights;
+    gradients reduced in fp32), as ZeRO-3's bf16 mode does; None: in the parameters' own dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if is_sharded(module):
         return
+    policy = MixedPrecisionPolicy()
+    if param_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
     for layer in module.backbone.decoder_layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **options)
         setattr(layer, UNIT_METHOD, MethodType(_run_step, layer))
         register_fsdp_forward_method(layer, UNIT_METHOD)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, **options)
     for name in ROOT_METHODS:
         if hasattr(module, name):
             register_fsdp_forward_method(module, name)
@@ -89,6 +95,8 @@ class LayerShardedStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: True: each rank writes its shards (a checkpoint directory, fast, and
             loadable on another number of processes); False: one consolidated ``.ckpt`` file from rank 0.
         reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3 memory).
+        param_dtype: gather units in this dtype (``bfloat16`` with ``precision: bf16-mixed``: bf16 compute
+            and all-gathers over fp32 master weights, gradients reduced in fp32); None: the parameters' dtype.
         process_group_backend: None = NCCL on GPUs, gloo on CPUs.
         timeout: collective timeout.
     """
@@ -97,6 +105,7 @@ class LayerShardedStrategy(ModelParallelStrategy):
         self,
         save_distributed_checkpoint: bool = True,
         reshard_after_forward: bool = True,
+        param_dtype: str | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
     ) -> None:
@@ -108,6 +117,7 @@ class LayerShardedStrategy(ModelParallelStrategy):
             timeout=timeout,
         )
         self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = param_dtype
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -115,5 +125,5 @@ class LayerShardedStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer: Any) -> None:
-        shard_module(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward)
+        shard_module(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward, self.param_dtype)
         super().setup(trainer)
