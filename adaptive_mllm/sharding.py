@@ -37,7 +37,25 @@ def through_unit(layer: nn.Module, step: Callable[..., T], *tensors: torch.Tenso
     FSDP hooks its post-backward (gradient reduce-scatter) on them and its pre-backward (re-gather) on the
     result, so pass everything else through the closure."""
     unit = getattr(layer, UNIT_METHOD, None)
-    return step(*tensors) if unit is None else unit(step, *tensors)
+    if unit is not None:
+        return unit(step, *tensors)
+    return step(*tensors)
+
+
+def on_every_rank(flag: bool, layers: nn.ModuleList, device: torch.device) -> bool:
+    """``flag`` and-ed over the ranks when ``layers`` are FSDP units, so that
+    every rank runs as many forwards, hence as many gathers (a rank that stopped decoding early would leave
+    the others waiting in a collective); ``flag`` itself otherwise."""
+    first = layers[0] if len(layers) else None
+    if first is None or not is_sharded(first):
+        return flag
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _run_step(self: nn.Module, step: Callable[..., T], *tensors: torch.Tensor) -> T:

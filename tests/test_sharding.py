@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from adaptive_mllm.export import export_module, module_from_checkpoint
-from adaptive_mllm.sharding import is_sharded, local_numel, shard_module, through_unit
+from adaptive_mllm.sharding import is_sharded, local_numel, on_every_rank, shard_module, through_unit
 from tests.test_module import ANSWERS, QUESTIONS, _batch
 from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
 
@@ -120,6 +120,8 @@ def _worker(rank: int, port: int, tokenizer_dir: str, out: str) -> None:
             "units": (sharded_eval["units_per_example"], ref_eval["units_per_example"]),
             "logits": (sharded_logits, ref_logits),
         }  # fmt: skip
+    # decoding stops when every rank's batch is done: rank 0 done, rank 1 not -> both go on
+    results["done_everywhere"] = on_every_rank(rank == 0, model.backbone.decoder_layers, torch.device("cpu"))
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -162,12 +164,17 @@ def test_sharded_evaluation_answers_as_one_process(two_ranks, scenario):
         torch.testing.assert_close(result["logits"][0], result["logits"][1], rtol=1e-4, atol=1e-5)
 
 
+def test_sharded_decoding_stops_only_when_every_rank_is_done(two_ranks):
+    assert [rank["done_everywhere"] for rank in two_ranks] == [False, False]
+
+
 def test_through_unit_is_a_plain_call_without_sharding():
     layer = nn.Linear(2, 2)
     x = torch.ones(1, 2)
     assert torch.equal(through_unit(layer, layer, x), layer(x))
     assert not is_sharded(layer)
     assert local_numel(layer.parameters()) == 6
+    assert on_every_rank(True, nn.ModuleList([layer]), torch.device("cpu")) is True
 
 
 class FullWeightDigest(Callback):
@@ -204,7 +211,7 @@ def _fit(root: Path, name: str, devices: int, max_steps: int, *extra: str) -> li
              "init_args": {"dirpath": str(root / "sharded"), "every_n_train_steps": 2, "save_top_k": -1}}  # fmt: skip
     command = [
         sys.executable, "-m", "adaptive_mllm.cli", "fit", "--config", str(RECIPE_DIR / "llava7b.yaml"),
-        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",  # the recipe's bf16-mixed, layers gathered in bf16
         f"--trainer.max_steps={max_steps}", "--trainer.accumulate_grad_batches=1", "--trainer.enable_progress_bar=false",
         f"--trainer.callbacks+={json.dumps(digest)}", f"--trainer.callbacks+={json.dumps(saver)}",
         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", *extra,
