@@ -33,7 +33,10 @@ from adaptive_mllm.layers import adapter_for
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 
 GIB = 1024**3
-SHARDING = {"LayerShardedStrategy": "layers", "ModelParallelStrategy": "layers", "FSDPStrategy": "whole"}
+# how a strategy holds the model: "layers" = sharded, gathered a unit at a time (ZeRO-3 gathers each module as it
+# runs: the same 16 bytes per trained parameter over the ranks, bf16 copies + fp32 master + moments); "whole" = one unit
+SHARDING = {"LayerShardedStrategy": "layers", "ModelParallelStrategy": "layers", "DeepSpeedStrategy (ZeRO-3)": "layers",
+            "FSDPStrategy": "whole"}  # fmt: skip
 COMPUTE_BYTES = {"bf16-mixed": 2, "bf16-true": 2, "16-mixed": 2, "16-true": 2, "bf16": 2, "16": 2}  # else 4
 
 
@@ -188,8 +191,9 @@ def _trainer_settings(config: str) -> dict[str, Any]:
     strategy = trainer.get("strategy", "auto")
     init_args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
     name = strategy.get("class_path", "auto").rsplit(".", 1)[-1] if isinstance(strategy, dict) else str(strategy)
-    if name == "DeepSpeedStrategy" and int(init_args.get("stage", 2)) == 3 or str(strategy).startswith("deepspeed_stage_3"):
-        name = "LayerShardedStrategy"  # ZeRO-3: parameters partitioned and gathered per module as they run, as here
+    stage = init_args.get("stage") or (init_args.get("config") or {}).get("zero_optimization", {}).get("stage", 2)
+    if name == "DeepSpeedStrategy" and int(stage) == 3 or str(strategy).startswith("deepspeed_stage_3"):
+        name = "DeepSpeedStrategy (ZeRO-3)"
     devices = trainer.get("devices", 1)
     return {"strategy": name, "devices": devices if isinstance(devices, int) else 1, "num_nodes": trainer.get("num_nodes", 1),
             "precision": str(trainer.get("precision", "32-true")), "param_dtype": init_args.get("param_dtype")}  # fmt: skip

@@ -92,3 +92,14 @@ def test_llava7b_on_8_gpus_from_its_config_alone(tokenizer_dir, tmp_path, monkey
     assert (eight.batch_size, eight.seq_len, eight.checkpointing) == (4, 2049, True)
     assert eight.total() < 80 * GIB < one.total()  # fits the release's 80 GB GPUs only when sharded
     assert eight.total(checkpointing=False) > eight.total()
+
+
+def test_the_zero3_variant_plans_as_much_model_state_per_gpu(tokenizer_dir, tmp_path, monkeypatch):
+    """ZeRO-3 (the release's setup) and per-layer FSDP2 both spread 16 bytes per trained parameter over the GPUs."""
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
+    (tmp_path / "checkpoints" / "llava-v1.5-7b-hf" / "config.json").write_text(json.dumps(LLAVA_7B))
+    fsdp = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml")])
+    zero3 = memory.main(["--config", str(RECIPE_DIR / "llava7b-zero3.yaml")])
+    assert zero3.strategy == "DeepSpeedStrategy (ZeRO-3)" and zero3.devices == 8
+    assert zero3.parameters + zero3.gradients + zero3.optimizer == fsdp.parameters + fsdp.gradients + fsdp.optimizer
