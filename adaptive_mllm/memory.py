@@ -154,7 +154,7 @@ def plan_memory(
 
     gathered = 0.0
     gather = gather_dtype_bytes or params[0].element_size()
-    if sharding == "layers" and shards > 1:
+    if sharding == "layers" and (shards > 1 or gather_dtype_bytes):  # a unit's gathered (or cast) copy
         layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in decoder)
         in_layers = {id(p) for layer in decoder for p in layer.parameters()}
         root = [p for p in params if id(p) not in in_layers]
@@ -213,7 +213,10 @@ def main(argv: list[str]) -> MemoryPlan:
     cli = build_on_meta(["--config", own.config, *rest])
     batch_size = own.batch_size or getattr(cli.datamodule, "batch_size", None) or 1
     devices = (own.devices or settings["devices"]) * (own.num_nodes or settings["num_nodes"])
-    gather = 2 if settings["param_dtype"] in ("bfloat16", "float16") else None
+    low_precision = settings["param_dtype"] in ("bfloat16", "float16")
+    if settings["strategy"].startswith("DeepSpeed") and COMPUTE_BYTES.get(settings["precision"], 4) == 2:
+        low_precision = True  # ZeRO-3's bf16 mode holds and gathers bf16 copies of the parameters
+    gather = 2 if low_precision else None
     plan = plan_memory(cli.model, devices, settings["strategy"], settings["precision"], batch_size, own.seq_len, gather)
     print(plan.table())
     return plan

@@ -4,7 +4,6 @@ the real 7B recipe planned on 8 GPUs from its config alone (on the meta device).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -137,6 +137,7 @@ def two_ranks(tokenizer_dir, tmp_path_factory) -> list[dict]:
 def test_two_sharded_ranks_train_as_one_process(two_ranks, scenario):
     rank0, rank1 = two_ranks[0][scenario], two_ranks[1][scenario]
     ref_losses = torch.tensor(rank0["ref_losses"])  # [steps, ranks]
+    assert rank1["losses"] == rank0["losses"]  # both ranks gathered both ranks' losses
     sharded = torch.tensor(rank0["losses"]).T  # [steps, ranks]
     torch.testing.assert_close(sharded, ref_losses, rtol=1e-4, atol=1e-5)
     assert sharded[-1].mean() != sharded[0].mean()  # it trained
