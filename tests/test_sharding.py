@@ -223,25 +223,27 @@ def _fit(root: Path, name: str, devices: int, max_steps: int, *extra: str) -> li
     return [json.loads((root / name / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
 
-def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_its_sharded_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
-    """The llava7b recipe as is (its LayerShardedStrategy), on the tiny stand-ins, 2 gloo processes: each rank
-    holds half of the decoder; the sharded checkpoint (a directory) resumes at its step with its weights, on 2
-    processes and on 1, and export reads it (in one process) with the weights the ranks trained."""
+def test_the_7b_recipe_trains_sharded_on_two_processes_and_resumes_from_a_sharded_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
+    """The llava7b recipe as is (its LayerShardedStrategy, bf16), on the tiny stand-ins. One process trains 2
+    steps and writes a sharded checkpoint (a directory); 2 gloo processes resume it (another number of
+    processes) at its step with its weights and train on, each rank holding half of the decoder, the ranks
+    agreeing on the weights; export reads their sharded checkpoint (in one process) with those weights."""
     monkeypatch.chdir(tmp_path)
     lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
-    first = _fit(tmp_path, "first", devices=2, max_steps=2)
-    assert [r["strategy"] for r in first] == ["LayerShardedStrategy"] * 2
-    assert [r["end"][1] for r in first] == [2, 2] and first[0]["end"][0] != first[0]["start"][0]  # it trained
-    assert first[0]["end"] == first[1]["end"]  # the ranks agree on the (gathered) weights
-    for rank in first:
-        assert abs(rank["local"] / rank["total"] - 0.5) < 0.01
+    first = _fit(tmp_path, "first", 1, 2)
+    assert first[0]["strategy"] == "LayerShardedStrategy" and first[0]["end"][1] == 2
+    assert first[0]["end"][0] != first[0]["start"][0]  # it trained
     checkpoint = tmp_path / "sharded" / "epoch=0-step=2.ckpt"
-    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # each rank wrote its shards
-    module, _ = module_from_checkpoint(checkpoint, RECIPE_DIR / "llava7b.yaml", [])
-    assert FullWeightDigest._digest(module) == first[0]["end"][0]
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()
+    resumed = _fit(tmp_path, "resumed", 2, 4, f"--ckpt_path={checkpoint}", "--trainer.max_epochs=3")
+    assert [r["start"] for r in resumed] == [first[0]["end"]] * 2  # the same step, the same weights
+    assert [r["end"][1] for r in resumed] == [4, 4] and resumed[0]["end"][0] != resumed[0]["start"][0]
+    assert resumed[0]["end"] == resumed[1]["end"]  # the ranks agree on the (gathered) weights
+    for rank in resumed:
+        assert abs(rank["local"] / rank["total"] - 0.5) < 0.01  # each holds half of the decoder
+    written = next(path for path in (tmp_path / "sharded").iterdir() if "step=4" in path.name)
+    assert len(list(written.glob("*.distcp"))) == 2  # each rank wrote its shards
+    module, _ = module_from_checkpoint(written, RECIPE_DIR / "llava7b.yaml", [])
+    assert FullWeightDigest._digest(module) == resumed[0]["end"][0]
     export_module(module, tmp_path / "exported")
     assert (tmp_path / "exported" / "scheduler.safetensors").is_file()
-    for devices in (2, 1):
-        resumed = _fit(tmp_path, f"resumed{devices}", devices, 3, f"--ckpt_path={checkpoint}", "--trainer.max_epochs=2")
-        assert [r["start"] for r in resumed] == [first[0]["end"]] * devices  # the same step, the same weights
-        assert [r["end"][1] for r in resumed] == [3] * devices
