@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
 
 
 class CheckpointError(ValueError):
@@ -44,3 +49,25 @@ def check_checkpoint(path: str | Path) -> Path:
     if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
     return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict in this one process, whichever way it was written: a ``.ckpt``
+    file (DDP, or sharded training with ``save_distributed_checkpoint: false``), or the directory sharded
+    training writes by default (each rank's shards, read back whole with ``torch.distributed.checkpoint``;
+    its optimizer states are left out, export needs only the weights)."""
+    path = check_checkpoint(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    metadata = path / SHARDED_METADATA
+    if not (path / ".metadata").is_file() or not metadata.is_file():
+        raise CheckpointError(f"checkpoint {path}: a directory, but not a sharded Lightning checkpoint (no .metadata / {SHARDED_METADATA})")
+    checkpoint: dict[str, Any] = {}
+    reader = FileSystemReader(path)
+    _load_state_dict(checkpoint, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    checkpoint.update(torch.load(metadata, map_location="cpu", weights_only=False))
+    return checkpoint

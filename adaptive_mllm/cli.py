@@ -1,7 +1,7 @@
 """`adaptive-mllm`: dispatches to a subcommand.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` run the recipe's LightningCLI (:mod:`adaptive_mllm.recipe`);
-``benchmark``, ``plot``, ``export``, ``serve``, ``profile`` and ``table`` have their own parsers. Nothing else lives here, so no module
+``benchmark``, ``plot``, ``export``, ``serve``, ``profile``, ``table`` and ``memory`` have their own parsers. Nothing else lives here, so no module
 needs to import this one back.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from adaptive_mllm import benchmark, export, paper_table, plots, serving
+from adaptive_mllm import benchmark, export, memory, paper_table, plots, serving
 from adaptive_mllm.recipe import build_cli
 
 __all__ = ["build_cli", "entry_point", "main"]
@@ -25,11 +25,12 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "serve": serving.serve,
     "profile": serving.profile,
     "table": paper_table.main,
+    "memory": memory.main,
 }
 
 
 def main(args: list[str] | None = None) -> None:
-    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``export``, ``serve``, ``profile`` and ``table``."""
+    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``export``, ``serve``, ``profile``, ``table`` and ``memory``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in SUBCOMMANDS:

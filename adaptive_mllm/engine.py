@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.layers import LayerAdapter, adapter_for
 from adaptive_mllm.schedulers.plan import ExecutionPlan, mlp_group_neurons, widen_mlp_mask
+from adaptive_mllm.sharding import through_unit
 from adaptive_mllm.token_selection.base import (
     TokenLayout,
     TokenSelector,
@@ -245,16 +246,21 @@ class Engine(nn.Module):
         if cache is not None and run.first_prefill:
             cache.groups.append([RowGroup(rows=None)])
         entry = cache.groups[index][0] if cache is not None else None
-        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None and run.received is None:
-            run.hidden = checkpoint(
-                self._gated_layer, layer, run.hidden, run.cos, run.sin, run.mask, run.plan, scheduled, None, None, use_reentrant=False
-            )
-        else:
-            run.hidden = self._gated_layer(layer, run.hidden, run.cos, run.sin, run.mask, run.plan, scheduled, entry, run.received)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None and run.received is None
+
+        def step(hidden: torch.Tensor) -> torch.Tensor:
+            if recompute:
+                return checkpoint(self._gated_layer, layer, hidden, run.cos, run.sin, run.mask, run.plan, scheduled, None, None, use_reentrant=False)
+            return self._gated_layer(layer, hidden, run.cos, run.sin, run.mask, run.plan, scheduled, entry, run.received)
+
+        run.hidden = through_unit(layer, step, run.hidden)  # a sharded layer is gathered around its step
 
     def _skipping_step(self, run: _Pass, index: int, layer: nn.Module, scheduled: int | None, cache: PlanCache | None) -> None:
         """The rows that keep the layer run it, in groups of equal slices (inference); decoding reuses the
-        prefill's groups."""
+        prefill's groups. A sharded layer is gathered around all of it (slices read its weights)."""
+        through_unit(layer, lambda: self._skip_layer(run, index, layer, scheduled, cache))
+
+    def _skip_layer(self, run: _Pass, index: int, layer: nn.Module, scheduled: int | None, cache: PlanCache | None) -> None:
         if cache is not None and not run.first_prefill:
             groups = cache.groups[index]
         else:

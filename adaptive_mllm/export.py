@@ -28,12 +28,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.llava import LlavaBackbone
 from adaptive_mllm.backbones.mipha import MiphaBackbone
+from adaptive_mllm.checkpoints import read_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 from adaptive_mllm.schedulers.base import Scheduler
@@ -72,12 +72,12 @@ def module_from_checkpoint(
 ) -> tuple[AdaptiveMLLM, dict[str, Any] | None]:
     """The recipe's module with the checkpoint's weights, and the recipe's scheduler spec (class_path, init_args)."""
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
+    if not ckpt_path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
     cli = parse_recipe(["--config", str(config), *overrides, *UNUSED_TRAINER])
     module = cli.model
     module.configure_model()
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt_path)  # a .ckpt file or a sharded checkpoint directory
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     spec = cli.config.as_dict()["model"].get("scheduler")
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="adaptive-mllm export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt) to export")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export: a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("--out_dir", required=True, help="directory to write")
     own, rest = parser.parse_known_args(argv)
     out_dir = export_checkpoint(own.ckpt_path, own.out_dir, config=own.config, overrides=rest)

@@ -10,6 +10,7 @@ import torch
 from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
 from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.sharding import on_every_rank
 from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector
 
 
@@ -74,7 +75,8 @@ def greedy_generate(
         for index in (~finished & ~finished_now).nonzero().flatten().tolist():
             tokens[index].append(int(next_token[index]))
         finished |= finished_now
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        # sharded layers are gathered by collectives: every rank decodes until the last rank's batch is done
+        if on_every_rank(bool(finished.all()), backbone.decoder_layers, device) or step == max_new_tokens - 1:
             break
         step_embeds = backbone.embed(next_token[:, None])
         step_mask = torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)

@@ -137,9 +137,19 @@ ADAPTERS: dict[type[nn.Module], LayerAdapter] = {LlamaDecoderLayer: LlamaLayer()
 
 
 def adapter_for(layer: nn.Module) -> LayerAdapter:
-    """The adapter of ``layer``'s exact type; a TypeError names the supported types otherwise."""
-    adapter = ADAPTERS.get(type(layer))
+    """The adapter of ``layer``'s exact type (under FSDP2's wrapper class, when the layer is sharded); a
+    TypeError names the supported types otherwise."""
+    adapter = ADAPTERS.get(_own_type(layer))
     if adapter is None:
         known = ", ".join(t.__name__ for t in ADAPTERS)
         raise TypeError(f"the engine does not know how to run {type(layer).__name__} (known decoder layers: {known})")
     return adapter
+
+
+def _own_type(layer: nn.Module) -> type:
+    """``fully_shard`` turns a layer's class X into ``FSDPX(FSDPModule, X)``: the adapter is X's."""
+    cls = type(layer)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        return bases[1]
+    return cls

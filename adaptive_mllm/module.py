@@ -130,7 +130,12 @@ class AdaptiveMLLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Let a baseline scheduler (Full, Static, Random) evaluate a model trained with a learned one, so
         budget curves compare on the same weights: the scheduler tensors it has no use for (the learned
-        plan head) are dropped, with a warning. Missing tensors still fail the (strict) load."""
+        plan head) are dropped, with a warning. Missing tensors still fail the (strict) load.
+
+        A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
+        already loaded the weights, strictly, each rank its shards."""
+        if "state_dict" not in checkpoint:
+            return
         state, own = checkpoint["state_dict"], self.state_dict()
         self._check_scheduler_of(checkpoint, own)
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]

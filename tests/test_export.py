@@ -166,3 +166,11 @@ def test_an_export_is_a_directory_llava_processor_reads(tokenizer_dir, tmp_path)
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert reference(**inputs).logits.shape[1] == len(expected)
+
+
+def test_a_directory_that_is_no_sharded_checkpoint_is_named(tmp_path):
+    from adaptive_mllm.checkpoints import CheckpointError, read_checkpoint
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a sharded Lightning checkpoint"):
+        read_checkpoint(tmp_path)

@@ -112,10 +112,28 @@ def test_real_recipe_keeps_the_release_hyperparameters(recipe):
     trainer, model, data = config["trainer"], config["model"], config["data"]["init_args"]
     assert trainer["devices"] * data["batch_size"] * trainer["accumulate_grad_batches"] == 128
     assert trainer["precision"] == "bf16-mixed" and trainer["max_epochs"] == 1
-    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert trainer["strategy"]["class_path"] == "adaptive_mllm.sharding.LayerShardedStrategy"  # per-layer FSDP2 units
     assert (model["learning_rate"], model["warmup_ratio"], model["freeze"]) == (1.0e-5, 0.03, ["vision_tower"])
     assert model["scheduler"]["init_args"]["num_prefix_layers"] == REAL[recipe][2]
     assert model["backbone"]["init_args"]["max_length"] == 2048
     assert data["train_json"].endswith("llava_v1_5_mix665k.json")
     if recipe == "llava7b-h.yaml":
         assert model["scheduler"]["init_args"]["rank"] == 8
+
+
+def test_the_zero3_variant_is_the_release_setup_on_the_7b_recipe():
+    """recipes/llava7b-zero3.yaml: llava7b.yaml with the release's scripts/zero3.json as DeepSpeed's config."""
+    base = yaml.safe_load((RECIPE_DIR / "llava7b.yaml").read_text())
+    zero3 = yaml.safe_load((RECIPE_DIR / "llava7b-zero3.yaml").read_text())
+    strategy = zero3["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    config = strategy["init_args"]["config"]
+    zero = config["zero_optimization"]
+    assert (zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]) == (3, True, True)
+    assert zero["stage3_gather_16bit_weights_on_model_save"] and zero["sub_group_size"] == 1e9
+    # the release's "auto" batch sizes: Lightning fills them from the data and trainer settings
+    assert not {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"} & set(config)
+    assert zero3["trainer"]["precision"] == "bf16-mixed"  # the release's bf16
+    assert zero3["model"] == base["model"] and zero3["data"] == base["data"]
+    for key in ("devices", "accumulate_grad_batches", "gradient_clip_val", "max_epochs"):
+        assert zero3["trainer"][key] == base["trainer"][key]

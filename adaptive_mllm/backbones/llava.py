@@ -37,6 +37,7 @@ from adaptive_mllm.backbones.local import (
     IMAGE_TOKEN,
     CheckpointError,
     LocalBackbone,
+    building_on_meta,
     has_image_processor,
     read_config_json,
 )
@@ -121,7 +122,9 @@ class LlavaBackbone(LocalBackbone):
         if self.model is not None:
             return
         tokenizer = self.tokenizer
-        if self.release_layout:
+        if building_on_meta() and self.checkpoint is not None:  # shapes only (a memory plan): nothing read
+            model = self._skeleton(tokenizer)
+        elif self.release_layout:
             model = self._load_release(tokenizer)
         elif self.checkpoint is not None:
             if not any(self.checkpoint.glob("*.safetensors")):
@@ -150,6 +153,14 @@ class LlavaBackbone(LocalBackbone):
         model.train()  # from_pretrained hands back eval mode; a built backbone starts in train mode either way
         self.llava_config = model.config
         self.model = model
+
+    def _skeleton(self, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+        """The checkpoint's modules with its config's sizes, on the meta device: no weight file is read."""
+        config = self.llava_config
+        if self.release_layout:  # as _load_release: the vocabulary grown by the added <image> token
+            config.text_config.vocab_size = len(tokenizer)
+        config._attn_implementation = self.attn_implementation
+        return LlavaForConditionalGeneration(config).to(self.torch_dtype)
 
     def _load_release(self, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
         """The original release layout: vocabulary grown by the added <image> token, weights mapped by name."""

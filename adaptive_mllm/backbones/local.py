@@ -85,6 +85,12 @@ class LocalBackbone(Backbone):
         return preprocess_padded(self.image_processor, image, self.pad_to_square)
 
 
+def building_on_meta() -> bool:
+    """Whether modules created now land on the meta device (``with torch.device("meta")``): shapes without
+    storage, as ``adaptive-mllm memory`` builds a recipe's model; then no weight file is read."""
+    return torch.empty(0).device.type == "meta"
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     """LLaVA-1.5's ``expand2square``: centre the image on a square canvas of the mean colour."""
     width, height = image.size

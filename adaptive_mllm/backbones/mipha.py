@@ -44,6 +44,7 @@ from adaptive_mllm.backbones.local import (
     IMAGE_TOKEN,
     CheckpointError,
     LocalBackbone,
+    building_on_meta,
     has_image_processor,
     read_config_json,
 )
@@ -163,7 +164,8 @@ class MiphaBackbone(LocalBackbone):
             with no_init_weights():
                 model = MiphaModules(text, self.vision_config, self.torch_dtype, self.attn_implementation)
             try:
-                load_weights(model, self.checkpoint)
+                if not building_on_meta():  # on the meta device (a memory plan) the shapes are all that is needed
+                    load_weights(model, self.checkpoint)
             except ReleaseLayoutError as error:
                 raise CheckpointError(str(error)) from error
         model.train()

@@ -1,0 +1,104 @@
+"""`adaptive-mllm memory`: the estimate against what a training step on the CPU really holds (tiny recipe), and
+the real 7B recipe planned on 8 GPUs from its config alone (on the meta device)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptive_mllm import memory
+from adaptive_mllm.cli import main
+from adaptive_mllm.recipe import build_model
+from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
+
+GIB = 1024**3
+# llava-hf/llava-1.5-7b-hf's config.json (Vicuna-7B + CLIP ViT-L/14-336): the sizes only
+LLAVA_7B = {
+    "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000,
+    "pad_token_id": 32001, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "tie_word_embeddings": False,
+    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+                    "rms_norm_eps": 1e-5, "vocab_size": 32064},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+}  # fmt: skip
+LLAVA_7B_PARAMETERS = 7_063_427_072  # the published model's count (vision tower, projector, Vicuna-7B with 32064 rows)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _measure_step(model, batch_size: int, seq_len: int) -> dict[str, float]:
+    """One training step on the CPU: the bytes autograd holds once the forward (and loss) is done, from the
+    profiler's allocation records (allocations minus frees of every op), then parameters, gradients and
+    AdamW's state summed over their tensors after the optimiser step."""
+    backbone = model.backbone
+    ids = torch.randint(5, 20, (batch_size, seq_len - 1))  # the latency token makes it seq_len
+    ids[:, 1 : 1 + backbone.num_image_tokens] = backbone.image_token_id
+    size = memory._vision_tower(model).config.image_size
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+             "prompt_lengths": torch.full((batch_size,), 2 + backbone.num_image_tokens),
+             "pixel_values": torch.randn(batch_size, 3, size, size)}  # fmt: skip
+    model.train()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        logits, labels = model(batch, torch.full((batch_size,), 0.8))
+        loss = model._loss(logits, labels)
+    held = sum(event.self_cpu_memory_usage for event in profile.events())
+    loss.backward()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    optimizer.step()
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return {"activations": held, "parameters": _nbytes(model.parameters()), "gradients": _nbytes(grads), "optimizer": _nbytes(state)}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_tiny_estimate_matches_a_measured_step(tokenizer_dir, checkpointing):
+    args = ["--config", str(RECIPE_DIR / "tiny.yaml"), f"--model.backbone.init_args.tokenizer={tokenizer_dir}",
+            f"--model.activation_checkpointing={checkpointing}"]  # fmt: skip
+    plan = memory.plan_memory(memory.build_on_meta(args).model, batch_size=4, seq_len=64)
+    assert plan.checkpointing is checkpointing
+    measured = _measure_step(build_model([*args, *memory.UNUSED_TRAINER]), batch_size=4, seq_len=64)
+    assert plan.parameters == measured["parameters"]
+    # a handful of parameters get no gradient in this step (the tower's unused last norm): within 0.1%
+    assert measured["gradients"] <= plan.gradients < 1.001 * measured["gradients"]
+    assert measured["optimizer"] <= plan.optimizer < 1.001 * measured["optimizer"]
+    # after the forward a checkpointed step holds only the layers' inputs; one layer is recomputed later
+    expected = plan.activations_checkpointed - plan.recompute if checkpointing else plan.activations_full
+    assert 0.8 < expected / measured["activations"] < 1.2, (expected, measured["activations"])
+
+
+def test_llava7b_on_8_gpus_from_its_config_alone(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """The real sizes, built on the meta device: no weight is read (the stand-in's weights have other shapes)."""
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
+    (tmp_path / "checkpoints" / "llava-v1.5-7b-hf" / "config.json").write_text(json.dumps(LLAVA_7B))
+    main(["memory", "--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
+    printed = capsys.readouterr().out
+    assert "8 processes, LayerShardedStrategy" in printed and "total, with checkpointing" in printed
+    eight = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
+    one = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=1"])
+    model = memory.build_on_meta(["--config", str(RECIPE_DIR / "llava7b.yaml")]).model
+    assert all(p.device.type == "meta" for p in model.parameters())
+    scheduler = sum(p.numel() for p in model.scheduler.parameters())
+    assert one.parameters / 4 == LLAVA_7B_PARAMETERS + scheduler  # fp32 master weights
+    assert eight.parameters == pytest.approx(one.parameters / 8)
+    assert eight.optimizer == pytest.approx(2 * eight.gradients)  # the LLM and projector train, the tower is frozen
+    assert (eight.batch_size, eight.seq_len, eight.checkpointing) == (4, 2049, True)
+    assert eight.total() < 80 * GIB < one.total()  # fits the release's 80 GB GPUs only when sharded
+    assert eight.total(checkpointing=False) > eight.total()
+
+
+def test_the_zero3_variant_plans_as_much_model_state_per_gpu(tokenizer_dir, tmp_path, monkeypatch):
+    """ZeRO-3 (the release's setup) and per-layer FSDP2 both spread 16 bytes per trained parameter over the GPUs."""
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b.yaml", tokenizer_dir)
+    (tmp_path / "checkpoints" / "llava-v1.5-7b-hf" / "config.json").write_text(json.dumps(LLAVA_7B))
+    fsdp = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml")])
+    zero3 = memory.main(["--config", str(RECIPE_DIR / "llava7b-zero3.yaml")])
+    assert zero3.strategy == "DeepSpeedStrategy (ZeRO-3)" and zero3.devices == 8
+    assert zero3.parameters + zero3.gradients + zero3.optimizer == fsdp.parameters + fsdp.gradients + fsdp.optimizer
