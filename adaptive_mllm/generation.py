@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_mllm.decoding import DecodeSteps
+from adaptive_mllm.decoding import DECODE_MODES, DecodeSteps
 from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
 from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector
+
+__all__ = ["DECODE_MODES", "Generation", "greedy_generate"]
 
 
 @dataclass
