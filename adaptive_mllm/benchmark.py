@@ -8,7 +8,7 @@ and without it, and every ratio is taken to the plain full model (no selector, t
 before-LLM work and the projector are timed apart ("encode").
 
 Decoding is timed twice in the same rounds: with the eager, growing cache ("decode ms/token") and with the
-``--decode`` mode (default ``auto``: a static cache, and on a GPU per-layer CUDA graphs; see
+``--decode`` mode (default: the recipe's ``model.decode``, ``auto``: a static cache, and on a GPU per-layer CUDA graphs; see
 :mod:`adaptive_mllm.decoding`). "weights fraction" is the bytes of weights one decode step reads under the
 plan (each kept layer's, or its kept slices, the final norm and the LM head; the embedding's few rows are
 left out) over the full model's; on a GPU, "vs limit" divides the decode time by those bytes over the
@@ -317,8 +317,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no_transformers", action="store_true", help="skip the comparison with plain transformers")
     parser.add_argument(
-        "--decode", default="auto", choices=["auto", "eager", "static", "captured"],
-        help="decode mode timed beside eager: auto = captured (CUDA graphs) on a GPU, static on the CPU",
+        "--decode", default=None, choices=["auto", "eager", "static", "captured"],
+        help="decode mode timed beside eager (default: the recipe's model.decode; auto = CUDA graphs on a GPU, static on the CPU)",
     )  # fmt: skip
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the 'vs limit' column (default: a table of known GPUs)")
     own, rest = parser.parse_known_args(argv)
@@ -326,7 +326,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     model.to(own.device)
     rows = run_benchmark(
         model, own.budgets, own.prompt_length, own.batch_size, own.decode_tokens, own.repeats, not own.no_transformers,
-        own.decode, own.bandwidth_gbs,
+        own.decode or model.decode, own.bandwidth_gbs,
     )  # fmt: skip
     print_rows(rows)
     return rows

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_length", type=int, default=600)
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--decode", default="auto", help="the mode timed beside eager (auto: CUDA graphs on a GPU)")
+    parser.add_argument("--decode", default=None, help="the mode timed beside eager (default: the recipe's model.decode)")
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="default: the benchmark's table of known GPUs")
     parser.add_argument("--target_ms", type=float, default=6.0)
     parser.add_argument("--tolerance", type=float, default=0.05)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(["--config", own.config, *SMALL_DATA, *rest], own.device)
     model.to(own.device)
     rows = run_benchmark(
-        model, own.budgets, own.prompt_length, 1, own.decode_tokens, own.repeats, True, own.decode, own.bandwidth_gbs
+        model, own.budgets, own.prompt_length, 1, own.decode_tokens, own.repeats, True, own.decode or model.decode, own.bandwidth_gbs
     )
     print_rows(rows)
     results = checks(rows, own.budgets[0], own.budgets[1], own.target_ms, own.tolerance)
