@@ -8,7 +8,9 @@ Two ways to honour a plan, with the same result:
   plan keeps it; a partly kept layer runs with sliced q/k/v/o and gate/up/down weights, so the matrix
   products are physically smaller. The KV cache stores nothing for a skipped layer and only the kept
   key/value heads of a sliced one; the plan and its slices are fixed at prefill and reused while
-  decoding.
+  decoding. After a prefill, :meth:`PlanCache.make_static` may move the cache into pre-allocated buffers
+  (:mod:`adaptive_mllm.static_cache`); :meth:`Engine.decode_step` then decodes over them in place, one
+  (layer, row group) at a time through :func:`decode_group`, the unit :mod:`adaptive_mllm.decoding` captures.
 
 A token selector with an in-LLM hook (FastV) drops tokens after the first ``layer_index`` layers: layer
 ``layer_index - 1`` alone computes its attention probabilities explicitly (every other layer keeps SDPA)
