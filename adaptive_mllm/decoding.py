@@ -85,12 +85,14 @@ class GraphedSteps:
 
 
 def compiled_step() -> Callable[..., torch.Tensor]:
-    """``decode_group`` under ``torch.compile`` (static shapes): one graph per layer and group shape, reused
-    across steps and requests of the same shapes. Compiled once per process."""
+    """``decode_group`` under ``torch.compile``, one per process. Shapes are left to torch's automatic
+    dynamic shapes: the first request compiles for its shapes, the second with other ones (batch size,
+    cache capacity, slices) once more with symbolic sizes, and later ones reuse that (with ``dynamic=False``
+    every new request shape cost a compile of 5-17 s on the tiny model). Each layer is its own guard."""
     global _COMPILED
     if _COMPILED is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # a guard per layer
-        _COMPILED = torch.compile(decode_group, dynamic=False)
+        _COMPILED = torch.compile(decode_group)
     return _COMPILED
 
 

@@ -5,10 +5,11 @@ batch 1, beside the bandwidth limit (the kept layers' weight bytes over the devi
     python bench/gpu_decode.py                    # on the GPU machine, from the repository root (< 8 min on an H200)
     python bench/gpu_decode.py --config recipes/tiny.yaml --device cpu --prompt_length 40   # a dry run
 
-It prints the benchmark's table and the issue's two checks, each PASS or FAIL:
+It prints the benchmark's table and four checks, each PASS or FAIL:
+- at both budgets the decode mode's greedy tokens equal the eager path's (batch 2, these shapes);
 - decode at budget 1.0 <= 6 ms per token (``--target_ms``);
 - the decode time ratio at budget 0.6 within 0.05 of the kept-weights fraction (``--tolerance``).
-The exit status is 0 when both pass. Why a script and not only the CLI: a lent GPU is a few minutes long;
+The exit status is 0 when all pass. Why a script and not only the CLI: a lent GPU is a few minutes long;
 this runs the one configuration the issue asks about and says whether it is met.
 """
 
@@ -24,7 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptive_mllm.benchmark import print_rows, run_benchmark  # noqa: E402
+from adaptive_mllm.benchmark import print_rows, run_benchmark, synthetic_prompt  # noqa: E402
+from adaptive_mllm.decoding import resolve_mode  # noqa: E402
+from adaptive_mllm.generation import greedy_generate  # noqa: E402
+from adaptive_mllm.inputs import embed_selected  # noqa: E402
 from adaptive_mllm.recipe import build_model  # noqa: E402
 
 # the generated shapes-VQA set is only read for its tokenizer: the smallest one that builds it
@@ -43,6 +47,24 @@ def checks(rows: list[dict[str, Any]], high: float, low: float, target_ms: float
         (f"decode time ratio at budget {low:g}: {reduced['mode_decode_ratio']:.3f} vs kept-weights fraction "
          f"{reduced['weights_fraction']:.3f} (difference {gap:+.3f}, tolerance {tolerance:g})", abs(gap) <= tolerance),
     ]  # fmt: skip
+
+
+@torch.no_grad()
+def same_tokens(model: Any, budget: float, prompt_length: int, tokens: int, mode: str) -> tuple[str, bool]:
+    """Greedy tokens of ``mode`` against eager on this model (batch 2, the benchmark's prompt): the captured
+    path checked on the real shapes, not only on the tests' tiny ones."""
+    device = next(model.backbone.parameters()).device
+    ids, images = synthetic_prompt(model, prompt_length, 2, device)
+    inputs = embed_selected(model.backbone, ids, torch.ones_like(ids), images, model.token_selector)
+    prepared = model.planner.prepare(inputs, torch.full((2,), budget, device=device))
+    answers = {
+        name: greedy_generate(
+            model.engine, prepared.embeds, prepared.attention_mask, tokens, [], prepared.plan, prepared.latency_positions,
+            model.token_selector, prepared.image_mask, decode=name,
+        ).tokens
+        for name in ("eager", mode)
+    }  # fmt: skip
+    return f"{mode} decodes the eager tokens at budget {budget:g} ({tokens} tokens, batch 2)", answers["eager"] == answers[mode]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if own.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     model = build_model(["--config", own.config, *SMALL_DATA, *rest], own.device)
-    model.to(own.device)
-    rows = run_benchmark(
-        model, own.budgets, own.prompt_length, 1, own.decode_tokens, own.repeats, True, own.decode or model.decode, own.bandwidth_gbs
-    )
+    model.to(own.device).eval()  # eval: the scheduler's plans are chosen, not sampled
+    mode = resolve_mode(own.decode or model.decode, torch.device(own.device))
+    results = [same_tokens(model, budget, own.prompt_length, 8, mode) for budget in own.budgets]
+    rows = run_benchmark(model, own.budgets, own.prompt_length, 1, own.decode_tokens, own.repeats, True, mode, own.bandwidth_gbs)
     print_rows(rows)
-    results = checks(rows, own.budgets[0], own.budgets[1], own.target_ms, own.tolerance)
+    results += checks(rows, own.budgets[0], own.budgets[1], own.target_ms, own.tolerance)
     for sentence, met in results:
         print(("PASS " if met else "FAIL ") + sentence)
     return 0 if all(met for _, met in results) else 1

@@ -31,4 +31,4 @@ def test_a_dry_run_on_the_cpu_prints_both_checks(tmp_path, monkeypatch, capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0, out
-    assert out.count("PASS ") == 2 and "static ms/token" in out
+    assert out.count("PASS ") == 4 and "static decodes the eager tokens at budget 0.6" in out and "static ms/token" in out
