@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_mllm.decoding import DECODE_MODES, DecodeSteps
+from adaptive_mllm.decoding import DECODE_MODES, DecodeSteps, resolve_mode
 from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
 from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
@@ -74,7 +74,8 @@ def greedy_generate(
     next_position = positions[:, -1:] + 1  # [B, 1]
     steps = 0
     start = _timestamp(device)
-    decode_step = DecodeSteps(engine, cache, decode, cache.length + max(max_new_tokens - 1, 0), device, plan)
+    mode = resolve_mode(decode, device) if max_new_tokens > 1 else "eager"  # one token: no decode step, nothing to allocate
+    decode_step = DecodeSteps(engine, cache, mode, cache.length + max_new_tokens - 1, device, plan)
     for step in range(max_new_tokens):
         next_token = logits[:, -1].argmax(-1)  # [B]
         finished_now = torch.isin(next_token, stop)
