@@ -6,7 +6,8 @@
 - ``captured``: the static cache with fixed shapes, and each (layer, row group)'s step captured once and
   replayed: a CUDA graph per kept layer on a GPU (a plan replays only the layers it keeps; skipped layers
   cost nothing, not even a launch), ``torch.compile`` of the same per-layer step on the CPU;
-- ``auto``: ``captured`` on CUDA, ``static`` on the CPU (where compiling did not pay: docs/benchmarks.md).
+- ``auto``: ``captured`` on CUDA, ``static`` on the CPU (compiled steps are faster there once compiled,
+  but a process pays 20-30 s of compiling first: docs/architecture.md has the numbers).
 
 Why CUDA graphs, not ``torch.compile(mode="reduce-overhead")``, on the GPU: a plan is a different set of
 layers, row groups and weight slices per request; one compiled whole step would be guarded on (and
