@@ -157,3 +157,39 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tokenizer_dir):
     batch = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in _images_batch(model).items()}
     with torch.no_grad():
         assert _generate(model, batch, "captured").tokens == _generate(model, batch, "eager").tokens
+
+
+class _ReplayedSteps(decoding.GraphedSteps):
+    """GraphedSteps with a stand-in for capture (no GPU here): a 'graph' that replays the step from the static
+    inputs, so the plumbing (one hidden buffer for all layers, the step's rotary tables copied in once,
+    a graph per (layer, group) reused every step) is checked on the CPU."""
+
+    captures = 0
+
+    def _capture(self, index, layer, group, mask):
+        class Replay:
+            def replay(_):
+                self.hidden.copy_(decode_group(index, layer, group, self.hidden, self.cos, self.sin, mask))
+
+        self.captures += 1
+        return Replay()
+
+
+def test_graphed_steps_feed_every_layer_from_one_static_buffer(gqa_backbone, monkeypatch):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
+    plan = _head_plan(backbone, 3, seed=6)
+    engine = Engine(backbone)
+    tokens = torch.randint(5, len(backbone.tokenizer), (3, 4), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(decoding, "compiled_step", _ReplayedSteps)  # "captured" on the CPU: the graphs' plumbing
+    with torch.no_grad():
+        results = {}
+        for mode in ("eager", "captured"):
+            cache = PlanCache()
+            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+            steps = DecodeSteps(engine, cache, mode, cache.length + 4, ids.device, plan)
+            position = position_ids_from_mask(mask)[:, -1:]
+            results[mode] = [steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i).clone() for i in range(4)]
+    assert steps.run_group.captures == sum(len(groups) for groups in cache.groups)  # once per (layer, group), at step 1
+    for eager, graphed in zip(results["eager"], results["captured"], strict=True):
+        torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
