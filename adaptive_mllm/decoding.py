@@ -102,8 +102,9 @@ _COMPILED: Callable[..., torch.Tensor] | None = None
 
 class DecodeSteps:
     """Decode steps after a prefill into ``cache``, in one of :data:`DECODE_MODES`: ``steps(embeds,
-    positions)`` -> the last layer's hidden states [B, 1, H]. ``capacity``: positions per row the static
-    cache allocates (prompt + tokens to decode)."""
+    positions)`` -> the last layer's hidden states [B, 1, H] (with CUDA graphs a static buffer the next step
+    overwrites: read it before). ``capacity``: positions per row the static cache allocates (prompt + tokens
+    to decode)."""
 
     def __init__(
         self, engine: Engine, cache: PlanCache, mode: str, capacity: int, device: torch.device, plan: ExecutionPlan | None = None

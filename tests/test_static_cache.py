@@ -23,7 +23,7 @@ STEPS = 5
 def _generate(model, batch, mode: str):
     planner = model.planner
     inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
-    prepared = planner.prepare(inputs, BUDGETS)
+    prepared = planner.prepare(inputs, BUDGETS.to(inputs.embeds.device))
     return greedy_generate(
         model.engine, prepared.embeds, prepared.attention_mask, STEPS, [], prepared.plan, prepared.latency_positions,
         model.token_selector, prepared.image_mask, decode=mode,
