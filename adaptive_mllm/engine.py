@@ -8,7 +8,9 @@ Two ways to honour a plan, with the same result:
   plan keeps it; a partly kept layer runs with sliced q/k/v/o and gate/up/down weights, so the matrix
   products are physically smaller. The KV cache stores nothing for a skipped layer and only the kept
   key/value heads of a sliced one; the plan and its slices are fixed at prefill and reused while
-  decoding.
+  decoding. After a prefill, :meth:`PlanCache.make_static` may move the cache into pre-allocated buffers
+  (:mod:`adaptive_mllm.static_cache`); :meth:`Engine.decode_step` then decodes over them in place, one
+  (layer, row group) at a time through :func:`decode_group`, the unit :mod:`adaptive_mllm.decoding` captures.
 
 A token selector with an in-LLM hook (FastV) drops tokens after the first ``layer_index`` layers: layer
 ``layer_index - 1`` alone computes its attention probabilities explicitly (every other layer keeps SDPA)
@@ -37,6 +39,7 @@ from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.layers import LayerAdapter, adapter_for
 from adaptive_mllm.schedulers.plan import ExecutionPlan, mlp_group_neurons, widen_mlp_mask
 from adaptive_mllm.sharding import through_unit
+from adaptive_mllm.static_cache import Cursor, StaticKV, StaticState
 from adaptive_mllm.token_selection.base import (
     TokenLayout,
     TokenSelector,
@@ -95,6 +98,7 @@ class RowGroup:
     # [b, heads] and [b, intermediate]; see Engine._merged_for_decoding
     head_gate: torch.Tensor | None = None
     neuron_gate: torch.Tensor | None = None
+    static: StaticKV | None = None  # after PlanCache.make_static: keys / values in pre-allocated buffers
 
 
 @dataclass
@@ -109,6 +113,23 @@ class PlanCache:
     selected_from: int | None = None
     selected_attention_mask: torch.Tensor | None = None  # [B, T'_cached] bool
     selected_length: int = 0
+    static: StaticState | None = None  # set by make_static: decoding writes in place (Engine.decode_step)
+
+    def make_static(self, capacity: int, fixed_shapes: bool = False) -> None:
+        """Move what the prefill cached into buffers of ``capacity`` positions per row (the same layers and
+        kv heads), for :meth:`Engine.decode_step`; :class:`~adaptive_mllm.static_cache.CacheFull` when the
+        prefill alone exceeds it. ``fixed_shapes``: steps attend over the whole buffer, masked (captured steps)."""
+        if not self.groups or self.attention_mask is None:
+            raise ValueError("make_static needs a prefilled cache: run the engine with this cache first")
+        cursor = Cursor.from_prefill(self.attention_mask, capacity)
+        selected = None if self.selected_from is None else Cursor.from_prefill(self.selected_attention_mask, capacity)
+        for index, groups in enumerate(self.groups):
+            side = selected if selected is not None and index >= self.selected_from else cursor
+            for group in groups:
+                if group.keys is not None:
+                    group.static = StaticKV.from_prefill(group.keys, group.values, side, fixed_shapes)
+                    group.keys = group.values = None  # the prefill's tensors are freed: the buffers hold them
+        self.static = StaticState(capacity, fixed_shapes, cursor, selected)
 
 
 @dataclass
@@ -184,6 +205,38 @@ class Engine(nn.Module):
         if cache is not None:
             cache.length = run.past + hidden.shape[1]
         return run.hidden, run.plan
+
+    def decode_step(
+        self,
+        hidden: torch.Tensor,  # [B, 1, H] the new tokens' embeddings
+        position_ids: torch.Tensor,  # [B, 1]
+        cache: PlanCache,  # prefilled, then made static (PlanCache.make_static)
+        run_group: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One decoded token per row through the layers the prefill's plan keeps, the static cache written in
+        place; returns the last layer's hidden states [B, 1, H]. The plan, its row groups and any in-LLM drop
+        are the prefill's, and nothing here depends on the step, so ``run_group(index, layer, group, hidden,
+        cos, sin, mask)`` may replay a captured step per layer and group (default: run it eagerly)."""
+        static = cache.static
+        if static is None:
+            raise ValueError("decode_step reads a static cache: call cache.make_static(capacity) after the prefill")
+        static.advance()  # CacheFull before anything is written
+        cos, sin = self.backbone.rotary_embeddings(hidden, position_ids)
+        mask = _step_mask(static.cursor, static.fixed_shapes)
+        selected_mask = None if static.selected is None else _step_mask(static.selected, static.fixed_shapes)
+        run_group = run_group or decode_group
+        for index, layer in enumerate(self.backbone.decoder_layers):
+            layer_mask = selected_mask if cache.selected_from is not None and index >= cache.selected_from else mask
+
+            def layer_step(hidden: torch.Tensor, index: int = index, layer: nn.Module = layer) -> torch.Tensor:
+                for group in cache.groups[index]:
+                    hidden = run_group(index, layer, group, hidden, cos, sin, layer_mask)
+                return hidden
+
+            hidden = through_unit(layer, layer_step, hidden)  # a sharded layer is gathered around its groups
+        cache.length = static.cursor.length
+        cache.selected_length = cache.selected_length if static.selected is None else static.selected.length
+        return hidden
 
     # --- the steps of a pass ---------------------------------------------------------------------------
     def _start(self, hidden, attention_mask, position_ids, plan, latency_positions, cache, token_selector, layout) -> _Pass:
@@ -389,6 +442,8 @@ def _cache_masks(attention_mask: torch.Tensor, cache: PlanCache | None) -> tuple
     key_mask = attention_mask.bool()
     if cache is None:
         return key_mask, 0, None
+    if cache.static is not None:
+        raise ValueError("a static cache is decoded by Engine.decode_step, not by a forward pass")
     if cache.attention_mask is not None:
         key_mask = torch.cat([cache.attention_mask, key_mask], dim=1)
     cache.attention_mask = key_mask
@@ -400,6 +455,26 @@ def _cache_masks(attention_mask: torch.Tensor, cache: PlanCache | None) -> tuple
         cache.selected_attention_mask = selected_keys
         cache.selected_length += length
     return key_mask, cache.length, selected_mask
+
+
+def _step_mask(cursor: Cursor, fixed_shapes: bool) -> torch.Tensor | None:
+    """[B, 1, 1, T_k] the keys one decoded token may see; None (eager, nothing padded): SDPA needs no mask."""
+    key_mask = cursor.valid_mask(fixed_shapes)
+    if not fixed_shapes and bool(key_mask.all()):
+        return None
+    return key_mask[:, None, None, :]
+
+
+def decode_group(
+    index: int, layer: nn.Module, group: RowGroup, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One row group's decode step of layer ``index`` (other rows unchanged): the unit a captured decode replays."""
+    gates = {"head_gate": group.head_gate, "neuron_gate": group.neuron_gate}
+    if group.rows is None:
+        return _run_layer(layer, hidden, cos, sin, mask, group, True, **gates)
+    rows = group.rows
+    out = _run_layer(layer, hidden[rows], cos[rows], sin[rows], None if mask is None else mask[rows], group, True, **gates)
+    return hidden.index_copy(0, rows, out)
 
 
 def _drop_layer(token_selector: TokenSelector | None, layout: TokenLayout | None, past: int, num_layers: int) -> int | None:
@@ -551,7 +626,9 @@ def _attention(
     v = v.view(batch, length, -1, head_dim).transpose(1, 2)
     q, k = adapter.normalise_qk(layer, q, k)
     q, k = adapter.rotate(layer, q, k, cos, sin)
-    if use_cache:
+    if use_cache and group.static is not None:
+        k, v = group.static.append(k, v)  # in place; the valid prefix, or the whole buffer (fixed shapes)
+    elif use_cache:
         if group.keys is not None:
             k = torch.cat([group.keys, k], dim=2)
             v = torch.cat([group.values, v], dim=2)

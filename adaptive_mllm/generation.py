@@ -1,4 +1,5 @@
-"""Greedy generation under a plan fixed at prefill, with a KV cache that knows the plan."""
+"""Greedy generation under a plan fixed at prefill, with a KV cache that knows the plan (grown, or static:
+``decode``, see :mod:`adaptive_mllm.decoding`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptive_mllm.decoding import DECODE_MODES, DecodeSteps, resolve_mode
 from adaptive_mllm.engine import Engine, PlanCache, PlanRequest
 from adaptive_mllm.inputs import position_ids_from_mask
 from adaptive_mllm.schedulers.plan import ExecutionPlan
 from adaptive_mllm.sharding import on_every_rank
 from adaptive_mllm.token_selection.base import TokenLayout, TokenSelector
+
+__all__ = ["DECODE_MODES", "Generation", "greedy_generate"]
 
 
 @dataclass
@@ -41,9 +45,11 @@ def greedy_generate(
     latency_positions: torch.Tensor | None = None,
     token_selector: TokenSelector | None = None,
     image_mask: torch.Tensor | None = None,  # [B, T] bool, needed by a selector that drops tokens inside the LLM
+    decode: str = "eager",  # eager | static | captured | auto: how decode steps run (adaptive_mllm.decoding)
 ) -> Generation:
     """Greedy answers; the plan and any in-LLM token drop are decided at prefill and kept while decoding
-    (the dropped tokens are not in the cache of the layers after the drop)."""
+    (the dropped tokens are not in the cache of the layers after the drop). A static cache is sized for the
+    prompt plus ``max_new_tokens``; setting it up counts as decode time."""
     backbone = engine.backbone
     device = embeds.device
     batch = embeds.shape[0]
@@ -69,6 +75,8 @@ def greedy_generate(
     next_position = positions[:, -1:] + 1  # [B, 1]
     steps = 0
     start = _timestamp(device)
+    mode = resolve_mode(decode, device) if max_new_tokens > 1 else "eager"  # one token: no decode step, nothing to allocate
+    decode_step = DecodeSteps(engine, cache, mode, cache.length + max_new_tokens - 1, device, plan)
     for step in range(max_new_tokens):
         next_token = logits[:, -1].argmax(-1)  # [B]
         finished_now = torch.isin(next_token, stop)
@@ -78,9 +86,7 @@ def greedy_generate(
         # sharded layers are gathered by collectives: every rank decodes until the last rank's batch is done
         if on_every_rank(bool(finished.all()), backbone.decoder_layers, device) or step == max_new_tokens - 1:
             break
-        step_embeds = backbone.embed(next_token[:, None])
-        step_mask = torch.ones(batch, 1, dtype=attention_mask.dtype, device=device)
-        hidden, _ = engine(step_embeds, step_mask, next_position, plan, gated=False, cache=cache)
+        hidden = decode_step(backbone.embed(next_token[:, None]), next_position)
         logits = backbone.lm_head(backbone.final_norm(hidden))
         next_position = next_position + 1
         steps += 1

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.engine import Engine
-from adaptive_mllm.generation import greedy_generate
+from adaptive_mllm.generation import DECODE_MODES, greedy_generate
 from adaptive_mllm.planning import Planner
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
@@ -37,6 +37,10 @@ class AdaptiveMLLM(L.LightningModule):
         freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
         activation_checkpointing: recompute each LLM layer in backward instead of storing its
             activations: less memory for long sequences and big models, about one more forward of time.
+        decode: how generation decodes after the prefill: ``eager`` (a growing cache), ``static`` (a
+            pre-allocated cache written in place), ``captured`` (static, and each kept layer's step captured:
+            CUDA graphs on a GPU, torch.compile on the CPU) or ``auto`` (the fastest measured per device type:
+            captured on CUDA, static on the CPU); the answers are the same.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class AdaptiveMLLM(L.LightningModule):
         warmup_ratio: float = 0.03,
         freeze: list[str] | None = None,
         activation_checkpointing: bool = False,
+        decode: str = "auto",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -67,6 +72,7 @@ class AdaptiveMLLM(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.freeze = list(freeze) if freeze is not None else ["vision_tower"]
+        self.decode = decode
         self._check_arguments()
         self._skipped = 0
 
@@ -99,6 +105,8 @@ class AdaptiveMLLM(L.LightningModule):
                     f"token_selector.layer_index={selector.layer_index} exceeds scheduler.num_prefix_layers="
                     f"{scheduler.num_prefix_layers}: the layer that ranks the tokens must always run"
                 )
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode: unknown mode {self.decode!r}; known: {', '.join(DECODE_MODES)}")
         unknown = set(self.freeze) - {"vision_tower", "projector", "llm"}
         if unknown:
             raise ValueError(f"freeze: unknown parts {sorted(unknown)}; known: vision_tower, projector, llm")
@@ -218,7 +226,7 @@ class AdaptiveMLLM(L.LightningModule):
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
             self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
-            prepared.latency_positions, self.token_selector, prepared.image_mask,
+            prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode,
         )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
         fractions, units = [1.0] * batch_size, [float("nan")] * batch_size  # per example

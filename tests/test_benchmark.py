@@ -29,7 +29,13 @@ def test_benchmark_reports_ratios_and_flops(tmp_path, monkeypatch, capsys):
     for budget in (0.8, 0.6):
         assert by_budget[budget]["flops_fraction"] <= budget
     assert by_budget["transformers"]["ratio"] > 0
-    assert "ratio ours / transformers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ratio ours / transformers" in out
+    # decoding timed eager and in the default mode (static on the CPU); the weights a step reads follow the plan
+    assert by_budget[1.0]["decode_mode"] == "static" and "static ms/token" in out and "decode: eager (growing cache) vs static" in out
+    assert by_budget[1.0]["weights_fraction"] == pytest.approx(1.0)
+    assert by_budget[0.6]["weights_fraction"] < by_budget[0.8]["weights_fraction"] < 1.0
+    assert all(by_budget[b]["mode_decode_s"] > 0 and by_budget[b]["limit_s"] is None for b in (1.0, 0.8, 0.6))
 
 
 def test_benchmark_rejects_a_budget_below_the_prefix(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from adaptive_mllm.benchmark import interleaved_medians, prepare_budget, synthetic_prompt
+from adaptive_mllm.decoding import resolve_mode
 from adaptive_mllm.inputs import embed_selected
 from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
 
@@ -42,6 +43,7 @@ def measure(
     model.eval()
     backbone = model.backbone
     device = next(backbone.parameters()).device
+    mode = resolve_mode(getattr(model, "decode", "eager"), device)  # decode as the server will (model.decode)
     encode_fns, prefill_fns, decode_fns, points = {}, {}, {}, []
     for length in prompt_lengths:
         for batch_size in batch_sizes:
@@ -54,9 +56,9 @@ def measure(
                 backbone, ids, mask, images, model.token_selector
             )
             for budget in sorted({max(budget, minimum) for budget in budgets}, reverse=True):
-                row, prefill, decode = prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector)
+                row, prefill, decode, mode_decode = prepare_budget(model, inputs, ids, budget, decode_tokens, model.token_selector, mode)
                 key = (budget, length, batch_size)
-                prefill_fns[key], decode_fns[key] = prefill, decode
+                prefill_fns[key], decode_fns[key] = prefill, decode if mode_decode is None else mode_decode
                 points.append((key, seq_len, float(row["flops_fraction"])))
     encode_s = interleaved_medians(encode_fns, repeats, device)
     prefill_s = interleaved_medians(prefill_fns, repeats, device)

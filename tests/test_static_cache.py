@@ -1,0 +1,195 @@
+"""The static KV cache and the decode modes: the same tokens as the eager, growing cache for layer (L) and
+head (H) plans, mixed budgets in one batch, with and without a token selector (PruMerge before the LLM,
+FastV inside it); buffers that never move or grow; a clear error when a request needs more room."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_mllm import decoding
+from adaptive_mllm.decoding import DecodeSteps, resolve_mode
+from adaptive_mllm.engine import Engine, PlanCache, decode_group
+from adaptive_mllm.generation import greedy_generate
+from adaptive_mllm.inputs import position_ids_from_mask
+from adaptive_mllm.static_cache import CacheFull
+from tests.test_engine import _head_plan, _layer_plan, _left_padded
+from tests.token_selection.test_composition import SCHEDULERS, SELECTORS, _images_batch, _model
+
+BUDGETS = torch.tensor([0.9, 0.6, 0.75])  # one per example: a mixed-budget batch (left-padded prompts)
+STEPS = 5
+
+
+def _generate(model, batch, mode: str):
+    planner = model.planner
+    inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+    prepared = planner.prepare(inputs, BUDGETS.to(inputs.embeds.device))
+    return greedy_generate(
+        model.engine, prepared.embeds, prepared.attention_mask, STEPS, [], prepared.plan, prepared.latency_positions,
+        model.token_selector, prepared.image_mask, decode=mode,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """``captured`` on the CPU without torch.compile: the fixed-shape steps (whole buffers, masked, written
+    at a device position) that a CUDA graph replays, run eagerly."""
+    monkeypatch.setattr(decoding, "compiled_step", lambda: decode_group)
+
+
+@pytest.mark.parametrize("selector", ["none", "prumerge", "fastv"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_static_and_fixed_shape_decoding_give_the_eager_tokens(tokenizer_dir, scheduler, selector, uncompiled):
+    torch.manual_seed(0)  # the scheduler's initialisation
+    model = _model(tokenizer_dir, SCHEDULERS[scheduler](), None if selector == "none" else SELECTORS[selector]())
+    batch = _images_batch(model)
+    with torch.no_grad():
+        eager = _generate(model, batch, "eager")
+        plan = eager.plan
+        rows = torch.cat([mask.flatten(1) for mask in (plan.layer_mask, plan.head_mask, plan.mlp_mask) if mask is not None], 1)
+        assert len({tuple(row) for row in rows.tolist()}) > 1  # the rows' plans really differ
+        for mode in ("static", "captured"):
+            assert _generate(model, batch, mode).tokens == eager.tokens, mode
+
+
+def test_compiled_decoding_gives_the_eager_tokens(tokenizer_dir):
+    """``captured`` on the CPU: torch.compile of the per-layer step (compiling takes most of this test)."""
+    torch.manual_seed(0)
+    model = _model(tokenizer_dir, SCHEDULERS["L"](), SELECTORS["fastv"]())
+    batch = _images_batch(model)
+    with torch.no_grad():
+        assert _generate(model, batch, "captured").tokens == _generate(model, batch, "eager").tokens
+
+
+@pytest.mark.parametrize("level", ["layer", "head"])
+def test_decode_steps_match_the_eager_hidden_states(gqa_backbone, level, uncompiled):
+    """Not only the argmax: every step's hidden states, for plans that differ per row (merged head groups)."""
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
+    plan = _layer_plan(3, 4, seed=6) if level == "layer" else _head_plan(backbone, 3, seed=6)
+    engine = Engine(backbone)
+    tokens = torch.randint(5, len(backbone.tokenizer), (3, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        results = {}
+        for mode in ("eager", "static", "captured"):
+            cache = PlanCache()
+            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+            steps = DecodeSteps(engine, cache, mode, cache.length + tokens.shape[1], ids.device, plan)
+            position = position_ids_from_mask(mask)[:, -1:]
+            results[mode] = [steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i) for i in range(tokens.shape[1])]
+        for mode in ("static", "captured"):
+            for eager, other in zip(results["eager"], results[mode], strict=True):
+                torch.testing.assert_close(other, eager, atol=1e-5, rtol=1e-5)
+
+
+def _buffers(cache: PlanCache) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(address, storage bytes, shape) of every buffer the static cache owns."""
+    tensors = [cache.static.cursor.key_mask]
+    tensors += [t for groups in cache.groups for group in groups if group.static is not None for t in (group.static.keys, group.static.values)]
+    return [(t.data_ptr(), t.untyped_storage().nbytes(), tuple(t.shape)) for t in tensors]
+
+
+@pytest.mark.parametrize("mode", ["static", "captured"])
+def test_the_static_cache_never_grows_and_says_when_it_is_full(gqa_backbone, mode, uncompiled):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [6, 4], seed=7)
+    engine = Engine(backbone)
+    plan = _head_plan(backbone, 2, seed=8)
+    with torch.no_grad():
+        cache = PlanCache()
+        engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+        capacity = cache.length + 3
+        steps = DecodeSteps(engine, cache, mode, capacity, ids.device, plan)
+        before = _buffers(cache)
+        assert len(before) > 3 and all(shape[-2 if len(shape) == 4 else -1] == capacity for _, _, shape in before)
+        token, position = ids[:, -1:], position_ids_from_mask(mask)[:, -1:]
+        for step in range(3):
+            steps(backbone.embed(token), position + 1 + step)
+            assert _buffers(cache) == before  # written in place: same addresses, same sizes
+        assert cache.length == capacity
+        with pytest.raises(CacheFull, match=f"holds {capacity} positions per row, this request needs {capacity + 1}"):
+            steps(backbone.embed(token), position + 4)
+        assert cache.static.cursor.length == capacity  # nothing written by the refused step
+        steps.rewind()  # back to the prefill: decodes again in the same buffers
+        assert cache.static.cursor.length == capacity - 3
+        steps(backbone.embed(token), position + 1)
+        assert _buffers(cache) == before
+
+
+def test_a_prefill_longer_than_the_cache_is_refused(gqa_backbone):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [6, 4], seed=7)
+    engine = Engine(backbone)
+    cache = PlanCache()
+    with torch.no_grad():
+        engine(backbone.embed(ids), mask, position_ids_from_mask(mask), gated=False, cache=cache)
+    with pytest.raises(CacheFull, match="holds 4 positions per row, this request needs 6"):
+        cache.make_static(4)
+
+
+def test_a_static_cache_is_only_decoded_by_decode_step(gqa_backbone):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [5, 5], seed=7)
+    engine = Engine(backbone)
+    cache = PlanCache()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="make_static needs a prefilled cache"):
+            cache.make_static(8)
+        engine(backbone.embed(ids), mask, position_ids_from_mask(mask), gated=False, cache=cache)
+        with pytest.raises(ValueError, match="call cache.make_static"):
+            engine.decode_step(backbone.embed(ids[:, :1]), torch.full((2, 1), 5), cache)
+        cache.make_static(8)
+        with pytest.raises(ValueError, match="decoded by Engine.decode_step"):
+            engine(backbone.embed(ids[:, :1]), mask[:, :1], torch.full((2, 1), 5), gated=False, cache=cache)
+
+
+def test_decode_modes_resolve(monkeypatch):
+    assert resolve_mode("auto", torch.device("cpu")) == "static"
+    assert resolve_mode("auto", torch.device("cuda")) == "static"  # captured is opt-in until measured on a GPU
+    assert resolve_mode("eager", torch.device("cuda")) == "eager"
+    with pytest.raises(ValueError, match="unknown mode 'graphs'; known: auto, eager, static, captured"):
+        resolve_mode("graphs", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decoding_gives_the_eager_tokens(tokenizer_dir):
+    model = _model(tokenizer_dir, SCHEDULERS["L"](), SELECTORS["fastv"]()).cuda()
+    batch = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in _images_batch(model).items()}
+    with torch.no_grad():
+        assert _generate(model, batch, "captured").tokens == _generate(model, batch, "eager").tokens
+
+
+class _ReplayedSteps(decoding.GraphedSteps):
+    """GraphedSteps with a stand-in for capture (no GPU here): a 'graph' that replays the step from the static
+    inputs, so the plumbing (one hidden buffer for all layers, the step's rotary tables copied in once,
+    a graph per (layer, group) reused every step) is checked on the CPU."""
+
+    captures = 0
+
+    def _capture(self, index, layer, group, mask):
+        class Replay:
+            def replay(_):
+                self.hidden.copy_(decode_group(index, layer, group, self.hidden, self.cos, self.sin, mask))
+
+        self.captures += 1
+        return Replay()
+
+
+def test_graphed_steps_feed_every_layer_from_one_static_buffer(gqa_backbone, monkeypatch):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
+    plan = _head_plan(backbone, 3, seed=6)
+    engine = Engine(backbone)
+    tokens = torch.randint(5, len(backbone.tokenizer), (3, 4), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(decoding, "compiled_step", _ReplayedSteps)  # "captured" on the CPU: the graphs' plumbing
+    with torch.no_grad():
+        results = {}
+        for mode in ("eager", "captured"):
+            cache = PlanCache()
+            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+            steps = DecodeSteps(engine, cache, mode, cache.length + 4, ids.device, plan)
+            position = position_ids_from_mask(mask)[:, -1:]
+            results[mode] = [steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i).clone() for i in range(4)]
+    assert steps.run_group.captures == sum(len(groups) for groups in cache.groups)  # once per (layer, group), at step 1
+    for eager, graphed in zip(results["eager"], results["captured"], strict=True):
+        torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
