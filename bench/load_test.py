@@ -3,7 +3,9 @@
 Starts `adaptive-mllm serve` on 127.0.0.1 twice with the same model: (a) adaptive, each request carrying
 ``deadline_ms``; (b) pinned to budget 1.0 (deadlines ignored). Each server gets three phases of the same
 request mix: light load (one client), heavy load (``--heavy_clients`` clients), and light load with a
-CPU hog (one busy process per core) running while the middle third of the phase's requests is sent. Every phase is
+CPU hog running while the middle third of the phase's requests is sent: one busy process on each of the server's
+cores (``--server_cpus``, the server and everything it starts pinned there, the clients on the other cores), so
+the server keeps about half its compute, the seed's "50% compute resources". Every phase is
 bounded by ``--requests`` and ``--phase_seconds``; nothing leaves the loopback interface.
 
     python bench/load_test.py --config recipes/tiny.yaml --out runs/load_test [--ckpt_path C] [--profile P]
@@ -12,8 +14,8 @@ Prints throughput, p50 / p95 / p99 end-to-end latency and the deadline hit rate 
 and writes ``<out>/requests.csv``, ``<out>/summary.md`` and ``<out>/latency.png`` (latency over time,
 the deadline line, the budgets chosen, the hog's span). Without ``--profile`` one is measured first
 (``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x what one request at budget
-1.0 takes: the profile's prediction plus the server's time outside the model (HTTP in and out, measured
-while warming up). Other flags are recipe overrides, passed to every model build, e.g.
+1.0 takes end to end, measured while warming up the first server (one request at a time, quiet machine).
+Other flags are recipe overrides, passed to every model build, e.g.
 ``--data.init_args.num_train=500`` (random weights need only the tokenizer the datamodule writes).
 """
 
@@ -71,7 +73,9 @@ def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path
         command += ["--threads", str(args.threads)]
     command += args.overrides
     log = open(log_path, "w")
+    # the server's processes (HTTP, queue manager, worker) run on --server_cpus only; children inherit it
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: os.sched_setaffinity(0, args.server_cpus),
                                start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -93,9 +97,12 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def start_hog() -> list[subprocess.Popen]:
-    """One busy process per core: the server keeps about half the machine."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+def start_hog(cpus: set[int]) -> list[subprocess.Popen]:
+    """One busy process pinned to each of the server's cores: the server keeps about half its compute."""
+    return [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}))
+        for cpu in sorted(cpus)
+    ]
 
 
 def stop_hog(hogs: list[subprocess.Popen]) -> None:
@@ -104,12 +111,18 @@ def stop_hog(hogs: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def warm_up(base: str, images: list[str]) -> float:
-    """A few requests before timing starts (first calls allocate and compile); returns the server's running
-    mean of the time a request spends in it outside the model's worker (ms)."""
-    for number in range(10):
-        httpx.post(f"{base}/v1/chat/completions", json=_body(images, number), timeout=120).raise_for_status()
-    return float(httpx.get(f"{base}/metrics", timeout=10).json().get("outside_worker_ms", 0.0))
+def warm_up(base: str, images: list[str], burst: int) -> float:
+    """Requests at budget 1.0 before timing starts (first calls allocate and compile; the first ``burst``
+    requests sent at once cost LitServe's HTTP process about 250 ms more, once: its threads connect to the
+    queue manager); returns the median end-to-end time of ten, one at a time (ms)."""
+    served_batch_ms(base, images, burst, 2)
+    times = []
+    with httpx.Client(timeout=120) as http:
+        for number in range(13):
+            begin = time.perf_counter()
+            http.post(f"{base}/v1/chat/completions", json=_body(images, number, budget=1.0)).raise_for_status()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times[3:])
 
 
 def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: float, images: list[str], hog: bool) -> dict:
@@ -117,11 +130,13 @@ def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: fl
     records: list[dict] = []
     lock = threading.Lock()
     sent = [0]
-    start = time.perf_counter()
-    stop_at = start + args.phase_seconds
+    ready = threading.Barrier(clients + 1)  # clients are built before the clock starts (it costs CPU and the GIL)
+    clock = {}
 
     def client(index: int) -> None:
         with httpx.Client(timeout=120) as http:
+            ready.wait()
+            start, stop_at = clock["start"], clock["stop_at"]
             while time.perf_counter() < stop_at:
                 with lock:
                     if sent[0] >= args.requests:
@@ -142,11 +157,14 @@ def run_phase(base: str, clients: int, args: argparse.Namespace, deadline_ms: fl
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
+    start = time.perf_counter()
+    clock.update(start=start, stop_at=start + args.phase_seconds)
+    ready.wait()
     try:
         while any(thread.is_alive() for thread in threads):
             # the hog runs while the middle third of the requests is sent
             if hog and not hog_span and sent[0] >= args.requests / 3:
-                hogs = start_hog()
+                hogs = start_hog(args.server_cpus)
                 hog_span.append(time.perf_counter() - start)
             if hogs and sent[0] >= 2 * args.requests / 3:
                 stop_hog(hogs)
@@ -261,16 +279,6 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
     return {key: 1000 * value for key, value in seconds.items()}
 
 
-def default_deadline(profile: Path, outside_ms: float, factor: float) -> float:
-    """``factor`` x what one short request at budget 1.0 takes: the profile's prediction plus the server's
-    time outside the model (HTTP in and out), as measured while warming up."""
-    from adaptive_mllm.serving.latency import LatencyModel
-
-    latency = LatencyModel.load(profile)
-    prompt = min(latency.meta["grid"]["prompt_lengths"]) + 1  # the short prompts sent here, + latency token
-    return factor * (latency.predict_ms(1.0, prompt, 4, 1) + outside_ms)
-
-
 def summarise(name: str, phase: str, result: dict, deadline_ms: float) -> dict:
     ok = [r for r in result["records"] if r["status"] == 200]
     latencies = sorted(r["latency_ms"] for r in ok)
@@ -327,14 +335,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--requests", type=int, default=60, help="at most this many requests per phase")
     parser.add_argument("--phase_seconds", type=float, default=60, help="at most this long per phase")
     parser.add_argument("--heavy_clients", type=int, default=8)
-    parser.add_argument("--deadline_ms", type=float, help="default: --deadline_factor x the predicted full-budget time")
+    parser.add_argument("--deadline_ms", type=float, help="default: --deadline_factor x the measured full-budget time")
     parser.add_argument("--deadline_factor", type=float, default=1.5)
+    parser.add_argument("--server_cpus", type=int, nargs="+", default=[0],
+                        help="cores the server runs on (and the hog busies); the clients and checks get the others")
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--batch_timeout", type=float, default=0.0)
     parser.add_argument("--threads", type=int, help="torch threads of the servers, the profile and the checks")
     parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides  # recipe flags for every model build
+    args.server_cpus = set(args.server_cpus)
+    others = set(os.sched_getaffinity(0)) - args.server_cpus
+    if others:
+        os.sched_setaffinity(0, others)  # the clients (this process) stay off the server's cores
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     profile = Path(args.profile) if args.profile else out / "profile.json"
@@ -351,9 +365,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, pinned in (("adaptive", False), ("pinned 1.0", True)):
         process, base = start_server(args, profile, pinned, out / f"server-{name.split()[0]}.log")
         try:
-            outside_ms = warm_up(base, images)
-            if deadline_ms is None:
-                deadline_ms = default_deadline(profile, outside_ms, args.deadline_factor)
+            full_ms = warm_up(base, images, args.max_batch_size)
+            if deadline_ms is None:  # what budget 1.0 takes end to end on the quiet machine, with some room
+                deadline_ms = args.deadline_factor * full_ms
             for phase, clients, hog in (("light", 1, False), ("heavy", args.heavy_clients, False), ("hog", 1, True)):
                 results[(name, phase)] = run_phase(base, clients, args, deadline_ms, images, hog)
                 rows.append(summarise(name, phase, results[(name, phase)], deadline_ms))

@@ -64,21 +64,25 @@ def test_generous_deadline_gives_the_full_model_and_unmeetable_the_smallest_budg
 
 
 def test_online_correction_lowers_the_budget_when_times_double_and_raises_it_back():
+    """RunningRatio's 90th percentile over 10 batches, worked by hand."""
     model = LatencyModel(PREFILL, DECODE, margin=0.1)
     deadline = model.predict_ms(0.9, 400, 4, 4) * 1.1
-    ratio = RunningRatio(rise=0.5, fall=0.25)
+    ratio = RunningRatio(window=20, quantile=0.9)
     before = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
-    for _ in range(6):  # the machine slows down: every batch takes twice the prediction
-        predicted = model.predict_ms(0.9, 400, 4, 4)
+    predicted = model.predict_ms(0.9, 400, 4, 4)
+    for _ in range(18):  # quiet: the profile is right
+        ratio.update(predicted, predicted)
+    assert ratio.update(predicted, 2 * predicted) == 1.0  # one slow batch in 19: above the 90th percentile
+    assert ratio.update(predicted, 2 * predicted) == 2.0  # two in 20: the second slowest is the correction
+    for _ in range(4):  # the machine slows down: every batch takes twice the prediction
         ratio.update(predicted, 2 * predicted)
-    assert ratio.value == pytest.approx(2.0 - 0.5**6)  # rises with weight 0.5
+    assert ratio.value == 2.0
     slowed = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value)
     assert slowed.budget < before - 0.2
     assert slowed.predicted_ms * 1.1 <= deadline * (1 + 1e-9)
-    predicted = model.predict_ms(0.9, 400, 4, 4)
-    assert ratio.update(predicted, predicted) == pytest.approx(0.75 * (2.0 - 0.5**6) + 0.25)  # falls with weight 0.25
-    for _ in range(11):  # the load goes
-        ratio.update(predicted, predicted)
+    for _ in range(18):  # the load goes: while two of the 6 slow batches are in the window, it holds
+        assert ratio.update(predicted, predicted) == 2.0
+    assert ratio.update(predicted, predicted) == 1.0  # one left: below the 90th percentile
     recovered = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
     assert recovered > slowed.budget + 0.2
 
