@@ -2,22 +2,24 @@
 
 A profile is measured once; the machine then changes (another process takes half the cores, a GPU is
 shared). Every answered batch reports (predicted, measured) milliseconds, and predictions are scaled by
-a high quantile (default the 90th percentile) of the last ratios. A quantile, not a mean: a deadline is
-missed by the slow answers, and when another process shares the cores the times spread as well as grow,
-so a mean would keep half the answers on the slow side of the prediction. It rises as soon as a tenth of
-the window is slow, and falls back only when the slow batches have left the window: a slowdown costs
-deadlines until the correction has caught up, a recovery only some budget for a few more batches.
+a high quantile (default the 90th percentile) of the last ratios, or the latest ratio when that is higher.
+A quantile, not a mean: a deadline is missed by the slow answers, and when another process shares the
+cores the times spread as well as grow, so a mean would keep half the answers on the slow side of the
+prediction. It rises with the first slow batch, and falls back only when the slow batches have left the
+window: a slowdown costs the deadline of the batch that was running when it began, a recovery only some
+budget for a few more batches.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 
 
 class RunningRatio:
-    """The ``quantile`` of the last ``window`` ratios ``measured / predicted``; 1 before the first (the
-    profile is right).
+    """The ``quantile`` of the last ``window`` ratios ``measured / predicted``, or the latest one when higher;
+    1 before the first (the profile is right).
 
     Args:
         window: how many recent batches count (20: a change is followed within a few, and forgotten after 20).
@@ -45,7 +47,12 @@ class RunningRatio:
         if not (predicted_ms > 0 and measured_ms > 0 and math.isfinite(predicted_ms) and math.isfinite(measured_ms)):
             return self.value
         self.ratios.append(min(max(measured_ms / predicted_ms, self.low), self.high))
-        ordered = sorted(self.ratios)
-        self.value = ordered[math.ceil(self.quantile * (len(ordered) - 1))]  # the nearest rank at or above it
+        self.value = max(upper_quantile(self.ratios, self.quantile), self.ratios[-1])
         self.updates += 1
         return self.value
+
+
+def upper_quantile(values: Iterable[float], quantile: float) -> float:
+    """The ``quantile`` of ``values`` by the nearest rank at or above it (never interpolated down)."""
+    ordered = sorted(values)
+    return ordered[math.ceil(quantile * (len(ordered) - 1))]

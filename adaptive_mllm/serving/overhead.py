@@ -4,8 +4,10 @@ The worker sees a request from its arrival in LitServe's queue to the end of its
 Before that the HTTP server reads and parses the body; after it the answer is encoded, crosses back to
 the HTTP server and is written out: a few milliseconds on a CPU, the same order as a tiny model's whole
 answer. An ASGI middleware in the HTTP server times every chat request end to end, subtracts what the
-worker reported in the reply (``queued_ms`` + ``measured_ms``), and keeps a running mean of the rest in
-shared memory; the worker (another process) reads it and takes it off every deadline. Knowing each
+worker reported in the reply (``queued_ms`` + ``measured_ms``), and keeps the last times of the rest in
+shared memory; the worker (another process) takes their 90th percentile off every deadline (a high
+quantile, as the latency correction: when another process shares the cores, the HTTP server's time
+spreads too, and the slow requests are the ones that miss). Knowing each
 request's whole time in the server, the middleware also counts the deadlines met.
 """
 
@@ -16,34 +18,38 @@ import multiprocessing
 import time
 from typing import Any
 
-# the running mean follows a change within a few requests, and one slow reply moves it by a fifth
-WEIGHT = 0.2
+from adaptive_mllm.serving.correction import upper_quantile
+
+WINDOW = 20  # the last requests that count
+QUANTILE = 0.9
 
 
 class ServerTimes:
     """Shared between the HTTP server and the worker processes (``multiprocessing`` values: LitServe forks
     the HTTP server and spawns the worker with the API as an argument, and both inherit them): the running
-    mean of the milliseconds a request spends outside the worker, and the deadlines met in the server."""
+    90th percentile of the milliseconds recent requests spent outside the worker, and the deadlines met in
+    the server."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
-        self._outside_ms = context.Value("d", 0.0)
+        self._recent = context.Array("d", WINDOW)  # a ring of the last outside times (ms)
         self._seen = context.Value("l", 0)
         self._deadline_requests = context.Value("l", 0)
         self._deadline_met = context.Value("l", 0)
 
     @property
     def outside_ms(self) -> float:
-        return float(self._outside_ms.value)
+        """The 90th percentile of the last ``WINDOW`` requests' times outside the worker (0 before any)."""
+        with self._recent.get_lock():
+            count = min(self._seen.value, WINDOW)
+            return upper_quantile(self._recent[:count], QUANTILE) if count else 0.0
 
     def update(self, outside_ms: float) -> float:
-        """Fold in one request's time outside the worker (the first one is taken as it is)."""
-        outside_ms = max(outside_ms, 0.0)
-        with self._outside_ms.get_lock():
-            mean = self._outside_ms.value
-            self._outside_ms.value = outside_ms if self._seen.value == 0 else (1 - WEIGHT) * mean + WEIGHT * outside_ms
+        """Fold in one request's time outside the worker."""
+        with self._recent.get_lock():
+            self._recent[self._seen.value % WINDOW] = max(outside_ms, 0.0)
             self._seen.value += 1
-            return self._outside_ms.value
+        return self.outside_ms
 
     def count_deadline(self, met: bool) -> None:
         with self._deadline_requests.get_lock():

@@ -72,15 +72,17 @@ def test_online_correction_lowers_the_budget_when_times_double_and_raises_it_bac
     predicted = model.predict_ms(0.9, 400, 4, 4)
     for _ in range(18):  # quiet: the profile is right
         ratio.update(predicted, predicted)
-    assert ratio.update(predicted, 2 * predicted) == 1.0  # one slow batch in 19: above the 90th percentile
-    assert ratio.update(predicted, 2 * predicted) == 2.0  # two in 20: the second slowest is the correction
+    assert ratio.update(predicted, 2 * predicted) == 2.0  # the latest batch is slow: taken at once
+    assert ratio.update(predicted, 2 * predicted) == 2.0  # two in 20: the second slowest is the 90th percentile
     for _ in range(4):  # the machine slows down: every batch takes twice the prediction
         ratio.update(predicted, 2 * predicted)
     assert ratio.value == 2.0
     slowed = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value)
     assert slowed.budget < before - 0.2
     assert slowed.predicted_ms * 1.1 <= deadline * (1 + 1e-9)
-    for _ in range(18):  # the load goes: while two of the 6 slow batches are in the window, it holds
+    assert ratio.update(predicted, 3 * predicted) == 3.0  # a spike counts at once ...
+    assert ratio.update(predicted, 2 * predicted) == 2.0  # ... and is forgotten by the quantile
+    for _ in range(18):  # the load goes: while two of the 8 slow batches are in the window, it holds
         assert ratio.update(predicted, predicted) == 2.0
     assert ratio.update(predicted, predicted) == 1.0  # one left: below the 90th percentile
     recovered = model.budget_for_deadline(deadline, 400, 4, 4, min_budget=0.2, scale=ratio.value).budget
