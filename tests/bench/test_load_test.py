@@ -18,3 +18,12 @@ def test_summary_counts_errors_as_misses():
     assert row["p50_ms"] == pytest.approx(25) and row["p95_ms"] == pytest.approx(38.5) and row["p99_ms"] == pytest.approx(39.7)
     assert row["deadline_hit"] == 2 / 5  # 10 and 20 ms of 5 requests; the rejected one is a miss
     assert row["mean_budget"] == 0.75
+
+
+def test_hit_rate_while_the_hog_ran_counts_only_the_requests_sent_then():
+    records = [{"t": t, "latency_ms": latency, "status": status, "budget": 1.0}
+               for t, latency, status in [(0.5, 10.0, 200), (1.5, 30.0, 200), (2.0, 10.0, 200), (2.5, 10.0, 500), (3.5, 30.0, 200)]]  # fmt: skip
+    row = summarise("pinned", "hog", {"records": records, "seconds": 4.0, "hog_span": (1.0, 3.0)}, deadline_ms=20)
+    assert row["hit_during_hog"] == 1 / 3  # of 1.5 (late), 2.0 (met), 2.5 (error): one met
+    assert row["deadline_hit"] == 2 / 5
+    assert summarise("a", "light", {"records": records, "seconds": 4.0, "hog_span": None}, 20)["hit_during_hog"] != 0.5  # nan
