@@ -32,6 +32,11 @@ from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLim
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
+# The most a deadline-driven budget may rise from one batch to the next. Budgets fall at once when the
+# correction says so, but rise in steps: when another process shares the cores, small budgets can look
+# fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
+# to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline.
+BUDGET_RISE = 0.1
 
 
 @dataclass
@@ -103,6 +108,7 @@ class DeadlineAPI(ls.LitAPI):
         self.processor = model.backbone.input_processor()
         self.latency = LatencyModel.load(self.profile, self.margin) if self.profile else None
         self.ratio = RunningRatio()
+        self.deadline_ceiling = 1.0  # the highest deadline-driven budget of the last batch + BUDGET_RISE
         self.counts: Counter[str] = Counter()
         self.decode_steps = 0
         # decoding steps of a generate call = LM head calls - 1 (the first token comes out of the prefill)
@@ -175,6 +181,9 @@ class DeadlineAPI(ls.LitAPI):
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
         choices = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
         choices = self._share_the_batch(choices, requests, queued, prompt_tokens, new_tokens)
+        driven = [budget for budget, requested, _ in choices if requested == "deadline"]
+        if driven:
+            self.deadline_ceiling = min(max(driven) + BUDGET_RISE, 1.0)
         budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
         predicted = None  # the batch's, before this batch corrects the model: one generate call, one time
         if self.latency is not None:
@@ -217,7 +226,7 @@ class DeadlineAPI(ls.LitAPI):
             if remaining <= 0:
                 return minimum, "deadline", False
             choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
-            return choice.budget, "deadline", choice.met
+            return max(min(choice.budget, self.deadline_ceiling), minimum), "deadline", choice.met
         return max(self.model.budget, minimum), "default", True
 
     def _minimum(self, request: ChatRequest) -> float:

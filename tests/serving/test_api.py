@@ -142,3 +142,25 @@ def test_a_batch_shares_its_tightest_deadline(api: DeadlineAPI):
     assert api.latency.predict_ms((b_fresh + 0.01 + b_old + b_fixed) / 3, tokens, new, 3) * 1.1 > deadline - deadline / 3
     # one request alone, or no deadline in the batch: unchanged
     assert api._share_the_batch(alone[:1], requests[:1], queued[:1], tokens, new) == alone[:1]
+
+
+def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
+    api.ratio = RunningRatio()
+    request = _request(api, 1.0)
+    tokens = len(request.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    request.deadline_ms = 1e7  # generous: alone, budget 1.0
+    api.deadline_ceiling = 0.3  # the last batch ran at 0.2 under a slowdown
+    try:
+        budget, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+        assert budget == pytest.approx(0.3) and feasible
+        climbed = []
+        for _ in range(10):  # batches answered at their budget: the ceiling follows, 0.1 a batch
+            budget = api._answer([request])[0].budget
+            climbed.append(round(budget, 6))
+        assert climbed[:4] == pytest.approx([0.3, 0.4, 0.5, 0.6]) and climbed[-1] == 1.0
+        fixed = _request(api, 1.0)
+        fixed.deadline_ms, fixed.budget = None, 0.9  # an asked budget is not capped
+        assert api._choose(fixed, 0.0, tokens, new, 1)[0] == 0.9
+    finally:
+        api.deadline_ceiling = 1.0
