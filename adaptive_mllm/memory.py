@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.layers import adapter_for
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 
@@ -177,7 +178,10 @@ def plan_memory(
 
 def build_on_meta(args: list[str]) -> Any:
     """The recipe's CLI objects with the module built on the meta device (a generated tokenizer is prepared first)."""
-    cli = parse_recipe([*args, *UNUSED_TRAINER])
+    try:
+        cli = parse_recipe([*args, *UNUSED_TRAINER])
+    except CheckpointError as error:  # a plan is often made before the weights are downloaded
+        raise CheckpointError(f"{error}; the memory plan reads only its config.json and tokenizer files, no weights") from error
     tokenizer_dir = getattr(cli.model.backbone, "tokenizer_dir", None)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir() and hasattr(cli.datamodule, "prepare_data"):
         cli.datamodule.prepare_data()  # e.g. the tiny recipe's tokenizer, trained on its generated data

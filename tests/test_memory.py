@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adaptive_mllm import memory
+from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.cli import main
 from adaptive_mllm.recipe import build_model
 from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
@@ -102,3 +103,9 @@ def test_the_zero3_variant_plans_as_much_model_state_per_gpu(tokenizer_dir, tmp_
     zero3 = memory.main(["--config", str(RECIPE_DIR / "llava7b-zero3.yaml")])
     assert zero3.strategy == "DeepSpeedStrategy (ZeRO-3)" and zero3.devices == 8
     assert zero3.parameters + zero3.gradients + zero3.optimizer == fsdp.parameters + fsdp.gradients + fsdp.optimizer
+
+
+def test_a_missing_checkpoint_directory_says_what_the_plan_needs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    with pytest.raises(CheckpointError, match="llava-v1.5-7b-hf does not exist; the memory plan reads only its config.json"):
+        memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
