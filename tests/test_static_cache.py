@@ -116,31 +116,33 @@ def test_the_static_cache_never_grows_and_says_when_it_is_full(gqa_backbone, mod
         assert _buffers(cache) == before
 
 
-def test_a_prefill_longer_than_the_cache_is_refused(gqa_backbone):
-    backbone = gqa_backbone
-    ids, mask = _left_padded(backbone, [6, 4], seed=7)
+def _prefilled(backbone, lengths: list[int]) -> tuple[PlanCache, Engine, torch.Tensor]:
+    """A grown cache after the prefill of left-padded prompts of ``lengths`` (no plan)."""
+    ids, mask = _left_padded(backbone, lengths, seed=7)
     engine = Engine(backbone)
     cache = PlanCache()
     with torch.no_grad():
         engine(backbone.embed(ids), mask, position_ids_from_mask(mask), gated=False, cache=cache)
+    return cache, engine, ids
+
+
+def test_a_prefill_longer_than_the_cache_is_refused(gqa_backbone):
+    cache, _, _ = _prefilled(gqa_backbone, [6, 4])
     with pytest.raises(CacheFull, match="holds 4 positions per row, this request needs 6"):
         cache.make_static(4)
 
 
 def test_a_static_cache_is_only_decoded_by_decode_step(gqa_backbone):
+    with pytest.raises(ValueError, match="make_static needs a prefilled cache"):
+        PlanCache().make_static(8)
+    cache, engine, ids = _prefilled(gqa_backbone, [5, 5])
     backbone = gqa_backbone
-    ids, mask = _left_padded(backbone, [5, 5], seed=7)
-    engine = Engine(backbone)
-    cache = PlanCache()
     with torch.no_grad():
-        with pytest.raises(ValueError, match="make_static needs a prefilled cache"):
-            cache.make_static(8)
-        engine(backbone.embed(ids), mask, position_ids_from_mask(mask), gated=False, cache=cache)
         with pytest.raises(ValueError, match="call cache.make_static"):
             engine.decode_step(backbone.embed(ids[:, :1]), torch.full((2, 1), 5), cache)
         cache.make_static(8)
         with pytest.raises(ValueError, match="decoded by Engine.decode_step"):
-            engine(backbone.embed(ids[:, :1]), mask[:, :1], torch.full((2, 1), 5), gated=False, cache=cache)
+            engine(backbone.embed(ids[:, :1]), torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), 5), gated=False, cache=cache)
 
 
 def test_decode_modes_resolve(monkeypatch):

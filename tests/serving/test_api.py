@@ -49,12 +49,19 @@ def _request(api: DeadlineAPI, deadline_ms: float):
     return api.decode_request(body)
 
 
-def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api: DeadlineAPI):
+def _fresh_deadline_request(api: DeadlineAPI):
+    """A request whose deadline budget 0.9 just meets alone (margin 0.1), on a correction reset to 1;
+    returns it with its prompt tokens (+ the latency token) and the new tokens the prediction assumes."""
     api.ratio = RunningRatio()
     request = _request(api, 1.0)  # the deadline is set below, once the prompt length is known
-    tokens = len(request.prompt_ids) + 1  # + the latency token
+    tokens = len(request.prompt_ids) + 1
     new = api.model.max_new_tokens
     request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    return request, tokens, new
+
+
+def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api: DeadlineAPI):
+    request, tokens, new = _fresh_deadline_request(api)
     before, _, feasible = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and before == pytest.approx(0.9, abs=1e-5)
     budgets = torch.tensor([before])
@@ -70,11 +77,7 @@ def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api:
 
 
 def test_time_spent_queued_counts_against_the_deadline(api: DeadlineAPI):
-    api.ratio = RunningRatio()
-    request = _request(api, 1.0)
-    tokens = len(request.prompt_ids) + 1
-    new = api.model.max_new_tokens
-    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    request, tokens, new = _fresh_deadline_request(api)
     fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
     late, _, feasible = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
     assert feasible and late < fresh - 0.3  # half the time left: about half the budget-dependent work
@@ -100,11 +103,7 @@ def test_an_answer_that_stops_early_is_compared_at_full_length(api: DeadlineAPI)
 
 
 def test_time_outside_the_worker_counts_against_the_deadline(api: DeadlineAPI):
-    api.ratio = RunningRatio()
-    request = _request(api, 1.0)
-    tokens = len(request.prompt_ids) + 1
-    new = api.model.max_new_tokens
-    request.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)
+    request, tokens, new = _fresh_deadline_request(api)
     fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
     queued, _, _ = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
     api.times = ServerTimes()
