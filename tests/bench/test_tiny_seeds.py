@@ -34,17 +34,42 @@ def _write_results(path: Path, overall: dict[float, float]) -> None:
         writer.writerows({"budget": b, "overall": v} for b, v in overall.items())
 
 
+def _write_run(run_dir: Path, learned: dict[float, float], static: dict[float, float], random: dict[float, float]) -> None:
+    _write_results(run_dir, learned)
+    _write_results(run_dir / "StaticScheduler", static)
+    _write_results(run_dir / "RandomScheduler", random)
+
+
 def test_summary_applies_the_criteria(tmp_path: Path) -> None:
-    good, drops, missing = tmp_path / "good", tmp_path / "drops", tmp_path / "missing"
-    _write_results(good, {1.0: 0.96, 0.6: 0.95})
-    _write_results(good / "StaticScheduler", {1.0: 0.96, 0.6: 0.94})
-    _write_results(good / "RandomScheduler", {1.0: 0.96, 0.6: 0.90})
-    _write_results(drops, {1.0: 0.90, 0.6: 0.80})
-    _write_results(drops / "StaticScheduler", {1.0: 0.90, 0.6: 0.85})
-    missing.mkdir()
-    rows = summarise(tmp_path, [("a", 0, good), ("a", 1, drops), ("a", 2, missing)])
-    assert rows[0]["L@0.6"] == 95.0 and rows[0]["Static@0.6"] == 94.0 and rows[0]["Random@0.6"] == 90.0
-    assert rows[0]["status"] == "ok at 0.6, beats baselines, >= 85% at 1"
-    assert rows[1]["status"] == "drops at 0.6, does not beat baselines, >= 85% at 1"
-    assert rows[2]["status"] == "no test result"
-    assert (tmp_path / "summary.md").read_text().count("\n") == 5  # header, rule, three rows
+    runs = {name: tmp_path / name for name in ("good", "close", "trails", "drops", "missing")}
+    _write_run(runs["good"], {1.0: 0.96, 0.6: 0.95}, {1.0: 0.96, 0.6: 0.92}, {1.0: 0.96, 0.6: 0.90})
+    _write_run(runs["close"], {1.0: 0.96, 0.8: 0.96, 0.6: 0.95}, {1.0: 0.96, 0.8: 0.95, 0.6: 0.94}, {1.0: 0.96, 0.8: 0.9, 0.6: 0.90})
+    _write_run(runs["trails"], {1.0: 0.96, 0.8: 0.96, 0.6: 0.95}, {1.0: 0.96, 0.8: 0.97, 0.6: 0.90}, {1.0: 0.96, 0.8: 0.9, 0.6: 0.90})
+    _write_run(runs["drops"], {1.0: 0.90, 0.6: 0.80}, {1.0: 0.90, 0.6: 0.70}, {1.0: 0.90, 0.6: 0.70})
+    runs["missing"].mkdir()
+    rows = summarise(tmp_path, [("a", seed, run_dir) for seed, run_dir in enumerate(runs.values())])
+    good, close, trails, drops, missing = rows
+    assert good["L@0.6"] == 95.0 and good["Static@0.6"] == 92.0 and good["Random@0.6"] == 90.0
+    assert good["lead"] == 3.0 and good["status"] == "pass"
+    assert close["lead"] == 1.0 and close["status"] == "leads by < 2 at every budget < 1"
+    assert trails["lead"] == 5.0 and trails["worst lead"] == -1.0 and trails["status"] == "trails a baseline"
+    assert drops["status"] == "keeps < 97% at 0.6"
+    assert missing["status"] == "no test result"
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.split("\n\n")[0].count("\n") == 6  # header, rule, five rows
+    spread = summary.split("\n\n")[1].splitlines()
+    # the two-budget and three-budget runs share the L@1 column: mean of 96, 96, 96, 90 over four seeds
+    assert spread[2].startswith("| a | training seed | 4 | 1/4 | ")
+    assert "94.5 [90.0, 96.0]" in spread[2]
+
+
+def test_other_scenes_are_read_from_their_own_directories(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, {1.0: 0.96, 0.6: 0.95}, {1.0: 0.96, 0.6: 0.92}, {1.0: 0.96, 0.6: 0.90})
+    _write_results(run_dir / "scenes-7" / "AdaLLaVA-L", {1.0: 0.9, 0.6: 0.9})
+    _write_results(run_dir / "scenes-7" / "StaticScheduler", {1.0: 0.9, 0.6: 0.91})
+    _write_results(run_dir / "scenes-7" / "RandomScheduler", {1.0: 0.9, 0.6: 0.80})
+    rows = summarise(tmp_path, [("a", 0, run_dir)], ["scenes-7"])
+    assert [row["scenes"] for row in rows] == ["training seed", "scenes-7"]
+    assert rows[0]["status"] == "pass"
+    assert rows[1]["Static@0.6"] == 91.0 and rows[1]["status"] == "leads by < 2 at every budget < 1; trails a baseline"
