@@ -34,7 +34,7 @@ FORMAT_VERSION = 2  # bump whenever the generated content changes: cached data i
 IMAGE_SIZE = 64
 CELL_SIZE = 16  # = the vision tower's patch size, so a shape never straddles two patches
 GRID = IMAGE_SIZE // CELL_SIZE  # 4 x 4 cells
-MAX_SHAPES = 4
+MAX_SHAPES = 4  # the default; up to GRID * GRID with ``max_shapes``
 # Every shape is 12 px wide and centred in its cell: a shape/colour pair is then one exact patch pattern,
 # which a tiny vision tower trained from scratch picks up quickly (jittered 10-14 px shapes were learned
 # far slower: shape questions stayed near chance after 3,000 steps of recipes/tiny.yaml).
@@ -51,7 +51,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 90),
 }
 BACKGROUND = (235, 235, 235)
-COUNT_WORDS = ("one", "two", "three", "four")  # counts are answered in words, never digits
+# counts are answered in words, never digits
+COUNT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+               "thirteen", "fourteen", "fifteen", "sixteen")  # fmt: skip
 ZERO_AND_COUNT_WORDS = ("zero", *COUNT_WORDS)
 
 QUESTION_KINDS = ("colour", "shape", "count", "count_shape", "left_of")
@@ -173,11 +175,12 @@ def ask(rng: np.random.Generator, shapes: tuple[PlacedShape, ...], kind: str, ye
     raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
 
 
-def sample_example(rng: np.random.Generator, kind: str, yes: bool = True) -> Example:
-    """A random scene that can be asked ``kind``, with its question (rejection sampling, a few tries)."""
+def sample_example(rng: np.random.Generator, kind: str, yes: bool = True, max_shapes: int = MAX_SHAPES) -> Example:
+    """A random scene of 1 to ``max_shapes`` shapes that can be asked ``kind``, with its question (rejection
+    sampling, a few tries)."""
     low = 2 if kind == "left_of" else 1
     while True:
-        shapes = sample_scene(rng, int(rng.integers(low, MAX_SHAPES + 1)))
+        shapes = sample_scene(rng, int(rng.integers(low, max_shapes + 1)))
         asked = ask(rng, shapes, kind, yes)
         if asked is not None:
             return Example(shapes=shapes, kind=kind, question=asked[0], answer=asked[1])
@@ -191,18 +194,29 @@ def check_question_kinds(question_kinds: Sequence[str]) -> tuple[str, ...]:
     return kinds
 
 
+def check_max_shapes(max_shapes: int) -> int:
+    if not 2 <= max_shapes <= GRID * GRID:
+        raise ValueError(f"max_shapes={max_shapes}: expected 2 to {GRID * GRID} (one shape per cell of the {GRID}x{GRID} grid)")
+    return max_shapes
+
+
 def generate_examples(
-    num_examples: int, seed: int, split: str = "train", question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS
+    num_examples: int,
+    seed: int,
+    split: str = "train",
+    question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+    max_shapes: int = MAX_SHAPES,
 ) -> list[Example]:
     """The examples of one split: kinds exactly balanced (and left-of answers split yes / no), then
     shuffled. Each split draws from its own stream, so resizing one split leaves the others unchanged."""
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     kinds = check_question_kinds(question_kinds)
+    check_max_shapes(max_shapes)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]))
     slots = [(kinds[i % len(kinds)], (i // len(kinds)) % 2 == 0) for i in range(num_examples)]
     order = rng.permutation(num_examples)
-    return [sample_example(rng, *slots[int(i)]) for i in order]
+    return [sample_example(rng, *slots[int(i)], max_shapes=max_shapes) for i in order]
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -241,19 +255,26 @@ def _write_split(out_dir: Path, split: str, examples: list[Example]) -> list[dic
     return records
 
 
-def _meta(seed: int, sizes: dict[str, int], question_kinds: Sequence[str]) -> dict:
+def _meta(seed: int, sizes: dict[str, int], question_kinds: Sequence[str], max_shapes: int) -> dict:
     return {
         "dataset": "shapes-vqa",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "question_kinds": list(question_kinds),
+        **({"max_shapes": max_shapes} if max_shapes != MAX_SHAPES else {}),  # sets made before it stay valid
         "image_size": IMAGE_SIZE,
         **{f"num_{split}": sizes[split] for split in SPLITS},
     }
 
 
 def is_generated(
-    out_dir: str | Path, num_train: int, num_val: int, num_test: int, seed: int = 0, question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS
+    out_dir: str | Path,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int = 0,
+    question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+    max_shapes: int = MAX_SHAPES,
 ) -> bool:
     """Whether ``out_dir`` already holds exactly this dataset (meta.json is written last)."""
     out_dir = Path(out_dir)
@@ -264,7 +285,7 @@ def is_generated(
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    expected = _meta(seed, {"train": num_train, "val": num_val, "test": num_test}, question_kinds)
+    expected = _meta(seed, {"train": num_train, "val": num_val, "test": num_test}, question_kinds, max_shapes)
     files = [out_dir / f"{split}.json" for split in SPLITS] + [out_dir / TOKENIZER_DIR / "tokenizer.json"]
     return meta == expected and all(path.is_file() for path in files)
 
@@ -276,10 +297,11 @@ def generate_shapes_vqa(
     num_test: int = 2_000,
     seed: int = 0,
     question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+    max_shapes: int = MAX_SHAPES,
 ) -> Path:
     """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
     ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``."""
-    hold_shapes_vqa(out_dir, num_train, num_val, num_test, seed, question_kinds).release()
+    hold_shapes_vqa(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes).release()
     return Path(out_dir)
 
 
@@ -290,6 +312,7 @@ def hold_shapes_vqa(
     num_test: int,
     seed: int = 0,
     question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+    max_shapes: int = MAX_SHAPES,
 ) -> DirectoryLock:
     """Make sure ``out_dir`` holds this set and return the shared lock that keeps other runs from
     replacing it until released.
@@ -300,6 +323,7 @@ def hold_shapes_vqa(
     write it once.
     """
     question_kinds = check_question_kinds(question_kinds)
+    check_max_shapes(max_shapes)
     out_dir = Path(out_dir)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     if any(size < 0 for size in sizes.values()):
@@ -308,13 +332,13 @@ def hold_shapes_vqa(
     lock = DirectoryLock(out_dir)
     for _ in range(_LOCK_ATTEMPTS):
         lock.shared()  # waits while another run writes a set here
-        if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
+        if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes):
             return lock
         lock.release()
         if lock.try_exclusive():
             try:
-                if not is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds):
-                    _write_set(out_dir, seed, sizes, question_kinds)
+                if not is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes):
+                    _write_set(out_dir, seed, sizes, question_kinds, max_shapes)
             finally:
                 lock.release()
             continue  # hold it shared, checked again
@@ -340,7 +364,7 @@ def _describe(out_dir: Path) -> str:
         return "being written, or not a shapes-VQA set"
 
 
-def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: Sequence[str]) -> None:
+def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: Sequence[str], max_shapes: int) -> None:
     """Write the set into a staging directory, then move it into ``out_dir`` (the caller holds the
     exclusive lock). The old ``meta.json`` goes first and the new one last, so a run killed halfway
     leaves a directory that counts as empty, never a mix that counts as a set."""
@@ -350,11 +374,11 @@ def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: 
     template = plain_chat()
     texts = []
     for split in SPLITS:
-        records = _write_split(staging, split, generate_examples(sizes[split], seed, split, question_kinds))
+        records = _write_split(staging, split, generate_examples(sizes[split], seed, split, question_kinds, max_shapes))
         _write_json(staging / f"{split}.json", records)
         texts += [template.render([(r["conversations"][0]["value"], r["conversations"][1]["value"])]) for r in records]
     train_word_tokenizer(texts, staging / TOKENIZER_DIR, template=template)
-    _write_json(staging / META_FILE, _meta(seed, sizes, question_kinds))
+    _write_json(staging / META_FILE, _meta(seed, sizes, question_kinds, max_shapes))
 
     (out_dir / META_FILE).unlink(missing_ok=True)  # from here on, the old set no longer counts as there
     replaced = out_dir / REPLACED_DIR

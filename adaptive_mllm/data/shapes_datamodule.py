@@ -10,7 +10,9 @@ from adaptive_mllm.data.llava_json import LlavaDataModule
 from adaptive_mllm.data.shapes import (
     DEFAULT_QUESTION_KINDS,
     IMAGE_DIR,
+    MAX_SHAPES,
     TOKENIZER_DIR,
+    check_max_shapes,
     check_question_kinds,
     hold_shapes_vqa,
     is_generated,
@@ -37,6 +39,7 @@ class ShapesVQADataModule(LlavaDataModule):
         seed: generation seed; the same seed gives byte-identical files.
         question_kinds: which kinds of question to ask, in equal shares (any of colour, shape, count,
             count_shape, left_of; by default colour, shape, count_shape).
+        max_shapes: most shapes in one scene (1 to ``max_shapes``, one per cell of the 4x4 grid).
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size; None = ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -51,6 +54,7 @@ class ShapesVQADataModule(LlavaDataModule):
         num_test: int = 2_000,
         seed: int = 0,
         question_kinds: Sequence[str] = DEFAULT_QUESTION_KINDS,
+        max_shapes: int = MAX_SHAPES,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -74,6 +78,7 @@ class ShapesVQADataModule(LlavaDataModule):
         self.num_test = num_test
         self.seed = seed
         self.kinds_to_ask = check_question_kinds(question_kinds)
+        self.max_shapes = check_max_shapes(max_shapes)
         self._lock: DirectoryLock | None = None
 
     @property
@@ -84,17 +89,17 @@ class ShapesVQADataModule(LlavaDataModule):
         """Generate the set unless ``meta.json`` says it is already there (then this is instant), and
         hold it until ``teardown``."""
         self.teardown("prepare_data")
-        self._lock = hold_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask)
+        self._lock = hold_shapes_vqa(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask, self.max_shapes)
 
     def setup(self, stage: str) -> None:
         if self._lock is None and self.data_dir.is_dir():  # e.g. a DDP rank other than the one that prepared
             self._lock = DirectoryLock(self.data_dir)
             self._lock.shared()
-        if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask):
+        if not is_generated(self.data_dir, self.num_train, self.num_val, self.num_test, self.seed, self.kinds_to_ask, self.max_shapes):
             self.teardown(stage)
             raise RuntimeError(
                 f"{self.data_dir} does not hold the shapes-VQA set asked for (sizes {self.num_train} / "
-                f"{self.num_val} / {self.num_test}, seed {self.seed}, kinds {list(self.kinds_to_ask)}): "
+                f"{self.num_val} / {self.num_test}, seed {self.seed}, kinds {list(self.kinds_to_ask)}, max_shapes {self.max_shapes}): "
                 "call prepare_data() first"
             )
         super().setup(stage)

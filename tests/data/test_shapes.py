@@ -27,7 +27,7 @@ from adaptive_mllm.data.shapes import (
 )
 
 COUNT_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
-NUMBER_WORDS = {0: "zero", **{n: word for word, n in COUNT_WORDS.items()}}
+NUMBER_WORDS = {0: "zero", **{n: word for word, n in COUNT_WORDS.items()}, 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
 
 def split_sizes(sizes: dict[str, int]) -> dict[str, int]:
@@ -66,7 +66,7 @@ def scene_from_image(path: Path) -> set[tuple[int, int, str, str]]:
 def answer_from_scene(question: str, scene: set[tuple[int, int, str, str]]) -> str:
     """The answer, asserting that the question names exactly one object."""
     if question == "How many shapes are there?":
-        return {1: "one", 2: "two", 3: "three", 4: "four"}[len(scene)]
+        return NUMBER_WORDS[len(scene)]
     if match := re.fullmatch(r"How many (circle|square|triangle)s are there\?", question):
         return NUMBER_WORDS[sum(shape == match[1] for _, _, _, shape in scene)]
     if match := re.fullmatch(r"What colour is the (\w+)\?", question):
@@ -254,3 +254,23 @@ def test_a_split_of_size_zero_is_not_set(processor, tmp_path):
     with pytest.raises(ValueError, match="needs test_json"):
         datamodule.setup("test")
     datamodule.teardown("fit")
+
+
+def test_crowded_scenes_are_drawn_and_answered_right(tmp_path):
+    sizes = {"num_train": 60, "num_val": 0, "num_test": 20}
+    crowded = generate_shapes_vqa(tmp_path / "crowded", seed=5, question_kinds=QUESTION_KINDS, max_shapes=8, **sizes)
+    counts = Counter()
+    for split in ("train", "test"):
+        for record in json.loads((crowded / f"{split}.json").read_text()):
+            question = record["conversations"][0]["value"].split("\n", 1)[1]
+            scene = scene_from_image(crowded / "images" / record["image"])
+            assert 1 <= len(scene) <= 8
+            counts[len(scene)] += 1
+            assert answer_from_scene(question, scene) == record["conversations"][1]["value"], record["id"]
+    assert max(counts) > 4  # scenes past the default's four shapes
+    assert json.loads((crowded / "meta.json").read_text())["max_shapes"] == 8
+    # the default set's files are unchanged by the option: no max_shapes in its meta.json
+    default = generate_shapes_vqa(tmp_path / "default", seed=5, **sizes)
+    assert "max_shapes" not in json.loads((default / "meta.json").read_text())
+    with pytest.raises(ValueError, match="max_shapes=17"):
+        generate_examples(4, seed=0, max_shapes=17)
