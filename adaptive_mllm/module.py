@@ -28,6 +28,9 @@ class AdaptiveMLLM(L.LightningModule):
         scheduler: decides, per example and budget, which layers / heads run; None = always the full model.
         token_selector: which visual tokens reach the LLM; None = all of them.
         train_budget_range: budgets drawn uniformly per training example, clipped to the admissible minimum.
+        full_budget_steps: the first optimiser steps train at budget 1.0 (every layer), before budgets are
+            drawn: a stand-in for the pretrained LLM AdaLLaVA starts from, whose layers were not trained
+            to work in any subset (a model trained under random plans from step 0 is).
         eval_budgets: validation / test evaluate every one of these budgets.
         budget: the budget of ``predict``.
         max_new_tokens: longest generated answer.
@@ -49,6 +52,7 @@ class AdaptiveMLLM(L.LightningModule):
         scheduler: Scheduler | None = None,
         token_selector: TokenSelector | None = None,
         train_budget_range: tuple[float, float] = (0.5, 1.0),
+        full_budget_steps: int = 0,
         eval_budgets: list[float] | None = None,
         budget: float = 1.0,
         max_new_tokens: int = 16,
@@ -66,6 +70,7 @@ class AdaptiveMLLM(L.LightningModule):
         self.engine = Engine(backbone, activation_checkpointing)
         self.eval_budgets = list(eval_budgets) if eval_budgets is not None else [1.0]
         self.train_budget_range = tuple(train_budget_range)
+        self.full_budget_steps = full_budget_steps
         self.budget = budget
         self.max_new_tokens = max_new_tokens
         self.learning_rate = learning_rate
@@ -86,6 +91,8 @@ class AdaptiveMLLM(L.LightningModule):
                 raise ValueError(f"{name}: budget {value} is outside the admissible range [0, 1]")
         if low > high:
             raise ValueError(f"train_budget_range: low {low} > high {high}")
+        if self.full_budget_steps < 0:
+            raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
         if self.scheduler is not None:
             layers = self.backbone.shape.num_layers
             prefix = self.scheduler.num_prefix_layers
@@ -203,7 +210,10 @@ class AdaptiveMLLM(L.LightningModule):
         self._skipped += int(batch.get("num_skipped", 0))
         if batch["input_ids"].shape[0] == 0:
             return None
-        logits, labels = self(batch)
+        budgets = None  # drawn from train_budget_range
+        if self.global_step < self.full_budget_steps:
+            budgets = torch.ones(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        logits, labels = self(batch, budgets)
         loss = self._loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss

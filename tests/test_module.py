@@ -192,3 +192,26 @@ def test_the_first_evaluation_batch_is_answered_once_untimed_before_the_sweep(to
     calls.clear()
     model.test_step(batch, 1)
     assert calls == [1.0, 0.7]  # later batches: no extra call
+
+
+@pytest.mark.parametrize("full_budget_steps, expect_full", [(1, True), (0, False)])
+def test_full_budget_steps_train_every_layer_before_budgets_are_drawn(tokenizer_dir, monkeypatch, full_budget_steps, expect_full):
+    model = AdaptiveMLLM(
+        make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2),
+        train_budget_range=(0.6, 0.6), full_budget_steps=full_budget_steps,
+    )  # fmt: skip
+    model.configure_model()
+    plans = []
+    schedule = model.scheduler.forward
+    monkeypatch.setattr(model.scheduler, "forward", lambda *args, **kwargs: plans.append(schedule(*args, **kwargs)) or plans[-1])
+    model.training_step(_batch(model, QUESTIONS, ANSWERS), 0)  # global_step 0 (no trainer)
+    mask = plans[0].layer_mask.detach()  # [B, L_sched]
+    fewest = int(model.scheduler.units_for_budget(torch.tensor([0.6]), torch.tensor([30]))[0])
+    assert fewest < 4
+    assert bool((mask.sum(-1) == 4).all()) == expect_full
+    assert expect_full or bool((mask.sum(-1) < 4).all())
+
+
+def test_negative_full_budget_steps_are_refused(tokenizer_dir):
+    with pytest.raises(ValueError, match="full_budget_steps=-1"):
+        AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), full_budget_steps=-1)

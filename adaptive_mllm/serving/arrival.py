@@ -15,9 +15,8 @@ of the machine, so the worker can subtract. The stamp is written over any same-n
 from __future__ import annotations
 
 import time
-from typing import Any
-
 from queue import Empty
+from typing import Any
 
 from litserve.loops import BatchedLoop
 from litserve.loops.base import collate_requests

@@ -8,7 +8,6 @@ import multiprocessing
 import time
 
 import httpx
-import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
