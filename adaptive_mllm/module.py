@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,8 @@ class AdaptiveMLLM(L.LightningModule):
         train_budget_range: budgets drawn uniformly per training example, clipped to the admissible minimum.
         full_budget_steps: the first optimiser steps train at budget 1.0 (every layer), before budgets are
             drawn: a stand-in for the pretrained LLM AdaLLaVA starts from, whose layers were not trained
-            to work in any subset (a model trained under random plans from step 0 is).
+            to work in any subset (a model trained under random plans from step 0 is). The learning rate
+            starts a new warm-up and cosine cycle when budgets start to be drawn.
         eval_budgets: validation / test evaluate every one of these budgets.
         budget: the budget of ``predict``.
         max_new_tokens: longest generated answer.
@@ -300,13 +302,21 @@ class AdaptiveMLLM(L.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(self.warmup_ratio * total)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
+        schedule = partial(learning_rate_factor, total=total, warmup_ratio=self.warmup_ratio, restart=self.full_budget_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: int = 0) -> float:
+    """The peak learning rate's factor at ``step``: linear warm-up, then cosine decay to 0, over ``total``
+    steps; with ``restart`` (``full_budget_steps``) the steps from there on are a cycle of their own, as a
+    fine-tune of a trained model would be (otherwise the budgets would be learned at the tail of the decay)."""
+    if 0 < restart < total:
+        if step >= restart:
+            return learning_rate_factor(step - restart, total - restart, warmup_ratio)
+        total = restart
+    warmup = int(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

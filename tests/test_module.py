@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
-from adaptive_mllm.module import AdaptiveMLLM
+from adaptive_mllm.module import AdaptiveMLLM, learning_rate_factor
 from adaptive_mllm.planning import PlanInputs
 from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler, StaticScheduler
 from tests.conftest import make_backbone, random_images
@@ -215,3 +217,18 @@ def test_full_budget_steps_train_every_layer_before_budgets_are_drawn(tokenizer_
 def test_negative_full_budget_steps_are_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="full_budget_steps=-1"):
         AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), full_budget_steps=-1)
+
+
+def test_the_learning_rate_restarts_its_cycle_when_budgets_start_to_be_drawn():
+    # one cycle: warm-up over 30 of 100 steps, then cosine to 0
+    assert learning_rate_factor(0, 100, 0.3) == pytest.approx(1 / 31)
+    assert learning_rate_factor(30, 100, 0.3) == pytest.approx(1.0)
+    assert learning_rate_factor(65, 100, 0.3) == pytest.approx(0.5)
+    # restart at 60: steps 0-59 are a cycle of 60 (warm-up 18), steps 60-99 one of 40 (warm-up 12)
+    assert learning_rate_factor(18, 100, 0.3, restart=60) == pytest.approx(1.0)
+    assert learning_rate_factor(59, 100, 0.3, restart=60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 41 / 42)))
+    assert learning_rate_factor(60, 100, 0.3, restart=60) == pytest.approx(1 / 13)
+    assert learning_rate_factor(72, 100, 0.3, restart=60) == pytest.approx(1.0)
+    assert learning_rate_factor(99, 100, 0.3, restart=60) < 0.01
+    # a restart at 0 or past the end is one cycle
+    assert learning_rate_factor(65, 100, 0.3, restart=100) == learning_rate_factor(65, 100, 0.3)
