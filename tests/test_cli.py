@@ -82,7 +82,7 @@ def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypa
     assert list((runs / "wandb").glob("offline-run-*")), "no W&B offline run directory"
     assert (runs / "checkpoints" / "last.ckpt").is_file()
     table = (runs / "test_results.md").read_text()
-    assert "majority baseline" in table and "budget 0.6" in table and "overall" in table
+    assert "majority baseline" in table and "budget 0.3" in table and "overall" in table
     assert (runs / "budget_curves.png").is_file() and (runs / "layer_usage.png").is_file()
 
     # resuming continues from the checkpoint's step instead of starting over
