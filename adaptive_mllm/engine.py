@@ -228,7 +228,9 @@ class Engine(nn.Module):
         for index, layer in enumerate(self.backbone.decoder_layers):
             layer_mask = selected_mask if cache.selected_from is not None and index >= cache.selected_from else mask
 
-            def layer_step(hidden: torch.Tensor, index: int = index, layer: nn.Module = layer, layer_mask=layer_mask) -> torch.Tensor:
+            def layer_step(
+                hidden: torch.Tensor, index: int = index, layer: nn.Module = layer, layer_mask: torch.Tensor | None = layer_mask
+            ) -> torch.Tensor:
                 for group in cache.groups[index]:
                     hidden = run_group(index, layer, group, hidden, cos, sin, layer_mask)
                 return hidden
