@@ -53,6 +53,22 @@ def test_a_part_is_swapped_by_one_flag(capsys):
     assert scheduler["init_args"]["rank"] == 2
 
 
+def test_one_size_flag_changes_one_size_and_keeps_the_rest():
+    cli = build_cli(["--config", str(RECIPE_DIR / "tiny.yaml"), "--model.backbone.init_args.config.text.hidden_size=96"], run=False)
+    backbone = cli.model.backbone
+    text = backbone.llava_config.text_config
+    assert text.hidden_size == 96 and isinstance(text.hidden_size, int)  # not the string "96"
+    assert (text.num_hidden_layers, text.intermediate_size) == (8, 512)  # the recipe's other text sizes kept
+    assert backbone.llava_config.vision_config.patch_size == 16
+
+
+def test_unknown_size_key_is_named():
+    from adaptive_mllm.backbones import LlavaBackbone
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['txt'\]"):
+        LlavaBackbone(config={"txt": {}}, tokenizer="unused")
+
+
 def test_prefix_as_deep_as_the_llm_fails_at_parse_time():
     with pytest.raises(ValueError, match=r"num_prefix_layers=8 must be in \[0, 7\]"):
         build_cli(["--config", str(RECIPE_DIR / "tiny.yaml"), "--model.scheduler.num_prefix_layers=8"], run=False)

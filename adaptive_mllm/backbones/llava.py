@@ -37,6 +37,7 @@ from adaptive_mllm.backbones.local import (
     IMAGE_TOKEN,
     CheckpointError,
     LocalBackbone,
+    ModelSizes,
     building_on_meta,
     has_image_processor,
     read_config_json,
@@ -52,9 +53,8 @@ class LlavaBackbone(LocalBackbone):
             mutually exclusive with ``config``.
         vision_tower: local CLIP directory (transformers CLIPVisionModel / CLIPModel layout); needed by the
             release layout only, whose config.json names the tower by hub id.
-        config: ``{"vision": CLIPVisionConfig kwargs, "text": LlamaConfig kwargs, "vision_feature_layer": int or
-            list of ints (their hidden states concatenated), "vision_feature_select_strategy": "default" (drop
-            CLS, LLaVA-1.5) or "full", "projector_hidden_act": str}`` for a freshly initialised model.
+        config: sizes of a freshly initialised model (:class:`ModelSizes`: ``vision`` CLIPVisionConfig kwargs,
+            ``text`` LlamaConfig kwargs, ``vision_feature_layer``, ...); a dict with those keys works too.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
         template: chat template name (``vicuna_v1`` for LLaVA-1.5, ``plain_chat`` for the tiny model).
         max_length: longest sequence accepted; defaults to the text config's ``max_position_embeddings``.
@@ -70,7 +70,7 @@ class LlavaBackbone(LocalBackbone):
         self,
         checkpoint: str | None = None,
         vision_tower: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: ModelSizes | None = None,
         tokenizer: str | None = None,
         template: str = "vicuna_v1",
         max_length: int | None = None,
@@ -87,16 +87,17 @@ class LlavaBackbone(LocalBackbone):
         self.model: LlavaForConditionalGeneration | None = None
 
     # --- construction ----------------------------------------------------------------------------
-    def _read_config(self, config: dict[str, Any] | None) -> LlavaConfig:
+    def _read_config(self, config: ModelSizes | dict[str, Any] | None) -> LlavaConfig:
         if config is not None:
-            vision = CLIPVisionConfig(**config.get("vision", {}))
-            text = LlamaConfig(**config.get("text", {}))
+            config = ModelSizes.of(config)
+            vision = CLIPVisionConfig(**config.vision)
+            text = LlamaConfig(**config.text)
             return LlavaConfig(  # transformers checks the strategy ("default" / "full") and the layer (int / list)
                 vision_config=vision,
                 text_config=text,
-                vision_feature_layer=config.get("vision_feature_layer", -2),
-                vision_feature_select_strategy=config.get("vision_feature_select_strategy", "default"),
-                projector_hidden_act=config.get("projector_hidden_act", "gelu"),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                projector_hidden_act=config.projector_hidden_act,
             )
         config_file, raw = read_config_json(
             self.checkpoint,

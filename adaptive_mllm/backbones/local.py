@@ -3,8 +3,10 @@ the lazily loaded tokenizer, the chat template and the padded image preprocessin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,44 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing or not in the layout this backbone reads."""
 
 
+# A config value as a flag gives it: tried in this order, so "96" is an int and "silu" a string.
+ConfigValue = int | float | bool | str | list | dict | None
+
+
+@dataclass
+class ModelSizes:
+    """Sizes of a freshly initialised model (the ``config`` path of a backbone).
+
+    A dataclass rather than a plain dict so that one flag changes one size and keeps the rest:
+    ``--model.backbone.init_args.config.text.hidden_size=96`` reaches ``text`` as the int 96 beside the
+    recipe's other ``text`` keys (jsonargparse replaces a nested dict wholesale, with string values).
+
+    Args:
+        vision: the vision tower's transformers config kwargs (CLIPVisionConfig / SiglipVisionConfig).
+        text: the LLM's transformers config kwargs (LlamaConfig / PhiConfig).
+        vision_feature_layer: the tower layer fed to the projector, or a list of layers (concatenated).
+        vision_feature_select_strategy: ``default`` (drop CLS, LLaVA-1.5) or ``full`` (LLaVA only).
+        projector_hidden_act: the projector MLP's activation (LLaVA only).
+    """
+
+    vision: dict[str, ConfigValue] = field(default_factory=dict)
+    text: dict[str, ConfigValue] = field(default_factory=dict)
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+
+    @classmethod
+    def of(cls, config: ModelSizes | dict[str, Any]) -> ModelSizes:
+        """``config`` as ModelSizes; a dict (Python callers) is checked for unknown keys."""
+        if isinstance(config, ModelSizes):
+            return config
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"backbone config: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**config)
+
+
 class LocalBackbone(Backbone):
     """Base of :class:`LlavaBackbone` and :class:`MiphaBackbone`; subclasses set ``_max_length`` once
     their config is read, and ``model`` in ``build``."""
@@ -31,7 +71,7 @@ class LocalBackbone(Backbone):
     def __init__(
         self,
         checkpoint: str | None,
-        config: dict | None,
+        config: ModelSizes | dict | None,
         tokenizer: str | None,
         template: str,
         pad_to_square: bool,

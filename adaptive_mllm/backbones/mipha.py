@@ -44,6 +44,7 @@ from adaptive_mllm.backbones.local import (
     IMAGE_TOKEN,
     CheckpointError,
     LocalBackbone,
+    ModelSizes,
     building_on_meta,
     has_image_processor,
     read_config_json,
@@ -104,8 +105,8 @@ class MiphaBackbone(LocalBackbone):
     Args:
         checkpoint: local directory in the Mipha release layout (or as ``save_pretrained`` writes it);
             mutually exclusive with ``config``.
-        config: ``{"vision": SiglipVisionConfig kwargs, "text": PhiConfig kwargs, "vision_feature_layer": int}``
-            for a freshly initialised model.
+        config: sizes of a freshly initialised model (:class:`ModelSizes`: ``vision`` SiglipVisionConfig kwargs,
+            ``text`` PhiConfig kwargs, ``vision_feature_layer``); a dict with those keys works too.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
         template: chat template name (``phi_v0``: Mipha's conversation template; ``plain_chat`` for tiny models).
         max_length: longest sequence accepted; defaults to the text config's ``max_position_embeddings``.
@@ -121,7 +122,7 @@ class MiphaBackbone(LocalBackbone):
     def __init__(
         self,
         checkpoint: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: ModelSizes | None = None,
         tokenizer: str | None = None,
         template: str = "phi_v0",
         max_length: int | None = None,
@@ -136,13 +137,13 @@ class MiphaBackbone(LocalBackbone):
         self.model: MiphaModules | None = None
 
     # --- construction ----------------------------------------------------------------------------
-    def _read_config(self, config: dict[str, Any] | None) -> tuple[PhiConfig, SiglipVisionConfig, int]:
+    def _read_config(self, config: ModelSizes | dict[str, Any] | None) -> tuple[PhiConfig, SiglipVisionConfig, int]:
         if config is not None:
-            return (
-                PhiConfig(**config.get("text", {})),
-                SiglipVisionConfig(**config.get("vision", {})),
-                config.get("vision_feature_layer", -2),
-            )
+            config = ModelSizes.of(config)
+            if (config.vision_feature_select_strategy, config.projector_hidden_act) != ("default", "gelu"):
+                raise ValueError("MiphaBackbone config: vision_feature_select_strategy and projector_hidden_act are "
+                                 "LLaVA's; Mipha drops no CLS token and its projector uses GELU")
+            return PhiConfig(**config.text), SiglipVisionConfig(**config.vision), config.vision_feature_layer
         config_file, raw = read_config_json(self.checkpoint, LAYOUT)
         return parse_config(config_file, raw)
 

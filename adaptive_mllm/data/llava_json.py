@@ -459,8 +459,11 @@ def majority_answers(train_json: str | Path) -> dict[str, str]:
 
 def majority_baseline(train_json: str | Path, eval_json: str | Path) -> dict[str, float]:
     """Accuracy on ``eval_json`` of answering every question with its kind's majority training answer,
-    per kind and ``overall`` (answers compared after the VQA normalisation the metrics use)."""
+    per kind and ``overall`` (answers compared after the VQA normalisation the metrics use). Empty when
+    the training file has no answers (e.g. a test-only split): there is then no baseline, not a 0% one."""
     majority = majority_answers(train_json)
+    if not majority:
+        return {}
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for kind, answer in _kinds_and_answers(eval_json):

@@ -400,3 +400,5 @@ def test_majority_answers_and_baseline(tmp_path):
     assert majority_baseline(tmp_path / "train.json", tmp_path / "test.json") == {
         "colour": 0.5, "count": 0.0, "all": 0.0, "shape": 0.0, "overall": 0.2,
     }
+    (tmp_path / "empty.json").write_text("[]")  # a test-only split (num_train=0): no baseline rather than 0%
+    assert majority_baseline(tmp_path / "empty.json", tmp_path / "test.json") == {}
