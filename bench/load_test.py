@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+import litserve as ls
 import numpy as np
 from PIL import Image
 
@@ -61,18 +62,56 @@ def _images(count: int, size: int = 64) -> list[str]:
     return urls
 
 
-def start_server(args: argparse.Namespace, profile: Path, pinned: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+class EchoAPI(ls.LitAPI):
+    """LitServe's floor: the same route, batching and request body as `adaptive-mllm serve`, and no model,
+    no image decoding, no middleware: each request is answered with a fixed chat completion. What it
+    takes end to end is what any LitServe server costs here before it does any work."""
+
+    def setup(self, device: str) -> None:
+        pass
+
+    def decode_request(self, request: dict) -> int:
+        return len(request["messages"])
+
+    def batch(self, inputs: list) -> list:
+        return list(inputs)
+
+    def predict(self, items: list) -> list:
+        return [("yes", len(items))] * len(items)
+
+    def unbatch(self, output: list) -> list:
+        return output
+
+    def encode_response(self, output: tuple[str, int]) -> dict:
+        text, batch_size = output
+        return {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "adaptive": {"batch_size": batch_size}}  # fmt: skip
+
+
+def serve_echo(port: int, max_batch_size: int, batch_timeout: float) -> None:
+    api = EchoAPI(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/v1/chat/completions")
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
+    server.run(host="127.0.0.1", port=port, generate_client_file=False, num_api_servers=1)
+
+
+def start_server(args: argparse.Namespace, profile: Path | None, pinned: bool, log_path: Path, echo: bool = False) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
-               "--config", args.config, "--profile", str(profile), "--host", "127.0.0.1", "--port", str(port),
-               "--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout)]  # fmt: skip
-    if args.ckpt_path:
-        command += ["--ckpt_path", args.ckpt_path]
-    if pinned:
-        command += ["--pinned_budget", "1.0"]
-    if args.threads is not None:
-        command += ["--threads", str(args.threads)]
-    command += args.overrides
+    if echo:
+        command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from load_test import serve_echo; "
+                   "serve_echo(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))",
+                   str(Path(__file__).parent), str(port), str(args.max_batch_size), str(args.batch_timeout)]  # fmt: skip
+    else:
+        command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+                   "--config", args.config, "--host", "127.0.0.1", "--port", str(port),
+                   "--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout)]  # fmt: skip
+        command += ["--profile", str(profile)] if profile is not None else []
+        if args.ckpt_path:
+            command += ["--ckpt_path", args.ckpt_path]
+        if pinned:
+            command += ["--pinned_budget", "1.0"]
+        if args.threads is not None:
+            command += ["--threads", str(args.threads)]
+        command += args.overrides
     log = open(log_path, "w")
     # the server's processes (HTTP, queue manager, worker) run on --server_cpus only; children inherit it
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
@@ -348,6 +387,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_timeout", type=float, default=0.0)
     parser.add_argument("--threads", type=int, help="torch threads of the servers, the profile and the checks")
     parser.add_argument("--check_rounds", type=int, default=7, help="rounds of the overhead / mixed-batch checks (0: skip)")
+    parser.add_argument("--checks_only", action="store_true",
+                        help="only the overhead / mixed-batch checks (no profile, no adaptive server, no phases)")
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides  # recipe flags for every model build
     args.server_cpus = set(args.server_cpus)
@@ -356,8 +397,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.sched_setaffinity(0, others)  # the clients (this process) stay off the server's cores
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    profile = Path(args.profile) if args.profile else out / "profile.json"
-    if not profile.is_file():
+    if args.checks_only and not args.check_rounds:
+        parser.error("--checks_only needs --check_rounds > 0")
+    profile = None if args.checks_only else Path(args.profile) if args.profile else out / "profile.json"
+    if profile is not None and not profile.is_file():
         from adaptive_mllm.serving import profile as measure_profile
 
         command = ["--config", args.config, "--out", str(profile)] + (["--ckpt_path", args.ckpt_path] if args.ckpt_path else [])
@@ -367,13 +410,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = _images(16)
     results: dict[tuple[str, str], dict] = {}
     rows = []
-    for name, pinned in (("adaptive", False), ("pinned 1.0", True)):
+    servers = [("pinned 1.0", True)] if args.checks_only else [("adaptive", False), ("pinned 1.0", True)]
+    for name, pinned in servers:
         process, base = start_server(args, profile, pinned, out / f"server-{name.split()[0]}.log")
         try:
             full_ms = warm_up(base, images, args.max_batch_size)
             if deadline_ms is None:  # what budget 1.0 takes end to end on the quiet machine, with some room
                 deadline_ms = args.deadline_factor * full_ms
-            for phase, clients, hog in (("light", 1, False), ("heavy", args.heavy_clients, False), ("hog", 1, True)):
+            phases = [] if args.checks_only else [("light", 1, False), ("heavy", args.heavy_clients, False), ("hog", 1, True)]
+            for phase, clients, hog in phases:
                 results[(name, phase)] = run_phase(base, clients, args, deadline_ms, images, hog)
                 rows.append(summarise(name, phase, results[(name, phase)], deadline_ms))
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
@@ -385,19 +430,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
             stop(process)
     checks = []
     if args.check_rounds:
+        process, base = start_server(args, None, False, out / "server-echo.log", echo=True)
+        try:
+            warm_up(base, images, args.max_batch_size)
+            echo_one_ms = served_single_ms(base, images, args.check_rounds)
+            echo_rps = served_throughput(base, images, 2 * args.max_batch_size, 4 * args.max_batch_size * args.check_rounds)
+        finally:
+            stop(process)
         engine = engine_checks(args, images, args.max_batch_size, args.check_rounds)
         checks = [
             f"serving overhead at budget 1.0, one request at a time: {served_one_ms:.1f} ms end to end vs "
-            f"{engine['single']:.1f} ms for module.generate on it ({100 * (served_one_ms / engine['single'] - 1):+.1f}%)",
+            f"{engine['single']:.1f} ms for module.generate on it ({100 * (served_one_ms / engine['single'] - 1):+.1f}%); "
+            f"LitServe's floor (the same request to an echo API, no model): {echo_one_ms:.1f} ms "
+            f"(= {100 * echo_one_ms / engine['single']:.1f}% of module.generate)",
             f"serving overhead at budget 1.0, batch {args.max_batch_size} (server batched them as {sorted(set(sizes))}): "
             f"{served_ms:.1f} ms end to end vs {engine['full']:.1f} ms for module.generate on the same batch "
             f"({100 * (served_ms / engine['full'] - 1):+.1f}%)",
             f"serving overhead at budget 1.0 under full load ({2 * args.max_batch_size} clients): {served_rps:.1f} requests/s "
             f"vs {1000 * args.max_batch_size / engine['full']:.1f} for module.generate on batches of {args.max_batch_size} "
-            f"({100 * (1000 * args.max_batch_size / engine['full'] / served_rps - 1):+.1f}% time per request)",
+            f"({100 * (1000 * args.max_batch_size / engine['full'] / served_rps - 1):+.1f}% time per request); "
+            f"the echo API under the same load: {echo_rps:.1f} requests/s ({1000 / echo_rps:.2f} ms per request "
+            f"= {100 * (1000 / echo_rps) / (engine['full'] / args.max_batch_size):.1f}% of module.generate's)",
             f"mixed budgets 1.0 / 0.85 / 0.7 / 0.55 in one batch of {args.max_batch_size}: {engine['mixed']:.1f} ms vs "
             f"{engine['grouped']:.1f} ms grouped by budget: {engine['grouped'] / engine['mixed']:.2f}x the grouped throughput",
         ]
+    if args.checks_only:
+        print("\n".join(f"- {line}" for line in checks))
+        (out / "summary.md").write_text("\n".join(f"- {line}" for line in checks) + "\n")
+        return []
     header = ["server", "phase", "requests", "errors", "throughput (req/s)", "p50 ms", "p95 ms", "p99 ms", "deadline hit",
               "hit while the hog ran", "mean budget"]  # fmt: skip
     lines = [f"deadline {deadline_ms:.1f} ms", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

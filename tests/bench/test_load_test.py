@@ -27,3 +27,13 @@ def test_hit_rate_while_the_hog_ran_counts_only_the_requests_sent_then():
     assert row["hit_during_hog"] == 1 / 3  # of 1.5 (late), 2.0 (met), 2.5 (error): one met
     assert row["deadline_hit"] == 2 / 5
     assert summarise("a", "light", {"records": records, "seconds": 4.0, "hog_span": None}, 20)["hit_during_hog"] != 0.5  # nan
+
+
+def test_echo_api_answers_every_request_of_a_batch_with_its_size():
+    from bench.load_test import EchoAPI
+
+    api = EchoAPI(max_batch_size=4)
+    items = api.batch([api.decode_request({"messages": [{"role": "user", "content": "hi"}]}) for _ in range(3)])
+    replies = [api.encode_response(output) for output in api.unbatch(api.predict(items))]
+    assert [reply["adaptive"]["batch_size"] for reply in replies] == [3, 3, 3]
+    assert replies[0]["choices"][0]["message"]["content"] == "yes"
