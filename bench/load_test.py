@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -271,9 +272,23 @@ def served_single_ms(base: str, images: list[str], rounds: int) -> float:
     return statistics.median(times)
 
 
-def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, rounds: int) -> dict[str, float]:
-    """In this process, on the same model: ``generate`` at budget 1.0 on the batch the server would build,
-    and a mixed-budget batch against the same requests grouped by budget (medians of interleaved rounds)."""
+def after_idle_ms(fn: Callable[[], object], idle_s: float, rounds: int) -> float:
+    """Median ms of ``fn`` called after ``idle_s`` of sleep each time, as a server's worker runs a lone request
+    after waiting for it (on this project's VMs a call after an idle pause of even 5 ms ran about 2x slower
+    than back to back; busy-waiting instead of sleeping kept it fast)."""
+    times = []
+    for _ in range(rounds):
+        time.sleep(idle_s)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, rounds: int, idle_s: float = 0.0) -> dict[str, float]:
+    """In this process, on the same model: ``generate`` at budget 1.0 on the batch the server would build
+    (back to back, and after ``idle_s`` of idling, as the worker between lone requests), and a mixed-budget
+    batch against the same requests grouped by budget (medians of interleaved rounds)."""
     from unittest import mock
 
     import torch
@@ -305,6 +320,7 @@ def engine_checks(args: argparse.Namespace, images: list[str], batch_size: int, 
         seconds = interleaved_medians(
             {"single": lambda: model.generate(single, 1.0), "full": lambda: model.generate(batch, 1.0)}, rounds, torch.device("cpu")
         )
+        seconds["single_after_idle"] = after_idle_ms(lambda: model.generate(single, 1.0), idle_s, 3 * rounds) / 1000
         # every call decodes max_new_tokens: with random weights the answers' lengths differ between budgets,
         # and the calls compared here must do the same work
         with mock.patch.object(type(model.backbone.chat_template), "stop_token_ids", lambda self, tokenizer: []):
@@ -437,12 +453,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             echo_rps = served_throughput(base, images, 2 * args.max_batch_size, 4 * args.max_batch_size * args.check_rounds)
         finally:
             stop(process)
-        engine = engine_checks(args, images, args.max_batch_size, args.check_rounds)
+        engine = engine_checks(args, images, args.max_batch_size, args.check_rounds, idle_s=echo_one_ms / 1000)
         checks = [
             f"serving overhead at budget 1.0, one request at a time: {served_one_ms:.1f} ms end to end vs "
-            f"{engine['single']:.1f} ms for module.generate on it ({100 * (served_one_ms / engine['single'] - 1):+.1f}%); "
+            f"{engine['single']:.1f} ms for module.generate on it back to back ({100 * (served_one_ms / engine['single'] - 1):+.1f}%) "
+            f"and {engine['single_after_idle']:.1f} ms after idling {echo_one_ms:.1f} ms before each call, as the worker "
+            f"does between lone requests ({100 * (served_one_ms / engine['single_after_idle'] - 1):+.1f}%); "
             f"LitServe's floor (the same request to an echo API, no model): {echo_one_ms:.1f} ms "
-            f"(= {100 * echo_one_ms / engine['single']:.1f}% of module.generate)",
+            f"(= {100 * echo_one_ms / engine['single']:.1f}% of module.generate back to back)",
             f"serving overhead at budget 1.0, batch {args.max_batch_size} (server batched them as {sorted(set(sizes))}): "
             f"{served_ms:.1f} ms end to end vs {engine['full']:.1f} ms for module.generate on the same batch "
             f"({100 * (served_ms / engine['full'] - 1):+.1f}%)",

@@ -37,3 +37,14 @@ def test_echo_api_answers_every_request_of_a_batch_with_its_size():
     replies = [api.encode_response(output) for output in api.unbatch(api.predict(items))]
     assert [reply["adaptive"]["batch_size"] for reply in replies] == [3, 3, 3]
     assert replies[0]["choices"][0]["message"]["content"] == "yes"
+
+
+def test_after_idle_times_the_call_and_not_the_pause():
+    import time
+
+    from bench.load_test import after_idle_ms
+
+    calls = []
+    ms = after_idle_ms(lambda: (calls.append(1), time.sleep(0.01)), idle_s=0.05, rounds=3)
+    assert len(calls) == 3
+    assert 10 <= ms < 45  # the 10 ms call, without the 50 ms pause before it
