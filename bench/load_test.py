@@ -95,28 +95,37 @@ def serve_echo(port: int, max_batch_size: int, batch_timeout: float) -> None:
     server.run(host="127.0.0.1", port=port, generate_client_file=False, num_api_servers=1)
 
 
-def start_server(args: argparse.Namespace, profile: Path | None, pinned: bool, log_path: Path, echo: bool = False) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, profile: Path | None, pinned: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`adaptive-mllm serve` on a free loopback port (adaptive, or pinned to budget 1.0)."""
     port = _free_port()
-    if echo:
-        command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from load_test import serve_echo; "
-                   "serve_echo(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))",
-                   str(Path(__file__).parent), str(port), str(args.max_batch_size), str(args.batch_timeout)]  # fmt: skip
-    else:
-        command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
-                   "--config", args.config, "--host", "127.0.0.1", "--port", str(port),
-                   "--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout)]  # fmt: skip
-        command += ["--profile", str(profile)] if profile is not None else []
-        if args.ckpt_path:
-            command += ["--ckpt_path", args.ckpt_path]
-        if pinned:
-            command += ["--pinned_budget", "1.0"]
-        if args.threads is not None:
-            command += ["--threads", str(args.threads)]
-        command += args.overrides
+    command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+               "--config", args.config, "--host", "127.0.0.1", "--port", str(port),
+               "--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout)]  # fmt: skip
+    command += ["--profile", str(profile)] if profile is not None else []
+    if args.ckpt_path:
+        command += ["--ckpt_path", args.ckpt_path]
+    if pinned:
+        command += ["--pinned_budget", "1.0"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    return _launch(command + args.overrides, port, args.server_cpus, log_path)
+
+
+def start_echo_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """The echo API (LitServe's floor) on a free loopback port, with the same batching as the real server."""
+    port = _free_port()
+    command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from load_test import serve_echo; "
+               "serve_echo(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))",
+               str(Path(__file__).parent), str(port), str(args.max_batch_size), str(args.batch_timeout)]  # fmt: skip
+    return _launch(command, port, args.server_cpus, log_path)
+
+
+def _launch(command: list[str], port: int, cpus: set[int], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start a server process in its own session and wait until its /health answers 200."""
     log = open(log_path, "w")
     # the server's processes (HTTP, queue manager, worker) run on --server_cpus only; children inherit it
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-                               preexec_fn=lambda: os.sched_setaffinity(0, args.server_cpus),
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus),
                                start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -406,6 +415,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--checks_only", action="store_true",
                         help="only the overhead / mixed-batch checks (no profile, no adaptive server, no phases)")
     args, overrides = parser.parse_known_args(argv)
+    if args.checks_only and not args.check_rounds:
+        parser.error("--checks_only needs --check_rounds > 0")
     args.overrides = overrides  # recipe flags for every model build
     args.server_cpus = set(args.server_cpus)
     others = set(os.sched_getaffinity(0)) - args.server_cpus
@@ -413,8 +424,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.sched_setaffinity(0, others)  # the clients (this process) stay off the server's cores
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.checks_only and not args.check_rounds:
-        parser.error("--checks_only needs --check_rounds > 0")
     profile = None if args.checks_only else Path(args.profile) if args.profile else out / "profile.json"
     if profile is not None and not profile.is_file():
         from adaptive_mllm.serving import profile as measure_profile
@@ -446,7 +455,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             stop(process)
     checks = []
     if args.check_rounds:
-        process, base = start_server(args, None, False, out / "server-echo.log", echo=True)
+        process, base = start_echo_server(args, out / "server-echo.log")
         try:
             warm_up(base, images, args.max_batch_size)
             echo_one_ms = served_single_ms(base, images, args.check_rounds)
