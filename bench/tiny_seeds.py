@@ -11,7 +11,9 @@ Each run gets its own directory (CSV logs, checkpoints, test_results.csv). The s
 both baselines at every budget against issue 16's bar (a lead of >= 2 points at some budget < 1, never behind,
 >= 97% of the full-budget score kept at the lowest budget), then gives the mean and [min, max] over seeds;
 ``--other_scenes_seed S`` scores every model again on a test split drawn with data seed S. The summary goes to
-``<out>/summary.md`` and ``<out>/summary.csv``. Extra flags after ``--`` reach every `adaptive-mllm`
+``<out>/summary.md`` and ``<out>/summary.csv``. Called again with the same ``--out``, it trains only the runs
+that have not finished and scores only what is not scored yet (e.g. ``--other_scenes_seed`` added later); a run
+directory trained with another recipe or other flags is refused. Extra flags after ``--`` reach every `adaptive-mllm`
 call, e.g. ``-- --trainer.accelerator=gpu``.
 """
 
@@ -91,13 +93,18 @@ class Runner:
         return code == 0
 
     def train_and_score(self, name: str, config_path: Path, flags: list[str], run_dir: Path) -> None:
+        """Train (unless a finished fit of this run is on disk), then score whatever is not scored yet: a rerun
+        with the same ``--out`` resumes, or adds ``--other_scenes_seed`` to runs trained before."""
         log = run_dir / "run.log"
-        started = time.monotonic()
-        if not self.call(["fit", "--config", str(config_path), *flags], log):
-            print(f"[{name}] fit failed or timed out: see {log}", flush=True)
-            return
-        (run_dir / "fit_seconds.txt").write_text(f"{time.monotonic() - started:.1f}\n")
-        print(f"[{name}] trained in {time.monotonic() - started:.0f} s", flush=True)
+        if is_trained(run_dir):
+            print(f"[{name}] trained before ({(run_dir / FIT_SECONDS).read_text().strip()} s): scoring what is missing", flush=True)
+        else:
+            started = time.monotonic()
+            if not self.call(["fit", "--config", str(config_path), *flags], log):
+                print(f"[{name}] fit failed or timed out: see {log}", flush=True)
+                return
+            (run_dir / FIT_SECONDS).write_text(f"{time.monotonic() - started:.1f}\n")
+            print(f"[{name}] trained in {time.monotonic() - started:.0f} s", flush=True)
         self.score(name, config_path, flags, run_dir)
 
     def score(self, name: str, config_path: Path, flags: list[str], run_dir: Path) -> None:
@@ -120,6 +127,8 @@ class Runner:
                 if scene == TRAIN_SCENES and scheduler == LEARNED:
                     continue  # the fit's own test
                 out = results_dir(run_dir, scene, scheduler)
+                if (out / "test_results.csv").is_file():
+                    continue  # scored by an earlier call
                 args = ["test", "--config", str(config_path), *flags, *scheduler_flags, *scene_flags, *checkpoint,
                         f"--trainer.default_root_dir={out}", "--trainer.logger=false",
                         "--trainer.callbacks=[{class_path: adaptive_mllm.callbacks.SweepReport}]"]
@@ -137,6 +146,22 @@ class Runner:
 
 
 LEARNED = "AdaLLaVA-L"
+FIT_SECONDS = "fit_seconds.txt"  # written once a fit has finished
+RUN_FILE = "run.yaml"  # the recipe and flags a run directory was trained with
+
+
+def is_trained(run_dir: Path) -> bool:
+    return (run_dir / FIT_SECONDS).is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def claim_run_dir(run_dir: Path, recipe: dict, flags: str) -> None:
+    """Record what this directory's run is; refuse to mix a trained run with another recipe or other flags,
+    which a resumed call would otherwise score as if they were the same run."""
+    run = yaml.safe_dump({"recipe": recipe, "flags": flags}, sort_keys=False)
+    path = run_dir / RUN_FILE
+    if is_trained(run_dir) and path.is_file() and path.read_text() != run:
+        raise SystemExit(f"{run_dir} holds a run trained with another recipe or other flags ({path}): use another --out")
+    path.write_text(run)
 TRAIN_SCENES = "training seed"
 
 
@@ -201,7 +226,7 @@ def summarise(out: Path, runs: list[tuple[str, int, Path]], other_scenes: list[s
     rows = []
     for variant, seed, run_dir in runs:
         trace = training_trace(run_dir)
-        seconds = run_dir / "fit_seconds.txt"
+        seconds = run_dir / FIT_SECONDS
         fit_s = float(seconds.read_text()) if seconds.is_file() else float("nan")
         for scenes in [TRAIN_SCENES, *other_scenes]:
             row: dict = {"variant": variant, "scenes": scenes, "seed": seed, **trace}
@@ -290,8 +315,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for variant, flags in variants.items():
                 run_dir = (out / f"{variant}-s{seed}").resolve()
                 run_dir.mkdir(parents=True, exist_ok=True)
+                config = run_config(base, run_dir, seed)
+                claim_run_dir(run_dir, config, flags)
                 config_path = run_dir / "recipe.yaml"
-                config_path.write_text(yaml.safe_dump(run_config(base, run_dir, seed), sort_keys=False))
+                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
                 runs.append((variant, seed, run_dir))
 
                 futures.append(pool.submit(runner.train_and_score, f"{variant}-s{seed}", config_path, shlex.split(flags), run_dir))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import yaml
 
-from bench.tiny_seeds import run_config, summarise
+from bench.tiny_seeds import Runner, claim_run_dir, is_trained, run_config, summarise
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 
@@ -73,3 +74,51 @@ def test_other_scenes_are_read_from_their_own_directories(tmp_path: Path) -> Non
     assert [row["scenes"] for row in rows] == ["training seed", "scenes-7"]
     assert rows[0]["status"] == "pass"
     assert rows[1]["Static@0.6"] == 91.0 and rows[1]["status"] == "leads by < 2 at every budget < 1; trails a baseline"
+
+
+def _finished_fit(run_dir: Path) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run_dir / "fit_seconds.txt").write_text("12.5\n")
+
+
+def test_a_rerun_scores_only_what_is_missing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "recipe-s0"
+    _finished_fit(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"scheduler": {"init_args": {"num_prefix_layers": 1}}}}))
+    _write_results(run_dir / "StaticScheduler", {1.0: 0.9})  # scored by an earlier call
+    calls: list[list[str]] = []
+
+    class Recording(Runner):
+        def call(self, args: list[str], log: Path) -> bool:
+            calls.append(args)
+            return True
+
+    Recording([], threads=1, deadline=float("inf")).train_and_score("recipe-s0", run_dir / "recipe.yaml", [], run_dir)
+    assert [args[0] for args in calls] == ["test"]  # no second fit, and only the missing baseline
+    assert "--model.scheduler=adaptive_mllm.schedulers.RandomScheduler" in calls[0]
+    assert "--model.scheduler.num_prefix_layers=1" in calls[0]
+
+
+def test_an_unfinished_run_is_trained_again(tmp_path: Path) -> None:
+    run_dir = tmp_path / "recipe-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # stopped before the fit finished
+    assert not is_trained(run_dir)
+    _finished_fit(tmp_path / "done")
+    assert is_trained(tmp_path / "done")
+
+
+def test_a_trained_run_dir_refuses_another_recipe(tmp_path: Path) -> None:
+    run_dir = tmp_path / "recipe-s0"
+    recipe = yaml.safe_load(RECIPE.read_text())
+    claim_run_dir(tmp_path, recipe, "")  # an untrained directory may be claimed again with anything
+    claim_run_dir(tmp_path, recipe, "--model.learning_rate=1e-3")
+    _finished_fit(run_dir)
+    claim_run_dir(run_dir, recipe, "--model.learning_rate=3e-4")
+    claim_run_dir(run_dir, recipe, "--model.learning_rate=3e-4")  # the same run: resumed
+    with pytest.raises(SystemExit, match="another recipe or other flags"):
+        claim_run_dir(run_dir, recipe, "")
+    changed = {**recipe, "seed_everything": 5}
+    with pytest.raises(SystemExit, match=str(run_dir)):
+        claim_run_dir(run_dir, changed, "--model.learning_rate=3e-4")
