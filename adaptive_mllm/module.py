@@ -20,6 +20,8 @@ from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
 from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
+BACKBONE_PARTS = ("vision_tower", "projector", "llm")  # Backbone.parameter_groups' names
+
 
 class AdaptiveMLLM(L.LightningModule):
     """A multimodal LLM that answers under a compute budget chosen per request.
@@ -37,6 +39,10 @@ class AdaptiveMLLM(L.LightningModule):
         budget: the budget of ``predict``.
         max_new_tokens: longest generated answer.
         learning_rate: AdamW peak learning rate (linear warm-up, then cosine decay to 0).
+        part_learning_rates: peak learning rates of backbone parts (``vision_tower``, ``projector``, ``llm``) that
+            differ from ``learning_rate``, as the LLaVA release's ``mm_projector_lr`` (and LLaVA-NeXT's
+            ``mm_vision_tower_lr``); the same warm-up and decay apply to each. The scheduler's own parameters and
+            any part not named train at ``learning_rate``.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the optimiser steps spent warming up.
         freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
@@ -59,6 +65,7 @@ class AdaptiveMLLM(L.LightningModule):
         budget: float = 1.0,
         max_new_tokens: int = 16,
         learning_rate: float = 2e-5,
+        part_learning_rates: dict[str, float] | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         freeze: list[str] | None = None,
@@ -76,6 +83,7 @@ class AdaptiveMLLM(L.LightningModule):
         self.budget = budget
         self.max_new_tokens = max_new_tokens
         self.learning_rate = learning_rate
+        self.part_learning_rates = dict(part_learning_rates or {})
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.freeze = list(freeze) if freeze is not None else ["vision_tower"]
@@ -116,9 +124,13 @@ class AdaptiveMLLM(L.LightningModule):
                 )
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode: unknown mode {self.decode!r}; known: {', '.join(DECODE_MODES)}")
-        unknown = set(self.freeze) - {"vision_tower", "projector", "llm"}
-        if unknown:
-            raise ValueError(f"freeze: unknown parts {sorted(unknown)}; known: vision_tower, projector, llm")
+        for name, parts in [("freeze", self.freeze), ("part_learning_rates", self.part_learning_rates)]:
+            unknown = set(parts) - set(BACKBONE_PARTS)
+            if unknown:
+                raise ValueError(f"{name}: unknown parts {sorted(unknown)}; known: {', '.join(BACKBONE_PARTS)}")
+        for part, rate in self.part_learning_rates.items():
+            if not rate > 0:
+                raise ValueError(f"part_learning_rates: {part}'s learning rate {rate} must be > 0 (freeze it instead)")
 
     def _check_budgets_reach_the_prefix(self, prefix: int, layers: int) -> None:
         """The always-run prefix layers cost at least ``prefix / layers`` of any request (the LM head only adds
@@ -299,12 +311,22 @@ class AdaptiveMLLM(L.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = partial(learning_rate_factor, total=total, warmup_ratio=self.warmup_ratio, restart=self.full_budget_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's groups: one per part of ``part_learning_rates`` (with its rate), one for the rest;
+        frozen parameters in none."""
+        named = {part: self.backbone.parameter_groups()[part] for part in self.part_learning_rates}
+        claimed = {id(p) for parameters in named.values() for p in parameters}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]}]
+        for part, parameters in named.items():
+            groups.append({"params": [p for p in parameters if p.requires_grad], "lr": self.part_learning_rates[part], "name": part})
+        return [group for group in groups if group["params"]]
 
 
 def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: int = 0) -> float:

@@ -232,3 +232,40 @@ def test_the_learning_rate_restarts_its_cycle_when_budgets_start_to_be_drawn():
     assert learning_rate_factor(99, 100, 0.3, restart=60) < 0.01
     # a restart at 0 or past the end is one cycle
     assert learning_rate_factor(65, 100, 0.3, restart=100) == learning_rate_factor(65, 100, 0.3)
+
+
+def test_part_learning_rates_give_a_part_its_own_rate_on_the_same_schedule(tokenizer_dir):
+    model = AdaptiveMLLM(
+        make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2),
+        learning_rate=5e-4, part_learning_rates={"vision_tower": 1e-4}, freeze=["projector"], warmup_ratio=0.5,
+    )  # fmt: skip
+    model.configure_model()
+    groups = model.parameter_groups()
+    vision = {id(p) for p in model.backbone.parameter_groups()["vision_tower"]}
+    projector = {id(p) for p in model.backbone.parameter_groups()["projector"]}
+    rest, tower = groups
+    assert tower["name"] == "vision_tower" and tower["lr"] == 1e-4 and {id(p) for p in tower["params"]} == vision
+    scheduler_params = {id(p) for p in model.scheduler.parameters()}
+    assert scheduler_params <= {id(p) for p in rest["params"]}  # the scheduler trains at learning_rate
+    assert not ({id(p) for p in rest["params"]} & (vision | projector))  # frozen parts in no group, none twice
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+
+    class Trainer:
+        estimated_stepping_batches = 10
+
+    model.trainer = Trainer()
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(5):  # to the end of the warm-up: both at their peaks
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4, 1e-4])
+
+
+def test_part_learning_rates_name_known_parts_and_positive_rates(tokenizer_dir):
+    backbone = make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"part_learning_rates: unknown parts \['vision'\]; known: vision_tower"):
+        AdaptiveMLLM(backbone, part_learning_rates={"vision": 1e-4})
+    with pytest.raises(ValueError, match="projector's learning rate 0.0 must be > 0"):
+        AdaptiveMLLM(backbone, part_learning_rates={"projector": 0.0})
