@@ -317,11 +317,11 @@ class AdaptiveMLLM(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The optimiser's groups: one per part of ``part_learning_rates`` (with its rate), one for the rest;
         frozen parameters in none."""
-        named = {part: self.backbone.parameter_groups()[part] for part in self.part_learning_rates}
+        parts = self.backbone.parameter_groups()
+        named = {part: parts[part] for part in self.part_learning_rates}
         claimed = {id(p) for parameters in named.values() for p in parameters}
         groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]}]
         for part, parameters in named.items():

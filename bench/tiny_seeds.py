@@ -146,6 +146,7 @@ class Runner:
 
 
 LEARNED = "AdaLLaVA-L"
+TRAIN_SCENES = "training seed"
 FIT_SECONDS = "fit_seconds.txt"  # written once a fit has finished
 RUN_FILE = "run.yaml"  # the recipe and flags a run directory was trained with
 
@@ -162,7 +163,6 @@ def claim_run_dir(run_dir: Path, recipe: dict, flags: str) -> None:
     if is_trained(run_dir) and path.is_file() and path.read_text() != run:
         raise SystemExit(f"{run_dir} holds a run trained with another recipe or other flags ({path}): use another --out")
     path.write_text(run)
-TRAIN_SCENES = "training seed"
 
 
 def results_dir(run_dir: Path, scenes: str, scheduler: str) -> Path:
