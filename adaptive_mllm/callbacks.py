@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
+from adaptive_mllm.prediction_writer import new_directory
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
+from adaptive_mllm.test_answers import TestAnswerLog, answers_path
 
 OVERALL = "overall"
 MEASURED = ("flops_fraction", "units", "prefill_ms", "decode_ms_per_token")
@@ -29,11 +32,13 @@ MEASURED = ("flops_fraction", "units", "prefill_ms", "decode_ms_per_token")
 class SweepReport(L.Callback):
     """Scores and statistics of every budget of validation / test, logged as ``<stage>/score/<name>/budget_<b>``
     and ``<stage>/<measure>/budget_<b>``; after test, ``test_results.{md,csv}``, ``budget_curves.png``,
-    ``layer_usage.png`` and, for head-level plans, ``group_usage.png`` in the log directory."""
+    ``layer_usage.png`` and, for head-level plans, ``group_usage.png`` in the log directory, beside every
+    answer of the test (``test_answers.jsonl``: :mod:`adaptive_mllm.test_answers`)."""
 
     def __init__(self) -> None:
         self._metrics: dict[tuple[str, float], Metric] = {}
         self._sweeps: dict[str, BudgetSweep] = {}
+        self._answers: TestAnswerLog | None = None
 
     def metric(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, budget: float) -> Metric:
         """The datamodule's metric for ``stage`` (exact match per question kind, or a benchmark's own), one per budget."""
@@ -51,8 +56,31 @@ class SweepReport(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(trainer, pl_module, "val", outputs, batch)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = _log_dir(trainer)
+        if trainer.is_global_zero:
+            keep_earlier_report(log_dir)
+        trainer.strategy.barrier()  # moved before any process starts its answers file
+        self._answers = TestAnswerLog(answers_path(log_dir, trainer.global_rank, trainer.world_size))
+
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(trainer, pl_module, "test", outputs, batch)
+        if outputs and self._answers is not None:
+            for budget, out in outputs.items():
+                metric = self.metric(trainer, pl_module, "test", budget)
+                scores = metric.question_scores(out["answers"], batch) if hasattr(metric, "question_scores") else None
+                self._answers.write(budget, out, batch, scores)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_answers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close_answers()  # what was answered stays on disk
+
+    def _close_answers(self) -> None:
+        if self._answers is not None:
+            self._answers.close()
+            self._answers = None
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: dict[float, dict[str, Any]] | None, batch: dict[str, Any]) -> None:
         """``outputs``: budget -> what ``AdaptiveMLLM.generate`` returned for the batch (None: an empty batch)."""
@@ -112,7 +140,7 @@ class SweepReport(L.Callback):
         metric = self.metric(trainer, pl_module, "test", rows[0]["budget"])
         header, table = _score_table(trainer, pl_module, metric, rows)
         print_table(f"test scores ({type(metric).__name__})", header, table)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = _log_dir(trainer)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
         with open(log_dir / "test_results.csv", "w", newline="") as handle:
@@ -126,6 +154,26 @@ class SweepReport(L.Callback):
             if hasattr(logger, "log_image"):
                 for key, path in figures.items():
                     logger.log_image(key, images=[str(path)])
+
+
+def _log_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+REPORT_FILES = ("test_results.md", "test_results.csv", "test_answers*.jsonl", "budget_curves.png", "layer_usage.png", "group_usage.png")
+
+
+def keep_earlier_report(log_dir: Path) -> Path | None:
+    """Move an earlier test's report out of the way (to ``earlier-tests/<time>/``) instead of overwriting it:
+    loggers such as W&B give every run the same directory, and a test's answers are not made again for free."""
+    files = [path for pattern in REPORT_FILES for path in sorted(log_dir.glob(pattern))]
+    if not files:
+        return None
+    keep = new_directory(log_dir / "earlier-tests")
+    for path in files:
+        path.rename(keep / path.name)
+    rank_zero_info(f"test: the earlier test report in {log_dir} was moved to {keep}")
+    return keep
 
 
 def _score_table(trainer: L.Trainer, pl_module: L.LightningModule, metric: Metric, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -206,6 +206,10 @@ class GroupedExactMatch(_CountMetric):
         """1 for each prediction that matches its reference, else 0 (normalised exact match)."""
         return _hits(predictions, references)
 
+    def question_scores(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[float]:
+        """Each answer's score as ``update`` counts it (1 or 0): the ``score`` of the test's answers file."""
+        return [float(hit) for hit in self.hits(predictions, _field(batch, "answers", self))]
+
     def compute(self) -> dict[str, torch.Tensor]:
         scores = {OVERALL: self.correct.sum().float() / self.total.sum().clamp(min=1).float()}
         for group, index in self._index.items():
@@ -379,6 +383,10 @@ class VQAAccuracy(_CountMetric):
             total[index] += 1
         self.score += _long(score, self.score)
         self.total += _long(total, self.total)
+
+    def question_scores(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[float]:
+        """Each answer's accuracy (0, 1/3, 2/3 or 1 averaged over the leave-one-out subsets), as ``update`` sums it."""
+        return [vqa_accuracy(p, humans, self.rule) for p, humans in zip(predictions, _field(batch, "all_answers", self), strict=True)]
 
     def compute(self) -> dict[str, torch.Tensor]:
         scale = self.total.new_tensor(VQA_SCALE)
@@ -611,6 +619,11 @@ class POPEMetrics(_CountMetric):
             said_yes, is_yes = pope_answer(prediction) == "yes", label == "yes"
             counts[index][(0 if is_yes else 1) if said_yes else (3 if is_yes else 2)] += 1
         self.counts += _long(counts, self.counts)
+
+    def question_scores(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> list[float]:
+        """1 where the answer read by :func:`pope_answer` is the label, else 0 (POPE's accuracy per answer)."""
+        labels = [str(label).strip().lower() for label in _field(batch, "answers", self)]
+        return [float(pope_answer(p) == label) for p, label in zip(predictions, labels, strict=True)]
 
     @staticmethod
     def _parts(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor) -> dict[str, torch.Tensor]:

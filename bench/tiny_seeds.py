@@ -9,7 +9,9 @@ its colour within the step budget varies with the seed. This script reports the 
 
 Each run gets its own directory (CSV logs, checkpoints, test_results.csv). The summary compares the learned plans with
 both baselines at every budget against issue 16's bar (a lead of >= 2 points at some budget < 1, never behind,
->= 97% of the full-budget score kept at the lowest budget), then gives the mean and [min, max] over seeds;
+>= 97% of the full-budget score kept at the lowest budget), and again question by question: an exact sign test
+on the per-question answers gives the lead's p-value and the smallest p of any trail, and ``paired status``
+forgives a trail a sign test cannot tell from chance (p >= 0.05); then gives the mean and [min, max] over seeds;
 ``--other_scenes_seed S`` scores every model again on a test split drawn with data seed S. The summary goes to
 ``<out>/summary.md`` and ``<out>/summary.csv``. Called again with the same ``--out``, it trains only the runs
 that have not finished and scores only what is not scored yet (e.g. ``--other_scenes_seed`` added later); a run
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import shlex
 import subprocess
@@ -30,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+
+from adaptive_mllm.test_answers import ANSWERS_FILE, read_answers
 
 BASELINES = ("StaticScheduler", "RandomScheduler")
 
@@ -108,7 +113,8 @@ class Runner:
         self.score(name, config_path, flags, run_dir)
 
     def score(self, name: str, config_path: Path, flags: list[str], run_dir: Path) -> None:
-        """Test the trained model's baselines (and, on other scenes, the model itself) at every budget."""
+        """Test the trained model and its baselines at every budget, each writing its answers per question (a
+        fit whose own test wrote none, from a version before answers were kept, is tested again)."""
         log = run_dir / "run.log"
         checkpoint = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
         # The baselines keep the trained prefix (a variant may change it) and insert the loaded latency token:
@@ -124,11 +130,9 @@ class Runner:
             scenes[f"scenes-{self.other_seed}"] = self.other_scenes_flags(run_dir)
         for scene, scene_flags in scenes.items():
             for scheduler, scheduler_flags in schedulers.items():
-                if scene == TRAIN_SCENES and scheduler == LEARNED:
-                    continue  # the fit's own test
                 out = results_dir(run_dir, scene, scheduler)
-                if (out / "test_results.csv").is_file():
-                    continue  # scored by an earlier call
+                if (out / ANSWERS_FILE).is_file() and (out / "test_results.csv").is_file():
+                    continue  # scored by the fit's own test or an earlier call
                 args = ["test", "--config", str(config_path), *flags, *scheduler_flags, *scene_flags, *checkpoint,
                         f"--trainer.default_root_dir={out}", "--trainer.logger=false",
                         "--trainer.callbacks=[{class_path: adaptive_mllm.callbacks.SweepReport}]"]
@@ -166,10 +170,14 @@ def claim_run_dir(run_dir: Path, recipe: dict, flags: str) -> None:
 
 
 def results_dir(run_dir: Path, scenes: str, scheduler: str) -> Path:
-    """Where the test of one scheduler on one set of scenes writes test_results.csv."""
-    if scenes == TRAIN_SCENES:
-        return run_dir if scheduler == LEARNED else run_dir / scheduler
-    return run_dir / scenes / scheduler
+    """Where the test of one scheduler on one set of scenes writes test_results.csv and its answers."""
+    if scenes != TRAIN_SCENES:
+        return run_dir / scenes / scheduler
+    if scheduler != LEARNED:
+        return run_dir / scheduler
+    if (run_dir / ANSWERS_FILE).is_file() or not (run_dir / "test_results.csv").is_file():
+        return run_dir  # the fit's own test
+    return run_dir / LEARNED  # the fit's test kept no answers (an older version): tested again here
 
 
 def resolved_prefix(run_dir: Path) -> int | None:
@@ -196,25 +204,80 @@ def training_trace(run_dir: Path) -> dict:
 
 
 # Issue 16's bar: at some budget < 1 the learned plans lead both baselines by MARGIN points, they trail
-# neither at any budget, and keep KEEP of their full-budget score at the lowest budget.
+# neither at any budget, and keep KEEP of their full-budget score at the lowest budget. The paired verdict
+# reads "trail" as "trail by more than chance": a baseline ahead with a paired sign test's p < ALPHA.
 MARGIN = 2.0
 KEEP = 0.97
+ALPHA = 0.05
 
 
 def judge(row: dict, budgets: list[float]) -> str:
-    """'pass', or the criteria a run misses."""
-    leads = [row[f"L@{b:g}"] - max(row[f"{name}@{b:g}"] for name in SHORT) for b in budgets]
-    row["lead"] = max((lead for b, lead in zip(budgets, leads, strict=True) if b < 1), default=float("nan"))
-    row["worst lead"] = min(leads)
+    """'pass', or the criteria a run misses; sets ``row["paired status"]`` too where ``row`` has paired p-values."""
+    leads = leads_over_baselines(row, budgets)
+    lead_at = lead_budget(leads)
+    row["lead"] = float("nan") if lead_at is None else leads[lead_at]
+    row["worst lead"] = min(leads.values())
     row["kept"] = row[f"L@{budgets[-1]:g}"] / row[f"L@{budgets[0]:g}"]
     missed = []
     if not row["lead"] >= MARGIN:
         missed.append(f"leads by < {MARGIN:g} at every budget < 1")
-    if row["worst lead"] < -1e-6:
-        missed.append("trails a baseline")
     if row["kept"] < KEEP:
         missed.append(f"keeps < {KEEP:.0%} at {budgets[-1]:g}")
-    return "pass" if not missed else "; ".join(missed)
+    trails = ["trails a baseline"] if row["worst lead"] < -1e-6 else []
+    if "trail p" in row:
+        significant = [f"trails a baseline (p < {ALPHA:g})"] if row["trail p"] < ALPHA else []
+        row["paired status"] = "; ".join(missed + significant) or "pass"
+    return "; ".join(missed + trails) or "pass"
+
+
+def leads_over_baselines(row: dict, budgets: list[float]) -> dict[float, float]:
+    """Points by which the learned plans lead the better baseline, per budget."""
+    return {b: row[f"L@{b:g}"] - max(row[f"{name}@{b:g}"] for name in SHORT) for b in budgets}
+
+
+def lead_budget(leads: dict[float, float]) -> float | None:
+    """The budget < 1 where the learned plans lead most."""
+    return max((b for b in leads if b < 1), key=leads.__getitem__, default=None)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test on paired answers (McNemar's exact test when each answer is right or wrong):
+    how likely a split at least this uneven is among the questions where two schedulers differ, were neither
+    better. Questions both get right (or wrong) carry no evidence either way."""
+    differ = wins + losses
+    if differ == 0:
+        return 1.0
+    tail = sum(math.comb(differ, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**differ)
+
+
+def paired_counts(own: dict, other: dict, budget: float) -> tuple[int, int]:
+    """Questions where the learned plans score higher / lower than the baseline at ``budget``, question by question."""
+    mine = {id_: row["score"] for (b, id_), row in own.items() if b == budget}
+    theirs = {id_: row["score"] for (b, id_), row in other.items() if b == budget}
+    if mine.keys() != theirs.keys():
+        raise ValueError(f"at budget {budget:g} the schedulers answered different questions ({len(mine)} vs {len(theirs)})")
+    if any(score is None for score in [*mine.values(), *theirs.values()]):
+        raise ValueError("the test's metric gives no per-question score: no paired comparison")
+    wins = sum(mine[id_] > theirs[id_] for id_ in mine)
+    losses = sum(mine[id_] < theirs[id_] for id_ in mine)
+    return wins, losses
+
+
+def add_paired(row: dict, answers: dict[str, dict], budgets: list[float]) -> None:
+    """``lead p``: the sign test of the learned plans against the better baseline where they lead most;
+    ``trail p``: the smallest p where a baseline scores higher (1 where none does)."""
+    lead_at = lead_budget(leads_over_baselines(row, budgets))
+    row["trail p"] = 1.0
+    for budget in budgets:
+        for short in SHORT:
+            wins, losses = paired_counts(answers[LEARNED], answers[short], budget)
+            p = sign_test_p(wins, losses)
+            best = max(SHORT, key=lambda name: row[f"{name}@{budget:g}"])
+            if budget == lead_at and short == best:
+                row["lead p"] = p
+            if losses > wins:
+                row["trail p"] = min(row["trail p"], p)
 
 
 SHORT = ("Static", "Random")
@@ -240,13 +303,16 @@ def summarise(out: Path, runs: list[tuple[str, int, Path]], other_scenes: list[s
                 row[f"L@{budget:g}"] = 100 * own[budget]["overall"]
                 for short, scores in baselines.items():
                     row[f"{short}@{budget:g}"] = 100 * scores[budget]["overall"]
+            paths = {LEARNED: results_dir(run_dir, scenes, LEARNED), **{s: results_dir(run_dir, scenes, n) for s, n in zip(SHORT, BASELINES, strict=True)}}
+            if all((path / ANSWERS_FILE).is_file() for path in paths.values()):
+                add_paired(row, {name: read_answers(path / ANSWERS_FILE) for name, path in paths.items()}, budgets)
             row["status"] = judge(row, budgets)
             row["fit s"] = fit_s
             rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |")
     lines += ["", *spread_table(rows, columns)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     with open(out / "summary.csv", "w", newline="") as handle:
@@ -257,7 +323,9 @@ def summarise(out: Path, runs: list[tuple[str, int, Path]], other_scenes: list[s
     return rows
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, column: str = "") -> str:
+    if isinstance(value, float) and column.endswith(" p"):  # a p-value: two significant digits
+        return f"{value:.2g}"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 2 and value != 0 else f"{value:.1f}"
     return "" if value is None else str(value)
@@ -265,7 +333,7 @@ def _cell(value: object) -> str:
 
 def spread_table(rows: list[dict], columns: list[str]) -> list[str]:
     """Per variant and scenes: the mean and [min, max] over seeds of every number, and how many seeds pass."""
-    numbers = [c for c in columns if c not in ("variant", "scenes", "seed", "status", "val step")]
+    numbers = [c for c in columns if c not in ("variant", "scenes", "seed", "status", "paired status", "val step")]
     lines = ["| variant | scenes | seeds | pass | " + " | ".join(numbers) + " |", "|" + "---|" * (len(numbers) + 4)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -278,10 +346,15 @@ def spread_table(rows: list[dict], columns: list[str]) -> list[str]:
             if not values:
                 cells.append("")
                 continue
-            mean = sum(values) / len(values)
-            cells.append(f"{_cell(mean)} [{_cell(min(values))}, {_cell(max(values))}]")
-        passed = sum(row["status"] == "pass" for row in group)
-        lines.append(f"| {variant} | {scenes} | {len(group)} | {passed}/{len(group)} | " + " | ".join(cells) + " |")
+            spread = f"[{_cell(min(values), column)}, {_cell(max(values), column)}]"
+            if column.endswith(" p"):  # a mean of p-values means nothing
+                cells.append(spread)
+                continue
+            cells.append(f"{_cell(sum(values) / len(values))} {spread}")
+        passed = f"{sum(row['status'] == 'pass' for row in group)}/{len(group)}"
+        if any("paired status" in row for row in group):
+            passed += f" (paired: {sum(row.get('paired status') == 'pass' for row in group)})"
+        lines.append(f"| {variant} | {scenes} | {len(group)} | {passed} | " + " | ".join(cells) + " |")
     return lines
 
 

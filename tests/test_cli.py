@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,13 @@ def test_test_sweep_writes_table_csv_curves_and_heatmaps(in_tmp):
     for figure in ("budget_curves.png", "layer_usage.png", "group_usage.png"):
         assert (runs / figure).read_bytes()[:4] == b"\x89PNG", figure
     assert "decode ms / token" in (runs / "test_results.md").read_text()
+
+    # every answer is kept: one line per question and budget, whose scores average to the table's
+    lines = [json.loads(line) for line in (runs / "test_answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 * 4
+    for row in rows:
+        answered = [line for line in lines if line["budget"] == float(row["budget"])]
+        assert len({line["id"] for line in answered}) == 24
+        assert sum(line["score"] for line in answered) / 24 == pytest.approx(float(row["overall"]))
+        assert sum(line["flops_fraction"] for line in answered) / 24 == pytest.approx(float(row["flops_fraction"]))
+        assert all(line["reference"] and line["question_kind"] for line in answered)

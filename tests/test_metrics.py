@@ -256,6 +256,12 @@ def test_exact_match_metrics_take_a_batch():
     grouped = GroupedExactMatch(["color", "count"])
     grouped.update(["Red.", "two", "dog"], batch)
     assert _scores(grouped) == pytest.approx({OVERALL: 2 / 3, "color": 1 / 2, "count": 1.0})
+    assert grouped.question_scores(["Red.", "two", "dog"], batch) == [1.0, 1.0, 0.0]  # the answers file's scores
+
+
+def test_gqa_question_scores_follow_its_rule():
+    batch = {"answers": ["dog", "a dog"], "question_kinds": ["all", "all"]}
+    assert GQAAccuracy().question_scores(["Dog.", "dog"], batch) == [1.0, 0.0]  # no VQA normalisation: "a dog" stays
 
 
 # --- VQAv2: LLaVA-1.5's convert_vqav2_for_submission.py (EvalAI answer processor), then vqaEval.py ---------
@@ -352,6 +358,8 @@ def test_vqa_accuracy_metric_groups_and_batches():
     metric.update(["no"], {"all_answers": [["yes"] * 10], "question_kinds": ["yes/no"]})
     assert _values(metric.compute()) == pytest.approx({OVERALL: (1 + 0.6 + 0.9 + 0) / 4, "yes/no": 0.5, "number": 0.6, "other": 0.9})
     assert metric.score.dtype == torch.long  # integer states: untouched by a module's precision cast
+    scores = metric.question_scores(["Yes", "two", "red"], batch)
+    assert scores == pytest.approx([1.0, 0.6, 0.9])  # each answer's accuracy, as the hand values above
 
 
 def test_vqa_metric_corpus_per_rule():
@@ -528,6 +536,7 @@ def test_pope_corpus_scores_by_eval_pope():
     scores = _values(metric.compute())
     # TP 3 (answers 1, 2, 5), FP 1 (answer 3), TN 2, FN 0
     assert metric.counts.tolist() == [[3, 1, 2, 0]]
+    assert metric.question_scores(predictions, {"answers": labels}) == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]  # accuracy 5/6
     assert scores["random/precision"] == pytest.approx(3 / 4) and scores["random/recall"] == 1.0
     assert scores["random/f1"] == pytest.approx(6 / 7) and scores[OVERALL] == pytest.approx(6 / 7)
     assert scores["random/accuracy"] == pytest.approx(5 / 6) and scores["random/yes_ratio"] == pytest.approx(4 / 6)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.tiny_seeds import Runner, claim_run_dir, is_trained, run_config, summarise
+from adaptive_mllm.test_answers import ANSWERS_FILE
+from bench.tiny_seeds import Runner, claim_run_dir, is_trained, run_config, sign_test_p, summarise
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 
@@ -35,8 +38,16 @@ def _write_results(path: Path, overall: dict[float, float]) -> None:
         writer.writerows({"budget": b, "overall": v} for b, v in overall.items())
 
 
+def _write_answers(path: Path, scores: dict[float, list[int]]) -> None:
+    """A test's answers file: question i's score at each budget."""
+    path.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": f"q{i}", "budget": b, "score": score}) for b, row in scores.items() for i, score in enumerate(row)]
+    (path / ANSWERS_FILE).write_text("\n".join(lines) + "\n")
+
+
 def _write_run(run_dir: Path, learned: dict[float, float], static: dict[float, float], random: dict[float, float]) -> None:
     _write_results(run_dir, learned)
+    (run_dir / ANSWERS_FILE).write_text("")  # the fit's own test, of a version that keeps answers
     _write_results(run_dir / "StaticScheduler", static)
     _write_results(run_dir / "RandomScheduler", random)
 
@@ -86,7 +97,9 @@ def test_a_rerun_scores_only_what_is_missing(tmp_path: Path) -> None:
     run_dir = tmp_path / "recipe-s0"
     _finished_fit(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"scheduler": {"init_args": {"num_prefix_layers": 1}}}}))
+    _write_results(run_dir, {1.0: 0.9})  # the fit's own test, from a version that kept no answers
     _write_results(run_dir / "StaticScheduler", {1.0: 0.9})  # scored by an earlier call
+    _write_answers(run_dir / "StaticScheduler", {1.0: [1, 0]})
     calls: list[list[str]] = []
 
     class Recording(Runner):
@@ -95,9 +108,11 @@ def test_a_rerun_scores_only_what_is_missing(tmp_path: Path) -> None:
             return True
 
     Recording([], threads=1, deadline=float("inf")).train_and_score("recipe-s0", run_dir / "recipe.yaml", [], run_dir)
-    assert [args[0] for args in calls] == ["test"]  # no second fit, and only the missing baseline
-    assert "--model.scheduler=adaptive_mllm.schedulers.RandomScheduler" in calls[0]
-    assert "--model.scheduler.num_prefix_layers=1" in calls[0]
+    assert [args[0] for args in calls] == ["test", "test"]  # no second fit; the model without answers, the missing baseline
+    assert not any(arg.startswith("--model.scheduler") for arg in calls[0])  # the trained model itself
+    assert f"--trainer.default_root_dir={run_dir / 'AdaLLaVA-L'}" in calls[0]  # beside, not over, the fit's files
+    assert "--model.scheduler=adaptive_mllm.schedulers.RandomScheduler" in calls[1]
+    assert "--model.scheduler.num_prefix_layers=1" in calls[1]
 
 
 def test_an_unfinished_run_is_trained_again(tmp_path: Path) -> None:
@@ -122,3 +137,37 @@ def test_a_trained_run_dir_refuses_another_recipe(tmp_path: Path) -> None:
     changed = {**recipe, "seed_everything": 5}
     with pytest.raises(SystemExit, match=str(run_dir)):
         claim_run_dir(run_dir, changed, "--model.learning_rate=3e-4")
+
+
+def test_sign_test_matches_enumeration() -> None:
+    # independent: every one of the 2^n equally likely win / loss sequences of n differing questions, the
+    # p-value being the share at least as far from an even split as the one seen
+    for differ in range(0, 11):
+        for wins in range(differ + 1):
+            seen = abs(wins - differ / 2)
+            extreme = sum(abs(sum(seq) - differ / 2) >= seen for seq in itertools.product((0, 1), repeat=differ))
+            assert sign_test_p(wins, differ - wins) == pytest.approx(extreme / 2**differ), (wins, differ)
+    assert sign_test_p(0, 6) == pytest.approx(2 / 64)  # six of six one way: the smallest tail doubled
+
+
+def test_paired_verdict_forgives_a_trail_within_chance(tmp_path: Path) -> None:
+    """Two runs that both trail Static by points at 0.7: by 2 of 200 questions (chance) and by 12 (not)."""
+    budgets = (1.0, 0.7, 0.4)
+    right = [1] * 200
+    for name, behind in (("noise", 2), ("real", 12)):
+        run_dir = tmp_path / name
+        learned = {1.0: right, 0.7: [0] * behind + [1] * (200 - behind), 0.4: [0] * 4 + [1] * 196}
+        static = {1.0: right, 0.7: right, 0.4: [1] * 4 + [0] * 24 + [1] * 172}  # L leads at 0.4 by 20 questions
+        random = {b: [0] * 100 + [1] * 100 for b in budgets}
+        for sub, scores in (("", learned), ("StaticScheduler", static), ("RandomScheduler", random)):
+            _write_results(run_dir / sub, {b: sum(row) / 200 for b, row in scores.items()})
+            _write_answers(run_dir / sub, scores)
+    noise, real = summarise(tmp_path, [("a", 0, tmp_path / "noise"), ("a", 1, tmp_path / "real")])
+    assert noise["lead"] == pytest.approx(10.0) and real["lead"] == pytest.approx(10.0)
+    # at 0.4: 24 questions only L gets right, 4 only Static does
+    assert noise["lead p"] == pytest.approx(sign_test_p(24, 4)) and noise["lead p"] < 0.05
+    assert noise["status"] == real["status"] == "trails a baseline"  # the strict bar: any trail
+    assert noise["trail p"] == pytest.approx(sign_test_p(0, 2)) and noise["paired status"] == "pass"
+    assert real["trail p"] < 0.05 and real["paired status"] == "trails a baseline (p < 0.05)"
+    spread = (tmp_path / "summary.md").read_text().split("\n\n")[1].splitlines()[2]
+    assert "| 2 | 0/2 (paired: 1) |" in spread
