@@ -1,7 +1,7 @@
 """`adaptive-mllm`: dispatches to a subcommand.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` run the recipe's LightningCLI (:mod:`adaptive_mllm.recipe`);
-``benchmark``, ``plot``, ``export``, ``serve``, ``profile``, ``table`` and ``memory`` have their own parsers. Nothing else lives here, so no module
+``benchmark``, ``plot``, ``compare``, ``export``, ``serve``, ``profile``, ``table`` and ``memory`` have their own parsers. Nothing else lives here, so no module
 needs to import this one back.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from adaptive_mllm import benchmark, export, memory, paper_table, plots, serving
+from adaptive_mllm import benchmark, compare, export, memory, paper_table, plots, serving
 from adaptive_mllm.recipe import build_cli
 
 __all__ = ["build_cli", "entry_point", "main"]
@@ -21,6 +21,7 @@ TRACEBACK_VARIABLE = "ADAPTIVE_MLLM_TRACEBACK"
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "benchmark": benchmark.main,
     "plot": plots.main,
+    "compare": compare.main,
     "export": export.main,
     "serve": serving.serve,
     "profile": serving.profile,
@@ -30,7 +31,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
 
 
 def main(args: list[str] | None = None) -> None:
-    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``export``, ``serve``, ``profile``, ``table`` and ``memory``."""
+    """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``compare``, ``export``, ``serve``, ``profile``, ``table`` and ``memory``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in SUBCOMMANDS:

@@ -10,7 +10,7 @@ its colour within the step budget varies with the seed. This script reports the 
 Each run gets its own directory (CSV logs, checkpoints, test_results.csv). The summary compares the learned plans with
 both baselines at every budget against issue 16's bar (a lead of >= 2 points at some budget < 1, never behind,
 >= 97% of the full-budget score kept at the lowest budget), and again question by question: an exact sign test
-on the per-question answers gives the lead's p-value and the smallest p of any trail, and ``paired status``
+on the per-question answers (``adaptive-mllm compare``'s) gives the lead's p-value and the smallest p of any trail, and ``paired status``
 forgives a trail a sign test cannot tell from chance (p >= 0.05); then gives the mean and [min, max] over seeds;
 ``--other_scenes_seed S`` scores every model again on a test split drawn with data seed S. The summary goes to
 ``<out>/summary.md`` and ``<out>/summary.csv``. Called again with the same ``--out``, it trains only the runs
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import shlex
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from adaptive_mllm.compare import paired_counts, sign_test_p
 from adaptive_mllm.test_answers import ANSWERS_FILE, read_answers
 
 BASELINES = ("StaticScheduler", "RandomScheduler")
@@ -238,30 +238,6 @@ def leads_over_baselines(row: dict, budgets: list[float]) -> dict[float, float]:
 def lead_budget(leads: dict[float, float]) -> float | None:
     """The budget < 1 where the learned plans lead most."""
     return max((b for b in leads if b < 1), key=leads.__getitem__, default=None)
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """Exact two-sided sign test on paired answers (McNemar's exact test when each answer is right or wrong):
-    how likely a split at least this uneven is among the questions where two schedulers differ, were neither
-    better. Questions both get right (or wrong) carry no evidence either way."""
-    differ = wins + losses
-    if differ == 0:
-        return 1.0
-    tail = sum(math.comb(differ, k) for k in range(min(wins, losses) + 1))
-    return min(1.0, 2 * tail / 2**differ)
-
-
-def paired_counts(own: dict, other: dict, budget: float) -> tuple[int, int]:
-    """Questions where the learned plans score higher / lower than the baseline at ``budget``, question by question."""
-    mine = {id_: row["score"] for (b, id_), row in own.items() if b == budget}
-    theirs = {id_: row["score"] for (b, id_), row in other.items() if b == budget}
-    if mine.keys() != theirs.keys():
-        raise ValueError(f"at budget {budget:g} the schedulers answered different questions ({len(mine)} vs {len(theirs)})")
-    if any(score is None for score in [*mine.values(), *theirs.values()]):
-        raise ValueError("the test's metric gives no per-question score: no paired comparison")
-    wins = sum(mine[id_] > theirs[id_] for id_ in mine)
-    losses = sum(mine[id_] < theirs[id_] for id_ in mine)
-    return wins, losses
 
 
 def add_paired(row: dict, answers: dict[str, dict], budgets: list[float]) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from adaptive_mllm.compare import sign_test_p
 from adaptive_mllm.test_answers import ANSWERS_FILE
-from bench.tiny_seeds import Runner, claim_run_dir, is_trained, run_config, sign_test_p, summarise
+from bench.tiny_seeds import Runner, claim_run_dir, is_trained, run_config, summarise
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 
@@ -137,17 +137,6 @@ def test_a_trained_run_dir_refuses_another_recipe(tmp_path: Path) -> None:
     changed = {**recipe, "seed_everything": 5}
     with pytest.raises(SystemExit, match=str(run_dir)):
         claim_run_dir(run_dir, changed, "--model.learning_rate=3e-4")
-
-
-def test_sign_test_matches_enumeration() -> None:
-    # independent: every one of the 2^n equally likely win / loss sequences of n differing questions, the
-    # p-value being the share at least as far from an even split as the one seen
-    for differ in range(0, 11):
-        for wins in range(differ + 1):
-            seen = abs(wins - differ / 2)
-            extreme = sum(abs(sum(seq) - differ / 2) >= seen for seq in itertools.product((0, 1), repeat=differ))
-            assert sign_test_p(wins, differ - wins) == pytest.approx(extreme / 2**differ), (wins, differ)
-    assert sign_test_p(0, 6) == pytest.approx(2 / 64)  # six of six one way: the smallest tail doubled
 
 
 def test_paired_verdict_forgives_a_trail_within_chance(tmp_path: Path) -> None:

@@ -1,0 +1,68 @@
+"""`adaptive-mllm compare`: the sign test, the pairing of two tests' answers, and the command's errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from adaptive_mllm.cli import main as cli_main
+from adaptive_mllm.compare import compare, read_run, sign_test_p
+from adaptive_mllm.compare import main as compare_main
+from adaptive_mllm.test_answers import ANSWERS_FILE
+
+
+def test_sign_test_matches_enumeration() -> None:
+    # independent: every one of the 2^n equally likely win / loss sequences of n differing questions, the
+    # p-value being the share at least as far from an even split as the one seen
+    for differ in range(0, 11):
+        for wins in range(differ + 1):
+            seen = abs(wins - differ / 2)
+            extreme = sum(abs(sum(seq) - differ / 2) >= seen for seq in itertools.product((0, 1), repeat=differ))
+            assert sign_test_p(wins, differ - wins) == pytest.approx(extreme / 2**differ), (wins, differ)
+    assert sign_test_p(0, 6) == pytest.approx(2 / 64)  # six of six one way: the smallest tail doubled
+
+
+def _write(run: Path, scores: dict[float, list[float | None]], name: str = ANSWERS_FILE) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": i, "budget": b, "score": score}) for b, row in scores.items() for i, score in enumerate(row)]
+    (run / name).write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_two_runs_compared_question_by_question(tmp_path: Path, capsys) -> None:
+    # at 1.0 the runs disagree on 40 questions, 20 each way: same score, no difference; at 0.5 A is right on
+    # 12 questions B gets wrong and B on none: A higher (p = 2 / 2^12)
+    a = _write(tmp_path / "a", {1.0: [1] * 20 + [0] * 20 + [1] * 60, 0.5: [1] * 12 + [0] * 88})
+    b = _write(tmp_path / "b", {1.0: [0] * 20 + [1] * 20 + [1] * 60, 0.5: [0] * 100})
+    rows = compare_main([str(a), str(b), "--out", str(tmp_path / "compare.md")])
+    high, low = rows
+    assert (high["budget"], high["A higher"], high["B higher"], high["A"], high["B"]) == (1.0, 20, 20, 0.8, 0.8)
+    assert high["p"] == 1.0 and high["better"] == "neither"
+    assert (low["A higher"], low["B higher"]) == (12, 0) and low["p"] == pytest.approx(2 / 2**12)
+    assert low["better"] == "A"
+    table = (tmp_path / "compare.md").read_text()
+    assert "neither" in table and "| 0.5 " in table and "neither" in capsys.readouterr().out
+
+
+def test_the_files_of_every_process_are_read(tmp_path: Path) -> None:
+    run = _write(tmp_path / "ddp", {1.0: [1, 0]}, "test_answers.rank0.jsonl")
+    (run / "test_answers.rank1.jsonl").write_text(json.dumps({"id": 7, "budget": 1.0, "score": 1}) + "\n")
+    assert set(read_run(run)) == {(1.0, 0), (1.0, 1), (1.0, 7)}
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: no {ANSWERS_FILE}"):
+        read_run(tmp_path)
+    a = read_run(_write(tmp_path / "a", {1.0: [1, 0, 1]}))
+    with pytest.raises(ValueError, match=r"different questions \(3 vs 2"):
+        compare(a, read_run(_write(tmp_path / "b", {1.0: [1, 0]})))
+    with pytest.raises(ValueError, match="share no budget"):
+        compare(a, read_run(_write(tmp_path / "c", {0.5: [1, 0, 1]})))
+    with pytest.raises(ValueError, match="no per-question score"):
+        compare(a, read_run(_write(tmp_path / "d", {1.0: [None, None, None]})))
+    with pytest.raises(SystemExit):  # through the command's dispatch
+        cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--alpha", "1.5"])
+    cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a")])  # a run against itself: no question differs
