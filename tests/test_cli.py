@@ -101,11 +101,15 @@ def test_fit_writes_wandb_offline_run_checkpoint_and_test_table(in_tmp, monkeypa
     table = (runs / "test_results.md").read_text()
     assert "majority baseline" in table and "budget 0.3" in table and "overall" in table
     assert (runs / "budget_curves.png").is_file() and (runs / "layer_usage.png").is_file()
+    assert (runs / "test_answers.jsonl").read_text().count("\n") == 24 * 5  # test_after_fit keeps its answers too
 
     # resuming continues from the checkpoint's step instead of starting over
     main([*fit, "--trainer.max_steps=5", "--trainer.val_check_interval=5", f"--ckpt_path={runs / 'checkpoints' / 'last.ckpt'}"])
     state = torch.load(runs / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 5
+    # ... and its test report joins the first one's place, the first moved aside rather than overwritten
+    earlier = list((runs / "earlier-tests").glob("*/test_answers.jsonl"))
+    assert len(earlier) == 1 and (earlier[0].parent / "test_results.md").is_file() and (runs / "test_answers.jsonl").is_file()
 
 
 def test_test_sweep_writes_table_csv_curves_and_heatmaps(in_tmp):
