@@ -29,10 +29,14 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail / 2**differ)
 
 
+def scores_at(answers: Answers, budget: float) -> dict[Any, float | None]:
+    """Each question's score at ``budget``, by question id."""
+    return {id_: row["score"] for (b, id_), row in answers.items() if b == budget}
+
+
 def paired_counts(first: Answers, second: Answers, budget: float) -> tuple[int, int]:
     """Questions the first run scores higher / lower on than the second at ``budget``."""
-    mine = {id_: row["score"] for (b, id_), row in first.items() if b == budget}
-    theirs = {id_: row["score"] for (b, id_), row in second.items() if b == budget}
+    mine, theirs = scores_at(first, budget), scores_at(second, budget)
     if mine.keys() != theirs.keys():
         only = sorted(map(str, mine.keys() ^ theirs.keys()))[:3]
         raise ValueError(f"at budget {budget:g} the runs answered different questions ({len(mine)} vs {len(theirs)}; e.g. {only})")
@@ -63,7 +67,7 @@ def compare(first: Answers, second: Answers, alpha: float = 0.05) -> list[dict[s
     rows = []
     for budget in budgets:
         wins, losses = paired_counts(first, second, budget)
-        scores = [[row["score"] for (b, _), row in answers.items() if b == budget] for answers in (first, second)]
+        scores = [list(scores_at(answers, budget).values()) for answers in (first, second)]
         p = sign_test_p(wins, losses)
         better = ("A" if wins > losses else "B") if p < alpha else "neither"
         rows.append({

@@ -229,8 +229,8 @@ class GroupedExactMatch(_CountMetric):
 # ``update(predictions, batch)`` with the generated answers and the collated batch (each metric reads
 # the per-record fields it needs from it), and ``compute() -> dict[str, Tensor]`` with the headline
 # score under ``"overall"`` beside its parts; a metric that scores each answer alone also has
-# ``question_scores(predictions, batch)`` (the ``score`` of the test's answers file). States are integer tensors summed over processes, or, where
-# examples must be regrouped (MME's image pairs, MMBench's circular shifts), integer lists concatenated
+# ``question_scores(predictions, batch)`` (the ``score`` of the test's answers file). States are integer
+# tensors summed over processes, or, where examples must be regrouped (MME's image pairs, MMBench's circular shifts), integer lists concatenated
 # over processes: DDP gives every rank the same result.
 UNPARSABLE = "unparsable"  # predictions from which no answer could be read (they count as wrong)
 
