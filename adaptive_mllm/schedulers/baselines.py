@@ -4,10 +4,11 @@ Random and Static keep the same number of layers as :class:`~adaptive_mllm.sched
 for the same budget, so they meet it too. None of them reads the latency token, but with
 ``insert_latency_token: true`` they still insert it, from a latency encoder loaded with the checkpoint: a model
 trained with AdaLLaVA-L is then evaluated on exactly its training inputs with only the choice of layers
-changed, which is the comparison that isolates the learned scheduler::
+changed, which is the comparison that isolates the learned scheduler (for an AdaLLaVA-H checkpoint the token
+encodes the budget in layer units, k / (L + 1), not the head units k / (U + 1) it was trained with)::
 
     adaptive-mllm test --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
-        --model.scheduler=StaticScheduler --model.scheduler.num_prefix_layers=4 \
+        --model.scheduler=StaticScheduler --model.scheduler.num_prefix_layers=1 \
         --model.scheduler.insert_latency_token=true
 """
 
