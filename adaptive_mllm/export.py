@@ -22,8 +22,6 @@ A token selector holds no trained weights; it is not exported and is chosen agai
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,12 @@ from adaptive_mllm.checkpoints import read_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 from adaptive_mllm.schedulers.base import Scheduler
+from adaptive_mllm.specs import class_path, instantiate, spec_of
 from adaptive_mllm.token_selection.base import TokenSelector
 
 BACKBONE_JSON = "backbone.json"
 SCHEDULER_JSON = "scheduler.json"
 SCHEDULER_WEIGHTS = "scheduler.safetensors"
-_MISSING = object()
 
 
 def export_checkpoint(
@@ -91,13 +89,13 @@ def export_module(module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dic
     if not module.backbone.is_built:
         module.configure_model()
     module.backbone.save_pretrained(out_dir)
-    _write_json(out_dir / BACKBONE_JSON, {"class_path": _class_path(module.backbone), "init_args": _backbone_args(module.backbone)})
+    _write_json(out_dir / BACKBONE_JSON, {"class_path": class_path(module.backbone), "init_args": _backbone_args(module.backbone)})
     scheduler = module.scheduler
     if scheduler is None:
         for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
             (out_dir / name).unlink(missing_ok=True)
         return out_dir
-    spec = scheduler_spec if scheduler_spec is not None else {"class_path": _class_path(scheduler), "init_args": _init_args(scheduler)}
+    spec = scheduler_spec if scheduler_spec is not None else _scheduler_spec(scheduler)
     _write_json(out_dir / SCHEDULER_JSON, spec)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
     save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
@@ -113,11 +111,11 @@ def load_exported(
     if not backbone_file.is_file():
         raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")
     backbone_spec = json.loads(backbone_file.read_text())
-    backbone: Backbone = _instantiate(backbone_spec["class_path"], {**backbone_spec["init_args"], "checkpoint": str(directory)})
+    backbone: Backbone = instantiate({**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}})
     scheduler: Scheduler | None = None
     if (directory / SCHEDULER_JSON).is_file():
         spec = json.loads((directory / SCHEDULER_JSON).read_text())
-        scheduler = _instantiate(spec["class_path"], spec.get("init_args") or {})
+        scheduler = instantiate(spec)
     module = AdaptiveMLLM(backbone, scheduler, token_selector, **module_kwargs)
     module.configure_model()
     if scheduler is not None:
@@ -126,15 +124,6 @@ def load_exported(
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-def _class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)(**init_args)
-
-
 def _backbone_args(backbone: Backbone) -> dict[str, Any]:
     """What a backbone needs besides its weights to behave as it did (template, lengths, preprocessing)."""
     if not isinstance(backbone, (LlavaBackbone, MiphaBackbone)):
@@ -148,28 +137,13 @@ def _backbone_args(backbone: Backbone) -> dict[str, Any]:
     }
 
 
-def _init_args(obj: object) -> dict[str, Any]:
-    """Constructor arguments read back from same-named attributes (schedulers keep theirs)."""
-    args: dict[str, Any] = {}
-    for name, parameter in inspect.signature(type(obj).__init__).parameters.items():
-        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        value = getattr(obj, name, _MISSING)
-        if value is _MISSING or callable(value) or not _is_plain(value):  # absent, or a same-named method
-            raise ValueError(
-                f"cannot read {type(obj).__name__}'s constructor argument {name!r} back from the object; "
-                "pass scheduler_spec={'class_path': ..., 'init_args': ...} (the CLI export does this from the recipe)"
-            )
-        args[name] = value
-    return args
-
-
-def _is_plain(value: Any) -> bool:
+def _scheduler_spec(scheduler: Scheduler) -> dict[str, Any]:
     try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True
+        return spec_of(scheduler)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; pass scheduler_spec={{'class_path': ..., 'init_args': ...}} (the CLI export does this from the recipe)"
+        ) from None
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -18,9 +18,11 @@ from adaptive_mllm.generation import DECODE_MODES, greedy_generate
 from adaptive_mllm.planning import Planner
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
+from adaptive_mllm.specs import instantiate, spec_of
 from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
 BACKBONE_PARTS = ("vision_tower", "projector", "llm")  # Backbone.parameter_groups' names
+SCHEDULER_SPEC_KEY = "scheduler_spec"  # in a checkpoint: the {class_path, init_args} the scheduler was built with
 
 
 class AdaptiveMLLM(L.LightningModule):
@@ -156,13 +158,27 @@ class AdaptiveMLLM(L.LightningModule):
             for parameter in parameters:
                 parameter.requires_grad_(name not in self.freeze)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record how the scheduler was built (``class_path`` / ``init_args``), so a test of this checkpoint with
+        another scheduler can name it, and a baseline can encode budgets as it did."""
+        if self.scheduler is None:
+            return
+        try:
+            checkpoint[SCHEDULER_SPEC_KEY] = spec_of(self.scheduler)
+        except ValueError:  # a custom scheduler whose arguments cannot be read back: nothing to record
+            pass
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Let a baseline scheduler (Full, Static, Random) evaluate a model trained with a learned one, so
         budget curves compare on the same weights: the scheduler tensors it has no use for (the learned
-        plan head) are dropped, with a warning. Missing tensors still fail the (strict) load.
+        plan head) are dropped, with a warning, and a latency token it inserts encodes each budget as the
+        trained scheduler did. Missing tensors still fail the (strict) load.
 
         A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
         already loaded the weights, strictly, each rank its shards."""
+        trained = _trained_scheduler(checkpoint)
+        if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None and trained is not None:
+            self.scheduler.encode_budget_like(trained)
         if "state_dict" not in checkpoint:
             return
         state, own = checkpoint["state_dict"], self.state_dict()
@@ -179,8 +195,7 @@ class AdaptiveMLLM(L.LightningModule):
         state = checkpoint["state_dict"]
         wrong = [key for key, value in state.items() if key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
         missing = [key for key in own if key.startswith("scheduler.") and key not in state]
-        saved = (checkpoint.get("hyper_parameters") or {}).get("scheduler")
-        saved_class = saved.get("class_path", "") if isinstance(saved, dict) else type(saved).__name__ if saved is not None else ""
+        saved_class = (checkpoint.get(SCHEDULER_SPEC_KEY) or {}).get("class_path", "")
         mine = type(self.scheduler).__name__
         if wrong or (missing and saved_class and not saved_class.endswith(mine)):
             holds = saved_class.rsplit(".", 1)[-1] or "another scheduler"
@@ -342,3 +357,14 @@ def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: in
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:
+    """A fresh copy of the learned scheduler a checkpoint was trained with, from the spec
+    :meth:`AdaptiveMLLM.on_save_checkpoint` recorded; None for a baseline, or a checkpoint that records none
+    (written before 2026-12-06)."""
+    spec = checkpoint.get(SCHEDULER_SPEC_KEY)
+    if not spec:
+        return None
+    trained = instantiate(spec)
+    return None if isinstance(trained, BaselineScheduler) else trained

@@ -10,7 +10,7 @@ import torch
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.module import AdaptiveMLLM, learning_rate_factor
 from adaptive_mllm.planning import PlanInputs
-from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler, StaticScheduler
+from adaptive_mllm.schedulers import FullScheduler, HeadScheduler, LayerScheduler, StaticScheduler
 from tests.conftest import make_backbone, random_images
 
 
@@ -110,6 +110,35 @@ def test_a_baseline_scheduler_evaluates_a_trained_model_with_its_latency_token(t
     no_token = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3))
     no_token.configure_model()
     assert no_token(batch, budgets)[0].shape[1] == trained(batch, budgets)[0].shape[1] - 1
+
+
+def test_a_baseline_on_an_adallava_h_checkpoint_inserts_the_token_the_h_scheduler_inserted(tokenizer_dir):
+    trained = _model(tokenizer_dir, HeadScheduler(num_prefix_layers=3, rank=2)).eval()
+    saved: dict = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(saved)
+    assert saved["scheduler_spec"] == {
+        "class_path": "adaptive_mllm.schedulers.head.HeadScheduler",
+        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops"},
+    }
+    batch = _batch(trained, QUESTIONS, ANSWERS)
+    budgets = torch.ones(len(QUESTIONS))
+
+    def baseline(with_spec: bool) -> AdaptiveMLLM:
+        checkpoint = {"state_dict": {k: v.clone() for k, v in saved["state_dict"].items()}}
+        if with_spec:
+            checkpoint["scheduler_spec"] = saved["scheduler_spec"]
+        model = AdaptiveMLLM(trained.backbone, FullScheduler(num_prefix_layers=3, insert_latency_token=True))
+        model.configure_model()
+        with pytest.warns(UserWarning, match="scheduler.head.weight"):
+            model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+
+    with torch.no_grad():
+        # At budget 1.0 the H plan keeps every unit, as FullScheduler does: only the latency token could differ.
+        assert torch.equal(baseline(with_spec=True)(batch, budgets)[0], trained(batch, budgets)[0])
+        # A checkpoint that records no scheduler (written before it did): budgets counted in layers, 5 / 6 not 10 / 11.
+        assert not torch.equal(baseline(with_spec=False)(batch, budgets)[0], trained(batch, budgets)[0])
 
 
 def test_a_learned_scheduler_missing_from_the_checkpoint_fails_the_load(tokenizer_dir):

@@ -140,13 +140,21 @@ class Scheduler(nn.Module):
         seq_lens: torch.Tensor,  # [B]
         layer_tokens: torch.Tensor | None = None,  # [B, L]
     ) -> torch.Tensor | None:
-        """[B, hidden] embedding of each budget, or None for a scheduler that reads none. The budget is
-        quantised to the ``k`` units it allows first, so equal plans get equal tokens."""
+        """[B, hidden] embedding of each budget, or None for a scheduler that reads none."""
         if self.latency_encoder is None:
             return None
+        return self.latency_encoder(self.latency_value(budgets, seq_lens, layer_tokens))  # [B, hidden]
+
+    def latency_value(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        """[B] in [0, 1): the number the latency token encodes. The budget is quantised to the ``k`` units it
+        allows first, so equal plans get equal tokens."""
         k = self.units_for_budget(budgets, seq_lens, layer_tokens)  # [B]
-        value = k.float() / (self.num_units + 1)  # [B], in [0, 1)
-        return self.latency_encoder(value)  # [B, hidden]
+        return k.float() / (self.num_units + 1)
 
     def forward(
         self,

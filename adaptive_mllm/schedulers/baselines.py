@@ -4,8 +4,9 @@ Random and Static keep the same number of layers as :class:`~adaptive_mllm.sched
 for the same budget, so they meet it too. None of them reads the latency token, but with
 ``insert_latency_token: true`` they still insert it, from a latency encoder loaded with the checkpoint: a model
 trained with AdaLLaVA-L is then evaluated on exactly its training inputs with only the choice of layers
-changed, which is the comparison that isolates the learned scheduler (for an AdaLLaVA-H checkpoint the token
-encodes the budget in layer units, k / (L + 1), not the head units k / (U + 1) it was trained with)::
+changed, which is the comparison that isolates the learned scheduler. The token encodes the budget in the units
+of the scheduler the checkpoint was trained with (head units for AdaLLaVA-H: the module reads them from the
+checkpoint), so it is the very token that scheduler inserted::
 
     adaptive-mllm test --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
         --model.scheduler=StaticScheduler --model.scheduler.num_prefix_layers=1 \
@@ -36,10 +37,28 @@ class BaselineScheduler(Scheduler):
     def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False, budget_rule: BudgetRule = "flops") -> None:
         super().__init__(num_prefix_layers, budget_rule)
         self.insert_latency_token = insert_latency_token
+        self._trained: Scheduler | None = None  # the checkpoint's scheduler, when it counted budgets in other units
 
     def _build(self, shape: DecoderShape) -> None:
         if self.insert_latency_token:
             self.latency_encoder = LatencyEncoder(shape.hidden_size)
+
+    def encode_budget_like(self, trained: Scheduler) -> None:
+        """Let the latency token encode each budget as ``trained`` did in training (AdaLLaVA-H counts head units,
+        one layer 4 of them in tiny-h): the loaded encoder then gets the very inputs it learned from, whichever
+        layers this plan keeps. ``trained`` only computes numbers; its weights are not kept."""
+        trained.configure(self.shape)
+        object.__setattr__(self, "_trained", trained)  # not a sub-module: its plan head stays out of the state dict
+
+    def latency_value(
+        self,
+        budgets: torch.Tensor,  # [B]
+        seq_lens: torch.Tensor,  # [B]
+        layer_tokens: torch.Tensor | None = None,  # [B, L]
+    ) -> torch.Tensor:
+        if self._trained is not None:
+            return self._trained.latency_value(budgets, seq_lens, layer_tokens)
+        return super().latency_value(budgets, seq_lens, layer_tokens)
 
 
 class FullScheduler(BaselineScheduler):

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from adaptive_mllm.backbones.base import DecoderShape
-from adaptive_mllm.schedulers import FullScheduler, LayerScheduler, RandomScheduler, StaticScheduler
+from adaptive_mllm.schedulers import (
+    FullScheduler,
+    HeadScheduler,
+    LayerScheduler,
+    RandomScheduler,
+    StaticScheduler,
+)
 
 GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
 
@@ -87,3 +93,20 @@ def test_a_baseline_can_insert_the_layer_schedulers_latency_token() -> None:
     static = configured(StaticScheduler(3, insert_latency_token=True))
     static.latency_encoder.load_state_dict(layer.latency_encoder.state_dict())
     assert torch.equal(static.latency_token(budgets, lengths), layer.latency_token(budgets, lengths))
+
+
+def test_a_baseline_encodes_the_budget_in_the_units_of_the_scheduler_it_was_trained_with() -> None:
+    head = configured(HeadScheduler(3, rank=4))  # 5 layers x 2 units of 4 heads: U = 10
+    budgets, lengths = torch.tensor([1.0, 0.9, 0.75, 0.62]), torch.tensor([10, 10, 12, 16])
+    static = configured(StaticScheduler(3, insert_latency_token=True))
+    own = static.latency_value(budgets, lengths)  # layers: k / (5 + 1)
+    static.encode_budget_like(HeadScheduler(3, rank=4))
+    static.latency_encoder.load_state_dict(head.latency_encoder.state_dict())
+    value = static.latency_value(budgets, lengths)
+    units = head.units_for_budget(budgets, lengths)
+    torch.testing.assert_close(value, units.float() / 11, rtol=0, atol=0)  # independent: k head units / (U + 1)
+    assert not torch.equal(value, own)  # at 1.0: 10 / 11 against 5 / 6
+    assert torch.equal(static.latency_token(budgets, lengths), head.latency_token(budgets, lengths))
+    assert set(static.state_dict()) == {k for k in head.state_dict() if k.startswith("latency_encoder.")}  # no plan head
+    # the plan is still the baseline's own: whole layers, as many as the budget's FLOPs allow
+    assert static(None, budgets, lengths).layer_mask.sum(-1).tolist() == static.units_for_budget(budgets, lengths).tolist()
