@@ -183,6 +183,7 @@ class AdaptiveMLLM(L.LightningModule):
             return
         state, own = checkpoint["state_dict"], self.state_dict()
         self._check_scheduler_of(checkpoint, own)
+        _check_backbone_of(state, own, getattr(self.backbone.tokenizer, "name_or_path", "") or "the recipe's tokenizer")
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
             for key in unused:
@@ -357,6 +358,25 @@ def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: in
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], tokenizer: str) -> None:
+    """A checkpoint of another model size or vocabulary is named as such, with the likely cause, instead of
+    torch's list of every tensor that does not fit."""
+    wrong = [key for key, value in state.items() if not key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
+    if not wrong:
+        return
+    key = next((k for k in wrong if k.endswith("embed_tokens.weight")), wrong[0])
+    message = f"the checkpoint's {key} has shape {list(state[key].shape)}, the recipe's model {list(own[key].shape)}"
+    if key.endswith("embed_tokens.weight"):
+        message += (
+            f": a vocabulary of {state[key].shape[0]} tokens, {tokenizer} has {own[key].shape[0]}. It is not the "
+            "tokenizer the model was trained with (a generated dataset's tokenizer changes with its sizes and seed: "
+            "pass the data arguments of the training run)"
+        )
+    else:
+        message += f" ({len(wrong)} tensors differ): the recipe builds another model size than the one trained"
+    raise ValueError(message)
 
 
 def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:

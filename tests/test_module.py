@@ -298,3 +298,18 @@ def test_part_learning_rates_name_known_parts_and_positive_rates(tokenizer_dir):
         AdaptiveMLLM(backbone, part_learning_rates={"vision": 1e-4})
     with pytest.raises(ValueError, match="projector's learning rate 0.0 must be > 0"):
         AdaptiveMLLM(backbone, part_learning_rates={"projector": 0.0})
+
+
+def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
+    state = dict(model.state_dict())
+    key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    vocab, hidden = state[key].shape
+    state[key] = torch.zeros(vocab - 1, hidden)  # trained with a tokenizer of one token less
+    with pytest.raises(ValueError, match=rf"embed_tokens.weight has shape \[{vocab - 1}, {hidden}\].*{vocab - 1} tokens, .*{vocab}"):
+        model.on_load_checkpoint({"state_dict": state})
+    state[key] = model.state_dict()[key]
+    wider = next(k for k in state if k.endswith("mlp.up_proj.weight"))
+    state[wider] = torch.zeros(state[wider].shape[0] + 1, state[wider].shape[1])
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape .*another model size"):
+        model.on_load_checkpoint({"state_dict": state})
