@@ -56,9 +56,16 @@ class BaselineScheduler(Scheduler):
         seq_lens: torch.Tensor,  # [B]
         layer_tokens: torch.Tensor | None = None,  # [B, L]
     ) -> torch.Tensor:
-        if self._trained is not None:
+        if self._trained is None:
+            return super().latency_value(budgets, seq_lens, layer_tokens)
+        try:
             return self._trained.latency_value(budgets, seq_lens, layer_tokens)
-        return super().latency_value(budgets, seq_lens, layer_tokens)
+        except ValueError as error:  # a budget this plan can meet, but below any the trained scheduler saw
+            raise ValueError(
+                f"the latency token encodes budgets as the checkpoint's {type(self._trained).__name__} "
+                f"({self._trained.num_prefix_layers} always-run layers) did, and it has no token for this one: {error}. "
+                "Evaluate without insert_latency_token, or at budgets it admits"
+            ) from None
 
 
 class FullScheduler(BaselineScheduler):

@@ -110,3 +110,9 @@ def test_a_baseline_encodes_the_budget_in_the_units_of_the_scheduler_it_was_trai
     assert set(static.state_dict()) == {k for k in head.state_dict() if k.startswith("latency_encoder.")}  # no plan head
     # the plan is still the baseline's own: whole layers, as many as the budget's FLOPs allow
     assert static(None, budgets, lengths).layer_mask.sum(-1).tolist() == static.units_for_budget(budgets, lengths).tolist()
+    # a budget this plan meets (1 always-run layer) but the trained scheduler (3) never saw: named as such
+    low = configured(StaticScheduler(1, insert_latency_token=True))
+    low.encode_budget_like(HeadScheduler(3, rank=4))
+    assert low(None, torch.tensor([0.3]), torch.tensor([10])).layer_mask.sum() > 0
+    with pytest.raises(ValueError, match=r"checkpoint's HeadScheduler \(3 always-run layers\) did, .*: budget 0\.3 .* admissible range"):
+        low.latency_token(torch.tensor([0.3]), torch.tensor([10]))
