@@ -176,9 +176,10 @@ class AdaptiveMLLM(L.LightningModule):
 
         A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
         already loaded the weights, strictly, each rank its shards."""
-        trained = _trained_scheduler(checkpoint)
-        if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None and trained is not None:
-            self.scheduler.encode_budget_like(trained)
+        if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None:
+            trained = _trained_scheduler(checkpoint)
+            if trained is not None:
+                self.scheduler.encode_budget_like(trained)
         if "state_dict" not in checkpoint:
             return
         state, own = checkpoint["state_dict"], self.state_dict()
@@ -386,5 +387,8 @@ def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:
     spec = checkpoint.get(SCHEDULER_SPEC_KEY)
     if not spec:
         return None
-    trained = instantiate(spec)
+    try:
+        trained = instantiate(spec)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"the checkpoint records its scheduler as {spec}, which cannot be built here: {error}") from error
     return None if isinstance(trained, BaselineScheduler) else trained

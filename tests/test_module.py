@@ -313,3 +313,12 @@ def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):
     state[wider] = torch.zeros(state[wider].shape[0] + 1, state[wider].shape[1])
     with pytest.raises(ValueError, match=r"up_proj.weight has shape .*another model size"):
         model.on_load_checkpoint({"state_dict": state})
+
+
+def test_a_scheduler_record_that_cannot_be_built_is_named(tokenizer_dir):
+    trained = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
+    checkpoint = {"state_dict": dict(trained.state_dict()), "scheduler_spec": {"class_path": "adaptive_mllm.schedulers.NoSuchScheduler"}}
+    baseline = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3, insert_latency_token=True))
+    baseline.configure_model()
+    with pytest.raises(ValueError, match=r"records its scheduler as .*NoSuchScheduler.*cannot be built here"):
+        baseline.on_load_checkpoint(checkpoint)
