@@ -18,7 +18,6 @@ from adaptive_mllm.generation import DECODE_MODES, greedy_generate
 from adaptive_mllm.planning import Planner
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.baselines import BaselineScheduler, FullScheduler
-from adaptive_mllm.specs import instantiate, spec_of
 from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
 BACKBONE_PARTS = ("vision_tower", "projector", "llm")  # Backbone.parameter_groups' names
@@ -164,7 +163,7 @@ class AdaptiveMLLM(L.LightningModule):
         if self.scheduler is None:
             return
         try:
-            checkpoint[SCHEDULER_SPEC_KEY] = spec_of(self.scheduler)
+            checkpoint[SCHEDULER_SPEC_KEY] = self.scheduler.spec()
         except ValueError:  # a custom scheduler whose arguments cannot be read back: nothing to record
             pass
 
@@ -387,8 +386,5 @@ def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:
     spec = checkpoint.get(SCHEDULER_SPEC_KEY)
     if not spec:
         return None
-    try:
-        trained = instantiate(spec)
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"the checkpoint records its scheduler as {spec}, which cannot be built here: {error}") from error
+    trained = Scheduler.from_spec(spec)
     return None if isinstance(trained, BaselineScheduler) else trained

@@ -320,5 +320,5 @@ def test_a_scheduler_record_that_cannot_be_built_is_named(tokenizer_dir):
     checkpoint = {"state_dict": dict(trained.state_dict()), "scheduler_spec": {"class_path": "adaptive_mllm.schedulers.NoSuchScheduler"}}
     baseline = AdaptiveMLLM(trained.backbone, StaticScheduler(num_prefix_layers=3, insert_latency_token=True))
     baseline.configure_model()
-    with pytest.raises(ValueError, match=r"records its scheduler as .*NoSuchScheduler.*cannot be built here"):
+    with pytest.raises(ValueError, match=r"scheduler recorded as .*NoSuchScheduler.* cannot be built here"):
         baseline.on_load_checkpoint(checkpoint)

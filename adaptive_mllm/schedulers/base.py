@@ -12,6 +12,8 @@ plan of ``k`` units never exceeds the budget's FLOPs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from adaptive_mllm.backbones.base import DecoderShape
 from adaptive_mllm.cost import BudgetRule, CostModel
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.specs import instantiate, spec_of
 
 #: transformers' ``initializer_range`` of the LLMs the release builds on (Llama / Vicuna; Phi-2 too)
 INIT_STD = 0.02
@@ -72,6 +75,22 @@ class Scheduler(nn.Module):
         self._build(shape)
         self.apply(init_like_transformers)
         self._shape, self._cost = shape, cost
+
+    def spec(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}``: how to build this scheduler again (a checkpoint records it); a ValueError
+        where a constructor argument cannot be read back from the object."""
+        return spec_of(self)
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any]) -> Scheduler:
+        """A new, unconfigured scheduler from :meth:`spec`'s record; a ValueError naming the record otherwise."""
+        try:
+            scheduler = instantiate(spec)
+        except (ImportError, AttributeError, TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"the scheduler recorded as {spec} cannot be built here: {error}") from error
+        if not isinstance(scheduler, Scheduler):
+            raise ValueError(f"{spec} records a {type(scheduler).__name__}, not a Scheduler")
+        return scheduler
 
     def _check_shape(self, shape: DecoderShape) -> None:
         """Raise a ValueError when this scheduler cannot split ``shape`` into its units."""
