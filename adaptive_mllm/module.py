@@ -182,19 +182,20 @@ class AdaptiveMLLM(L.LightningModule):
         if "state_dict" not in checkpoint:
             return
         state, own = checkpoint["state_dict"], self.state_dict()
-        self._check_scheduler_of(checkpoint, own)
-        _check_backbone_of(state, own, getattr(self.backbone.tokenizer, "name_or_path", "") or "the recipe's tokenizer")
+        misfits = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
+        self._check_scheduler_of(checkpoint, own, [key for key in misfits if key.startswith("scheduler.")])
+        tokenizer = getattr(self.backbone.tokenizer, "name_or_path", "") or "the recipe's tokenizer"
+        _check_backbone_of(state, own, [key for key in misfits if not key.startswith("scheduler.")], tokenizer)
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
             for key in unused:
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
 
-    def _check_scheduler_of(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
+    def _check_scheduler_of(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor], wrong: list[str]) -> None:
         """A checkpoint trained with another learned scheduler (AdaLLaVA-H into an L recipe) is named as such,
         instead of failing the load on a tensor size deep inside torch."""
         state = checkpoint["state_dict"]
-        wrong = [key for key, value in state.items() if key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
         missing = [key for key in own if key.startswith("scheduler.") and key not in state]
         saved_class = (checkpoint.get(SCHEDULER_SPEC_KEY) or {}).get("class_path", "")
         mine = type(self.scheduler).__name__
@@ -360,10 +361,9 @@ def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: in
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], tokenizer: str) -> None:
+def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], wrong: list[str], tokenizer: str) -> None:
     """A checkpoint of another model size or vocabulary is named as such, with the likely cause, instead of
     torch's list of every tensor that does not fit."""
-    wrong = [key for key, value in state.items() if not key.startswith("scheduler.") and key in own and own[key].shape != value.shape]
     if not wrong:
         return
     key = next((k for k in wrong if k.endswith("embed_tokens.weight")), wrong[0])

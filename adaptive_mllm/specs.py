@@ -27,7 +27,7 @@ def init_args(obj: object) -> dict[str, Any]:
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         value = getattr(obj, name, _MISSING)
-        if value is _MISSING or callable(value) or not is_plain(value):  # absent, or a same-named method
+        if value is _MISSING or callable(value) or not _is_plain(value):  # absent, or a same-named method
             raise ValueError(f"cannot read {type(obj).__name__}'s constructor argument {name!r} back from the object")
         args[name] = value
     return args
@@ -43,7 +43,7 @@ def instantiate(spec: dict[str, Any]) -> Any:
     return instantiate_class((), {"class_path": spec["class_path"], "init_args": spec.get("init_args") or {}})
 
 
-def is_plain(value: Any) -> bool:
+def _is_plain(value: Any) -> bool:
     try:
         json.dumps(value)
     except TypeError:
