@@ -10,6 +10,7 @@ checkpoint; for Mipha its release layout, read by ``MiphaBackbone(checkpoint=dir
       backbone.json           {"class_path", "init_args"}: how to construct the backbone on this directory
       scheduler.json          {"class_path", "init_args"}: the scheduler's constructor arguments
       scheduler.safetensors   its weights: plan head and latency encoder
+      module.json             how the model answers: default budget, max_new_tokens, decode mode
 
 :func:`load_exported` reads it back into an :class:`AdaptiveMLLM`. From the command line::
 
@@ -41,6 +42,8 @@ from adaptive_mllm.token_selection.base import TokenSelector
 BACKBONE_JSON = "backbone.json"
 SCHEDULER_JSON = "scheduler.json"
 SCHEDULER_WEIGHTS = "scheduler.safetensors"
+MODULE_JSON = "module.json"
+MODULE_SETTINGS = ("budget", "max_new_tokens", "decode")  # AdaptiveMLLM arguments that shape its answers
 
 
 def export_checkpoint(
@@ -89,6 +92,7 @@ def export_module(module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dic
     if not module.backbone.is_built:
         module.configure_model()
     module.backbone.save_pretrained(out_dir)
+    _write_json(out_dir / MODULE_JSON, {name: getattr(module, name) for name in MODULE_SETTINGS})
     _write_json(out_dir / BACKBONE_JSON, {"class_path": class_path(module.backbone), "init_args": _backbone_args(module.backbone)})
     scheduler = module.scheduler
     if scheduler is None:
@@ -105,7 +109,8 @@ def export_module(module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dic
 def load_exported(
     directory: str | Path, token_selector: TokenSelector | None = None, **module_kwargs: Any
 ) -> AdaptiveMLLM:
-    """An exported directory back as an AdaptiveMLLM in eval mode (weights loaded, strictly)."""
+    """An exported directory back as an AdaptiveMLLM in eval mode (weights loaded, strictly), answering with
+    the exported settings (``module.json``) unless ``module_kwargs`` say otherwise."""
     directory = Path(directory)
     backbone_file = directory / BACKBONE_JSON
     if not backbone_file.is_file():
@@ -116,7 +121,8 @@ def load_exported(
     if (directory / SCHEDULER_JSON).is_file():
         spec = json.loads((directory / SCHEDULER_JSON).read_text())
         scheduler = instantiate(spec)
-    module = AdaptiveMLLM(backbone, scheduler, token_selector, **module_kwargs)
+    settings = json.loads((directory / MODULE_JSON).read_text()) if (directory / MODULE_JSON).is_file() else {}
+    module = AdaptiveMLLM(backbone, scheduler, token_selector, **{**settings, **module_kwargs})
     module.configure_model()
     if scheduler is not None:
         scheduler.load_state_dict(load_file(directory / SCHEDULER_WEIGHTS), strict=True)

@@ -276,6 +276,7 @@ class AdaptiveMLLM(L.LightningModule):
             units = result.plan.units.float().tolist() if result.plan.units is not None else units
         return {
             "answers": answers,
+            "answer_tokens": [len(tokens) for tokens in result.tokens],  # == max_new_tokens: cut off, no stop token
             "flops_fraction": sum(fractions) / batch_size,  # the batch's mean
             "units": sum(units) / batch_size,
             "flops_fractions": fractions,

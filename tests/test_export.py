@@ -36,7 +36,7 @@ def _logits(module: AdaptiveMLLM, batch: dict) -> torch.Tensor:
 @pytest.mark.parametrize("scheduler", [lambda: LayerScheduler(2), lambda: HeadScheduler(2, rank=2), lambda: None],
                          ids=["layer", "head", "none"])
 def test_export_then_load_gives_identical_logits(scheduler, tokenizer_dir, tmp_path):
-    module = AdaptiveMLLM(make_backbone(tokenizer_dir), scheduler())
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), scheduler(), budget=0.8, max_new_tokens=7, decode="eager")
     module.configure_model()
     module.eval()
     export_module(module, tmp_path / "export")
@@ -48,6 +48,9 @@ def test_export_then_load_gives_identical_logits(scheduler, tokenizer_dir, tmp_p
     batch = _batch(module.backbone)
     assert torch.equal(_logits(loaded, batch), _logits(module, batch))
     assert loaded.backbone.chat_template.name == "plain_chat"
+    # it answers as the exported model did (not with AdaptiveMLLM's defaults 1.0 / 16 / auto), unless told otherwise
+    assert (loaded.budget, loaded.max_new_tokens, loaded.decode) == (0.8, 7, "eager")
+    assert load_exported(tmp_path / "export", max_new_tokens=3).max_new_tokens == 3
     if module.scheduler is not None:
         spec = json.loads((tmp_path / "export" / "scheduler.json").read_text())
         assert spec["class_path"] == f"adaptive_mllm.schedulers.{type(module.scheduler).__module__.split('.')[-1]}." \
@@ -104,6 +107,7 @@ def test_export_command_from_a_trained_lightning_checkpoint(tokenizer_dir, tmp_p
     trained = cli.model.eval()
     loaded = load_exported(tmp_path / "out")
     assert type(loaded.scheduler) is HeadScheduler and loaded.scheduler.rank == 8
+    assert loaded.max_new_tokens == trained.max_new_tokens == 128  # the recipe's, not the default 16
     batch = _batch(trained.backbone)
     assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import litserve as ls
 import torch
@@ -35,8 +35,19 @@ API_PATH = "/v1/chat/completions"
 # The most a deadline-driven budget may rise from one batch to the next. Budgets fall at once when the
 # correction says so, but rise in steps: when another process shares the cores, small budgets can look
 # fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
-# to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline.
+# to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline. Only budgets the
+# machine held down move the ceiling: a request's own tight deadline says nothing about the machine.
 BUDGET_RISE = 0.1
+METRICS_LOG_SECONDS = 10.0  # the worker logs its counts at most this often (every batch would flood the log)
+
+
+class Choice(NamedTuple):
+    """One request's budget and why."""
+
+    budget: float
+    requested: str  # what set it: "budget", "deadline", "default" or "pinned"
+    feasible: bool  # False: even the smallest budget was predicted to miss the deadline
+    held_down: bool = False  # the correction or the ceiling, not the deadline alone, kept it below its quiet-machine budget
 
 
 @dataclass
@@ -54,6 +65,9 @@ class Answer:
     measured_ms: float  # the batch's generate call
     queued_ms: float  # from arrival at the server to the start of the batch
     batch_size: int
+    prompt_tokens: int  # the request's own prompt, image placeholders included
+    completion_tokens: int
+    finish_reason: str  # "stop", or "length" when the answer reached max_new_tokens without a stop token
 
 
 class DeadlineAPI(ls.LitAPI):
@@ -108,11 +122,17 @@ class DeadlineAPI(ls.LitAPI):
         self.processor = model.backbone.input_processor()
         self.latency = LatencyModel.load(self.profile, self.margin) if self.profile else None
         self.ratio = RunningRatio()
-        self.deadline_ceiling = 1.0  # the highest deadline-driven budget of the last batch + BUDGET_RISE
+        self.deadline_ceiling = 1.0  # the highest held-down deadline budget of the last such batch + BUDGET_RISE
         self.counts: Counter[str] = Counter()
         self.decode_steps = 0
         # decoding steps of a generate call = LM head calls - 1 (the first token comes out of the prefill)
         model.backbone.lm_head.register_forward_hook(self._count_step)
+        if not log.handlers and not logging.getLogger().handlers:  # the worker process: nobody set up logging
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        self.logged_at = -METRICS_LOG_SECONDS
         self._write_metrics()
 
     def _count_step(self, module: Any, args: Any, output: Any) -> None:
@@ -146,7 +166,14 @@ class DeadlineAPI(ls.LitAPI):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": "adaptive-mllm",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": output.text}, "finish_reason": output.finish_reason}
+            ],
+            "usage": {
+                "prompt_tokens": output.prompt_tokens,
+                "completion_tokens": output.completion_tokens,
+                "total_tokens": output.prompt_tokens + output.completion_tokens,
+            },
             "adaptive": {
                 "budget": output.budget,
                 "requested": output.requested,
@@ -179,12 +206,12 @@ class DeadlineAPI(ls.LitAPI):
         new_tokens = self.model.max_new_tokens
         size = len(requests)
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
-        choices = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
-        choices = self._share_the_batch(choices, requests, queued, prompt_tokens, new_tokens)
-        driven = [budget for budget, requested, _ in choices if requested == "deadline"]
-        if driven:
-            self.deadline_ceiling = min(max(driven) + BUDGET_RISE, 1.0)
-        budgets = torch.tensor([budget for budget, _, _ in choices], dtype=torch.float32)
+        alone = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
+        held_down = [choice.budget for choice in alone if choice.held_down]
+        if held_down:  # the machine's limit, before the batch shares its tightest deadline
+            self.deadline_ceiling = min(max(held_down) + BUDGET_RISE, 1.0)
+        choices = self._share_the_batch(alone, requests, queued, prompt_tokens, new_tokens)
+        budgets = torch.tensor([choice.budget for choice in choices], dtype=torch.float32)
         predicted = None  # the batch's, before this batch corrects the model: one generate call, one time
         if self.latency is not None:
             predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, self.ratio.value)
@@ -198,36 +225,41 @@ class DeadlineAPI(ls.LitAPI):
         self.counts["batches"] += 1
         self.counts["answered"] += size
         answers = []
-        for index, (budget, requested, feasible) in enumerate(choices):
+        for index, (budget, requested, feasible, _) in enumerate(choices):
             request = requests[index]
             if request.deadline_ms is not None:
                 self.counts["deadline_requests"] += 1
                 self.counts["deadline_met"] += int(queued[index] + measured_ms <= request.deadline_ms)
                 self.counts["deadline_infeasible"] += int(not feasible)
+            generated = out["answer_tokens"][index]
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
-                       fractions[index], predicted, measured_ms, queued[index], size)
+                       fractions[index], predicted, measured_ms, queued[index], size, len(request.prompt_ids), generated,
+                       "length" if generated >= new_tokens else "stop")
             )  # fmt: skip
         return answers
 
-    def _choose(
-        self, request: ChatRequest, queued_ms: float, prompt_tokens: int, new_tokens: int, size: int
-    ) -> tuple[float, str, bool]:
-        """(budget, what decided it, deadline predicted feasible) within what the scheduler admits; a
-        deadline counts from the request's arrival, so ``queued_ms`` is already spent, and the time the server
-        spends outside this worker (reading the request, writing the answer) is still to come."""
+    def _choose(self, request: ChatRequest, queued_ms: float, prompt_tokens: int, new_tokens: int, size: int) -> Choice:
+        """The request's budget within what the scheduler admits; a deadline counts from the request's
+        arrival, so ``queued_ms`` is already spent, and the time the server spends outside this worker
+        (reading the request, writing the answer) is still to come."""
         minimum = self._minimum(request)
         if self.pinned_budget is not None:
-            return max(self.pinned_budget, minimum), "pinned", True
+            return Choice(max(self.pinned_budget, minimum), "pinned", True)
         if request.budget is not None:
-            return max(request.budget, minimum), "budget", True
+            return Choice(max(request.budget, minimum), "budget", True)
         if request.deadline_ms is not None:
             remaining = self._remaining_ms(request, queued_ms)
             if remaining <= 0:
-                return minimum, "deadline", False
-            choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, self.ratio.value)
-            return max(min(choice.budget, self.deadline_ceiling), minimum), "deadline", choice.met
-        return max(self.model.budget, minimum), "default", True
+                return Choice(minimum, "deadline", False)
+            correction = self.ratio.value
+            choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, correction)
+            budget = max(min(choice.budget, self.deadline_ceiling), minimum)
+            quiet = choice.budget  # what the deadline alone allows on a machine no slower than profiled
+            if correction > 1.0:
+                quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum).budget
+            return Choice(budget, "deadline", choice.met, budget < quiet - 1e-9)
+        return Choice(max(self.model.budget, minimum), "default", True)
 
     def _minimum(self, request: ChatRequest) -> float:
         """The smallest budget the scheduler admits for this prompt (prefix layers + LM head)."""
@@ -242,9 +274,8 @@ class DeadlineAPI(ls.LitAPI):
         return request.deadline_ms - queued_ms - outside
 
     def _share_the_batch(
-        self, choices: list[tuple[float, str, bool]], requests: list[ChatRequest], queued: list[float],
-        prompt_tokens: int, new_tokens: int,
-    ) -> list[tuple[float, str, bool]]:  # fmt: skip
+        self, choices: list[Choice], requests: list[ChatRequest], queued: list[float], prompt_tokens: int, new_tokens: int
+    ) -> list[Choice]:
         """Budgets that fit the batch's tightest deadline together.
 
         A batch is one ``generate`` call: every request in it is answered when the batch is done, after about
@@ -252,7 +283,7 @@ class DeadlineAPI(ls.LitAPI):
         would miss because a fresher one chose more. Here the deadline-driven budgets above a level are
         lowered to it (never below a request's minimum) until the mean fits the tightest deadline; budgets
         a request asked for are kept."""
-        rows = [index for index, (_, requested, _) in enumerate(choices) if requested == "deadline"]
+        rows = [index for index, choice in enumerate(choices) if choice.requested == "deadline"]
         if self.latency is None or len(choices) == 1 or not rows:
             return choices
         size = len(choices)
@@ -262,7 +293,7 @@ class DeadlineAPI(ls.LitAPI):
         if tightest > 0:
             mean_cap = self.latency.budget_for_deadline(tightest, prompt_tokens, new_tokens, size, 0.0, self.ratio.value).budget
         minimum = {index: self._minimum(requests[index]) for index in rows}
-        chosen = [budget for budget, _, _ in choices]
+        chosen = [choice.budget for choice in choices]
 
         def levelled(level: float) -> list[float]:
             return [max(min(b, level), minimum[i]) if i in remaining else b for i, b in enumerate(chosen)]
@@ -275,7 +306,7 @@ class DeadlineAPI(ls.LitAPI):
             chosen = levelled(low)
         batch_ms = self.latency.predict_ms(sum(chosen) / size, prompt_tokens, new_tokens, size, self.ratio.value)
         fits = {index: batch_ms * (1 + self.latency.margin) <= left * (1 + 1e-9) for index, left in remaining.items()}
-        return [(chosen[i], requested, fits.get(i, feasible)) for i, (_, requested, feasible) in enumerate(choices)]
+        return [choice._replace(budget=chosen[i], feasible=fits.get(i, choice.feasible)) for i, choice in enumerate(choices)]
 
     def _correct(
         self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,
@@ -300,7 +331,9 @@ class DeadlineAPI(ls.LitAPI):
         counts["correction"] = self.ratio.value
         if self.times is not None:
             counts["outside_worker_ms"] = self.times.outside_ms
-        log.info("metrics %s", json.dumps(counts, sort_keys=True))
+        if time.monotonic() - self.logged_at >= METRICS_LOG_SECONDS:
+            self.logged_at = time.monotonic()
+            log.info("metrics %s", json.dumps(counts, sort_keys=True))
         if self.metrics_path is None:
             return
         path = Path(self.metrics_path)

@@ -47,12 +47,15 @@ class RequestLimits:
         image_dir: the only folder image paths may point into; None = paths refused (data URLs only).
         max_image_bytes: largest encoded image (base64-decoded or file size).
         max_image_pixels: largest width * height, checked before the pixels are decoded.
+        max_text_chars: most characters of text over all turns, checked before tokenizing (the token
+            limit, the model's maximum length, is checked after).
         strict: unknown top-level fields are an error (else ignored).
     """
 
     image_dir: str | None = None
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_text_chars: int = 100_000
     strict: bool = True
 
 
@@ -81,6 +84,8 @@ def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int
         raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {temperature!r}", "temperature")
     budget, deadline_ms = _budget_or_deadline(body)
     questions, answers, image_url = _turns(body.get("messages"))
+    _check_text_length(questions + answers, limits)
+    questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"  # the image before the first question, as LLaVA's data has it
     pixel_values = processor.preprocess_image(_read_image(image_url, limits))
     try:
         prompt_ids = processor.chat_template.encode_prompt(
@@ -102,6 +107,14 @@ def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int
             "messages",
         )
     return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms)
+
+
+def _check_text_length(texts: list[str], limits: RequestLimits) -> None:
+    """Refuse a huge text before tokenizing it: a megabyte prompt would hold the model's worker (and every
+    queued deadline) for seconds only to be refused for its token count."""
+    characters = sum(len(text) for text in texts)
+    if characters > limits.max_text_chars:
+        raise RequestError(413, f"the text is {characters} characters, more than {limits.max_text_chars}", "messages")
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:
@@ -126,7 +139,7 @@ def _budget_or_deadline(body: dict[str, Any]) -> tuple[float | None, float | Non
 
 def _turns(messages: Any) -> tuple[list[str], list[str], str]:
     """(questions, answers, image URL): user / assistant turns alternating, the last one a user turn,
-    exactly one image, in the first user turn (placed before its text, as LLaVA's data does)."""
+    exactly one image, in the first user turn."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "must be a non-empty list of {role, content} objects", "messages")
     questions: list[str] = []
@@ -153,7 +166,6 @@ def _turns(messages: Any) -> tuple[list[str], list[str], str]:
         raise RequestError(400, "the last message must be a user turn", f"messages[{len(messages) - 1}].role")
     if image_url is None:
         raise RequestError(400, "no image: the first user turn needs one image_url part", "messages[0].content")
-    questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"
     return questions, answers, image_url
 
 

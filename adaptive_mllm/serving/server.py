@@ -30,6 +30,8 @@ def build_model(
     if export_dir is not None:
         from adaptive_mllm.export import load_exported
 
+        if overrides:
+            raise ValueError(f"--export_dir takes no recipe flags (got {overrides}): the directory holds the model's settings")
         return load_exported(export_dir)
     if config is None:
         raise ValueError("give --export_dir, or --config (with --ckpt_path for trained weights)")
@@ -55,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image_dir", help="the only folder image paths may point into (default: paths refused)")
     p.add_argument("--max_image_bytes", type=int, default=RequestLimits.max_image_bytes)
     p.add_argument("--max_image_pixels", type=int, default=RequestLimits.max_image_pixels)
+    p.add_argument("--max_text_chars", type=int, default=RequestLimits.max_text_chars,
+                   help="most characters of text per request, refused (413) before tokenizing")
     p.add_argument("--lax", action="store_true", help="ignore unknown request fields instead of answering 400")
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--batch_timeout", type=float, default=0.0,
@@ -72,7 +76,7 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     import litserve as ls
 
     metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
-    limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, strict=not args.lax)
+    limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, args.max_text_chars, strict=not args.lax)
     builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     times = ServerTimes()
     api = DeadlineAPI(
@@ -80,8 +84,8 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
         args.batch_timeout, args.threads, times,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
-    # a body is at most one base64 image (4/3 of its bytes) plus text: anything larger is refused (413) unread
-    max_payload = args.max_image_bytes * 4 // 3 + 1024 * 1024
+    # a body is at most one base64 image (4/3 of its bytes) plus the text: anything larger is refused (413) unread
+    max_payload = args.max_image_bytes * 4 // 3 + 4 * args.max_text_chars + 1024 * 1024  # 4: UTF-8's widest character
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
     )
@@ -96,8 +100,28 @@ def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
     return {**read_metrics(metrics_path), **times.counts()}
 
 
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> None:
+    """Refuse at startup what would fail every request later (argparse's own usage error, exit 2)."""
+    if args.pinned_budget is not None and not 0.0 <= args.pinned_budget <= 1.0:
+        p.error(f"--pinned_budget {args.pinned_budget} must be in [0, 1]")
+    if args.margin < 0:
+        p.error(f"--margin {args.margin} must be >= 0")
+    if args.max_batch_size < 1:
+        p.error(f"--max_batch_size {args.max_batch_size} must be >= 1")
+    if args.batch_timeout < 0:
+        p.error(f"--batch_timeout {args.batch_timeout} must be >= 0")
+    if args.timeout <= 0:
+        p.error(f"--timeout {args.timeout} must be > 0")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads} must be >= 1")
+    if args.export_dir is not None and overrides:
+        p.error(f"--export_dir takes no recipe flags, got {overrides}")
+
+
 def main(argv: list[str]) -> None:
-    args, overrides = parser().parse_known_args(argv)
+    p = parser()
+    args, overrides = p.parse_known_args(argv)
+    check_arguments(p, args, overrides)
     if args.profile is not None and not Path(args.profile).is_file():
         raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
     server = make_server(args, overrides)

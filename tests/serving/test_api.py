@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,26 +63,26 @@ def _fresh_deadline_request(api: DeadlineAPI):
 
 def test_budgets_fall_when_measured_times_double_and_rise_when_they_recover(api: DeadlineAPI):
     request, tokens, new = _fresh_deadline_request(api)
-    before, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+    before, _, feasible, _ = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and before == pytest.approx(0.9, abs=1e-5)
     budgets = torch.tensor([before])
     for _ in range(8):  # every batch takes twice its prediction
         api._correct(budgets, tokens, new, 1, 2 * api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
     assert api.ratio.value == pytest.approx(2.0)  # every recent batch took twice its prediction
-    slowed, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+    slowed, _, feasible, _ = api._choose(request, 0.0, tokens, new, 1)
     assert feasible and slowed < 0.5  # by hand: (0.9 * c + a) / 2 = a + b c  ->  b ~ 0.43 with a ~ 1.3, c ~ 2T
     for _ in range(20):  # the load goes: the slow batches leave the window of 20
         api._correct(budgets, tokens, new, 1, api.latency.predict_ms(before, tokens, new, 1), new - 1, 0.0)
-    recovered, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    recovered, _, _, _ = api._choose(request, 0.0, tokens, new, 1)
     assert recovered > 0.85
 
 
 def test_time_spent_queued_counts_against_the_deadline(api: DeadlineAPI):
     request, tokens, new = _fresh_deadline_request(api)
-    fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
-    late, _, feasible = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
+    fresh, _, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    late, _, feasible, _ = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
     assert feasible and late < fresh - 0.3  # half the time left: about half the budget-dependent work
-    expired, requested, feasible = api._choose(request, request.deadline_ms + 1, tokens, new, 1)
+    expired, requested, feasible, _ = api._choose(request, request.deadline_ms + 1, tokens, new, 1)
     minimum = api.model.scheduler.cost.min_budget(tokens)
     assert (expired, requested, feasible) == (minimum, "deadline", False)
 
@@ -104,12 +105,12 @@ def test_an_answer_that_stops_early_is_compared_at_full_length(api: DeadlineAPI)
 
 def test_time_outside_the_worker_counts_against_the_deadline(api: DeadlineAPI):
     request, tokens, new = _fresh_deadline_request(api)
-    fresh, _, _ = api._choose(request, 0.0, tokens, new, 1)
-    queued, _, _ = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
+    fresh, _, _, _ = api._choose(request, 0.0, tokens, new, 1)
+    queued, _, _, _ = api._choose(request, request.deadline_ms / 2, tokens, new, 1)
     api.times = ServerTimes()
     try:
         api.times.update(request.deadline_ms / 2)  # half the deadline goes to reading and writing HTTP
-        outside, _, _ = api._choose(request, 0.0, tokens, new, 1)
+        outside, _, _, _ = api._choose(request, 0.0, tokens, new, 1)
         assert outside < fresh - 0.3
         assert outside == pytest.approx(queued)  # the same as half the deadline spent queued
     finally:
@@ -128,7 +129,7 @@ def test_a_batch_shares_its_tightest_deadline(api: DeadlineAPI):
     requests = [fresh, old, fixed]
     alone = [api._choose(r, q, tokens, new, 3) for r, q in zip(requests, queued, strict=True)]
     shared = api._share_the_batch(alone, requests, queued, tokens, new)
-    (b_fresh, _, ok_fresh), (b_old, _, ok_old), (b_fixed, _, _) = shared
+    (b_fresh, _, ok_fresh, _), (b_old, _, ok_old, _), (b_fixed, _, _, _) = shared
     assert alone[0][0] > alone[1][0] + 0.2  # alone, the fresh one takes more than the old one could
     assert b_fixed == 0.95 and b_old <= alone[1][0]  # nobody is raised, asked budgets kept
     assert b_fresh < alone[0][0] - 0.2  # lowered to share the old one's deadline
@@ -151,7 +152,7 @@ def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
     request.deadline_ms = 1e7  # generous: alone, budget 1.0
     api.deadline_ceiling = 0.3  # the last batch ran at 0.2 under a slowdown
     try:
-        budget, _, feasible = api._choose(request, 0.0, tokens, new, 1)
+        budget, _, feasible, _ = api._choose(request, 0.0, tokens, new, 1)
         assert budget == pytest.approx(0.3) and feasible
         climbed = []
         for _ in range(10):  # batches answered at their budget: the ceiling follows, 0.1 a batch
@@ -163,3 +164,65 @@ def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
         assert api._choose(fixed, 0.0, tokens, new, 1)[0] == 0.9
     finally:
         api.deadline_ceiling = 1.0
+
+
+def test_only_a_machine_held_budget_caps_the_next_deadlines(api: DeadlineAPI):
+    api.ratio = RunningRatio()
+    tight, loose = _request(api, 1e-3), _request(api, 1e7)  # nothing meets 1 microsecond; anything meets 3 hours
+    try:
+        for _ in range(3):  # one client's impossible deadline does not lower another's budget
+            answered_tight = api._answer([tight])[0]
+            assert answered_tight.budget == pytest.approx(api._minimum(tight)) and not answered_tight.deadline_feasible
+            assert api._answer([loose])[0].budget == 1.0
+        assert api.deadline_ceiling == 1.0
+        # a slowdown holds a deadline's budget below what the deadline alone allows: that moves the ceiling
+        request, tokens, new = _fresh_deadline_request(api)
+        assert not api._choose(request, 0.0, tokens, new, 1).held_down  # quiet machine: the deadline decides
+        budgets = torch.tensor([0.9])
+        for _ in range(8):
+            api._correct(budgets, tokens, new, 1, 2 * api.latency.predict_ms(0.9, tokens, new, 1), new - 1, 0.0)
+        slowed = api._choose(request, 0.0, tokens, new, 1)
+        assert slowed.held_down and slowed.budget < 0.5
+        assert api._answer([request])[0].budget == pytest.approx(slowed.budget)
+        assert api.deadline_ceiling == pytest.approx(slowed.budget + 0.1)
+    finally:
+        api.deadline_ceiling = 1.0
+        api.ratio = RunningRatio()
+
+
+@pytest.mark.parametrize("forced", ["stop", "other"])
+def test_the_reply_counts_tokens_and_says_why_the_answer_ended(api: DeadlineAPI, forced: str):
+    request = _request(api, 1e7)
+    model = api.model
+    stop_ids = model.backbone.chat_template.stop_token_ids(model.backbone.tokenizer)
+    token = stop_ids[0] if forced == "stop" else next(i for i in range(model.backbone.lm_head.out_features) if i not in stop_ids)
+
+    def always(module, args, logits):  # the LM head picks `token` at every step
+        forced_logits = torch.full_like(logits, -1e4)
+        forced_logits[..., token] = 1e4
+        return forced_logits
+
+    handle = model.backbone.lm_head.register_forward_hook(always)
+    try:
+        reply = api.encode_response(api._answer([request])[0])
+    finally:
+        handle.remove()
+    new = model.max_new_tokens
+    expected_completion = 0 if forced == "stop" else new
+    assert reply["usage"] == {
+        "prompt_tokens": len(request.prompt_ids),
+        "completion_tokens": expected_completion,
+        "total_tokens": len(request.prompt_ids) + expected_completion,
+    }
+    assert reply["choices"][0]["finish_reason"] == ("stop" if forced == "stop" else "length")
+
+
+def test_the_worker_logs_its_counts_at_most_every_few_seconds(api: DeadlineAPI, caplog: pytest.LogCaptureFixture):
+    from adaptive_mllm.serving import api as api_module
+
+    caplog.set_level("INFO", logger=api_module.__name__)
+    api.logged_at = -api_module.METRICS_LOG_SECONDS
+    api._write_metrics()
+    api._write_metrics()  # right after: not logged again
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("metrics ")]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("metrics "))["requests"] >= 0

@@ -191,7 +191,8 @@ def test_bad_requests_interleaved_with_good_ones(served):
         ("dot-dot path", ok("../secret.png"), 403, "outside the allowed image folder"),
         ("symlink out of the folder", ok("link.png"), 403, "outside the allowed image folder"),
         ("image over the byte limit", ok(_data_url(b"x" * (MAX_BYTES + 10))), 413, f"larger than {MAX_BYTES} bytes"),
-        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 1_500_000)}, 413, "Payload too large"),
+        ("text over --max_text_chars", {"messages": _messages(_data_url(good_image), "x " * 60_000)}, 413, "120000 characters"),
+        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 2_000_000)}, 413, "Payload too large"),
         ("remote URL", ok("http://example.com/a.png"), 400, "nothing is fetched"),
         ("prompt too long", {"messages": _messages(_data_url(good_image), long_text)}, 400, "maximum length 256"),
         ("budget above 1", {**good, "budget": 1.5}, 400, "budget 1.5 is outside [0, 1]"),
@@ -241,8 +242,18 @@ def test_health_and_metrics(served):
     assert json.dumps(metrics)  # plain JSON
 
 
-def test_command_line_errors_name_the_problem(tmp_path: Path):
+def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture):
     from adaptive_mllm.serving import serve
+
+    for flags, message in [
+        (["--pinned_budget", "1.5"], "--pinned_budget 1.5 must be in [0, 1]"),
+        (["--margin", "-0.1"], "--margin -0.1 must be >= 0"),
+        (["--max_batch_size", "0"], "--max_batch_size 0 must be >= 1"),
+        (["--export_dir", str(tmp_path), "--model.max_new_tokens=4"], "--export_dir takes no recipe flags"),
+    ]:  # refused before anything is loaded, not on every request
+        with pytest.raises(SystemExit) as exit_info:
+            serve(["--config", "recipe.yaml", *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
     with pytest.raises(SystemExit, match="--profile .*missing.json does not exist"):
         serve(["--config", "recipe.yaml", "--profile", str(tmp_path / "missing.json")])
