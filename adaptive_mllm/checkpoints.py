@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
+SHARDED_MARKERS = (".metadata", "latest")  # torch.distributed.checkpoint's (FSDP), DeepSpeed's
+LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
 
 
 class CheckpointError(ValueError):
@@ -25,8 +27,8 @@ class CheckpointError(ValueError):
 def check_checkpoint(path: str | Path) -> Path:
     """``path`` if it looks like a complete ``torch.save`` checkpoint, else a CheckpointError naming it.
 
-    Remote paths (``s3://...``, anything with ``://``) and directories (sharded checkpoints, which
-    Lightning reads itself) are passed through unchecked.
+    Remote paths (``s3://...``, anything with ``://``) are passed through unchecked; a directory only needs
+    the marker of a sharded checkpoint (Lightning reads the shards itself).
     """
     if "://" in str(path):
         return Path(path)
@@ -34,6 +36,11 @@ def check_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.is_dir():
+        if not any((path / marker).is_file() for marker in SHARDED_MARKERS):
+            raise CheckpointError(
+                f"checkpoint {path}: a directory, but not a sharded Lightning checkpoint (no {' or '.join(SHARDED_MARKERS)}; "
+                "a model directory in the transformers layout is a backbone's `checkpoint`, not a --ckpt_path)"
+            )
         return path
     size = os.path.getsize(path)
     if size == 0:
@@ -48,7 +55,24 @@ def check_checkpoint(path: str | Path) -> Path:
         ) from error
     if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
+    _check_lightning_keys(path)
     return path
+
+
+def _check_lightning_keys(path: Path) -> None:
+    """A PyTorch file that is not a Lightning checkpoint (a bare state dict, say) would fail inside Lightning
+    on a missing key. The file is memory-mapped, so no tensor data is read."""
+    try:
+        content = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:  # a file torch cannot map (an old, non-zip format): left to Lightning
+        return
+    missing = [key for key in LIGHTNING_KEYS if not (isinstance(content, dict) and key in content)]
+    if missing:
+        found = sorted(map(str, content))[:5] if isinstance(content, dict) else type(content).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: a PyTorch file but not a Lightning checkpoint (no {', '.join(repr(k) for k in missing)}; "
+            f"found {found}); pass a checkpoint `adaptive-mllm fit` wrote (runs/<run>/checkpoints/*.ckpt)"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ needs to import this one back.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ from adaptive_mllm.recipe import build_cli
 __all__ = ["build_cli", "entry_point", "main"]
 
 TRACEBACK_VARIABLE = "ADAPTIVE_MLLM_TRACEBACK"
+# torch re-raises an error from a DataLoader worker with the worker's whole traceback as its message
+WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "benchmark": benchmark.main,
@@ -48,9 +51,23 @@ def entry_point() -> None:
     except Exception as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
-        print(f"adaptive-mllm: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"adaptive-mllm: error: {type(error).__name__}: {message_of(error)}", file=sys.stderr)
         print(f"(the full traceback: {TRACEBACK_VARIABLE}=1 adaptive-mllm ...)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def message_of(error: Exception) -> str:
+    """The error's own message; for one raised in a DataLoader worker, the message at the end of the
+    worker's traceback (a bad record named by the dataset), not the traceback."""
+    message = str(error)
+    if not WORKER_ERROR.match(message):
+        return message
+    lines = message.rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
+    raised = next((i for i, line in enumerate(lines) if line and not line.startswith(" ")), None)
+    if raised is None:
+        return message
+    last = "\n".join(lines[raised:]).strip()  # "package.module.SomeError: the message"
+    return last.partition(": ")[2] or last
 
 
 if __name__ == "__main__":

@@ -51,21 +51,24 @@ def export_checkpoint(
     out_dir: str | Path,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a trained model as a plain directory (layout in the module docstring).
 
     Args:
         source: the module itself, or a Lightning ``.ckpt`` path (then ``config`` is needed).
-        out_dir: the directory to write (created).
+        out_dir: the directory to write (created; one that holds files is refused unless ``overwrite``).
         config: the recipe the checkpoint was trained with; it says which backbone and scheduler to build.
         overrides: extra CLI flags applied to the recipe, e.g. ``["--model.backbone.init_args.checkpoint=..."]``.
+        overwrite: write over the files of an existing directory (an earlier export).
     """
     if isinstance(source, AdaptiveMLLM):
-        return export_module(source, out_dir)
+        return export_module(source, out_dir, overwrite=overwrite)
     if config is None:
         raise ValueError("exporting a Lightning checkpoint needs `config`: the recipe it was trained with")
+    _refuse_a_used_directory(Path(out_dir), overwrite)  # before the checkpoint is read
     module, scheduler_spec = module_from_checkpoint(source, config, overrides or [])
-    return export_module(module, out_dir, scheduler_spec)
+    return export_module(module, out_dir, scheduler_spec, overwrite)
 
 
 def module_from_checkpoint(
@@ -85,9 +88,13 @@ def module_from_checkpoint(
     return module, spec
 
 
-def export_module(module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dict[str, Any] | None = None) -> Path:
-    """Write ``module`` to ``out_dir``; ``scheduler_spec`` defaults to the scheduler's own constructor arguments."""
+def export_module(
+    module: AdaptiveMLLM, out_dir: str | Path, scheduler_spec: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``module`` to ``out_dir``; ``scheduler_spec`` defaults to the scheduler's own constructor arguments.
+    A directory that holds files is refused unless ``overwrite``."""
     out_dir = Path(out_dir)
+    _refuse_a_used_directory(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not module.backbone.is_built:
         module.configure_model()
@@ -130,6 +137,20 @@ def load_exported(
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+def _refuse_a_used_directory(out_dir: Path, overwrite: bool) -> None:
+    """An earlier export (or anything else) in ``out_dir`` is not written over unasked."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {out_dir} is a file, not a directory")
+    held = sorted(entry.name for entry in out_dir.iterdir())
+    if held:
+        raise FileExistsError(
+            f"--out_dir {out_dir} already holds {len(held)} entries ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+            "choose a new directory, or pass --overwrite to write over them"
+        )
+
+
 def _backbone_args(backbone: Backbone) -> dict[str, Any]:
     """What a backbone needs besides its weights to behave as it did (template, lengths, preprocessing)."""
     if not isinstance(backbone, (LlavaBackbone, MiphaBackbone)):
@@ -162,8 +183,9 @@ def main(argv: list[str]) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export: a .ckpt file or a sharded checkpoint directory")
-    parser.add_argument("--out_dir", required=True, help="directory to write")
+    parser.add_argument("--out_dir", required=True, help="directory to write (a new or empty one)")
+    parser.add_argument("--overwrite", action="store_true", help="write over the files of an existing --out_dir")
     own, rest = parser.parse_known_args(argv)
-    out_dir = export_checkpoint(own.ckpt_path, own.out_dir, config=own.config, overrides=rest)
+    out_dir = export_checkpoint(own.ckpt_path, own.out_dir, config=own.config, overrides=rest, overwrite=own.overwrite)
     print(f"exported {own.ckpt_path} to {out_dir}")
     return out_dir

@@ -102,6 +102,8 @@ class AdaptiveMLLM(L.LightningModule):
                 raise ValueError(f"{name}: budget {value} is outside the admissible range [0, 1]")
         if low > high:
             raise ValueError(f"train_budget_range: low {low} > high {high}")
+        if not self.eval_budgets:
+            raise ValueError("eval_budgets is empty: give at least one budget to evaluate at, e.g. [1.0]")
         if self.full_budget_steps < 0:
             raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
         if self.scheduler is not None:
@@ -183,9 +185,10 @@ class AdaptiveMLLM(L.LightningModule):
             return
         state, own = checkpoint["state_dict"], self.state_dict()
         misfits = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
-        self._check_scheduler_of(checkpoint, own, [key for key in misfits if key.startswith("scheduler.")])
         tokenizer = getattr(self.backbone.tokenizer, "name_or_path", "") or "the recipe's tokenizer"
+        # another model size first: the scheduler's tensors are sized by the backbone, so they misfit too
         _check_backbone_of(state, own, [key for key in misfits if not key.startswith("scheduler.")], tokenizer)
+        self._check_scheduler_of(checkpoint, own, [key for key in misfits if key.startswith("scheduler.")])
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
             for key in unused:

@@ -9,7 +9,7 @@ already made. Markdown goes to the terminal, paper_table.md and paper_table.csv 
 
   adaptive-mllm table --config recipes/llava7b.yaml --ckpt_path runs/llava7b/checkpoints/last.ckpt \\
       --benchmarks recipes/benchmarks/*.yaml --out runs/llava7b-table
-  adaptive-mllm table --from_runs runs/llava7b-table/* --out runs/llava7b-table
+  adaptive-mllm table --from_runs runs/llava7b-table/*/ --out runs/llava7b-table
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def read_run(spec: str) -> Run:
     test_results.csv; the column from its config.yaml's datamodule, else the directory's name."""
     name, path = _split_label(spec)
     directory = Path(path)
+    if directory.is_file():  # e.g. `--from_runs out/*` over a folder that holds a table already
+        raise ValueError(f"--from_runs {spec}: a file, not a run directory (take the directories only: `out/*/`)")
     config = directory / "config.yaml"
     if name is None:
         name = column_of(_data_config(config, run_config=True) if config.is_file() else None, directory.name)

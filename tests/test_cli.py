@@ -136,3 +136,37 @@ def test_test_sweep_writes_table_csv_curves_and_heatmaps(in_tmp):
         assert sum(line["score"] for line in answered) / 24 == pytest.approx(float(row["overall"]))
         assert sum(line["flops_fraction"] for line in answered) / 24 == pytest.approx(float(row["flops_fraction"]))
         assert all(line["reference"] and line["question_kind"] for line in answered)
+
+
+class _BadRecords(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        from adaptive_mllm.data.llava_json import DataError
+
+        raise DataError("data/test.json, record 7 (id 'q7'), field 'image': image file is truncated")
+
+
+def test_an_error_in_a_dataloader_worker_prints_as_its_message_alone(monkeypatch, capsys):
+    from adaptive_mllm import cli
+    from adaptive_mllm.data.llava_json import DataError
+
+    with pytest.raises(DataError) as raised:  # torch re-raises it with the worker's traceback as the message
+        next(iter(torch.utils.data.DataLoader(_BadRecords(), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert cli.message_of(raised.value) == "data/test.json, record 7 (id 'q7'), field 'image': image file is truncated"
+    assert cli.message_of(ValueError("plain: message")) == "plain: message"
+
+    def failing(args=None):
+        raise raised.value
+
+    monkeypatch.setattr(cli, "main", failing)
+    monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+    with pytest.raises(SystemExit):
+        cli.entry_point()
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        "adaptive-mllm: error: DataError: data/test.json, record 7 (id 'q7'), field 'image': image file is truncated"
+    )
+    assert "Traceback" not in err.splitlines()[0] and len(err.splitlines()) == 2

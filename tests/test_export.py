@@ -112,6 +112,14 @@ def test_export_command_from_a_trained_lightning_checkpoint(tokenizer_dir, tmp_p
     assert torch.equal(_logits(loaded, batch), _logits(trained, batch))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out_dir", str(tmp_path / "x")])
+    # an earlier export is not written over unasked
+    weights = {path.name: path.read_bytes() for path in (tmp_path / "out").glob("*.safetensors")}
+    again = ["export", "--config", recipe, "--ckpt_path", str(tmp_path / "trained.ckpt"), "--out_dir", str(tmp_path / "out")]
+    with pytest.raises(FileExistsError, match=r"out already holds .* entries .*--overwrite"):
+        main(again)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").glob("*.safetensors")} == weights
+    main([*again, "--overwrite"])
+    assert load_exported(tmp_path / "out").max_new_tokens == 128
 
 
 def test_a_mipha_model_exports_and_loads_back(tokenizer_dir, tmp_path):

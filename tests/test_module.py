@@ -300,6 +300,11 @@ def test_part_learning_rates_name_known_parts_and_positive_rates(tokenizer_dir):
         AdaptiveMLLM(backbone, part_learning_rates={"projector": 0.0})
 
 
+def test_an_empty_eval_budgets_is_refused_when_the_recipe_is_parsed(tokenizer_dir):
+    with pytest.raises(ValueError, match="eval_budgets is empty"):
+        AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[])
+
+
 def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):
     model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
     state = dict(model.state_dict())
@@ -311,6 +316,11 @@ def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):
     state[key] = model.state_dict()[key]
     wider = next(k for k in state if k.endswith("mlp.up_proj.weight"))
     state[wider] = torch.zeros(state[wider].shape[0] + 1, state[wider].shape[1])
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape .*another model size"):
+        model.on_load_checkpoint({"state_dict": state})
+    # another hidden size misfits the scheduler's tensors too: the model size is named, not the scheduler
+    sized_by_hidden = next(k for k in state if k.startswith("scheduler.") and hidden in state[k].shape)
+    state[sized_by_hidden] = torch.zeros(*(n + 1 for n in state[sized_by_hidden].shape))
     with pytest.raises(ValueError, match=r"up_proj.weight has shape .*another model size"):
         model.on_load_checkpoint({"state_dict": state})
 

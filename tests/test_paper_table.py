@@ -151,6 +151,10 @@ def test_from_runs_errors_name_the_file_and_field(hand_runs, tmp_path):
         main(["--from_runs", str(broken), "--out", out])
     with pytest.raises(FileNotFoundError, match=r"nowhere/test_results.csv"):
         main(["--from_runs", str(tmp_path / "nowhere"), "--out", out])
+    table_file = tmp_path / "paper_table.md"  # what `--from_runs out/*` picks up beside the runs
+    table_file.write_text("| |\n")
+    with pytest.raises(ValueError, match=r"paper_table.md: a file, not a run directory"):
+        main(["--from_runs", str(hand_runs[0]), str(table_file), "--out", out])
 
 
 def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_directory(tmp_path, monkeypatch):

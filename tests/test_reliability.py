@@ -205,7 +205,7 @@ def test_records_skipped_when_read_are_logged_in_skipped_records(folder, tokeniz
 # --- item 8: broken checkpoint files ----------------------------------------------------------------
 def test_empty_or_truncated_checkpoint_is_named(tmp_path):
     good = tmp_path / "good.ckpt"
-    torch.save({"state_dict": {"w": torch.arange(1000.0)}, "global_step": 3}, good)
+    torch.save({"state_dict": {"w": torch.arange(1000.0)}, "global_step": 3, "pytorch-lightning_version": "2.6.0"}, good)
     assert check_checkpoint(good) == good
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
@@ -222,6 +222,21 @@ def test_empty_or_truncated_checkpoint_is_named(tmp_path):
     assert str(info.value).startswith(f"checkpoint {truncated} ({truncated.stat().st_size} bytes): not a complete PyTorch checkpoint")
     with pytest.raises(CheckpointError, match="no such file"):
         check_checkpoint(tmp_path / "absent.ckpt")
+
+
+def test_a_file_or_directory_that_is_no_lightning_checkpoint_is_named(tmp_path):
+    bare = tmp_path / "weights.pt"
+    torch.save({"model.w": torch.zeros(3)}, bare)  # a bare state dict
+    with pytest.raises(CheckpointError, match=r"weights.pt: a PyTorch file but not a Lightning checkpoint \(no 'state_dict', "
+                                              r"'pytorch-lightning_version'; found \['model.w'\]\)"):
+        check_checkpoint(bare)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="model: a directory, but not a sharded Lightning checkpoint"):
+        check_checkpoint(folder)
+    (folder / ".metadata").write_bytes(b"")  # what a sharded (FSDP) checkpoint holds: left to Lightning
+    assert check_checkpoint(folder) == folder
 
 
 # --- item 10: a generated set in use is never replaced ------------------------------------------------

@@ -164,6 +164,11 @@ def parse_record(
         value = turn["value"]
         if not isinstance(value, str):
             raise fail(f"{field}.value", f"expected a string, got {type(value).__name__}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
+                raise fail(f"{field}.value", f"not valid Unicode text ({error.reason} at character {error.start})") from None
         expected = HUMAN if position % 2 == 0 else GPT
         if turn["from"] != expected:
             raise fail(

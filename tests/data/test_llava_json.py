@@ -181,6 +181,9 @@ def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
         "ends without answer": BadCase(
             {"id": bad, "conversations": [{"from": "human", "value": "How many circles are there?"}]}, "conversations", "human turn", False
         ),
+        "lone surrogate in the text": BadCase(
+            make_record(bad, "<image>\nWhat colour is the \ud800 circle?"), "conversations[0].value", "not valid Unicode", False
+        ),
         "longer than max_length": BadCase(
             {"id": bad, "image": "good.png", "conversations": two_turns}, "conversations", "exceed max_length 40", True
         ),
@@ -193,7 +196,7 @@ MAX_LENGTH = 40  # the good records have 29 tokens, the two-turn one 41
 BAD_CASES = [
     "missing image file", "corrupt image file", "truncated image file", "no conversations", "conversations not a list",
     "image but no placeholder", "placeholder but no image", "empty answer", "roles out of order", "turn without value",
-    "ends without answer", "longer than max_length",
+    "ends without answer", "lone surrogate in the text", "longer than max_length",
 ]
 
 
