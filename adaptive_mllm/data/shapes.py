@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, plain_chat
-from adaptive_mllm.data.directory_lock import DirectoryLock
+from adaptive_mllm.data.directory_lock import LOCK_FILE, DirectoryLock
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
 
 FORMAT_VERSION = 2  # bump whenever the generated content changes: cached data is then regenerated
@@ -65,9 +66,14 @@ DEFAULT_QUESTION_KINDS = ("colour", "shape", "count_shape")
 SPLITS = ("train", "val", "test")
 _SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # each split its own random stream
 
+DATASET_NAME = "shapes-vqa"  # meta.json's "dataset": the mark of a directory this generator wrote
 META_FILE = "meta.json"
 IMAGE_DIR = "images"
 TOKENIZER_DIR = "tokenizer"
+# What ``save_pretrained`` writes for the word tokenizer, in this or other transformers versions: the
+# files of a set's tokenizer/ that a regeneration replaces (any other file there is the user's).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ def _write_split(out_dir: Path, split: str, examples: list[Example]) -> list[dic
 
 def _meta(seed: int, sizes: dict[str, int], question_kinds: Sequence[str], max_shapes: int) -> dict:
     return {
-        "dataset": "shapes-vqa",
+        "dataset": DATASET_NAME,
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "question_kinds": list(question_kinds),
@@ -300,7 +306,11 @@ def generate_shapes_vqa(
     max_shapes: int = MAX_SHAPES,
 ) -> Path:
     """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
-    ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``."""
+    ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``.
+
+    ``out_dir`` must be new, empty or a set this generator wrote (its ``meta.json`` says so): a directory
+    holding anything else is refused (FileExistsError), and replacing a set touches only the files the
+    generator writes, so a user's own files are never removed or overwritten."""
     hold_shapes_vqa(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes).release()
     return Path(out_dir)
 
@@ -320,7 +330,8 @@ def hold_shapes_vqa(
     A missing or different set is written into ``out_dir/.generating`` and then moved into place,
     ``meta.json`` last, under the directory's exclusive lock: a run that holds the shared lock of
     another set is never disturbed (a RuntimeError instead), and runs asking for the same set at once
-    write it once.
+    write it once. A directory that holds files but no set of this generator's is refused before
+    anything is written to it, not even the lock file (FileExistsError, see ``_refuse_foreign``).
     """
     question_kinds = check_question_kinds(question_kinds)
     check_max_shapes(max_shapes)
@@ -328,6 +339,9 @@ def hold_shapes_vqa(
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     if any(size < 0 for size in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    # No lock needed yet: a run writing a set here keeps meta.json's mark on it whenever files other
+    # than the lock and the staging folder are there, so it never looks foreign. Checked again below.
+    _refuse_foreign(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(out_dir)
     for _ in range(_LOCK_ATTEMPTS):
@@ -338,6 +352,7 @@ def hold_shapes_vqa(
         if lock.try_exclusive():
             try:
                 if not is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes):
+                    _refuse_foreign(out_dir)
                     _write_set(out_dir, seed, sizes, question_kinds, max_shapes)
             finally:
                 lock.release()
@@ -353,7 +368,8 @@ def hold_shapes_vqa(
 
 _LOCK_ATTEMPTS = 50  # ~3 s of retries before deciding the directory is held by a run of another set
 STAGING_DIR = ".generating"
-REPLACED_DIR = ".replaced"
+_BEING_WRITTEN = "meta.being-written.json"  # meta.json while a set's files are swapped: marked, not a set
+_OWN_ENTRIES = (LOCK_FILE, STAGING_DIR)  # what a run leaves in a directory before it marks it as a set
 
 
 def _describe(out_dir: Path) -> str:
@@ -364,10 +380,50 @@ def _describe(out_dir: Path) -> str:
         return "being written, or not a shapes-VQA set"
 
 
+def _is_marked(out_dir: Path) -> bool:
+    """Whether ``meta.json`` says this generator wrote ``out_dir`` (a set of any version or sizes, or
+    one whose files were being replaced when its run stopped)."""
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("dataset") == DATASET_NAME
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """Raise FileExistsError when ``out_dir`` holds files but no set of this generator's: nothing tells
+    which of them a regeneration could replace, so none is touched. A missing or empty directory, or one
+    holding only what an interrupted first run left (the lock, the staging folder), is fine."""
+    if not out_dir.is_dir() or _is_marked(out_dir):
+        return
+    found = sorted(f"{entry.name}/" if entry.is_dir() else entry.name for entry in out_dir.iterdir() if entry.name not in _OWN_ENTRIES)
+    if found:
+        shown = ", ".join(found[:5]) + (f", ... ({len(found)} entries)" if len(found) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir} holds files that are not a generated shapes-VQA set ({shown}): none is replaced; "
+            "choose an empty or new data_dir"
+        )
+
+
+def _own_files(out_dir: Path, tokenizer_files: set[str]) -> list[Path]:
+    """The files of a marked ``out_dir`` that the generator writes: the json files, the images it names
+    (``images/{split}/shapes-{split}-NNNNNN.png``) and ``tokenizer_files`` in ``tokenizer/``. Anything
+    else in the directory is the user's."""
+    paths = [out_dir / f"{split}.json" for split in SPLITS]
+    for split in SPLITS:
+        image_dir = out_dir / IMAGE_DIR / split
+        if image_dir.is_dir():
+            paths += [path for path in image_dir.iterdir() if re.fullmatch(rf"shapes-{split}-\d{{6}}\.png", path.name)]
+    paths += [out_dir / TOKENIZER_DIR / name for name in sorted(tokenizer_files)]
+    return [path for path in paths if path.is_file()]
+
+
 def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: Sequence[str], max_shapes: int) -> None:
-    """Write the set into a staging directory, then move it into ``out_dir`` (the caller holds the
-    exclusive lock). The old ``meta.json`` goes first and the new one last, so a run killed halfway
-    leaves a directory that counts as empty, never a mix that counts as a set."""
+    """Write the set into a staging directory, then move its files into ``out_dir`` (the caller holds the
+    exclusive lock and has refused a foreign directory). meta.json is first swapped for a mark that no
+    set matches and the new one goes last, so a run killed halfway leaves a directory that is still
+    recognised as the generator's but never counts as a set; only the files the generator writes are
+    removed or replaced, any other file stays where it is."""
     staging = out_dir / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while writing
     staging.mkdir()
@@ -379,15 +435,16 @@ def _write_set(out_dir: Path, seed: int, sizes: dict[str, int], question_kinds: 
         texts += [template.render([(r["conversations"][0]["value"], r["conversations"][1]["value"])]) for r in records]
     train_word_tokenizer(texts, staging / TOKENIZER_DIR, template=template)
     _write_json(staging / META_FILE, _meta(seed, sizes, question_kinds, max_shapes))
+    _write_json(staging / _BEING_WRITTEN, {"dataset": DATASET_NAME, "format_version": FORMAT_VERSION, "state": "being written"})
 
-    (out_dir / META_FILE).unlink(missing_ok=True)  # from here on, the old set no longer counts as there
-    replaced = out_dir / REPLACED_DIR
-    shutil.rmtree(replaced, ignore_errors=True)
-    replaced.mkdir()
-    for name in (IMAGE_DIR, TOKENIZER_DIR, *(f"{split}.json" for split in SPLITS)):
-        if os.path.lexists(out_dir / name):
-            os.replace(out_dir / name, replaced / name)
-        os.replace(staging / name, out_dir / name)
+    os.replace(staging / _BEING_WRITTEN, out_dir / META_FILE)  # the old set no longer counts, the mark stays
+    tokenizer_files = set(TOKENIZER_FILES) | {path.name for path in (staging / TOKENIZER_DIR).iterdir()}
+    for path in _own_files(out_dir, tokenizer_files):  # the old set's, stale images included
+        path.unlink()
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path != staging / META_FILE:
+            target = out_dir / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
     os.replace(staging / META_FILE, out_dir / META_FILE)
-    shutil.rmtree(replaced)
-    staging.rmdir()
+    shutil.rmtree(staging)  # its folders only, emptied

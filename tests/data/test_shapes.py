@@ -274,3 +274,48 @@ def test_crowded_scenes_are_drawn_and_answered_right(tmp_path):
     assert "max_shapes" not in json.loads((default / "meta.json").read_text())
     with pytest.raises(ValueError, match="max_shapes=17"):
         generate_examples(4, seed=0, max_shapes=17)
+
+
+def test_a_directory_of_someone_elses_files_is_refused_and_left_as_it_was(shapes_sizes, tmp_path):
+    """The generator once moved such files aside and deleted them; now it writes nothing there at all."""
+    user = tmp_path / "user"
+    (user / "images" / "coco").mkdir(parents=True)
+    (user / "train.json").write_text('[{"my": "precious annotations"}]\n')
+    (user / "images" / "coco" / "000001.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (user / "meta.json").write_text('{"dataset": "mine"}\n')  # a meta.json, but not the generator's
+    before = all_files(user)
+    with pytest.raises(FileExistsError, match=r"holds files that are not a generated shapes-VQA set \(images/, meta\.json, train\.json\)"):
+        generate_shapes_vqa(user, seed=0, **shapes_sizes)
+    with pytest.raises(FileExistsError, match="choose an empty or new data_dir"):
+        ShapesVQADataModule(data_dir=str(user), **shapes_sizes).prepare_data()
+    assert all_files(user) == before  # byte-identical, and not even a lock file added
+    (user / "empty").mkdir()
+    assert (generate_shapes_vqa(user / "empty", seed=0, **shapes_sizes) / "meta.json").is_file()  # empty is fine
+
+
+def test_regenerating_its_own_set_replaces_only_the_files_it_wrote(shapes_sizes, shapes_dir, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    mine = {"notes.txt": b"my notes\n", "images/coco/000001.jpg": b"a photo", "images/train/README": b"not an image of the set",
+            "tokenizer/notes.md": b"# about the tokenizer\n"}  # fmt: skip
+    for name, data in mine.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    generate_shapes_vqa(directory, **{**shapes_sizes, "num_train": 8}, seed=0)
+    assert json.loads((directory / "meta.json").read_text())["num_train"] == 8
+    assert sorted(path.name for path in (directory / "images" / "train").iterdir()) == [
+        "README", *(f"shapes-train-{index:06d}.png" for index in range(8))]  # fmt: skip
+    assert {name: data for name, data in all_files(directory).items() if name in mine} == mine
+    fresh = all_files(generate_shapes_vqa(tmp_path / "fresh", **{**shapes_sizes, "num_train": 8}, seed=0))
+    assert {name: data for name, data in all_files(directory).items() if name not in mine} == fresh
+    assert not (directory / ".generating").exists()
+
+
+def test_a_set_whose_files_were_being_replaced_is_regenerated(shapes_sizes, shapes_dir, tmp_path):
+    """A run killed while it swapped the files leaves meta.json's mark without a set: the next run writes it."""
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    (directory / "meta.json").write_text('{"dataset": "shapes-vqa", "format_version": 2, "state": "being written"}\n')
+    (directory / "val.json").unlink()  # already moved out
+    generate_shapes_vqa(directory, seed=0, **shapes_sizes)
+    assert all_files(directory) == all_files(shapes_dir)
