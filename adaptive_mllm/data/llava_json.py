@@ -136,6 +136,11 @@ def _real_directory(path: str) -> str:
     return os.path.realpath(path)
 
 
+def forget_resolved_directories() -> None:
+    """Clear :func:`image_inside`'s directory cache before reading a dataset: links may have changed since."""
+    _real_directory.cache_clear()
+
+
 def parse_record(
     raw: Any, index: int, json_path: str | Path, image_folder: Path, require_answer: bool = True
 ) -> LlavaRecord:
@@ -253,7 +258,7 @@ class LlavaJsonDataset(Dataset):
         self.num_skipped_at_load = 0
         self.records: list[LlavaRecord] = []
         raw_records = read_json_records(self.json_path)
-        _real_directory.cache_clear()  # links may have changed since another dataset was read
+        forget_resolved_directories()
         first_index: dict[str, int] = {}  # record id -> index of the first record with it
         for index, raw in enumerate(raw_records):
             try:

@@ -28,6 +28,8 @@ from adaptive_mllm.data.llava_json import (
     LlavaDataModule,
     LlavaJsonDataset,
     LlavaRecord,
+    forget_resolved_directories,
+    image_inside,
 )
 
 # the instructions LLaVA-1.5's evaluation appends to each benchmark's question
@@ -88,12 +90,32 @@ def require(
     return value
 
 
+def inside_image_folder(folder: Path, name: str, path: str | Path, record_id: Any, index: int, field_name: str) -> Path:
+    """``folder / name`` with its symlinks resolved, or a DataError naming the record when that leads out
+    of ``folder`` (an absolute path, ``..``, a symlink to elsewhere): the LLaVA JSON loader's rule,
+    :func:`~adaptive_mllm.data.llava_json.image_inside`, so that a question file cannot make the loader
+    read any file the process can read."""
+    try:
+        return image_inside(folder, name)
+    except ValueError as error:  # also a name with a NUL byte
+        raise DataError.at(path, str(error), record_id, index, field_name) from error
+
+
 def existing_image(folder: Path, name: str, path: str | Path, record_id: Any, index: int, field_name: str) -> Path:
-    """``folder / name``, or a DataError naming the record whose image file is missing."""
-    image = folder / name
+    """``folder / name`` (resolved, and inside ``folder``: see :func:`inside_image_folder`), or a
+    DataError naming the record whose image path leads out of the folder or whose image file is missing."""
+    image = inside_image_folder(folder, name, path, record_id, index, field_name)
     if not os.path.isfile(image):
         raise DataError.at(path, f"image file {image} does not exist", record_id, index, field_name)
     return image
+
+
+def plain_name(value: str, path: str | Path, record_id: Any, index: int | None, field_name: str) -> str:
+    """``value`` if it is one plain file or folder name (no separator, not ``.`` / ``..``), else a
+    DataError: for a name read from a file that picks the image folder itself."""
+    if value in ("", ".", "..") or any(c in value for c in ("/", os.sep, os.altsep or "/", "\0")):
+        raise DataError.at(path, f"expected a plain folder name (no path), got {value!r:.80}", record_id, index, field_name)
+    return value
 
 
 # --- dataset and collator ---------------------------------------------------------------------------
@@ -192,6 +214,7 @@ class BenchmarkDataModule(LlavaDataModule):
         if split not in self.datasets:
             scored = split != "predict"
             if scored not in self._built:
+                forget_resolved_directories()
                 self._built[scored] = self.build_dataset(require_answers=scored)
             self.datasets[split] = self._built[scored]
 

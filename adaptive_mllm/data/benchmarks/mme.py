@@ -10,6 +10,7 @@ from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    inside_image_folder,
     with_suffix,
 )
 from adaptive_mllm.data.llava_json import DataError
@@ -86,9 +87,12 @@ class MMEDataModule(BenchmarkDataModule):
             for name in texts:
                 stem = name[: -len(".txt")]
                 path = qa_folder / name
+                record = f"{subtask}/{stem}"
                 image = next((image_folder / (stem + ext) for ext in IMAGE_EXTENSIONS if (image_folder / (stem + ext)).is_file()), None)
+                if image is not None:  # a symlink in the subtask folder must not lead out of it
+                    image = inside_image_folder(image_folder, image.name, path, record, 0, "image")
                 if image is None:
-                    raise DataError.at(path, f"no image {stem}.jpg / .png in {image_folder}", f"{subtask}/{stem}", 0, "image")
+                    raise DataError.at(path, f"no image {stem}.jpg / .png in {image_folder}", record, 0, "image")
                 with open(path, encoding="utf-8") as handle:
                     lines = [line.rstrip("\r\n") for line in handle if line.strip()]
                 if not lines:

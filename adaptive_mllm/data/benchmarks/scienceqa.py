@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
@@ -11,6 +12,7 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     existing_image,
+    inside_image_folder,
     options_text,
     read_json,
     require,
@@ -94,7 +96,13 @@ class ScienceQADataModule(BenchmarkDataModule):
                 answer = LETTERS[position]
             hint = raw.get("hint")
             context = f"Context: {hint.strip()}\n" if isinstance(hint, str) and hint.strip() else ""
-            image = existing_image(folder / pid, image_name, path, pid, index, "image") if image_name else None
+            image = None
+            if image_name:
+                if not isinstance(image_name, str):
+                    raise DataError.at(path, f"expected a file name, got {image_name!r:.80}", pid, index, "image")
+                # both the pid (the image's folder) and the name come from the files: each must stay inside
+                inside_image_folder(folder, pid, self.pid_splits_json, pid, index, self.split)
+                image = existing_image(folder, os.path.join(pid, image_name), path, pid, index, "image")
             subject = raw.get("subject")
             questions.append(
                 BenchmarkQuestion(

@@ -9,6 +9,7 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     existing_image,
+    plain_name,
     read_json,
     require,
     with_suffix,
@@ -88,6 +89,8 @@ class VQAv2DataModule(BenchmarkDataModule):
         subtype = content.get("data_subtype")
         if self.image_prefix is None and not isinstance(subtype, str):
             raise DataError.at(self.questions_json, "missing: needed to name the image files (or set image_prefix)", field="data_subtype")
+        if isinstance(subtype, str) and (self.image_prefix is None or self.image_root is None):
+            plain_name(subtype, self.questions_json, None, None, "data_subtype")  # it names the image folder / files
         image_subtype = "test2015" if isinstance(subtype, str) and subtype.startswith("test") else subtype
         prefix = self.image_prefix if self.image_prefix is not None else f"COCO_{image_subtype}_"
         folder = Path(self.image_root) if self.image_root is not None else Path(self.questions_json).parent / str(image_subtype)
