@@ -24,11 +24,12 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded; the message names the file and what is wrong."""
 
 
-def check_checkpoint(path: str | Path) -> Path:
+def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEYS) -> Path:
     """``path`` if it looks like a complete ``torch.save`` checkpoint, else a CheckpointError naming it.
 
     Remote paths (``s3://...``, anything with ``://``) are passed through unchecked; a directory only needs
-    the marker of a sharded checkpoint (Lightning reads the shards itself).
+    the marker of a sharded checkpoint (Lightning reads the shards itself); a file needs the ``required``
+    keys (Lightning's loading needs both of ``LIGHTNING_KEYS``, reading the weights only ``state_dict``).
     """
     if "://" in str(path):
         return Path(path)
@@ -55,18 +56,18 @@ def check_checkpoint(path: str | Path) -> Path:
         ) from error
     if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
-    _check_lightning_keys(path)
+    _check_keys(path, required)
     return path
 
 
-def _check_lightning_keys(path: Path) -> None:
+def _check_keys(path: Path, required: tuple[str, ...]) -> None:
     """A PyTorch file that is not a Lightning checkpoint (a bare state dict, say) would fail inside Lightning
     on a missing key. The file is memory-mapped, so no tensor data is read."""
     try:
         content = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except RuntimeError:  # a file torch cannot map (an old, non-zip format): left to Lightning
         return
-    missing = [key for key in LIGHTNING_KEYS if not (isinstance(content, dict) and key in content)]
+    missing = [key for key in required if not (isinstance(content, dict) and key in content)]
     if missing:
         found = sorted(map(str, content))[:5] if isinstance(content, dict) else type(content).__name__
         raise CheckpointError(
@@ -80,7 +81,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     file (DDP, or sharded training with ``save_distributed_checkpoint: false``), or the directory sharded
     training writes by default (each rank's shards, read back whole with ``torch.distributed.checkpoint``;
     its optimizer states are left out, export needs only the weights)."""
-    path = check_checkpoint(path)
+    path = check_checkpoint(path, required=("state_dict",))
     if not path.is_dir():
         return torch.load(path, map_location="cpu", weights_only=False)
     from torch.distributed.checkpoint import FileSystemReader
