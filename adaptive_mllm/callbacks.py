@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
 from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
@@ -39,6 +41,8 @@ class SweepReport(L.Callback):
         self._metrics: dict[tuple[str, float], Metric] = {}
         self._sweeps: dict[str, BudgetSweep] = {}
         self._answers: TestAnswerLog | None = None
+        self._log_dir: Path | None = None  # found on every process at test start (trainer.log_dir is a collective)
+        self._repeated: dict[str, frozenset[Any]] = {}  # stage -> ids this process answers only as padding
 
     def metric(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, budget: float) -> Metric:
         """The datamodule's metric for ``stage`` (exact match per question kind, or a benchmark's own), one per budget."""
@@ -53,17 +57,25 @@ class SweepReport(L.Callback):
         return self._metrics[key]
 
     # --- per batch -------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._repeated["val"] = repeated_ids(trainer.val_dataloaders, trainer.global_rank, trainer.world_size)
+
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        outputs, batch = self._without_repeats("val", outputs, batch)
         self._update(trainer, pl_module, "val", outputs, batch)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log_dir = _log_dir(trainer)
+        log_dir = self._log_dir = _log_dir(trainer)
         if trainer.is_global_zero:
             keep_earlier_report(log_dir)
         trainer.strategy.barrier()  # moved before any process starts its answers file
         self._answers = TestAnswerLog(answers_path(log_dir, trainer.global_rank, trainer.world_size))
 
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._repeated["test"] = repeated_ids(trainer.test_dataloaders, trainer.global_rank, trainer.world_size)
+
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        outputs, batch = self._without_repeats("test", outputs, batch)
         self._update(trainer, pl_module, "test", outputs, batch)
         if outputs and self._answers is not None:
             for budget, out in outputs.items():
@@ -81,6 +93,22 @@ class SweepReport(L.Callback):
         if self._answers is not None:
             self._answers.close()
             self._answers = None
+
+    def _without_repeats(
+        self, stage: str, outputs: dict[float, dict[str, Any]] | None, batch: dict[str, Any]
+    ) -> tuple[dict[float, dict[str, Any]] | None, dict[str, Any]]:
+        """The batch and its answers without the questions this process got only as padding (scored once,
+        by the process that got them first). Padding rows are still generated: a sharded model needs every
+        process in every forward."""
+        repeated = self._repeated.get(stage)
+        if not outputs or not repeated:
+            return outputs, batch
+        keep = [row for row, question_id in enumerate(batch["ids"]) if question_id not in repeated]
+        if len(keep) == len(batch["ids"]):
+            return outputs, batch
+        if not keep:
+            return None, batch
+        return {budget: _answer_rows(out, keep) for budget, out in outputs.items()}, _batch_rows(batch, keep)
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: dict[float, dict[str, Any]] | None, batch: dict[str, Any]) -> None:
         """``outputs``: budget -> what ``AdaptiveMLLM.generate`` returned for the batch (None: an empty batch)."""
@@ -140,7 +168,7 @@ class SweepReport(L.Callback):
         metric = self.metric(trainer, pl_module, "test", rows[0]["budget"])
         header, table = _score_table(trainer, pl_module, metric, rows)
         print_table(f"test scores ({type(metric).__name__})", header, table)
-        log_dir = _log_dir(trainer)
+        log_dir = self._log_dir or _log_dir(trainer)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
         with open(log_dir / "test_results.csv", "w", newline="") as handle:
@@ -157,7 +185,56 @@ class SweepReport(L.Callback):
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
+    """Call on every process: ``trainer.log_dir`` broadcasts rank 0's."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def repeated_ids(dataloaders: Any, rank: int, world_size: int) -> frozenset[Any]:
+    """Ids of the questions an evaluation loader gives this process only to even out the processes' shares.
+
+    Lightning's DistributedSampler for validation / test (no shuffling) deals position ``p`` of the index
+    list to process ``p % world_size`` and pads the list with its first indices: index ``i < padding`` comes
+    again at position ``N + i``. Its first copy sits on process ``i % world_size``, the repeat on
+    ``(N + i) % world_size``, never the same one, so on this process those ids are only ever repeats."""
+    loader = dataloaders[0] if isinstance(dataloaders, (list, tuple)) and dataloaders else dataloaders
+    sampler = getattr(loader, "sampler", None)
+    if world_size < 2 or not isinstance(loader, DataLoader) or not isinstance(sampler, DistributedSampler) or sampler.shuffle:
+        return frozenset()
+    dataset = loader.dataset
+    size = len(dataset)
+    padding = sampler.total_size - size
+    records = getattr(dataset, "records", None)
+    if padding <= 0 or sampler.drop_last or records is None:
+        return frozenset()
+    return frozenset(records[i].id for i in range(min(padding, len(records))) if (size + i) % world_size == rank)
+
+
+def _batch_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The batch's fields (lists and tensors over its examples) at ``rows``."""
+    size = len(batch["ids"])
+    index = torch.tensor(rows)
+    picked = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            picked[key] = value[index.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            picked[key] = [value[row] for row in rows]
+        else:
+            picked[key] = value
+    return picked
+
+
+def _answer_rows(out: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """``AdaptiveMLLM.generate``'s output at ``rows``: per-example lists picked, batch means recomputed."""
+    picked = dict(out)
+    for key in ("answers", "answer_tokens", "flops_fractions", "units_per_example"):
+        if key in out:
+            picked[key] = [out[key][row] for row in rows]
+    picked["flops_fraction"] = sum(picked["flops_fractions"]) / len(rows)
+    picked["units"] = sum(picked["units_per_example"]) / len(rows)
+    if out.get("plan") is not None:
+        picked["plan"] = out["plan"].select(torch.tensor(rows, device=out["plan"].layer_mask.device))
+    return picked
 
 
 REPORT_FILES = ("test_results.md", "test_results.csv", "test_answers*.jsonl", "budget_curves.png", "layer_usage.png", "group_usage.png")
