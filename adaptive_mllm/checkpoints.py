@@ -1,4 +1,5 @@
-"""Checks on a checkpoint file before Lightning loads it: torch's own errors for a broken file (a bare
+"""Checkpoints: :class:`RunCheckpoint`, the recipes' saving callback, and checks on a checkpoint file before
+Lightning loads it: torch's own errors for a broken file (a bare
 ``EOFError`` for an empty one, a zip error for a truncated one) name no file.
 
 A checkpoint written by ``torch.save`` (as Lightning's are) is a zip archive whose directory sits at
@@ -13,7 +14,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
 SHARDED_MARKERS = (".metadata", "latest")  # torch.distributed.checkpoint's (FSDP), DeepSpeed's
@@ -96,3 +100,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     _load_state_dict(checkpoint, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
     checkpoint.update(torch.load(metadata, map_location="cpu", weights_only=False))
     return checkpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also keeps the steps after its last ``every_n_train_steps`` save: at
+    the end of fit (a 5,200-step epoch saved every 500 steps lost its last 200, and ``test_after_fit`` scored
+    weights saved nowhere), and when the run is stopped by SIGTERM (a preempted job: Lightning stops every
+    process together between two steps, so the state is whole; resume from ``last.ckpt``)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_now(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_now(trainer)
+
+    def _save_now(self, trainer: L.Trainer) -> None:
+        if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, not fitting, or this step already saved
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

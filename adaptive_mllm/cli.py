@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adaptive_mllm import benchmark, compare, export, memory, paper_table, plots, serving
 from adaptive_mllm.recipe import build_cli
@@ -48,6 +51,9 @@ def entry_point() -> None:
     (set ADAPTIVE_MLLM_TRACEBACK=1 for it)."""
     try:
         main()
+    except SIGTERMException:  # a SystemExit: Lightning stopped the run between two steps (its checkpoint saved)
+        print("adaptive-mllm: stopped by SIGTERM (resume a fit with --ckpt_path <its checkpoints>/last.ckpt)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise

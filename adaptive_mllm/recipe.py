@@ -25,6 +25,7 @@ import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
 import adaptive_mllm.data  # noqa: F401
 import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
+from adaptive_mllm.callbacks import REPORT_FILES
 from adaptive_mllm.checkpoints import check_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
@@ -89,6 +90,10 @@ class AdaptiveMLLMCLI(LightningCLI):
                 "last.ckpt), give this run its own directory (trainer.default_root_dir, the logger's save_dir, "
                 "ModelCheckpoint's dirpath), or replace it with --overwrite_run=true"
             )
+        if not _launched() and earlier.is_file() and not config.get("ckpt_path") and config.get("overwrite_run"):
+            directories = [Path(c.dirpath) if c.dirpath else earlier.parent / "checkpoints" for c in self.trainer.checkpoint_callbacks]
+            kept = set_aside_run(earlier.parent, directories)
+            rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
         if config.get("test_after_fit") and not _has_test_split(self.datamodule):
             rank_zero_warn(f"test_after_fit: {type(self.datamodule).__name__} has no test split; only fit runs")
 
@@ -155,6 +160,26 @@ def _own_directory(config: Any, subcommand: str) -> None:
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
         if init_args is not None and "save_dir" in init_args:
             init_args.save_dir = directory
+
+
+RUN_FILES = ("config.yaml", "config-resumed-*.yaml", *REPORT_FILES, "earlier-tests")
+
+
+def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path]) -> Path:
+    """Move a run's own files (configs, test report, answers) and its checkpoints into a new
+    ``run_dir/replaced/<time>/``: a fit told to replace a run must not resume from, or mix with, the old
+    checkpoints (``last.ckpt`` would stay the old run's), and nothing is deleted unasked."""
+    keep = new_directory(run_dir / "replaced")
+    for path in sorted({path for pattern in RUN_FILES for path in run_dir.glob(pattern)}):
+        path.rename(keep / path.name)
+    for index, directory in enumerate(checkpoint_dirs):
+        checkpoints = sorted(directory.glob("*.ckpt")) if directory.is_dir() else []
+        if checkpoints:
+            target = keep / ("checkpoints" if index == 0 else f"checkpoints-{index}")
+            target.mkdir()
+            for path in checkpoints:  # a file, or a sharded checkpoint's directory
+                path.rename(target / path.name)
+    return keep
 
 
 def _launched() -> bool:

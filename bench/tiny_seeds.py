@@ -57,7 +57,7 @@ def run_config(base: dict, run_dir: Path, seed: int) -> dict:
         name = callback["class_path"].rsplit(".", 1)[-1]
         if "ProgressBar" in name:
             continue
-        if name == "ModelCheckpoint":
+        if name.endswith("Checkpoint"):
             callback = {**callback, "init_args": {**callback.get("init_args", {}), "dirpath": str(run_dir / "checkpoints")}}
         callbacks.append(callback)
     trainer["callbacks"] = callbacks

@@ -170,3 +170,18 @@ def test_an_error_in_a_dataloader_worker_prints_as_its_message_alone(monkeypatch
         "adaptive-mllm: error: DataError: data/test.json, record 7 (id 'q7'), field 'image': image file is truncated"
     )
     assert "Traceback" not in err.splitlines()[0] and len(err.splitlines()) == 2
+
+
+def test_a_run_stopped_by_sigterm_exits_with_its_signal_code(monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from adaptive_mllm import cli
+
+    def preempted(args=None):
+        raise SIGTERMException()  # what Lightning raises between two steps after a SIGTERM
+
+    monkeypatch.setattr(cli, "main", preempted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry_point()
+    assert exit_info.value.code == 143  # 128 + 15: a scheduler or a `fit && export` chain sees it did not finish
+    assert "stopped by SIGTERM" in capsys.readouterr().err

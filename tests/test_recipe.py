@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptive_mllm.checkpoints import CheckpointError
 from adaptive_mllm.cli import entry_point, main
@@ -72,6 +73,15 @@ def test_test_and_predict_on_a_fit_keep_its_files_and_write_their_own(in_tmp):
     with pytest.raises(FileExistsError, match=r"holds an earlier run .*--overwrite_run=true"):
         _run(fit)
     assert _files(run) == after
+
+    # told to replace it, fit moves the earlier run aside: last.ckpt and config.yaml are the new run's
+    _run([*fit, "--overwrite_run=true", "--trainer.max_steps=1"])
+    (replaced,) = (run / "replaced").iterdir()
+    assert (replaced / "checkpoints" / "last.ckpt").read_bytes() == before["checkpoints/last.ckpt"]
+    assert (replaced / "config.yaml").read_bytes() == before["config.yaml"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert "max_steps: 1" in (run / "config.yaml").read_text() and not list(run.glob("config-resumed-*"))
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # no versioned copy beside an old last.ckpt
 
 
 def test_an_empty_checkpoint_is_named_before_lightning_reads_it(in_tmp):

@@ -24,8 +24,8 @@ def test_run_config_isolates_each_run(tmp_path: Path) -> None:
     assert trainer["default_root_dir"] == str(tmp_path / "run-s3")
     assert trainer["logger"]["class_path"].endswith("CSVLogger")
     names = [callback["class_path"].rsplit(".", 1)[-1] for callback in trainer["callbacks"]]
-    assert "RichProgressBar" not in names and "ModelCheckpoint" in names
-    checkpoint = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert "RichProgressBar" not in names and "RunCheckpoint" in names
+    checkpoint = next(c for c in trainer["callbacks"] if c["class_path"].endswith("RunCheckpoint"))
     assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "run-s3" / "checkpoints")
     assert base["trainer"]["default_root_dir"] == "runs/tiny"  # the recipe itself is left alone
 
