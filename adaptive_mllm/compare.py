@@ -40,6 +40,14 @@ def paired_counts(first: Answers, second: Answers, budget: float) -> tuple[int, 
     if mine.keys() != theirs.keys():
         only = sorted(map(str, mine.keys() ^ theirs.keys()))[:3]
         raise ValueError(f"at budget {budget:g} the runs answered different questions ({len(mine)} vs {len(theirs)}; e.g. {only})")
+    for id_ in mine:  # same ids, same questions? (a regenerated set reuses its ids for new scenes)
+        row, other = first[(budget, id_)], second[(budget, id_)]
+        for field in ("reference", "question_kind"):
+            if row.get(field) != other.get(field):
+                raise ValueError(
+                    f"question {id_!r} at budget {budget:g}: {field} {row.get(field)!r} in A, {other.get(field)!r} in B; "
+                    "the runs tested different questions under the same ids (another data seed or file?)"
+                )
     if any(score is None for score in [*mine.values(), *theirs.values()]):
         raise ValueError("the test's metric gives no per-question score (multiple choice, MME): no paired comparison")
     wins = sum(mine[id_] > theirs[id_] for id_ in mine)
@@ -64,6 +72,10 @@ def compare(first: Answers, second: Answers, alpha: float = 0.05) -> list[dict[s
     budgets = sorted({b for b, _ in first} & {b for b, _ in second}, reverse=True)
     if not budgets:
         raise ValueError(f"the runs share no budget: {sorted({b for b, _ in first})} vs {sorted({b for b, _ in second})}")
+    for name, answers in (("A", first), ("B", second)):
+        alone = sorted({b for b, _ in answers} - set(budgets))
+        if alone:
+            print(f"compare: only {name} answered at budget(s) {', '.join(f'{b:g}' for b in alone)}: not compared")
     rows = []
     for budget in budgets:
         wins, losses = paired_counts(first, second, budget)

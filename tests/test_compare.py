@@ -66,3 +66,20 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # through the command's dispatch
         cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--alpha", "1.5"])
     cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a")])  # a run against itself: no question differs
+
+
+def test_same_ids_for_other_questions_are_refused_and_a_lone_budget_is_named(tmp_path: Path, capsys) -> None:
+    def run(name: str, references: list[str], budgets: tuple[float, ...] = (1.0,)) -> dict:
+        path = tmp_path / name
+        path.mkdir()
+        rows = [{"id": i, "budget": b, "score": 1, "reference": ref, "question_kind": "colour"}
+                for b in budgets for i, ref in enumerate(references)]  # fmt: skip
+        (path / ANSWERS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return read_run(path)
+
+    seed0 = run("seed0", ["red", "blue"], (1.0, 0.5))
+    with pytest.raises(ValueError, match=r"question 1 at budget 1: reference 'blue' in A, 'green' in B; .*different questions"):
+        compare(seed0, run("seed7", ["red", "green"]))
+    rows = compare(seed0, run("same", ["red", "blue"]))
+    assert [row["budget"] for row in rows] == [1.0]
+    assert "only A answered at budget(s) 0.5: not compared" in capsys.readouterr().out
