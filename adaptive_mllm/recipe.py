@@ -29,6 +29,7 @@ from adaptive_mllm.callbacks import REPORT_FILES
 from adaptive_mllm.checkpoints import check_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
+from adaptive_mllm.tracking import WandbRunRecord, continue_wandb_run, recorded_wandb_run
 
 RUN_DIRECTORY_VARIABLE = "ADAPTIVE_MLLM_RUN_DIR"
 #: a trainer that is built by the CLI but never run: one CPU process, no logger
@@ -94,6 +95,12 @@ class AdaptiveMLLMCLI(LightningCLI):
             directories = [Path(c.dirpath) if c.dirpath else earlier.parent / "checkpoints" for c in self.trainer.checkpoint_callbacks]
             kept = set_aside_run(earlier.parent, directories)
             rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
+        wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, WandbLogger)]
+        if wandb_loggers:
+            self.trainer.callbacks.append(WandbRunRecord())
+            run_id = recorded_wandb_run(config.ckpt_path) if config.get("ckpt_path") else None
+            for logger in wandb_loggers if run_id else []:
+                continue_wandb_run(logger, run_id)
         if config.get("test_after_fit") and not _has_test_split(self.datamodule):
             rank_zero_warn(f"test_after_fit: {type(self.datamodule).__name__} has no test split; only fit runs")
 

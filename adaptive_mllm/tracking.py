@@ -15,10 +15,13 @@ import warnings
 from typing import Any
 from urllib.parse import urlparse
 
+import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+WANDB_RUN_KEY = "wandb_run_id"  # in a checkpoint: the W&B run that logged the fit, continued when it resumes
 
 
 class ResilientWandbLogger(WandbLogger):
@@ -83,3 +86,33 @@ def _netrc_has(host: str) -> bool:
         return netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+class WandbRunRecord(L.Callback):
+    """Records the W&B run id in every checkpoint, so that a fit resumed from one logs into the same W&B run
+    (:func:`continue_wandb_run`) instead of starting an unlinked one with half the history."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                checkpoint[WANDB_RUN_KEY] = logger.version
+
+
+def recorded_wandb_run(ckpt_path: str | os.PathLike) -> str | None:
+    """The W&B run id a checkpoint recorded (None: none recorded, or a path that is not a local file / sharded
+    directory). The file is memory-mapped: no tensor data is read."""
+    path = os.fspath(ckpt_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "meta.pt")  # a sharded checkpoint keeps everything but the weights there
+    if not os.path.isfile(path):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:
+        return None
+    return checkpoint.get(WANDB_RUN_KEY) if isinstance(checkpoint, dict) else None
+
+
+def continue_wandb_run(logger: WandbLogger, run_id: str) -> None:
+    """Make ``logger`` (not started yet) log into W&B run ``run_id``, created if W&B does not have it."""
+    logger._wandb_init.update(id=run_id, resume="allow")

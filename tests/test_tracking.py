@@ -71,3 +71,33 @@ def test_fit_without_a_key_finishes_offline_with_a_warning(no_wandb_login):
               "--trainer.limit_val_batches=0", "--test_after_fit=false"])
     assert (tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp / "runs" / "wandb").glob("offline-run-*")), "the run was not recorded offline"
+
+
+def test_a_resumed_fit_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    import torch
+    import wandb
+
+    from adaptive_mllm.cli import main
+    from adaptive_mllm.tracking import WANDB_RUN_KEY, recorded_wandb_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit = ["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--data.init_args.num_train=16", "--data.init_args.num_val=8",
+           "--data.init_args.num_test=8", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+           "--trainer.limit_val_batches=0"]  # fmt: skip
+    runs = tmp_path / "runs" / "tiny" / "wandb"
+    try:
+        main([*fit, "--trainer.max_steps=2"])
+    finally:
+        wandb.finish()
+    (first,) = runs.glob("offline-run-*")
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    run_id = torch.load(checkpoint, weights_only=False)[WANDB_RUN_KEY]
+    assert first.name.endswith(f"-{run_id}") and recorded_wandb_run(checkpoint) == run_id
+    try:
+        main([*fit, "--trainer.max_steps=4", f"--ckpt_path={checkpoint}"])
+    finally:
+        wandb.finish()
+    second = sorted(set(runs.glob("offline-run-*")) - {first})
+    assert len(second) == 1 and second[0].name.endswith(f"-{run_id}")  # the same run, continued
+    assert recorded_wandb_run(tmp_path / "nowhere.ckpt") is None
