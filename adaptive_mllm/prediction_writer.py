@@ -1,27 +1,39 @@
 """`predict`'s answers, kept: JSON lines per budget in a directory of the run's own, and a W&B table.
 
 Lightning's ``predict`` returns the answers to the caller and drops them from the command line; this callback
-writes every row as it is made (a crash keeps what was answered), never into another run's directory.
+writes every row as it is made (a crash keeps what was answered, marked incomplete), never into another run's
+directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from adaptive_mllm.data.benchmarks.submission import write_submission
 
 COLUMNS = ("id", "question", "answer", "budget", "units", "flops_fraction")
+INCOMPLETE = "INCOMPLETE"  # present while predict runs and after it failed or was killed
+DONE = "predict_done.json"  # written once every answer is in budget-<b>.jsonl
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predict``'s rows to ``<output_dir>/budget-<b>.jsonl`` (``.rank<r>`` added under several processes).
+    """Writes ``predict``'s rows to ``<output_dir>/budget-<b>.jsonl``.
+
+    Under several processes each writes ``budget-<b>.rank<r>.jsonl``; at the end of ``predict`` process 0
+    merges them (each id once, in the dataset's order) into ``budget-<b>.jsonl`` and removes them. The
+    submission files (VQAv2, MMBench) are written from all the answers. A file ``INCOMPLETE`` lies in the
+    directory from the start until every answer is written; then ``predict_done.json`` (the answer count per
+    budget) replaces it. A failed, interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error
+    where there was one) beside its partial answers.
 
     Args:
         output_dir: where the answers go; it must not hold answers already. Default: the trainer's
@@ -35,6 +47,7 @@ class PredictionWriter(BasePredictionWriter):
         self.directory: Path | None = None
         self._files: dict[float, IO[str]] = {}
         self._rows: list[dict[str, Any]] = []
+        self._complete = False  # every answer written (a later error, say in a submission file, leaves them so)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "predict":
@@ -48,8 +61,12 @@ class PredictionWriter(BasePredictionWriter):
                 raise FileExistsError(f"PredictionWriter.output_dir={directory} already holds answers; choose a new directory")
         directory = Path(trainer.strategy.broadcast(str(directory), src=0))
         directory.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:
+            (directory / DONE).unlink(missing_ok=True)
+            (directory / INCOMPLETE).write_text("predict is running, or stopped before every answer was written\n")
         self.directory = directory
         self._rows = []
+        self._complete = False
 
     def write_on_batch_end(
         self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int
@@ -62,28 +79,84 @@ class PredictionWriter(BasePredictionWriter):
             self._rows.append(line)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files = {}
+        self._close()
         if self.directory is None:
             return
-        rank_zero_info(f"predict: {len(self._rows)} answers written to {self.directory}")
-        self._write_submissions(trainer)
+        trainer.strategy.barrier("PredictionWriter.on_predict_end")  # every process's rows are on disk
+        if not trainer.is_global_zero:
+            return
+        rows = self._merge() if trainer.world_size > 1 else self._rows
+        counts = {f"{budget:g}": sum(row["budget"] == budget for row in rows) for budget in _budgets(rows)}
+        summary = ", ".join(f"{count} at budget {budget}" for budget, count in counts.items()) or "none"
+        rank_zero_info(f"predict: {len(rows)} answers ({summary}) written to {self.directory}")
+        done = {"answers": counts, "total": len(rows), "processes": trainer.world_size, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.directory / DONE).write_text(json.dumps(done, indent=2) + "\n")
+        (self.directory / INCOMPLETE).unlink(missing_ok=True)
+        self._complete = True
+        self._write_submissions(trainer, rows)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                data = [[row[column] for column in COLUMNS] for row in self._rows]
+            if isinstance(logger, WandbLogger):
+                data = [[row[column] for column in COLUMNS] for row in rows]
                 logger.log_table(key="predict/answers", columns=list(COLUMNS), data=data)
 
-    def _write_submissions(self, trainer: Any) -> None:
-        """For a benchmark scored by its server (VQAv2 test-dev, MMBench test), the file it takes, per budget."""
-        if trainer.world_size > 1:  # each process holds its share of the answers only
-            rank_zero_info("predict: under several processes, write the server's file with data.benchmarks.write_submission")
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+        if self.directory is None or self._complete or not trainer.is_global_zero:
             return
-        for budget in sorted({row["budget"] for row in self._rows}, reverse=True):
-            answers = {row["id"]: row["answer"] for row in self._rows if row["budget"] == budget}
+        note = f"predict stopped by {type(exception).__name__}: {exception}\nthe budget-*.jsonl files here hold only part of the answers\n"
+        (self.directory / INCOMPLETE).write_text(note)
+        (self.directory / DONE).unlink(missing_ok=True)
+        rank_zero_warn(f"predict stopped: the answers in {self.directory} are incomplete (see {INCOMPLETE} there)")
+
+    def _merge(self) -> list[dict[str, Any]]:
+        """Process 0, several processes: each budget's rank files into ``budget-<b>.jsonl``, each id once.
+
+        Lightning's distributed predict sampler gives process r the questions r, r + n, r + 2n, ... (none
+        twice): taking the files' lines in turn restores the dataset's order."""
+        assert self.directory is not None
+        by_budget: dict[str, list[Path]] = {}
+        for path in self.directory.glob("budget-*.rank*.jsonl"):
+            budget, _, rank = path.name[: -len(".jsonl")].rpartition(".rank")
+            if rank.isdigit():
+                by_budget.setdefault(budget, []).append(path)
+        rows: list[dict[str, Any]] = []
+        for budget, paths in sorted(by_budget.items()):
+            paths.sort(key=lambda path: int(path.name[: -len(".jsonl")].rpartition(".rank")[2]))
+            per_rank = [[json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] for path in paths]
+            merged, seen, repeated = [], set(), 0
+            for group in zip_longest(*per_rank):
+                for row in group:
+                    if row is None:
+                        continue
+                    if row["id"] in seen:
+                        repeated += 1
+                        continue
+                    seen.add(row["id"])
+                    merged.append(row)
+            target = self.directory / f"{budget}.jsonl"
+            partial = target.with_name(f"{target.name}.part")
+            with open(partial, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in merged)
+            os.replace(partial, target)
+            for path in paths:
+                path.unlink()
+            if repeated:
+                rank_zero_warn(f"predict: {repeated} repeated answers in the {budget} files of {len(paths)} processes dropped")
+            rows.extend(merged)
+        return rows
+
+    def _write_submissions(self, trainer: Any, rows: list[dict[str, Any]]) -> None:
+        """For a benchmark scored by its server (VQAv2 test-dev, MMBench test), the file it takes, per budget."""
+        for budget in _budgets(rows):
+            answers = {row["id"]: row["answer"] for row in rows if row["budget"] == budget}
             path = write_submission(getattr(trainer, "datamodule", None), self.directory / f"submission-budget-{budget:g}", answers)
             if path is not None:
                 rank_zero_info(f"predict: the server's submission file for budget {budget:g} is {path}")
+
+    def _close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
 
     def _file(self, budget: float, trainer: Any) -> IO[str]:
         if budget not in self._files:
@@ -91,6 +164,10 @@ class PredictionWriter(BasePredictionWriter):
             assert self.directory is not None, "setup('predict') runs before the first batch"
             self._files[budget] = open(self.directory / f"budget-{budget:g}{rank}.jsonl", "a", encoding="utf-8")
         return self._files[budget]
+
+
+def _budgets(rows: list[dict[str, Any]]) -> list[float]:
+    return sorted({row["budget"] for row in rows}, reverse=True)
 
 
 def _holds_answers(directory: Path) -> bool:

@@ -9,9 +9,11 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
 from adaptive_mllm.data.benchmarks.base import read_json, require
-from adaptive_mllm.data.benchmarks.mmbench import MMBenchDataModule, read_mmbench_rows
-from adaptive_mllm.data.benchmarks.vqav2 import VQAv2DataModule
+from adaptive_mllm.data.benchmarks.mmbench import CIRCULAR_OFFSET, MMBenchDataModule, read_mmbench_rows
+from adaptive_mllm.data.benchmarks.vqav2 import SUBMISSION_FLAG, TEST2015_QUESTIONS, VQAv2DataModule
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import evalai_answer
 
@@ -54,6 +56,9 @@ def write_vqav2_submission(path: str | Path, answers: Mapping[str | int, str], q
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle)
+    rank_zero_info(
+        f"VQAv2 submission {path}: {len(by_id)} of {len(order)} questions answered, {len(order) - len(by_id)} filled with \"\""
+    )
     return path
 
 
@@ -67,7 +72,7 @@ def _mmbench_row_index(record_id: str | int) -> int | None:
     return _question_id(index, "MMBench submission")
 
 
-def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str], tsv: str) -> Path:
+def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str], tsv: str, circular: bool | None = None) -> Path:
     """MMBench's submission sheet, as LLaVA-1.5's convert_mmbench_for_submission.py writes it: every row of
     the TSV, without the columns hint, category, source, image, comment and l2-category, with a
     ``prediction`` column (the generated answer as it is; empty where there is none) at the seventh place.
@@ -77,6 +82,11 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
         answers: generated answer per record id (``"<index>"``, or ``"<index>-<shift>"`` from a circular
             run, of which shift 0 is used).
         tsv: the MMBench TSV the answers are for.
+        circular: the run's ``MMBenchDataModule.circular`` where known, named in the warning on rows left
+            unanswered (circular=False on a TSV that holds the rotations asks only its original rows).
+
+    The counts of answered and unanswered rows are logged; unanswered rows (a blank prediction, which
+    MMBench's server scores wrong) give a warning.
     """
     path = Path(path)
     if path.suffix not in (".xlsx", ".tsv"):
@@ -100,6 +110,7 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
         values["index"] = index
         values["prediction"] = by_index.get(index)
         table.append([values[column] for column in columns])
+    _report_unanswered(path, row_indices, by_index, circular)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".tsv":
         with open(path, "w", encoding="utf-8", newline="") as handle:
@@ -118,11 +129,43 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
     return path
 
 
+def _report_unanswered(path: Path, row_indices: list[int], by_index: Mapping[int, str], circular: bool | None) -> None:
+    """Logs the answered / blank counts of an MMBench sheet; warns where rows are blank."""
+    unanswered = [index for index in row_indices if index not in by_index]
+    total = len(row_indices)
+    rank_zero_info(f"MMBench submission {path}: {total - len(unanswered)} of {total} rows answered, {len(unanswered)} blank")
+    if not unanswered:
+        return
+    message = (
+        f"MMBench submission {path}: {len(unanswered)} of {total} rows have no answer (a blank prediction, which the "
+        f"server scores wrong), e.g. indices {unanswered[:5]}"
+    )
+    rotated = sum(index >= CIRCULAR_OFFSET for index in unanswered)
+    if rotated:
+        who = "circular=false asks" if circular is False else "a run with circular=false asks"
+        message += (
+            f"; {rotated} of them are rotated copies (index >= {CIRCULAR_OFFSET}) in a TSV that holds the rotations: "
+            f"{who} its original rows only; predict with --data.init_args.circular=true to answer every row"
+        )
+    rank_zero_warn(message)
+
+
 def write_submission(datamodule: object, stem: str | Path, answers: Mapping[str | int, str]) -> Path | None:
     """The server's file for ``predict``'s answers on a benchmark whose labels only its server holds (VQAv2:
-    ``<stem>.json``; MMBench: ``<stem>.xlsx``); None for any other datamodule."""
+    ``<stem>.json``; MMBench: ``<stem>.xlsx``); None for any other datamodule, and (with a warning) for VQAv2
+    where the questions file the submission must cover (:meth:`VQAv2DataModule.submission_questions`: for
+    test-dev, every question of test2015) is missing: EvalAI rejects a test-dev file without them."""
     if isinstance(datamodule, VQAv2DataModule):
-        return write_vqav2_submission(f"{stem}.json", answers, datamodule.questions_json)
+        questions = datamodule.submission_questions()
+        if not Path(questions).is_file():
+            rank_zero_warn(
+                f"VQAv2 submission {stem}.json not written: {questions} not found. EvalAI's VQAv2 test-dev phase rejects a "
+                f"result file without every question of {TEST2015_QUESTIONS} (\"\" where unanswered). Put that file there or "
+                f"pass {SUBMISSION_FLAG}=PATH, or write the file from the answers with "
+                "adaptive_mllm.data.benchmarks.write_vqav2_submission"
+            )
+            return None
+        return write_vqav2_submission(f"{stem}.json", answers, questions)
     if isinstance(datamodule, MMBenchDataModule):
-        return write_mmbench_submission(f"{stem}.xlsx", answers, datamodule.tsv)
+        return write_mmbench_submission(f"{stem}.xlsx", answers, datamodule.tsv, datamodule.circular)
     return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
@@ -16,6 +18,9 @@ from adaptive_mllm.data.benchmarks.base import (
 )
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
 from adaptive_mllm.metrics import VQAAccuracy
+
+TEST2015_QUESTIONS = "v2_OpenEnded_mscoco_test2015_questions.json"  # every test question; EvalAI's files cover it
+SUBMISSION_FLAG = "--data.init_args.submission_questions_json"
 
 
 def _records(path: str | Path, key: str, other: str) -> list:
@@ -42,6 +47,11 @@ class VQAv2DataModule(BenchmarkDataModule):
             images are in ``test2015``).
         image_prefix: the image file name before the 12-digit image id; None = ``COCO_<subtype>_``.
         prompt_suffix: the instruction after each question.
+        submission_questions_json: the questions file whose every question the EvalAI result file of a
+            ``predict`` lists ("" where unanswered). None: for test-dev questions (``data_subtype``
+            ``test-dev2015``) ``v2_OpenEnded_mscoco_test2015_questions.json`` beside them (EvalAI's test-dev
+            phase rejects a file without every test2015 question; without that file no submission is
+            written, with a warning), otherwise the questions file itself.
     """
 
     extra_fields = ("all_answers", "question_id")
@@ -55,6 +65,7 @@ class VQAv2DataModule(BenchmarkDataModule):
         prompt_suffix: str = SHORT_ANSWER,
         batch_size: int = 16,
         num_workers: int = 0,
+        submission_questions_json: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.questions_json = questions_json
@@ -62,10 +73,31 @@ class VQAv2DataModule(BenchmarkDataModule):
         self.image_root = image_folder
         self.image_prefix = image_prefix
         self.prompt_suffix = prompt_suffix
+        self.submission_questions_json = submission_questions_json
+        self._data_subtype: str | None = None
 
     @property
     def source(self) -> Path:
         return Path(self.questions_json)
+
+    def is_test_dev(self) -> bool:
+        """Whether the questions are VQAv2 test-dev's (``data_subtype`` ``test-dev*``, else the file's name)."""
+        if self._data_subtype is None:
+            content = read_json(self.questions_json)
+            subtype = content.get("data_subtype") if isinstance(content, dict) else None
+            self._data_subtype = subtype if isinstance(subtype, str) else ""
+        if self._data_subtype:
+            return self._data_subtype.startswith("test-dev")
+        return "test-dev" in Path(self.questions_json).name
+
+    def submission_questions(self) -> str:
+        """The questions file the EvalAI result file covers, every question of it (see ``submission_questions_json``);
+        it may not exist (:func:`~adaptive_mllm.data.benchmarks.write_submission` then writes none)."""
+        if self.submission_questions_json is not None:
+            return self.submission_questions_json
+        if self.is_test_dev():
+            return str(Path(self.questions_json).with_name(TEST2015_QUESTIONS))
+        return self.questions_json
 
     def _annotations(self, require_answers: bool) -> dict[int, dict]:
         if self.annotations_json is None:
@@ -87,6 +119,7 @@ class VQAv2DataModule(BenchmarkDataModule):
         content = read_json(self.questions_json)
         records = _records(self.questions_json, "questions", "annotations")
         subtype = content.get("data_subtype")
+        self._data_subtype = subtype if isinstance(subtype, str) else ""
         if self.image_prefix is None and not isinstance(subtype, str):
             raise DataError.at(self.questions_json, "missing: needed to name the image files (or set image_prefix)", field="data_subtype")
         if isinstance(subtype, str) and (self.image_prefix is None or self.image_root is None):
@@ -116,6 +149,12 @@ class VQAv2DataModule(BenchmarkDataModule):
                     kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
                     extra={"all_answers": humans, "question_id": question_id},
                 )
+            )
+        if not require_answers and not Path(self.submission_questions()).is_file():
+            rank_zero_warn(
+                f"VQAv2DataModule: {self.submission_questions()} not found: predict writes the answers but no EvalAI "
+                f"submission file (EvalAI's test-dev phase rejects one without every question of {TEST2015_QUESTIONS}); "
+                f"put it there or pass {SUBMISSION_FLAG}=PATH"
             )
         return questions
 

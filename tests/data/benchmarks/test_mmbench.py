@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import warnings
+
 import pytest
 import torch
 
 from adaptive_mllm.data import DataError
-from adaptive_mllm.data.benchmarks import OPTION_LETTER, MMBenchDataModule
+from adaptive_mllm.data.benchmarks import (
+    OPTION_LETTER,
+    MMBenchDataModule,
+    write_mmbench_submission,
+    write_submission,
+)
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 
@@ -49,11 +57,12 @@ def test_without_circular(mmbench_files, first_batch):
     assert not dm.make_metric().circular
 
 
-def test_tsv_holding_the_rotations(mmbench_tsv, first_batch):
-    def add_rotation(rows):
-        copy = dict(rows[0], index="1000000", A="square", B="triangle", C="circle", answer="A")
-        rows.append(copy)
+def add_rotation(rows):
+    copy = dict(rows[0], index="1000000", A="square", B="triangle", C="circle", answer="A")
+    rows.append(copy)
 
+
+def test_tsv_holding_the_rotations(mmbench_tsv, first_batch):
     dm = MMBenchDataModule(str(mmbench_tsv(add_rotation)), batch_size=8)
     batch = first_batch(dm)
     assert batch["ids"] == ["0", "1", "1000000"]  # not rotated again
@@ -81,3 +90,24 @@ def test_bad_base64_image(mmbench_tsv, first_batch):
     path = mmbench_tsv(lambda rows: rows[0].update(image="not base64!"))
     with pytest.raises(DataError, match=r"record id '0-0' \(index 0\), field 'image': cannot read image"):
         first_batch(MMBenchDataModule(str(path), batch_size=8))
+
+
+def test_vanilla_submission_of_a_tsv_holding_the_rotations_warns(mmbench_tsv, tmp_path):
+    path = str(mmbench_tsv(add_rotation))
+    vanilla = MMBenchDataModule(path, circular=False)  # asks rows 0 and 1 only: the rotated copy stays blank
+    expected = r"1 of 3 rows have no answer.*indices \[1000000\].*rotated copies.*circular=false asks its original rows only"
+    with pytest.warns(UserWarning, match=expected):
+        sheet = write_submission(vanilla, tmp_path / "vanilla", {"0": "B", "1": "D"})
+    assert sheet.suffix == ".xlsx"
+    with warnings.catch_warnings():  # every row answered (circular on such a TSV asks each row once): no warning
+        warnings.simplefilter("error")
+        full = write_submission(MMBenchDataModule(path), tmp_path / "full", {"0": "B", "1": "D", "1000000": "A"})
+    assert full.is_file()
+
+
+def test_tsv_submission_lists_blank_rows(mmbench_tsv, tmp_path):
+    with pytest.warns(UserWarning, match=r"2 of 2 rows have no answer") as caught:
+        sheet = write_mmbench_submission(tmp_path / "none.tsv", {}, str(mmbench_tsv()))
+    assert "rotated" not in str(caught[0].message)
+    with open(sheet, encoding="utf-8", newline="") as handle:
+        assert [row[6] for row in csv.reader(handle, delimiter="\t")] == ["prediction", "", ""]

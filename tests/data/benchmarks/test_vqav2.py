@@ -98,3 +98,20 @@ def test_is_for_evaluation_only(vqav2_files):
     dm = VQAv2DataModule(str(vqav2_files["questions"]), str(vqav2_files["annotations"]))
     with pytest.raises(ValueError, match="evaluation benchmark"):
         dm.setup("fit")
+
+
+def test_submission_questions(vqav2_files, tmp_path):
+    # val2014 (or any non-test-dev file): the questions file itself
+    val = VQAv2DataModule(str(vqav2_files["questions"]))
+    assert not val.is_test_dev() and val.submission_questions() == str(vqav2_files["questions"])
+    # test-dev: every question of test2015 (EvalAI rejects less), found beside it, or named
+    content = json.loads(vqav2_files["questions"].read_text())
+    dev = vqav2_files["questions"].with_name("v2_OpenEnded_mscoco_test-dev2015_questions.json")
+    dev.write_text(json.dumps(dict(content, data_subtype="test-dev2015")))
+    dm = VQAv2DataModule(str(dev), image_folder=str(vqav2_files["images"]), image_prefix="COCO_val2014_")
+    assert dm.is_test_dev() and dm.submission_questions() == str(dev.with_name("v2_OpenEnded_mscoco_test2015_questions.json"))
+    named = VQAv2DataModule(str(dev), submission_questions_json=str(tmp_path / "all.json"))
+    assert named.submission_questions() == str(tmp_path / "all.json")
+    # predicting test-dev without the test2015 questions: told before the answers are made
+    with pytest.warns(UserWarning, match=r"v2_OpenEnded_mscoco_test2015_questions\.json not found: predict writes the answers but no EvalAI"):
+        dm.setup("predict")
