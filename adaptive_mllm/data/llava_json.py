@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
 from adaptive_mllm.metrics import GroupedExactMatch, normalize_answer
 
 HUMAN = "human"
@@ -591,15 +592,40 @@ class LlavaDataModule(L.LightningDataModule):
         processor = self.input_processor()
         dataset.set_input_processor(processor)
         dataset.check_usable()
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_size=batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self._collator(processor),
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
         )
+        if shuffle:  # training: resumable mid-epoch (a checkpoint holds the epoch's seed and the batches consumed)
+            return ResumableDataLoader(
+                dataset, sampler=self._train_sampler(dataset), batches_consumed=self._train_batches_consumed, **options
+            )
+        return DataLoader(dataset, shuffle=False, **options)
+
+    def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
+        """The training order. On one process: the first epoch is the order ``DataLoader(shuffle=True)`` gave
+        (its seed drawn from torch's generator, which ``seed_everything`` seeded), epoch ``e`` uses that seed
+        + ``e``. On several: this process's share of the order Lightning's DistributedSampler gave (seed
+        ``PL_GLOBAL_SEED`` + epoch), dealt here so that Lightning keeps this sampler instead of replacing it."""
+        trainer = self.trainer
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if kwargs and kwargs.get("num_replicas", 1) > 1 and getattr(connector, "use_distributed_sampler", True):
+            return ResumableSampler(
+                dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], seed=int(os.getenv("PL_GLOBAL_SEED", 0))
+            )
+        return ResumableSampler(dataset)
+
+    def _train_batches_consumed(self) -> int | None:
+        """Training batches of the current epoch handed to ``training_step`` (None without a trainer): what a
+        checkpoint's loader state counts. The loader itself runs ahead (Lightning fetches a batch early)."""
+        fit_loop = getattr(self.trainer, "fit_loop", None) if self.trainer is not None else None
+        if fit_loop is None:
+            return None
+        return fit_loop.epoch_loop.batch_progress.current.ready
 
     def _collator(self, processor: InputProcessor) -> LlavaCollator:
         """Pads and batches records; subclasses that carry extra per-record fields return their own."""
