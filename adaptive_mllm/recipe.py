@@ -29,7 +29,12 @@ from adaptive_mllm.callbacks import REPORT_FILES
 from adaptive_mllm.checkpoints import check_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
-from adaptive_mllm.tracking import WandbRunRecord, continue_wandb_run, recorded_wandb_run
+from adaptive_mllm.tracking import (
+    ResilientWandbLogger,
+    WandbRunRecord,
+    continue_wandb_run,
+    recorded_wandb_run,
+)
 
 RUN_DIRECTORY_VARIABLE = "ADAPTIVE_MLLM_RUN_DIR"
 #: a trainer that is built by the CLI but never run: one CPU process, no logger
@@ -95,7 +100,7 @@ class AdaptiveMLLMCLI(LightningCLI):
             directories = [Path(c.dirpath) if c.dirpath else earlier.parent / "checkpoints" for c in self.trainer.checkpoint_callbacks]
             kept = set_aside_run(earlier.parent, directories)
             rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
-        wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, WandbLogger)]
+        wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, ResilientWandbLogger)]
         if wandb_loggers:
             self.trainer.callbacks.append(WandbRunRecord())
             run_id = recorded_wandb_run(config.ckpt_path) if config.get("ckpt_path") else None

@@ -47,6 +47,13 @@ class ResilientWandbLogger(WandbLogger):
         try:
             return start(self)
         except Exception as error:  # W&B raises its own errors, and timeouts, from deep inside its service
+            if self._wandb_init.get("resume"):  # e.g. "run ID is in use": a new run rather than no training
+                warnings.warn(f"could not continue W&B run {self._wandb_init['id']} ({type(error).__name__}: {error}); "
+                              "starting a new run", stacklevel=2)  # fmt: skip
+                self._wandb_init.pop("id")
+                self._wandb_init.pop("resume")
+                self._id = None
+                return self.experiment
             if self._offline:
                 raise
             self._go_offline(f"W&B failed to start online ({type(error).__name__}: {error})")
@@ -113,6 +120,7 @@ def recorded_wandb_run(ckpt_path: str | os.PathLike) -> str | None:
     return checkpoint.get(WANDB_RUN_KEY) if isinstance(checkpoint, dict) else None
 
 
-def continue_wandb_run(logger: WandbLogger, run_id: str) -> None:
-    """Make ``logger`` (not started yet) log into W&B run ``run_id``, created if W&B does not have it."""
+def continue_wandb_run(logger: ResilientWandbLogger, run_id: str) -> None:
+    """Make ``logger`` (not started yet) log into W&B run ``run_id``, created if W&B does not have it (a new
+    run, with a warning, if W&B refuses)."""
     logger._wandb_init.update(id=run_id, resume="allow")

@@ -82,6 +82,7 @@ def test_a_resumed_fit_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run an earlier test left open would be reused
     fit = ["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--data.init_args.num_train=16", "--data.init_args.num_val=8",
            "--data.init_args.num_test=8", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
            "--trainer.limit_val_batches=0"]  # fmt: skip
@@ -101,3 +102,28 @@ def test_a_resumed_fit_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     second = sorted(set(runs.glob("offline-run-*")) - {first})
     assert len(second) == 1 and second[0].name.endswith(f"-{run_id}")  # the same run, continued
     assert recorded_wandb_run(tmp_path / "nowhere.ckpt") is None
+
+
+def test_a_run_wandb_will_not_continue_becomes_a_new_one(tmp_path, monkeypatch):
+    import wandb
+
+    from adaptive_mllm.tracking import ResilientWandbLogger, continue_wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()
+    real_init = wandb.init
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("resume"):
+            raise RuntimeError("run ID abc12345 is in use")  # what W&B's service says for a run still open
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", refusing)
+    logger = ResilientWandbLogger(project="p", save_dir=str(tmp_path), offline=True)
+    continue_wandb_run(logger, "abc12345")
+    try:
+        with pytest.warns(UserWarning, match="could not continue W&B run abc12345 .*in use.*starting a new run"):
+            run = logger.experiment
+        assert run.id != "abc12345"
+    finally:
+        wandb.finish()
