@@ -8,7 +8,7 @@ and without it, and every ratio is taken to the plain full model (no selector, t
 before-LLM work and the projector are timed apart ("encode").
 
 Decoding is timed twice in the same rounds: with the eager, growing cache ("decode ms/token") and with the
-``--decode`` mode (default: the recipe's ``model.decode``, ``auto``: a static cache, and on a GPU per-layer CUDA graphs; see
+``--decode`` mode (default: the recipe's ``model.decode``, ``auto``: a static cache; ``captured`` adds per-layer CUDA graphs on a GPU; see
 :mod:`adaptive_mllm.decoding`). "weights fraction" is the bytes of weights one decode step reads under the
 plan (each kept layer's, or its kept slices, the final norm and the LM head; the embedding's few rows are
 left out) over the full model's; on a GPU, "vs limit" divides the decode time by those bytes over the
@@ -318,7 +318,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--no_transformers", action="store_true", help="skip the comparison with plain transformers")
     parser.add_argument(
         "--decode", default=None, choices=["auto", "eager", "static", "captured"],
-        help="decode mode timed beside eager (default: the recipe's model.decode; auto = CUDA graphs on a GPU, static on the CPU)",
+        help="decode mode timed beside eager (default: the recipe's model.decode; auto = static, on every device)",
     )  # fmt: skip
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the 'vs limit' column (default: a table of known GPUs)")
     own, rest = parser.parse_known_args(argv)

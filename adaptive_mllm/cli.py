@@ -40,6 +40,8 @@ def main(args: list[str] | None = None) -> None:
     """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``compare``, ``export``, ``serve``, ``profile``, ``table`` and ``memory``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"adaptive-mllm's own subcommands (each has --help): {', '.join(SUBCOMMANDS)}; Lightning's below.\n")
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
         return

@@ -185,3 +185,12 @@ def test_a_run_stopped_by_sigterm_exits_with_its_signal_code(monkeypatch, capsys
         cli.entry_point()
     assert exit_info.value.code == 143  # 128 + 15: a scheduler or a `fit && export` chain sees it did not finish
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_help_names_every_subcommand(capsys):
+    from adaptive_mllm.cli import SUBCOMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out.splitlines()[0] for name in SUBCOMMANDS) and "{fit,validate,test,predict}" in out
