@@ -217,11 +217,12 @@ def judge(row: dict, budgets: list[float]) -> str:
     lead_at = lead_budget(leads)
     row["lead"] = float("nan") if lead_at is None else leads[lead_at]
     row["worst lead"] = min(leads.values())
-    row["kept"] = row[f"L@{budgets[-1]:g}"] / row[f"L@{budgets[0]:g}"]
+    full = row[f"L@{budgets[0]:g}"]
+    row["kept"] = row[f"L@{budgets[-1]:g}"] / full if full else float("nan")  # a run that learned nothing keeps nothing
     missed = []
     if not row["lead"] >= MARGIN:
         missed.append(f"leads by < {MARGIN:g} at every budget < 1")
-    if row["kept"] < KEEP:
+    if not row["kept"] >= KEEP:  # nan (nothing learned) misses it too
         missed.append(f"keeps < {KEEP:.0%} at {budgets[-1]:g}")
     trails = ["trails a baseline"] if row["worst lead"] < -1e-6 else []
     if "trail p" in row:

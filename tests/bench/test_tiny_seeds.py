@@ -160,3 +160,9 @@ def test_paired_verdict_forgives_a_trail_within_chance(tmp_path: Path) -> None:
     assert real["trail p"] < 0.05 and real["paired status"] == "trails a baseline (p < 0.05)"
     spread = (tmp_path / "summary.md").read_text().split("\n\n")[1].splitlines()[2]
     assert "| 2 | 0/2 (paired: 1) |" in spread
+
+
+def test_a_run_that_learned_nothing_is_judged_not_crashed(tmp_path: Path) -> None:
+    _write_run(tmp_path / "zero", {1.0: 0.0, 0.6: 0.0}, {1.0: 0.0, 0.6: 0.0}, {1.0: 0.0, 0.6: 0.0})
+    (row,) = summarise(tmp_path, [("a", 0, tmp_path / "zero")])
+    assert "keeps < 97% at 0.6" in row["status"]  # 0 of 0 kept: nothing, not a division by zero
