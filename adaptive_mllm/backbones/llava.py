@@ -14,6 +14,7 @@ LightningModule's ``configure_model``), so parsing a recipe stays instant.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,13 @@ class LlavaBackbone(LocalBackbone):
         )
         if llava_release.is_release_config(raw):
             self.release_layout = True
+            pads = raw.get("image_aspect_ratio") == "pad"  # LLaVA's process_images pads only then
+            if pads != self.pad_to_square:
+                warnings.warn(
+                    f"{config_file}: image_aspect_ratio {raw.get('image_aspect_ratio')!r} means LLaVA {'pads' if pads else 'does not pad'} "
+                    f"images to a square, this backbone has pad_to_square={self.pad_to_square}; pass pad_to_square={pads} to match",
+                    stacklevel=2,
+                )
             try:
                 return llava_release.release_llava_config(config_file, raw, self.vision_tower)
             except llava_release.ReleaseLayoutError as error:
@@ -130,9 +138,15 @@ class LlavaBackbone(LocalBackbone):
         elif self.checkpoint is not None:
             if not any(self.checkpoint.glob("*.safetensors")):
                 raise CheckpointError(f"{self.checkpoint} holds no *.safetensors weight file")
-            model = LlavaForConditionalGeneration.from_pretrained(
-                self.checkpoint, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
-            )
+            try:
+                model = LlavaForConditionalGeneration.from_pretrained(
+                    self.checkpoint, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
+                )
+            except Exception as error:  # a truncated shard, a tensor of another shape: transformers names no file
+                raise CheckpointError(
+                    f"{self.checkpoint}: transformers could not load its weights ({type(error).__name__}: {error}); a weight "
+                    "file is truncated or the checkpoint holds another model size than its config.json"
+                ) from error
             image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
             if image_token_id != model.config.image_token_id:
                 raise CheckpointError(

@@ -96,6 +96,11 @@ def release_llava_config(config_file: Path, raw: dict, vision_tower: Path | None
         raise ReleaseLayoutError(
             f"{config_file}: mm_vision_select_feature {select!r} is not supported; expected one of {sorted(_SELECT_FEATURES)}"
         )
+    if raw.get("mm_use_im_start_end"):
+        raise ReleaseLayoutError(
+            f"{config_file}: mm_use_im_start_end is true (<im_start> / <im_end> around the image tokens), which "
+            "LLaVA-1.5 does not use and this project does not build"
+        )
     vision = _tower_config(vision_tower, raw.get("mm_vision_tower"))
     if vision.hidden_size != raw["mm_hidden_size"]:
         raise ReleaseLayoutError(
@@ -122,7 +127,7 @@ def _tower_config(vision_tower: Path | None, named: str | None) -> CLIPVisionCon
     config_file = vision_tower / "config.json"
     if not config_file.is_file():
         raise ReleaseLayoutError(f"{config_file} is missing; `vision_tower` must be {TOWER_LAYOUT}")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_json_object(config_file).get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
         raise ReleaseLayoutError(
             f"{config_file} has model_type {model_type!r}, expected 'clip_vision_model' or 'clip': {TOWER_LAYOUT}"
@@ -136,7 +141,7 @@ def weight_files(directory: Path, layout: str) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = directory / index_name
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text()).get("weight_map")
+            weight_map = read_json_object(index_file).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ReleaseLayoutError(f"{index_file} has no 'weight_map'; expected {layout}")
             files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -153,12 +158,30 @@ def weight_files(directory: Path, layout: str) -> list[Path]:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors or PyTorch pickle weight file, as tensors on the CPU (the pickle read safely)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """One safetensors or PyTorch pickle weight file, as tensors on the CPU (the pickle read safely); a file
+    that cannot be read is named (the libraries' own errors name none)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # safetensors' header errors, torch's zip / unpickling errors
+        raise ReleaseLayoutError(
+            f"{path} ({path.stat().st_size} bytes): cannot read its weights ({type(error).__name__}: {error}); "
+            "the file is truncated (a download or copy cut short) or not a weight file"
+        ) from error
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a config, a shard index), or a ReleaseLayoutError naming it."""
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReleaseLayoutError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ReleaseLayoutError(f"{path} holds a JSON {type(content).__name__}, expected an object")
+    return content
 
 
 def _llm_key(key: str) -> str | None:
@@ -194,7 +217,7 @@ def load_release_model(
     expected = model.state_dict()
     loaded: set[str] = set()
     unexpected: list[str] = []
-    use_inner_tower = bool(json.loads((checkpoint / "config.json").read_text()).get("unfreeze_mm_vision_tower", False))
+    use_inner_tower = bool(read_json_object(checkpoint / "config.json").get("unfreeze_mm_vision_tower", False))
     inner_tower_keys: list[str] = []
 
     def checkpoint_key(key: str) -> str | None:

@@ -20,6 +20,9 @@ from adaptive_mllm.backbones.templates import ChatTemplate
 IMAGE_TOKEN = "<image>"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, byte-level BPE
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing or not in the layout this backbone reads."""
 
@@ -103,6 +106,8 @@ class LocalBackbone(Backbone):
         directory = self.tokenizer_dir
         if not directory.is_dir():
             raise CheckpointError(f"tokenizer directory {directory} does not exist")
+        if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+            raise CheckpointError(f"{directory} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)}")
         return AutoTokenizer.from_pretrained(directory)
 
     @property

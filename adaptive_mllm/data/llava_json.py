@@ -196,6 +196,8 @@ def parse_record(
     placeholders = questions[0].count(IMAGE_PLACEHOLDER)
     if placeholders > 1:
         raise fail("conversations[0].value", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per record")
+    if placeholders:  # LLaVA's preprocess_multimodal: the image first, on its own line, the text stripped
+        questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0].replace(IMAGE_PLACEHOLDER, '').strip()}".strip()
     image = raw.get("image")
     image_path = None
     if image is None:

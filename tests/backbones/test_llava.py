@@ -85,6 +85,14 @@ def test_checkpoint_without_weights(backbone, tmp_path):
         loaded.build()
 
 
+def test_a_truncated_weight_file_is_named(backbone, tmp_path):
+    backbone.save_pretrained(tmp_path / "ckpt")
+    (weights,) = (tmp_path / "ckpt").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    with pytest.raises(CheckpointError, match=r"ckpt: transformers could not load its weights .*truncated"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt")).build()
+
+
 def test_needs_exactly_one_source(tokenizer_dir):
     with pytest.raises(ValueError, match="exactly one"):
         LlavaBackbone()

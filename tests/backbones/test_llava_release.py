@@ -117,6 +117,7 @@ def test_release_of_another_language_model_fails(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [
+    ("mm_use_im_start_end", True, r"mm_use_im_start_end is true .*LLaVA-1.5 does not use"),
     ("mm_projector_type", "linear", r"mm_projector_type 'linear' is not supported"),
     ("mm_vision_select_feature", "cls", r"mm_vision_select_feature 'cls' is not supported"),
     ("mm_hidden_size", 1024, r"mm_hidden_size 1024 differs from the vision tower's hidden_size 32"),
@@ -220,3 +221,35 @@ def test_a_release_directory_with_only_tokenizer_model_reads_its_tokenizer(tmp_p
     assert backbone.image_token_id == 32000 and len(tokenizer) == 32001  # <image> added after the 32,000 pieces
     ids = tokenizer("USER: Hi", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["▁US", "ER", ":", "▁Hi"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_truncated_weight_file_or_a_broken_index_is_named(tmp_path, fmt):
+    release, tower, _, _ = write_release(tmp_path, fmt=fmt)
+    suffix = "safetensors" if fmt == "safetensors" else "bin"
+    shard = sorted(release.glob(f"*-00001-of-00002.{suffix}"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a download cut short
+    with pytest.raises(CheckpointError, match=rf"{shard.name} \(\d+ bytes\): cannot read its weights .*truncated"):
+        _load(release, tower)
+    (index,) = release.glob("*.index.json")
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{index.name} is not valid JSON"):
+        _load(release, tower)
+    index.write_text("[]")
+    with pytest.raises(CheckpointError, match=rf"{index.name} holds a JSON list, expected an object"):
+        _load(release, tower)
+
+
+def test_padding_other_than_the_config_says_is_warned(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    _edit_config(release, image_aspect_ratio="square")  # LLaVA's process_images would not pad
+    with pytest.warns(UserWarning, match=r"image_aspect_ratio 'square' means LLaVA does not pad .*pass pad_to_square=False"):
+        LlavaBackbone(checkpoint=str(release), vision_tower=str(tower))
+
+
+def test_a_directory_without_tokenizer_files_is_named(tmp_path):
+    release, tower, _, _ = write_release(tmp_path)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        (release / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"holds no tokenizer: none of tokenizer.json, tokenizer.model, vocab.json"):
+        _load(release, tower)

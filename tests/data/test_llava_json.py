@@ -405,3 +405,18 @@ def test_majority_answers_and_baseline(tmp_path):
     }
     (tmp_path / "empty.json").write_text("[]")  # a test-only split (num_train=0): no baseline rather than 0%
     assert majority_baseline(tmp_path / "empty.json", tmp_path / "test.json") == {}
+
+
+def test_the_image_goes_first_on_its_own_line_as_llava_trains(write_llava, make_record, processor):
+    # LLaVA's preprocess_multimodal: <image> removed, the text stripped, "<image>\n" put in front
+    written = ["<image>\nWhat colour is the circle?", "What colour is the circle?\n<image>",
+               "What colour <image> is the circle?  \n", "<image>\n\nWhat colour is the circle?"]  # fmt: skip
+    path = write_llava([make_record(f"r{i}", text, "red") for i, text in enumerate(written)])
+    dataset = LlavaJsonDataset(path, input_processor=processor, image_folder=path.parent / "images")
+    assert [record.questions[0] for record in dataset.records] == [
+        "<image>\nWhat colour is the circle?",
+        "<image>\nWhat colour is the circle?",
+        "<image>\nWhat colour  is the circle?",  # LLaVA strips the ends only
+        "<image>\nWhat colour is the circle?",
+    ]
+    assert all(torch.equal(dataset[i]["input_ids"], dataset[0]["input_ids"]) for i in range(4))
