@@ -263,7 +263,8 @@ class Engine(nn.Module):
         """Take the dropped tokens out of the sequence before layer ``index``; the kept ones keep their rotary positions."""
         keep = layout.keep
         if keep is None:
-            keep = token_selector.after_layer(_received_attention(run.received[0], run.key_mask), layout.image_mask, run.key_mask)
+            received = _received_attention(run.received[0], run.key_mask, layout.query_positions)
+            keep = token_selector.after_layer(received, layout.image_mask, run.key_mask)
         keep = keep.bool() & run.key_mask
         source, run.key_mask = compact(keep)  # [B, T'], [B, T']
         run.hidden = gather_positions(run.hidden, source)
@@ -492,11 +493,12 @@ def _drop_layer(token_selector: TokenSelector | None, layout: TokenLayout | None
     return drop_at
 
 
-def _received_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def _received_attention(probs: torch.Tensor, key_mask: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] what a token selector ranks positions by: the attention each position received in the
-    ranking layer (``probs`` [B, heads, T, T], its probabilities) from each row's last real query, mean
-    over heads, as FastV's official code ranks (averaging over all queries would favour early tokens)."""
-    return last_query_attention(probs, key_mask).mean(1)  # the one query row first: [B, heads, T] -> [B, T]
+    ranking layer (``probs`` [B, heads, T, T], its probabilities) from each row's last prompt query (its last
+    real one, unless ``query_positions`` say), mean over heads, as FastV's official code ranks (averaging
+    over all queries would favour early tokens)."""
+    return last_query_attention(probs, key_mask, query_positions).mean(1)  # [B, heads, T] -> [B, T]
 
 
 def _runs_fully(plan: ExecutionPlan, scheduled: int) -> bool:

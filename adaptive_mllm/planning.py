@@ -52,11 +52,12 @@ class Prepared:
     plan: PlanRequest | ExecutionPlan | None  # None: the full model
     inputs: PlanInputs
     in_llm_selection: bool = False  # the token selector drops tokens inside the LLM
+    query_positions: torch.Tensor | None = None  # [B] the prompt's last column (training); None: each row's last
 
     def layout(self) -> TokenLayout | None:
         """A fresh layout for one engine run (the engine records its in-LLM drop in it); None when no
         token is dropped inside the LLM."""
-        return TokenLayout(self.image_mask) if self.in_llm_selection else None
+        return TokenLayout(self.image_mask, self.query_positions) if self.in_llm_selection else None
 
 
 class Planner:
@@ -108,33 +109,41 @@ class Planner:
         """The engine's inputs under ``budgets`` ([B]; None: drawn from ``draw_range``).
 
         ``latency_positions`` [B]: where the latency token goes, as columns of the batch before the
-        selector (the prompt's end in training); None: after the last position (generation).
+        selector (the prompt's end in training); None: after the last position (generation). An in-LLM
+        selector ranks tokens from the prompt's last position (the latency token where there is one), so a
+        teacher-forced batch drops the tokens its prompt would drop when answered.
         """
         embeds, mask, image_mask, labels = inputs.embeds, inputs.attention_mask, inputs.image_mask, inputs.labels
         scheduler = self.scheduler
         position_ids = position_ids_from_mask(mask)
         seq_lens = self.seq_lens(mask)
         plan_inputs = PlanInputs(budgets, seq_lens, self.layer_tokens(seq_lens, image_mask))
+        prompt_ends = latency_positions  # [B] exclusive ends of the prompts, as columns before the selector
+        if prompt_ends is not None and inputs.source_index is not None:  # the prompt lost image tokens before the LLM
+            prompt_ends = remap_positions(inputs.source_index, prompt_ends)
+        query = None if prompt_ends is None else prompt_ends - 1
         if scheduler is None:
-            return Prepared(embeds, mask, position_ids, image_mask, labels, None, None, plan_inputs, self._in_llm())
+            return Prepared(embeds, mask, position_ids, image_mask, labels, None, None, plan_inputs, self._in_llm(), query)
         if budgets is None:
             if draw_range is None:
                 raise ValueError("prepare: give budgets, or draw_range to draw them")
             plan_inputs.budgets = self.draw_budgets(plan_inputs, draw_range)
         scheduler.check_budgets(plan_inputs.budgets, seq_lens, plan_inputs.layer_tokens)
         if self.uses_latency_token:
+            latency_positions = prompt_ends
             if latency_positions is None:
                 latency_positions = torch.full((embeds.shape[0],), embeds.shape[1], device=embeds.device)
-            elif inputs.source_index is not None:  # the prompt lost image tokens before the LLM
-                latency_positions = remap_positions(inputs.source_index, latency_positions)
             token = scheduler.latency_token(plan_inputs.budgets, seq_lens, plan_inputs.layer_tokens)
             embeds, mask, labels = insert_token(embeds, token, latency_positions, mask, labels)
             image_mask = insert_column(image_mask, latency_positions, False)
             position_ids = position_ids_from_mask(mask)
+            query = None if prompt_ends is None else latency_positions  # the token closes the prompt
         else:
             latency_positions = None
         plan = self.request(plan_inputs)
-        return Prepared(embeds, mask, position_ids, image_mask, labels, latency_positions, plan, plan_inputs, self._in_llm())
+        return Prepared(
+            embeds, mask, position_ids, image_mask, labels, latency_positions, plan, plan_inputs, self._in_llm(), query
+        )
 
     def request(self, plan_inputs: PlanInputs) -> PlanRequest | ExecutionPlan:
         """A plan the engine completes at the latency token, or, for a scheduler that reads no token, the plan."""

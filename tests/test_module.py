@@ -332,3 +332,33 @@ def test_a_scheduler_record_that_cannot_be_built_is_named(tokenizer_dir):
     baseline.configure_model()
     with pytest.raises(ValueError, match=r"scheduler recorded as .*NoSuchScheduler.* cannot be built here"):
         baseline.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("scheduler", [None, "layer"])
+def test_fastv_drops_in_training_the_tokens_it_drops_when_answering(tokenizer_dir, scheduler):
+    from adaptive_mllm.token_selection import FastV
+    from adaptive_mllm.token_selection.base import TokenLayout
+
+    model = AdaptiveMLLM(
+        make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2),
+        LayerScheduler(num_prefix_layers=3) if scheduler else None, FastV(layer_index=2, drop_ratio=0.5),
+    )  # fmt: skip
+    model.configure_model()
+    model.eval()
+    batch = _batch(model, QUESTIONS, ["red circle left of it", "two", "yes yes yes yes"])
+    budgets = torch.tensor([1.0, 0.8, 0.6])
+    with torch.no_grad():
+        trained, labels = model(batch, budgets)  # teacher-forced, prompt + answer; columns compacted by the drop
+        planner = model.planner
+        inputs = planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+        prepared = planner.prepare(inputs, budgets)
+        hidden, _ = model.engine(
+            prepared.embeds, prepared.attention_mask, prepared.position_ids, prepared.plan, prepared.latency_positions,
+            gated=False, token_selector=model.token_selector, layout=TokenLayout(prepared.image_mask),
+        )  # fmt: skip
+        answering = model.backbone.lm_head(model.backbone.final_norm(hidden[:, -1]))  # [B, V] at the prompt's end
+    # the teacher-forced logits at the prompt's last position (the latency token where there is one): the column
+    # before the first answer token, which the labels mark (they followed the columns through the drop)
+    ends = (labels != IGNORE_INDEX).int().argmax(1) - 1
+    at_end = trained[torch.arange(3), ends]
+    assert torch.allclose(at_end, answering, atol=1e-5), (at_end - answering).abs().max()

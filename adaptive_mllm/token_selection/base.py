@@ -48,6 +48,9 @@ class TokenLayout:
     """
 
     image_mask: torch.Tensor  # [B, T] bool, image tokens among the engine's input positions
+    # [B] the column whose attention ranks the tokens: the prompt's last (in training, before the answer);
+    # None = each row's last real token, which is the prompt's last when a prompt is being answered
+    query_positions: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # [B, T] bool, positions kept by the in-LLM drop
     source_index: torch.Tensor | None = None  # [B, T'] input column of each position after the drop, -1 = padding
 
@@ -135,12 +138,15 @@ def insert_column(values: torch.Tensor, positions: torch.Tensor, fill: bool | in
     return torch.where(new_index == at, torch.full_like(values[:, :1], fill), values.gather(1, source))
 
 
-def last_query_attention(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def last_query_attention(
+    probs: torch.Tensor, key_mask: torch.Tensor, query_positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """[B, ..., T_q, T_k] attention probabilities (e.g. per head), [B, T] real-token mask -> [B, ..., T_k]: the row
     of each example's last real query position, as FastV ranks tokens (``[0][-1]`` in its modeling_llama.py).
-    Left-padded prompts end at the last column; right-padded rows at their last real token."""
+    Left-padded prompts end at the last column; right-padded rows at their last real token. ``query_positions``
+    [B] picks other rows: a teacher-forced batch ranks from the prompt's end, as its answer is generated."""
     length = key_mask.shape[1]
-    last = length - 1 - key_mask.flip(1).to(torch.int8).argmax(1)  # [B]
+    last = length - 1 - key_mask.flip(1).to(torch.int8).argmax(1) if query_positions is None else query_positions  # [B]
     return probs[torch.arange(probs.shape[0], device=probs.device), ..., last.to(probs.device), :]
 
 
