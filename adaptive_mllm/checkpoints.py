@@ -64,12 +64,26 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
     return path
 
 
+def peek_checkpoint(path: str | Path) -> Any:
+    """What a checkpoint file holds besides its tensor data (memory-mapped: no tensor data is read); for a
+    sharded checkpoint directory, its ``meta.pt`` (everything but the weights). None where there is no such
+    file, or torch cannot map it (an old, non-zip format)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SHARDED_METADATA
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:
+        return None
+
+
 def _check_keys(path: Path, required: tuple[str, ...]) -> None:
     """A PyTorch file that is not a Lightning checkpoint (a bare state dict, say) would fail inside Lightning
-    on a missing key. The file is memory-mapped, so no tensor data is read."""
-    try:
-        content = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:  # a file torch cannot map (an old, non-zip format): left to Lightning
+    on a missing key."""
+    content = peek_checkpoint(path)
+    if content is None:  # left to Lightning
         return
     missing = [key for key in required if not (isinstance(content, dict) and key in content)]
     if missing:

@@ -16,9 +16,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from adaptive_mllm.checkpoints import peek_checkpoint
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 WANDB_RUN_KEY = "wandb_run_id"  # in a checkpoint: the W&B run that logged the fit, continued when it resumes
@@ -107,16 +108,8 @@ class WandbRunRecord(L.Callback):
 
 def recorded_wandb_run(ckpt_path: str | os.PathLike) -> str | None:
     """The W&B run id a checkpoint recorded (None: none recorded, or a path that is not a local file / sharded
-    directory). The file is memory-mapped: no tensor data is read."""
-    path = os.fspath(ckpt_path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "meta.pt")  # a sharded checkpoint keeps everything but the weights there
-    if not os.path.isfile(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:
-        return None
+    directory)."""
+    checkpoint = peek_checkpoint(ckpt_path)
     return checkpoint.get(WANDB_RUN_KEY) if isinstance(checkpoint, dict) else None
 
 

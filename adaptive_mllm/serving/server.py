@@ -30,8 +30,6 @@ def build_model(
     if export_dir is not None:
         from adaptive_mllm.export import load_exported
 
-        if overrides:
-            raise ValueError(f"--export_dir takes no recipe flags (got {overrides}): the directory holds the model's settings")
         return load_exported(export_dir)
     if config is None:
         raise ValueError("give --export_dir, or --config (with --ckpt_path for trained weights)")
