@@ -4,7 +4,8 @@ Requests that arrive together become one ``AdaptiveMLLM.generate`` call with one
 (the engine runs mixed plans in one batch). A request carries a ``budget`` or a ``deadline_ms``; a
 deadline becomes the largest budget the latency model, scaled by its online correction, predicts to
 finish in the time left once it reached the worker (the deadline counts from its arrival at the
-server). A bad request never fails its batch: it is answered with its own 4xx status.
+server). A bad request never fails its batch: it is answered with its own 4xx status. Images are decoded
+ahead, in threads, while the model answers the batch before (:mod:`~adaptive_mllm.serving.preparing`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import LatencyModel
 from adaptive_mllm.serving.overhead import ServerTimes
-from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
+from adaptive_mllm.serving.requests import (
+    ChatRequest,
+    RequestError,
+    RequestLimits,
+    parse_chat_request,
+    read_request_image,
+)
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
@@ -38,6 +45,8 @@ API_PATH = "/v1/chat/completions"
 # to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline. Only budgets the
 # machine held down move the ceiling: a request's own tight deadline says nothing about the machine.
 BUDGET_RISE = 0.1
+PIXELS = "__pixel_values"  # a payload's image decoded ahead: a tensor or a RequestError, never JSON
+PREPARE_THREADS = 2  # so one large image being decoded does not hold up the next request's
 METRICS_LOG_SECONDS = 10.0  # the worker logs its counts at most this often (every batch would flood the log)
 
 
@@ -84,6 +93,8 @@ class DeadlineAPI(ls.LitAPI):
         max_batch_size, batch_timeout: LitServe's dynamic batching (``batch_timeout=0``: no waiting, see
             :mod:`~adaptive_mllm.serving.arrival`).
         threads: torch's intra-op threads in the worker (None: torch's default, one per core).
+        prepare_threads: threads decoding images ahead while the model runs (0: each batch's images are
+            decoded when it is collected, in the model's loop).
         times: the server's time outside this worker, measured by the HTTP server's middleware and taken
             off every deadline (None: not counted).
     """
@@ -100,8 +111,10 @@ class DeadlineAPI(ls.LitAPI):
         batch_timeout: float = 0.0,
         threads: int | None = None,
         times: ServerTimes | None = None,
+        prepare_threads: int = PREPARE_THREADS,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=StampingLoop())
+        loop = StampingLoop(prepare_threads)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
         self.build_model = build_model
         self.profile = profile
         self.limits = limits or RequestLimits()
@@ -139,11 +152,19 @@ class DeadlineAPI(ls.LitAPI):
         self.decode_steps += 1
 
     # --- one request ---------------------------------------------------------------------------------
+    def prepare_request(self, request: dict) -> dict:
+        """The payload with its image decoded (the loop's preparing threads call this ahead of
+        ``decode_request``; thread-safe, no tokenizer)."""
+        return {**request, PIXELS: read_request_image(request, self.processor, self.limits)}
+
     def decode_request(self, request: dict) -> ChatRequest | RequestError:
         """Never raises: an error is carried to ``encode_response``, so it fails only its own request."""
         received = request.pop(RECEIVED, None) if isinstance(request, dict) else None
+        pixels = request.pop(PIXELS, None) if isinstance(request, dict) else None
+        if not isinstance(pixels, (torch.Tensor, RequestError)):
+            pixels = None  # not prepared here (a client's field of that name is JSON, never a tensor)
         try:
-            parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits)
+            parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits, pixels)
         except RequestError as error:
             return error
         parsed.received = received

@@ -10,6 +10,10 @@ under load requests pile up while a batch runs, so the next batch is full by its
 LitServe queues ``(response queue id, uid, time.monotonic() at arrival, payload)``; the worker's loop
 sees the time but ``decode_request`` only the payload. ``time.monotonic`` is one clock for every process
 of the machine, so the worker can subtract. The stamp is written over any same-named field a client sent.
+
+With ``prepare_threads`` > 0 the loop collects from a :class:`~adaptive_mllm.serving.preparing.PreparingQueue`:
+each request's image is decoded ahead (the API's ``prepare_request``) while the model runs, and a request
+joins a batch once it is ready.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 from litserve.loops import BatchedLoop
 from litserve.loops.base import collate_requests
 
+from adaptive_mllm.serving.preparing import PreparingQueue, is_request
+
 RECEIVED = "__received_monotonic"
 IDLE_WAIT_S = 0.1  # an idle worker wakes this often (to see LitServe's stop signal), not a request delay
 
@@ -31,7 +37,7 @@ def waited_ms(received: float | None) -> float:
 
 
 def _stamp(item: Any) -> Any:
-    if isinstance(item, tuple) and len(item) == 4 and isinstance(item[3], dict):
+    if is_request(item):
         queue_id, uid, received, payload = item
         return queue_id, uid, received, {**payload, RECEIVED: received}
     return item  # the stop sentinel, or a payload that is no JSON object (decode_request rejects it)
@@ -67,10 +73,29 @@ class _HeldFirst:
 
 class StampingLoop(BatchedLoop):
     """LitServe's BatchedLoop reading a stamping view of the request queue, collecting greedily when the
-    API's ``batch_timeout`` is 0 (LitServe's waiting collection otherwise)."""
+    API's ``batch_timeout`` is 0 (LitServe's waiting collection otherwise).
+
+    Args:
+        prepare_threads: threads decoding requests ahead through the API's ``prepare_request(payload) ->
+            payload`` (0: none, LitServe's order: a batch's requests are decoded when it is collected).
+    """
+
+    def __init__(self, prepare_threads: int = 0) -> None:
+        super().__init__()
+        self.prepare_threads = prepare_threads
+        self.prepared: PreparingQueue | None = None  # started in the worker, on the first collection
+
+    def _queue(self, lit_api: Any, request_queue: Any) -> Any:
+        stamped = _StampingQueue(request_queue)
+        if self.prepare_threads == 0:
+            return stamped
+        if self.prepared is None:
+            ahead = 2 * lit_api.max_batch_size  # the next batch is ready while this one runs
+            self.prepared = PreparingQueue(stamped, lit_api.prepare_request, self.prepare_threads, ahead)
+        return self.prepared
 
     def get_batch_requests(self, lit_api: Any, request_queue: Any, transport: Any) -> tuple[list, list]:
-        queue = _StampingQueue(request_queue)
+        queue = self._queue(lit_api, request_queue)
         if lit_api.batch_timeout > 0:
             return super().get_batch_requests(lit_api, queue, transport)
         try:

@@ -70,8 +70,17 @@ class ChatRequest:
     received: float | None = None  # time.monotonic() when the request reached the server, if known
 
 
-def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int, limits: RequestLimits) -> ChatRequest:
-    """The request as the model's input, or a :class:`RequestError` naming the problem."""
+def parse_chat_request(
+    body: Any,
+    processor: InputProcessor,
+    max_new_tokens: int,
+    limits: RequestLimits,
+    pixel_values: torch.Tensor | RequestError | None = None,
+) -> ChatRequest:
+    """The request as the model's input, or a :class:`RequestError` naming the problem.
+
+    ``pixel_values``: the image already read by :func:`read_request_image` (its pixels or its error,
+    reported where reading the image would have failed); None reads it here."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -86,7 +95,10 @@ def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int
     questions, answers, image_url = _turns(body.get("messages"))
     _check_text_length(questions + answers, limits)
     questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"  # the image before the first question, as LLaVA's data has it
-    pixel_values = processor.preprocess_image(_read_image(image_url, limits))
+    if isinstance(pixel_values, RequestError):
+        raise pixel_values
+    if pixel_values is None:
+        pixel_values = processor.preprocess_image(_read_image(image_url, limits))
     try:
         prompt_ids = processor.chat_template.encode_prompt(
             questions, answers, processor.tokenizer, processor.image_token_id, processor.num_image_tokens
@@ -107,6 +119,26 @@ def parse_chat_request(body: Any, processor: InputProcessor, max_new_tokens: int
             "messages",
         )
     return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms)
+
+
+def read_request_image(body: Any, processor: InputProcessor, limits: RequestLimits) -> torch.Tensor | RequestError | None:
+    """The request's image as the model's pixels, or why it cannot be read; None when the body is too
+    malformed to name an image (:func:`parse_chat_request` then says what is wrong).
+
+    Decoding an image is most of a request's parsing (a 4096x4096 JPEG: about 0.3 s of CPU), so the
+    server does it ahead, in threads, while the model answers other requests; this touches no tokenizer
+    (a fast tokenizer shared between threads can fail with "Already borrowed")."""
+    try:
+        if not isinstance(body, dict):
+            return None
+        questions, answers, image_url = _turns(body.get("messages"))
+        _check_text_length(questions + answers, limits)
+    except RequestError:
+        return None  # refused for its structure or text before its image is looked at
+    try:
+        return processor.preprocess_image(_read_image(image_url, limits))
+    except RequestError as error:
+        return error
 
 
 def _check_text_length(texts: list[str], limits: RequestLimits) -> None:

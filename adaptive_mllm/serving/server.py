@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from adaptive_mllm.serving.api import API_PATH, DeadlineAPI, read_metrics
+from adaptive_mllm.serving.api import API_PATH, PREPARE_THREADS, DeadlineAPI, read_metrics
 from adaptive_mllm.serving.overhead import ServerTimeMiddleware, ServerTimes
 from adaptive_mllm.serving.requests import RequestLimits
 
@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait in the queue")
     p.add_argument("--threads", type=int, help="torch threads in the worker (default: one per core)")
+    p.add_argument("--prepare_threads", type=int, default=PREPARE_THREADS,
+                   help="threads decoding images ahead while the model runs (0: in the model's loop, one batch at a time)")
     return p
 
 
@@ -79,7 +81,7 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     times = ServerTimes()
     api = DeadlineAPI(
         builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size,
-        args.batch_timeout, args.threads, times,
+        args.batch_timeout, args.threads, times, args.prepare_threads,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     # a body is at most one base64 image (4/3 of its bytes) plus the text: anything larger is refused (413) unread
@@ -112,6 +114,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error(f"--timeout {args.timeout} must be > 0")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads} must be >= 1")
+    if args.prepare_threads < 0:
+        p.error(f"--prepare_threads {args.prepare_threads} must be >= 0")
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
 

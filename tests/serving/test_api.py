@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptive_mllm.serving.api import DeadlineAPI
+from adaptive_mllm.serving.api import PIXELS, DeadlineAPI
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.overhead import ServerTimes
@@ -40,14 +40,18 @@ def api(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Deadli
     return api
 
 
-def _request(api: DeadlineAPI, deadline_ms: float):
+def _body(deadline_ms: float) -> dict:
     buffer = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": "What colour is the circle ?"}]}],
             "deadline_ms": deadline_ms}  # fmt: skip
-    return api.decode_request(body)
+    return body
+
+
+def _request(api: DeadlineAPI, deadline_ms: float):
+    return api.decode_request(_body(deadline_ms))
 
 
 def _fresh_deadline_request(api: DeadlineAPI):
@@ -226,3 +230,13 @@ def test_the_worker_logs_its_counts_at_most_every_few_seconds(api: DeadlineAPI, 
     api._write_metrics()  # right after: not logged again
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("metrics ")]
     assert len(lines) == 1 and json.loads(lines[0].removeprefix("metrics "))["requests"] >= 0
+
+
+def test_a_request_prepared_ahead_decodes_as_one_decoded_in_the_loop(api: DeadlineAPI):
+    prepared = api.prepare_request(_body(100.0))
+    assert isinstance(prepared[PIXELS], torch.Tensor)
+    ahead, here = api.decode_request(prepared), api.decode_request(_body(100.0))
+    assert ahead.prompt_ids == here.prompt_ids and torch.equal(ahead.pixel_values, here.pixel_values)
+    # a client's field of that name is JSON, never pixels: ignored, the image is read from the message
+    forged = api.decode_request({**_body(100.0), PIXELS: [[0.0]]})
+    assert torch.equal(forged.pixel_values, here.pixel_values)

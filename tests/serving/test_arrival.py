@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import pytest
@@ -76,3 +77,41 @@ def test_a_positive_batch_timeout_keeps_litserves_waiting_collection():
     batch, _ = loop.get_batch_requests(api, source, transport)
     assert batch == [(0, "uid-0", {RECEIVED: 1.0})]
     assert time.monotonic() - start >= 0.25  # it waited for the batch to fill
+
+
+class _PreparingApi(_Api):
+    """An API whose ``prepare_request`` is slow for one request."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def prepare_request(self, payload: dict) -> dict:
+        if payload.get("slow"):
+            self.release.wait(10)
+        return {**payload, "prepared": True}
+
+
+def _next_batch(loop: StampingLoop, api: _Api, source: queue.Queue, transport: _Transport) -> list:
+    """The first non-empty batch (an idle collection returns none after IDLE_WAIT_S)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        batch, _ = loop.get_batch_requests(api, source, transport)
+        if batch:
+            return batch
+    raise AssertionError("no batch within 10 s")
+
+
+def test_with_prepare_threads_a_batch_is_collected_from_prepared_requests_and_a_slow_one_waits_alone():
+    loop, api, transport = StampingLoop(prepare_threads=2), _PreparingApi(), _Transport()
+    source: queue.Queue = queue.Queue()
+    source.put((0, "uid-slow", 100.0, {"slow": True}))
+    source.put((0, "uid-quick", 101.0, {}))
+    batch = _next_batch(loop, api, source, transport)
+    assert batch == [(0, "uid-quick", {RECEIVED: 101.0, "prepared": True})]  # stamped, prepared, not held up
+    assert loop.get_batch_requests(api, source, transport) == ([], [])  # the slow one is not ready
+    api.release.set()
+    batch = _next_batch(loop, api, source, transport)
+    assert batch == [(0, "uid-slow", {"slow": True, RECEIVED: 100.0, "prepared": True})]
+    source.put((None, None, None, None))
+    with pytest.raises(_StopLoopError):
+        loop.get_batch_requests(api, source, transport)

@@ -1,4 +1,5 @@
-"""Request parsing: a huge text is refused before it is tokenized."""
+"""Request parsing: a huge text is refused before it is tokenized; an image read ahead gives the same
+request, and its error is reported where reading it would have failed."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from adaptive_mllm.serving.requests import RequestError, RequestLimits, parse_chat_request
+from adaptive_mllm.serving.requests import RequestError, RequestLimits, parse_chat_request, read_request_image
 from adaptive_mllm.serving.server import build_model
 from tests.serving.conftest import write_tiny_recipe
 
@@ -43,3 +45,43 @@ def test_a_huge_text_is_refused_before_tokenizing(processor, monkeypatch: pytest
         parse_chat_request(_body("a " * 500), processor, 4, limits)
     assert too_long.value.status == 400 and calls == [1]
     assert parse_chat_request(_body("What colour is the circle ?"), processor, 4, limits).prompt_ids
+
+
+def test_an_image_read_ahead_gives_the_same_request(processor):
+    body, limits = _body("What colour is the circle ?"), RequestLimits()
+    pixels = read_request_image(body, processor, limits)
+    assert isinstance(pixels, torch.Tensor)
+    ahead = parse_chat_request(body, processor, 4, limits, pixels)
+    here = parse_chat_request(body, processor, 4, limits)
+    assert ahead.prompt_ids == here.prompt_ids
+    assert torch.equal(ahead.pixel_values, here.pixel_values)
+
+
+def test_an_unreadable_image_read_ahead_is_reported_after_the_checks_before_it(processor):
+    body = _body("What colour is the circle ?")
+    not_png = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
+    body["messages"][0]["content"][0]["image_url"]["url"] = not_png
+    limits = RequestLimits()
+    error = read_request_image(body, processor, limits)
+    assert isinstance(error, RequestError) and error.status == 400 and "not a readable image" in error.message
+    with pytest.raises(RequestError, match="not a readable image"):
+        parse_chat_request(body, processor, 4, limits, error)
+    # a budget out of range is checked first, as when the image is read during parsing
+    with pytest.raises(RequestError, match="outside") as refused:
+        parse_chat_request({**body, "budget": 2.0}, processor, 4, limits, error)
+    assert refused.value.field == "budget"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[1, 2], {"messages": "hello"}, {"messages": [{"role": "user", "content": "no image"}]}],
+    ids=["not an object", "messages not a list", "no image"],
+)
+def test_a_body_naming_no_image_is_left_to_the_parser(processor, body):
+    assert read_request_image(body, processor, RequestLimits()) is None
+    with pytest.raises(RequestError):
+        parse_chat_request(body, processor, 4, RequestLimits(), None)
+
+
+def test_a_huge_text_is_not_worth_reading_its_image(processor):
+    assert read_request_image(_body("a " * 600), processor, RequestLimits(max_text_chars=1000)) is None

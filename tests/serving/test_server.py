@@ -249,6 +249,7 @@ def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
         (["--pinned_budget", "1.5"], "--pinned_budget 1.5 must be in [0, 1]"),
         (["--margin", "-0.1"], "--margin -0.1 must be >= 0"),
         (["--max_batch_size", "0"], "--max_batch_size 0 must be >= 1"),
+        (["--prepare_threads", "-1"], "--prepare_threads -1 must be >= 0"),
         (["--export_dir", str(tmp_path), "--model.max_new_tokens=4"], "--export_dir takes no recipe flags"),
     ]:  # refused before anything is loaded, not on every request
         with pytest.raises(SystemExit) as exit_info:
