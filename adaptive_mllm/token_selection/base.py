@@ -151,8 +151,7 @@ def last_query_attention(
 
 
 def kept_count(total: torch.Tensor, drop_ratio: float) -> torch.Tensor:
-    """``ceil((1 - R) * N)`` per row, as ``N - floor(R * N)`` with a tolerance, so that R = 0.3, N = 10
-    keeps 7 (``(1 - 0.3) * 10`` is ``7.000000000000001`` in floating point)."""
-    dropped = torch.floor(total.double() * drop_ratio + 1e-6).long()
-    return total - dropped
+    """``floor((1 - R) * N)`` per row, as FastV's KV-cache code truncates (``topk(int(576 * ratio))``), with a
+    tolerance for the float subtraction: R = 0.9, N = 10 keeps 1 (``(1 - 0.9) * 10`` is ``0.9999999999999998``)."""
+    return torch.floor(total.double() * (1.0 - drop_ratio) + 1e-6).long()
 

@@ -4,8 +4,8 @@ least attention.
 The engine computes, in layer ``K - 1`` only (0-based; every other layer keeps SDPA), the attention
 probabilities, and hands on what each position received from the example's LAST real query position,
 averaged over heads, as the official code ranks them (``torch.mean(attention, dim=1)[0][-1]``; a mean
-over all queries would favour early tokens under the causal mask). Per example, the ``ceil((1 - R) N)``
-image tokens with the most received attention stay; text tokens (the latency token too) always stay. Layers ``K ..`` run on the shorter sequence; kept tokens keep
+over all queries would favour early tokens under the causal mask). Per example, the ``floor((1 - R) N)``
+image tokens with the most received attention stay (FastV's KV-cache code: ``topk(int(576 * ratio))``); text tokens (the latency token too) always stay. Layers ``K ..`` run on the shorter sequence; kept tokens keep
 their rotary positions. AdaLLaVA's table uses K = 2, R = 0.5.
 """
 

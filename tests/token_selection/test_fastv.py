@@ -1,10 +1,9 @@
-"""FastV inside the engine: exactly ceil((1 - R) N) image tokens stay, the ones the last query token attends
+"""FastV inside the engine: exactly floor((1 - R) N) image tokens stay, the ones the last query token attends
 to most at layer K - 1, averaged over heads, as the official code ranks them (checked against transformers'
 own eager attention maps); text tokens and labels are untouched."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -39,12 +38,15 @@ def _inputs(backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, embeds, ids == image
 
 
-def test_kept_count_is_the_ceiling():
+def test_kept_count_truncates_as_fastv():
     totals = torch.tensor([0, 1, 10, 16, 576, 7])
     for ratio in (0.0, 0.3, 0.5, 0.75, 0.9):
-        expected = [math.ceil(round((1 - ratio) * n, 9)) for n in totals.tolist()]
+        # FastV's KV-cache code: topk(int(576 * keep)), the kept fraction written as a decimal
+        keep = round(1 - ratio, 9)
+        expected = [int(n * keep) for n in totals.tolist()]
         assert kept_count(totals, ratio).tolist() == expected
-    assert kept_count(torch.tensor([10]), 0.3).tolist() == [7]
+    assert kept_count(torch.tensor([576]), 0.3).tolist() == [403]  # 403.2 (ceil kept 404)
+    assert kept_count(torch.tensor([10]), 0.9).tolist() == [1]  # (1 - 0.9) * 10 = 0.9999999999999998
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.3, 0.75])
@@ -64,7 +66,7 @@ def test_fastv_keeps_the_most_attended_image_tokens(tokenizer_dir, ratio):
         layout = TokenLayout(image_mask)
         hidden, _ = Engine(backbone)(embeds, mask, positions, gated=False, token_selector=FastV(K, ratio), layout=layout)
     n = backbone.num_image_tokens
-    keep_n = math.ceil(round((1 - ratio) * n, 9))
+    keep_n = int(n * round(1 - ratio, 9))
     for row in range(3):
         images = image_mask[row].nonzero().flatten()
         kept = layout.keep[row]

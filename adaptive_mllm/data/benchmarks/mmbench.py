@@ -25,11 +25,18 @@ from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError, Llav
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them index + k * 1e6
-_MISSING = {"", "nan", "none"}  # how an absent option or hint is written in the TSV
+# LLaVA's model_vqa_mmbench.py reads the TSV with pd.read_table, whose default missing-value strings
+# (case-sensitive) become NaN, and its is_none also drops any case of "nan" / "none": an option or hint
+# written "N/A" or "NULL" is absent
+_PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+                   "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
 
 
 def _present(value: str | None) -> bool:
-    return value is not None and value.strip().lower() not in _MISSING
+    if value is None:
+        return False
+    text = value.strip()
+    return text not in _PANDAS_MISSING and text.lower() not in ("nan", "none")
 
 
 def read_mmbench_rows(path: str | Path) -> list[dict[str, str]]:

@@ -13,7 +13,6 @@ from adaptive_mllm.data.benchmarks.base import (
     existing_image,
     read_json,
     require,
-    with_suffix,
 )
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import VQAAccuracy
@@ -101,8 +100,8 @@ class TextVQADataModule(BenchmarkDataModule):
                     tokens = ocr[image_id]
                 else:
                     raise DataError.at(self.ocr_json, f"no OCR tokens for image {image_id!r}", question_id, index, "image_id")
-                if tokens:
-                    text = f"{text}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
+                # an image without tokens keeps the line, empty, as LLaVA-1.5's question file has it
+                text = f"{text}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
             # the reference for loss and the plain exact match: the most common human answer
             common = Counter(humans).most_common()
             answer = min((a for a, n in common if n == common[0][1]), default="") if common else ""
@@ -110,7 +109,7 @@ class TextVQADataModule(BenchmarkDataModule):
                 BenchmarkQuestion(
                     id=str(question_id),
                     image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "image_id"),
-                    text=with_suffix(text, self.prompt_suffix),
+                    text=f"{text}\n{self.prompt_suffix}" if self.prompt_suffix else text,  # an empty OCR line keeps its space
                     answer=answer,
                     extra={"all_answers": list(humans), "question_id": question_id},
                 )

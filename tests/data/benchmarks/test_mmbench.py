@@ -111,3 +111,17 @@ def test_tsv_submission_lists_blank_rows(mmbench_tsv, tmp_path):
     assert "rotated" not in str(caught[0].message)
     with open(sheet, encoding="utf-8", newline="") as handle:
         assert [row[6] for row in csv.reader(handle, delimiter="\t")] == ["prediction", "", ""]
+
+
+@pytest.mark.parametrize("absent", ["N/A", "NA", "NULL", "null", "nan", "NONE", " None "])
+def test_an_option_or_hint_written_as_missing_is_absent_as_pandas_reads_it(mmbench_tsv, first_batch, prompts_of, absent):
+    # LLaVA's model_vqa_mmbench.py: pd.read_table's missing-value strings, then is_none ("nan" / "none", any case)
+    path = mmbench_tsv(lambda rows: rows[0].update(D=absent, hint=absent))
+    dm = MMBenchDataModule(str(path), circular=False, batch_size=8)
+    assert first_batch(dm)["num_choices"][0] == 3
+    assert prompts_of(dm)[0] == f"<image>\nWhich shape is in the top left?\nA. circle\nB. square\nC. triangle\n{OPTION_LETTER}"
+
+
+def test_an_option_that_only_looks_missing_stays(mmbench_tsv, first_batch):
+    path = mmbench_tsv(lambda rows: rows[0].update(D="n.a."))  # not one of pandas' strings
+    assert first_batch(MMBenchDataModule(str(path), circular=False, batch_size=8))["num_choices"][0] == 4

@@ -20,7 +20,7 @@ def test_reads_questions_and_ocr(textvqa_files, first_batch, prompts_of):
     assert prompts_of(dm) == [
         # the question capitalised as in LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl
         f"<image>\nWhat is the brand of this camera?\nReference OCR token: dakota, digital\n{SHORT_ANSWER}",
-        f"<image>\nWhat does the sign say?\n{SHORT_ANSWER}",  # no OCR token: no OCR line
+        f"<image>\nWhat does the sign say?\nReference OCR token: \n{SHORT_ANSWER}",  # no OCR token: the line, empty
     ]
     metric = dm.make_metric()
     assert isinstance(metric, VQAAccuracy) and metric.rule == "textvqa"
