@@ -46,13 +46,18 @@ def greedy_generate(
     token_selector: TokenSelector | None = None,
     image_mask: torch.Tensor | None = None,  # [B, T] bool, needed by a selector that drops tokens inside the LLM
     decode: str = "eager",  # eager | static | captured | auto: how decode steps run (adaptive_mllm.decoding)
+    row_max_new_tokens: list[int] | None = None,  # [B] each row's own cap (<= max_new_tokens), e.g. a client's max_tokens
 ) -> Generation:
     """Greedy answers; the plan and any in-LLM token drop are decided at prefill and kept while decoding
     (the dropped tokens are not in the cache of the layers after the drop). A static cache is sized for the
-    prompt plus ``max_new_tokens``; setting it up counts as decode time."""
+    prompt plus ``max_new_tokens``; setting it up counts as decode time. A row that reaches its own cap is
+    done, as if it had stopped; the batch decodes until every row is."""
     backbone = engine.backbone
     device = embeds.device
     batch = embeds.shape[0]
+    limits = [max_new_tokens] * batch if row_max_new_tokens is None else list(row_max_new_tokens)
+    if len(limits) != batch or not all(1 <= limit <= max_new_tokens for limit in limits):
+        raise ValueError(f"row_max_new_tokens {limits} must hold {batch} values in [1, {max_new_tokens}]")
     cache = PlanCache()
     positions = position_ids_from_mask(attention_mask)
     layout = None
@@ -71,6 +76,7 @@ def greedy_generate(
 
     stop = torch.tensor(stop_token_ids, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    row_limits = torch.tensor(limits, device=device)  # [B]
     tokens: list[list[int]] = [[] for _ in range(batch)]
     next_position = positions[:, -1:] + 1  # [B, 1]
     steps = 0
@@ -82,7 +88,7 @@ def greedy_generate(
         finished_now = torch.isin(next_token, stop)
         for index in (~finished & ~finished_now).nonzero().flatten().tolist():
             tokens[index].append(int(next_token[index]))
-        finished |= finished_now
+        finished |= finished_now | (row_limits <= step + 1)
         # sharded layers are gathered by collectives: every rank decodes until the last rank's batch is done
         if on_every_rank(bool(finished.all()), backbone.decoder_layers, device) or step == max_new_tokens - 1:
             break

@@ -258,8 +258,15 @@ class AdaptiveMLLM(L.LightningModule):
 
     # --- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], budget: float | torch.Tensor) -> dict[str, Any]:
-        """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost."""
+    def generate(
+        self, batch: dict[str, Any], budget: float | torch.Tensor, max_new_tokens: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost.
+        ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``; the
+        batch decodes to the largest), e.g. a client's ``max_tokens``."""
+        if max_new_tokens is not None and not all(1 <= limit <= self.max_new_tokens for limit in max_new_tokens):
+            raise ValueError(f"max_new_tokens {max_new_tokens}: each must be in [1, {self.max_new_tokens}]")
+        longest = self.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
         prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
         planner = self.planner
@@ -269,8 +276,8 @@ class AdaptiveMLLM(L.LightningModule):
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
-            prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode,
+            self.engine, prepared.embeds, prepared.attention_mask, longest, stop, prepared.plan,
+            prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode, max_new_tokens,
         )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
         fractions, units = [1.0] * batch_size, [float("nan")] * batch_size  # per example
@@ -279,7 +286,7 @@ class AdaptiveMLLM(L.LightningModule):
             units = result.plan.units.float().tolist() if result.plan.units is not None else units
         return {
             "answers": answers,
-            "answer_tokens": [len(tokens) for tokens in result.tokens],  # == max_new_tokens: cut off, no stop token
+            "answer_tokens": [len(tokens) for tokens in result.tokens],  # == its cap: cut off, no stop token
             "flops_fraction": sum(fractions) / batch_size,  # the batch's mean
             "units": sum(units) / batch_size,
             "flops_fractions": fractions,

@@ -118,6 +118,22 @@ def test_mixed_batch_equals_each_alone(gqa_backbone, level):
             torch.testing.assert_close(batched[row, -length:], single[0], atol=1e-5, rtol=1e-5)
 
 
+def test_each_row_stops_at_its_own_cap_and_the_others_are_unchanged(gqa_backbone):
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
+    engine = Engine(backbone)
+    with torch.no_grad():
+        full = greedy_generate(engine, backbone.embed(ids), mask, 6, [])  # no stop token: every row takes 6
+        capped = greedy_generate(engine, backbone.embed(ids), mask, 6, [], row_max_new_tokens=[2, 6, 1])
+        assert [len(tokens) for tokens in capped.tokens] == [2, 6, 1]
+        assert capped.tokens == [full.tokens[0][:2], full.tokens[1], full.tokens[2][:1]]
+        short = greedy_generate(engine, backbone.embed(ids), mask, 6, [], row_max_new_tokens=[2, 1, 2])
+        assert short.decode_steps == 1  # the batch stops once every row reached its cap
+        for bad in ([0, 6, 6], [7, 6, 6], [6, 6]):
+            with pytest.raises(ValueError, match="row_max_new_tokens"):
+                greedy_generate(engine, backbone.embed(ids), mask, 6, [], row_max_new_tokens=bad)
+
+
 def assert_cached_generation_equals_uncached(backbone, level: str, steps: int = 5) -> None:
     """Greedy generation with the KV cache, against recomputing every step from scratch (no cache) under
     the same plan (``level``: none / layer / head)."""

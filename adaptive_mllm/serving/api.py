@@ -76,7 +76,7 @@ class Answer:
     batch_size: int
     prompt_tokens: int  # the request's own prompt, image placeholders included
     completion_tokens: int
-    finish_reason: str  # "stop", or "length" when the answer reached max_new_tokens without a stop token
+    finish_reason: str  # "stop", or "length" when the answer reached its cap (max_tokens) without a stop token
 
 
 class DeadlineAPI(ls.LitAPI):
@@ -224,7 +224,8 @@ class DeadlineAPI(ls.LitAPI):
         dtype = next(self.model.backbone.parameters()).dtype
         batch = collate(requests, self.processor.pad_token_id, self.torch_device, dtype)
         prompt_tokens = batch["prompt_ids"].shape[1] + int(self.model.planner.uses_latency_token)
-        new_tokens = self.model.max_new_tokens
+        limits = [request.max_tokens or self.model.max_new_tokens for request in requests]
+        new_tokens = max(limits)  # the batch decodes until its longest allowed answer is done
         size = len(requests)
         queued = [waited_ms(request.received) for request in requests]  # time spent before this batch
         alone = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
@@ -238,7 +239,7 @@ class DeadlineAPI(ls.LitAPI):
             predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, self.ratio.value)
         self.decode_steps = 0
         start = _now(self.torch_device)
-        out = self.model.generate(batch, budgets.to(self.torch_device))
+        out = self.model.generate(batch, budgets.to(self.torch_device), limits)
         measured_ms = 1000 * (_now(self.torch_device) - start)
         steps = max(self.decode_steps - 1, 0)
         units, fractions = out["units_per_example"], out["flops_fractions"]
@@ -256,7 +257,7 @@ class DeadlineAPI(ls.LitAPI):
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
                        fractions[index], predicted, measured_ms, queued[index], size, len(request.prompt_ids), generated,
-                       "length" if generated >= new_tokens else "stop")
+                       "length" if generated >= limits[index] else "stop")
             )  # fmt: skip
         return answers
 

@@ -22,7 +22,9 @@ from PIL import Image
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationError
 
-KNOWN_FIELDS = frozenset({"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user"})
+KNOWN_FIELDS = frozenset(
+    {"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user", "max_tokens", "max_completion_tokens"}
+)
 
 
 class RequestError(Exception):
@@ -67,6 +69,7 @@ class ChatRequest:
     pixel_values: torch.Tensor  # [3, H, W]
     budget: float | None
     deadline_ms: float | None
+    max_tokens: int | None = None  # the client's cap on the answer (None: the model's max_new_tokens)
     received: float | None = None  # time.monotonic() when the request reached the server, if known
 
 
@@ -92,6 +95,7 @@ def parse_chat_request(
     if temperature not in (None, 0, 0.0):
         raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {temperature!r}", "temperature")
     budget, deadline_ms = _budget_or_deadline(body)
+    max_tokens = _max_tokens(body, max_new_tokens)
     questions, answers, image_url = _turns(body.get("messages"))
     _check_text_length(questions + answers, limits)
     questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"  # the image before the first question, as LLaVA's data has it
@@ -118,7 +122,7 @@ def parse_chat_request(
             f"{max_new_tokens} tokens it exceeds the model's maximum length {processor.max_length}",
             "messages",
         )
-    return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms)
+    return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms, max_tokens)
 
 
 def read_request_image(body: Any, processor: InputProcessor, limits: RequestLimits) -> torch.Tensor | RequestError | None:
@@ -156,6 +160,23 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RequestError(400, f"must be a finite number, got {value!r}", name)
     return float(value)
+
+
+def _max_tokens(body: dict[str, Any], max_new_tokens: int) -> int | None:
+    """The client's cap on the answer's tokens (OpenAI's ``max_tokens`` or its newer name
+    ``max_completion_tokens``), at most the model's ``max_new_tokens``: a shorter answer also lets a deadline
+    afford a larger budget."""
+    given = {name: body[name] for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None}
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(400, f"must be a whole number >= 1, got {value!r}", name)
+        if value > max_new_tokens:
+            raise RequestError(
+                400, f"{value} is more than this server's {max_new_tokens} tokens per answer (the model's max_new_tokens)", name
+            )
+    if len(set(given.values())) > 1:
+        raise RequestError(400, "max_tokens and max_completion_tokens (its newer name) differ; give one", "max_tokens")
+    return next(iter(given.values()), None)
 
 
 def _budget_or_deadline(body: dict[str, Any]) -> tuple[float | None, float | None]:

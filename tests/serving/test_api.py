@@ -240,3 +240,29 @@ def test_a_request_prepared_ahead_decodes_as_one_decoded_in_the_loop(api: Deadli
     # a client's field of that name is JSON, never pixels: ignored, the image is read from the message
     forged = api.decode_request({**_body(100.0), PIXELS: [[0.0]]})
     assert torch.equal(forged.pixel_values, here.pixel_values)
+
+
+def test_max_tokens_caps_each_answer_and_the_batch_is_timed_for_its_longest(api: DeadlineAPI):
+    model = api.model
+    stop_ids = model.backbone.chat_template.stop_token_ids(model.backbone.tokenizer)
+    token = next(i for i in range(model.backbone.lm_head.out_features) if i not in stop_ids)
+
+    def never_stop(module, args, logits):
+        forced_logits = torch.full_like(logits, -1e4)
+        forced_logits[..., token] = 1e4
+        return forced_logits
+
+    capped, uncapped = api.decode_request({**_body(1e7), "max_tokens": 1}), api.decode_request(_body(1e7))
+    assert (capped.max_tokens, uncapped.max_tokens) == (1, None)
+    handle = model.backbone.lm_head.register_forward_hook(never_stop)
+    try:
+        both = [api.encode_response(answer) for answer in api._answer([capped, uncapped])]
+        ratio = api.ratio.value
+        alone = api._answer([capped])[0]
+    finally:
+        handle.remove()
+    assert [reply["usage"]["completion_tokens"] for reply in both] == [1, model.max_new_tokens]
+    assert [reply["choices"][0]["finish_reason"] for reply in both] == ["length", "length"]
+    # a lone request capped at 1 token is predicted (and its deadline budgeted) for 1 token, not max_new_tokens
+    prompt_tokens = len(capped.prompt_ids) + 1
+    assert alone.predicted_ms == pytest.approx(api.latency.predict_ms(alone.budget, prompt_tokens, 1, 1, ratio))

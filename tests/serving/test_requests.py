@@ -85,3 +85,25 @@ def test_a_body_naming_no_image_is_left_to_the_parser(processor, body):
 
 def test_a_huge_text_is_not_worth_reading_its_image(processor):
     assert read_request_image(_body("a " * 600), processor, RequestLimits(max_text_chars=1000)) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens", "whole number >= 1"),
+        ({"max_tokens": 1.5}, "max_tokens", "whole number >= 1"),
+        ({"max_tokens": True}, "max_tokens", "whole number >= 1"),
+        ({"max_completion_tokens": 5}, "max_completion_tokens", "more than this server's 4 tokens per answer"),
+        ({"max_tokens": 2, "max_completion_tokens": 3}, "max_tokens", "differ"),
+    ],
+)
+def test_a_bad_max_tokens_is_refused_naming_the_field(processor, fields, field, message):
+    with pytest.raises(RequestError, match=message) as refused:
+        parse_chat_request({**_body("What colour is the circle ?"), **fields}, processor, 4, RequestLimits())
+    assert (refused.value.status, refused.value.field) == (400, field)
+
+
+@pytest.mark.parametrize("fields", [{"max_tokens": 2}, {"max_completion_tokens": 2}, {"max_tokens": 2, "max_completion_tokens": 2}])
+def test_max_tokens_under_either_name(processor, fields):
+    assert parse_chat_request({**_body("What colour is the circle ?"), **fields}, processor, 4, RequestLimits()).max_tokens == 2
+    assert parse_chat_request(_body("What colour is the circle ?"), processor, 4, RequestLimits()).max_tokens is None

@@ -133,6 +133,14 @@ def test_answers_like_generate_through_the_openai_client(served):
         # 3 scheduled layers of equal cost: 1.0 runs all 3, 0.6 runs 1 (the prefix layer and LM head take the rest)
         assert extra["units"] == (3.0 if budget == 1.0 else 1.0)
         assert extra["measured_ms"] > 0 and extra["predicted_ms"] > 0
+    # the client's max_tokens caps the answer (OpenAI's field, sent by the client as it is)
+    full = client.chat.completions.create(model="tiny", messages=_messages(_data_url(image), QUESTION), extra_body={"budget": 1.0})
+    capped = client.chat.completions.create(
+        model="tiny", messages=_messages(_data_url(image), QUESTION), max_tokens=1, extra_body={"budget": 1.0}
+    )
+    assert capped.usage.completion_tokens == min(1, full.usage.completion_tokens)
+    assert full.choices[0].message.content.startswith(capped.choices[0].message.content)
+    assert capped.choices[0].finish_reason == ("length" if full.usage.completion_tokens >= 1 else "stop")
 
 
 def test_mixed_budgets_in_one_batch_answer_as_each_alone(served):

@@ -4,7 +4,6 @@ own eager attention maps); text tokens and labels are untouched."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
