@@ -226,6 +226,14 @@ def parse_record(
 
 
 # --- dataset ---------------------------------------------------------------------------------------
+def cut_to_length(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], int]:
+    """The first ``max_length`` ids and labels, and the prompt length of the cut sequence: the position after
+    its last ignored label, where the release puts the latency token (``ada_llava_llama.py``)."""
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    last_ignored = max((i for i, label in enumerate(labels) if label == IGNORE_INDEX), default=-1)
+    return input_ids, labels, last_ignored + 1
+
+
 class LlavaJsonDataset(Dataset):
     """The records of one LLaVA JSON file as model inputs.
 
@@ -243,6 +251,10 @@ class LlavaJsonDataset(Dataset):
             position, which the collator counts in ``num_skipped``.
         require_answer: False accepts conversations that end with a human turn (prediction inputs).
         input_processor: the model's InputProcessor, if already known.
+        cut_overlong: a record longer than the model's ``max_length`` is cut to its first ``max_length``
+            tokens (and labels), with a warning, as LLaVA's training cuts at ``model_max_length``; False
+            refuses it (a DataError). A cut never removes image placeholders, nor leaves no answer token.
+            Prompts to answer (no answer, or evaluation splits) are never cut.
     """
 
     def __init__(
@@ -252,8 +264,10 @@ class LlavaJsonDataset(Dataset):
         skip_bad_records: bool = False,
         require_answer: bool = True,
         input_processor: InputProcessor | None = None,
+        cut_overlong: bool = False,
     ) -> None:
         self.json_path = Path(json_path)
+        self.cut_overlong = cut_overlong
         self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
         self.skip_bad_records = skip_bad_records
         self.require_answer = require_answer
@@ -380,10 +394,20 @@ class LlavaJsonDataset(Dataset):
         if found != expected_placeholders:  # e.g. text that the tokenizer maps onto the image token
             raise fail("conversations", f"{found} image placeholder tokens after encoding, expected {expected_placeholders}")
         if len(input_ids) > processor.max_length:
-            raise fail(
-                "conversations",
-                f"{len(input_ids)} tokens ({found} of them image placeholders) exceed max_length "
-                f"{processor.max_length}; answers are never truncated: shorten the record or raise max_length",
+            too_long = f"{len(input_ids)} tokens ({found} of them image placeholders) exceed max_length {processor.max_length}"
+            if not (self.cut_overlong and answered):
+                raise fail("conversations", f"{too_long}; a prompt to answer is never cut: shorten it or raise max_length")
+            input_ids, labels, prompt_length = cut_to_length(input_ids, labels, processor.max_length)
+            prompt_ids = input_ids[:prompt_length]
+            if sum(1 for token in input_ids if token == processor.image_token_id) != found:
+                raise fail("conversations", f"{too_long}, and a cut there would cut the image: raise max_length")
+            if all(label == IGNORE_INDEX for label in labels):
+                raise fail("conversations", f"{too_long}, and a cut there keeps no answer token: raise max_length")
+            warnings.warn(
+                f"{self.json_path}: record id {record.id!r} (index {record.index}): {too_long}; trained on its first "
+                f"{processor.max_length} tokens, as LLaVA's training cuts them",
+                DataWarning,
+                stacklevel=2,
             )
         return {
             "id": record.id,
@@ -507,6 +531,9 @@ class LlavaDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (kept alive across epochs when > 0).
         skip_bad_records: warn about bad records and drop them instead of stopping with a DataError;
             each batch carries ``num_skipped``, each dataset ``num_skipped_at_load``.
+        cut_overlong: training records longer than the model's ``max_length`` are cut to it, with a
+            warning, as LLaVA's training does (True, the default); False refuses them. Validation, test
+            and predict prompts are never cut.
     """
 
     def __init__(
@@ -520,6 +547,7 @@ class LlavaDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         skip_bad_records: bool = False,
+        cut_overlong: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -537,6 +565,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers = num_workers
         self.skip_bad_records = skip_bad_records
+        self.cut_overlong = cut_overlong
         self.datasets: dict[str, LlavaJsonDataset] = {}
         self._input_processor: InputProcessor | None = None
 
@@ -552,8 +581,9 @@ class LlavaDataModule(L.LightningDataModule):
                 raise ValueError(f"stage {stage!r} needs {split}_json, which is not set")
             if split not in self.datasets:
                 self.datasets[split] = LlavaJsonDataset(
-                    path, self.image_folder, skip_bad_records=self.skip_bad_records, require_answer=split != "predict"
-                )
+                    path, self.image_folder, skip_bad_records=self.skip_bad_records, require_answer=split != "predict",
+                    cut_overlong=self.cut_overlong and split == "train",
+                )  # fmt: skip
 
     @property
     def num_skipped_at_load(self) -> dict[str, int]:

@@ -420,3 +420,54 @@ def test_the_image_goes_first_on_its_own_line_as_llava_trains(write_llava, make_
         "<image>\nWhat colour is the circle?",
     ]
     assert all(torch.equal(dataset[i]["input_ids"], dataset[0]["input_ids"]) for i in range(4))
+
+
+# --- records longer than max_length ---------------------------------------------------------------
+def _two_turn_record(record_id: str = "long") -> dict:
+    return {"id": record_id, "image": "good.png",
+            "conversations": conversation("<image>\nHow many circles are there?", "two", "What colour is the square?", "blue")}  # fmt: skip
+
+
+@pytest.mark.parametrize("max_length", [40, 36, 30])
+def test_a_long_training_record_is_cut_as_llava_cuts_it(write_llava, make_processor, tmp_path, max_length):
+    path = write_llava([_two_turn_record()], name="train.json")
+    full = LlavaJsonDataset(path, tmp_path / "images", input_processor=make_processor(max_length=64))[0]
+    assert len(full["input_ids"]) == 41
+    cutting = LlavaJsonDataset(path, tmp_path / "images", input_processor=make_processor(max_length=max_length), cut_overlong=True)
+    with pytest.warns(DataWarning, match=rf"record id 'long' \(index 0\): 41 tokens .* first {max_length} tokens"):
+        item = cutting[0]
+    assert item["input_ids"].tolist() == full["input_ids"][:max_length].tolist()
+    assert item["labels"].tolist() == full["labels"][:max_length].tolist()
+    # the latency token's place: after the cut sequence's last ignored label (the release's rule)
+    labels = item["labels"].tolist()
+    expected = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
+    assert item["prompt_length"] == expected and item["prompt_ids"].tolist() == item["input_ids"][:expected].tolist()
+    if max_length == 40:  # cut inside the last answer: its prompt is whole
+        assert item["prompt_length"] == full["prompt_length"]
+
+
+@pytest.mark.parametrize(("max_length", "says"), [(20, "keeps no answer token"), (10, "would cut the image")])
+def test_a_cut_that_would_lose_the_image_or_every_answer_is_refused(write_llava, make_processor, tmp_path, max_length, says):
+    path = write_llava([_two_turn_record()], name="train.json")
+    cutting = LlavaJsonDataset(path, tmp_path / "images", input_processor=make_processor(max_length=max_length), cut_overlong=True)
+    with pytest.raises(DataError, match=says) as info:
+        cutting[0]
+    assert (info.value.record_id, info.value.field) == ("long", "conversations")
+
+
+def test_the_datamodule_cuts_training_records_only(write_llava, make_processor, tmp_path):
+    train = write_llava([_two_turn_record("t")], name="train.json")
+    val = write_llava([_two_turn_record("v")], name="val.json")
+    datamodule = LlavaDataModule(str(train), str(val), image_folder=str(tmp_path / "images"))
+    datamodule.setup("fit")
+    for split in ("train", "val"):
+        datamodule.datasets[split].set_input_processor(make_processor(max_length=40))
+    with pytest.warns(DataWarning, match="as LLaVA's training cuts them"):
+        assert len(datamodule.datasets["train"][0]["input_ids"]) == 40
+    with pytest.raises(DataError, match="a prompt to answer is never cut"):  # evaluation answers the whole prompt
+        datamodule.datasets["val"][0]
+    refusing = LlavaDataModule(str(train), image_folder=str(tmp_path / "images"), cut_overlong=False)
+    refusing.setup("fit")
+    refusing.datasets["train"].set_input_processor(make_processor(max_length=40))
+    with pytest.raises(DataError, match="exceed max_length 40"):
+        refusing.datasets["train"][0]
