@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger(__name__)
+STOP = (None, None, None, None)  # LitServe's stop signal (litserve.loops.base._SENTINEL_VALUE)
 
 
 def is_request(item: Any) -> bool:
@@ -44,7 +45,12 @@ class PreparingQueue:
     def _read(self) -> None:
         while True:
             self.room.acquire()  # released when the item is handed out
-            item = self.source.get()
+            try:
+                item = self.source.get()
+            except Exception:  # a broken queue: stop the loop (LitServe's stop signal) rather than wait forever
+                log.exception("reading the request queue failed; the worker stops")
+                self.ready.put(STOP)
+                return
             if is_request(item):
                 self.pool.submit(self._prepare, item)
             else:

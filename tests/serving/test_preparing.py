@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
+from litserve.loops.base import _SENTINEL_VALUE
 
-from adaptive_mllm.serving.preparing import PreparingQueue
+from adaptive_mllm.serving.preparing import STOP, PreparingQueue
 
-SENTINEL = (None, None, None, None)  # LitServe's stop signal
+SENTINEL = _SENTINEL_VALUE  # LitServe's stop signal
 
 
 def _request(name: str, **payload) -> tuple:
@@ -79,3 +80,16 @@ def test_at_most_ahead_requests_are_read_before_they_are_collected():
 def test_threads_and_ahead_must_be_positive():
     with pytest.raises(ValueError, match="must be >= 1"):
         PreparingQueue(queue.Queue(), lambda payload: payload, threads=0, ahead=1)
+
+
+class _BrokenQueue:
+    def get(self):
+        raise EOFError("the queue's other end is gone")
+
+
+def test_a_broken_queue_stops_the_loop_instead_of_hanging(caplog: pytest.LogCaptureFixture):
+    assert STOP == SENTINEL
+    with caplog.at_level(logging.ERROR, logger="adaptive_mllm.serving.preparing"):
+        prepared = PreparingQueue(_BrokenQueue(), lambda payload: payload, threads=1, ahead=2)
+        assert prepared.get(timeout=5) == SENTINEL
+    assert "reading the request queue failed" in caplog.text
