@@ -262,11 +262,11 @@ class AdaptiveMLLM(L.LightningModule):
         self, batch: dict[str, Any], budget: float | torch.Tensor, max_new_tokens: list[int] | None = None
     ) -> dict[str, Any]:
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost.
-        ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``; the
-        batch decodes to the largest), e.g. a client's ``max_tokens``."""
+        ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``), e.g.
+        a client's ``max_tokens``; a row at its cap is done, and the batch stops once every row is (on every
+        rank: sharded layers decode in step, so the loop's length stays the module's on all of them)."""
         if max_new_tokens is not None and not all(1 <= limit <= self.max_new_tokens for limit in max_new_tokens):
             raise ValueError(f"max_new_tokens {max_new_tokens}: each must be in [1, {self.max_new_tokens}]")
-        longest = self.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
         prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
         planner = self.planner
@@ -276,7 +276,7 @@ class AdaptiveMLLM(L.LightningModule):
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, prepared.embeds, prepared.attention_mask, longest, stop, prepared.plan,
+            self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
             prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode, max_new_tokens,
         )  # fmt: skip
         answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]

@@ -2,10 +2,12 @@
 while the model answers the batch before.
 
 LitServe's batched loop decodes a batch's requests one after another, then runs the model: a large image
-(a 4096x4096 PNG is about a second of CPU to decode) stalls the model, and every request queued behind it
-waits, deadlines included. Here a request reaches the batch collection only once its image is decoded,
-so a slow image delays its own answer, not the others'. At most ``ahead`` requests are read from the
-queue and not yet collected (the rest stay in LitServe's queue, where its request timeout still applies).
+(a 4096x4096 JPEG is about half a second of CPU to decode and resize) stalls the model, and every request
+queued behind it waits, deadlines included. Here a request reaches the batch collection only once its image
+is decoded, so a slow image delays its own answer and, only while every preparing thread is busy with such
+an image, the requests read after it; the model keeps answering what is ready. At most ``ahead`` requests
+are read from the queue and not yet collected (the rest stay in LitServe's queue, where its request timeout
+still applies). LitServe's stop signal is handed out after the requests read before it are prepared.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class PreparingQueue:
                 return
             if is_request(item):
                 self.pool.submit(self._prepare, item)
+            elif item == STOP:  # after the requests read before it, and nothing read after it
+                self.pool.shutdown(wait=True)
+                self.ready.put(item)
+                return
             else:
                 self.ready.put(item)
 

@@ -129,7 +129,7 @@ def read_request_image(body: Any, processor: InputProcessor, limits: RequestLimi
     """The request's image as the model's pixels, or why it cannot be read; None when the body is too
     malformed to name an image (:func:`parse_chat_request` then says what is wrong).
 
-    Decoding an image is most of a request's parsing (a 4096x4096 JPEG: about 0.3 s of CPU), so the
+    Decoding an image is most of a request's parsing (a 4096x4096 JPEG: about half a second of CPU), so the
     server does it ahead, in threads, while the model answers other requests; this touches no tokenizer
     (a fast tokenizer shared between threads can fail with "Already borrowed")."""
     try:

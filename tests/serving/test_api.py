@@ -235,8 +235,11 @@ def test_the_worker_logs_its_counts_at_most_every_few_seconds(api: DeadlineAPI, 
 def test_a_request_prepared_ahead_decodes_as_one_decoded_in_the_loop(api: DeadlineAPI):
     prepared = api.prepare_request(_body(100.0))
     assert isinstance(prepared[PIXELS], torch.Tensor)
-    ahead, here = api.decode_request(prepared), api.decode_request(_body(100.0))
+    ahead, here = api.decode_request(dict(prepared)), api.decode_request(_body(100.0))
     assert ahead.prompt_ids == here.prompt_ids and torch.equal(ahead.pixel_values, here.pixel_values)
+    # the prepared pixels are the ones used, not decoded again
+    marker = torch.zeros_like(here.pixel_values)
+    assert api.decode_request({**prepared, PIXELS: marker}).pixel_values is marker
     # a client's field of that name is JSON, never pixels: ignored, the image is read from the message
     forged = api.decode_request({**_body(100.0), PIXELS: [[0.0]]})
     assert torch.equal(forged.pixel_values, here.pixel_values)

@@ -93,3 +93,25 @@ def test_a_broken_queue_stops_the_loop_instead_of_hanging(caplog: pytest.LogCapt
         prepared = PreparingQueue(_BrokenQueue(), lambda payload: payload, threads=1, ahead=2)
         assert prepared.get(timeout=5) == SENTINEL
     assert "reading the request queue failed" in caplog.text
+
+
+def test_the_stop_signal_comes_after_the_requests_read_before_it_and_ends_the_reading():
+    release = threading.Event()
+
+    def prepare(payload: dict) -> dict:
+        release.wait(10)
+        return payload
+
+    source: queue.Queue = queue.Queue()
+    source.put(_request("before"))
+    source.put(SENTINEL)
+    source.put(_request("after"))
+    prepared = PreparingQueue(source, prepare, threads=1, ahead=4)
+    time.sleep(0.2)
+    with pytest.raises(queue.Empty):
+        prepared.get_nowait()  # not the stop signal while "before" is being prepared
+    release.set()
+    assert prepared.get(timeout=5)[1] == "before"
+    assert prepared.get(timeout=5) == SENTINEL
+    time.sleep(0.1)
+    assert source.qsize() == 1  # "after" was not read: the worker is stopping

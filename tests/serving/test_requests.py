@@ -52,6 +52,7 @@ def test_an_image_read_ahead_gives_the_same_request(processor):
     pixels = read_request_image(body, processor, limits)
     assert isinstance(pixels, torch.Tensor)
     ahead = parse_chat_request(body, processor, 4, limits, pixels)
+    assert ahead.pixel_values is pixels  # used as given, not read again
     here = parse_chat_request(body, processor, 4, limits)
     assert ahead.prompt_ids == here.prompt_ids
     assert torch.equal(ahead.pixel_values, here.pixel_values)

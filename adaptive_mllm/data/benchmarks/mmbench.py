@@ -26,8 +26,8 @@ from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them index + k * 1e6
 # LLaVA's model_vqa_mmbench.py reads the TSV with pd.read_table, whose default missing-value strings
-# (case-sensitive) become NaN, and its is_none also drops any case of "nan" / "none": an option or hint
-# written "N/A" or "NULL" is absent
+# (case-sensitive, whole cell, no stripping) become NaN, and its is_none also drops any case of "nan" / "none":
+# an option or hint written "N/A" or "NULL" is absent, one written " N/A " is not
 _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
                    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
 
@@ -35,8 +35,7 @@ _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN",
 def _present(value: str | None) -> bool:
     if value is None:
         return False
-    text = value.strip()
-    return text not in _PANDAS_MISSING and text.lower() not in ("nan", "none")
+    return value not in _PANDAS_MISSING and value.lower() not in ("nan", "none")
 
 
 def read_mmbench_rows(path: str | Path) -> list[dict[str, str]]:
