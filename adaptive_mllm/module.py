@@ -264,9 +264,8 @@ class AdaptiveMLLM(L.LightningModule):
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost.
         ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``), e.g.
         a client's ``max_tokens``; a row at its cap is done, and the batch stops once every row is (on every
-        rank: sharded layers decode in step, so the loop's length stays the module's on all of them)."""
-        if max_new_tokens is not None and not all(1 <= limit <= self.max_new_tokens for limit in max_new_tokens):
-            raise ValueError(f"max_new_tokens {max_new_tokens}: each must be in [1, {self.max_new_tokens}]")
+        rank: sharded layers decode in step, so the loop's length stays the module's on all of them); ``greedy_generate``
+        refuses a cap outside [1, the module's]."""
         prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
         planner = self.planner
