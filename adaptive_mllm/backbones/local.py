@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.sentencepiece_tokenizer import order_merges_by_score
 from adaptive_mllm.backbones.templates import ChatTemplate
 
 IMAGE_TOKEN = "<image>"
@@ -108,7 +109,10 @@ class LocalBackbone(Backbone):
             raise CheckpointError(f"tokenizer directory {directory} does not exist")
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"{directory} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)}")
-        return AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if (directory / "tokenizer.model").is_file():  # SentencePiece's merge order (transformers 5 loses it)
+            tokenizer = order_merges_by_score(tokenizer, directory / "tokenizer.model")
+        return tokenizer
 
     @property
     def is_built(self) -> bool:

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from adaptive_mllm.backbones.sentencepiece_tokenizer import adds_no_word_start_before_space
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -141,9 +143,14 @@ class ChatTemplate:
         """LLaVA's ``tokenizer_image_token``: BOS, then the text between ``<image>`` placeholders tokenised
         piece by piece, each placeholder expanded to ``num_image_tokens`` image token ids."""
         ids = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
+        # SentencePiece gives each piece its word-start mark even before a leading space (" ASSISTANT:" after an
+        # image-only question: "▁ ▁ASS..."); tokenizers' Metaspace does not, so that space is doubled for it
+        double_leading_space = adds_no_word_start_before_space(tokenizer)
         for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if index > 0:
                 ids += [image_token_id] * num_image_tokens
+            if piece.startswith(" ") and double_leading_space:
+                piece = " " + piece
             if piece:
                 ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids

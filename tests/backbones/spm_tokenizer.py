@@ -18,10 +18,11 @@ def spm_model_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
 
 
-def write_spm_tokenizer(directory: Path, legacy: bool = False) -> Path:
-    """``tokenizer.model`` + ``tokenizer_config.json``; ``legacy`` as Vicuna-1.5 sets it (False) or older Llamas."""
+def write_spm_tokenizer(directory: Path, legacy: bool = False, model_file: Path | None = None) -> Path:
+    """``tokenizer.model`` + ``tokenizer_config.json``; ``legacy`` as Vicuna-1.5 sets it (False) or older Llamas.
+    ``model_file`` defaults to mistral-common's."""
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(spm_model_file(), directory / "tokenizer.model")
+    shutil.copy(model_file or spm_model_file(), directory / "tokenizer.model")
     config = {
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": None, "legacy": legacy, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
