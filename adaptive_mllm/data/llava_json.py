@@ -160,7 +160,18 @@ def parse_record(
         raise fail("conversations", f"expected a non-empty list of turns, got {conversations!r:.80}")
     questions: list[str] = []
     answers: list[str] = []
-    for position, turn in enumerate(conversations):
+    first = 0  # LLaVA's preprocess drops a gpt turn that opens the conversation (ShareGPT-style records)
+    if len(conversations) > 1 and isinstance(conversations[0], dict) and conversations[0].get("from") == GPT:
+        if IMAGE_PLACEHOLDER in str(conversations[0].get("value", "")):
+            raise fail("conversations[0].value", f"{IMAGE_PLACEHOLDER} in an opening gpt turn, which is dropped")
+        first = 1
+        warnings.warn(
+            f"{json_path}: record id {record_id!r} (index {index}): the conversation opens with a gpt turn; trained "
+            "without it, as LLaVA's preprocess drops it",
+            DataWarning,
+            stacklevel=2,
+        )
+    for position, turn in enumerate(conversations[first:], start=first):
         field = f"conversations[{position}]"
         if not isinstance(turn, dict):
             raise fail(field, f"expected an object with 'from' and 'value', got {turn!r:.80}")
@@ -175,7 +186,7 @@ def parse_record(
                 value.encode("utf-8")
             except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
                 raise fail(f"{field}.value", f"not valid Unicode text ({error.reason} at character {error.start})") from None
-        expected = HUMAN if position % 2 == 0 else GPT
+        expected = HUMAN if (position - first) % 2 == 0 else GPT
         if turn["from"] != expected:
             raise fail(
                 f"{field}.from",
@@ -188,14 +199,14 @@ def parse_record(
                 raise fail(f"{field}.value", f"{IMAGE_PLACEHOLDER} in an answer")
             answers.append(value)
         else:
-            if position > 0 and IMAGE_PLACEHOLDER in value:
+            if position > first and IMAGE_PLACEHOLDER in value:
                 raise fail(f"{field}.value", f"{IMAGE_PLACEHOLDER} may only appear in the first human turn")
             questions.append(value)
     if require_answer and len(answers) < len(questions):
         raise fail("conversations", "the conversation ends with a human turn: the last gpt answer is missing")
     placeholders = questions[0].count(IMAGE_PLACEHOLDER)
     if placeholders > 1:
-        raise fail("conversations[0].value", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per record")
+        raise fail(f"conversations[{first}].value", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per record")
     if placeholders:  # LLaVA's preprocess_multimodal: the image first, on its own line, the text stripped
         questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0].replace(IMAGE_PLACEHOLDER, '').strip()}".strip()
     image = raw.get("image")
@@ -207,7 +218,7 @@ def parse_record(
         if not isinstance(image, str) or not image:
             raise fail("image", f"expected a file name relative to the image folder, got {image!r}")
         if not placeholders:
-            raise fail("conversations[0].value", f"the record has an image but no {IMAGE_PLACEHOLDER} placeholder")
+            raise fail(f"conversations[{first}].value", f"the record has an image but no {IMAGE_PLACEHOLDER} placeholder")
         try:
             image_path = image_inside(image_folder, image)
         except ValueError as error:

@@ -471,3 +471,23 @@ def test_the_datamodule_cuts_training_records_only(write_llava, make_processor, 
     refusing.datasets["train"].set_input_processor(make_processor(max_length=40))
     with pytest.raises(DataError, match="exceed max_length 40"):
         refusing.datasets["train"][0]
+
+
+def test_an_opening_gpt_turn_is_dropped_as_llava_does(write_llava, processor, tmp_path):
+    """LLaVA's preprocess (and the AdaLLaVA release's) skips a gpt turn that opens a conversation; the record
+    trains on the rest, with a warning naming it. Later fields keep their positions in the file."""
+    opening = [{"from": "gpt", "value": "Hello, how can I help?"}]
+    record = {"id": "opens-with-gpt", "image": "good.png", "conversations": opening + conversation("<image>\nHow many circles are there?", "two")}
+    plain = {"id": "plain", "image": "good.png", "conversations": conversation("<image>\nHow many circles are there?", "two")}
+    path = write_llava([record, plain])
+    with pytest.warns(DataWarning, match=r"record id 'opens-with-gpt' \(index 0\).*opens with a gpt turn"):
+        dataset = LlavaJsonDataset(path, path.parent / "images", input_processor=processor)
+    assert dataset[0]["input_ids"].tolist() == dataset[1]["input_ids"].tolist()
+    assert dataset[0]["labels"].tolist() == dataset[1]["labels"].tolist()
+
+    shifted = {"id": "bad", "conversations": opening + conversation("hi", "  ")}
+    with pytest.raises(DataError, match=r"field 'conversations\[2\].value': empty answer"):
+        LlavaJsonDataset(write_llava([shifted], name="shifted.json"), tmp_path / "images")
+    image_in_opening = {"id": "bad", "conversations": [{"from": "gpt", "value": "<image>\nhi"}, *conversation("q", "a")]}
+    with pytest.raises(DataError, match=r"field 'conversations\[0\].value': <image> in an opening gpt turn"):
+        LlavaJsonDataset(write_llava([image_in_opening], name="opening.json"), tmp_path / "images")
