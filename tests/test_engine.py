@@ -134,6 +134,23 @@ def test_each_row_stops_at_its_own_cap_and_the_others_are_unchanged(gqa_backbone
                 greedy_generate(engine, backbone.embed(ids), mask, 6, [], row_max_new_tokens=bad)
 
 
+def test_a_capped_row_may_decode_on_past_the_maximum_length(gqa_backbone):
+    """The server admits a prompt whose own answer cap fits the model's maximum length; batched beside a longer
+    allowed answer, that row runs on past the maximum length (RoPE positions are computed), and neither row's
+    answer changes."""
+    backbone = gqa_backbone
+    longest = backbone.max_length - 2  # + 1 answer token fits; + 6 does not
+    ids, mask = _left_padded(backbone, [longest, 5], seed=3)
+    engine = Engine(backbone)
+    with torch.no_grad():
+        together = greedy_generate(engine, backbone.embed(ids), mask, 6, [], row_max_new_tokens=[1, 6])
+        assert together.decode_steps == 5 and ids.shape[1] + 5 > backbone.max_length
+        for row, (length, cap) in enumerate([(longest, 1), (5, 6)]):
+            alone_ids = ids[row : row + 1, -length:]
+            alone = greedy_generate(engine, backbone.embed(alone_ids), torch.ones_like(alone_ids), cap, [])
+            assert alone.tokens[0] == together.tokens[row]
+
+
 def assert_cached_generation_equals_uncached(backbone, level: str, steps: int = 5) -> None:
     """Greedy generation with the KV cache, against recomputing every step from scratch (no cache) under
     the same plan (``level``: none / layer / head)."""

@@ -114,12 +114,14 @@ def parse_chat_request(
         raise RequestError(
             400, f"{placeholders} image placeholder tokens after encoding, expected {processor.num_image_tokens}", "messages"
         )
-    needed = len(prompt_ids) + 1 + max_new_tokens  # + the latency token, + the answer
-    if needed > processor.max_length:
+    # + the latency token, + this request's answer: in a batch with a longer allowed answer the row decodes on past
+    # its cap, but nothing of it is kept (positions are computed, not looked up; the cache is sized per batch)
+    answer_tokens = max_tokens or max_new_tokens
+    if len(prompt_ids) + 1 + answer_tokens > processor.max_length:
         raise RequestError(
             400,
             f"the prompt is {len(prompt_ids)} tokens ({placeholders} of them image placeholders); with the answer's "
-            f"{max_new_tokens} tokens it exceeds the model's maximum length {processor.max_length}",
+            f"{answer_tokens} tokens it exceeds the model's maximum length {processor.max_length}",
             "messages",
         )
     return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms, max_tokens)

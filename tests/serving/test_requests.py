@@ -108,3 +108,23 @@ def test_a_bad_max_tokens_is_refused_naming_the_field(processor, fields, field, 
 def test_max_tokens_under_either_name(processor, fields):
     assert parse_chat_request({**_body("What colour is the circle ?"), **fields}, processor, 4, RequestLimits()).max_tokens == 2
     assert parse_chat_request(_body("What colour is the circle ?"), processor, 4, RequestLimits()).max_tokens is None
+
+
+def test_the_length_check_counts_the_requests_own_answer_cap(processor):
+    """A prompt that leaves room for a 1-token answer but not the model's 4 is refused without max_tokens and
+    served with max_tokens 1 (prompt + latency token + answer within max_length 256)."""
+    limits = RequestLimits()
+
+    def refused(body: dict) -> bool:
+        try:
+            parse_chat_request(body, processor, 4, limits)
+        except RequestError as error:
+            assert "with the answer's 4 tokens it exceeds the model's maximum length 256" in error.message
+            return True
+        return False
+
+    body = next(_body("a " * words) for words in range(150, 260) if refused(_body("a " * words)))
+    capped = parse_chat_request({**body, "max_tokens": 1}, processor, 4, limits)
+    assert len(capped.prompt_ids) + 1 + 1 <= processor.max_length < len(capped.prompt_ids) + 1 + 4
+    with pytest.raises(RequestError, match="answer's 4 tokens"):
+        parse_chat_request({**body, "max_tokens": 4}, processor, 4, limits)
