@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_lengths
 from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
 from adaptive_mllm.metrics import GroupedExactMatch, normalize_answer
 
@@ -94,6 +95,7 @@ class LlavaRecord:
     questions: tuple[str, ...]  # human turns
     answers: tuple[str, ...]  # gpt turns; one fewer than questions for an open (unanswered) record
     question_kind: str
+    words: int = 0  # whitespace-separated words of all turns as written (LLaVA's modality_lengths)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -233,6 +235,7 @@ def parse_record(
         questions=tuple(questions),
         answers=tuple(answers),
         question_kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+        words=sum(len(str(turn.get("value", "")).split()) for turn in conversations),
     )
 
 
@@ -545,6 +548,9 @@ class LlavaDataModule(L.LightningDataModule):
         cut_overlong: training records longer than the model's ``max_length`` are cut to it, with a
             warning, as LLaVA's training does (True, the default); False refuses them. Validation, test
             and predict prompts are never cut.
+        group_by_modality_length: train in LLaVA's ``group_by_modality_length`` order (every optimizer step
+            all-image or all-text records, balanced by word count; ``data/modality_grouping.py``), as LLaVA-1.5
+            and the AdaLLaVA release train (their recipes set it); False, LLaVA's default, shuffles plainly.
     """
 
     def __init__(
@@ -559,6 +565,7 @@ class LlavaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         skip_bad_records: bool = False,
         cut_overlong: bool = True,
+        group_by_modality_length: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -577,6 +584,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.skip_bad_records = skip_bad_records
         self.cut_overlong = cut_overlong
+        self.group_by_modality_length = group_by_modality_length
         self.datasets: dict[str, LlavaJsonDataset] = {}
         self._input_processor: InputProcessor | None = None
 
@@ -656,11 +664,15 @@ class LlavaDataModule(L.LightningDataModule):
         trainer = self.trainer
         kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
         connector = getattr(trainer, "_accelerator_connector", None)
+        shared = {}
         if kwargs and kwargs.get("num_replicas", 1) > 1 and getattr(connector, "use_distributed_sampler", True):
-            return ResumableSampler(
-                dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], seed=int(os.getenv("PL_GLOBAL_SEED", 0))
-            )
-        return ResumableSampler(dataset)
+            shared = dict(num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
+        if self.group_by_modality_length:
+            records = dataset.records  # type: ignore[attr-defined]
+            lengths = modality_lengths([record.words for record in records], [record.image is not None for record in records])
+            accumulation = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+            return ModalityGroupedSampler(dataset, lengths, self.batch_size, accumulation, **shared)
+        return ResumableSampler(dataset, **shared)
 
     def _train_batches_consumed(self) -> int | None:
         """Training batches of the current epoch handed to ``training_step`` (None without a trainer): what a
