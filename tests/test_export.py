@@ -155,7 +155,7 @@ def test_an_export_is_a_directory_llava_processor_reads(tokenizer_dir, tmp_path)
     module = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2))
     module.configure_model()
     export_module(module, tmp_path / "export")
-    processor = LlavaProcessor.from_pretrained(tmp_path / "export")
+    processor = LlavaProcessor.from_pretrained(tmp_path / "export", backend="pil")  # resized as LLaVA's, exactly
     backbone = module.backbone
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there ?"}]},
@@ -175,6 +175,9 @@ def test_an_export_is_a_directory_llava_processor_reads(tokenizer_dir, tmp_path)
     wide = image.resize((48, 20))  # LLaVA-1.5 pads to a square of the mean colour before resizing
     torch.testing.assert_close(processor(images=wide, text=text, return_tensors="pt")["pixel_values"][0],
                                backbone.preprocess_image(wide), atol=0, rtol=0)
+    # transformers 5's default backend resizes with torchvision: a pixel level or two apart (docs say so)
+    default = LlavaProcessor.from_pretrained(tmp_path / "export")(images=wide, text=text, return_tensors="pt")
+    torch.testing.assert_close(default["pixel_values"][0], backbone.preprocess_image(wide), atol=0.03, rtol=0)
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert reference(**inputs).logits.shape[1] == len(expected)

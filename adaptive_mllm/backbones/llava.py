@@ -27,7 +27,6 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
@@ -43,6 +42,7 @@ from adaptive_mllm.backbones.local import (
     has_image_processor,
     read_config_json,
 )
+from adaptive_mllm.backbones.pil_image_processors import pil_clip_processor, pil_llava_processor
 from adaptive_mllm.backbones.templates import llava_v1, plain_chat, vicuna_v1
 
 
@@ -203,15 +203,14 @@ class LlavaBackbone(LocalBackbone):
 
     @property
     def image_processor(self) -> CLIPImageProcessor:
+        """CLIP's preprocessing, resized with PIL as LLaVA's (``pil_image_processors.py``)."""
         if self._image_processor is None:
             found = [d for d in (self.checkpoint, self.vision_tower) if d and has_image_processor(d)]
             if found:
-                self._image_processor = CLIPImageProcessor.from_pretrained(found[0])
+                self._image_processor = pil_clip_processor(found[0])
             else:
                 size = self.llava_config.vision_config.image_size
-                self._image_processor = CLIPImageProcessor(
-                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-                )
+                self._image_processor = pil_clip_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return self._image_processor
 
     # --- text side -------------------------------------------------------------------------------
@@ -306,13 +305,13 @@ class LlavaBackbone(LocalBackbone):
         """transformers' LlavaProcessor equivalent to this backbone's inputs: the image processor, the tokenizer,
         the chat template (as Jinja), and the patch size and strategy that give ``num_image_tokens``
         placeholders per image (CLIP's CLS is the one additional token). Its image processor is transformers'
-        LlavaImageProcessor with the CLIP settings, padding to a square of the mean colour when ``pad_to_square``
-        (LLaVA-1.5's expand2square)."""
+        LlavaImageProcessor (resizing with PIL) with the CLIP settings, padding to a square of the mean colour when
+        ``pad_to_square`` (LLaVA-1.5's expand2square)."""
         config = self.llava_config
         own = ("image_processor_type", "processor_class", "do_pad")  # set here, whatever the loaded config said
         settings = {key: value for key, value in self.image_processor.to_dict().items() if key not in own}
         return LlavaProcessor(
-            image_processor=LlavaImageProcessor(**settings, do_pad=self.pad_to_square),
+            image_processor=pil_llava_processor(**settings, do_pad=self.pad_to_square),
             tokenizer=self.tokenizer,
             patch_size=config.vision_config.patch_size,
             vision_feature_select_strategy=config.vision_feature_select_strategy,

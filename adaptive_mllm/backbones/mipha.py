@@ -49,6 +49,7 @@ from adaptive_mllm.backbones.local import (
     has_image_processor,
     read_config_json,
 )
+from adaptive_mllm.backbones.pil_image_processors import pil_siglip_processor
 from adaptive_mllm.backbones.templates import phi_v0, plain_chat
 
 MODEL_TYPE = "mipha_phi"
@@ -187,11 +188,11 @@ class MiphaBackbone(LocalBackbone):
     @property
     def image_processor(self) -> SiglipImageProcessor:
         if self._image_processor is None:
-            if self.checkpoint is not None and has_image_processor(self.checkpoint):
-                self._image_processor = SiglipImageProcessor.from_pretrained(self.checkpoint)
+            if self.checkpoint is not None and has_image_processor(self.checkpoint):  # resized with PIL, as Mipha's
+                self._image_processor = pil_siglip_processor(self.checkpoint)
             else:
                 size = self.vision_config.image_size  # SigLIP: a plain resize to size x size, mean / std 0.5
-                self._image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+                self._image_processor = pil_siglip_processor(size={"height": size, "width": size})
         return self._image_processor
 
     # --- text side -------------------------------------------------------------------------------
