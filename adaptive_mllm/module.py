@@ -259,19 +259,25 @@ class AdaptiveMLLM(L.LightningModule):
     # --- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
-        self, batch: dict[str, Any], budget: float | torch.Tensor, max_new_tokens: list[int] | None = None
+        self,
+        batch: dict[str, Any],
+        budget: float | torch.Tensor,
+        max_new_tokens: list[int] | None = None,
+        at_least_minimum: bool = False,
     ) -> dict[str, Any]:
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost.
         ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``), e.g.
         a client's ``max_tokens``; a row at its cap is done, and the batch stops once every row is (on every
         rank: sharded layers decode in step, so the loop's length stays the module's on all of them); ``greedy_generate``
-        refuses a cap outside [1, the module's]."""
+        refuses a cap outside [1, the module's]. ``at_least_minimum``: a budget below its example's smallest
+        admissible one (counted after token selection) runs at that minimum instead of failing; ``budgets``
+        in the output are the ones that ran."""
         prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
         planner = self.planner
         inputs = planner.embed(prompt_ids, batch["prompt_attention_mask"], batch.get("pixel_values"))
         budgets = torch.as_tensor(budget, dtype=torch.float32, device=prompt_ids.device).expand(batch_size)
-        prepared = planner.prepare(inputs, budgets)
+        prepared = planner.prepare(inputs, budgets, at_least_minimum=at_least_minimum)
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
@@ -290,6 +296,7 @@ class AdaptiveMLLM(L.LightningModule):
             "units": sum(units) / batch_size,
             "flops_fractions": fractions,
             "units_per_example": units,
+            "budgets": prepared.inputs.budgets.float().tolist() if self.scheduler is not None else [1.0] * batch_size,
             "prefill_seconds": result.prefill_seconds,
             "decode_seconds_per_token": result.decode_seconds / max(result.decode_steps, 1),
             "plan": result.plan,

@@ -105,8 +105,13 @@ class Planner:
         budgets: torch.Tensor | None,
         latency_positions: torch.Tensor | None = None,
         draw_range: tuple[float, float] | None = None,
+        at_least_minimum: bool = False,
     ) -> Prepared:
         """The engine's inputs under ``budgets`` ([B]; None: drawn from ``draw_range``).
+
+        ``at_least_minimum``: a budget below its example's smallest admissible one is raised to it, the minimum
+        counted on the tokens that reach each layer once the token selector has run (a server's rule; else such a
+        budget is an error). ``plan_inputs.budgets`` holds the budgets that run.
 
         ``latency_positions`` [B]: where the latency token goes, as columns of the batch before the
         selector (the prompt's end in training); None: after the last position (generation). An in-LLM
@@ -128,6 +133,8 @@ class Planner:
             if draw_range is None:
                 raise ValueError("prepare: give budgets, or draw_range to draw them")
             plan_inputs.budgets = self.draw_budgets(plan_inputs, draw_range)
+        elif at_least_minimum:
+            plan_inputs.budgets = torch.maximum(plan_inputs.budgets, self.min_budgets(plan_inputs))
         scheduler.check_budgets(plan_inputs.budgets, seq_lens, plan_inputs.layer_tokens)
         if self.uses_latency_token:
             latency_positions = prompt_ends
@@ -152,6 +159,13 @@ class Planner:
         if not scheduler.needs_latency_token:
             return scheduler(None, budgets, seq_lens, layer_tokens)
         return PlanRequest(scheduler.num_prefix_layers, lambda hidden: scheduler(hidden, budgets, seq_lens, layer_tokens))
+
+    def min_budgets(self, plan_inputs: PlanInputs) -> torch.Tensor:
+        """[B] each example's smallest admissible budget (in the budgets' dtype, as ``check_budgets`` compares)."""
+        cost = self.scheduler.cost
+        pairs = zip(plan_inputs.seq_lens.tolist(), plan_inputs.per_example_tokens(), strict=True)
+        budgets = plan_inputs.budgets
+        return torch.tensor([cost.min_budget(int(n), tokens) for n, tokens in pairs], dtype=budgets.dtype, device=budgets.device)
 
     def draw_budgets(self, plan_inputs: PlanInputs, budget_range: tuple[float, float]) -> torch.Tensor:
         """[B] one budget per example, uniform over the admissible levels (unit counts) of ``budget_range``,

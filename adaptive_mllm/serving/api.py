@@ -239,16 +239,21 @@ class DeadlineAPI(ls.LitAPI):
             predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, self.ratio.value)
         self.decode_steps = 0
         start = _now(self.torch_device)
-        out = self.model.generate(batch, budgets.to(self.torch_device), limits)
+        # the minimum chosen against is the prompt's before token selection; generate raises a budget to the one
+        # counted after it (a selector inside the LLM, or one that shortens the prompt, moves it)
+        out = self.model.generate(batch, budgets.to(self.torch_device), limits, at_least_minimum=True)
         measured_ms = 1000 * (_now(self.torch_device) - start)
+        budgets = torch.maximum(budgets, torch.tensor(out["budgets"], dtype=budgets.dtype))  # what ran
         steps = max(self.decode_steps - 1, 0)
         units, fractions = out["units_per_example"], out["flops_fractions"]
         self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, out["decode_seconds_per_token"])
         self.counts["batches"] += 1
         self.counts["answered"] += size
         answers = []
-        for index, (budget, requested, feasible, _) in enumerate(choices):
+        for index, (chosen, requested, feasible, _) in enumerate(choices):
             request = requests[index]
+            ran = out["budgets"][index]  # float32: the chosen budget unless generate raised it
+            budget = ran if ran > float(torch.tensor(chosen, dtype=torch.float32)) else chosen
             if request.deadline_ms is not None:
                 self.counts["deadline_requests"] += 1
                 self.counts["deadline_met"] += int(queued[index] + measured_ms <= request.deadline_ms)
@@ -284,7 +289,9 @@ class DeadlineAPI(ls.LitAPI):
         return Choice(max(self.model.budget, minimum), "default", True)
 
     def _minimum(self, request: ChatRequest) -> float:
-        """The smallest budget the scheduler admits for this prompt (prefix layers + LM head)."""
+        """The smallest budget the scheduler admits for this prompt (prefix layers + LM head), counted before token
+        selection, which cannot be known before the image is seen (PruMerge keeps a number per image); generate
+        raises a budget to the minimum after selection."""
         scheduler = self.model.scheduler
         seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
         return scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptive_mllm.serving.api import PIXELS, DeadlineAPI
+from adaptive_mllm.serving.api import PIXELS, DeadlineAPI, collate
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.overhead import ServerTimes
@@ -269,3 +269,29 @@ def test_max_tokens_caps_each_answer_and_the_batch_is_timed_for_its_longest(api:
     # a lone request capped at 1 token is predicted (and its deadline budgeted) for 1 token, not max_new_tokens
     prompt_tokens = len(capped.prompt_ids) + 1
     assert alone.predicted_ms == pytest.approx(api.latency.predict_ms(alone.budget, prompt_tokens, 1, 1, ratio))
+
+
+def test_a_budget_below_the_minimum_after_token_selection_runs_at_that_minimum(tmp_path: Path, tokenizer_dir: Path):
+    """FastV drops image tokens inside the LLM, so fewer tokens reach the scheduled layers and the smallest admissible
+    budget is higher than the prompt's before selection, the one the server can know ahead. A budget-0 request is
+    raised to the minimum after selection (it failed in the planner) and the reply says which budget ran."""
+    import yaml
+
+    recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=2)
+    config = yaml.safe_load(recipe.read_text())
+    config["model"]["token_selector"] = {"class_path": "adaptive_mllm.token_selection.FastV", "init_args": {"layer_index": 1, "drop_ratio": 0.75}}
+    recipe.write_text(yaml.safe_dump(config))
+    module = build_model(str(recipe), None, None, [])
+    api = DeadlineAPI(lambda: module, None)
+    api.setup("cpu")
+    request = api.decode_request({**_body(1.0), "deadline_ms": None, "budget": 0.0})
+    before = api._minimum(request)
+    answer = api._answer([request])[0]
+    seq_len = len(request.prompt_ids) + 1
+    image_tokens = module.backbone.num_image_tokens
+    tokens = module.token_selector.layer_tokens(torch.tensor([seq_len]), torch.tensor([image_tokens]), 4)[0].tolist()
+    after = module.scheduler.cost.min_budget(seq_len, tokens)  # by the cost model, on the tokens FastV lets through
+    assert after > before + 0.01
+    assert answer.budget == pytest.approx(after, abs=1e-6) and isinstance(answer.text, str)
+    with pytest.raises(ValueError, match="outside the admissible range"):  # what the planner does unasked
+        module.generate(collate([request], api.processor.pad_token_id, torch.device("cpu"), torch.float32), before)

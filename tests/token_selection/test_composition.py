@@ -139,3 +139,23 @@ def test_fastv_after_the_prefix_is_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="exceeds scheduler.num_prefix_layers"):
         AdaptiveMLLM(backbone, LayerScheduler(num_prefix_layers=2), FastV(layer_index=3))
     AdaptiveMLLM(backbone, FullScheduler(num_prefix_layers=0), FastV(layer_index=3))  # a full plan runs it anyway
+
+
+@pytest.mark.parametrize("selector_name", list(SELECTORS))
+def test_at_least_minimum_raises_a_budget_to_the_minimum_after_selection(tokenizer_dir, selector_name):
+    """``generate(..., at_least_minimum=True)`` (the server's rule) runs a too-small budget at its example's
+    minimum, counted on the tokens the selector lets through (recounted by hand here); unasked it is an error."""
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2), SELECTORS[selector_name]())
+    batch = _images_batch(model)
+    out = model.generate(batch, 0.0, at_least_minimum=True)
+    inputs = model.planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+    seq_lens = inputs.attention_mask.sum(-1) + 1  # + the latency token
+    layer_tokens = model.token_selector.layer_tokens(seq_lens, inputs.image_mask.sum(-1), model.backbone.shape.num_layers)
+    expected = [
+        model.scheduler.cost.min_budget(int(n), None if layer_tokens is None else layer_tokens[row].tolist())
+        for row, n in enumerate(seq_lens.tolist())
+    ]
+    assert out["budgets"] == pytest.approx(expected, abs=1e-6)
+    assert out["units_per_example"] == [0.0] * len(expected)  # only the prefix and the LM head ran
+    with pytest.raises(ValueError, match="outside the admissible range"):
+        model.generate(batch, 0.0)
