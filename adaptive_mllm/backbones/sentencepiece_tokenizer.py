@@ -18,6 +18,7 @@ conversations both ways, docs/architecture.md "Tokenizer"):
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,10 +67,23 @@ def order_merges_by_score(tokenizer: PreTrainedTokenizerBase, model_file: str | 
     return tokenizer
 
 
+_WORD_START_SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> answer (asked per text piece)
+
+
 def adds_no_word_start_before_space(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether ``tokenizer`` marks word starts with a Metaspace pre-tokenizer that prepends "▁" to a text
     (SentencePiece's dummy prefix) but skips it when the text starts with a space."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        cached = _WORD_START_SKIPPED.get(tokenizer)
+    except TypeError:  # not weakly referable: asked each time
+        return _metaspace_prepends(backend)
+    if cached is None or cached[0] is not backend:  # a replaced backend (order_merges_by_score) is asked again
+        cached = _WORD_START_SKIPPED[tokenizer] = (backend, _metaspace_prepends(backend))
+    return cached[1]
+
+
+def _metaspace_prepends(backend: Tokenizer | None) -> bool:
     if backend is None or backend.pre_tokenizer is None:
         return False
     state = json.loads(backend.pre_tokenizer.__getstate__())

@@ -96,6 +96,7 @@ class LlavaRecord:
     answers: tuple[str, ...]  # gpt turns; one fewer than questions for an open (unanswered) record
     question_kind: str
     words: int = 0  # whitespace-separated words of all turns as written (LLaVA's modality_lengths)
+    dropped_opening_answer: bool = False  # the conversation opened with a gpt turn, left out as LLaVA's preprocess does
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -167,12 +168,6 @@ def parse_record(
         if IMAGE_PLACEHOLDER in str(conversations[0].get("value", "")):
             raise fail("conversations[0].value", f"{IMAGE_PLACEHOLDER} in an opening gpt turn, which is dropped")
         first = 1
-        warnings.warn(
-            f"{json_path}: record id {record_id!r} (index {index}): the conversation opens with a gpt turn; trained "
-            "without it, as LLaVA's preprocess drops it",
-            DataWarning,
-            stacklevel=2,
-        )
     for position, turn in enumerate(conversations[first:], start=first):
         field = f"conversations[{position}]"
         if not isinstance(turn, dict):
@@ -236,6 +231,7 @@ def parse_record(
         answers=tuple(answers),
         question_kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
         words=sum(len(str(turn.get("value", "")).split()) for turn in conversations),
+        dropped_opening_answer=bool(first),
     )
 
 
@@ -307,6 +303,15 @@ class LlavaJsonDataset(Dataset):
                 warnings.warn(str(error), DataWarning, stacklevel=2)
                 self.num_skipped_at_load += 1
         self._check_some_left(len(raw_records))
+        opened_by_gpt = [record.id for record in self.records if record.dropped_opening_answer]
+        if opened_by_gpt:
+            shown = ", ".join(repr(record_id) for record_id in opened_by_gpt[:5]) + (", ..." if len(opened_by_gpt) > 5 else "")
+            warnings.warn(
+                f"{self.json_path}: {len(opened_by_gpt)} conversation(s) open with a gpt turn (record ids {shown}); "
+                "trained without that turn, as LLaVA's preprocess drops it",
+                DataWarning,
+                stacklevel=2,
+            )
         self._bad: set[int] = set()  # lazily found bad records (per process: each worker has its own)
 
     def _check_some_left(self, num_read: int) -> None:

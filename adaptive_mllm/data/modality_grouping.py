@@ -98,6 +98,8 @@ class ModalityGroupedSampler(ResumableSampler):
             number of micro-batches: the order is padded from its start (as accelerate's even batches).
     """
 
+    order = "modality_grouped"
+
     def __init__(
         self,
         dataset: Dataset,
@@ -124,7 +126,7 @@ class ModalityGroupedSampler(ResumableSampler):
         generator = torch.Generator()
         generator.manual_seed(self.seed + epoch)
         order = modality_grouped_order(self.lengths, self.micro_batch, self.num_replicas * self.accumulation, generator)
-        if self.num_replicas == 1:
+        if self.num_replicas == 1 or not order:
             return order
         order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]
         batches = [order[start : start + self.micro_batch] for start in range(0, self.total_size, self.micro_batch)]

@@ -104,8 +104,10 @@ class ResumableSampler(DistributedSampler, RandomSampler):
         yield from self.indices(self.epoch)[skip:]
 
     # --- state -------------------------------------------------------------------------------------------
+    order = "shuffle"  # what kind of epoch order: a state of another kind resumes another permutation
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "num_replicas": self.num_replicas, "dataset_length": len(self.dataset)}  # type: ignore[arg-type]
+        return {"seed": self.seed, "epoch": self.epoch, "num_replicas": self.num_replicas, "dataset_length": len(self.dataset), "order": self.order}  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, Any], skip: int = 0) -> None:
         """Restore the seed and epoch; the next iteration starts ``skip`` positions into this process's
@@ -114,6 +116,13 @@ class ResumableSampler(DistributedSampler, RandomSampler):
             warnings.warn(
                 f"the training set has {len(self.dataset)} examples, the checkpoint's had {state['dataset_length']}: "  # type: ignore[arg-type]
                 "the resumed epoch is not the one that was interrupted",
+                stacklevel=2,
+            )
+        if state.get("order", "shuffle") != self.order:
+            warnings.warn(
+                f"the checkpoint's epoch was in {state.get('order', 'shuffle')!r} order, this run's is {self.order!r} "
+                "(group_by_modality_length changed): the rest of the epoch is another order, some records seen twice, "
+                "others not at all; resume from an epoch's end, or keep the setting",
                 stacklevel=2,
             )
         if state.get("num_replicas") not in (None, self.num_replicas):

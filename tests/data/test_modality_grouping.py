@@ -4,6 +4,7 @@ modality, micro-batches dealt to processes, resumed epochs, and the datamodule's
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,8 +85,8 @@ def test_a_records_words_are_counted_as_written(tmp_path):
     raw = {"image": "a.png", "conversations": [
         {"from": "gpt", "value": "Hi there"}, {"from": "human", "value": "What is  this?\n<image>"},
         {"from": "gpt", "value": "A cat."}]}  # fmt: skip
-    with pytest.warns(UserWarning, match="opens with a gpt turn"):
-        record = parse_record(raw, 0, "x.json", tmp_path)
+    record = parse_record(raw, 0, "x.json", tmp_path)
+    assert record.dropped_opening_answer and record.questions == ("<image>\nWhat is  this?",)
     assert record.words == 2 + 4 + 2  # LLaVA counts every turn of the record, the dropped one too
 
 
@@ -108,3 +109,22 @@ def test_the_datamodule_trains_in_grouped_steps(write_llava, make_record, proces
     plain.setup("fit")
     plain.set_input_processor(processor)
     assert type(plain.train_dataloader().sampler) is ResumableSampler
+
+
+def test_resuming_across_a_change_of_order_kind_is_warned():
+    """A checkpoint saved in the plain shuffle (or before grouping existed: no "order" key) resumed with grouping,
+    and the reverse, would skip the consumed batches of another permutation."""
+    lengths = _lengths(40, seed=5)
+    plain, grouped = ResumableSampler(list(range(40)), seed=3), ModalityGroupedSampler(list(range(40)), lengths, 4, seed=3)
+    old_state = {key: value for key, value in plain.state_dict().items() if key != "order"}
+    for state, sampler in [(plain.state_dict(), grouped), (old_state, grouped), (grouped.state_dict(), plain)]:
+        with pytest.warns(UserWarning, match="order, this run's is"):
+            sampler.load_state_dict(state, skip=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped.load_state_dict(grouped.state_dict(), skip=8)
+        plain.load_state_dict(old_state, skip=8)
+
+
+def test_an_empty_dataset_on_several_processes_gives_empty_shares():
+    assert list(ModalityGroupedSampler([], [], 4, num_replicas=2, seed=0)) == []
