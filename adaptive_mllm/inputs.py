@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.token_selection.base import TokenSelector, compact, gather_positions
+
+_ONE_PIXEL = Image.new("RGB", (1, 1))  # preprocessed only for its output shape
 
 
 def embed_multimodal(
@@ -23,6 +26,8 @@ def embed_multimodal(
     if pixel_values is None:
         if bool(placeholders.any()):
             raise ValueError("the batch holds <image> placeholders but no pixel_values")
+        if torch.is_grad_enabled():  # training a text-only batch: the image side runs all the same (see below)
+            embeds = embeds + 0.0 * blank_image_features(backbone, embeds).sum()
         return embeds
     visual = backbone.encode_images(pixel_values)
     features = backbone.project(visual.features).to(embeds.dtype)  # [N_img, N, hidden]
@@ -32,6 +37,18 @@ def embed_multimodal(
             f"{features.shape[1]} features: every image needs exactly {features.shape[1]} placeholders"
         )
     return embeds.masked_scatter(placeholders[..., None], features.reshape(-1, features.shape[-1]))
+
+
+def blank_image_features(backbone: Backbone, like: torch.Tensor) -> torch.Tensor:
+    """[1, N, hidden] the projected features of one blank (all-zero) image.
+
+    A training batch without images still runs the vision tower and projector on it, weighted 0, as the LLaVA
+    release does for its text-only records (a zero image, its features cut to length 0): every process then runs
+    the same modules in every step, which ZeRO-3 needs (it gathers each module's weights as it runs; a process
+    that skipped the tower would leave the others waiting), and the projector gets a zero gradient, not none."""
+    shape = backbone.preprocess_image(_ONE_PIXEL).shape  # [3, H, W]
+    pixels = torch.zeros(1, *shape, device=like.device, dtype=next(backbone.parameters()).dtype)
+    return backbone.project(backbone.encode_images(pixels).features).to(like.dtype)
 
 
 def insert_token(

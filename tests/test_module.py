@@ -362,3 +362,29 @@ def test_fastv_drops_in_training_the_tokens_it_drops_when_answering(tokenizer_di
     ends = (labels != IGNORE_INDEX).int().argmax(1) - 1
     at_end = trained[torch.arange(3), ends]
     assert torch.allclose(at_end, answering, atol=1e-5), (at_end - answering).abs().max()
+
+
+def test_a_text_only_training_batch_runs_the_image_side_on_a_blank_image(tokenizer_dir):
+    """As the LLaVA release trains text-only records: the vision tower and projector run on a zero image whose
+    features weigh 0, so every process runs the same modules (ZeRO-3 gathers per module) and the projector gets
+    a zero gradient; the loss is the text's alone. Without gradients (answering) nothing extra runs."""
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2))
+    model.train()
+    batch = _batch(model, ["What colour is the circle ?", "How many shapes are there ?"], ["red", "two"])
+    batch["pixel_values"] = None
+    tower = model.backbone.model.model.vision_tower
+    calls = []
+    handle = tower.register_forward_hook(lambda module, args, output: calls.append(args[0].detach()))
+    budgets = torch.tensor([1.0, 1.0])
+    logits, labels = model(batch, budgets)
+    loss = model._loss(logits, labels)
+    loss.backward()
+    assert len(calls) == 1 and calls[0].shape[0] == 1 and not bool(calls[0].abs().sum())  # one blank image
+    projector = model.backbone.parameter_groups()["projector"]
+    assert all(p.grad is not None and not bool(p.grad.abs().sum()) for p in projector)
+    calls.clear()
+    with torch.no_grad():
+        again, _ = model(batch, budgets)
+    handle.remove()
+    assert calls == []
+    torch.testing.assert_close(again, logits.detach())
