@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.pil_image_processors import pil_pixels
 from adaptive_mllm.backbones.sentencepiece_tokenizer import order_merges_by_score
 from adaptive_mllm.backbones.templates import ChatTemplate
 
@@ -185,4 +186,5 @@ def preprocess_padded(processor: Any, image: Image.Image, pad: bool) -> torch.Te
     image = image.convert("RGB")
     if pad:
         image = pad_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+    pixels = pil_pixels(processor, image)
+    return pixels if pixels is not None else processor(images=image, return_tensors="pt")["pixel_values"][0]
