@@ -4,11 +4,16 @@ LitServe's order).
 
 Starts `adaptive-mllm serve` on 127.0.0.1 with each setting in turn (random weights, budget 1.0 per
 request). One client sends small-image requests one after another, first alone, then while a second
-client sends 4096x4096 JPEGs (6.5 MB each) back to back. Prints the small requests' p50 / p95 / max
-end-to-end latency in both phases, their ratio, and the large requests' own latency; bounded by
-``--requests`` and ``--phase_seconds`` per phase.
+client sends 4096x4096 JPEGs (6.5 MB each). Prints the small requests' p50 / p95 / max end-to-end latency
+in both phases, their ratio, and the large requests' own latency; bounded by ``--requests`` and
+``--phase_seconds`` per phase.
 
-    python bench/large_images.py --config recipes/tiny.yaml --requests 200 --phase_seconds 60
+The large client runs in its own process (its JSON encoding of 8.7 MB bodies would otherwise hold the small
+client's interpreter lock). By default it sends back to back, so the load it offers depends on how fast the
+server answers it; ``--large_every_s S`` sends one large image every S seconds instead (or right after the last
+answer when that took longer), the same load under both settings.
+
+    python bench/large_images.py --config recipes/tiny.yaml --requests 200 --phase_seconds 60 --large_every_s 1.5
 
 Other flags are recipe overrides, passed to the server.
 """
@@ -18,12 +23,13 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import multiprocessing
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -70,8 +76,8 @@ def small_client(base: str, images: list[str], requests: int, seconds: float) ->
     return times
 
 
-def large_client(base: str, image: str, stop_event: threading.Event, times: list[float]) -> None:
-    """Large-image requests back to back until told to stop."""
+def large_client(base: str, image: str, stop_event: Any, times: Any, every_s: float) -> None:
+    """Large-image requests until told to stop: back to back (``every_s`` 0), or one every ``every_s`` seconds."""
     with httpx.Client(timeout=120) as http:
         number = 0
         while not stop_event.is_set():
@@ -79,6 +85,7 @@ def large_client(base: str, image: str, stop_event: threading.Event, times: list
             http.post(f"{base}/v1/chat/completions", json=body(image, number)).raise_for_status()
             times.append(1000 * (time.perf_counter() - begin))
             number += 1
+            stop_event.wait(max(0.0, every_s - (time.perf_counter() - begin)))
 
 
 def summary(times: list[float]) -> str:
@@ -103,13 +110,16 @@ def run(
     try:
         small_client(base, images, 20, 60)  # warm-up
         alone = small_client(base, images, args.requests, args.phase_seconds)
-        stop_event, large_times = threading.Event(), []
-        sender = threading.Thread(target=large_client, args=(base, large, stop_event, large_times))
-        sender.start()
-        time.sleep(1.0)  # the large client is sending
-        beside = small_client(base, images, args.requests, args.phase_seconds)
-        stop_event.set()
-        sender.join()
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager:
+            stop_event, large_times = manager.Event(), manager.list()
+            sender = context.Process(target=large_client, args=(base, large, stop_event, large_times, args.large_every_s))
+            sender.start()
+            time.sleep(1.0)  # the large client is sending
+            beside = small_client(base, images, args.requests, args.phase_seconds)
+            stop_event.set()
+            sender.join()
+            large_times = list(large_times)
     finally:
         stop(process)
     return {"alone": alone, "beside": beside, "large": large_times}
@@ -121,6 +131,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200, help="small requests per phase (at most)")
     p.add_argument("--phase_seconds", type=float, default=60.0, help="longest a phase runs")
     p.add_argument("--out", type=Path, default=Path("runs/large_images"), help="where the server logs go")
+    p.add_argument("--large_every_s", type=float, default=0.0, help="one large image every S seconds (0: back to back)")
     args, overrides = p.parse_known_args()
     images, large = _images(8), large_image()
     print(f"large image: {LARGE_SIDE}x{LARGE_SIDE} JPEG, {len(large) * 3 // 4 / 1e6:.1f} MB")
