@@ -121,11 +121,8 @@ class ModalityGroupedSampler(ResumableSampler):
         self.total_size = self.num_samples * num_replicas
 
     def indices(self, epoch: int) -> list[int]:
-        if self.seed is None:
-            raise RuntimeError("the seed is drawn when the first epoch starts")
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        order = modality_grouped_order(self.lengths, self.micro_batch, self.num_replicas * self.accumulation, generator)
+        chunks = self.num_replicas * self.accumulation
+        order = modality_grouped_order(self.lengths, self.micro_batch, chunks, self.epoch_generator(epoch))
         if self.num_replicas == 1 or not order:
             return order
         order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]

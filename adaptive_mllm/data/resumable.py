@@ -79,14 +79,18 @@ class ResumableSampler(DistributedSampler, RandomSampler):
         """This process's share of a whole epoch (also when an iteration resumes part-way)."""
         return self.num_samples
 
-    def indices(self, epoch: int) -> list[int]:
-        """This process's indices of ``epoch``, in order (the seed must be known)."""
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The random numbers of ``epoch``'s order: seeded with the seed + the epoch (the seed must be known)."""
         if self.seed is None:
             raise RuntimeError("the seed is drawn when the first epoch starts")
-        n = len(self.dataset)  # type: ignore[arg-type]
         generator = torch.Generator()
         generator.manual_seed(self.seed + epoch)
-        order = torch.randperm(n, generator=generator).tolist()
+        return generator
+
+    def indices(self, epoch: int) -> list[int]:
+        """This process's indices of ``epoch``, in order."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=self.epoch_generator(epoch)).tolist()
         if self.drop_last:
             order = order[: self.total_size]
         elif len(order) < self.total_size:

@@ -243,17 +243,18 @@ class DeadlineAPI(ls.LitAPI):
         # counted after it (a selector inside the LLM, or one that shortens the prompt, moves it)
         out = self.model.generate(batch, budgets.to(self.torch_device), limits, at_least_minimum=True)
         measured_ms = 1000 * (_now(self.torch_device) - start)
-        budgets = torch.maximum(budgets, torch.tensor(out["budgets"], dtype=budgets.dtype))  # what ran
+        # what ran: the chosen budget (as chosen, not its float32) unless generate raised it
+        ran = [r if r > float(torch.tensor(c.budget, dtype=torch.float32)) else c.budget for r, c in zip(out["budgets"], choices, strict=True)]
+        budgets = torch.tensor(ran, dtype=budgets.dtype)
         steps = max(self.decode_steps - 1, 0)
         units, fractions = out["units_per_example"], out["flops_fractions"]
         self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, out["decode_seconds_per_token"])
         self.counts["batches"] += 1
         self.counts["answered"] += size
         answers = []
-        for index, (chosen, requested, feasible, _) in enumerate(choices):
+        for index, (_, requested, feasible, _) in enumerate(choices):
             request = requests[index]
-            ran = out["budgets"][index]  # float32: the chosen budget unless generate raised it
-            budget = ran if ran > float(torch.tensor(chosen, dtype=torch.float32)) else chosen
+            budget = ran[index]
             if request.deadline_ms is not None:
                 self.counts["deadline_requests"] += 1
                 self.counts["deadline_met"] += int(queued[index] + measured_ms <= request.deadline_ms)
