@@ -39,6 +39,8 @@ from adaptive_mllm.serving.requests import (
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"  # what OpenAI clients (and chat UIs, when they connect) list to pick a model
+SERVED_MODEL_NAME = "adaptive-mllm"  # the reply's "model" and /v1/models' one id; any requested name is accepted
 # The most a deadline-driven budget may rise from one batch to the next. Budgets fall at once when the
 # correction says so, but rise in steps: when another process shares the cores, small budgets can look
 # fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
@@ -112,6 +114,7 @@ class DeadlineAPI(ls.LitAPI):
         threads: int | None = None,
         times: ServerTimes | None = None,
         prepare_threads: int = PREPARE_THREADS,
+        served_model_name: str = SERVED_MODEL_NAME,
     ) -> None:
         loop = StampingLoop(prepare_threads)
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
@@ -123,6 +126,7 @@ class DeadlineAPI(ls.LitAPI):
         self.pinned_budget = pinned_budget
         self.threads = threads
         self.times = times
+        self.served_model_name = served_model_name
 
     # --- worker setup --------------------------------------------------------------------------------
     def setup(self, device: str) -> None:
@@ -186,7 +190,7 @@ class DeadlineAPI(ls.LitAPI):
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": "adaptive-mllm",
+            "model": self.served_model_name,
             "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": output.text}, "finish_reason": output.finish_reason}
             ],

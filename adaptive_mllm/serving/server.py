@@ -4,8 +4,8 @@
         --profile profiles/tiny-cpu.json --port 8000 --image_dir data/images
 
 Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``deadline_ms``),
-``GET /health`` (LitServe's: 200 once the model is loaded), ``GET /metrics`` (request counts, deadlines
-met, the online correction). The server listens on 127.0.0.1 unless ``--host`` says otherwise.
+``GET /v1/models`` (the one served model), ``GET /health`` (LitServe's: 200 once the model is loaded),
+``GET /metrics`` (request counts, deadlines met, the online correction). The server listens on 127.0.0.1 unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from adaptive_mllm.serving.api import API_PATH, PREPARE_THREADS, DeadlineAPI, read_metrics
+from adaptive_mllm.serving.api import (
+    API_PATH,
+    MODELS_PATH,
+    PREPARE_THREADS,
+    SERVED_MODEL_NAME,
+    DeadlineAPI,
+    read_metrics,
+)
 from adaptive_mllm.serving.overhead import ServerTimeMiddleware, ServerTimes
 from adaptive_mllm.serving.requests import RequestLimits
 
@@ -49,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", help="Lightning checkpoint; without it and --export_dir, random weights")
     p.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
     p.add_argument("--profile", help="latency profile JSON (`adaptive-mllm profile`); needed for deadline_ms")
+    p.add_argument("--served_model_name", default=SERVED_MODEL_NAME,
+                   help="the model id replies carry and GET /v1/models lists (a request's own \"model\" is not checked)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -72,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
-    """The LitServer (not yet running), with ``/metrics`` added."""
+    """The LitServer (not yet running), with ``/v1/models`` and ``/metrics`` added."""
     import litserve as ls
 
     metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
@@ -81,7 +91,7 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     times = ServerTimes()
     api = DeadlineAPI(
         builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size,
-        args.batch_timeout, args.threads, times, args.prepare_threads,
+        args.batch_timeout, args.threads, times, args.prepare_threads, args.served_model_name,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     # a body is at most one base64 image (4/3 of its bytes) plus the text: anything larger is refused (413) unread
@@ -89,9 +99,15 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
     )
+    server.app.add_api_route(MODELS_PATH, partial(served_models, args.served_model_name, int(time.time())), methods=["GET"])
     server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
     server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH)
     return server
+
+
+def served_models(name: str, created: int) -> dict[str, Any]:
+    """OpenAI's model list, with the one model this server answers with."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "adaptive-mllm"}]}
 
 
 def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
@@ -116,6 +132,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error(f"--threads {args.threads} must be >= 1")
     if args.prepare_threads < 0:
         p.error(f"--prepare_threads {args.prepare_threads} must be >= 0")
+    if not args.served_model_name.strip():
+        p.error("--served_model_name must not be empty")
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
 

@@ -30,6 +30,7 @@ QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
 OTHER = "How many shapes are there ?"  # a different question
 MAX_PIXELS = 64 * 64
 MAX_BYTES = 200_000  # the server then refuses bodies over 4/3 of this + 1 MiB unread
+SERVED_NAME = "tiny-adaptive"
 
 
 def _png(seed: int, size: int = 32) -> bytes:
@@ -77,6 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
         "--config", str(root / "recipe.yaml"), "--ckpt_path", str(root / "model.ckpt"), "--profile", str(profile),
         "--port", str(port), "--image_dir", str(images), "--max_image_pixels", str(MAX_PIXELS),
         "--max_image_bytes", str(MAX_BYTES), "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
+        "--served_model_name", SERVED_NAME,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     log = open(root / "server.log", "w")
@@ -124,10 +126,12 @@ def test_answers_like_generate_through_the_openai_client(served):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{served['base']}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [model.id for model in client.models.list()] == [SERVED_NAME]  # what a client lists on connecting
     image = _png(7)
     for budget in (1.0, 0.6):
         reply = client.chat.completions.create(model="tiny", messages=_messages(_data_url(image), QUESTION), extra_body={"budget": budget})
         assert reply.choices[0].message.content == _expected(served["module"], image, QUESTION, budget)
+        assert reply.model == SERVED_NAME
         extra = reply.model_dump()["adaptive"]
         assert extra["budget"] == budget and extra["requested"] == "budget"
         # 3 scheduled layers of equal cost: 1.0 runs all 3, 0.6 runs 1 (the prefix layer and LM head take the rest)
@@ -258,6 +262,7 @@ def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
         (["--margin", "-0.1"], "--margin -0.1 must be >= 0"),
         (["--max_batch_size", "0"], "--max_batch_size 0 must be >= 1"),
         (["--prepare_threads", "-1"], "--prepare_threads -1 must be >= 0"),
+        (["--served_model_name", " "], "--served_model_name must not be empty"),
         (["--export_dir", str(tmp_path), "--model.max_new_tokens=4"], "--export_dir takes no recipe flags"),
     ]:  # refused before anything is loaded, not on every request
         with pytest.raises(SystemExit) as exit_info:
