@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from adaptive_mllm.backbones import MiphaBackbone
-from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.data.llava_json import parse_record
 from tests.backbones.mipha_layout import release_config
 from tests.backbones.phi_tokenizer import WHITESPACE_TOKENS, write_phi2_tokenizer
+from tests.backbones.reference_preprocessing import expected_ids_and_labels
 
 FIXTURE = json.loads(Path(__file__).with_name("mipha_tokens.json").read_text())
 PHI2_ROWS = 51200  # Phi-2's embedding rows, more than its 50,295 tokens
@@ -52,11 +52,7 @@ def test_ids_and_labels_equal_miphas(record, mipha_backbone, tmp_path):
     parsed = parse_record(record, 0, "mipha_tokens.json", tmp_path)
     encoded = mipha_backbone.chat_template.encode(list(zip(parsed.questions, parsed.answers, strict=True)),
                                                   tokenizer, image_id, 1)
-    sentinel = FIXTURE["image_sentinel"]  # Mipha's one id per image, expanded to the features later
-    expected_ids = [image_id if token == sentinel else token for token in record["input_ids"]]
-    expected_labels = [IGNORE_INDEX] * len(expected_ids)
-    for start, end in record["label_spans"]:
-        expected_labels[start:end] = expected_ids[start:end]
+    expected_ids, expected_labels = expected_ids_and_labels(record, image_id, FIXTURE["image_sentinel"])
     assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == tokenizer.convert_ids_to_tokens(expected_ids)
     assert encoded.labels == expected_labels
 

@@ -22,9 +22,10 @@ from adaptive_mllm.backbones.sentencepiece_tokenizer import (
     adds_no_word_start_before_space,
     order_merges_by_score,
 )
-from adaptive_mllm.backbones.templates import IGNORE_INDEX, vicuna_v1
+from adaptive_mllm.backbones.templates import vicuna_v1
 from adaptive_mllm.data.llava_json import parse_record
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
+from tests.backbones.reference_preprocessing import expected_ids_and_labels
 from tests.backbones.release_layout import VISION, release_config
 from tests.backbones.spm_tokenizer import spm_model_file, write_spm_tokenizer
 
@@ -58,11 +59,7 @@ def test_ids_and_labels_equal_the_releases(record, release_tokenizer, tmp_path):
     parsed = parse_record(record, 0, "release_tokens.json", tmp_path)
     encoded = vicuna_v1().encode(list(zip(parsed.questions, parsed.answers, strict=True)), tokenizer, image_id, 1)
 
-    sentinel = FIXTURE["image_sentinel"]  # the release's one id per image, expanded to the features later
-    expected_ids = [image_id if token == sentinel else token for token in record["input_ids"]]
-    expected_labels = [IGNORE_INDEX] * len(expected_ids)
-    for start, end in record["label_spans"]:
-        expected_labels[start:end] = expected_ids[start:end]
+    expected_ids, expected_labels = expected_ids_and_labels(record, image_id, FIXTURE["image_sentinel"])
     assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == tokenizer.convert_ids_to_tokens(expected_ids)
     assert encoded.labels == expected_labels
 
