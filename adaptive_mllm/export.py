@@ -106,7 +106,7 @@ def export_module(
         for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
             (out_dir / name).unlink(missing_ok=True)
         return out_dir
-    spec = scheduler_spec if scheduler_spec is not None else _scheduler_spec(scheduler)
+    spec = _without_release_checkpoint(scheduler_spec) if scheduler_spec is not None else _scheduler_spec(scheduler)
     _write_json(out_dir / SCHEDULER_JSON, spec)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
     save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
@@ -166,11 +166,19 @@ def _backbone_args(backbone: Backbone) -> dict[str, Any]:
 
 def _scheduler_spec(scheduler: Scheduler) -> dict[str, Any]:
     try:
-        return spec_of(scheduler)
+        spec = spec_of(scheduler)
     except ValueError as error:
         raise ValueError(
             f"{error}; pass scheduler_spec={{'class_path': ..., 'init_args': ...}} (the CLI export does this from the recipe)"
         ) from None
+    return _without_release_checkpoint(spec)
+
+
+def _without_release_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
+    """The weights an AdaLLaVA release checkpoint gave the scheduler are in scheduler.safetensors: an export must
+    not need that directory again."""
+    init_args = {key: value for key, value in spec.get("init_args", {}).items() if key != "release_checkpoint"}
+    return {**spec, "init_args": init_args}
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -22,12 +22,18 @@ from transformers.initialization import no_init_weights
 
 RELEASE_ARCHITECTURE = "LlavaLlamaForCausalLM"
 RELEASE_MODEL_TYPES = ("llava", "llava_llama")
+# The AdaLLaVA release (ChulanZhang/SmartVLM; zhuoyanxu/ada-llava-*-v1.5-7b) saves LLaVA's layout plus its
+# scheduler's weights (scheduler.*), which a scheduler's ``release_checkpoint`` reads (schedulers/release.py).
+ADALLAVA_ARCHITECTURE = "AdaLlavaLlamaForCausalLM"
+ADALLAVA_MODEL_TYPE = "ada_llava_llama"
+ADALLAVA_SCHEDULER_PREFIX = "scheduler."
 RELEASE_LAYOUT = (
     "the original LLaVA release layout (as liuhaotian/llava-v1.5-7b): config.json with architectures "
     f"['{RELEASE_ARCHITECTURE}'], mm_hidden_size, mm_projector_type 'mlp2x_gelu', mm_vision_select_layer, "
     "mm_vision_select_feature 'patch'; weights model.embed_tokens / model.layers.* / model.norm / lm_head / "
     "model.mm_projector.{0,2}.* in *.safetensors or pytorch_model*.bin (sharded with an index json); "
-    "tokenizer files beside them"
+    f"tokenizer files beside them; or the AdaLLaVA release's ({ADALLAVA_ARCHITECTURE}, model_type "
+    f"'{ADALLAVA_MODEL_TYPE}'), the same plus scheduler.* weights"
 )
 TOWER_LAYOUT = (
     "a local CLIP vision tower directory in the transformers CLIPVisionModel (or CLIPModel) layout, as "
@@ -71,13 +77,19 @@ def is_release_config(raw: dict) -> bool:
     architectures = raw.get("architectures") or []
     return "text_config" not in raw and (
         "mm_vision_tower" in raw or "mm_projector_type" in raw or RELEASE_ARCHITECTURE in architectures
+        or ADALLAVA_ARCHITECTURE in architectures
     )
+
+
+def is_adallava_release(raw: dict) -> bool:
+    return raw.get("model_type") == ADALLAVA_MODEL_TYPE and (raw.get("architectures") or []) == [ADALLAVA_ARCHITECTURE]
 
 
 def release_llava_config(config_file: Path, raw: dict, vision_tower: Path | None) -> LlavaConfig:
     """The transformers LlavaConfig equivalent to a release config.json plus a local CLIP tower directory."""
     architectures = raw.get("architectures") or []
-    if architectures != [RELEASE_ARCHITECTURE] or raw.get("model_type") not in RELEASE_MODEL_TYPES:
+    llava = architectures == [RELEASE_ARCHITECTURE] and raw.get("model_type") in RELEASE_MODEL_TYPES
+    if not (llava or is_adallava_release(raw)):
         raise ReleaseLayoutError(
             f"{config_file}: architectures {architectures} / model_type {raw.get('model_type')!r} is not a LLaVA "
             f"release over Llama; expected {RELEASE_LAYOUT}"
@@ -217,10 +229,14 @@ def load_release_model(
     expected = model.state_dict()
     loaded: set[str] = set()
     unexpected: list[str] = []
-    use_inner_tower = bool(read_json_object(checkpoint / "config.json").get("unfreeze_mm_vision_tower", False))
+    raw = read_json_object(checkpoint / "config.json")
+    use_inner_tower = bool(raw.get("unfreeze_mm_vision_tower", False))
+    adallava = is_adallava_release(raw)
     inner_tower_keys: list[str] = []
 
     def checkpoint_key(key: str) -> str | None:
+        if key.startswith(ADALLAVA_SCHEDULER_PREFIX) and adallava:
+            return ""  # the release scheduler's: read by a scheduler's release_checkpoint, not part of LLaVA
         if key.startswith(_TOWER_IN_CHECKPOINT):
             inner_tower_keys.append(key)
             return _tower_key(key[len(_TOWER_IN_CHECKPOINT):]) if use_inner_tower else ""

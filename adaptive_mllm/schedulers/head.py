@@ -35,6 +35,7 @@ from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.schedulers.release import load_release_scheduler
 from adaptive_mllm.schedulers.sampling import gumbel_top_r, top_k_mask
 
 
@@ -48,9 +49,18 @@ class HeadScheduler(Scheduler):
         tau: softmax temperature of the straight-through picks (5 in the reference release).
         budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
             or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        release_checkpoint: a local AdaLLaVA-H release checkpoint directory (``ada_llava_llama``) whose trained
+            scheduler this one starts from (schedulers/release.py).
     """
 
-    def __init__(self, num_prefix_layers: int, rank: int = 8, tau: float = 5.0, budget_rule: BudgetRule = "flops") -> None:
+    def __init__(
+        self,
+        num_prefix_layers: int,
+        rank: int = 8,
+        tau: float = 5.0,
+        budget_rule: BudgetRule = "flops",
+        release_checkpoint: str | None = None,
+    ) -> None:
         super().__init__(num_prefix_layers, budget_rule)
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
@@ -58,7 +68,14 @@ class HeadScheduler(Scheduler):
             raise ValueError(f"tau={tau} must be > 0")
         self.rank = rank
         self.tau = tau
+        self.release_checkpoint = release_checkpoint
         self.head: nn.Linear | None = None
+
+    def configure(self, shape: DecoderShape) -> None:
+        fresh = not self.is_configured
+        super().configure(shape)
+        if fresh and self.release_checkpoint is not None:
+            load_release_scheduler(self, self.release_checkpoint, "H")
 
     def _check_shape(self, shape: DecoderShape) -> None:
         q = shape.queries_per_kv

@@ -10,6 +10,7 @@ from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.schedulers.release import load_release_scheduler
 from adaptive_mllm.schedulers.sampling import sample_k_of_n
 
 
@@ -21,14 +22,25 @@ class LayerScheduler(Scheduler):
         tau: softmax temperature of the straight-through picks (5 in the reference release).
         budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
             or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        release_checkpoint: a local AdaLLaVA-L release checkpoint directory (``ada_llava_llama``, e.g.
+            zhuoyanxu/ada-llava-L-v1.5-7b) whose trained scheduler this one starts from (schedulers/release.py).
     """
 
-    def __init__(self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "flops") -> None:
+    def __init__(
+        self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "flops", release_checkpoint: str | None = None
+    ) -> None:
         super().__init__(num_prefix_layers, budget_rule)
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
         self.tau = tau
+        self.release_checkpoint = release_checkpoint
         self.head: nn.Linear | None = None
+
+    def configure(self, shape: DecoderShape) -> None:
+        fresh = not self.is_configured
+        super().configure(shape)
+        if fresh and self.release_checkpoint is not None:
+            load_release_scheduler(self, self.release_checkpoint, "L")
 
     def _build(self, shape: DecoderShape) -> None:
         self.latency_encoder = LatencyEncoder(shape.hidden_size)
