@@ -163,8 +163,7 @@ def _own_directory(config: Any, subcommand: str) -> None:
     directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if _launched() else None
     if directory is None:
         root = Path(config.trainer.get("default_root_dir") or ".")
-        fresh = not root.exists() or not any(root.iterdir())
-        directory = str(root if fresh else new_directory(root / subcommand))
+        directory = str(root if _claim_if_empty(root) else new_directory(root / subcommand))
         os.environ[RUN_DIRECTORY_VARIABLE] = directory
     config.trainer.default_root_dir = directory
     loggers = config.trainer.get("logger")
@@ -174,13 +173,34 @@ def _own_directory(config: Any, subcommand: str) -> None:
             init_args.save_dir = directory
 
 
-RUN_FILES = ("config.yaml", "config-resumed-*.yaml", *REPORT_FILES, "earlier-tests")
+CLAIM_FILE = ".adaptive-mllm-run"  # marks a run directory as taken, so two evaluations started together never share it
+
+
+def _claim_if_empty(root: Path) -> bool:
+    """Take ``root`` for this run when it is new or empty. The claim is an exclusively created file: of two
+    runs that both found it empty, one gets it, the other a directory of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    if any(path.name != CLAIM_FILE for path in root.iterdir()):
+        return False
+    try:
+        os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+# What a run leaves in its directory: its configs and report, and what evaluations of its checkpoints and its
+# loggers wrote there (subcommands' <subcommand>/<time>/ directories, W&B and CSV logs). Other entries are not
+# the run's and stay.
+RUN_FILES = ("config.yaml", "config-resumed-*.yaml", *REPORT_FILES, "earlier-tests", CLAIM_FILE,
+             "test", "predict", "validate", "wandb", "lightning_logs")
 
 
 def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path]) -> Path:
-    """Move a run's own files (configs, test report, answers) and its checkpoints into a new
-    ``run_dir/replaced/<time>/``: a fit told to replace a run must not resume from, or mix with, the old
-    checkpoints (``last.ckpt`` would stay the old run's), and nothing is deleted unasked."""
+    """Move a run's own files (configs, test report, answers, the evaluations of its checkpoints, its W&B and CSV
+    logs) and its checkpoints into a new ``run_dir/replaced/<time>/``: a fit told to replace a run must not resume
+    from, or mix with, the old run (``last.ckpt`` would stay the old run's, ``wandb sync`` would upload both), and
+    nothing is deleted unasked."""
     keep = new_directory(run_dir / "replaced")
     for path in sorted({path for pattern in RUN_FILES for path in run_dir.glob(pattern)}):
         path.rename(keep / path.name)

@@ -82,6 +82,25 @@ def test_test_and_predict_on_a_fit_keep_its_files_and_write_their_own(in_tmp):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
     assert "max_steps: 1" in (run / "config.yaml").read_text() and not list(run.glob("config-resumed-*"))
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # no versioned copy beside an old last.ckpt
+    # the evaluations of the old checkpoints and the old W&B run went with it: nothing of the old run is mixed in
+    assert {"test", "predict", "wandb"} <= {path.name for path in replaced.iterdir()}
+    assert not (run / "test").exists() and not (run / "predict").exists()
+    old_runs = {path.name for path in (replaced / "wandb").glob("*run-*")}
+    new_runs = {path.name for path in (run / "wandb").glob("*run-*")}
+    assert old_runs and new_runs and not old_runs & new_runs
+
+
+def test_evaluations_started_together_into_one_new_directory_each_get_their_own(tmp_path):
+    """The empty directory is claimed by one of them; the other writes into <root>/<subcommand>/<time>."""
+    from adaptive_mllm.recipe import _claim_if_empty
+
+    root = tmp_path / "runs" / "eval"
+    assert _claim_if_empty(root)  # new: taken
+    assert not _claim_if_empty(root)  # still empty but for the claim: another run's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert not _claim_if_empty(other)  # holds something: never taken
 
 
 def test_an_empty_checkpoint_is_named_before_lightning_reads_it(in_tmp):

@@ -171,6 +171,9 @@ class DeadlineAPI(ls.LitAPI):
             parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits, pixels)
         except RequestError as error:
             return error
+        except Exception as error:  # noqa: BLE001 - a bug reading one request must not fail its whole batch
+            log.exception("reading a request failed")
+            return RequestError(500, f"the server could not read this request ({type(error).__name__})", "body")
         parsed.received = received
         if parsed.deadline_ms is not None and self.latency is None and self.pinned_budget is None:
             return RequestError(400, "this server has no latency profile (start it with --profile)", "deadline_ms")

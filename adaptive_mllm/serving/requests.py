@@ -272,8 +272,8 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
         return image.convert("RGB")  # decodes all pixels: truncated data fails here
     except RequestError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise RequestError(400, f"not a readable image: {error}", field) from error
+    except Exception as error:  # noqa: BLE001 - a malformed file can make PIL's decoders raise almost anything
+        raise RequestError(400, f"not a readable image ({type(error).__name__}: {error})", field) from error
 
 
 def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
@@ -286,12 +286,15 @@ def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
     raw = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
     try:
         path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
-    except (OSError, ValueError) as error:  # e.g. a NUL byte, a symlink loop
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte; a symlink loop (RuntimeError before 3.13)
         raise RequestError(400, f"not a usable path: {error}", field) from error
     if not path.is_relative_to(root):
         raise RequestError(403, f"{url} is outside the allowed image folder", field)
-    if not path.is_file():
-        raise RequestError(400, f"{url}: no such file in the allowed image folder", field)
-    if path.stat().st_size > limits.max_image_bytes:
-        raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
-    return path.read_bytes()
+    try:
+        if not path.is_file():
+            raise RequestError(400, f"{url}: no such file in the allowed image folder", field)
+        if path.stat().st_size > limits.max_image_bytes:
+            raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
+        return path.read_bytes()
+    except OSError as error:  # a name too long, a file that cannot be read
+        raise RequestError(400, f"{url}: cannot read it in the allowed image folder ({error.strerror})", field) from error

@@ -17,6 +17,7 @@ from adaptive_mllm.serving.api import PIXELS, DeadlineAPI, collate
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.overhead import ServerTimes
+from adaptive_mllm.serving.requests import RequestError
 from adaptive_mllm.serving.server import build_model
 from tests.serving.conftest import write_tiny_recipe
 
@@ -295,3 +296,19 @@ def test_a_budget_below_the_minimum_after_token_selection_runs_at_that_minimum(t
     assert answer.budget == pytest.approx(after, abs=1e-6) and isinstance(answer.text, str)
     with pytest.raises(ValueError, match="outside the admissible range"):  # what the planner does unasked
         module.generate(collate([request], api.processor.pad_token_id, torch.device("cpu"), torch.float32), before)
+
+
+def test_an_unexpected_error_reading_a_request_fails_only_that_request(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
+    """decode_request never raises (LitServe fails a whole batch on a raise): a bug in parsing becomes this
+    request's 500, and the next request is read as usual."""
+    import adaptive_mllm.serving.api as api_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(api_module, "parse_chat_request", broken)
+        failed = api.decode_request(_body(100.0))
+    assert isinstance(failed, RequestError) and failed.status == 500 and "KeyError" in failed.message
+    assert api.encode_response(failed).status_code == 500
+    assert not isinstance(api.decode_request(_body(100.0)), RequestError)

@@ -128,3 +128,34 @@ def test_the_length_check_counts_the_requests_own_answer_cap(processor):
     assert len(capped.prompt_ids) + 1 + 1 <= processor.max_length < len(capped.prompt_ids) + 1 + 4
     with pytest.raises(RequestError, match="answer's 4 tokens"):
         parse_chat_request({**body, "max_tokens": 4}, processor, 4, limits)
+
+
+def _with_url(url: str) -> dict:
+    body = _body("What colour is the circle ?")
+    body["messages"][0]["content"][0]["image_url"]["url"] = url
+    return body
+
+
+def _corrupt_dds() -> bytes:
+    """A DDS whose pixel-format flags name no format: PIL's decoder raises NotImplementedError, not OSError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, "DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = (0x10).to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_paths_and_images_that_break_the_libraries_are_this_requests_400(processor, tmp_path: Path):
+    """A symlink loop, a name too long for the file system, a decoder that raises an unusual error: each is
+    refused as a bad request (a raise here failed the whole batch with 500s)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "loop_a").symlink_to("loop_b")
+    (images / "loop_b").symlink_to("loop_a")
+    limits = RequestLimits(image_dir=str(images))
+    dds = "data:image/dds;base64," + base64.b64encode(_corrupt_dds()).decode()
+    for url, message in [("loop_a", "not a usable path"), ("a" * 300, "cannot read it"), (dds, "not a readable image")]:
+        error = read_request_image(_with_url(url), processor, limits)
+        assert isinstance(error, RequestError) and error.status == 400 and message in error.message, (url[:20], error)
+        with pytest.raises(RequestError, match=message):
+            parse_chat_request(_with_url(url), processor, 4, limits)

@@ -88,9 +88,12 @@ class MMEDataModule(BenchmarkDataModule):
                 stem = name[: -len(".txt")]
                 path = qa_folder / name
                 record = f"{subtask}/{stem}"
+                # a symlink (the file's, or a folder's on the way) must not lead out of the MME folder: its
+                # question file would be read, and its text shown in answers and errors
+                path = inside_image_folder(Path(self.root), os.path.relpath(path, self.root), path, record, 0, "question")
                 image = next((image_folder / (stem + ext) for ext in IMAGE_EXTENSIONS if (image_folder / (stem + ext)).is_file()), None)
-                if image is not None:  # a symlink in the subtask folder must not lead out of it
-                    image = inside_image_folder(image_folder, image.name, path, record, 0, "image")
+                if image is not None:
+                    image = inside_image_folder(Path(self.root), os.path.relpath(image, self.root), path, record, 0, "image")
                 if image is None:
                     raise DataError.at(path, f"no image {stem}.jpg / .png in {image_folder}", record, 0, "image")
                 with open(path, encoding="utf-8") as handle:

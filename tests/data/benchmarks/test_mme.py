@@ -72,3 +72,25 @@ def test_question_without_image(mme_files):
 def test_not_an_mme_folder(tmp_path):
     with pytest.raises(DataError, match="no MME subtask folder"):
         MMEDataModule(str(tmp_path)).setup("test")
+
+
+@pytest.mark.parametrize("escape", ["question file", "subtask folder"])
+def test_a_symlink_out_of_the_mme_folder_is_refused(mme_files, tmp_path, escape):
+    """A question file (or a whole subtask folder) linked from outside would be read, and its text shown in
+    answers and errors: refused as images are, naming the file."""
+    import shutil
+
+    root = mme_files["root"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if escape == "question file":
+        (outside / "private.txt").write_text("Is SECRET red ?\tYes\n")
+        target = root / "existence" / "000000006040.txt"
+        target.unlink()
+        target.symlink_to(outside / "private.txt")
+    else:
+        shutil.move(root / "code_reasoning", outside / "code_reasoning")
+        (root / "code_reasoning").symlink_to(outside / "code_reasoning")
+    with pytest.raises(DataError, match="outside the image folder") as refused:
+        MMEDataModule(str(root)).setup("test")
+    assert "SECRET" not in str(refused.value)
