@@ -11,6 +11,7 @@ Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``dea
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -145,7 +146,14 @@ def main(argv: list[str]) -> None:
     if args.profile is not None and not Path(args.profile).is_file():
         raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
     server = make_server(args, overrides)
+    # SIGTERM (kill, docker stop, a supervisor) shuts down as Ctrl+C does, workers included: LitServe stops them
+    # on KeyboardInterrupt only, and the default action left them running, still answering /health
+    signal.signal(signal.SIGTERM, _interrupt)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -273,3 +273,42 @@ def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
         serve(["--config", "recipe.yaml", "--profile", str(tmp_path / "missing.json")])
     with pytest.raises(ValueError, match="give --export_dir, or --config"):
         build_model(None, None, None, [])
+
+
+def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_dir: Path):
+    """kill / docker stop signal the main process only: its worker processes must not outlive it (they kept
+    answering /health)."""
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+    port = _free_port()
+    command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+               "--config", str(tmp_path / "recipe.yaml"), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # the main process only, not its group
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(process.pid), "worker processes outlived the server"
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
