@@ -80,26 +80,34 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
         "--max_image_bytes", str(MAX_BYTES), "--max_batch_size", "3", "--batch_timeout", "1.0", "--margin", "0.1",
         "--served_model_name", SERVED_NAME,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = _start_server(command, root)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        _wait_until_healthy(base, process, root / "server.log")
         yield {"base": base, "module": module, "images": images, "root": root}
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it spawned
         process.wait(timeout=30)
-        log.close()
+
+
+def _start_server(command: list[str], root: Path) -> subprocess.Popen:
+    """The server in its own process group, logging to root/server.log."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(root / "server.log", "w") as log:
+        return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_until_healthy(base: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _expected(module, image: bytes, text: str, budget: float) -> str:
@@ -282,19 +290,9 @@ def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_d
     port = _free_port()
     command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
                "--config", str(tmp_path / "recipe.yaml"), "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = _start_server(command, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_until_healthy(f"http://127.0.0.1:{port}", process, tmp_path / "server.log")
         process.send_signal(signal.SIGTERM)  # the main process only, not its group
         process.wait(timeout=60)
         deadline = time.monotonic() + 30
