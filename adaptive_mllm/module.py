@@ -106,6 +106,8 @@ class AdaptiveMLLM(L.LightningModule):
             raise ValueError("eval_budgets is empty: give at least one budget to evaluate at, e.g. [1.0]")
         if self.full_budget_steps < 0:
             raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1: every answer has at least one token")
         if self.scheduler is not None:
             layers = self.backbone.shape.num_layers
             prefix = self.scheduler.num_prefix_layers

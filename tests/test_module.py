@@ -246,6 +246,8 @@ def test_full_budget_steps_train_every_layer_before_budgets_are_drawn(tokenizer_
 def test_negative_full_budget_steps_are_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="full_budget_steps=-1"):
         AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), full_budget_steps=-1)
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):  # it failed only after a whole fit
+        AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), max_new_tokens=0)
 
 
 def test_the_learning_rate_restarts_its_cycle_when_budgets_start_to_be_drawn():

@@ -139,14 +139,24 @@ class LlavaBackbone(LocalBackbone):
             if not any(self.checkpoint.glob("*.safetensors")):
                 raise CheckpointError(f"{self.checkpoint} holds no *.safetensors weight file")
             try:
-                model = LlavaForConditionalGeneration.from_pretrained(
-                    self.checkpoint, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
+                model, loading = LlavaForConditionalGeneration.from_pretrained(
+                    self.checkpoint, dtype=self.torch_dtype, attn_implementation=self.attn_implementation,
+                    output_loading_info=True,
                 )
             except Exception as error:  # a truncated shard, a tensor of another shape: transformers names no file
                 raise CheckpointError(
                     f"{self.checkpoint}: transformers could not load its weights ({type(error).__name__}: {error}); a weight "
                     "file is truncated or the checkpoint holds another model size than its config.json"
                 ) from error
+            # transformers only reports what it did not find (and initialises it at random): a model that trains on
+            # random layers must not start silently
+            missing, unexpected = sorted(loading.get("missing_keys", ())), sorted(loading.get("unexpected_keys", ()))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{self.checkpoint}: the weight files do not match config.json's model: missing keys "
+                    f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys "
+                    f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+                )
             image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
             if image_token_id != model.config.image_token_id:
                 raise CheckpointError(

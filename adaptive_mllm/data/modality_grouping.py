@@ -91,7 +91,9 @@ class ModalityGroupedSampler(ResumableSampler):
 
     Args:
         dataset: what is sampled.
-        lengths: each record's signed modality length (:func:`modality_lengths`).
+        lengths: each record's signed modality length (:func:`modality_lengths`), for the dataset's first
+            ``len(lengths)`` positions, the ones drawn (a LLaVA JSON dataset's later positions are records skipped
+            as bad when the file was read).
         micro_batch: records per process per step (the DataLoader's batch size).
         accumulation: micro-batches per optimizer step on each process (gradient accumulation).
         num_replicas, rank, seed: as :class:`ResumableSampler`'s. On several processes each gets the same
@@ -111,7 +113,7 @@ class ModalityGroupedSampler(ResumableSampler):
         seed: int | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
-        if len(lengths) != len(dataset):  # type: ignore[arg-type]
+        if len(lengths) > len(dataset):  # type: ignore[arg-type]
             raise ValueError(f"{len(lengths)} lengths for {len(dataset)} records")  # type: ignore[arg-type]
         if micro_batch < 1 or accumulation < 1:
             raise ValueError(f"micro_batch and accumulation must be >= 1, got {micro_batch} and {accumulation}")

@@ -93,6 +93,31 @@ def test_a_truncated_weight_file_is_named(backbone, tmp_path):
         LlavaBackbone(checkpoint=str(tmp_path / "ckpt")).build()
 
 
+@pytest.mark.parametrize("change", ["a tensor missing", "layers the config does not have"])
+def test_weights_that_do_not_match_the_config_are_refused(backbone, tmp_path, change):
+    """transformers loads such a directory with random weights where a tensor is missing (and a warning): a fit
+    would train on them. Refused, naming the keys."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    backbone.save_pretrained(tmp_path / "ckpt")
+    (weights,) = (tmp_path / "ckpt").glob("*.safetensors")
+    state = load_file(weights)
+    if change == "a tensor missing":
+        key = next(key for key in state if "layers.1.mlp.down_proj" in key)
+        del state[key]
+        expected = r"missing keys \[.*layers\.1\.mlp\.down_proj"
+    else:
+        config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        config["text_config"]["num_hidden_layers"] -= 1
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+        expected = r"unexpected keys \[.*layers\.\d"
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=expected):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt")).build()
+
+
 def test_needs_exactly_one_source(tokenizer_dir):
     with pytest.raises(ValueError, match="exactly one"):
         LlavaBackbone()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adaptive_mllm.data import LlavaDataModule
-from adaptive_mllm.data.llava_json import parse_record
+from adaptive_mllm.data.llava_json import DataWarning, parse_record
 from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_grouped_order
 from adaptive_mllm.data.resumable import ResumableSampler
 
@@ -109,6 +109,21 @@ def test_the_datamodule_trains_in_grouped_steps(write_llava, make_record, proces
     plain.setup("fit")
     plain.set_input_processor(processor)
     assert type(plain.train_dataloader().sampler) is ResumableSampler
+
+
+def test_records_skipped_at_load_are_left_out_of_the_grouped_order(write_llava, make_record, processor, tmp_path):
+    """skip_bad_records with grouping (the LLaVA recipes' setting): a record refused when the file is read has no
+    length, and the grouped order is over the records kept (it was "3 lengths for 4 records")."""
+    records = [make_record(f"i{n}") for n in range(3)] + [{"id": "bad", "conversations": [{"from": "robot", "value": "?"}]}]
+    train = write_llava(records, name="train.json")
+    datamodule = LlavaDataModule(str(train), image_folder=str(tmp_path / "images"), batch_size=2,
+                                 group_by_modality_length=True, skip_bad_records=True)
+    with pytest.warns(DataWarning):
+        datamodule.setup("fit")
+    datamodule.set_input_processor(processor)
+    datamodule.trainer = SimpleNamespace(accumulate_grad_batches=1, fit_loop=None, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    batches = [batch["ids"] for batch in datamodule.train_dataloader()]
+    assert sorted(i for batch in batches for i in batch) == ["i0", "i1", "i2"]
 
 
 def test_resuming_across_a_change_of_order_kind_is_warned():
