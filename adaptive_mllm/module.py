@@ -190,6 +190,7 @@ class AdaptiveMLLM(L.LightningModule):
         tokenizer = getattr(self.backbone.tokenizer, "name_or_path", "") or "the recipe's tokenizer"
         # another model size first: the scheduler's tensors are sized by the backbone, so they misfit too
         _check_backbone_of(state, own, [key for key in misfits if not key.startswith("scheduler.")], tokenizer)
+        _check_backbone_keys_of(state, own)
         self._check_scheduler_of(checkpoint, own, [key for key in misfits if key.startswith("scheduler.")])
         unused = [key for key in state if key.startswith("scheduler.") and key not in own]
         if unused and isinstance(self.scheduler, BaselineScheduler):
@@ -204,6 +205,12 @@ class AdaptiveMLLM(L.LightningModule):
         missing = [key for key in own if key.startswith("scheduler.") and key not in state]
         saved_class = (checkpoint.get(SCHEDULER_SPEC_KEY) or {}).get("class_path", "")
         mine = type(self.scheduler).__name__
+        if wrong and saved_class.rsplit(".", 1)[-1] == mine:
+            key = wrong[0]
+            raise ValueError(
+                f"the checkpoint's {mine} has {key} of shape {list(state[key].shape)}, the recipe's {list(own[key].shape)}: "
+                "it was built with other arguments (num_prefix_layers, rank); use the training run's"
+            )
         if wrong or (missing and saved_class and not saved_class.endswith(mine)):
             holds = saved_class.rsplit(".", 1)[-1] or "another scheduler"
             raise ValueError(
@@ -387,7 +394,7 @@ def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tens
         return
     key = next((k for k in wrong if k.endswith("embed_tokens.weight")), wrong[0])
     message = f"the checkpoint's {key} has shape {list(state[key].shape)}, the recipe's model {list(own[key].shape)}"
-    if key.endswith("embed_tokens.weight"):
+    if key.endswith("embed_tokens.weight") and state[key].shape[0] != own[key].shape[0]:
         message += (
             f": a vocabulary of {state[key].shape[0]} tokens, {tokenizer} has {own[key].shape[0]}. It is not the "
             "tokenizer the model was trained with (a generated dataset's tokenizer changes with its sizes and seed: "
@@ -396,6 +403,20 @@ def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tens
     else:
         message += f" ({len(wrong)} tensors differ): the recipe builds another model size than the one trained"
     raise ValueError(message)
+
+
+def _check_backbone_keys_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """A checkpoint with more or fewer layers (or other parts) than the recipe's model is named as such, instead
+    of torch's list of every unexpected key."""
+    missing = sorted(key for key in own if key not in state and not key.startswith("scheduler."))
+    unexpected = sorted(key for key in state if key not in own and not key.startswith("scheduler."))
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's model has other parts than the recipe's: {len(missing)} of the recipe's tensors missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), {len(unexpected)} not in the recipe's model "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}): the recipe builds another model size "
+            "(layers) than the one trained"
+        )
 
 
 def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:

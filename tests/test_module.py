@@ -118,7 +118,7 @@ def test_a_baseline_on_an_adallava_h_checkpoint_inserts_the_token_the_h_schedule
     trained.on_save_checkpoint(saved)
     assert saved["scheduler_spec"] == {
         "class_path": "adaptive_mllm.schedulers.head.HeadScheduler",
-        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops"},
+        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops", "release_checkpoint": None},
     }
     batch = _batch(trained, QUESTIONS, ANSWERS)
     budgets = torch.ones(len(QUESTIONS))
@@ -325,6 +325,27 @@ def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):
     state[sized_by_hidden] = torch.zeros(*(n + 1 for n in state[sized_by_hidden].shape))
     with pytest.raises(ValueError, match=r"up_proj.weight has shape .*another model size"):
         model.on_load_checkpoint({"state_dict": state})
+
+
+def test_a_checkpoint_of_another_width_or_depth_names_the_model_size(tokenizer_dir):
+    """Same vocabulary, another hidden size: not blamed on the tokenizer; more layers: named, not torch's key
+    list; the same scheduler class with other arguments: not "holds a LayerScheduler, builds a LayerScheduler"."""
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
+    own = dict(model.state_dict())
+    key = next(k for k in own if k.endswith("embed_tokens.weight"))
+    wider = {**own, key: torch.zeros(own[key].shape[0], own[key].shape[1] + 8)}
+    with pytest.raises(ValueError, match=r"embed_tokens.weight has shape .*another model size") as refused:
+        model.on_load_checkpoint({"state_dict": wider})
+    assert "tokenizer" not in str(refused.value)
+    layer = next(k for k in own if ".layers.0." in k and "language_model" in k)
+    deeper = {**own, layer.replace(".layers.0.", ".layers.99."): own[layer]}
+    with pytest.raises(ValueError, match=r"1 not in the recipe's model \(.*layers\.99.*another model size \(layers\)"):
+        model.on_load_checkpoint({"state_dict": deeper})
+    head = "scheduler.head.weight"
+    other_prefix = {**own, head: torch.zeros(own[head].shape[0] + 1, own[head].shape[1])}
+    spec = {"class_path": "adaptive_mllm.schedulers.layer.LayerScheduler", "init_args": {"num_prefix_layers": 2}}
+    with pytest.raises(ValueError, match=r"LayerScheduler has scheduler.head.weight of shape .*other arguments"):
+        model.on_load_checkpoint({"state_dict": other_prefix, "scheduler_spec": spec})
 
 
 def test_a_scheduler_record_that_cannot_be_built_is_named(tokenizer_dir):
