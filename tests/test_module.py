@@ -118,7 +118,7 @@ def test_a_baseline_on_an_adallava_h_checkpoint_inserts_the_token_the_h_schedule
     trained.on_save_checkpoint(saved)
     assert saved["scheduler_spec"] == {
         "class_path": "adaptive_mllm.schedulers.head.HeadScheduler",
-        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops", "release_checkpoint": None},
+        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops"},
     }
     batch = _batch(trained, QUESTIONS, ANSWERS)
     budgets = torch.ones(len(QUESTIONS))

@@ -40,6 +40,14 @@ def init_like_transformers(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def portable_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without where its weights first came from (``release_checkpoint``): whatever records a spec holds
+    the weights too (a checkpoint's state dict, an export's scheduler.safetensors), and must not need that
+    directory again to rebuild the scheduler."""
+    init_args = {key: value for key, value in spec.get("init_args", {}).items() if key != "release_checkpoint"}
+    return {**spec, "init_args": init_args}
+
+
 class Scheduler(nn.Module):
     """Base class of every scheduler.
 
@@ -79,7 +87,7 @@ class Scheduler(nn.Module):
     def spec(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}``: how to build this scheduler again (a checkpoint records it); a ValueError
         where a constructor argument cannot be read back from the object."""
-        return spec_of(self)
+        return portable_spec(spec_of(self))
 
     @staticmethod
     def from_spec(spec: dict[str, Any]) -> Scheduler:

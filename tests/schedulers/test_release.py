@@ -138,6 +138,7 @@ def test_a_scheduler_other_than_the_checkpoints_is_refused(release_dirs):
 
 def test_an_export_keeps_the_release_scheduler_without_its_directory(release_dirs, tmp_path):
     module = _module(release_dirs, "L")
+    assert "release_checkpoint" not in module.scheduler.spec()["init_args"]  # what checkpoints record, too
     export_module(module, tmp_path / "export")
     spec = json.loads((tmp_path / "export" / "scheduler.json").read_text())
     assert "release_checkpoint" not in spec["init_args"]
