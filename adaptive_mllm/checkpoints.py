@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
 SHARDED_MARKERS = (".metadata", "latest")  # torch.distributed.checkpoint's (FSDP), DeepSpeed's
@@ -128,6 +129,14 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._save_now(trainer)
+        elif isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            # Ctrl+C lands anywhere, possibly inside an optimizer step: a save now could hold half-updated weights
+            saved = self.last_model_path or "nothing yet"
+            rank_zero_warn(
+                f"interrupted at step {trainer.global_step}: the steps after the last save ({saved}) are not kept. "
+                "To stop a run and keep them, send SIGTERM (kill <pid>): it stops after the current step and saves "
+                "last.ckpt"
+            )
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, not fitting, or this step already saved

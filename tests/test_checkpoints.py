@@ -50,3 +50,20 @@ def test_a_sigterm_saves_the_steps_done(tmp_path):
     with pytest.raises(SIGTERMException):
         _fit(tmp_path, checkpoint, TerminatedAtStep3(), max_steps=50)
     assert _saved_step(tmp_path / "ckpt" / "last.ckpt") == 3  # stopped after the step it was in
+
+
+class InterruptedAtStep3(BoringModel):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:  # Ctrl+C
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+def test_ctrl_c_says_which_steps_were_not_kept(tmp_path):
+    """Ctrl+C can land inside an optimizer step, so nothing is saved then; the user is told what is lost and how
+    to stop a run keeping it."""
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    with pytest.warns(UserWarning, match=r"interrupted at step 3: the steps after the last save .*last\.ckpt.* SIGTERM"):
+        with pytest.raises(SystemExit):
+            _fit(tmp_path, checkpoint, InterruptedAtStep3(), max_steps=50)
+    assert _saved_step(tmp_path / "ckpt" / "last.ckpt") == 2
