@@ -23,20 +23,25 @@ A token selector holds no trained weights; it is not exported and is chosen agai
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.backbones.llava import LlavaBackbone
+from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.checkpoints import read_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
-from adaptive_mllm.schedulers.base import Scheduler
-from adaptive_mllm.specs import class_path, instantiate, spec_of
+from adaptive_mllm.schedulers.base import Scheduler, portable_spec
+from adaptive_mllm.specs import class_path, instantiate
 from adaptive_mllm.token_selection.base import TokenSelector
 
 BACKBONE_JSON = "backbone.json"
@@ -106,7 +111,7 @@ def export_module(
         for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
             (out_dir / name).unlink(missing_ok=True)
         return out_dir
-    spec = _without_release_checkpoint(scheduler_spec) if scheduler_spec is not None else _scheduler_spec(scheduler)
+    spec = portable_spec(scheduler_spec) if scheduler_spec is not None else _scheduler_spec(scheduler)
     _write_json(out_dir / SCHEDULER_JSON, spec)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
     save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
@@ -117,26 +122,184 @@ def load_exported(
     directory: str | Path, token_selector: TokenSelector | None = None, **module_kwargs: Any
 ) -> AdaptiveMLLM:
     """An exported directory back as an AdaptiveMLLM in eval mode (weights loaded, strictly), answering with
-    the exported settings (``module.json``) unless ``module_kwargs`` say otherwise."""
-    directory = Path(directory)
-    backbone_file = directory / BACKBONE_JSON
-    if not backbone_file.is_file():
-        raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")
-    backbone_spec = json.loads(backbone_file.read_text())
-    backbone: Backbone = instantiate({**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}})
-    scheduler: Scheduler | None = None
-    if (directory / SCHEDULER_JSON).is_file():
-        spec = json.loads((directory / SCHEDULER_JSON).read_text())
-        scheduler = instantiate(spec)
-    settings = json.loads((directory / MODULE_JSON).read_text()) if (directory / MODULE_JSON).is_file() else {}
-    module = AdaptiveMLLM(backbone, scheduler, token_selector, **{**settings, **module_kwargs})
+    the exported settings (``module.json``) unless ``module_kwargs`` say otherwise. A missing or broken file
+    is a CheckpointError (or FileNotFoundError) naming it and what is wrong."""
+    directory = _export_dir(directory)
+    backbone_spec, scheduler_spec, settings = _read_export(directory)
+    weights = _read_weights(directory / SCHEDULER_WEIGHTS) if scheduler_spec is not None else {}  # before the backbone's
+    scheduler: Scheduler | None = None if scheduler_spec is None else _build(scheduler_spec, directory / SCHEDULER_JSON)
+    backbone: Backbone = _build(
+        {**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}}, directory / BACKBONE_JSON
+    )
+    try:
+        module = AdaptiveMLLM(backbone, scheduler, token_selector, **{**settings, **module_kwargs})
+    except ValueError as error:  # a scheduler or budget that does not fit this backbone
+        given = " with the arguments given" if module_kwargs or token_selector is not None else ""
+        raise CheckpointError(
+            f"cannot build the model that {directory / SCHEDULER_JSON} and {directory / MODULE_JSON} describe{given}: {error}"
+        ) from error
     module.configure_model()
     if scheduler is not None:
-        scheduler.load_state_dict(load_file(directory / SCHEDULER_WEIGHTS), strict=True)
+        _check_weights_fit(scheduler, {key: list(tensor.shape) for key, tensor in weights.items()}, directory)
+        scheduler.load_state_dict(weights, strict=True)
     return module.eval()
 
 
+def check_export_dir(directory: str | Path) -> Path:
+    """``directory`` if it is an export whose files read and fit together, else an error naming the file and
+    what is wrong. Cheap: JSON files parsed, the backbone constructed from its config.json (no weights read),
+    the scheduler sized for it and compared with the shapes in scheduler.safetensors' header."""
+    directory = _export_dir(directory)
+    backbone_spec, scheduler_spec, _ = _read_export(directory)
+    if scheduler_spec is None:
+        return directory
+    shapes = _weight_shapes(directory / SCHEDULER_WEIGHTS)
+    backbone = _build({**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}},
+                      directory / BACKBONE_JSON)
+    scheduler = _build(scheduler_spec, directory / SCHEDULER_JSON)
+    try:
+        with torch.random.fork_rng(devices=[]):  # sizing initialises its parameters: the caller's random state is kept
+            scheduler.configure(backbone.shape)
+    except ValueError as error:  # num_prefix_layers beyond the backbone's layers, say
+        raise CheckpointError(f"{directory / SCHEDULER_JSON}: does not fit the backbone in {directory} ({error})") from error
+    _check_weights_fit(scheduler, shapes, directory)
+    return directory
+
+
+def _export_dir(directory: str | Path) -> Path:
+    """``directory`` if it exists and holds backbone.json, else a FileNotFoundError (NotADirectoryError) naming it."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"export directory {directory} does not exist (write one with `adaptive-mllm export`)")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"export directory {directory} is a file, not a directory")
+    backbone_file = directory / BACKBONE_JSON
+    if not backbone_file.is_file():
+        raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")
+    return directory
+
+
 # --- helpers ---------------------------------------------------------------------------------------------
+SPEC_FORM = '{"class_path": "package.module.Class", "init_args": {...}}'
+SETTING_TYPES: dict[str, tuple[type, ...]] = {"budget": (int, float), "max_new_tokens": (int,), "decode": (str,)}
+
+
+def _read_export(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """(backbone spec, scheduler spec or None, module settings), each file checked: JSON, form, classes, arguments."""
+    backbone_spec = _read_spec(directory / BACKBONE_JSON, Backbone, {"checkpoint": str(directory)})
+    scheduler_spec = None
+    if (directory / SCHEDULER_JSON).is_file():
+        scheduler_spec = _read_spec(directory / SCHEDULER_JSON, Scheduler)
+        weights = directory / SCHEDULER_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} is missing: {SCHEDULER_JSON} names a scheduler, but its weights are not there")
+    settings = _read_settings(directory / MODULE_JSON) if (directory / MODULE_JSON).is_file() else {}
+    return backbone_spec, scheduler_spec, settings
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    text = path.read_bytes()
+    if not text.strip():
+        raise CheckpointError(f"{path}: the file is empty, not valid JSON; export wrote a JSON object there")
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _read_spec(path: Path, base: type, extra_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A spec file whose class is a ``base`` that takes its ``init_args`` (checked, not built)."""
+    spec = _read_json(path)
+    for key, kind in [("class_path", str), ("init_args", dict)]:
+        if key not in spec:
+            raise CheckpointError(f"{path}: key {key!r} is missing; expected {SPEC_FORM}")
+        if not isinstance(spec[key], kind):
+            raise CheckpointError(f"{path}: {key!r} is a {type(spec[key]).__name__}, not a {kind.__name__}; expected {SPEC_FORM}")
+    name = spec["class_path"]
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except ImportError as error:
+        raise CheckpointError(f"{path}: class_path {name!r} cannot be imported ({error})") from None
+    except AttributeError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(f"{path}: class_path {name!r} is not a {base.__name__} class this installation knows")
+    try:
+        inspect.signature(cls).bind(**{**spec["init_args"], **(extra_args or {})})
+    except TypeError as error:
+        raise CheckpointError(f"{path}: init_args do not fit {cls.__name__} ({error})") from None
+    return spec
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    settings = _read_json(path)
+    unknown = sorted(set(settings) - set(MODULE_SETTINGS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown settings {unknown}; known: {', '.join(MODULE_SETTINGS)}")
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, SETTING_TYPES[name]):
+            raise CheckpointError(f"{path}: {name} {value!r} is a {type(value).__name__}, not a {SETTING_TYPES[name][0].__name__}")
+    return settings
+
+
+def _build(spec: dict[str, Any], path: Path) -> Any:
+    """The object a checked spec names; its constructor's refusal named with the file (a backbone's own
+    CheckpointError about its weights directory already names its file)."""
+    try:
+        return instantiate(spec)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: {spec['class_path']} refuses its init_args ({error})") from error
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    """The scheduler's tensors."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _incomplete(path, error) from None
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    """The shapes of the scheduler's tensors, read from the file's header alone."""
+    try:
+        with safe_open(path, framework="pt") as weights:
+            return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except (SafetensorError, OSError) as error:
+        raise _incomplete(path, error) from None
+
+
+def _incomplete(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} ({path.stat().st_size} bytes): not a complete safetensors file ({error}); it is truncated "
+        "(a copy stopped early) or not what export wrote"
+    )
+
+
+def _check_weights_fit(scheduler: Scheduler, shapes: dict[str, list[int]], directory: Path) -> None:
+    """The weights' names and shapes against the sized scheduler's: torch's strict load would list every
+    mismatch over many lines, naming no file."""
+    expected = {key: list(tensor.shape) for key, tensor in scheduler.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{key} {shapes[key]} where it needs {expected[key]}"
+             for key in sorted(set(expected) & set(shapes)) if shapes[key] != expected[key]]
+    problems = [
+        f"{what} {', '.join(items[:3])}{f' (and {len(items) - 3} more)' if len(items) > 3 else ''}"
+        for what, items in [("lacks", missing), ("has unexpected", unexpected), ("has", wrong)] if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{directory / SCHEDULER_WEIGHTS}: its weights do not fit the {type(scheduler).__name__} that "
+            f"{directory / SCHEDULER_JSON} names: it {'; '.join(problems)} (were they written for another scheduler?)"
+        )
+
+
 def _refuse_a_used_directory(out_dir: Path, overwrite: bool) -> None:
     """An earlier export (or anything else) in ``out_dir`` is not written over unasked."""
     if overwrite or not out_dir.exists():
@@ -166,19 +329,11 @@ def _backbone_args(backbone: Backbone) -> dict[str, Any]:
 
 def _scheduler_spec(scheduler: Scheduler) -> dict[str, Any]:
     try:
-        spec = spec_of(scheduler)
+        return scheduler.spec()
     except ValueError as error:
         raise ValueError(
             f"{error}; pass scheduler_spec={{'class_path': ..., 'init_args': ...}} (the CLI export does this from the recipe)"
         ) from None
-    return _without_release_checkpoint(spec)
-
-
-def _without_release_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
-    """The weights an AdaLLaVA release checkpoint gave the scheduler are in scheduler.safetensors: an export must
-    not need that directory again."""
-    init_args = {key: value for key, value in spec.get("init_args", {}).items() if key != "release_checkpoint"}
-    return {**spec, "init_args": init_args}
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

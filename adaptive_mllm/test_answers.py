@@ -53,15 +53,27 @@ class TestAnswerLog:
 
 
 def read_answers(path: Path) -> dict[tuple[float, Any], dict[str, Any]]:
-    """A test's answers by (budget, question id); a clear error for a line that is not one of ours."""
-    rows = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    """A test's answers by (budget, question id); a clear error, naming file and line, for a line that is not
+    one of ours (text that is not UTF-8 included) and for a question answered twice at one budget (of two
+    questions that share an id, a comparison would keep one)."""
+    rows: dict[tuple[float, Any], dict[str, Any]] = {}
+    first_line: dict[tuple[float, Any], int] = {}
+    with open(path, "rb") as handle:  # decoded line by line: the codec's own error names no file and no line
+        for number, raw in enumerate(handle, 1):
             try:
+                line = raw.decode("utf-8")
                 row = json.loads(line)
                 key = (float(row["budget"]), row["id"])
+                earlier = first_line.setdefault(key, number)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({error}): {raw.strip()[:120]!r}") from None
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{path}:{number}: not a test answer line ({error}): {line.strip()[:120]!r}") from None
+            if earlier != number:
+                raise ValueError(
+                    f"{path}:{number}: question {key[1]!r} answered again at budget {key[0]:g} (first on line {earlier}): "
+                    "the test's questions share an id, and a comparison would keep only one of them"
+                )
             rows[key] = row
     return rows
 

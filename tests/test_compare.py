@@ -83,3 +83,11 @@ def test_same_ids_for_other_questions_are_refused_and_a_lone_budget_is_named(tmp
     rows = compare(seed0, run("same", ["red", "blue"]))
     assert [row["budget"] for row in rows] == [1.0]
     assert "only A answered at budget(s) 0.5: not compared" in capsys.readouterr().out
+
+
+def test_an_answers_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", {1.0: [1, 0, 1]})
+    b = _write(tmp_path / "b", {1.0: [1, 1, 1]})
+    (b / ANSWERS_FILE).write_bytes((b / ANSWERS_FILE).read_bytes().replace(b'"id": 2', b'"id": "\xff"'))
+    with pytest.raises(ValueError, match=rf"{b / ANSWERS_FILE}:3: not UTF-8 text"):
+        cli_main(["compare", str(a), str(b)])

@@ -4,6 +4,7 @@ same logits; the `adaptive-mllm export` command does it from a recipe and a Ligh
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,3 +190,83 @@ def test_a_directory_that_is_no_sharded_checkpoint_is_named(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a sharded Lightning checkpoint"):
         read_checkpoint(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tokenizer_dir, tmp_path_factory):
+    """A small export (LayerScheduler) that the tests below copy and break."""
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2), budget=0.8)
+    module.configure_model()
+    return export_module(module, tmp_path_factory.mktemp("tiny") / "export")
+
+
+def _head_scheduler_spec(directory) -> None:
+    (directory / "scheduler.json").write_text(json.dumps(
+        {"class_path": "adaptive_mllm.schedulers.HeadScheduler", "init_args": {"num_prefix_layers": 2, "rank": 2}}
+    ))
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:40])
+
+
+CORRUPTIONS = {  # what breaks the copy, the file the error must name, what it must say
+    "backbone.json invalid": (lambda d: (d / "backbone.json").write_text("{not json"), "backbone.json", "not valid JSON"),
+    "backbone.json a list": (lambda d: (d / "backbone.json").write_text("[1, 2]"), "backbone.json", "a JSON object"),
+    "backbone.json no init_args": (lambda d: (d / "backbone.json").write_text('{"class_path": "x.Y"}'), "backbone.json",
+                                   "'init_args'"),
+    "backbone.json unknown class": (
+        lambda d: (d / "backbone.json").write_text('{"class_path": "adaptive_mllm.backbones.Nope", "init_args": {}}'),
+        "backbone.json", "adaptive_mllm.backbones.Nope"),
+    "module.json empty": (lambda d: (d / "module.json").write_text(""), "module.json", "not valid JSON"),
+    "module.json unknown setting": (lambda d: (d / "module.json").write_text('{"budget": 0.8, "colour": 1}'),
+                                    "module.json", "'colour'"),
+    "scheduler.json no init_args": (
+        lambda d: (d / "scheduler.json").write_text('{"class_path": "adaptive_mllm.schedulers.LayerScheduler"}'),
+        "scheduler.json", "'init_args'"),
+    "scheduler.json wrong arguments": (
+        lambda d: (d / "scheduler.json").write_text(
+            '{"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"layers": 2}}'),
+        "scheduler.json", "LayerScheduler"),
+    "scheduler.json beyond the layers": (
+        lambda d: (d / "scheduler.json").write_text(
+            '{"class_path": "adaptive_mllm.schedulers.LayerScheduler", "init_args": {"num_prefix_layers": 9}}'),
+        "scheduler.json", "num_prefix_layers=9"),
+    "scheduler.safetensors truncated": (lambda d: _truncate(d / "scheduler.safetensors"), "scheduler.safetensors",
+                                        "not a complete safetensors file"),
+    "scheduler.safetensors missing": (lambda d: (d / "scheduler.safetensors").unlink(), "scheduler.safetensors",
+                                      "is missing"),
+    "scheduler.safetensors other scheduler's": (_head_scheduler_spec, "scheduler.safetensors", "HeadScheduler"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_broken_export_file_is_named_with_what_is_wrong(corruption, tiny_export, tmp_path):
+    import shutil
+
+    from adaptive_mllm.backbones.local import CheckpointError
+
+    directory = shutil.copytree(tiny_export, tmp_path / "export")
+    breaks, name, says = CORRUPTIONS[corruption]
+    breaks(directory)
+    with pytest.raises(CheckpointError) as error:
+        load_exported(directory)
+    message = str(error.value)
+    assert str(directory / name) in message and says in message and "\n" not in message, message
+    from adaptive_mllm.export import check_export_dir  # the cheap check (no weights read) finds them too
+
+    with pytest.raises(CheckpointError, match=re.escape(str(directory / name))):
+        check_export_dir(directory)
+
+
+def test_the_cheap_check_of_an_export_dir(tiny_export, tmp_path):
+    from adaptive_mllm.export import check_export_dir
+
+    assert check_export_dir(tiny_export) == tiny_export
+    with pytest.raises(FileNotFoundError, match=r"export directory .*nowhere does not exist"):
+        check_export_dir(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"file is a file, not a directory"):
+        check_export_dir(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match=r"backbone\.json is missing"):
+        check_export_dir(tmp_path)

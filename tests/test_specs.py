@@ -17,7 +17,7 @@ def test_a_spec_builds_an_equal_object_again():
     spec = spec_of(HeadScheduler(3, rank=4, tau=1.5, budget_rule="release"))
     assert spec == {
         "class_path": "adaptive_mllm.schedulers.head.HeadScheduler",
-        "init_args": {"num_prefix_layers": 3, "rank": 4, "tau": 1.5, "budget_rule": "release"},
+        "init_args": {"num_prefix_layers": 3, "rank": 4, "tau": 1.5, "budget_rule": "release", "release_checkpoint": None},
     }
     again = instantiate(spec)
     assert type(again) is HeadScheduler and spec_of(again) == spec

@@ -55,3 +55,19 @@ def test_batch_sizes_that_disagree_are_refused(tmp_path):
     with pytest.raises(ValueError):
         log.write(1.0, _out(["a", "b"]), {"ids": ["q1"]}, None)
     log.close()
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    path = tmp_path / ANSWERS_FILE
+    path.write_bytes(json.dumps({"id": "q1", "budget": 1.0}).encode() + b"\n" + b'{"id": "q\xff2", "budget": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:2: not UTF-8 text"):
+        read_answers(path)
+
+
+def test_a_question_answered_twice_at_one_budget_is_refused(tmp_path):
+    # two questions that share an id: keyed by (budget, id), one would be dropped unseen
+    path = tmp_path / ANSWERS_FILE
+    rows = [{"id": "q1", "budget": 1.0}, {"id": "q1", "budget": 0.5}, {"id": "q2", "budget": 1.0}, {"id": "q1", "budget": 1.0}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:4: question 'q1' answered again at budget 1 \(first on line 1\)"):
+        read_answers(path)

@@ -137,6 +137,30 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error("--served_model_name must not be empty")
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
+    if args.export_dir is None and args.config is None:
+        p.error("give --export_dir, or --config (with --ckpt_path for trained weights)")
+
+
+def check_model_files(args: argparse.Namespace) -> None:
+    """Refuse, before the server starts, the model files its worker would fail to load (LitServe shows that as
+    the worker's traceback): what is cheap to check, the weights themselves are read by the worker."""
+    if args.export_dir is not None:
+        from adaptive_mllm.export import check_export_dir
+
+        try:
+            check_export_dir(args.export_dir)
+        except (OSError, ValueError) as error:  # FileNotFoundError, NotADirectoryError, CheckpointError
+            raise SystemExit(f"--export_dir: {error}") from None
+        return  # --config and --ckpt_path are not read
+    if args.config is not None and not Path(args.config).is_file():
+        raise SystemExit(f"--config {args.config} does not exist")
+    if args.ckpt_path is not None:
+        from adaptive_mllm.checkpoints import CheckpointError, check_checkpoint
+
+        try:
+            check_checkpoint(args.ckpt_path, required=("state_dict",))  # what module_from_checkpoint reads
+        except CheckpointError as error:
+            raise SystemExit(f"--ckpt_path: {error}") from None
 
 
 def main(argv: list[str]) -> None:
@@ -145,6 +169,7 @@ def main(argv: list[str]) -> None:
     check_arguments(p, args, overrides)
     if args.profile is not None and not Path(args.profile).is_file():
         raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
+    check_model_files(args)
     server = make_server(args, overrides)
     # SIGTERM (kill, docker stop, a supervisor) shuts down as Ctrl+C does, workers included: LitServe stops them
     # on KeyboardInterrupt only, and the default action left them running, still answering /health

@@ -262,8 +262,10 @@ def test_health_and_metrics(served):
     assert json.dumps(metrics)  # plain JSON
 
 
-def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture):
-    from adaptive_mllm.serving import serve
+def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    from adaptive_mllm.serving import serve, server
+
+    monkeypatch.setattr(server, "make_server", _refuse_to_start)  # nothing here may start a server
 
     for flags, message in [
         (["--pinned_budget", "1.5"], "--pinned_budget 1.5 must be in [0, 1]"),
@@ -281,6 +283,40 @@ def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
         serve(["--config", "recipe.yaml", "--profile", str(tmp_path / "missing.json")])
     with pytest.raises(ValueError, match="give --export_dir, or --config"):
         build_model(None, None, None, [])
+    with pytest.raises(SystemExit) as exit_info:
+        serve([])
+    assert exit_info.value.code == 2 and "give --export_dir, or --config" in capsys.readouterr().err
+
+    # model files a worker would fail to load are named alone, before the server starts (not under LitServe's
+    # worker traceback and "One or more workers failed to start")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "backbone.json").write_text("{not json")
+    (tmp_path / "recipe.yaml").write_text("model: {}\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for flags, message in [
+        (["--export_dir", str(tmp_path / "wrong")], r"--export_dir: export directory .*wrong does not exist"),
+        (["--export_dir", str(tmp_path / "empty")], r"--export_dir: .*empty/backbone\.json is missing"),
+        (["--export_dir", str(tmp_path / "broken")], r"--export_dir: .*broken/backbone\.json: not valid JSON"),
+        (["--config", str(tmp_path / "missing.yaml")], r"--config .*missing\.yaml does not exist"),
+        (["--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(tmp_path / "nope.ckpt")],
+         r"--ckpt_path: checkpoint .*nope\.ckpt: no such file"),
+        (["--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(tmp_path / "empty.ckpt")],
+         r"--ckpt_path: checkpoint .*empty\.ckpt: the file is empty"),
+    ]:
+        with pytest.raises(SystemExit, match=message) as exit_info:
+            serve(flags)
+        assert "\n" not in str(exit_info.value.code)
+    with pytest.raises(_Started):  # files that pass go on to the server
+        serve(["--config", str(tmp_path / "recipe.yaml")])
+
+
+class _Started(Exception):
+    """The arguments got past every check, to make_server."""
+
+
+def _refuse_to_start(*_: object) -> None:
+    raise _Started
 
 
 def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_dir: Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,21 @@ _STAGE_SPLIT = {"test": "test", "validate": "val", "val": "val", "fit": "val", "
 
 
 @dataclass(frozen=True)
+class IdOrigin:
+    """Where a question's id was read: the file, the id as written there, the record's position and the
+    field that holds it (None: the id is a JSON key); named in the error about an id two questions share."""
+
+    path: str | Path
+    record_id: Any
+    index: int
+    field: str | None
+
+
+@dataclass(frozen=True)
 class BenchmarkQuestion:
     """One question of a benchmark, read from its files: the prompt text (without the image placeholder),
-    the reference answer ("" when the file has none), its group and the metric's extra fields."""
+    the reference answer ("" when the file has none), its group, the metric's extra fields and where its
+    id was read (None: the benchmark's source, field ``id``)."""
 
     id: str
     image: Path | None
@@ -50,6 +63,7 @@ class BenchmarkQuestion:
     answer: str
     kind: str = DEFAULT_QUESTION_KIND
     extra: dict[str, Any] = field(default_factory=dict)
+    origin: IdOrigin | None = None
 
 
 def with_suffix(text: str, suffix: str) -> str:
@@ -64,14 +78,28 @@ def options_text(options: list[str]) -> str:
 
 
 # --- reading, with errors that name the file, the record and the field ------------------------------
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content, or a DataError naming the file."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content, or a DataError naming the file (and the line of a byte that is not
+    UTF-8: the codec's own error names only a byte offset, and no file)."""
     if not os.path.isfile(path):
         raise DataError.at(path, "file not found")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError.at(path, f"cannot read the file: {error}") from error
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError.at(path, f"line {line} is not UTF-8 text ({error.reason}: byte {data[error.start]:#04x} at offset {error.start})") from error
+
+
+def read_json(path: str | Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """A JSON file's content, or a DataError naming the file (``object_pairs_hook``: as ``json.loads``'s)."""
+    text = read_text(path)
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as error:
         raise DataError.at(path, f"cannot read the JSON file: {error}") from error
 
 
@@ -118,18 +146,35 @@ def plain_name(value: str, path: str | Path, record_id: Any, index: int | None, 
     return value
 
 
+def check_unique_ids(questions: list[BenchmarkQuestion], source: str | Path) -> None:
+    """A DataError naming the second of two questions with one id: test answers, predictions, submissions
+    and ``adaptive-mllm compare`` are keyed by id, and would keep only one of them."""
+    first: dict[str, int] = {}
+    for position, question in enumerate(questions):
+        earlier = first.setdefault(question.id, position)
+        if earlier == position:
+            continue
+        where = question.origin or IdOrigin(source, question.id, position, "id")
+        before = questions[earlier].origin or IdOrigin(source, question.id, earlier, "id")
+        other = f"record {before.index}" if Path(before.path) == Path(where.path) else f"{before.path}, record {before.index},"
+        held_in = f"the same {where.field}" if where.field is not None else "the same key"
+        raise DataError.at(where.path, f"duplicate id: {other} has {held_in}", where.record_id, where.index, where.field)
+
+
 # --- dataset and collator ---------------------------------------------------------------------------
 class BenchmarkDataset(LlavaJsonDataset):
     """A benchmark's questions as LLaVA records: items are encoded by LlavaJsonDataset's code, plus the
     extra fields of each question.
 
     LlavaJsonDataset's constructor reads a LLaVA JSON file; the benchmark's files are read by its
-    datamodule instead, so this constructor sets the same attributes from the parsed questions.
+    datamodule instead, so this constructor sets the same attributes from the parsed questions, and
+    refuses two questions with one id as LlavaJsonDataset does (every loader's questions pass here).
     """
 
     def __init__(
         self, source: str | Path, questions: list[BenchmarkQuestion], input_processor: InputProcessor | None = None
     ) -> None:
+        check_unique_ids(questions, source)
         self.json_path = Path(source)  # named in every error about an item
         self.image_folder = self.json_path.parent
         self.skip_bad_records = False

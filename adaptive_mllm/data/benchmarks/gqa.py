@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    IdOrigin,
     existing_image,
     read_json,
     require,
@@ -15,6 +17,19 @@ from adaptive_mllm.data.benchmarks.base import (
 )
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
 from adaptive_mllm.metrics import GQAAccuracy
+
+
+def _content_and_keys(path: str | Path) -> tuple[Any, list[str]]:
+    """The JSON file's content and its outermost object's keys in file order, repeats kept: GQA's question
+    ids are those keys, and json keeps only the last of two equal keys (a question would be lost unseen)."""
+    outermost: list[list[tuple[str, Any]]] = [[]]
+
+    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        outermost[0] = pairs  # objects are built inside out: the outermost one is the last
+        return dict(pairs)
+
+    content = read_json(path, object_pairs_hook=keep_pairs)
+    return content, [key for key, _ in outermost[0]]
 
 
 class GQADataModule(BenchmarkDataModule):
@@ -49,7 +64,7 @@ class GQADataModule(BenchmarkDataModule):
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
         path = self.questions_json
-        content = read_json(path)
+        content, keys = _content_and_keys(path)
         if not isinstance(content, dict) or any(isinstance(content.get(k), list) for k in ("questions", "annotations")):
             found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
             raise DataError.at(
@@ -57,12 +72,21 @@ class GQADataModule(BenchmarkDataModule):
                 f"expected GQA's questions file, a JSON object {{question id: {{'question', 'imageId', 'answer', ...}}}}, "
                 f"found {found} (a VQA-style file?)",
             )
+        first: dict[str, int] = {}
+        for index, question_id in enumerate(keys):
+            earlier = first.setdefault(question_id, index)
+            if earlier != index:
+                raise DataError.at(path, f"duplicate id: record {earlier} has the same key", question_id, index)
         folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "images"
         questions = []
         for index, (question_id, raw) in enumerate(content.items()):
             text = require(raw, "question", str, path, question_id, index)
             image_id = require(raw, "imageId", str, path, question_id, index)
-            answer = require(raw, "answer", str, path, question_id, index) if require_answers else raw.get("answer", "")
+            answer = ""
+            if require_answers or raw.get("answer") is not None:
+                answer = require(raw, "answer", str, path, question_id, index)
+                if require_answers and not answer.strip():  # scored against "", every answer would be wrong
+                    raise DataError.at(path, "expected a non-empty answer", question_id, index, "answer")
             types = raw.get("types")
             kind = types.get("structural") if isinstance(types, dict) else None
             questions.append(
@@ -70,8 +94,9 @@ class GQADataModule(BenchmarkDataModule):
                     id=str(question_id),
                     image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "imageId"),
                     text=with_suffix(text, self.prompt_suffix),
-                    answer=answer if isinstance(answer, str) else "",
+                    answer=answer,
                     kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+                    origin=IdOrigin(path, question_id, index, None),
                 )
             )
         return questions

@@ -18,6 +18,7 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkDataset,
     BenchmarkQuestion,
+    IdOrigin,
     options_text,
     with_suffix,
 )
@@ -152,6 +153,9 @@ class MMBenchDataModule(BenchmarkDataModule):
                         answer=letter,
                         kind=category,
                         extra={"num_choices": len(options), "question_group": group, "options": shifted},
+                        # a repeated index repeats the ids; a rotation's own ids ("<index>-<shift>" here,
+                        # index + k * 1e6 in a TSV that holds them) are distinct
+                        origin=IdOrigin(path, index, position, "index"),
                     )
                 )
                 images.append(image)

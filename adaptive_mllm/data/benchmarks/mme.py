@@ -3,6 +3,7 @@ images and, per image, a text file of its two questions with their Yes / No answ
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     inside_image_folder,
+    read_text,
     with_suffix,
 )
 from adaptive_mllm.data.llava_json import DataError
@@ -55,6 +57,8 @@ class MMEDataModule(BenchmarkDataModule):
         unknown = sorted(set(subtasks or ()) - set(MME_SUBTASKS))
         if unknown:
             raise ValueError(f"unknown MME subtasks {unknown}; the official ones are {list(MME_SUBTASKS)}")
+        if subtasks is not None and len(set(subtasks)) != len(subtasks):  # a subtask read twice: its ids twice
+            raise ValueError(f"subtasks must be distinct subtask names, got {subtasks}")
         self.subtasks = subtasks
         self.prompt_suffix = prompt_suffix
 
@@ -96,8 +100,8 @@ class MMEDataModule(BenchmarkDataModule):
                     image = inside_image_folder(Path(self.root), os.path.relpath(image, self.root), path, record, 0, "image")
                 if image is None:
                     raise DataError.at(path, f"no image {stem}.jpg / .png in {image_folder}", record, 0, "image")
-                with open(path, encoding="utf-8") as handle:
-                    lines = [line.rstrip("\r\n") for line in handle if line.strip()]
+                # split as open() splits (universal newlines); read_text names the file of a byte that is not UTF-8
+                lines = [line.rstrip("\r\n") for line in io.StringIO(read_text(path), newline=None) if line.strip()]
                 if not lines:
                     raise DataError.at(path, "empty question file", f"{subtask}/{stem}", 0, "question")
                 for index, line in enumerate(lines):

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    IdOrigin,
     existing_image,
+    read_text,
     require,
     with_suffix,
 )
@@ -56,20 +58,18 @@ class POPEDataModule(BenchmarkDataModule):
         return Path(self.question_folder)
 
     def _lines(self, path: Path) -> list[tuple[int, dict]]:
-        if not os.path.isfile(path):
-            raise DataError.at(path, "file not found")
         records = []
-        with open(path, encoding="utf-8") as handle:
-            for index, line in enumerate(handle):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError.at(path, f"line {index + 1} is not JSON ({error}); POPE files hold one JSON object per line", None, index, "line") from error
-                if not isinstance(raw, dict):
-                    raise DataError.at(path, f"expected one JSON object per line, got {type(raw).__name__}", None, index, "line")
-                records.append((index, raw))
+        # the lines as open() splits them (universal newlines), of text read_text has checked is UTF-8
+        for index, line in enumerate(io.StringIO(read_text(path), newline=None)):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError.at(path, f"line {index + 1} is not JSON ({error}); POPE files hold one JSON object per line", None, index, "line") from error
+            if not isinstance(raw, dict):
+                raise DataError.at(path, f"expected one JSON object per line, got {type(raw).__name__}", None, index, "line")
+            records.append((index, raw))
         return records
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
@@ -93,6 +93,7 @@ class POPEDataModule(BenchmarkDataModule):
                         text=with_suffix(text, self.prompt_suffix),
                         answer=label,
                         kind=split,
+                        origin=IdOrigin(path, question_id, index, "question_id"),
                     )
                 )
         return questions

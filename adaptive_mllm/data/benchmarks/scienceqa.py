@@ -11,6 +11,7 @@ from adaptive_mllm.data.benchmarks.base import (
     OPTION_LETTER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    IdOrigin,
     existing_image,
     inside_image_folder,
     options_text,
@@ -112,6 +113,7 @@ class ScienceQADataModule(BenchmarkDataModule):
                     answer=answer,
                     kind=subject if isinstance(subject, str) and subject else DEFAULT_QUESTION_KIND,
                     extra={"num_choices": len(choices)},
+                    origin=IdOrigin(self.pid_splits_json, pid, index, self.split),
                 )
             )
         return questions

@@ -10,12 +10,15 @@ from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    IdOrigin,
     existing_image,
     read_json,
     require,
 )
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import VQAAccuracy
+
+HUMAN_ANSWERS = 10  # m4c_evaluator.py (LLaVA's eval_textvqa.py) scores against exactly ten
 
 
 def _data(path: str | Path, what: str) -> list:
@@ -88,9 +91,17 @@ class TextVQADataModule(BenchmarkDataModule):
             question_id = require(raw, "question_id", (int, str), path, None, index)
             text = require(raw, "question", str, path, question_id, index)
             image_id = require(raw, "image_id", str, path, question_id, index)
-            humans = require(raw, "answers", list, path, question_id, index) if require_answers else raw.get("answers") or []
-            if not all(isinstance(a, str) for a in humans):
-                raise DataError.at(path, "expected a list of strings", question_id, index, "answers")
+            humans: list = []
+            if require_answers or raw.get("answers") is not None:
+                humans = require(raw, "answers", list, path, question_id, index)
+                if not all(isinstance(a, str) for a in humans):
+                    raise DataError.at(path, "expected a list of strings", question_id, index, "answers")
+                # checked here, not by the metric mid-test, where the error could not say which record
+                if require_answers and len(humans) != HUMAN_ANSWERS:
+                    raise DataError.at(
+                        path, f"expected {HUMAN_ANSWERS} human answers (TextVQA's evaluator scores against ten), got {len(humans)}",
+                        question_id, index, "answers",
+                    )  # fmt: skip
             text = text.strip()
             text = text[:1].upper() + text[1:]  # the annotation's lower-case question, capitalised as LLaVA asks it
             if self.use_ocr:
@@ -112,6 +123,7 @@ class TextVQADataModule(BenchmarkDataModule):
                     text=f"{text}\n{self.prompt_suffix}" if self.prompt_suffix else text,  # an empty OCR line keeps its space
                     answer=answer,
                     extra={"all_answers": list(humans), "question_id": question_id},
+                    origin=IdOrigin(path, question_id, index, "question_id"),
                 )
             )
         return questions

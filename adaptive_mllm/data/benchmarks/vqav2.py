@@ -10,6 +10,7 @@ from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    IdOrigin,
     existing_image,
     plain_name,
     read_json,
@@ -104,9 +105,14 @@ class VQAv2DataModule(BenchmarkDataModule):
             if require_answers:
                 raise ValueError("VQAv2DataModule: scoring needs annotations_json (the official annotations file)")
             return {}
-        by_question = {}
+        by_question, first = {}, {}
         for index, raw in enumerate(_records(self.annotations_json, "annotations", "questions")):
             question_id = require(raw, "question_id", int, self.annotations_json, None, index)
+            earlier = first.setdefault(question_id, index)
+            if earlier != index:  # which of the two would score the question?
+                raise DataError.at(
+                    self.annotations_json, f"duplicate id: annotation {earlier} has the same question_id", question_id, index, "question_id"
+                )
             answers = require(raw, "answers", list, self.annotations_json, question_id, index)
             if not answers or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
                 raise DataError.at(
@@ -148,6 +154,7 @@ class VQAv2DataModule(BenchmarkDataModule):
                     answer=answer if isinstance(answer, str) else (humans[0] if humans else ""),
                     kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
                     extra={"all_answers": humans, "question_id": question_id},
+                    origin=IdOrigin(self.questions_json, question_id, index, "question_id"),
                 )
             )
         if not require_answers and not Path(self.submission_questions()).is_file():

@@ -211,3 +211,115 @@ def test_mme_image_symlink_outside_is_refused(tmp_path, flat):
         MMEDataModule(str(files["root"]), subtasks=[subtask]).setup("test")
     text = files["root"] / subtask / ("" if flat else "questions_answers_YN") / f"{stem}.txt"
     _assert_refused(error.value, text, f"{subtask}/{stem}", 0, "image")
+
+
+# --- a question id used twice: answers, predictions and `adaptive-mllm compare` are keyed by id -----------
+def _repeat_pope_id(files: dict[str, Path]) -> Path:
+    path = files["questions"] / "coco_pope_random.json"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines[1]["question_id"] = lines[0]["question_id"]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def _repeat_gqa_key(files: dict[str, Path]) -> Path:
+    path = files["questions"]
+    # json keeps the last of two equal keys: the file is written by hand, as a repeated key would be
+    first, second, _ = json.loads(path.read_text()).items()
+    path.write_text("{" + ", ".join(f"{json.dumps(key)}: {json.dumps(raw)}" for key, raw in (first, second, (first[0], second[1]))) + "}")
+    return path
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A benchmark file edited so that its record ``index`` repeats an earlier record's id, and where the
+    error must point."""
+
+    name: str
+    write: Callable[[Path], dict[str, Path]]
+    make: Callable[[dict[str, Path]], object]
+    repeat: Callable[[dict[str, Path]], Path]  # returns the edited file
+    record_id: object
+    index: int
+    field: str | None
+    first: int  # the index of the earlier record with that id
+
+
+REPEATS = [
+    Repeat("pope", write_pope, lambda f: POPEDataModule(str(f["questions"]), str(f["images"])), _repeat_pope_id, 1, 1, "question_id", 0),
+    Repeat("gqa", write_gqa, lambda f: GQADataModule(str(f["questions"])), _repeat_gqa_key, "201307251", 2, None, 0),
+    Repeat(
+        "textvqa", write_textvqa, lambda f: TextVQADataModule(str(f["questions"]), use_ocr=False),
+        lambda f: _edit_json(f["questions"], lambda c: c["data"][1].update(question_id=34602)), 34602, 1, "question_id", 0,
+    ),
+    Repeat(
+        "scienceqa", write_scienceqa, lambda f: ScienceQADataModule(str(f["problems"])),
+        lambda f: _edit_json(f["splits"], lambda c: c.update(test=["5", "9", "11", "9"])), "9", 3, "test", 1,
+    ),
+    Repeat(
+        "vqav2", write_vqav2, lambda f: VQAv2DataModule(str(f["questions"])),  # predict: no annotations needed
+        lambda f: _edit_json(f["questions"], lambda c: c["questions"][2].update(question_id=42000)), 42000, 2, "question_id", 0,
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("repeat", REPEATS, ids=[repeat.name for repeat in REPEATS])
+def test_a_question_id_used_twice_is_refused(tmp_path, repeat):
+    files = repeat.write(tmp_path / repeat.name)
+    path = repeat.repeat(files)
+    with pytest.raises(DataError) as error:
+        repeat.make(files).setup("predict")
+    message = str(error.value)
+    assert error.value.json_path == str(path) and message.startswith(f"{path}, ") and "\n" not in message
+    assert (error.value.record_id, error.value.index, error.value.field) == (repeat.record_id, repeat.index, repeat.field)
+    assert f"record id {repeat.record_id!r} (index {repeat.index})" in message
+    assert f"duplicate id: record {repeat.first} has the same" in message
+
+
+# --- bytes that are not UTF-8: the file and the line named, not a bare UnicodeDecodeError ----------------
+def _spoil_line(path: Path, line: int) -> Path:
+    """Writes the file (JSON re-written one value per line) with a 0xff byte, never UTF-8, opening ``line``."""
+    if path.suffix == ".json" and "pope" not in path.name:
+        path.write_text(json.dumps(json.loads(path.read_text()), indent=1))
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = b"\xff" + lines[line - 1]
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+@dataclass(frozen=True)
+class Spoiled:
+    """A benchmark file of which one line holds a byte that is not UTF-8."""
+
+    name: str
+    write: Callable[[Path], dict[str, Path]]
+    make: Callable[[dict[str, Path]], object]
+    file: Callable[[dict[str, Path]], Path]
+    line: int
+
+
+SPOILED = [
+    Spoiled("pope", write_pope, lambda f: POPEDataModule(str(f["questions"]), str(f["images"])), lambda f: f["questions"] / "coco_pope_popular.json", 2),
+    Spoiled("gqa", write_gqa, lambda f: GQADataModule(str(f["questions"])), lambda f: f["questions"], 3),
+    Spoiled("textvqa", write_textvqa, lambda f: TextVQADataModule(str(f["questions"]), use_ocr=False), lambda f: f["questions"], 4),
+    Spoiled("textvqa-ocr", write_textvqa, lambda f: TextVQADataModule(str(f["questions"]), ocr_json=str(f["ocr"])), lambda f: f["ocr"], 5),
+    Spoiled("scienceqa", write_scienceqa, lambda f: ScienceQADataModule(str(f["problems"])), lambda f: f["problems"], 6),
+    Spoiled("scienceqa-splits", write_scienceqa, lambda f: ScienceQADataModule(str(f["problems"])), lambda f: f["splits"], 2),
+    Spoiled("vqav2", write_vqav2, lambda f: VQAv2DataModule(str(f["questions"]), str(f["annotations"])), lambda f: f["questions"], 7),
+    Spoiled("vqav2-annotations", write_vqav2, lambda f: VQAv2DataModule(str(f["questions"]), str(f["annotations"])), lambda f: f["annotations"], 8),
+    Spoiled(
+        "mme", write_mme, lambda f: MMEDataModule(str(f["root"])),
+        lambda f: f["root"] / "existence" / "000000018918.txt", 2,
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spoiled", SPOILED, ids=[spoiled.name for spoiled in SPOILED])
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path, spoiled):
+    files = spoiled.write(tmp_path / spoiled.name)
+    path = _spoil_line(spoiled.file(files), spoiled.line)
+    with pytest.raises(DataError) as error:
+        spoiled.make(files).setup("test")
+    message = str(error.value)
+    assert error.value.json_path == str(path) and "\n" not in message
+    assert message.startswith(f"{path}: line {spoiled.line} is not UTF-8 text (invalid start byte: byte 0xff"), message

@@ -45,3 +45,13 @@ def test_list_instead_of_mapping(tmp_path):
     path.write_text(json.dumps([{"question": "?"}]))
     with pytest.raises(DataError, match="expected GQA's questions file"):
         GQADataModule(str(path)).setup("test")
+
+
+def test_an_empty_answer_is_refused_for_scoring(gqa_files, first_batch):
+    path = gqa_files["questions"]
+    content = json.loads(path.read_text())
+    content["201640614"]["answer"] = " "
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"record id '201640614' \(index 1\), field 'answer': expected a non-empty answer"):
+        GQADataModule(str(path)).setup("test")
+    first_batch(GQADataModule(str(path), batch_size=3), "predict")  # predict scores nothing

@@ -126,3 +126,29 @@ def test_an_option_that_only_looks_missing_stays(mmbench_tsv, first_batch):
     for kept in ("n.a.", " None ", "NA "):  # not one of pandas' strings (it compares the whole cell, unstripped)
         path = mmbench_tsv(lambda rows, kept=kept: rows[0].update(D=kept))
         assert first_batch(MMBenchDataModule(str(path), circular=False, batch_size=8))["num_choices"][0] == 4
+
+
+@pytest.mark.parametrize("circular", [True, False], ids=["circular", "vanilla"])
+def test_an_index_used_twice_is_refused(mmbench_tsv, circular):
+    # a test's answers are keyed by id ("0", or "0-<shift>" per rotation): the second row's would replace the first's
+    path = mmbench_tsv(lambda rows: rows[1].update(index="0"))
+    with pytest.raises(DataError) as error:
+        MMBenchDataModule(str(path), circular=circular).setup("test")
+    assert str(error.value).startswith(f"{path}, record id 0 (index 1), field 'index': duplicate id: record 0 has the same index")
+    assert (error.value.json_path, error.value.field) == (str(path), "index")
+
+
+def test_rotations_are_not_ids_used_twice(mmbench_tsv, first_batch):
+    # a TSV that holds the rotations (index + k * 1e6) of both rows, asked with circular on and off
+    def rotations(rows):
+        for row in list(rows):
+            for shift in (1, 2):
+                rows.append(dict(row, index=str(int(row["index"]) + shift * 1_000_000)))
+
+    path = str(mmbench_tsv(rotations))
+    assert first_batch(MMBenchDataModule(path, batch_size=8))["ids"] == ["0", "1", "1000000", "2000000", "1000001", "2000001"]
+    assert first_batch(MMBenchDataModule(path, circular=False, batch_size=8))["ids"] == ["0", "1"]
+    # ... but a rotation's index used twice is refused
+    repeated = mmbench_tsv(lambda rows: (rotations(rows), rows[3].update(index="1000000")))
+    with pytest.raises(DataError, match=r"record id 1000000 \(index 3\), field 'index': duplicate id: record 2 has the same index"):
+        MMBenchDataModule(str(repeated)).setup("test")

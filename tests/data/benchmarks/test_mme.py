@@ -94,3 +94,8 @@ def test_a_symlink_out_of_the_mme_folder_is_refused(mme_files, tmp_path, escape)
     with pytest.raises(DataError, match="outside the image folder") as refused:
         MMEDataModule(str(root)).setup("test")
     assert "SECRET" not in str(refused.value)
+
+
+def test_a_subtask_named_twice_is_refused(mme_files):
+    with pytest.raises(ValueError, match="subtasks must be distinct"):
+        MMEDataModule(str(mme_files["root"]), subtasks=["existence", "artwork", "existence"])

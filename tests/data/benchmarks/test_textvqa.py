@@ -66,3 +66,28 @@ def test_wrong_file(textvqa_files):
     path.write_text(json.dumps({"questions": []}))
     with pytest.raises(DataError, match="TextVQA questions file"):
         TextVQADataModule(str(path), use_ocr=False).setup("test")
+
+
+def _set_answers(path, answers):
+    content = json.loads(path.read_text())
+    content["data"][1]["answers"] = answers
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("answers", [[], ["stop"] * 9], ids=["empty", "nine"])
+def test_a_record_without_ten_answers_is_refused_when_read(textvqa_files, first_batch, answers):
+    # not mid-test by the metric (TextVQA's evaluator scores against exactly ten), where no record is named
+    path = textvqa_files["questions"]
+    _set_answers(path, answers)
+    with pytest.raises(DataError) as error:
+        TextVQADataModule(str(path), use_ocr=False).setup("test")
+    assert str(error.value).startswith(f"{path}, record id 34603 (index 1), field 'answers': expected 10 human answers")
+    assert (error.value.json_path, error.value.field) == (str(path), "answers")
+    first_batch(TextVQADataModule(str(path), use_ocr=False, batch_size=2), "predict")  # predict scores nothing
+
+
+def test_answers_that_are_not_a_list_are_refused_for_predict_too(textvqa_files):
+    path = textvqa_files["questions"]
+    _set_answers(path, "stop")  # not read as the characters s, t, o, p
+    with pytest.raises(DataError, match=r"record id 34603 \(index 1\), field 'answers': expected list, got str"):
+        TextVQADataModule(str(path), use_ocr=False).setup("predict")

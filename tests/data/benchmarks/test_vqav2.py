@@ -115,3 +115,13 @@ def test_submission_questions(vqav2_files, tmp_path):
     # predicting test-dev without the test2015 questions: told before the answers are made
     with pytest.warns(UserWarning, match=r"v2_OpenEnded_mscoco_test2015_questions\.json not found: predict writes the answers but no EvalAI"):
         dm.setup("predict")
+
+
+def test_an_annotation_used_twice_is_refused(vqav2_files):
+    path = vqav2_files["annotations"]
+    content = json.loads(path.read_text())
+    content["annotations"].append(dict(content["annotations"][1], multiple_choice_answer="7"))  # which one scores?
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError) as error:
+        VQAv2DataModule(str(vqav2_files["questions"]), str(path)).setup("test")
+    assert str(error.value).startswith(f"{path}, record id 42001 (index 3), field 'question_id': duplicate id: annotation 1")
