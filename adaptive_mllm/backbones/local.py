@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,12 @@ class ModelSizes:
         return cls(**config)
 
 
+def _not_the_unknown_model_type_notice(record: logging.LogRecord) -> bool:
+    """transformers 5 reads config.json to pick a tokenizer class and warns that a release's model type
+    (llava_llama, ada_llava_llama, mipha_phi) is not one of its own: true, and nothing to do with the tokenizer."""
+    return "to instantiate a model of type ``" not in record.getMessage()
+
+
 class LocalBackbone(Backbone):
     """Base of :class:`LlavaBackbone` and :class:`MiphaBackbone`; subclasses set ``_max_length`` once
     their config is read, and ``model`` in ``build``."""
@@ -110,7 +117,12 @@ class LocalBackbone(Backbone):
             raise CheckpointError(f"tokenizer directory {directory} does not exist")
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"{directory} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)}")
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        config_logger = logging.getLogger("transformers.configuration_utils")
+        config_logger.addFilter(_not_the_unknown_model_type_notice)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        finally:
+            config_logger.removeFilter(_not_the_unknown_model_type_notice)
         if (directory / "tokenizer.model").is_file():  # SentencePiece's merge order (transformers 5 loses it)
             tokenizer = order_merges_by_score(tokenizer, directory / "tokenizer.model")
         return tokenizer

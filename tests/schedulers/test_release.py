@@ -168,3 +168,17 @@ def test_the_release_recipe_reads_a_release_checkpoint(release_dirs):
     assert torch.equal(module.scheduler.head.weight, saved["scheduler.mlp_head.weight"])
     assert torch.equal(module.scheduler.latency_encoder.up.weight, saved["scheduler.scheduler_up_proj.net.1.weight"])
     assert module.scheduler.budget_rule == "release"
+
+
+def test_reading_the_release_tokenizer_says_nothing_about_its_model_type(release_dirs):
+    """transformers warns that ada_llava_llama is not its model type when it only reads the tokenizer: noise.
+    In a process of its own: transformers' log handler is set up once per process."""
+    import subprocess
+    import sys
+
+    tower, checkpoints = release_dirs
+    code = ("import sys; from adaptive_mllm.backbones import LlavaBackbone; "
+            "print(len(LlavaBackbone(checkpoint=sys.argv[1], vision_tower=sys.argv[2]).tokenizer))")
+    done = subprocess.run([sys.executable, "-c", code, str(checkpoints["L"]), str(tower)], capture_output=True, text=True, check=True)
+    assert int(done.stdout) > 0
+    assert "model of type" not in done.stderr
