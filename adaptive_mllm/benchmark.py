@@ -3,7 +3,7 @@ analytic FLOPs fraction, and the full-budget time beside plain transformers with
 
 Every figure is a ratio measured inside one run (machines are noisy): the median of ``repeats`` rounds,\neach round timing every configuration once, so that a slow spell hits all of them alike.
 With a token selector in the model, every budget is measured twice in the same run, with the selector
-and without it, and every ratio is taken to the plain full model (no selector, the largest budget).
+and without it, and every ratio is taken to the plain full model (no selector, budget 1.0, always timed).
 "prefill" is the LLM's prefill on the projected image features; the vision tower, the selector's
 before-LLM work and the projector are timed apart ("encode").
 
@@ -234,7 +234,7 @@ def run_benchmark(
         row["prefill_s"] = prefill_s[index]
         row["decode_s"] = decode_s[index] / decode_tokens
         _decode_columns(row, decode_s.get((decode_mode, index)), decode_tokens, decode_mode, device_bandwidth(device, bandwidth_gbs))
-    # ratios to the plain full model: no selector, the largest budget
+    # ratios to the plain full model: no selector, the largest budget (1.0: main adds it)
     reference = max((row for row in rows if row["selector"] == "none"), key=lambda row: row["budget"])
     for row in rows:
         row["prefill_ratio"] = row["prefill_s"] / reference["prefill_s"]
@@ -322,6 +322,13 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     )  # fmt: skip
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the 'vs limit' column (default: a table of known GPUs)")
     own, rest = parser.parse_known_args(argv)
+    for name in ("prompt_length", "batch_size", "decode_tokens", "repeats"):
+        if getattr(own, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(own, name)}")
+    if not all(0.0 < budget <= 1.0 for budget in own.budgets):
+        parser.error(f"--budgets must be in (0, 1], got {own.budgets}")
+    if 1.0 not in own.budgets:  # every ratio is to the full model: it is timed too, not the largest budget asked
+        own.budgets = [1.0, *own.budgets]
     model = build_model(rest, own.device)
     model.to(own.device)
     rows = run_benchmark(

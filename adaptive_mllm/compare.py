@@ -104,5 +104,6 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
               str(r["B higher"]), f"{r['p']:.2g}", r["better"]] for r in rows]  # fmt: skip
     print_table(f"A = {args.run_a}, B = {args.run_b} (better: p < {args.alpha:g})", header, table)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(format_table(header, table) + "\n")
     return rows

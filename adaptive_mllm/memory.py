@@ -213,6 +213,10 @@ def main(argv: list[str]) -> MemoryPlan:
     parser.add_argument("--batch_size", type=int, help="records per device (default: the recipe's data batch_size)")
     parser.add_argument("--seq_len", type=int, help="tokens per record (default: the backbone's max_length + 1)")
     own, rest = parser.parse_known_args(argv)
+    for flag, value in [("--trainer.devices", own.devices), ("--trainer.num_nodes", own.num_nodes),
+                        ("--batch_size", own.batch_size), ("--seq_len", own.seq_len)]:
+        if value is not None and value < 1:  # 0 read as "not given" planned for the recipe's value instead
+            parser.error(f"{flag} must be >= 1, got {value}")
     settings = _trainer_settings(own.config)
     cli = build_on_meta(["--config", own.config, *rest])
     batch_size = own.batch_size or getattr(cli.datamodule, "batch_size", None) or 1

@@ -104,6 +104,9 @@ class AdaptiveMLLM(L.LightningModule):
             raise ValueError(f"train_budget_range: low {low} > high {high}")
         if not self.eval_budgets:
             raise ValueError("eval_budgets is empty: give at least one budget to evaluate at, e.g. [1.0]")
+        repeated = sorted({b for b in self.eval_budgets if self.eval_budgets.count(b) > 1})
+        if repeated:  # reports and metrics are keyed by budget: a second run of one would overwrite the first
+            raise ValueError(f"eval_budgets: budget {repeated[0]} appears twice in {self.eval_budgets}")
         if self.full_budget_steps < 0:
             raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
         if self.max_new_tokens < 1:

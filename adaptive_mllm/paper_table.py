@@ -241,6 +241,11 @@ def main(argv: list[str]) -> Path:
     bad = [b for b in args.budgets if not 0.0 < b <= 1.0]
     if bad:
         parser.error(f"--budgets must be in (0, 1], got {bad}")
+    if len(set(args.budgets)) != len(args.budgets):
+        parser.error(f"--budgets: each budget once, got {args.budgets}")
+    budget_flags = [flag for flag in extra if flag.split("=", 1)[0] in ("--model.eval_budgets", "--model.init_args.eval_budgets")]
+    if budget_flags:  # the table's runs score exactly --budgets: another list would leave its rows empty
+        parser.error(f"give the budgets with --budgets, not {budget_flags[0]}")
     out = Path(args.out)
     if args.config:
         # extra flags go to every test run (e.g. --trainer.devices=1 --trainer.precision=bf16-true)

@@ -124,6 +124,9 @@ def main(argv: list[str]) -> Path:
     labels = args.labels or [Path(path).parent.name or str(path) for path in args.results]
     if len(labels) != len(args.results):
         parser.error(f"{len(labels)} labels for {len(args.results)} result files")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # curves are keyed by label: one would silently replace the other
+        parser.error(f"two runs are labelled {repeated[0]!r}: give each its own with --labels")
     runs = {}
     for label, path in zip(labels, args.results, strict=True):
         rows = read_results_csv(path)

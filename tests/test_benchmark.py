@@ -67,3 +67,13 @@ def test_benchmark_runs_a_phi_backbone(tokenizer_dir):
     assert by_budget[0.7]["units"] < by_budget[1.0]["units"]
     assert by_budget[0.7]["flops_fraction"] <= 0.7
     assert by_budget["transformers"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--decode_tokens", "--repeats", "--prompt_length"])
+def test_counts_below_one_are_refused_naming_the_flag(flag, capsys):
+    """They crashed deep inside (a reshape of 0 elements, a division by zero, a median of nothing)."""
+    from adaptive_mllm.benchmark import main as benchmark_main
+
+    with pytest.raises(SystemExit):
+        benchmark_main(["--config", "unread.yaml", flag, "0"])
+    assert f"{flag} must be >= 1" in capsys.readouterr().err

@@ -37,13 +37,14 @@ def test_two_runs_compared_question_by_question(tmp_path: Path, capsys) -> None:
     # 12 questions B gets wrong and B on none: A higher (p = 2 / 2^12)
     a = _write(tmp_path / "a", {1.0: [1] * 20 + [0] * 20 + [1] * 60, 0.5: [1] * 12 + [0] * 88})
     b = _write(tmp_path / "b", {1.0: [0] * 20 + [1] * 20 + [1] * 60, 0.5: [0] * 100})
-    rows = compare_main([str(a), str(b), "--out", str(tmp_path / "compare.md")])
+    rows = compare_main([str(a), str(b), "--out", str(tmp_path / "new" / "compare.md")])  # its folder made
+    assert (tmp_path / "new" / "compare.md").is_file()
     high, low = rows
     assert (high["budget"], high["A higher"], high["B higher"], high["A"], high["B"]) == (1.0, 20, 20, 0.8, 0.8)
     assert high["p"] == 1.0 and high["better"] == "neither"
     assert (low["A higher"], low["B higher"]) == (12, 0) and low["p"] == pytest.approx(2 / 2**12)
     assert low["better"] == "A"
-    table = (tmp_path / "compare.md").read_text()
+    table = (tmp_path / "new" / "compare.md").read_text()
     assert "neither" in table and "| 0.5 " in table and "neither" in capsys.readouterr().out
 
 

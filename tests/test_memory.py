@@ -109,3 +109,12 @@ def test_a_missing_checkpoint_directory_says_what_the_plan_needs(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
     with pytest.raises(CheckpointError, match="llava-v1.5-7b-hf does not exist; the memory plan reads only its config.json"):
         memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--seq_len", "--trainer.devices", "--trainer.num_nodes"])
+def test_zero_is_refused_not_read_as_the_recipes_value(flag, capsys):
+    from adaptive_mllm.memory import main as memory_main
+
+    with pytest.raises(SystemExit):
+        memory_main(["--config", "unread.yaml", flag, "0"])
+    assert f"{flag} must be >= 1" in capsys.readouterr().err

@@ -305,6 +305,8 @@ def test_part_learning_rates_name_known_parts_and_positive_rates(tokenizer_dir):
 def test_an_empty_eval_budgets_is_refused_when_the_recipe_is_parsed(tokenizer_dir):
     with pytest.raises(ValueError, match="eval_budgets is empty"):
         AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[])
+    with pytest.raises(ValueError, match=r"budget 0.3 appears twice"):  # the report showed a second 0.3 column at 0%
+        AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[0.3, 1.0, 0.3])
 
 
 def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):

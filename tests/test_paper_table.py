@@ -130,6 +130,18 @@ def test_arguments_choose_one_mode(hand_runs, tmp_path):
             main(argv)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--budgets", "0.3", "1.0", "0.3"], "each budget once"), (["--model.eval_budgets=[0.7]"], "not --model.eval_budgets")],
+)
+def test_budgets_are_refused_before_anything_runs(flags, message, capsys):
+    """A budget twice, or a forwarded eval_budgets (which the test runs would score instead, leaving the table's
+    rows empty), fail at once, not after every benchmark has been evaluated."""
+    with pytest.raises(SystemExit):
+        main(["--config", "x.yaml", "--benchmarks", "b.yaml", *flags])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["vqav2", "gqa", "scienceqa", "textvqa", "pope", "mme", "mmbench"])
 def test_benchmark_yamls_parse_as_the_data_section_and_fill_their_column(name, capsys):
     path = RECIPE_DIR / "benchmarks" / f"{name}.yaml"

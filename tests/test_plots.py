@@ -63,6 +63,13 @@ def test_plot_command_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plot", str(path), "--labels", "x", "y"])
     assert "2 labels for 1 result files" in capsys.readouterr().err
+    (tmp_path / "seed0" / "Static").mkdir(parents=True)
+    (tmp_path / "seed1" / "Static").mkdir(parents=True)
+    first = _write_csv(tmp_path / "seed0" / "Static" / "a.csv", ROWS)  # two runs whose directories share a name:
+    second = _write_csv(tmp_path / "seed1" / "Static" / "a.csv", ROWS)  # one curve replaced the other
+    with pytest.raises(SystemExit):
+        main(["plot", str(first), str(second), "--out", str(tmp_path / "two.png")])
+    assert "labelled" in capsys.readouterr().err and not (tmp_path / "two.png").exists()
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         read_results_csv(tmp_path / "missing.csv")
     (tmp_path / "bad.csv").write_text("name,score\nx,1\n")

@@ -93,6 +93,11 @@ def main(argv: list[str]) -> LatencyModel:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads, as the server will use (default: one per core)")
     own, overrides = parser.parse_known_args(argv)
+    counts = {"--prompt_lengths": own.prompt_lengths or [1], "--batch_sizes": own.batch_sizes,
+              "--decode_tokens": [own.decode_tokens], "--repeats": [own.repeats], "--threads": [own.threads or 1]}
+    for name, values in counts.items():
+        if not values or min(values) < 1:
+            parser.error(f"{name} must be >= 1, got {values}")
     if own.threads is not None:
         torch.set_num_threads(own.threads)
     model = build_model(own.config, own.ckpt_path, own.export_dir, overrides, own.device)

@@ -11,6 +11,7 @@ Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``dea
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -173,11 +174,17 @@ def main(argv: list[str]) -> None:
     server = make_server(args, overrides)
     # SIGTERM (kill, docker stop, a supervisor) shuts down as Ctrl+C does, workers included: LitServe stops them
     # on KeyboardInterrupt only, and the default action left them running, still answering /health
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, partial(_interrupt, os.getpid()))
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def _interrupt(main_pid: int, signum: int, frame: Any) -> None:
+    """In the main process, Ctrl+C's shutdown; in the worker processes (which inherit the handler), the default
+    SIGTERM that LitServe's shutdown sends them (raising there printed each worker's traceback)."""
+    if os.getpid() != main_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from adaptive_mllm.serving import profile
 from adaptive_mllm.serving.latency import LatencyModel
 from tests.serving.conftest import write_tiny_recipe
@@ -29,3 +31,12 @@ def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer
         assert row["flops_fraction"] <= row["budget"] + 1e-9
     model = LatencyModel.load(out)
     assert model.meta["grid"]["prompt_lengths"] == [8, 12]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--batch_sizes", "0"), ("--decode_tokens", "0"), ("--repeats", "0"), ("--prompt_lengths", "0")])
+def test_counts_below_one_are_refused_naming_the_flag(flag, value, capsys):
+    from adaptive_mllm.serving.profile import main as profile_main
+
+    with pytest.raises(SystemExit):
+        profile_main(["--config", "unread.yaml", "--out", "unused.json", flag, value])
+    assert f"{flag} must be >= 1" in capsys.readouterr().err
