@@ -38,6 +38,19 @@ from adaptive_mllm.serving.requests import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class ModelSetupError(RuntimeError):
+    """The worker could not build the model; its message is the cause, in one line."""
+
+
+def _one_line_setup_error(record: logging.LogRecord) -> bool:
+    """LitServe logs a worker's setup failure with its traceback: for the model's own errors (which name their
+    file) the message alone says it."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, ModelSetupError):
+        record.msg, record.args, record.exc_info, record.exc_text = f"the model could not be built: {error}", (), None, None
+    return True
 API_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"  # what OpenAI clients (and chat UIs, when they connect) list to pick a model
 SERVED_MODEL_NAME = "adaptive-mllm"  # the reply's "model" and /v1/models' one id; any requested name is accepted
@@ -132,7 +145,11 @@ class DeadlineAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        model = self.build_model()
+        try:
+            model = self.build_model()
+        except Exception as error:  # a missing tokenizer, a checkpoint of another recipe: said in one line
+            logging.getLogger("litserve.loops.loops").addFilter(_one_line_setup_error)
+            raise ModelSetupError(f"{type(error).__name__}: {error}") from None
         model.to(device).eval()
         self.model = model
         self.torch_device = torch.device(device)

@@ -312,3 +312,26 @@ def test_an_unexpected_error_reading_a_request_fails_only_that_request(api: Dead
     assert isinstance(failed, RequestError) and failed.status == 500 and "KeyError" in failed.message
     assert api.encode_response(failed).status_code == 500
     assert not isinstance(api.decode_request(_body(100.0)), RequestError)
+
+
+def test_a_model_that_cannot_be_built_is_one_line_in_the_servers_log():
+    """LitServe logs a worker's failed setup with its traceback; the model's own error (naming its file) is
+    the whole message instead."""
+    import logging
+    import sys
+
+    from adaptive_mllm.backbones.local import CheckpointError
+    from adaptive_mllm.serving.api import ModelSetupError, _one_line_setup_error
+
+    def missing_tokenizer():
+        raise CheckpointError("tokenizer directory data/x/tokenizer does not exist")
+
+    with pytest.raises(ModelSetupError) as failed:
+        DeadlineAPI(missing_tokenizer).setup("cpu")
+    assert str(failed.value) == "CheckpointError: tokenizer directory data/x/tokenizer does not exist"
+    try:
+        raise failed.value
+    except ModelSetupError:
+        record = logging.LogRecord("litserve.loops.loops", logging.ERROR, "loops.py", 83, "Error setting up worker 0.", (), sys.exc_info())
+    assert _one_line_setup_error(record)
+    assert logging.Formatter().format(record) == "the model could not be built: " + str(failed.value)
