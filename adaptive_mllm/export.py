@@ -128,9 +128,7 @@ def load_exported(
     backbone_spec, scheduler_spec, settings = _read_export(directory)
     weights = _read_weights(directory / SCHEDULER_WEIGHTS) if scheduler_spec is not None else {}  # before the backbone's
     scheduler: Scheduler | None = None if scheduler_spec is None else _build(scheduler_spec, directory / SCHEDULER_JSON)
-    backbone: Backbone = _build(
-        {**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}}, directory / BACKBONE_JSON
-    )
+    backbone: Backbone = _build(backbone_spec, directory / BACKBONE_JSON)
     try:
         module = AdaptiveMLLM(backbone, scheduler, token_selector, **{**settings, **module_kwargs})
     except ValueError as error:  # a scheduler or budget that does not fit this backbone
@@ -154,8 +152,7 @@ def check_export_dir(directory: str | Path) -> Path:
     if scheduler_spec is None:
         return directory
     shapes = _weight_shapes(directory / SCHEDULER_WEIGHTS)
-    backbone = _build({**backbone_spec, "init_args": {**backbone_spec["init_args"], "checkpoint": str(directory)}},
-                      directory / BACKBONE_JSON)
+    backbone = _build(backbone_spec, directory / BACKBONE_JSON)
     scheduler = _build(scheduler_spec, directory / SCHEDULER_JSON)
     try:
         with torch.random.fork_rng(devices=[]):  # sizing initialises its parameters: the caller's random state is kept
@@ -185,7 +182,8 @@ SETTING_TYPES: dict[str, tuple[type, ...]] = {"budget": (int, float), "max_new_t
 
 
 def _read_export(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-    """(backbone spec, scheduler spec or None, module settings), each file checked: JSON, form, classes, arguments."""
+    """(backbone spec, its checkpoint this directory; scheduler spec or None; module settings), each file checked:
+    JSON, form, classes, arguments."""
     backbone_spec = _read_spec(directory / BACKBONE_JSON, Backbone, {"checkpoint": str(directory)})
     scheduler_spec = None
     if (directory / SCHEDULER_JSON).is_file():
@@ -211,7 +209,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_spec(path: Path, base: type, extra_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A spec file whose class is a ``base`` that takes its ``init_args`` (checked, not built)."""
+    """A spec file whose class is a ``base`` that takes its ``init_args`` plus ``extra_args`` (checked, not
+    built), with ``extra_args`` added."""
     spec = _read_json(path)
     for key, kind in [("class_path", str), ("init_args", dict)]:
         if key not in spec:
@@ -228,8 +227,9 @@ def _read_spec(path: Path, base: type, extra_args: dict[str, Any] | None = None)
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise CheckpointError(f"{path}: class_path {name!r} is not a {base.__name__} class this installation knows")
+    spec = {**spec, "init_args": {**spec["init_args"], **(extra_args or {})}}
     try:
-        inspect.signature(cls).bind(**{**spec["init_args"], **(extra_args or {})})
+        inspect.signature(cls).bind(**spec["init_args"])
     except TypeError as error:
         raise CheckpointError(f"{path}: init_args do not fit {cls.__name__} ({error})") from None
     return spec

@@ -21,6 +21,7 @@ from adaptive_mllm.backbones.base import DecoderShape
 from adaptive_mllm.cost import BudgetRule, CostModel
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
+from adaptive_mllm.schedulers.release import load_release_scheduler
 from adaptive_mllm.specs import instantiate, spec_of
 
 #: transformers' ``initializer_range`` of the LLMs the release builds on (Llama / Vicuna; Phi-2 too)
@@ -58,6 +59,11 @@ class Scheduler(nn.Module):
             or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
     """
 
+    #: the AdaLLaVA release's ``scheduler_type`` of the same scheduler (None: the release has none)
+    release_type: str | None = None
+    #: a release checkpoint directory to read the trained weights from, for a scheduler that takes one
+    release_checkpoint: str | None = None
+
     def __init__(self, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
         super().__init__()
         if num_prefix_layers < 0:
@@ -83,6 +89,8 @@ class Scheduler(nn.Module):
         self._build(shape)
         self.apply(init_like_transformers)
         self._shape, self._cost = shape, cost
+        if self.release_checkpoint is not None:  # the trained weights replace the initialisation
+            load_release_scheduler(self, self.release_checkpoint)
 
     def spec(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}``: how to build this scheduler again (a checkpoint records it); a ValueError

@@ -35,7 +35,6 @@ from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
-from adaptive_mllm.schedulers.release import load_release_scheduler
 from adaptive_mllm.schedulers.sampling import gumbel_top_r, top_k_mask
 
 
@@ -52,6 +51,8 @@ class HeadScheduler(Scheduler):
         release_checkpoint: a local AdaLLaVA-H release checkpoint directory (``ada_llava_llama``) whose trained
             scheduler this one starts from (schedulers/release.py).
     """
+
+    release_type = "H"
 
     def __init__(
         self,
@@ -70,12 +71,6 @@ class HeadScheduler(Scheduler):
         self.tau = tau
         self.release_checkpoint = release_checkpoint
         self.head: nn.Linear | None = None
-
-    def configure(self, shape: DecoderShape) -> None:
-        fresh = not self.is_configured
-        super().configure(shape)
-        if fresh and self.release_checkpoint is not None:
-            load_release_scheduler(self, self.release_checkpoint, "H")
 
     def _check_shape(self, shape: DecoderShape) -> None:
         q = shape.queries_per_kv

@@ -10,7 +10,6 @@ from adaptive_mllm.cost import BudgetRule
 from adaptive_mllm.schedulers.base import Scheduler
 from adaptive_mllm.schedulers.latency import LatencyEncoder
 from adaptive_mllm.schedulers.plan import ExecutionPlan
-from adaptive_mllm.schedulers.release import load_release_scheduler
 from adaptive_mllm.schedulers.sampling import sample_k_of_n
 
 
@@ -26,6 +25,8 @@ class LayerScheduler(Scheduler):
             zhuoyanxu/ada-llava-L-v1.5-7b) whose trained scheduler this one starts from (schedulers/release.py).
     """
 
+    release_type = "L"
+
     def __init__(
         self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "flops", release_checkpoint: str | None = None
     ) -> None:
@@ -35,12 +36,6 @@ class LayerScheduler(Scheduler):
         self.tau = tau
         self.release_checkpoint = release_checkpoint
         self.head: nn.Linear | None = None
-
-    def configure(self, shape: DecoderShape) -> None:
-        fresh = not self.is_configured
-        super().configure(shape)
-        if fresh and self.release_checkpoint is not None:
-            load_release_scheduler(self, self.release_checkpoint, "L")
 
     def _build(self, shape: DecoderShape) -> None:
         self.latency_encoder = LatencyEncoder(shape.hidden_size)

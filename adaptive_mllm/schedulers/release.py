@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,9 +25,6 @@ from adaptive_mllm.backbones.llava_release import (
     read_weights,
     weight_files,
 )
-
-if TYPE_CHECKING:
-    from adaptive_mllm.schedulers.base import Scheduler
 
 LAYOUT = (
     f"an AdaLLaVA release checkpoint directory (as zhuoyanxu/ada-llava-L-v1.5-7b): config.json with architectures "
@@ -48,10 +44,13 @@ _KEYS = {
 }
 
 
-def load_release_scheduler(scheduler: Scheduler, checkpoint: str | Path, kind: str) -> None:
-    """Copy the release's trained scheduler weights into ``scheduler`` (configured; ``kind`` "L" for a
-    LayerScheduler, "H" for a HeadScheduler); a ReleaseLayoutError naming the file and key when the directory
-    does not hold them or holds another scheduler than the recipe builds."""
+def load_release_scheduler(scheduler: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Copy the release's trained scheduler weights into ``scheduler`` (a configured Scheduler: this module is
+    imported by schedulers.base, so not typed as one; its ``release_type`` "L" or "H"); a ReleaseLayoutError naming the file and key when the directory does not hold them or holds another
+    scheduler than the recipe builds."""
+    kind = scheduler.release_type
+    if kind is None:
+        raise ValueError(f"release_checkpoint: {type(scheduler).__name__} has no counterpart in the AdaLLaVA release")
     directory = Path(checkpoint)
     config_file = directory / "config.json"
     if not config_file.is_file():
