@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptive_mllm.backbones.base import Backbone
 from adaptive_mllm.layers import LayerAdapter, adapter_for
+from adaptive_mllm.lora import is_adapted, kept_columns, kept_rows, without_bias_where
 from adaptive_mllm.schedulers.plan import ExecutionPlan, mlp_group_neurons, widen_mlp_mask
 from adaptive_mllm.sharding import through_unit
 from adaptive_mllm.static_cache import Cursor, StaticKV, StaticState
@@ -543,29 +544,29 @@ def _slice_weights(
     q_index = (heads[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
     kv_index = (kv_keep[:, None] * head_dim + torch.arange(head_dim, device=kv_keep.device)).flatten()
 
-    def rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = None if linear.bias is None else linear.bias[index]
-        return linear.weight[index], bias
-
-    q, q_bias = rows(q_proj, q_index)
-    k, k_bias = rows(k_proj, kv_index)
-    v, v_bias = rows(v_proj, kv_index)
-    o = o_proj.weight[:, q_index]
+    q, q_bias = kept_rows(q_proj, q_index)
+    k, k_bias = kept_rows(k_proj, kv_index)
+    v, v_bias = kept_rows(v_proj, kv_index)
+    o = kept_columns(o_proj, q_index)
     mlp_in = mlp_out = None
     if mlp_keep is not None:
         output = adapter.mlp_output(layer)
         neurons = mlp_group_neurons(mlp_keep, output.in_features, num_mlp_groups)
-        mlp_in = [rows(linear, neurons) for linear in adapter.mlp_inputs(layer)]
-        mlp_out = output.weight[:, neurons]
+        mlp_in = [kept_rows(linear, neurons) for linear in adapter.mlp_inputs(layer)]
+        mlp_out = kept_columns(output, neurons)
     return SlicedWeights(q, q_bias, k, k_bias, v, v_bias, o, mlp_in, mlp_out, kv_keep)
 
 
 def _gated_linear(x: torch.Tensor, linear: nn.Linear, gate: torch.Tensor | None) -> torch.Tensor:
     """``linear(x)`` whose bias counts only for examples that keep at least one gated unit ([b, units]
     gate), so a block with every unit off adds nothing, as the skipping path does by not running it."""
-    if gate is None or linear.bias is None:
+    if gate is None:
         return linear(x)
     kept = gate.amax(-1)[:, None, None]  # [b, 1, 1], 1 where any unit is on (straight-through gradient)
+    if is_adapted(linear):  # peft adds the adapter (and its dropout) only when the projection is called
+        return without_bias_where(linear, x, kept)
+    if linear.bias is None:
+        return linear(x)
     return F.linear(x, linear.weight) + kept * linear.bias
 
 

@@ -17,7 +17,8 @@ checkpoint; for Mipha its release layout, read by ``MiphaBackbone(checkpoint=dir
     adaptive-mllm export --config recipes/llava7b.yaml --ckpt_path runs/llava7b/checkpoints/last.ckpt \\
         --out_dir exports/adallava-l-7b
 
-A token selector holds no trained weights; it is not exported and is chosen again at load time.
+A token selector holds no trained weights; it is not exported and is chosen again at load time. A model trained
+with LoRA (``model.lora``) is exported with its adapters merged into the LLM's weights.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from adaptive_mllm.backbones.llava import LlavaBackbone
 from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.backbones.mipha import MiphaBackbone
 from adaptive_mllm.checkpoints import read_checkpoint
+from adaptive_mllm.lora import merged_adapters
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 from adaptive_mllm.schedulers.base import Scheduler, portable_spec
@@ -103,7 +105,8 @@ def export_module(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not module.backbone.is_built:
         module.configure_model()
-    module.backbone.save_pretrained(out_dir)
+    with merged_adapters(module.backbone.decoder_layers):  # LoRA: plain weights, the backbone's own layout
+        module.backbone.save_pretrained(out_dir)
     _write_json(out_dir / MODULE_JSON, {name: getattr(module, name) for name in MODULE_SETTINGS})
     _write_json(out_dir / BACKBONE_JSON, {"class_path": class_path(module.backbone), "init_args": _backbone_args(module.backbone)})
     scheduler = module.scheduler

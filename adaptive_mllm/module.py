@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from adaptive_mllm.backbones.base import Backbone
+from adaptive_mllm.backbones.base import Backbone, LoRA, is_adapter_parameter
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.engine import Engine
 from adaptive_mllm.generation import DECODE_MODES, greedy_generate
@@ -47,6 +47,9 @@ class AdaptiveMLLM(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the optimiser steps spent warming up.
         freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
+        lora: train the LLM through LoRA adapters on its decoder layers' projections, its own weights frozen
+            (LLaVA's ``--lora_enable``; see :class:`~adaptive_mllm.lora.LoRA`). ``llm``'s learning rate is the
+            adapters'; ``freeze`` may not name ``llm`` then.
         activation_checkpointing: recompute each LLM layer in backward instead of storing its
             activations: less memory for long sequences and big models, about one more forward of time.
         decode: how generation decodes after the prefill: ``eager`` (a growing cache), ``static`` (a
@@ -70,6 +73,7 @@ class AdaptiveMLLM(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         freeze: list[str] | None = None,
+        lora: LoRA | None = None,
         activation_checkpointing: bool = False,
         decode: str = "auto",
     ) -> None:
@@ -88,6 +92,7 @@ class AdaptiveMLLM(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.freeze = list(freeze) if freeze is not None else ["vision_tower"]
+        self.lora = lora
         self.decode = decode
         self._check_arguments()
         self._skipped = 0
@@ -139,6 +144,8 @@ class AdaptiveMLLM(L.LightningModule):
         for part, rate in self.part_learning_rates.items():
             if not rate > 0:
                 raise ValueError(f"part_learning_rates: {part}'s learning rate {rate} must be > 0 (freeze it instead)")
+        if self.lora is not None and "llm" in self.freeze:
+            raise ValueError("freeze names llm and lora is set: LoRA trains the llm's adapters (its own weights stay frozen); drop llm from freeze")
 
     def _check_budgets_reach_the_prefix(self, prefix: int, layers: int) -> None:
         """The always-run prefix layers cost at least ``prefix / layers`` of any request (the LM head only adds
@@ -158,11 +165,15 @@ class AdaptiveMLLM(L.LightningModule):
     def configure_model(self) -> None:
         """Build the backbone (weights created or loaded here, after prepare_data) and size the scheduler."""
         self.backbone.build()
+        if self.lora is not None:
+            self.backbone.add_lora(self.lora)
         if self.scheduler is not None:
             self.scheduler.configure(self.backbone.shape)
+        adapters = {id(p) for p in self.backbone.adapter_parameters()}
         for name, parameters in self.backbone.parameter_groups().items():
-            for parameter in parameters:
-                parameter.requires_grad_(name not in self.freeze)
+            for parameter in parameters:  # with LoRA the LLM trains its adapters only
+                trains = name not in self.freeze and (self.lora is None or name != "llm" or id(parameter) in adapters)
+                parameter.requires_grad_(trains)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record how the scheduler was built (``class_path`` / ``init_args``), so a test of this checkpoint with
@@ -397,6 +408,9 @@ def _check_backbone_of(state: dict[str, torch.Tensor], own: dict[str, torch.Tens
         return
     key = next((k for k in wrong if k.endswith("embed_tokens.weight")), wrong[0])
     message = f"the checkpoint's {key} has shape {list(state[key].shape)}, the recipe's model {list(own[key].shape)}"
+    if all(is_adapter_parameter(k) for k in wrong):
+        rank = min(state[key].shape)  # lora_A [r, in], lora_B [out, r]
+        raise ValueError(f"{message}: its LoRA adapters have rank {rank}, the recipe's model.lora.rank is {min(own[key].shape)}")
     if key.endswith("embed_tokens.weight") and state[key].shape[0] != own[key].shape[0]:
         message += (
             f": a vocabulary of {state[key].shape[0]} tokens, {tokenizer} has {own[key].shape[0]}. It is not the "
@@ -413,6 +427,18 @@ def _check_backbone_keys_of(state: dict[str, torch.Tensor], own: dict[str, torch
     of torch's list of every unexpected key."""
     missing = sorted(key for key in own if key not in state and not key.startswith("scheduler."))
     unexpected = sorted(key for key in state if key not in own and not key.startswith("scheduler."))
+    if any(is_adapter_parameter(key) for key in unexpected):
+        raise ValueError(
+            f"the checkpoint was trained with LoRA adapters ({next(k for k in unexpected if is_adapter_parameter(k))}), the "
+            "recipe's model has none: give model.lora as the training run did, or evaluate its export "
+            "(adaptive-mllm export merges the adapters into the weights)"
+        )
+    if any(is_adapter_parameter(key) for key in missing):
+        raise ValueError(
+            "the recipe adds LoRA adapters (model.lora) and the checkpoint has none: it was trained without them. "
+            "Drop model.lora to evaluate or resume it; to train adapters on it, export it and give the export as "
+            "the backbone's checkpoint"
+        )
     if missing or unexpected:
         raise ValueError(
             f"the checkpoint's model has other parts than the recipe's: {len(missing)} of the recipe's tensors missing "

@@ -270,3 +270,36 @@ def test_the_cheap_check_of_an_export_dir(tiny_export, tmp_path):
         check_export_dir(tmp_path / "file")
     with pytest.raises(FileNotFoundError, match=r"backbone\.json is missing"):
         check_export_dir(tmp_path)
+
+
+def test_a_lora_run_exports_with_its_adapters_merged(tokenizer_dir, tmp_path, monkeypatch):
+    """recipes/llava7b-lora.yaml on stand-ins: fit a step, export the Lightning checkpoint; the export is a plain
+    transformers LLaVA (no adapter tensors) answering as the model with its adapters did."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b-lora.yaml", tokenizer_dir)
+    recipe = str(RECIPE_DIR / "llava7b-lora.yaml")
+    cli = build_cli(["fit", "--config", recipe, *ON_CPU, "--trainer.max_steps=1", "--data.init_args.batch_size=3"])
+    trained = cli.model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # adapters far from their start, so that a merge that missed them would show
+        for name, parameter in trained.named_parameters():
+            if ".lora_B." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    cli.trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "trained.ckpt"), "--out_dir", str(tmp_path / "out")])
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [key for key in weights if "lora" in key or "base_layer" in key]
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")  # transformers reads it as any LLaVA
+    assert plain.config.text_config.num_hidden_layers == 32
+    loaded = load_exported(tmp_path / "out")
+    batch = _batch(trained.backbone)
+    trained.eval()
+    expected = _logits(trained, batch)
+    torch.testing.assert_close(_logits(loaded, batch), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if ".lora_B." in name:
+                parameter.zero_()
+    assert (_logits(trained, batch) - expected).abs().max() > 1e-3  # the adapters mattered to those logits

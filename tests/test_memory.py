@@ -57,10 +57,13 @@ def _measure_step(model, batch_size: int, seq_len: int) -> dict[str, float]:
     return {"activations": held, "parameters": _nbytes(model.parameters()), "gradients": _nbytes(grads), "optimizer": _nbytes(state)}
 
 
+@pytest.mark.parametrize("lora", [None, "{rank: 8, dropout: 0.05}"], ids=["full", "lora"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_tiny_estimate_matches_a_measured_step(tokenizer_dir, checkpointing):
+def test_the_tiny_estimate_matches_a_measured_step(tokenizer_dir, checkpointing, lora):
     args = ["--config", str(RECIPE_DIR / "tiny.yaml"), f"--model.backbone.init_args.tokenizer={tokenizer_dir}",
             f"--model.activation_checkpointing={checkpointing}"]  # fmt: skip
+    if lora is not None:
+        args.append(f"--model.lora={lora}")
     plan = memory.plan_memory(memory.build_on_meta(args).model, batch_size=4, seq_len=64)
     assert plan.checkpointing is checkpointing
     measured = _measure_step(build_model([*args, *memory.UNUSED_TRAINER]), batch_size=4, seq_len=64)
@@ -118,3 +121,24 @@ def test_zero_is_refused_not_read_as_the_recipes_value(flag, capsys):
     with pytest.raises(SystemExit):
         memory_main(["--config", "unread.yaml", flag, "0"])
     assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_the_lora_variant_plans_gradients_and_moments_for_the_adapters_only(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """recipes/llava7b-lora.yaml on LLaVA-1.5-7B's config: the trained parameters are the adapters (rank 128 on the
+    seven projections of 32 layers), the projector and the scheduler; counted here from the sizes by hand."""
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b-lora.yaml", tokenizer_dir)
+    (tmp_path / "checkpoints" / "llava-v1.5-7b-hf" / "config.json").write_text(json.dumps(LLAVA_7B))
+    recipe = str(RECIPE_DIR / "llava7b-lora.yaml")
+    plan = memory.main(["--config", recipe, "--trainer.devices=8"])
+    model = memory.build_on_meta(["--config", recipe]).model
+    hidden, inner, rank = 4096, 11008, 128
+    per_layer = rank * (4 * (hidden + hidden) + 2 * (hidden + inner) + (inner + hidden))  # q k v o, gate up, down
+    projector = 1024 * hidden + hidden + hidden * hidden + hidden
+    scheduler = sum(p.numel() for p in model.scheduler.parameters())
+    trained = 32 * per_layer + projector + scheduler
+    assert plan.gradients == pytest.approx(trained * 4 / 8) and plan.optimizer == pytest.approx(2 * plan.gradients)
+    assert plan.parameters == pytest.approx((LLAVA_7B_PARAMETERS + 32 * per_layer + scheduler) * 4 / 8)
+    assert (plan.batch_size, plan.seq_len) == (16, 2049)
+    full = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
+    assert plan.gradients < full.gradients / 15

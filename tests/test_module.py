@@ -413,3 +413,61 @@ def test_a_text_only_training_batch_runs_the_image_side_on_a_blank_image(tokeniz
     handle.remove()
     assert calls == []
     torch.testing.assert_close(again, logits.detach())
+
+
+def _lora_model(tokenizer_dir, rank: int = 2, **kwargs) -> AdaptiveMLLM:
+    from adaptive_mllm.lora import LoRA
+
+    model = AdaptiveMLLM(
+        make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2),
+        lora=LoRA(rank=rank, alpha=4.0, dropout=0.0), train_budget_range=(0.6, 1.0), **kwargs,
+    )  # fmt: skip
+    model.configure_model()
+    return model
+
+
+def test_lora_trains_the_adapters_projector_and_scheduler_and_nothing_else_of_the_llm(tokenizer_dir):
+    model = _lora_model(tokenizer_dir, learning_rate=1e-2, part_learning_rates={"llm": 5e-2}, freeze=["vision_tower"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapters = {name for name in trainable if ".lora_" in name}
+    assert adapters and all(".layers." in name for name in adapters)  # every decoder projection, not lm_head
+    assert len(adapters) == 2 * 7 * 6  # A and B of q, k, v, o, gate, up, down in 6 layers
+    assert trainable - adapters == {n for n, _ in model.named_parameters() if n.startswith(("scheduler.", "backbone.model.model.multi_modal_projector."))}
+
+    class Trainer:
+        estimated_stepping_batches = 10
+
+    model.trainer = Trainer()
+    optimizer = model.configure_optimizers()["optimizer"]
+    (llm,) = [group for group in optimizer.param_groups if group.get("name") == "llm"]
+    assert {id(p) for p in llm["params"]} == {id(p) for n, p in model.named_parameters() if n in adapters}
+    model.train()
+    batch = _batch(model, QUESTIONS, ANSWERS)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model._loss(*model(batch, torch.tensor([0.7, 0.8, 1.0]))).backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= trainable  # the LLM's own weights, embeddings, lm_head and the tower did not move
+    assert {n for n in changed if ".lora_B." in n} and {n for n in changed if "multi_modal_projector" in n}
+
+
+def test_lora_with_llm_frozen_is_refused(tokenizer_dir):
+    from adaptive_mllm.lora import LoRA
+
+    with pytest.raises(ValueError, match="freeze names llm and lora is set"):
+        AdaptiveMLLM(make_backbone(tokenizer_dir), lora=LoRA(rank=2), freeze=["llm"])
+
+
+def test_a_checkpoint_with_or_without_adapters_or_of_another_rank_is_named(tokenizer_dir):
+    adapted = _lora_model(tokenizer_dir, rank=2)
+    plain = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2))
+    with pytest.raises(ValueError, match=r"trained with LoRA adapters .*lora_A.*give model.lora as the training run did"):
+        plain.on_load_checkpoint({"state_dict": dict(adapted.state_dict())})
+    with pytest.raises(ValueError, match=r"the recipe adds LoRA adapters \(model.lora\) and the checkpoint has none"):
+        adapted.on_load_checkpoint({"state_dict": dict(plain.state_dict())})
+    with pytest.raises(ValueError, match=r"its LoRA adapters have rank 3, the recipe's model.lora.rank is 2"):
+        adapted.on_load_checkpoint({"state_dict": dict(_lora_model(tokenizer_dir, rank=3).state_dict())})
+    adapted.on_load_checkpoint({"state_dict": dict(_lora_model(tokenizer_dir, rank=2).state_dict())})  # same: loads

@@ -19,6 +19,7 @@ RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 REAL = {"llava7b.yaml": (32, "LayerScheduler", 16), "llava7b-h.yaml": (32, "HeadScheduler", 16),
         "llava13b.yaml": (40, "LayerScheduler", 20), "mipha3b.yaml": (32, "LayerScheduler", 16)}
 TEMPLATES = {"mipha3b.yaml": "phi_v0"}  # the others: vicuna_v1
+VARIANTS = {"llava7b-lora.yaml": 32}  # recipes tested on their own (other training settings): their depth
 # what a user overrides to try a GPU recipe on one CPU process
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
           "--data.init_args.num_workers=0"]
@@ -83,10 +84,11 @@ def lay_out_standins(root: Path, recipe: str, tokenizer_dir: Path) -> None:
     """Put the stand-ins where ``recipe`` looks for the real checkpoint and data (relative to ``root``)."""
     config = yaml.safe_load((RECIPE_DIR / recipe).read_text())
     checkpoint = config["model"]["backbone"]["init_args"]["checkpoint"]
+    depth = REAL[recipe][0] if recipe in REAL else VARIANTS[recipe]
     if config["model"]["backbone"]["class_path"].endswith("MiphaBackbone"):
-        write_mipha_checkpoint(root / checkpoint, REAL[recipe][0])
+        write_mipha_checkpoint(root / checkpoint, depth)
     else:
-        write_checkpoint(root / checkpoint, tokenizer_dir, REAL[recipe][0])
+        write_checkpoint(root / checkpoint, tokenizer_dir, depth)
     write_llava_data(root)
 
 
@@ -137,3 +139,24 @@ def test_the_zero3_variant_is_the_release_setup_on_the_7b_recipe():
     assert zero3["model"] == base["model"] and zero3["data"] == base["data"]
     for key in ("devices", "accumulate_grad_batches", "gradient_clip_val", "max_epochs"):
         assert zero3["trainer"][key] == base["trainer"][key]
+
+
+def test_the_lora_variant_is_llava_loras_setup_on_the_7b_recipe(tokenizer_dir, tmp_path, monkeypatch):
+    """recipes/llava7b-lora.yaml: llava7b.yaml with LLaVA-1.5's finetune_lora.sh settings; on stand-ins only the
+    adapters of the LLM train (with the projector and the scheduler)."""
+    base = yaml.safe_load((RECIPE_DIR / "llava7b.yaml").read_text())
+    lora = yaml.safe_load((RECIPE_DIR / "llava7b-lora.yaml").read_text())
+    assert lora["model"]["lora"] == {"rank": 128, "alpha": 256.0, "dropout": 0.05}
+    assert (lora["model"]["learning_rate"], lora["model"]["part_learning_rates"]) == (2.0e-4, {"projector": 2.0e-5})
+    assert lora["trainer"]["devices"] * lora["data"]["init_args"]["batch_size"] * lora["trainer"]["accumulate_grad_batches"] == 128
+    differs = {"lora", "learning_rate", "part_learning_rates"}
+    assert {k: v for k, v in lora["model"].items() if k not in differs} == {k: v for k, v in base["model"].items() if k not in differs}
+    monkeypatch.chdir(tmp_path)
+    lay_out_standins(tmp_path, "llava7b-lora.yaml", tokenizer_dir)
+    cli = build_cli(["fit", "--config", str(RECIPE_DIR / "llava7b-lora.yaml"), *ON_CPU, "--trainer.fast_dev_run=true",
+                     "--data.init_args.batch_size=3"])
+    assert cli.trainer.global_step == 1
+    llm = dict(cli.model.backbone.model.model.language_model.named_parameters())
+    trains = {name for name, p in llm.items() if p.requires_grad}
+    assert trains and trains == {name for name in llm if ".lora_" in name}
+    assert cli.model.lora.rank == 128 and cli.model.backbone.shape.num_layers == 32

@@ -1,6 +1,6 @@
 """Per-layer sharding (FSDP2) on 2 CPU processes (gloo): the same losses and weights as one process running
 the whole batch, each rank holding half of every decoder layer, with the L and H schedulers, with and
-without a token selector, and validation's skipping path answering as one process does."""
+without a token selector, with LoRA adapters, and validation's skipping path answering as one process does."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests.test_recipes_real import RECIPE_DIR, lay_out_standins
 REPO = Path(__file__).parents[1]
 
 STEPS = 3
-SCENARIOS = ["layer", "head+fastv", "layer+prumerge"]
+SCENARIOS = ["layer", "head+fastv", "layer+prumerge", "head+lora"]
 
 
 def _free_port() -> int:
@@ -37,6 +37,7 @@ def _free_port() -> int:
 
 
 def _make_model(tokenizer_dir: Path, scenario: str):
+    from adaptive_mllm.lora import LoRA
     from adaptive_mllm.module import AdaptiveMLLM
     from adaptive_mllm.schedulers import HeadScheduler, LayerScheduler
     from adaptive_mllm.token_selection import FastV, PruMergePlus
@@ -46,8 +47,13 @@ def _make_model(tokenizer_dir: Path, scenario: str):
     scheduler = HeadScheduler(num_prefix_layers=2, rank=2) if scenario.startswith("head") else LayerScheduler(num_prefix_layers=2)
     selector = FastV(layer_index=2, drop_ratio=0.5) if "fastv" in scenario else PruMergePlus() if "prumerge" in scenario else None
     backbone = make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2)
-    model = AdaptiveMLLM(backbone, scheduler, selector, train_budget_range=(0.6, 1.0))
+    lora = LoRA(rank=2, alpha=4.0, dropout=0.0) if "lora" in scenario else None
+    model = AdaptiveMLLM(backbone, scheduler, selector, train_budget_range=(0.6, 1.0), lora=lora)
     model.configure_model()
+    if lora is not None:  # adapters that already matter, so that a sharded step that lost them would show
+        with torch.no_grad():
+            for parameter in backbone.adapter_parameters():
+                parameter.normal_(0.0, 0.1)
     return model
 
 

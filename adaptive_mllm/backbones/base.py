@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from adaptive_mllm.lora import LoRA, add_adapters, is_adapter_parameter  # the LLM's LoRA training mode
+
 if TYPE_CHECKING:
     from PIL import Image
     from transformers import PreTrainedTokenizerBase
@@ -162,4 +164,12 @@ class Backbone(nn.Module, ABC):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parts (vision_tower / projector / llm), so a recipe can freeze any of them."""
         raise NotImplementedError
+
+    def add_lora(self, lora: LoRA) -> None:
+        """Train the LLM through LoRA adapters on its decoder layers' projections (after ``build``; once)."""
+        add_adapters(self.decoder_layers, lora)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The LoRA adapters' parameters: with ``add_lora``, the only ones of the LLM that train."""
+        return [parameter for name, parameter in self.decoder_layers.named_parameters() if is_adapter_parameter(name)]
 
