@@ -54,6 +54,9 @@ class LlavaBackbone(LocalBackbone):
             mutually exclusive with ``config``.
         vision_tower: local CLIP directory (transformers CLIPVisionModel / CLIPModel layout); needed by the
             release layout only, whose config.json names the tower by hub id.
+        model_base: for a LoRA output of LLaVA (``checkpoint`` holds ``adapter_config.json``, as
+            ``liuhaotian/llava-v1.5-7b-lora``), the LLM directory it was trained on (Vicuna): its weights, with the
+            adapters merged in at load, and its tokenizer unless ``tokenizer`` is given; LLaVA's ``--model-base``.
         config: sizes of a freshly initialised model (:class:`ModelSizes`: ``vision`` CLIPVisionConfig kwargs,
             ``text`` LlamaConfig kwargs, ``vision_feature_layer``, ...); a dict with those keys works too.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
@@ -71,6 +74,7 @@ class LlavaBackbone(LocalBackbone):
         self,
         checkpoint: str | None = None,
         vision_tower: str | None = None,
+        model_base: str | None = None,
         config: ModelSizes | None = None,
         tokenizer: str | None = None,
         template: str = "vicuna_v1",
@@ -82,6 +86,9 @@ class LlavaBackbone(LocalBackbone):
     ) -> None:
         super().__init__(checkpoint, config, tokenizer, template, pad_to_square, seed, dtype, attn_implementation)
         self.vision_tower = None if vision_tower is None else Path(vision_tower)
+        self.model_base = None if model_base is None else Path(model_base)
+        if self.model_base is not None and tokenizer is None:
+            self.tokenizer_dir = self.model_base  # LLaVA's LoRA output holds no tokenizer: the base's
         self.release_layout = False  # set by _read_config for an original LLaVA release directory
         self.llava_config = self._read_config(config)
         self._max_length = max_length or self.llava_config.text_config.max_position_embeddings
@@ -104,6 +111,19 @@ class LlavaBackbone(LocalBackbone):
             self.checkpoint,
             "a transformers LLaVA checkpoint directory (config.json with model_type 'llava', *.safetensors, tokenizer files)",
         )
+        lora = llava_release.is_lora_release(self.checkpoint)
+        if lora != (self.model_base is not None):
+            raise CheckpointError(
+                f"{self.checkpoint} holds LoRA adapters (adapter_config.json): pass model_base, the LLM directory they were "
+                f"trained on; expected {llava_release.LORA_LAYOUT}"
+                if lora
+                else f"model_base={self.model_base} is read only for a LoRA output of LLaVA, and {self.checkpoint} holds no "
+                "adapter_config.json: drop model_base"
+            )
+        if lora and not self.model_base.is_dir():
+            raise CheckpointError(f"model_base {self.model_base} does not exist; it must be {llava_release.BASE_LAYOUT}")
+        if lora and not llava_release.is_release_config(raw):
+            raise CheckpointError(f"{config_file} is not the LLaVA release's config.json; expected {llava_release.LORA_LAYOUT}")
         if llava_release.is_release_config(raw):
             self.release_layout = True
             pads = raw.get("image_aspect_ratio") == "pad"  # LLaVA's process_images pads only then
@@ -194,7 +214,7 @@ class LlavaBackbone(LocalBackbone):
         config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         try:
             return llava_release.load_release_model(
-                self.checkpoint, self.vision_tower, config, self.torch_dtype, self.attn_implementation
+                self.checkpoint, self.vision_tower, config, self.torch_dtype, self.attn_implementation, self.model_base
             )
         except llava_release.ReleaseLayoutError as error:
             raise CheckpointError(str(error)) from error

@@ -13,6 +13,8 @@ every weight found must be used: anything else fails with the list of keys.
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from pathlib import Path
 
@@ -35,6 +37,13 @@ RELEASE_LAYOUT = (
     f"tokenizer files beside them; or the AdaLLaVA release's ({ADALLAVA_ARCHITECTURE}, model_type "
     f"'{ADALLAVA_MODEL_TYPE}'), the same plus scheduler.* weights"
 )
+LORA_LAYOUT = (
+    "LLaVA's LoRA output (as liuhaotian/llava-v1.5-7b-lora): the release's config.json, adapter_config.json (a peft "
+    "LoRA: r, lora_alpha), adapter_model.safetensors or adapter_model.bin (base_model.model.model.layers.*.lora_A / "
+    "lora_B), non_lora_trainables.bin (the projector), read with `model_base`: the LLM directory it was trained on "
+    "(lmsys/vicuna-7b-v1.5 for LLaVA-1.5: Llama weights model.* / lm_head.* and its tokenizer)"
+)
+BASE_LAYOUT = "an LLM directory in the Llama layout (model.embed_tokens / model.layers.* / model.norm / lm_head weights)"
 TOWER_LAYOUT = (
     "a local CLIP vision tower directory in the transformers CLIPVisionModel (or CLIPModel) layout, as "
     "openai/clip-vit-large-patch14-336 is published: config.json + model.safetensors or pytorch_model.bin"
@@ -79,6 +88,11 @@ def is_release_config(raw: dict) -> bool:
         "mm_vision_tower" in raw or "mm_projector_type" in raw or RELEASE_ARCHITECTURE in architectures
         or ADALLAVA_ARCHITECTURE in architectures
     )
+
+
+def is_lora_release(directory: Path) -> bool:
+    """LLaVA's LoRA output: adapters over an LLM that lives in another directory (``model_base``)."""
+    return (directory / "adapter_config.json").is_file()
 
 
 def is_adallava_release(raw: dict) -> bool:
@@ -212,9 +226,16 @@ def _tower_key(key: str) -> str | None:
 
 
 def load_release_model(
-    checkpoint: Path, vision_tower: Path, config: LlavaConfig, dtype: torch.dtype, attn_implementation: str
+    checkpoint: Path,
+    vision_tower: Path,
+    config: LlavaConfig,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    model_base: Path | None = None,
 ) -> LlavaForConditionalGeneration:
-    """Build the transformers model without initialising it and fill every weight from the two directories.
+    """Build the transformers model without initialising it and fill every weight from the two directories
+    (three for a LoRA output: the LLM from ``model_base``, the projector from ``non_lora_trainables.bin``, then
+    the adapters merged into the LLM's weights, as LLaVA's loader does with ``--model-base``).
 
     ``config.text_config.vocab_size`` may exceed the checkpoint's rows (the added ``<image>`` token): the
     extra embedding and output rows are the mean of the checkpoint's rows.
@@ -244,7 +265,11 @@ def load_release_model(
 
     # the tower directory first, so that a checkpoint's own tower weights (when used) overwrite it
     sources = [(path, _tower_key) for path in weight_files(vision_tower, TOWER_LAYOUT)]
-    sources += [(path, checkpoint_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
+    if model_base is None:
+        sources += [(path, checkpoint_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
+    else:
+        sources += [(path, _llm_key) for path in weight_files(model_base, BASE_LAYOUT)]
+        sources += [(_lora_file(checkpoint, ("non_lora_trainables.bin",)), _non_lora_key)]
     for path, rename in sources:
         mapped: dict[str, torch.Tensor] = {}
         for key, tensor in read_weights(path).items():
@@ -276,6 +301,8 @@ def load_release_model(
             UserWarning,
             stacklevel=3,
         )
+    if model_base is not None:
+        merge_adapters(model, checkpoint)
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise ReleaseLayoutError(
@@ -295,3 +322,66 @@ def grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Te
         return tensor
     mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
     return torch.cat([tensor, mean.expand(extra, *tensor.shape[1:])])
+
+
+# --- LLaVA's LoRA output ---------------------------------------------------------------------------
+_ADAPTER_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+_UNSUPPORTED_ADAPTER_SETTINGS = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save")
+
+
+def _lora_file(directory: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ReleaseLayoutError(f"{directory} holds none of {', '.join(names)}; expected {LORA_LAYOUT}")
+
+
+def _non_lora_key(key: str) -> str | None:
+    """``non_lora_trainables.bin``'s names, as LLaVA's loader reads them: without ``base_model.``, and without one
+    ``model.`` where that leaves ``model.model.``."""
+    key = key.removeprefix("base_model.")
+    if key.startswith("model.model."):
+        key = key.removeprefix("model.")
+    return _llm_key(key)
+
+
+def merge_adapters(model: LlavaForConditionalGeneration, checkpoint: Path) -> None:
+    """Add each adapter's ``scale * B @ A`` (in float32) to the weight it adapts: peft's ``merge_and_unload``.
+    Every adapter must name a projection of the model, with both its halves."""
+    settings_file = checkpoint / "adapter_config.json"
+    settings = read_json_object(settings_file)
+    unsupported = {key: settings[key] for key in _UNSUPPORTED_ADAPTER_SETTINGS if settings.get(key)}
+    if settings.get("peft_type", "LORA") != "LORA" or settings.get("bias", "none") != "none" or unsupported:
+        raise ReleaseLayoutError(
+            f"{settings_file}: peft_type {settings.get('peft_type')!r}, bias {settings.get('bias')!r}"
+            f"{', ' + str(unsupported) if unsupported else ''}: only plain LoRA adapters (peft_type LORA, bias none, as "
+            "LLaVA trains them) are read"
+        )
+    try:
+        rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ReleaseLayoutError(f"{settings_file}: needs numeric 'r' and 'lora_alpha' ({error})") from error
+    scale = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
+    path = _lora_file(checkpoint, ("adapter_model.safetensors", "adapter_model.bin"))
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_weights(path).items():
+        match = _ADAPTER_KEY.fullmatch(key)
+        target = _llm_key(match["module"] + ".weight") if match else None
+        if target is None:
+            raise ReleaseLayoutError(f"{path}: {key} is not a LoRA weight of the LLM; expected {LORA_LAYOUT}")
+        halves.setdefault(target, {})[match["part"]] = tensor
+    weights = dict(model.named_parameters())
+    for target, pair in sorted(halves.items()):
+        weight = weights.get(target)
+        down, up = pair.get("A"), pair.get("B")
+        if weight is None or down is None or up is None:
+            raise ReleaseLayoutError(
+                f"{path}: the adapter of {target} has {sorted(pair)} (needs lora_A and lora_B)"
+                f"{'' if weight is not None else ', and the model has no such weight'}"
+            )
+        if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(weight.shape):
+            raise ReleaseLayoutError(
+                f"{path}: the adapter of {target} is {tuple(up.shape)} x {tuple(down.shape)}, the weight {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            weight.copy_((weight.float() + scale * (up.float() @ down.float())).to(weight.dtype))

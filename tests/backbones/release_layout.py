@@ -158,3 +158,47 @@ def write_release(root: Path, fmt: str = "safetensors", clip_model: bool = True,
     write_shards(release, llm, fmt)
     write_tower(tower_dir, tower, clip_model)
     return release, tower_dir, model, vocab
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LLaVA's find_all_linear_names
+
+
+def write_lora_release(root: Path, fmt: str = "safetensors", rank: int = 4, alpha: float = 8.0, seed: int = 0):
+    """LLaVA's LoRA output over a Vicuna stand-in, made with peft itself, and the same model merged by peft's
+    ``merge_and_unload`` written as a full release: (lora dir, base dir, tower dir, merged release dir).
+
+    The base is the reference model's LLM in the Llama layout; the adapters are peft's on a ``LlamaForCausalLM``
+    of it (the names LLaVA's ``LlavaLlamaForCausalLM`` gives them), B drawn at random; the projector goes to
+    ``non_lora_trainables.bin`` under the names LLaVA's trainer saves."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    release, tower_dir, model, vocab = write_release(root / "full-unmerged", seed=seed)
+    llm, _ = release_state_dicts(model, vocab)
+    projector = {key: llm.pop(key) for key in list(llm) if key.startswith("model.mm_projector.")}
+    llm.pop("model.layers.0.self_attn.rotary_emb.inv_freq")
+    base = root / "vicuna-tiny"
+    base.mkdir()
+    write_release_tokenizer(base)
+    llama_config = LlamaConfig(**TEXT, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama = LlamaForCausalLM(llama_config)
+    llama.load_state_dict(llm)
+    llama.config.architectures = ["LlamaForCausalLM"]
+    llama.save_pretrained(base, safe_serialization=True)
+    adapted = get_peft_model(llama, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05, target_modules=LORA_TARGETS))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    lora = root / "llava-v1.5-tiny-lora"
+    adapted.save_pretrained(lora, safe_serialization=fmt == "safetensors")
+    (lora / "config.json").write_text(json.dumps(release_config(vocab)))
+    torch.save({f"base_model.model.{key}": tensor for key, tensor in projector.items()}, lora / "non_lora_trainables.bin")
+    merged_llm = {key: tensor.clone() for key, tensor in adapted.merge_and_unload().state_dict().items()}
+    merged = root / "llava-v1.5-tiny-merged"
+    merged.mkdir()
+    write_release_tokenizer(merged)
+    (merged / "config.json").write_text(json.dumps(release_config(vocab)))
+    write_shards(merged, {**merged_llm, **projector}, "safetensors")
+    return lora, base, tower_dir, merged

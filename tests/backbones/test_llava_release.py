@@ -253,3 +253,58 @@ def test_a_directory_without_tokenizer_files_is_named(tmp_path):
         (release / name).unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match=r"holds no tokenizer: none of tokenizer.json, tokenizer.model, vocab.json"):
         _load(release, tower)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_lora_output_with_its_model_base_equals_peft_merged(tmp_path, fmt):
+    """liuhaotian/llava-v1.5-7b-lora's layout: Vicuna's weights, the projector of non_lora_trainables.bin and the
+    adapters merged at load give the logits of the same model merged by peft's merge_and_unload."""
+    from tests.backbones.release_layout import write_lora_release
+
+    lora, base, tower, merged = write_lora_release(tmp_path, fmt=fmt)
+    backbone = LlavaBackbone(checkpoint=str(lora), model_base=str(base), vision_tower=str(tower))
+    backbone.build()
+    backbone.eval()
+    assert backbone.tokenizer_dir == base  # LLaVA's LoRA output holds no tokenizer
+    expected = _load(merged, tower)
+    ids, images = _prompt(backbone), random_images(1)
+    with torch.no_grad():
+        got = backbone.model(input_ids=ids, pixel_values=images).logits
+        want = expected.model(input_ids=ids, pixel_values=images).logits
+        unmerged = _load(tmp_path / "full-unmerged" / "llava-v1.5-tiny", tower).model(input_ids=ids, pixel_values=images).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert (got - unmerged).abs().max() > 1e-3  # the adapters changed the answer: the merge was not skipped
+
+
+def test_a_lora_output_needs_its_model_base_and_says_so(tmp_path):
+    from tests.backbones.release_layout import write_lora_release
+
+    lora, base, tower, merged = write_lora_release(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds LoRA adapters \(adapter_config.json\): pass model_base"):
+        LlavaBackbone(checkpoint=str(lora), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match="model_base=.* is read only for a LoRA output .* drop model_base"):
+        LlavaBackbone(checkpoint=str(merged), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match="model_base .*nowhere does not exist"):
+        LlavaBackbone(checkpoint=str(lora), model_base=str(tmp_path / "nowhere"), vision_tower=str(tower))
+
+
+def test_a_lora_output_of_another_kind_or_with_a_broken_adapter_is_named(tmp_path):
+    from tests.backbones.release_layout import write_lora_release
+
+    lora, base, tower, _ = write_lora_release(tmp_path)
+    settings = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
+    backbone = LlavaBackbone(checkpoint=str(lora), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: .*'use_dora': True.*only plain LoRA adapters"):
+        backbone.build()
+    (lora / "adapter_config.json").write_text(json.dumps(settings))
+    weights = load_file(lora / "adapter_model.safetensors")
+    half = next(key for key in weights if "layers.1.mlp.down_proj.lora_B" in key)
+    save_file({key: value for key, value in weights.items() if key != half}, lora / "adapter_model.safetensors")
+    backbone = LlavaBackbone(checkpoint=str(lora), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match=r"the adapter of model.language_model.layers.1.mlp.down_proj.weight has \['A'\]"):
+        backbone.build()
+    (lora / "non_lora_trainables.bin").unlink()
+    backbone = LlavaBackbone(checkpoint=str(lora), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match="holds none of non_lora_trainables.bin"):
+        backbone.build()
