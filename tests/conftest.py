@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,21 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_outlives_its_test():
+    """A fit run in-process leaves W&B's run open, and Lightning's offline WandbLogger sets WANDB_MODE=dryrun for
+    the whole process: the next test's logger would log into that run, in the earlier test's directory."""
+    mode = os.environ.get("WANDB_MODE")
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    if mode is None:
+        os.environ.pop("WANDB_MODE", None)
+    else:
+        os.environ["WANDB_MODE"] = mode
+
 
 TINY_TEXT = [
     "USER : What colour is the red circle ? ASSISTANT : blue",
