@@ -10,6 +10,7 @@ The parts' packages are imported here so that short class names resolve, e.g.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -85,6 +87,8 @@ class AdaptiveMLLMCLI(LightningCLI):
         if self.subcommand in ("validate", "test", "predict"):
             _own_directory(self.config[self.subcommand], self.subcommand)
             rank_zero_info(f"{self.subcommand}: this run writes into {self.config[self.subcommand].trainer.default_root_dir}")
+        elif self.subcommand == "fit":
+            _follow_root(self.config["fit"])
 
     def before_fit(self) -> None:
         config = self.config["fit"]
@@ -93,8 +97,8 @@ class AdaptiveMLLMCLI(LightningCLI):
         if not _launched() and earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):
             raise FileExistsError(
                 f"{earlier.parent} holds an earlier run ({earlier}): resume it with --ckpt_path (its checkpoints' "
-                "last.ckpt), give this run its own directory (trainer.default_root_dir, the logger's save_dir, "
-                "ModelCheckpoint's dirpath), or replace it with --overwrite_run=true"
+                "last.ckpt), give this run its own directory (--trainer.default_root_dir), or replace it with "
+                "--overwrite_run=true"
             )
         if not _launched() and earlier.is_file() and not config.get("ckpt_path") and config.get("overwrite_run"):
             directories = [Path(c.dirpath) if c.dirpath else earlier.parent / "checkpoints" for c in self.trainer.checkpoint_callbacks]
@@ -152,6 +156,34 @@ def build_model(args: list[str], device: str = "cpu") -> AdaptiveMLLM:
     with torch.device(device):  # random weights drawn where they run: seconds for 7B on a GPU, minutes on a CPU
         cli.model.configure_model()
     return cli.model
+
+
+def _follow_root(config: Any) -> None:
+    """A fit's logs and checkpoints go where its ``default_root_dir`` says, unless the recipe places them
+    elsewhere: a logger without a ``save_dir`` writes into the root, a checkpoint callback without a ``dirpath``
+    into ``<root>/checkpoints``. So one flag moves a whole run, and a second run never shares the first's
+    checkpoint folder (where ``--ckpt_path .../last.ckpt`` would resume the wrong run)."""
+    root = config.trainer.get("default_root_dir")
+    if not root:
+        return
+    for logger in _entries(config.trainer.get("logger")):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir in (None, "."):
+            logger.init_args.save_dir = str(root)
+    for callback in _entries(config.trainer.get("callbacks")):
+        if "dirpath" in callback.init_args and callback.init_args.dirpath is None and _is_checkpoint(callback.class_path):
+            callback.init_args.dirpath = str(Path(root) / "checkpoints")
+
+
+def _entries(value: Any) -> list[Any]:
+    """The ``{class_path, init_args}`` entries of a trainer setting that holds one or a list of them."""
+    entries = value if isinstance(value, list) else [value]
+    return [entry for entry in entries if hasattr(entry, "get") and entry.get("init_args") is not None]
+
+
+def _is_checkpoint(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    found = getattr(importlib.import_module(module), name, None) if module else None
+    return isinstance(found, type) and issubclass(found, ModelCheckpoint)
 
 
 def _own_directory(config: Any, subcommand: str) -> None:

@@ -155,3 +155,19 @@ def test_a_checkpoint_of_another_scheduler_is_named(in_tmp):
     head.on_save_checkpoint(checkpoint)  # records the scheduler it was trained with
     with pytest.raises(ValueError, match="the checkpoint holds a HeadScheduler .* the recipe builds a LayerScheduler"):
         built("tiny.yaml").on_load_checkpoint(checkpoint)
+
+
+def test_one_flag_moves_a_whole_fit_and_a_placed_checkpoint_folder_stays(in_tmp):
+    """--trainer.default_root_dir alone: config, W&B run and checkpoints all go there (the recipe names no other
+    place), so a second run never writes into the first's checkpoints/; a dirpath given explicitly is kept."""
+    _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+          "--trainer.default_root_dir=runs/second"])
+    run = in_tmp / "runs" / "second"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert not (in_tmp / "runs" / "tiny").exists()
+    _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+          "--trainer.default_root_dir=runs/third", "--trainer.callbacks+=adaptive_mllm.checkpoints.RunCheckpoint",
+          "--trainer.callbacks.dirpath=kept/here", "--trainer.callbacks.save_last=true"])
+    assert (in_tmp / "kept" / "here" / "last.ckpt").is_file()  # the added one, where it was told
+    assert (in_tmp / "runs" / "third" / "checkpoints" / "last.ckpt").is_file()  # the recipe's, in the run
