@@ -102,15 +102,24 @@ def merged_adapters(layers: nn.ModuleList) -> Iterator[None]:
     Costs one more copy of the adapted weights while it lasts."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for parent in list(layers.modules()):
-            for name, child in list(parent.named_children()):
-                if is_adapted(child):
-                    parent._modules[name] = _merged_linear(child)
-                    swapped.append((parent, name, child))
+        for parent, name, child in _adapted_children(layers):
+            parent._modules[name] = _merged_linear(child)
+            swapped.append((parent, name, child))
         yield
     finally:
         for parent, name, child in swapped:
             parent._modules[name] = child
+
+
+def merge_adapters(layers: nn.ModuleList) -> None:
+    """Every adapted projection of ``layers`` becomes, for good, a plain ``nn.Linear`` holding ``W + s * B @ A``: a
+    model that only answers (a server) then runs at the base model's cost."""
+    for parent, name, child in _adapted_children(layers):
+        parent._modules[name] = _merged_linear(child)
+
+
+def _adapted_children(layers: nn.ModuleList) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in list(layers.modules()) for name, child in parent.named_children() if is_adapted(child)]
 
 
 def _merged_linear(adapted: nn.Module) -> nn.Linear:

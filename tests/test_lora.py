@@ -11,7 +11,7 @@ from torch import nn
 from adaptive_mllm.engine import Engine
 from adaptive_mllm.generation import greedy_generate
 from adaptive_mllm.inputs import position_ids_from_mask
-from adaptive_mllm.lora import LoRA, add_adapters, has_adapters, merged_adapters
+from adaptive_mllm.lora import LoRA, add_adapters, has_adapters, merge_adapters, merged_adapters
 from tests.conftest import make_backbone
 from tests.test_engine import _head_plan, _layer_plan, _left_padded
 from tests.test_engine_phi import make_phi_backbone
@@ -123,3 +123,16 @@ def test_adding_adapters_twice_adds_nothing(backbone):
     count = sum(1 for _ in backbone.decoder_layers.parameters())
     add_adapters(backbone.decoder_layers, LoRA(rank=RANK))
     assert sum(1 for _ in backbone.decoder_layers.parameters()) == count
+
+
+def test_merging_for_good_answers_as_the_adapted_model(gqa_backbone):
+    """What a server does (merge_adapters): plain projections afterwards, the same tokens at a head-level plan."""
+    adapted, _ = _adapted(gqa_backbone, seed=11)
+    ids, mask = _left_padded(adapted, [8, 5, 8], seed=12)
+    plan = _head_plan(adapted, 3, seed=13)
+    with torch.no_grad():
+        before = greedy_generate(Engine(adapted), adapted.embed(ids), mask, 6, [], plan)
+        merge_adapters(adapted.decoder_layers)
+        after = greedy_generate(Engine(adapted), adapted.embed(ids), mask, 6, [], plan)
+    assert not has_adapters(adapted.decoder_layers)
+    assert after.tokens == before.tokens

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from adaptive_mllm.lora import merge_adapters
 from adaptive_mllm.serving.api import (
     API_PATH,
     MODELS_PATH,
@@ -36,7 +37,8 @@ def build_model(
     config: str | None, ckpt_path: str | None, export_dir: str | None, overrides: list[str], device: str = "cpu"
 ) -> Any:
     """The AdaptiveMLLM to serve: an exported directory, a recipe + Lightning checkpoint, or a recipe with
-    random weights (drawn on ``device``; for load tests and latency profiles)."""
+    random weights (drawn on ``device``; for load tests and latency profiles). LoRA adapters (``model.lora``) are
+    merged into the weights: a served model only answers, at the base model's cost."""
     if export_dir is not None:
         from adaptive_mllm.export import load_exported
 
@@ -46,11 +48,14 @@ def build_model(
     if ckpt_path is not None:
         from adaptive_mllm.export import module_from_checkpoint
 
-        return module_from_checkpoint(ckpt_path, config, overrides)[0]
-    from adaptive_mllm.recipe import UNUSED_TRAINER
-    from adaptive_mllm.recipe import build_model as build_recipe_model
+        module = module_from_checkpoint(ckpt_path, config, overrides)[0]
+    else:
+        from adaptive_mllm.recipe import UNUSED_TRAINER
+        from adaptive_mllm.recipe import build_model as build_recipe_model
 
-    return build_recipe_model(["--config", str(config), *overrides, *UNUSED_TRAINER], device)
+        module = build_recipe_model(["--config", str(config), *overrides, *UNUSED_TRAINER], device)
+    merge_adapters(module.backbone.decoder_layers)
+    return module
 
 
 def parser() -> argparse.ArgumentParser:

@@ -335,3 +335,21 @@ def test_a_model_that_cannot_be_built_is_one_line_in_the_servers_log():
         record = logging.LogRecord("litserve.loops.loops", logging.ERROR, "loops.py", 83, "Error setting up worker 0.", (), sys.exc_info())
     assert _one_line_setup_error(record)
     assert logging.Formatter().format(record) == "the model could not be built: " + str(failed.value)
+
+
+def test_a_lora_model_is_served_with_its_adapters_merged(tmp_path: Path, tokenizer_dir: Path):
+    """model.lora: the server merges the adapters into the weights, a plain nn.Linear per projection (the base
+    model's cost); merge_adapters itself is held to the adapted model's outputs in tests/test_lora.py."""
+    from torch import nn
+
+    from adaptive_mllm.lora import has_adapters
+
+    recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+    served = build_model(str(recipe), None, None, ["--model.lora={rank: 2, alpha: 4.0}"])
+    assert served.lora is not None and not has_adapters(served.backbone.decoder_layers)
+    projections = [m for m in served.backbone.decoder_layers.modules() if isinstance(m, nn.Linear)]
+    assert len(projections) == 7 * served.backbone.shape.num_layers and all(type(m) is nn.Linear for m in projections)
+    api = DeadlineAPI(lambda: served, None)
+    api.setup("cpu")
+    answer = api._answer([api.decode_request({**_body(1.0), "deadline_ms": None, "budget": 0.6})])[0]
+    assert isinstance(answer.text, str) and answer.budget == pytest.approx(0.6)
