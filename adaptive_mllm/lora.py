@@ -1,11 +1,12 @@
-"""LoRA adapters on the LLM's decoder layers: the LLaVA release's ``--lora_enable`` training mode.
+"""LoRA adapters on the LLM's decoder layers: LLaVA's ``--lora_enable`` training mode.
 
 The adapters are peft's (``inject_adapter_in_model``), placed inside the decoder layers themselves rather than
 around the model (a ``PeftModel``): the engine walks those layers, so their paths stay as they were (each adapted
 projection gains ``base_layer``, ``lora_A``, ``lora_B``). Where the engine runs a projection whole it calls it, and
 peft adds the adapter; where it slices weights (a partly kept AdaLLaVA-H layer at inference) it reads them here,
 base and adapter together (:func:`kept_rows`, :func:`kept_columns`). An export merges them into plain weights
-(:func:`merged_adapters`), the transformers layout LLaVA's ``merge_lora_weights.py`` also writes.
+while it writes (:func:`merged_adapters`: the transformers layout LLaVA's ``merge_lora_weights.py`` also writes), a
+server for good (:func:`merge_adapters`).
 """
 
 from __future__ import annotations
