@@ -37,7 +37,9 @@ class LoRA:
     alpha: float = 256.0
     dropout: float = 0.05
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Refuse settings no adapter can have (called by the module when a recipe is parsed, not by the dataclass:
+        an error raised while jsonargparse builds it is buried in its report on every type the field accepts)."""
         if self.rank < 1:
             raise ValueError(f"lora.rank={self.rank} must be >= 1")
         if not self.alpha > 0:
@@ -50,6 +52,7 @@ def add_adapters(layers: nn.ModuleList, lora: LoRA) -> None:
     """Put an adapter on every linear layer of ``layers`` (in place; a second call adds nothing)."""
     if has_adapters(layers):
         return
+    lora.check()
     from peft import LoraConfig, inject_adapter_in_model  # imported here: peft takes seconds to import
 
     targets = [name for name, module in layers.named_modules() if isinstance(module, nn.Linear)]

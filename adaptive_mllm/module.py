@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 
 BACKBONE_PARTS = ("vision_tower", "projector", "llm")  # Backbone.parameter_groups' names
 SCHEDULER_SPEC_KEY = "scheduler_spec"  # in a checkpoint: the {class_path, init_args} the scheduler was built with
+LORA_KEY = "lora"  # in a checkpoint: the LoRA settings its adapters were trained with (None: no adapters)
 
 
 class AdaptiveMLLM(L.LightningModule):
@@ -144,6 +146,8 @@ class AdaptiveMLLM(L.LightningModule):
         for part, rate in self.part_learning_rates.items():
             if not rate > 0:
                 raise ValueError(f"part_learning_rates: {part}'s learning rate {rate} must be > 0 (freeze it instead)")
+        if self.lora is not None:
+            self.lora.check()
         if self.lora is not None and "llm" in self.freeze:
             raise ValueError("freeze names llm and lora is set: LoRA trains the llm's adapters (its own weights stay frozen); drop llm from freeze")
 
@@ -177,7 +181,9 @@ class AdaptiveMLLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record how the scheduler was built (``class_path`` / ``init_args``), so a test of this checkpoint with
-        another scheduler can name it, and a baseline can encode budgets as it did."""
+        another scheduler can name it, and a baseline can encode budgets as it did; and the LoRA settings, whose
+        ``alpha`` scales every adapter but is no tensor's shape."""
+        checkpoint[LORA_KEY] = None if self.lora is None else dataclasses.asdict(self.lora)
         if self.scheduler is None:
             return
         try:
@@ -193,6 +199,7 @@ class AdaptiveMLLM(L.LightningModule):
 
         A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
         already loaded the weights, strictly, each rank its shards."""
+        self._check_lora_of(checkpoint.get(LORA_KEY))
         if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None:
             trained = _trained_scheduler(checkpoint)
             if trained is not None:
@@ -211,6 +218,21 @@ class AdaptiveMLLM(L.LightningModule):
             for key in unused:
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
+
+    def _check_lora_of(self, trained: dict[str, Any] | None) -> None:
+        """Adapters trained with another ``alpha`` would load (the tensors fit) and answer otherwise; another
+        ``dropout`` only changes further training. Checkpoints written before 2026-12-07 record neither."""
+        if trained is None or self.lora is None:
+            return  # adapters present on one side only: the state dict's keys say so (_check_backbone_keys_of)
+        own = dataclasses.asdict(self.lora)
+        if trained.get("alpha") != own["alpha"]:
+            raise ValueError(
+                f"the checkpoint's LoRA adapters were trained with lora.alpha={trained.get('alpha')}, the recipe gives "
+                f"{own['alpha']}: every adapter would be scaled otherwise; give the training run's model.lora"
+            )
+        if trained.get("dropout") != own["dropout"]:
+            rank_zero_warn(f"the checkpoint's LoRA adapters were trained with lora.dropout={trained.get('dropout')}, "
+                           f"the recipe gives {own['dropout']} (it matters only to further training)")
 
     def _check_scheduler_of(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor], wrong: list[str]) -> None:
         """A checkpoint trained with another learned scheduler (AdaLLaVA-H into an L recipe) is named as such,
@@ -430,8 +452,7 @@ def _check_backbone_keys_of(state: dict[str, torch.Tensor], own: dict[str, torch
     if any(is_adapter_parameter(key) for key in unexpected):
         raise ValueError(
             f"the checkpoint was trained with LoRA adapters ({next(k for k in unexpected if is_adapter_parameter(k))}), the "
-            "recipe's model has none: give model.lora as the training run did, or evaluate its export "
-            "(adaptive-mllm export merges the adapters into the weights)"
+            "recipe's model has none: give model.lora as the training run did (the run's config.yaml records it)"
         )
     if any(is_adapter_parameter(key) for key in missing):
         raise ValueError(

@@ -75,6 +75,15 @@ class AdaptiveMLLMCLI(LightningCLI):
             "--overwrite_run", type=bool, default=False, help="let `fit` replace the run already in its directory"
         )
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        """Without subcommands (a tool reading a recipe: export, serve, profile, memory, ...) the parser also takes
+        what a fit's saved ``config.yaml`` records of its command, so a run's own config is a recipe; the tool's
+        own ``--ckpt_path`` says which weights it reads."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            self.parser.add_argument("--ckpt_path", type=str | None, default=None, help="a saved run's; not read here")
+            self.parser.add_argument("--weights_only", type=bool | None, default=None, help="a saved run's; not read here")
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, then check ``--ckpt_path`` before Lightning reads the checkpoint's hyperparameters."""
         super().parse_arguments(parser, args)

@@ -113,9 +113,13 @@ def test_merged_adapters_are_plain_weights_inside_and_adapters_after(backbone):
     ("arguments", "message"),
     [({"rank": 0}, "lora.rank=0"), ({"alpha": 0.0}, "lora.alpha=0.0"), ({"dropout": 1.0}, "lora.dropout=1.0")],
 )
-def test_bad_settings_are_refused_naming_the_field(arguments, message):
+def test_bad_settings_are_refused_naming_the_field(arguments, message, tokenizer_dir):
+    from adaptive_mllm.module import AdaptiveMLLM
+
     with pytest.raises(ValueError, match=message):
-        LoRA(**arguments)
+        AdaptiveMLLM(make_backbone(tokenizer_dir), lora=LoRA(**arguments))
+    with pytest.raises(ValueError, match=message):
+        add_adapters(make_backbone(tokenizer_dir).decoder_layers, LoRA(**arguments))
 
 
 def test_adding_adapters_twice_adds_nothing(backbone):

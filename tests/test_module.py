@@ -471,3 +471,27 @@ def test_a_checkpoint_with_or_without_adapters_or_of_another_rank_is_named(token
     with pytest.raises(ValueError, match=r"its LoRA adapters have rank 3, the recipe's model.lora.rank is 2"):
         adapted.on_load_checkpoint({"state_dict": dict(_lora_model(tokenizer_dir, rank=3).state_dict())})
     adapted.on_load_checkpoint({"state_dict": dict(_lora_model(tokenizer_dir, rank=2).state_dict())})  # same: loads
+
+
+def test_a_checkpoint_records_its_lora_settings_and_another_alpha_is_refused(tokenizer_dir):
+    """alpha scales every adapter and is no tensor's shape: without the record another alpha loaded silently."""
+    from adaptive_mllm.lora import LoRA
+
+    trained = _lora_model(tokenizer_dir, rank=2)
+    checkpoint = {"state_dict": dict(trained.state_dict())}
+    trained.on_save_checkpoint(checkpoint)
+    assert checkpoint["lora"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0}
+    other_alpha = _lora_model(tokenizer_dir, rank=2)
+    other_alpha.lora = LoRA(rank=2, alpha=8.0, dropout=0.0)
+    with pytest.raises(ValueError, match=r"trained with lora.alpha=4.0, the recipe gives 8.0"):
+        other_alpha.on_load_checkpoint(dict(checkpoint))
+    other_dropout = _lora_model(tokenizer_dir, rank=2)
+    other_dropout.lora = LoRA(rank=2, alpha=4.0, dropout=0.1)
+    with pytest.warns(UserWarning, match=r"trained with lora.dropout=0.0, the recipe gives 0.1"):
+        other_dropout.on_load_checkpoint(dict(checkpoint))
+    plain = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2))
+    record = {"state_dict": dict(plain.state_dict())}
+    plain.on_save_checkpoint(record)
+    assert record["lora"] is None
+    del checkpoint["lora"]  # written before the record existed: the tensors alone decide
+    _lora_model(tokenizer_dir, rank=2).on_load_checkpoint(checkpoint)

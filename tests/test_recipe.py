@@ -166,6 +166,10 @@ def test_one_flag_moves_a_whole_fit_and_a_placed_checkpoint_folder_stays(in_tmp)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "wandb").glob("offline-run-*"))
     assert not (in_tmp / "runs" / "tiny").exists()
+    # the run's own config.yaml (it records fit's ckpt_path: null) is a recipe for the tools too
+    main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--out_dir", "exported"])
+    assert (in_tmp / "exported" / "model.safetensors").is_file()
     _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
           "--trainer.default_root_dir=runs/third", "--trainer.callbacks+=adaptive_mllm.checkpoints.RunCheckpoint",
           "--trainer.callbacks.dirpath=kept/here", "--trainer.callbacks.save_last=true"])
