@@ -302,7 +302,7 @@ def load_release_model(
             stacklevel=3,
         )
     if model_base is not None:
-        merge_adapters(model, checkpoint)
+        merge_release_adapters(model, checkpoint)
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise ReleaseLayoutError(
@@ -345,7 +345,7 @@ def _non_lora_key(key: str) -> str | None:
     return _llm_key(key)
 
 
-def merge_adapters(model: LlavaForConditionalGeneration, checkpoint: Path) -> None:
+def merge_release_adapters(model: LlavaForConditionalGeneration, checkpoint: Path) -> None:
     """Add each adapter's ``scale * B @ A`` (in float32) to the weight it adapts: peft's ``merge_and_unload``.
     Every adapter must name a projection of the model, with both its halves."""
     settings_file = checkpoint / "adapter_config.json"
