@@ -138,6 +138,18 @@ def _merged_linear(adapted: nn.Module) -> nn.Linear:
     return merged
 
 
+def adapter_activation_elements(layer: nn.Module) -> float:
+    """Elements the adapters of ``layer`` keep per token for backward: each one's rank-r middle and, with dropout,
+    its dropped input (the projection's input width)."""
+    total = 0.0
+    for projection in layer.modules():
+        if is_adapted(projection):
+            for name in projection.active_adapters:
+                dropped = not isinstance(projection.lora_dropout[name], nn.Identity)
+                total += projection.r[name] + (projection.in_features if dropped else 0)
+    return total
+
+
 def is_adapted(module: nn.Module) -> bool:
     """Whether ``module`` is a projection peft has put an adapter on."""
     return hasattr(module, "base_layer") and hasattr(module, "lora_A")

@@ -31,7 +31,7 @@ from torch import nn
 
 from adaptive_mllm.backbones.local import CheckpointError
 from adaptive_mllm.layers import adapter_for
-from adaptive_mllm.lora import is_adapted
+from adaptive_mllm.lora import adapter_activation_elements
 from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
 
 GIB = 1024**3
@@ -92,17 +92,7 @@ def layer_activation_elements(module: nn.Module) -> tuple[float, float]:
     layer = module.backbone.decoder_layers[0]
     hidden, kv = shape.hidden_size, shape.num_kv_heads * shape.head_dim
     mlp = 4 if len(adapter_for(layer).mlp_inputs(layer)) > 1 else 2
-    return 9 * hidden + 2 * kv + mlp * shape.intermediate_size + _adapter_elements(layer), hidden
-
-
-def _adapter_elements(layer: nn.Module) -> float:
-    total = 0.0
-    for projection in layer.modules():
-        if is_adapted(projection):
-            for name in projection.active_adapters:
-                dropped = not isinstance(projection.lora_dropout[name], nn.Identity)
-                total += projection.r[name] + (projection.in_features if dropped else 0)
-    return total
+    return 9 * hidden + 2 * kv + mlp * shape.intermediate_size + adapter_activation_elements(layer), hidden
 
 
 def _vision_tower(module: nn.Module) -> nn.Module | None:

@@ -207,11 +207,9 @@ def _own_directory(config: Any, subcommand: str) -> None:
         directory = str(root if _claim_if_empty(root) else new_directory(root / subcommand))
         os.environ[RUN_DIRECTORY_VARIABLE] = directory
     config.trainer.default_root_dir = directory
-    loggers = config.trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init_args = logger.get("init_args") if hasattr(logger, "get") else None
-        if init_args is not None and "save_dir" in init_args:
-            init_args.save_dir = directory
+    for logger in _entries(config.trainer.get("logger")):
+        if "save_dir" in logger.init_args:
+            logger.init_args.save_dir = directory
 
 
 CLAIM_FILE = ".adaptive-mllm-run"  # marks a run directory as taken, so two evaluations started together never share it
