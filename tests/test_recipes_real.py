@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from adaptive_mllm.backbones import LlavaBackbone
 from adaptive_mllm.cli import build_cli
 from tests.conftest import tiny_config
 
@@ -160,3 +161,79 @@ def test_the_lora_variant_is_llava_loras_setup_on_the_7b_recipe(tokenizer_dir, t
     trains = {name for name, p in llm.items() if p.requires_grad}
     assert trains and trains == {name for name in llm if ".lora_" in name}
     assert cli.model.lora.rank == 128 and cli.model.backbone.shape.num_layers == 32
+
+
+def write_stage_one_standins(root: Path, tokenizer_dir: Path) -> None:
+    """recipes/llava7b-pretrain.yaml's inputs: a Vicuna stand-in (a Llama LLM of the real depth, transformers' own
+    layout), a CLIP tower directory and LLaVA-Pretrain's caption records (blip_laion_cc_sbu_558k.json's form)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    text = tiny_config(num_layers=32, num_heads=8, num_kv_heads=8, hidden=64)["text"]
+    llama = LlamaForCausalLM(LlamaConfig(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    llama.save_pretrained(root / "checkpoints" / "vicuna-7b-v1.5")
+    shutil.copytree(tokenizer_dir, root / "checkpoints" / "vicuna-7b-v1.5", dirs_exist_ok=True)
+    CLIPVisionModel(CLIPVisionConfig(**tiny_config()["vision"])).save_pretrained(root / "checkpoints" / "clip-vit-large-patch14-336")
+    folder = root / "data" / "llava-pretrain"
+    records = []
+    for index, (question, caption) in enumerate([("Render a clear and concise summary of the photo.\n<image>", "a red circle"),
+                                                 ("<image>\nGive a brief description of the image.", "two blue shapes"),
+                                                 ("<image>\nDescribe the image concisely.", "a green square")]):
+        image = f"0045{index}/00453937{index}.jpg"
+        (folder / "images" / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40 + 8 * index, 32), (60 * index, 120, 90)).save(folder / "images" / image)
+        records.append({"id": f"00453937{index}", "image": image, "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": caption}]})
+    (folder / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
+
+
+def test_the_stage_one_recipe_trains_the_projector_of_a_new_llava(tokenizer_dir, tmp_path, monkeypatch):
+    """recipes/llava7b-pretrain.yaml: LLaVA-1.5's pretrain.sh settings. On stand-ins, LLaVA is built from the LLM and
+    the tower directories, a step moves the projector alone, and the exported model is what stage 2 starts from."""
+    import torch
+    from safetensors.torch import load_file
+
+    from adaptive_mllm.cli import main
+
+    recipe = yaml.safe_load((RECIPE_DIR / "llava7b-pretrain.yaml").read_text())
+    trainer, model, data = recipe["trainer"], recipe["model"], recipe["data"]["init_args"]
+    assert trainer["devices"] * data["batch_size"] * trainer["accumulate_grad_batches"] == 256
+    assert (model["learning_rate"], model["warmup_ratio"], model["weight_decay"]) == (1.0e-3, 0.03, 0.0)
+    assert model["scheduler"] is None and model["freeze"] == ["vision_tower", "llm"]
+    assert model["backbone"]["init_args"]["template"] == "plain" and not model["backbone"]["init_args"]["pad_to_square"]
+
+    monkeypatch.chdir(tmp_path)
+    write_stage_one_standins(tmp_path, tokenizer_dir)
+    fit = ["--config", str(RECIPE_DIR / "llava7b-pretrain.yaml"), *ON_CPU]
+    with pytest.warns(UserWarning, match="is a language model: LLaVA-1.5 is built on it"):
+        cli = build_cli(["fit", *fit, "--trainer.max_steps=1", "--data.init_args.batch_size=3"])
+    assert cli.trainer.global_step == 1 and cli.model.scheduler is None
+    backbone = cli.model.backbone
+    assert backbone.chat_template.name == "plain" and backbone.shape.num_layers == 32
+    groups = backbone.parameter_groups()
+    assert all(p.requires_grad for p in groups["projector"])
+    assert not any(p.requires_grad for p in groups["llm"] + groups["vision_tower"])
+    saved = load_file(tmp_path / "checkpoints" / "vicuna-7b-v1.5" / "model.safetensors")
+    layer = backbone.model.model.language_model.layers[31].mlp.down_proj.weight
+    assert torch.equal(layer, saved["model.layers.31.mlp.down_proj.weight"])  # the LLM is Vicuna's, untouched
+    with pytest.warns(UserWarning, match="is a language model"):
+        start = LlavaBackbone(checkpoint="checkpoints/vicuna-7b-v1.5", vision_tower="checkpoints/clip-vit-large-patch14-336")
+    start.build()  # the recipe's seed: the projector the step started from
+    for name in ("linear_1.weight", "linear_2.bias"):
+        before = start.model.model.multi_modal_projector.get_parameter(name)
+        after = backbone.model.model.multi_modal_projector.get_parameter(name)
+        assert not torch.equal(before, after), name
+
+    # the recipe's export command, then what stage 2 (recipes/llava7b.yaml) reads: a transformers-layout LLaVA
+    with pytest.warns(UserWarning, match="is a language model"):
+        main(["export", *fit, "--ckpt_path", "runs/llava7b-pretrain/checkpoints/last.ckpt",
+              "--out_dir", "checkpoints/llava-v1.5-7b-pretrain-hf"])
+    stage_two = LlavaBackbone(checkpoint="checkpoints/llava-v1.5-7b-pretrain-hf")
+    stage_two.build()
+    trained = backbone.model.state_dict()
+    for name, tensor in stage_two.model.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name

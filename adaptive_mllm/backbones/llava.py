@@ -5,7 +5,9 @@ Two ways in, one code path:
   ``model_type: llava``, ``*.safetensors``, tokenizer files, ``preprocessor_config.json``), as
   ``llava-hf/llava-1.5-7b-hf`` is published and as :meth:`LlavaBackbone.save_pretrained` writes it;
   or in the original LLaVA release layout (``liuhaotian/llava-v1.5-7b``) with ``vision_tower`` a local
-  CLIP directory, mapped onto the same transformers modules by :mod:`.llava_release`;
+  CLIP directory, mapped onto the same transformers modules by :mod:`.llava_release`; or LLaVA's own
+  outputs with ``model_base`` (LoRA adapters, a stage-1 projector); or a Llama LLM (Vicuna) with
+  ``vision_tower``, LLaVA-1.5 built on them with a new projector, as LLaVA's stage 1 starts;
 - ``config``: sizes for a freshly initialised model (the tiny path), with ``tokenizer`` a local
   tokenizer directory.
 Nothing is ever downloaded. Weights are created or loaded in :meth:`build` (called from the
@@ -43,32 +45,36 @@ from adaptive_mllm.backbones.local import (
     read_config_json,
 )
 from adaptive_mllm.backbones.pil_image_processors import pil_clip_processor, pil_llava_processor
-from adaptive_mllm.backbones.templates import llava_v1, plain_chat, vicuna_v1
+from adaptive_mllm.backbones.templates import llava_plain, llava_v1, plain_chat, vicuna_v1
 
 
 class LlavaBackbone(LocalBackbone):
     """LLaVA-1.5 style backbone.
 
     Args:
-        checkpoint: local directory in the transformers LLaVA layout or the original LLaVA release layout;
-            mutually exclusive with ``config``.
+        checkpoint: local directory in the transformers LLaVA layout or the original LLaVA release layout, or a
+            Llama LLM (Vicuna: LLaVA-1.5 built on it with a new projector, LLaVA's stage 1); mutually exclusive
+            with ``config``.
         vision_tower: local CLIP directory (transformers CLIPVisionModel / CLIPModel layout); needed by the
-            release layout only, whose config.json names the tower by hub id.
-        model_base: for a LoRA output of LLaVA (``checkpoint`` holds ``adapter_config.json``, as
-            ``liuhaotian/llava-v1.5-7b-lora``), the LLM directory it was trained on (Vicuna): its weights, with the
-            adapters merged in at load, and its tokenizer unless ``tokenizer`` is given; LLaVA's ``--model-base``.
+            release layout and an LLM, whose config.json names no local tower.
+        model_base: for LLaVA's LoRA output (``checkpoint`` holds ``adapter_config.json``, as
+            ``liuhaotian/llava-v1.5-7b-lora``) or stage-1 output (``mm_projector.bin``, as
+            ``liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5``), the LLM directory it was trained on
+            (Vicuna): its weights, with the adapters merged in at load or the projector beside them, and its
+            tokenizer unless ``tokenizer`` is given; LLaVA's ``--model-base``.
         config: sizes of a freshly initialised model (:class:`ModelSizes`: ``vision`` CLIPVisionConfig kwargs,
             ``text`` LlamaConfig kwargs, ``vision_feature_layer``, ...); a dict with those keys works too.
         tokenizer: local tokenizer directory; defaults to ``checkpoint``.
-        template: chat template name (``vicuna_v1`` for LLaVA-1.5, ``plain_chat`` for the tiny model).
+        template: chat template name (``vicuna_v1`` for LLaVA-1.5, ``plain`` for LLaVA's stage 1, ``plain_chat``
+            for the tiny model).
         max_length: longest sequence accepted; defaults to the text config's ``max_position_embeddings``.
         pad_to_square: pad images to a square with the processor's mean colour before resizing (LLaVA-1.5).
-        seed: initialisation seed of the ``config`` path.
+        seed: initialisation seed of the ``config`` path, and of the new projector on an LLM.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: transformers attention backend of the reference modules (``sdpa`` or ``eager``).
     """
 
-    templates = {"vicuna_v1": vicuna_v1, "llava_v1": llava_v1, "plain_chat": plain_chat}
+    templates = {"vicuna_v1": vicuna_v1, "llava_v1": llava_v1, "plain": llava_plain, "plain_chat": plain_chat}
 
     def __init__(
         self,
@@ -111,23 +117,14 @@ class LlavaBackbone(LocalBackbone):
             self.checkpoint,
             "a transformers LLaVA checkpoint directory (config.json with model_type 'llava', *.safetensors, tokenizer files)",
         )
-        lora = llava_release.is_lora_release(self.checkpoint)
-        if lora != (self.model_base is not None):
-            raise CheckpointError(
-                f"{self.checkpoint} holds LoRA adapters (adapter_config.json): pass model_base, the LLM directory they were "
-                f"trained on; expected {llava_release.LORA_LAYOUT}"
-                if lora
-                else f"model_base={self.model_base} is read only for a LoRA output of LLaVA, and {self.checkpoint} holds no "
-                "adapter_config.json: drop model_base"
-            )
-        if lora and not self.model_base.is_dir():
-            raise CheckpointError(f"model_base {self.model_base} does not exist; it must be {llava_release.BASE_LAYOUT}")
-        if lora and not llava_release.is_release_config(raw):
-            raise CheckpointError(f"{config_file} is not the LLaVA release's config.json; expected {llava_release.LORA_LAYOUT}")
+        self._check_model_base(config_file, raw)
+        if llava_release.is_language_model_config(raw):
+            return self._language_model_config(config_file, raw)
         if llava_release.is_release_config(raw):
             self.release_layout = True
             pads = raw.get("image_aspect_ratio") == "pad"  # LLaVA's process_images pads only then
-            if pads != self.pad_to_square:
+            # a stage-1 output's config.json says how the projector was pretrained, not how this model will read images
+            if pads != self.pad_to_square and not llava_release.is_projector_release(self.checkpoint):
                 warnings.warn(
                     f"{config_file}: image_aspect_ratio {raw.get('image_aspect_ratio')!r} means LLaVA {'pads' if pads else 'does not pad'} "
                     f"images to a square, this backbone has pad_to_square={self.pad_to_square}; pass pad_to_square={pads} to match",
@@ -146,6 +143,48 @@ class LlavaBackbone(LocalBackbone):
         if raw.get("text_config", {}).get("model_type", "llama") != "llama":
             raise CheckpointError(f"{config_file}: text_config.model_type must be 'llama' for LlavaBackbone")
         return LlavaConfig.from_pretrained(self.checkpoint)
+
+    def _check_model_base(self, config_file: Path, raw: dict) -> None:
+        """``model_base`` comes with LLaVA's LoRA or stage-1 outputs, and only with them (its loader's rule)."""
+        lora = llava_release.is_lora_release(self.checkpoint)
+        projector = llava_release.is_projector_release(self.checkpoint) and not lora
+        if self.model_base is None:
+            if lora or projector:
+                what = ("LoRA adapters (adapter_config.json)", llava_release.LORA_LAYOUT) if lora else (
+                    f"a projector alone ({llava_release.PROJECTOR_FILE})", llava_release.PROJECTOR_LAYOUT)
+                raise CheckpointError(
+                    f"{self.checkpoint} holds {what[0]}: pass model_base, the LLM directory it was trained on; expected {what[1]}"
+                )
+            return
+        if not (lora or projector):
+            raise CheckpointError(
+                f"model_base={self.model_base} is read only for LLaVA's LoRA output (adapter_config.json) or stage-1 output "
+                f"({llava_release.PROJECTOR_FILE}), and {self.checkpoint} holds neither: drop model_base"
+            )
+        if not self.model_base.is_dir():
+            raise CheckpointError(f"model_base {self.model_base} does not exist; it must be {llava_release.BASE_LAYOUT}")
+        if not llava_release.is_release_config(raw):
+            layout = llava_release.LORA_LAYOUT if lora else llava_release.PROJECTOR_LAYOUT
+            raise CheckpointError(f"{config_file} is not the LLaVA release's config.json; expected {layout}")
+
+    def _language_model_config(self, config_file: Path, raw: dict) -> LlavaConfig:
+        """A Llama LLM (Vicuna) and a CLIP tower: LLaVA-1.5 built on them with a new projector, as LLaVA's stage 1."""
+        if self.vision_tower is None:
+            raise CheckpointError(
+                f"{config_file} is a Llama language model, not LLaVA: to build LLaVA-1.5 on it (LLaVA's stage 1, a new "
+                f"projector) pass vision_tower, {llava_release.TOWER_LAYOUT}"
+            )
+        self.release_layout = True
+        warnings.warn(
+            f"{self.checkpoint} is a language model: LLaVA-1.5 is built on it and {self.vision_tower} with a new projector "
+            "(LLaVA's stage 1, which trains the projector); its answers mean nothing before that",
+            UserWarning,
+            stacklevel=3,
+        )
+        try:
+            return llava_release.language_model_llava_config(config_file, raw, self.vision_tower)
+        except llava_release.ReleaseLayoutError as error:
+            raise CheckpointError(str(error)) from error
 
     def build(self) -> None:
         if self.model is not None:
@@ -214,7 +253,8 @@ class LlavaBackbone(LocalBackbone):
         config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         try:
             return llava_release.load_release_model(
-                self.checkpoint, self.vision_tower, config, self.torch_dtype, self.attn_implementation, self.model_base
+                self.checkpoint, self.vision_tower, config, self.torch_dtype, self.attn_implementation, self.model_base,
+                self.seed,
             )
         except llava_release.ReleaseLayoutError as error:
             raise CheckpointError(str(error)) from error

@@ -43,6 +43,11 @@ LORA_LAYOUT = (
     "lora_B), non_lora_trainables.bin (the projector), read with `model_base`: the LLM directory it was trained on "
     "(lmsys/vicuna-7b-v1.5 for LLaVA-1.5: Llama weights model.* / lm_head.* and its tokenizer)"
 )
+PROJECTOR_LAYOUT = (
+    "LLaVA's stage-1 output (as liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5): the release's config.json "
+    "and mm_projector.bin (model.mm_projector.{0,2}.*), read with `model_base`: the LLM it was trained on "
+    "(lmsys/vicuna-7b-v1.5 for LLaVA-1.5: Llama weights model.* / lm_head.* and its tokenizer)"
+)
 BASE_LAYOUT = "an LLM directory in the Llama layout (model.embed_tokens / model.layers.* / model.norm / lm_head weights)"
 TOWER_LAYOUT = (
     "a local CLIP vision tower directory in the transformers CLIPVisionModel (or CLIPModel) layout, as "
@@ -72,6 +77,8 @@ _LLAMA_KEYS = (
     "rope_scaling", "attention_bias", "mlp_bias", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id",
     "tie_word_embeddings", "initializer_range",
 )
+PROJECTOR_FILE = "mm_projector.bin"  # what LLaVA's stage 1 saves (--tune_mm_mlp_adapter)
+_PROJECTOR_KEYS = ("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2.")
 _PROJECTORS = {"mlp2x_gelu": "gelu"}  # release projector type -> transformers projector activation
 # release feature selection -> transformers strategy: "patch" drops CLS, "cls_patch" keeps every token
 _SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
@@ -93,6 +100,16 @@ def is_release_config(raw: dict) -> bool:
 def is_lora_release(directory: Path) -> bool:
     """LLaVA's LoRA output: adapters over an LLM that lives in another directory (``model_base``)."""
     return (directory / "adapter_config.json").is_file()
+
+
+def is_projector_release(directory: Path) -> bool:
+    """LLaVA's stage-1 output: the projector alone (``mm_projector.bin``) over an LLM in ``model_base``."""
+    return (directory / PROJECTOR_FILE).is_file()
+
+
+def is_language_model_config(raw: dict) -> bool:
+    """A Llama LLM's config.json (Vicuna's): what LLaVA's stage 1 builds LLaVA on (``--model_name_or_path``)."""
+    return raw.get("model_type") == "llama" and not is_release_config(raw)
 
 
 def is_adallava_release(raw: dict) -> bool:
@@ -142,6 +159,15 @@ def release_llava_config(config_file: Path, raw: dict, vision_tower: Path | None
         projector_hidden_act=_PROJECTORS[projector],
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
     )
+
+
+def language_model_llava_config(config_file: Path, raw: dict, vision_tower: Path) -> LlavaConfig:
+    """LLaVA-1.5 over a Llama LLM (``config_file``) and a CLIP tower, as LLaVA's ``train.py`` builds it for stage 1
+    (``--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2``, patch features)."""
+    vision = _tower_config(vision_tower, None)
+    llava = {**raw, "architectures": [RELEASE_ARCHITECTURE], "model_type": "llava", "mm_hidden_size": vision.hidden_size,
+             "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
+    return release_llava_config(config_file, llava, vision_tower)
 
 
 def _tower_config(vision_tower: Path | None, named: str | None) -> CLIPVisionConfig:
@@ -232,10 +258,15 @@ def load_release_model(
     dtype: torch.dtype,
     attn_implementation: str,
     model_base: Path | None = None,
+    seed: int = 0,
 ) -> LlavaForConditionalGeneration:
     """Build the transformers model without initialising it and fill every weight from the two directories
-    (three for a LoRA output: the LLM from ``model_base``, the projector from ``non_lora_trainables.bin``, then
-    the adapters merged into the LLM's weights, as LLaVA's loader does with ``--model-base``).
+    (three with ``model_base``, as LLaVA's loader does with ``--model-base``: the LLM from ``model_base`` and, for a
+    LoRA output, the projector from ``non_lora_trainables.bin``, then the adapters merged into the LLM's weights; for
+    a stage-1 output, the projector from ``mm_projector.bin``).
+
+    ``checkpoint`` may also be a Llama LLM (Vicuna): LLaVA built on it as LLaVA's stage 1 starts, the projector new,
+    initialised as PyTorch initialises ``nn.Linear`` (LLaVA's ``build_vision_projector``), from ``seed``.
 
     ``config.text_config.vocab_size`` may exceed the checkpoint's rows (the added ``<image>`` token): the
     extra embedding and output rows are the mean of the checkpoint's rows.
@@ -265,11 +296,17 @@ def load_release_model(
 
     # the tower directory first, so that a checkpoint's own tower weights (when used) overwrite it
     sources = [(path, _tower_key) for path in weight_files(vision_tower, TOWER_LAYOUT)]
-    if model_base is None:
+    fresh_projector = model_base is None and is_language_model_config(raw)
+    if fresh_projector:  # LLaVA's stage 1: the LLM's weights, a new projector
+        sources += [(path, _llm_key) for path in weight_files(checkpoint, BASE_LAYOUT)]
+    elif model_base is None:
         sources += [(path, checkpoint_key) for path in weight_files(checkpoint, RELEASE_LAYOUT)]
-    else:
+    elif is_lora_release(checkpoint):
         sources += [(path, _llm_key) for path in weight_files(model_base, BASE_LAYOUT)]
         sources += [(_lora_file(checkpoint, ("non_lora_trainables.bin",)), _non_lora_key)]
+    else:  # LLaVA's stage-1 output: the projector alone (its loader's "mm projector only")
+        sources += [(path, _llm_key) for path in weight_files(model_base, BASE_LAYOUT)]
+        sources += [(checkpoint / PROJECTOR_FILE, _projector_key)]
     for path, rename in sources:
         mapped: dict[str, torch.Tensor] = {}
         for key, tensor in read_weights(path).items():
@@ -301,8 +338,10 @@ def load_release_model(
             UserWarning,
             stacklevel=3,
         )
-    if model_base is not None:
+    if model_base is not None and is_lora_release(checkpoint):
         merge_release_adapters(model, checkpoint)
+    if fresh_projector:
+        loaded.update(initialise_projector(model, seed))
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise ReleaseLayoutError(
@@ -310,6 +349,23 @@ def load_release_model(
             f"unexpected keys {unexpected}; expected {RELEASE_LAYOUT}, and {TOWER_LAYOUT}"
         )
     return model
+
+
+def _projector_key(key: str) -> str | None:
+    """``mm_projector.bin``'s names (``model.mm_projector.0.weight``, ...): the projector's, nothing else."""
+    target = _llm_key(key)
+    return target if target is not None and target.startswith(_PROJECTOR_KEYS) else None
+
+
+def initialise_projector(model: LlavaForConditionalGeneration, seed: int) -> set[str]:
+    """A new projector, as LLaVA's stage 1 starts: ``nn.Linear``'s own initialisation of both layers, in order, from
+    ``seed`` (the global random state is left as it was). Returns the state-dict keys it set."""
+    projector = model.model.multi_modal_projector
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        projector.linear_1.reset_parameters()
+        projector.linear_2.reset_parameters()
+    return {key for key in model.state_dict() if key.startswith(_PROJECTOR_KEYS)}
 
 
 def grow_rows(tensor: torch.Tensor, rows: int, path: Path, key: str) -> torch.Tensor:

@@ -208,6 +208,93 @@ def plain_chat() -> ChatTemplate:
     return ChatTemplate(name="plain_chat", system="", add_bos=True)
 
 
+@dataclass(frozen=True)
+class PlainTemplate(ChatTemplate):
+    """LLaVA's ``conv_llava_plain`` (``--version plain``), the template of LLaVA's stage 1, which trains the projector
+    on image-caption pairs: no system prompt, no roles, ``\n`` after each message.
+
+    Training follows LLaVA's ``preprocess_plain``: one (human, gpt) turn whose question holds ``<image>``; the question
+    is replaced by the image alone, so the ids are BOS, the image, then the caption and ``\n``, and only the caption
+    and its ``\n`` are labels. Prompts follow the template's ``get_prompt``: the question (``<image>\n`` + text, as
+    LLaVA's evaluation scripts write it), then ``\n``; answers end at ``\n``, where LLaVA's command line stops.
+    """
+
+    name: str = "plain"
+    system: str = ""
+    sep: str = "\n"
+    sep2: str = "\n"
+
+    def render(self, turns: list[tuple[str, str | None]]) -> str:
+        if len(turns) != 1:
+            raise ConversationError(
+                f"template {self.name!r} (LLaVA's stage 1) takes one (human, gpt) turn, the record has {len(turns)}",
+                field="conversations",
+            )
+        question, answer = turns[0]
+        return question + self.sep if answer is None else IMAGE_PLACEHOLDER + answer + self.sep
+
+    def jinja(self) -> str:
+        literal = json.dumps
+        return (
+            "{%- for message in messages if message['role'] == 'user' -%}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+            f"{{%- for part in message['content'] if part['type'] == 'image' -%}}{{{{ {literal(IMAGE_PLACEHOLDER + chr(10))} }}}}"
+            "{%- endfor -%}"
+            "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+            f"{{%- endif -%}}{{{{ {literal(self.sep)} }}}}{{%- endfor -%}}"
+        )
+
+    def encode(
+        self,
+        turns: list[tuple[str, str]],
+        tokenizer: PreTrainedTokenizerBase,
+        image_token_id: int,
+        num_image_tokens: int,
+    ) -> EncodedConversation:
+        text = self.render(turns)  # one turn, or a ConversationError
+        question, answer = turns[0]
+        if IMAGE_PLACEHOLDER not in question:
+            raise ConversationError(
+                f"template {self.name!r} (LLaVA's stage 1) captions an image: the question holds no {IMAGE_PLACEHOLDER}",
+                field="conversations[0].value",
+            )
+        if not answer.strip():
+            raise ConversationError("turn 0 has an empty answer", field="conversations[1].value")
+        input_ids = self.tokenize(text, tokenizer, image_token_id, num_image_tokens)
+        prompt_length = len(self.tokenize(IMAGE_PLACEHOLDER, tokenizer, image_token_id, num_image_tokens))
+        labels = [IGNORE_INDEX] * prompt_length + input_ids[prompt_length:]
+        return EncodedConversation(input_ids, labels, prompt_length)
+
+    def encode_prompt(
+        self,
+        questions: list[str],
+        answers: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+        image_token_id: int,
+        num_image_tokens: int,
+    ) -> list[int]:
+        if len(questions) != 1 or answers:
+            raise ConversationError(
+                f"template {self.name!r} (LLaVA's stage 1) prompts with one question, no earlier turns", field="conversations"
+            )
+        self._check_placeholders(questions)
+        return self.tokenize(self.render([(questions[0], None)]), tokenizer, image_token_id, num_image_tokens)
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        stop = super().stop_token_ids(tokenizer)
+        if not stop:
+            raise ValueError(
+                f"template {self.name!r} ends answers at a newline, which this tokenizer drops (a word-level tokenizer "
+                "splitting on whitespace): it cannot tell where an answer ends"
+            )
+        return stop
+
+
+def llava_plain() -> ChatTemplate:
+    """LLaVA's ``conv_llava_plain`` (``--version plain``): its stage-1 (projector pretraining) template."""
+    return PlainTemplate()
+
+
 def phi_v0() -> ChatTemplate:
     """Mipha's ``conv_phi_v0`` (``--version v0``, also named ``phi`` / ``phi-2`` there): the vicuna system prompt
     and roles, answers closed by Phi-2's ``<|endoftext|>``, no BOS token (Phi-2's tokenizer adds none)."""

@@ -10,8 +10,8 @@ transformers 4.37.2 and the slow SentencePiece ``LlamaTokenizer``, which transfo
         --llava <checkout of haotian-liu/LLaVA> --release-git <git dir of ChulanZhang/SmartVLM> \\
         --tokenizer-model <mistral_common/data/tokenizer.model.v1>
 
-The release's functions (``preprocess_multimodal``, ``preprocess_v1`` from src/adallava/train/train.py at
-the pinned commit, LLaVA's ``tokenizer_image_token`` and ``conv_vicuna_v1``) are run as they are, read
+The release's functions (``preprocess_multimodal``, ``preprocess_v1`` and, for LLaVA's stage-1 template
+``--version plain``, ``preprocess_plain`` from src/adallava/train/train.py at the pinned commit, LLaVA's ``tokenizer_image_token`` and ``conv_vicuna_v1``) are run as they are, read
 from those checkouts (``reference_preprocessing.py`` runs them); nothing of them is copied here.
 """
 
@@ -48,7 +48,7 @@ def release_functions(release_git: Path) -> dict:
     from packaging import version
 
     functions = reference_functions(
-        "llava", source, ("preprocess_multimodal", "preprocess_v1"), f"release train.py@{RELEASE_COMMIT[:7]}",
+        "llava", source, ("preprocess_multimodal", "preprocess_v1", "preprocess_plain"), f"release train.py@{RELEASE_COMMIT[:7]}",
         IS_TOKENIZER_GREATER_THAN_0_14=version.parse(tokenizers.__version__) >= version.parse("0.14"),
     )
     functions["conversation_lib"].default_conversation = functions["conversation_lib"].conv_templates["v1"]  # --version v1
@@ -72,9 +72,16 @@ def main() -> None:
     directory = write_spm_tokenizer(Path(tempfile.mkdtemp()), legacy=False, model_file=args.tokenizer_model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, model_max_length=100000, padding_side="right", use_fast=False)
     tokenizer.pad_token = tokenizer.unk_token  # the release, for --version v1
-    records = [run_reference(functions, "preprocess_v1", tokenizer, number, turns) for number, turns in enumerate(conversations(args.count))]
+    every = conversations(args.count)
+    records = [run_reference(functions, "preprocess_v1", tokenizer, number, turns) for number, turns in enumerate(every)]
     if mismatched := [record["id"] for record in records if record.get("reference_mismatch")]:
         raise SystemExit(f"the release reports a tokenization mismatch for {mismatched}")
+    # --version plain (LLaVA's stage 1): one (human, gpt) turn with an image, as preprocess_plain asserts
+    conversation_lib = functions["conversation_lib"]
+    conversation_lib.default_conversation = conversation_lib.conv_templates["plain"]
+    functions["preprocess_plain_run"] = lambda sources, tokenizer, has_image: functions["preprocess_plain"](sources, tokenizer)
+    captions = [turns for turns in every if len(turns) == 1 and "<image>" in turns[0][0]]
+    plain_records = [run_reference(functions, "preprocess_plain_run", tokenizer, number, turns) for number, turns in enumerate(captions)]
     fixture = {
         "made_by": "tests/backbones/make_release_tokens.py",
         "release_commit": RELEASE_COMMIT,
@@ -83,9 +90,10 @@ def main() -> None:
         "tokenizer_legacy": False,
         "image_sentinel": IMAGE_SENTINEL,
         "records": records,
+        "plain_records": plain_records,
     }
     args.out.write_text(json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n")
-    print(f"{args.out}: {len(records)} conversations")
+    print(f"{args.out}: {len(records)} conversations, {len(plain_records)} captions (--version plain)")
 
 
 if __name__ == "__main__":

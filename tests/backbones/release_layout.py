@@ -160,20 +160,11 @@ def write_release(root: Path, fmt: str = "safetensors", clip_model: bool = True,
     return release, tower_dir, model, vocab
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LLaVA's find_all_linear_names
-
-
-def write_lora_release(root: Path, fmt: str = "safetensors", rank: int = 4, alpha: float = 8.0, seed: int = 0):
-    """LLaVA's LoRA output over a Vicuna stand-in, made with peft itself, and the same model merged by peft's
-    ``merge_and_unload`` written as a full release: (lora dir, base dir, tower dir, merged release dir).
-
-    The base is the reference model's LLM in the Llama layout; the adapters are peft's on a ``LlamaForCausalLM``
-    of it (the names LLaVA's ``LlavaLlamaForCausalLM`` gives them), B drawn at random; the projector goes to
-    ``non_lora_trainables.bin`` under the names LLaVA's trainer saves."""
-    from peft import LoraConfig, get_peft_model
+def write_base(root: Path, model: LlavaForConditionalGeneration, vocab: int):
+    """The reference model's LLM as a Vicuna stand-in (``LlamaForCausalLM`` saved by transformers, with the release
+    tokenizer): (its directory, the ``LlamaForCausalLM``, the projector in the release's names)."""
     from transformers import LlamaForCausalLM
 
-    release, tower_dir, model, vocab = write_release(root / "full-unmerged", seed=seed)
     llm, _ = release_state_dicts(model, vocab)
     projector = {key: llm.pop(key) for key in list(llm) if key.startswith("model.mm_projector.")}
     llm.pop("model.layers.0.self_attn.rotary_emb.inv_freq")
@@ -185,6 +176,37 @@ def write_lora_release(root: Path, fmt: str = "safetensors", rank: int = 4, alph
     llama.load_state_dict(llm)
     llama.config.architectures = ["LlamaForCausalLM"]
     llama.save_pretrained(base, safe_serialization=True)
+    return base, llama, projector
+
+
+def write_projector_release(root: Path, seed: int = 0):
+    """LLaVA's stage-1 output over a Vicuna stand-in, as its trainer saves it with ``--tune_mm_mlp_adapter``:
+    config.json and ``mm_projector.bin`` (the projector under its module names), no LLM weights, no tokenizer.
+    (stage-1 dir, base dir, tower dir, the same model as a full release dir)."""
+    release, tower_dir, model, vocab = write_release(root / "full", seed=seed)
+    base, _, projector = write_base(root, model, vocab)
+    pretrain = root / "llava-v1.5-tiny-pretrain"
+    pretrain.mkdir()
+    config = {**release_config(vocab), "tune_mm_mlp_adapter": True, "image_aspect_ratio": "square"}
+    (pretrain / "config.json").write_text(json.dumps(config))
+    torch.save(projector, pretrain / "mm_projector.bin")
+    return pretrain, base, tower_dir, release
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LLaVA's find_all_linear_names
+
+
+def write_lora_release(root: Path, fmt: str = "safetensors", rank: int = 4, alpha: float = 8.0, seed: int = 0):
+    """LLaVA's LoRA output over a Vicuna stand-in, made with peft itself, and the same model merged by peft's
+    ``merge_and_unload`` written as a full release: (lora dir, base dir, tower dir, merged release dir).
+
+    The base is the reference model's LLM in the Llama layout; the adapters are peft's on a ``LlamaForCausalLM``
+    of it (the names LLaVA's ``LlavaLlamaForCausalLM`` gives them), B drawn at random; the projector goes to
+    ``non_lora_trainables.bin`` under the names LLaVA's trainer saves."""
+    from peft import LoraConfig, get_peft_model
+
+    release, tower_dir, model, vocab = write_release(root / "full-unmerged", seed=seed)
+    base, llama, projector = write_base(root, model, vocab)
     adapted = get_peft_model(llama, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05, target_modules=LORA_TARGETS))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -72,8 +72,12 @@ def test_checkpoint_without_config(tmp_path):
 
 def test_checkpoint_of_another_architecture(tmp_path):
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'gpt2', expected 'llava'"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))
+    # a Llama LLM is LLaVA's stage-1 start, which needs a tower (tests/backbones/test_llava_release.py)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match=r"model_type 'llama', expected 'llava'"):
+    with pytest.raises(CheckpointError, match=r"is a Llama language model, not LLaVA: .* pass vision_tower"):
         LlavaBackbone(checkpoint=str(tmp_path / "ckpt"))
 
 

@@ -282,7 +282,7 @@ def test_a_lora_output_needs_its_model_base_and_says_so(tmp_path):
     lora, base, tower, merged = write_lora_release(tmp_path)
     with pytest.raises(CheckpointError, match=r"holds LoRA adapters \(adapter_config.json\): pass model_base"):
         LlavaBackbone(checkpoint=str(lora), vision_tower=str(tower))
-    with pytest.raises(CheckpointError, match="model_base=.* is read only for a LoRA output .* drop model_base"):
+    with pytest.raises(CheckpointError, match="model_base=.* is read only for LLaVA's LoRA output .* drop model_base"):
         LlavaBackbone(checkpoint=str(merged), model_base=str(base), vision_tower=str(tower))
     with pytest.raises(CheckpointError, match="model_base .*nowhere does not exist"):
         LlavaBackbone(checkpoint=str(lora), model_base=str(tmp_path / "nowhere"), vision_tower=str(tower))
@@ -308,3 +308,85 @@ def test_a_lora_output_of_another_kind_or_with_a_broken_adapter_is_named(tmp_pat
     backbone = LlavaBackbone(checkpoint=str(lora), model_base=str(base), vision_tower=str(tower))
     with pytest.raises(CheckpointError, match="holds none of non_lora_trainables.bin"):
         backbone.build()
+
+
+def test_a_stage_one_output_with_its_model_base_is_the_full_model(tmp_path):
+    """liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5's layout (config.json + mm_projector.bin), read as
+    LLaVA's loader reads it with --model-base: Vicuna's weights and tokenizer, the projector beside them. Every weight
+    equals the same model written as one release directory."""
+    from tests.backbones.release_layout import write_projector_release
+
+    pretrain, base, tower, full = write_projector_release(tmp_path)
+    backbone = LlavaBackbone(checkpoint=str(pretrain), model_base=str(base), vision_tower=str(tower))
+    backbone.build()
+    backbone.eval()
+    assert backbone.tokenizer_dir == base
+    expected = _load(full, tower)
+    got_state, want_state = backbone.model.state_dict(), expected.model.state_dict()
+    assert sorted(got_state) == sorted(want_state)
+    for name, tensor in want_state.items():
+        assert torch.equal(got_state[name], tensor), name
+    ids, images = _prompt(backbone), random_images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.model(input_ids=ids, pixel_values=images).logits,
+                                   expected.model(input_ids=ids, pixel_values=images).logits, rtol=0, atol=0)
+
+
+def test_a_stage_one_output_needs_its_model_base_and_only_its_projector(tmp_path):
+    from tests.backbones.release_layout import write_projector_release
+
+    pretrain, base, tower, _ = write_projector_release(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds a projector alone \(mm_projector.bin\): pass model_base"):
+        LlavaBackbone(checkpoint=str(pretrain), vision_tower=str(tower))
+    weights = torch.load(pretrain / "mm_projector.bin")
+    torch.save({**weights, "model.embed_tokens.weight": torch.zeros(3, 64)}, pretrain / "mm_projector.bin")
+    backbone = LlavaBackbone(checkpoint=str(pretrain), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['mm_projector.bin: model.embed_tokens.weight'\]"):
+        backbone.build()
+    torch.save({key: value for key, value in weights.items() if ".2." not in key}, pretrain / "mm_projector.bin")
+    backbone = LlavaBackbone(checkpoint=str(pretrain), model_base=str(base), vision_tower=str(tower))
+    with pytest.raises(CheckpointError, match=r"missing keys \['model.multi_modal_projector.linear_2.bias'"):
+        backbone.build()
+
+
+def test_a_language_model_and_a_tower_make_llava_with_a_new_projector(tmp_path):
+    """LLaVA's stage 1 starts from Vicuna and CLIP (train.py --model_name_or_path, --vision_tower): the LLM and the
+    tower are the files', the projector nn.Linear's own initialisation from the seed, and the model answers as
+    transformers' LLaVA with those weights."""
+    from torch import nn
+
+    from tests.backbones.release_layout import write_base
+
+    _, tower, reference, vocab = write_release(tmp_path / "full")
+    base, _, _ = write_base(tmp_path, reference, vocab)
+    with pytest.warns(UserWarning, match="is a language model: LLaVA-1.5 is built on it .* with a new projector"):
+        backbone = LlavaBackbone(checkpoint=str(base), vision_tower=str(tower), template="plain", seed=3)
+    backbone.build()
+    backbone.eval()
+    config = backbone.llava_config
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy, config.projector_hidden_act) == (-2, "default", "gelu")
+    assert backbone.image_token_id == vocab and backbone.shape.vocab_size == vocab + 1
+
+    torch.manual_seed(3)  # LLaVA's build_vision_projector: Linear, GELU, Linear, each initialised by PyTorch
+    first, second = nn.Linear(VISION["hidden_size"], 64), nn.Linear(64, 64)
+    with torch.no_grad():
+        reference.model.multi_modal_projector.linear_1.load_state_dict(first.state_dict())
+        reference.model.multi_modal_projector.linear_2.load_state_dict(second.state_dict())
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], tensor), name
+    ids, images = _prompt(backbone), random_images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.model(input_ids=ids, pixel_values=images).logits,
+                                   reference(input_ids=ids, pixel_values=images).logits, rtol=0, atol=0)
+    again = LlavaBackbone(checkpoint=str(base), vision_tower=str(tower), seed=4)
+    again.build()
+    assert not torch.equal(again.model.model.multi_modal_projector.linear_1.weight, first.weight)  # the seed counts
+
+
+def test_a_language_model_without_a_tower_says_what_to_add(tmp_path):
+    from tests.backbones.release_layout import write_base
+
+    _, _, reference, vocab = write_release(tmp_path / "full")
+    base, _, _ = write_base(tmp_path, reference, vocab)
+    with pytest.raises(CheckpointError, match=r"is a Llama language model, not LLaVA: to build LLaVA-1.5 on it .* pass vision_tower"):
+        LlavaBackbone(checkpoint=str(base))

@@ -22,7 +22,7 @@ from adaptive_mllm.backbones.sentencepiece_tokenizer import (
     adds_no_word_start_before_space,
     order_merges_by_score,
 )
-from adaptive_mllm.backbones.templates import vicuna_v1
+from adaptive_mllm.backbones.templates import llava_plain, vicuna_v1
 from adaptive_mllm.data.llava_json import parse_record
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
 from tests.backbones.reference_preprocessing import expected_ids_and_labels
@@ -62,6 +62,21 @@ def test_ids_and_labels_equal_the_releases(record, release_tokenizer, tmp_path):
     expected_ids, expected_labels = expected_ids_and_labels(record, image_id, FIXTURE["image_sentinel"])
     assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == tokenizer.convert_ids_to_tokens(expected_ids)
     assert encoded.labels == expected_labels
+
+
+@pytest.mark.parametrize("record", FIXTURE["plain_records"], ids=lambda record: record["id"])
+def test_stage_one_ids_and_labels_equal_the_releases(record, release_tokenizer, tmp_path):
+    """LLaVA's stage-1 template (``--version plain``) against the release's own ``preprocess_plain``: the question
+    replaced by the image, the caption and its ``\n`` the only labels."""
+    tokenizer, image_id = release_tokenizer
+    (tmp_path / "image.png").write_bytes(b"")
+    parsed = parse_record(record, 0, "release_tokens.json", tmp_path)
+    encoded = llava_plain().encode(list(zip(parsed.questions, parsed.answers, strict=True)), tokenizer, image_id, 1)
+
+    expected_ids, expected_labels = expected_ids_and_labels(record, image_id, FIXTURE["image_sentinel"])
+    assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == tokenizer.convert_ids_to_tokens(expected_ids)
+    assert encoded.labels == expected_labels
+    assert encoded.prompt_length == 2  # BOS and the image: what preprocess_plain leaves unlabelled
 
 
 def test_the_fixture_holds_the_cases_that_differed():

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from adaptive_mllm.backbones.templates import IGNORE_INDEX, llava_v1, plain_chat, vicuna_v1
+from adaptive_mllm.backbones.templates import (
+    IGNORE_INDEX,
+    ConversationError,
+    llava_plain,
+    llava_v1,
+    plain_chat,
+    vicuna_v1,
+)
 from tests.backbones.release_layout import write_release_tokenizer
 from tests.backbones.spm_tokenizer import write_spm_tokenizer
 
@@ -179,3 +186,39 @@ def test_a_tokenizer_that_merges_across_the_answer_boundary_is_a_clear_error():
     tokenizer.add_special_tokens({"eos_token": "</s>"})
     with pytest.raises(ConversationError, match=r"merges text across the end of .*ASSISTANT:'"):
         plain_chat().encode([("Who?", "He.")], tokenizer, 0, 1)
+
+
+def test_llava_plain_strings_are_llavas_stage_one():
+    """conv_llava_plain (SeparatorStyle.PLAIN, sep "\\n", no system, no roles): in training preprocess_plain keeps
+    only the image of the question, then the caption and "\\n"; a prompt is the question and "\\n"."""
+    template = llava_plain()
+    assert template.render([("Describe the image concisely.\n<image>", "a red bus")]) == "<image>a red bus\n"
+    assert template.render([("<image>\nWhat is it?", None)]) == "<image>\nWhat is it?\n"
+
+
+def test_llava_plain_chat_template_gives_the_prompt():
+    """The Jinja written beside an export renders the prompt as the template does (transformers' chat format)."""
+    import jinja2
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    rendered = jinja2.Template(llava_plain().jinja()).render(messages=messages, add_generation_prompt=True)
+    assert rendered == llava_plain().render([("<image>\nWhat is it?", None)])
+
+
+def test_llava_plain_refuses_what_stage_one_cannot_hold(spm_tokenizer):
+    template, tokenizer, image_id = llava_plain(), spm_tokenizer, 31999
+    with pytest.raises(ConversationError, match="takes one \\(human, gpt\\) turn, the record has 2") as error:
+        template.encode(TURNS, tokenizer, image_id, 4)
+    assert error.value.field == "conversations"
+    with pytest.raises(ConversationError, match="captions an image: the question holds no <image>") as error:
+        template.encode([("What is it?", "a cat")], tokenizer, image_id, 4)
+    assert error.value.field == "conversations[0].value"
+    with pytest.raises(ConversationError, match="prompts with one question, no earlier turns"):
+        template.encode_prompt(["<image>\nWhat?", "And?"], ["a cat"], tokenizer, image_id, 4)
+    assert tokenizer.convert_ids_to_tokens(template.stop_token_ids(tokenizer)) == ["<0x0A>"]
+
+
+def test_llava_plain_needs_a_tokenizer_that_keeps_newlines(tmp_path):
+    tokenizer = write_release_tokenizer(tmp_path)  # word-level, split on whitespace: "\\n" is dropped
+    with pytest.raises(ValueError, match="ends answers at a newline, which this tokenizer drops"):
+        llava_plain().stop_token_ids(tokenizer)
