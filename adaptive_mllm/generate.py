@@ -1,0 +1,115 @@
+"""`adaptive-mllm generate`: one question about one image, answered at each budget asked for.
+
+    adaptive-mllm generate --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
+        --image data/shapes-vqa/images/test/000000.png --question "How many shapes are there ?" --budgets 1.0 0.5 0.3
+
+The quickest look at a trained model (as LLaVA's ``run_llava.py`` or ``litgpt generate``): the model is built as
+``serve`` builds it (an export directory, or a recipe with its checkpoint; LoRA adapters merged), the prompt as a
+server request with that question and image would be encoded, and each budget is one greedy ``generate`` call,
+timed on its own after a warm-up call at that budget. A budget below the smallest the scheduler admits for this prompt runs at that smallest one, and
+the line says so. One line per budget: the budget that ran, the units and FLOPs fraction of its plan, the time and
+the answer; ``--json`` prints them as JSON lines instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_mllm.serving.api import collate
+from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
+from adaptive_mllm.serving.server import build_model, check_model_files
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaptive-mllm generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="the recipe (with --ckpt_path: the one the checkpoint was trained with)")
+    p.add_argument("--ckpt_path", help="Lightning checkpoint; without it and --export_dir, random weights")
+    p.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
+    p.add_argument("--image", required=True, help="the image file")
+    p.add_argument("--question", required=True, help="the question; the image goes before it, as in LLaVA's data")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1.0], help="compute budgets in [0, 1], one answer each")
+    p.add_argument("--max_new_tokens", type=int, help="the answer's most tokens (default: the model's max_new_tokens)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    return p
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> None:
+    for budget in args.budgets:
+        if not 0.0 <= budget <= 1.0:
+            p.error(f"--budgets: {budget} is outside [0, 1]")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
+    if args.export_dir is not None and overrides:
+        p.error(f"--export_dir takes no recipe flags, got {overrides}")
+    if args.export_dir is None and args.config is None:
+        p.error("give --export_dir, or --config (with --ckpt_path for trained weights)")
+
+
+def encode_question(model: Any, image: Path, question: str, max_new_tokens: int | None) -> ChatRequest:
+    """The prompt a server request with this question and image gets, with the same checks (a readable image of a
+    sane size, a prompt that fits the model); the image may be any file, its own folder is the one allowed."""
+    if not image.is_file():
+        raise SystemExit(f"--image {image}: no such file")
+    image = image.resolve()  # the file given, wherever a link leads: its folder is the one allowed
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image.name}}]}]}
+    if max_new_tokens is not None:
+        body["max_tokens"] = max_new_tokens
+    limits = RequestLimits(str(image.parent))
+    try:
+        return parse_chat_request(body, model.backbone.input_processor(), model.max_new_tokens, limits)
+    except RequestError as error:
+        option = f"--image {image}" if "image" in error.field else "--max_new_tokens" if error.field == "max_tokens" else "--question"
+        raise SystemExit(f"{option}: {error.message}") from None
+
+
+def answer(model: Any, request: ChatRequest, budget: float, device: torch.device) -> dict[str, Any]:
+    """One greedy answer at ``budget`` (raised to the prompt's smallest admissible one), timed alone."""
+    dtype = next(model.backbone.parameters()).dtype
+    batch = collate([request], model.backbone.input_processor().pad_token_id, device, dtype)
+    limits = [request.max_tokens or model.max_new_tokens]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(batch, torch.tensor([budget], device=device), limits, at_least_minimum=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ran = out["budgets"][0]
+    return {
+        "budget": budget if ran <= float(torch.tensor(budget, dtype=torch.float32)) else ran,
+        "requested_budget": budget,
+        "units": out["units_per_example"][0],
+        "flops_fraction": out["flops_fractions"][0],
+        "ms": 1000 * (time.perf_counter() - start),
+        "answer": out["answers"][0],
+    }
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    p = parser()
+    args, overrides = p.parse_known_args(argv)
+    check_arguments(p, args, overrides)
+    check_model_files(args)
+    device = torch.device(args.device)
+    model = build_model(args.config, args.ckpt_path, args.export_dir, overrides, args.device)
+    model.to(device).eval()
+    request = encode_question(model, Path(args.image), args.question, args.max_new_tokens)
+    for budget in sorted(set(args.budgets)):  # warm-up calls: a plan's first call also pays one-time setup
+        answer(model, request, budget, device)
+    rows = [answer(model, request, budget, device) for budget in args.budgets]
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+            continue
+        raised = f" (asked {row['requested_budget']:g}: below this prompt's smallest)" if row["budget"] != row["requested_budget"] else ""
+        print(f"budget {row['budget']:.3g}{raised}  units {row['units']:g}  FLOPs {row['flops_fraction']:.2f}  "
+              f"{row['ms']:.1f} ms  {row['answer']}")
+    return rows

@@ -1,0 +1,86 @@
+"""`adaptive-mllm generate`: each budget's answer is the one ``AdaptiveMLLM.generate`` gives the same prompt alone,
+and bad input is one clear line naming the option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adaptive_mllm.cli import main as cli_main
+from adaptive_mllm.generate import main
+from adaptive_mllm.serving.server import build_model
+from tests.serving.conftest import write_tiny_recipe
+
+QUESTION = "How many shapes are there ?"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return write_tiny_recipe(tmp_path_factory.mktemp("generate") / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "shapes.png"
+    pixels = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _alone(recipe: Path, image: Path, budget: float) -> dict:
+    """The module's own generate on the prompt built by hand from the template: the independent answer."""
+    module = build_model(str(recipe), None, None, []).eval()
+    backbone = module.backbone
+    ids = backbone.chat_template.encode_prompt(
+        [f"<image>\n{QUESTION}"], [], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
+    )
+    batch = {"prompt_ids": torch.tensor([ids]), "prompt_attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "pixel_values": backbone.preprocess_image(Image.open(image))[None]}
+    with torch.no_grad():
+        return module.generate(batch, budget)
+
+
+def test_each_budget_is_answered_as_generate_answers_it_alone(recipe, image, capsys):
+    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "1.0", "0.6", "0.4"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget")]
+    assert len(rows) == len(printed) == 3
+    for row, line in zip(rows, printed, strict=True):
+        expected = _alone(recipe, image, row["requested_budget"])
+        assert row["answer"] == expected["answers"][0] and line.endswith(row["answer"])
+        assert row["units"] == expected["units_per_example"][0] and row["budget"] == row["requested_budget"]
+        assert row["flops_fraction"] == pytest.approx(expected["flops_fractions"][0])
+        assert row["ms"] > 0
+    assert rows[0]["flops_fraction"] > rows[1]["flops_fraction"] > rows[2]["flops_fraction"]
+
+
+def test_a_budget_below_the_smallest_runs_at_the_smallest_and_says_so(recipe, image, capsys):
+    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json"])
+    assert rows[0]["requested_budget"] == 0.0 and rows[0]["budget"] > 0.0  # the prefix layer and the LM head
+    assert rows[0]["units"] == 0
+    assert '"requested_budget": 0.0' in capsys.readouterr().out
+    main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0"])
+    assert "(asked 0: below this prompt's smallest)" in capsys.readouterr().out
+
+
+def test_the_subcommand_is_on_the_command_line(recipe, image, capsys):
+    cli_main(["generate", "--config", str(recipe), "--image", str(image), "--question", QUESTION])
+    assert capsys.readouterr().out.startswith("budget 1  units ")
+
+
+def test_bad_input_is_one_line_naming_the_option(recipe, image, tmp_path, capsys):
+    common = ["--config", str(recipe), "--question", QUESTION]
+    with pytest.raises(SystemExit, match=r"--image .*missing.png: no such file"):
+        main([*common, "--image", str(tmp_path / "missing.png")])
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"--image .*notes.png: not a readable image \(UnidentifiedImageError"):
+        main([*common, "--image", str(tmp_path / "notes.png")])
+    with pytest.raises(SystemExit, match=r"--question: the prompt is \d+ tokens .* exceeds the model's maximum length"):
+        main(["--config", str(recipe), "--image", str(image), "--question", "shapes " * 400])
+    with pytest.raises(SystemExit) as error:
+        main([*common, "--image", str(image), "--budgets", "1.5"])
+    assert error.value.code == 2 and "--budgets: 1.5 is outside [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--config .*nowhere.yaml does not exist"):
+        main(["--config", str(tmp_path / "nowhere.yaml"), "--image", str(image), "--question", QUESTION])
