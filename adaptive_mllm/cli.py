@@ -1,7 +1,7 @@
 """`adaptive-mllm`: dispatches to a subcommand.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` run the recipe's LightningCLI (:mod:`adaptive_mllm.recipe`);
-``benchmark``, ``plot``, ``compare``, ``export``, ``generate``, ``serve``, ``profile``, ``table`` and ``memory`` have their
+``benchmark``, ``plot``, ``compare``, ``export``, ``ask``, ``serve``, ``profile``, ``table`` and ``memory`` have their
 own parsers. Nothing else lives here, so no module
 needs to import this one back.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from adaptive_mllm import benchmark, compare, export, generate, memory, paper_table, plots, serving
+from adaptive_mllm import ask, benchmark, compare, export, memory, paper_table, plots, serving
 from adaptive_mllm.recipe import build_cli
 
 __all__ = ["build_cli", "entry_point", "main"]
@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "plot": plots.main,
     "compare": compare.main,
     "export": export.main,
-    "generate": generate.main,
+    "ask": ask.main,
     "serve": serving.serve,
     "profile": serving.profile,
     "table": paper_table.main,
@@ -40,7 +40,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
 
 def main(args: list[str] | None = None) -> None:
     """Lightning's subcommands (fit / validate / test / predict), plus ``benchmark``, ``plot``, ``compare``, ``export``,
-    ``generate``, ``serve``, ``profile``, ``table`` and ``memory``."""
+    ``ask``, ``serve``, ``profile``, ``table`` and ``memory``."""
     os.environ.setdefault("WANDB_SILENT", "true")
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] in (["-h"], ["--help"]):

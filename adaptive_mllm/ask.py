@@ -1,6 +1,6 @@
-"""`adaptive-mllm generate`: one question about one image, answered at each budget asked for.
+"""`adaptive-mllm ask`: one question about one image, answered at each budget asked for.
 
-    adaptive-mllm generate --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
+    adaptive-mllm ask --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
         --image data/shapes-vqa/images/test/000000.png --question "How many shapes are there ?" --budgets 1.0 0.5 0.3
 
 The quickest look at a trained model (as LLaVA's ``run_llava.py`` or ``litgpt generate``): the model is built as
@@ -27,7 +27,7 @@ from adaptive_mllm.serving.server import build_model, check_model_files
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaptive-mllm generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="adaptive-mllm ask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="the recipe (with --ckpt_path: the one the checkpoint was trained with)")
     p.add_argument("--ckpt_path", help="Lightning checkpoint; without it and --export_dir, random weights")
     p.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")

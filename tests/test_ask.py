@@ -1,4 +1,4 @@
-"""`adaptive-mllm generate`: each budget's answer is the one ``AdaptiveMLLM.generate`` gives the same prompt alone,
+"""`adaptive-mllm ask`: each budget's answer is the one ``AdaptiveMLLM.generate`` gives the same prompt alone,
 and bad input is one clear line naming the option."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from adaptive_mllm.ask import main
 from adaptive_mllm.cli import main as cli_main
-from adaptive_mllm.generate import main
 from adaptive_mllm.serving.server import build_model
 from tests.serving.conftest import write_tiny_recipe
 
@@ -66,7 +66,7 @@ def test_a_budget_below_the_smallest_runs_at_the_smallest_and_says_so(recipe, im
 
 
 def test_the_subcommand_is_on_the_command_line(recipe, image, capsys):
-    cli_main(["generate", "--config", str(recipe), "--image", str(image), "--question", QUESTION])
+    cli_main(["ask", "--config", str(recipe), "--image", str(image), "--question", QUESTION])
     assert capsys.readouterr().out.startswith("budget 1  units ")
 
 
