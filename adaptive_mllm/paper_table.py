@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,11 +204,19 @@ def plan_runs(benchmarks: Sequence[str], out: Path) -> list[tuple[str, Path, Pat
     return planned
 
 
-def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Sequence[float], run_dir: Path, extra: Sequence[str]) -> None:
-    """One benchmark through `adaptive-mllm test` (the same LightningCLI and flags a user would give),
-    its files in ``run_dir`` only."""
-    from adaptive_mllm.recipe import build_cli  # the LightningCLI; imported here so --from_runs stays light
+def run_test(args: list[str]) -> int:
+    """``adaptive-mllm test`` with ``args`` in a process of its own: a strategy of several processes (the real
+    recipes' 8-GPU DDP / FSDP) relaunches the command that started it, which must be this ``test``, not the
+    table. Its messages go to this terminal; its exit code comes back."""
+    from adaptive_mllm.recipe import RUN_DIRECTORY_VARIABLE  # imported here so --from_runs stays light
 
+    environment = {name: value for name, value in os.environ.items() if name != RUN_DIRECTORY_VARIABLE}
+    return subprocess.run([sys.executable, "-m", "adaptive_mllm.cli", *args], env=environment, check=False).returncode
+
+
+def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Sequence[float], run_dir: Path, extra: Sequence[str]) -> None:
+    """One benchmark through `adaptive-mllm test` (the same command and flags a user would give), its files in
+    ``run_dir`` only."""
     args = [
         "test",
         "--config", config,
@@ -218,7 +228,13 @@ def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Seque
     ]  # fmt: skip
     if ckpt_path:
         args += ["--ckpt_path", ckpt_path]
-    build_cli(args)
+    code = run_test(args)
+    if code != 0:
+        raise SystemExit(
+            f"adaptive-mllm table: the test run of {data_yaml} failed (exit code {code}; its message is above). The "
+            f"benchmarks evaluated before it are in {run_dir.parent}: after the fix, evaluate the others with another "
+            "--out and build the table from both with --from_runs"
+        )
     if not (run_dir / RESULTS).is_file():
         raise RuntimeError(f"{run_dir / RESULTS}: the test run of {data_yaml} wrote no results there (did a flag set a logger with its own save_dir?)")
 

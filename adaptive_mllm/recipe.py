@@ -135,15 +135,21 @@ class AdaptiveMLLMCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCLI:
     """The recipe's CLI; ``run=False`` only builds the model, datamodule and trainer from ``args``."""
-    return AdaptiveMLLMCLI(
-        AdaptiveMLLM,
-        subclass_mode_data=True,
-        save_config_callback=SaveConfigToWandb,
-        save_config_kwargs={"overwrite": True},  # fit checks for an earlier run itself (before_fit)
-        seed_everything_default=0,
-        args=args,
-        run=run,
-    )
+    try:
+        return AdaptiveMLLMCLI(
+            AdaptiveMLLM,
+            subclass_mode_data=True,
+            save_config_callback=SaveConfigToWandb,
+            save_config_kwargs={"overwrite": True},  # fit checks for an earlier run itself (before_fit)
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+    except BaseException:
+        _release_unused_claims()
+        raise
+    finally:
+        _claimed.clear()
 
 
 def parse_recipe(args: list[str]) -> AdaptiveMLLMCLI:
@@ -204,7 +210,12 @@ def _own_directory(config: Any, subcommand: str) -> None:
     directory = os.environ.get(RUN_DIRECTORY_VARIABLE) if _launched() else None
     if directory is None:
         root = Path(config.trainer.get("default_root_dir") or ".")
-        directory = str(root if _claim_if_empty(root) else new_directory(root / subcommand))
+        if _claim_if_empty(root):
+            directory = str(root)
+            _claimed.append((root, False))
+        else:
+            directory = str(new_directory(root / subcommand))
+            _claimed.append((Path(directory), True))
         os.environ[RUN_DIRECTORY_VARIABLE] = directory
     config.trainer.default_root_dir = directory
     for logger in _entries(config.trainer.get("logger")):
@@ -213,6 +224,20 @@ def _own_directory(config: Any, subcommand: str) -> None:
 
 
 CLAIM_FILE = ".adaptive-mllm-run"  # marks a run directory as taken, so two evaluations started together never share it
+_claimed: list[tuple[Path, bool]] = []  # this command's run directory, and whether it made it (a new <sub>/<time>)
+
+
+def _release_unused_claims() -> None:
+    """A run that failed before writing anything (a refused flag, a bad data file) gives its directory back: its
+    claim goes, and a ``<subcommand>/<time>`` directory it made goes too, so the corrected rerun writes where the
+    first was meant to. A directory holding anything else (a saved config, answers) is the failed run's record, kept."""
+    for directory, made in _claimed:
+        entries = list(directory.iterdir()) if directory.is_dir() else []
+        if any(entry.name != CLAIM_FILE for entry in entries):
+            continue
+        (directory / CLAIM_FILE).unlink(missing_ok=True)
+        if made:
+            directory.rmdir()
 
 
 def _claim_if_empty(root: Path) -> bool:

@@ -3,6 +3,8 @@ test_results.csv, and one checkpoint evaluated on several benchmarks through the
 
 from __future__ import annotations
 
+import json
+
 import csv
 from pathlib import Path
 
@@ -172,14 +174,15 @@ def test_from_runs_errors_name_the_file_and_field(hand_runs, tmp_path):
 def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_directory(tmp_path, monkeypatch):
     calls = []
 
-    def fake_build_cli(args: list[str]) -> None:  # stands in for the LightningCLI: writes what `test` would
+    def fake_run_test(args: list[str]) -> int:  # stands in for the `test` process: writes what it would
         calls.append(args)
         flags = dict(arg.split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
         run_dir = Path(flags["--trainer.default_root_dir"])
         budgets = yaml.safe_load(flags["--model.eval_budgets"])
         _write_run(run_dir, None, [{"budget": b, "overall": b / 2} for b in budgets])
+        return 0
 
-    monkeypatch.setattr("adaptive_mllm.recipe.build_cli", fake_build_cli)
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", fake_run_test)
     pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
     own = _benchmark_yaml(tmp_path / "own.yaml", "POPEDataModule", question_folder="q", image_folder="i")
     out = tmp_path / "table"
@@ -221,7 +224,10 @@ def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path,
     mme_yaml = _benchmark_yaml(tmp_path / "mme.yaml", "MMEDataModule", root=str(mme["root"]))
     out = tmp_path / "table"
     table = ["--config", recipe, "--ckpt_path", str(ckpt), "--benchmarks", str(mme_yaml), str(pope_yaml), "--out", str(out)]
-    main([*table, "--trainer.enable_model_summary=false"])  # an unknown flag goes to every test run
+    # an unknown flag goes to every test run; two DDP processes, as the real recipes' eight: each test run is a process
+    # of its own, which the strategy relaunches (not the table)
+    main([*table, "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.devices=2",
+          "--trainer.strategy=ddp"])
 
     runs = {}
     for column in ("POPE", "MME"):
@@ -230,6 +236,9 @@ def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path,
         runs[column] = {float(row["budget"]): row for row in rows}
     config = yaml.safe_load((out / "POPE" / "config.yaml").read_text())
     assert config["data"]["class_path"].endswith("POPEDataModule") and config["trainer"]["enable_model_summary"] is False
+    assert str(config["trainer"]["devices"]) == "2"
+    answers = [json.loads(line) for path in (out / "POPE").glob("test_answers*.jsonl") for line in path.read_text().splitlines()]
+    assert len(answers) == len({(answer["id"], answer["budget"]) for answer in answers}) == 3 * 6  # each question once
     table_rows = {float(row["budget"]): row for row in _read_csv(out / "paper_table.csv")}
     assert list(table_rows) == [1.0, 0.85, 0.6]
     for budget, row in table_rows.items():

@@ -103,6 +103,21 @@ def test_evaluations_started_together_into_one_new_directory_each_get_their_own(
     assert not _claim_if_empty(other)  # holds something: never taken
 
 
+def test_a_run_that_failed_before_writing_gives_its_directory_back(in_tmp):
+    """A refused flag leaves no claim behind: the corrected rerun writes where the first was meant to, and a failed
+    run's own <subcommand>/<time> directory goes with it."""
+    root = in_tmp / "runs" / "pb"
+    with pytest.raises(ValueError, match="budget: budget 1.5 is outside"):
+        main(["predict", "--config", RECIPE, *SMALL, f"--trainer.default_root_dir={root}", "--model.budget=1.5"])
+    assert not any(root.iterdir())
+    main(["predict", "--config", RECIPE, *SMALL, f"--trainer.default_root_dir={root}", "--model.budget=0.6"])
+    assert (root / "budget-0.6.jsonl").is_file() and not (root / "predict").exists()
+    with pytest.raises(ValueError, match="budget: budget 1.5 is outside"):
+        main(["predict", "--config", RECIPE, *SMALL, f"--trainer.default_root_dir={root}", "--model.budget=1.5"])
+    assert not any((root / "predict").iterdir())  # the failed run's predict/<time> is gone, the first run's files stay
+    assert (root / "budget-0.6.jsonl").is_file()
+
+
 def test_an_empty_checkpoint_is_named_before_lightning_reads_it(in_tmp):
     (in_tmp / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty\.ckpt: the file is empty"):
