@@ -3,9 +3,8 @@ test_results.csv, and one checkpoint evaluated on several benchmarks through the
 
 from __future__ import annotations
 
-import json
-
 import csv
+import json
 from pathlib import Path
 
 import pytest
