@@ -59,11 +59,9 @@ class PredictionWriter(BasePredictionWriter):
                 directory = new_directory(directory / "predictions")
             if _holds_answers(directory):
                 raise FileExistsError(f"PredictionWriter.output_dir={directory} already holds answers; choose a new directory")
+            _claim(directory)
         directory = Path(trainer.strategy.broadcast(str(directory), src=0))
-        directory.mkdir(parents=True, exist_ok=True)
-        if trainer.is_global_zero:
-            (directory / DONE).unlink(missing_ok=True)
-            (directory / INCOMPLETE).write_text("predict is running, or stopped before every answer was written\n")
+        directory.mkdir(parents=True, exist_ok=True)  # on every node
         self.directory = directory
         self._rows = []
         self._complete = False
@@ -168,6 +166,22 @@ class PredictionWriter(BasePredictionWriter):
 
 def _budgets(rows: list[dict[str, Any]]) -> list[float]:
     return sorted({row["budget"] for row in rows}, reverse=True)
+
+
+def _claim(directory: Path) -> None:
+    """Take ``directory`` for this predict: ``INCOMPLETE`` created exclusively, so of two runs started together into
+    one ``output_dir`` (both finding no answers there) one writes and the other stops, instead of both appending
+    to the same files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(directory / INCOMPLETE, "x", encoding="utf-8") as handle:
+            handle.write("predict is running, or stopped before every answer was written\n")
+    except FileExistsError:
+        raise FileExistsError(
+            f"{directory / INCOMPLETE} exists: another predict is writing into {directory}, or one stopped there before "
+            "its answers were written (the file says why); choose a new directory, or delete that file to reuse this one"
+        ) from None
+    (directory / DONE).unlink(missing_ok=True)
 
 
 def _holds_answers(directory: Path) -> bool:

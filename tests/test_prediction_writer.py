@@ -62,6 +62,20 @@ def test_an_output_dir_holding_answers_is_refused(tmp_path):
     assert (target / "budget-1.jsonl").read_text() == before
 
 
+def test_two_runs_started_together_into_one_output_dir_do_not_share_it(tmp_path):
+    """The second finds no answers yet, but the first's exclusive INCOMPLETE: it stops instead of appending to the
+    same files (answers twice, a wrong count)."""
+    target = tmp_path / "answers"
+    first, second = PredictionWriter(str(target)), PredictionWriter(str(target))
+    trainer = L.Trainer(logger=False, accelerator="cpu")
+    first.setup(trainer, None, "predict")  # the first run is set up, no answer written yet
+    with pytest.raises(FileExistsError, match=r"INCOMPLETE exists: another predict is writing into .*answers"):
+        second.setup(trainer, None, "predict")
+    (target / INCOMPLETE).unlink()  # what the message says to do to reuse it
+    _predict(tmp_path, PredictionWriter(str(target)))
+    assert json.loads((target / DONE).read_text())["total"] == 10
+
+
 class Failing(Answering):
     """Answers the first batch, then fails."""
 
