@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
-from adaptive_mllm.metrics import UNPARSABLE, GroupedExactMatch, MMEScore
+from adaptive_mllm.metrics import REPORT_COLUMNS, UNPARSABLE, GroupedExactMatch, MMEScore
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
 from adaptive_mllm.prediction_writer import new_directory
 from adaptive_mllm.reporting import format_table, print_table
@@ -43,6 +43,8 @@ class SweepReport(L.Callback):
         self._answers: TestAnswerLog | None = None
         self._log_dir: Path | None = None  # found on every process at test start (trainer.log_dir is a collective)
         self._repeated: dict[str, frozenset[Any]] = {}  # stage -> ids this process answers only as padding
+        self._skipped = 0  # test records skipped as bad (skip_bad_records) on this process
+        self._scored: set[Any] = set()  # ids of the test questions this process scored
 
     def metric(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, budget: float) -> Metric:
         """The datamodule's metric for ``stage`` (exact match per question kind, or a benchmark's own), one per budget."""
@@ -73,10 +75,14 @@ class SweepReport(L.Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._repeated["test"] = repeated_ids(trainer.test_dataloaders, trainer.global_rank, trainer.world_size)
+        self._skipped, self._scored = 0, set()
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._skipped += int(batch.get("num_skipped", 0))
         outputs, batch = self._without_repeats("test", outputs, batch)
         self._update(trainer, pl_module, "test", outputs, batch)
+        if outputs:
+            self._scored.update(batch["ids"])
         if outputs and self._answers is not None:
             for budget, out in outputs.items():
                 metric = self.metric(trainer, pl_module, "test", budget)
@@ -129,9 +135,14 @@ class SweepReport(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows, stats = self._epoch_end(trainer, pl_module, "test")
+        # records skipped as bad are said in the report, and the baseline is taken over the questions scored
+        skipped = int(trainer.strategy.reduce(torch.tensor(float(self._skipped), device=pl_module.device), reduce_op="sum"))
+        scored = _gathered(trainer, self._scored) if skipped else None
+        for row in rows:
+            row["skipped_records"] = skipped
         if trainer.sanity_checking or not rows or not trainer.is_global_zero:
             return
-        self._report(trainer, pl_module, rows, stats)
+        self._report(trainer, pl_module, rows, stats, scored)
 
     def _question_kinds(self, trainer: L.Trainer, stage: str, sweep: BudgetSweep) -> list[str]:
         """The groups usage is reported by: the datamodule's, the same list on every process (DDP sums line
@@ -156,6 +167,7 @@ class SweepReport(L.Callback):
                 pl_module.log(f"{stage}/score/{name}/{suffix}", value.float(), sync_dist=False)  # already reduced
             row = {"budget": budget, **{name: float(value) for name, value in scores.items()}}
             if budget in stats and stats[budget].examples:
+                row["questions"] = int(stats[budget].examples)
                 row.update(summary_row(stats[budget]))
                 for name in MEASURED:
                     pl_module.log(f"{stage}/{name}/{suffix}", row[name], sync_dist=False)  # summed across processes
@@ -163,10 +175,16 @@ class SweepReport(L.Callback):
         return rows, stats
 
     # --- the test report -------------------------------------------------------------------------------
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats]) -> None:
-        """The sweep's table (terminal, Markdown, CSV, W&B), its curves and plan heatmaps (PNG, W&B)."""
+    def _report(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats],
+        scored: set[Any] | None,
+    ) -> None:
+        """The sweep's table (terminal, Markdown, CSV, W&B), its curves and plan heatmaps (PNG, W&B). ``scored``:
+        the ids of the questions scored when some records were skipped (the baseline is taken over those)."""
         metric = self.metric(trainer, pl_module, "test", rows[0]["budget"])
-        header, table = _score_table(trainer, pl_module, metric, rows)
+        datamodule = getattr(trainer, "datamodule", None)
+        baseline = datamodule.majority_baseline("test", scored) if hasattr(datamodule, "majority_baseline") else {}
+        header, table = _score_table(pl_module, metric, rows, baseline)
         print_table(f"test scores ({type(metric).__name__})", header, table)
         log_dir = self._log_dir or _log_dir(trainer)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +193,7 @@ class SweepReport(L.Callback):
             writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
             writer.writeheader()
             writer.writerows(rows)
-        figures = _figures(pl_module, rows, stats, log_dir)
+        figures = _figures(pl_module, rows, stats, log_dir, baseline.get(OVERALL))
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
                 logger.log_table("test/results", columns=header, data=table)
@@ -187,6 +205,15 @@ class SweepReport(L.Callback):
 def _log_dir(trainer: L.Trainer) -> Path:
     """Call on every process: ``trainer.log_dir`` broadcasts rank 0's."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _gathered(trainer: L.Trainer, ids: set[Any]) -> set[Any]:
+    """The union of every process's ``ids`` (call on every process)."""
+    if trainer.world_size < 2 or not torch.distributed.is_initialized():
+        return set(ids)
+    every: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(every, sorted(ids, key=str))
+    return set().union(*every)
 
 
 def repeated_ids(dataloaders: Any, rank: int, world_size: int) -> frozenset[Any]:
@@ -253,14 +280,10 @@ def keep_earlier_report(log_dir: Path) -> Path | None:
     return keep
 
 
-def _score_table(trainer: L.Trainer, pl_module: L.LightningModule, metric: Metric, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def _score_table(pl_module: L.LightningModule, metric: Metric, rows: list[dict[str, Any]], baseline: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one column per budget (and the majority baseline, where the datamodule has one),
-    one row per score, then units, FLOPs fraction and times."""
-    names = [OVERALL] + sorted(k for k in rows[0] if k not in {"budget", *MEASURED, OVERALL})
-    baseline = {}
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "majority_baseline"):
-        baseline = datamodule.majority_baseline("test")
+    one row per score, then the questions scored (and records skipped as bad), units, FLOPs fraction and times."""
+    names = [OVERALL] + sorted(k for k in rows[0] if k not in {*REPORT_COLUMNS, OVERALL})
     header = ["score"] + [f"budget {row['budget']:g}" for row in rows] + (["majority baseline"] if baseline else [])
     pad = [""] if baseline else []
     table = []
@@ -269,6 +292,9 @@ def _score_table(trainer: L.Trainer, pl_module: L.LightningModule, metric: Metri
         if baseline:
             line.append(_score_cell(metric, name, baseline.get(name)))
         table.append(line)
+    table.append(["questions scored"] + [f"{row.get('questions', 0)}" for row in rows] + pad)
+    if rows[0].get("skipped_records"):
+        table.append(["records skipped as bad"] + [f"{row['skipped_records']}" for row in rows] + pad)
     if pl_module.scheduler is not None:
         table.append(["units run"] + [f"{row.get('units', float('nan')):.2f}" for row in rows] + pad)
         table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + pad)
@@ -277,14 +303,14 @@ def _score_table(trainer: L.Trainer, pl_module: L.LightningModule, metric: Metri
     return header, table
 
 
-def _figures(pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats], log_dir: Path) -> dict[str, Path]:
+def _figures(
+    pl_module: L.LightningModule, rows: list[dict[str, Any]], stats: dict[float, BudgetStats], log_dir: Path, baseline: float | None
+) -> dict[str, Path]:
     """Budget curves and plan heatmaps written to ``log_dir``, by their W&B key."""
     scheduler = pl_module.scheduler
     label = type(scheduler).__name__ if scheduler is not None else "full model"
     if pl_module.token_selector is not None:
         label += f" + {type(pl_module.token_selector).__name__}"
-    datamodule = getattr(pl_module.trainer, "datamodule", None)
-    baseline = datamodule.majority_baseline("test").get("overall") if hasattr(datamodule, "majority_baseline") else None
     figures = {"test/budget_curves": save(plot_budget_curves({label: rows}, baseline=baseline), log_dir / "budget_curves.png")}
     usage = {budget: usage_fractions(stats[budget]) for budget in stats if stats[budget].layer_usage}
     if usage:

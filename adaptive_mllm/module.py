@@ -114,6 +114,13 @@ class AdaptiveMLLM(L.LightningModule):
         repeated = sorted({b for b in self.eval_budgets if self.eval_budgets.count(b) > 1})
         if repeated:  # reports and metrics are keyed by budget: a second run of one would overwrite the first
             raise ValueError(f"eval_budgets: budget {repeated[0]} appears twice in {self.eval_budgets}")
+        keys = [f"{b:g}" for b in self.eval_budgets]  # how reports and logged keys write a budget (budget_0.7)
+        alike = sorted({b for b, key in zip(self.eval_budgets, keys, strict=True) if keys.count(key) > 1})
+        if alike:
+            raise ValueError(
+                f"eval_budgets: {alike} are all written {f'{alike[0]:g}'} in reports and logged keys, where one would "
+                "overwrite the other: give budgets that differ within 6 significant digits"
+            )
         if self.full_budget_steps < 0:
             raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
         if self.max_new_tokens < 1:

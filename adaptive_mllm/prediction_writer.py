@@ -14,6 +14,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -47,6 +48,7 @@ class PredictionWriter(BasePredictionWriter):
         self.directory: Path | None = None
         self._files: dict[float, IO[str]] = {}
         self._rows: list[dict[str, Any]] = []
+        self._skipped = 0  # records skipped as bad (skip_bad_records) on this process
         self._complete = False  # every answer written (a later error, say in a submission file, leaves them so)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -64,11 +66,13 @@ class PredictionWriter(BasePredictionWriter):
         directory.mkdir(parents=True, exist_ok=True)  # on every node
         self.directory = directory
         self._rows = []
+        self._skipped = 0
         self._complete = False
 
     def write_on_batch_end(
         self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int
     ) -> None:
+        self._skipped += int(batch.get("num_skipped", 0)) if isinstance(batch, dict) else 0
         for row in prediction:
             line = {column: row.get(column) for column in COLUMNS}
             handle = self._file(float(row["budget"]), trainer)
@@ -81,13 +85,16 @@ class PredictionWriter(BasePredictionWriter):
         if self.directory is None:
             return
         trainer.strategy.barrier("PredictionWriter.on_predict_end")  # every process's rows are on disk
+        skipped = int(trainer.strategy.reduce(torch.tensor(float(self._skipped), device=pl_module.device), reduce_op="sum"))
         if not trainer.is_global_zero:
             return
         rows = self._merge() if trainer.world_size > 1 else self._rows
         counts = {f"{budget:g}": sum(row["budget"] == budget for row in rows) for budget in _budgets(rows)}
         summary = ", ".join(f"{count} at budget {budget}" for budget, count in counts.items()) or "none"
-        rank_zero_info(f"predict: {len(rows)} answers ({summary}) written to {self.directory}")
-        done = {"answers": counts, "total": len(rows), "processes": trainer.world_size, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        unanswered = f"; {skipped} records skipped as bad have none (see the warnings)" if skipped else ""
+        rank_zero_info(f"predict: {len(rows)} answers ({summary}) written to {self.directory}{unanswered}")
+        done = {"answers": counts, "total": len(rows), "skipped_records": skipped, "processes": trainer.world_size,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         (self.directory / DONE).write_text(json.dumps(done, indent=2) + "\n")
         (self.directory / INCOMPLETE).unlink(missing_ok=True)
         self._complete = True

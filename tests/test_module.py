@@ -307,6 +307,9 @@ def test_an_empty_eval_budgets_is_refused_when_the_recipe_is_parsed(tokenizer_di
         AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[])
     with pytest.raises(ValueError, match=r"budget 0.3 appears twice"):  # the report showed a second 0.3 column at 0%
         AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[0.3, 1.0, 0.3])
+    with pytest.raises(ValueError, match=r"\[0.7, 0.7000001\] are all written 0.7 in reports"):  # one logged key, averaged
+        AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[1.0, 0.7, 0.7000001])
+    AdaptiveMLLM(make_backbone(tokenizer_dir), eval_budgets=[1.0, 0.7, 0.70001])  # 6 significant digits tell them apart
 
 
 def test_a_checkpoint_of_another_vocabulary_names_the_tokenizer(tokenizer_dir):

@@ -202,6 +202,36 @@ def test_records_skipped_when_read_are_logged_in_skipped_records(folder, tokeniz
     assert f"{path}: 1 of 5 records skipped as bad, 4 kept" in messages
 
 
+def test_records_skipped_in_test_and_predict_are_said_and_left_out_of_the_baseline(folder, tokenizer_dir, tmp_path):
+    """Six test records, two bad (one found when read, one when loaded): the report says 4 scored and 2 skipped, and
+    its majority baseline is taken over the 4 scored; predict's predict_done.json counts the 2 without an answer."""
+    from adaptive_mllm.callbacks import SweepReport
+    from adaptive_mllm.data.llava_json import majority_baseline
+    from adaptive_mllm.prediction_writer import DONE, PredictionWriter
+
+    train = write(folder, [record(f"t{i}", answer=answer) for i, answer in enumerate(["red", "red", "blue"])])
+    tests = [record("a", answer="red"), record("missing", image="nowhere.png", answer="blue"), record("b", answer="blue"),
+             record("corrupt", image="corrupt.png", answer="red"), record("c", answer="blue"), record("d", answer="blue")]
+    test = write(folder, tests, name="test.json")
+    datamodule = LlavaDataModule(train_json=str(train), test_json=str(test), predict_json=str(test), image_folder=str(folder),
+                                 batch_size=2, skip_bad_records=True)
+    model = AdaptiveMLLM(make_backbone(tokenizer_dir), max_new_tokens=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path / "run", callbacks=[SweepReport(), PredictionWriter(str(tmp_path / "answers"))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        trainer.test(model, datamodule=datamodule)
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    table = (tmp_path / "run" / "test_results.md").read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table.splitlines()}
+    assert rows["questions scored"][0] == "4" and rows["records skipped as bad"][0] == "2"
+    baseline = majority_baseline(train, test, ids={"a", "b", "c", "d"})["overall"]  # red answers 1 of the 4 kept
+    assert baseline == 0.25 != majority_baseline(train, test)["overall"]
+    assert rows["overall"][1] == f"{100 * baseline:.1f}%"
+    done = json.loads((tmp_path / "answers" / DONE).read_text())
+    assert (done["total"], done["skipped_records"]) == (4, 2)
+
+
 # --- item 8: broken checkpoint files ----------------------------------------------------------------
 def test_empty_or_truncated_checkpoint_is_named(tmp_path):
     good = tmp_path / "good.ckpt"

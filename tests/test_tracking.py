@@ -102,6 +102,13 @@ def test_a_resumed_fit_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     second = sorted(set(runs.glob("offline-run-*")) - {first})
     assert len(second) == 1 and second[0].name.endswith(f"-{run_id}")  # the same run, continued
     assert recorded_wandb_run(tmp_path / "nowhere.ckpt") is None
+    # continued from that checkpoint in a directory of its own: another run, whose W&B run is its own too
+    try:
+        main([*fit, "--trainer.max_steps=6", f"--ckpt_path={checkpoint}", "--trainer.default_root_dir=runs/branch"])
+    finally:
+        wandb.finish()
+    (branch,) = (tmp_path / "runs" / "branch" / "wandb").glob("offline-run-*")
+    assert not branch.name.endswith(f"-{run_id}")
 
 
 def test_a_run_wandb_will_not_continue_becomes_a_new_one(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
 from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_lengths
 from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
-from adaptive_mllm.metrics import GroupedExactMatch, normalize_answer
+from adaptive_mllm.metrics import RESERVED_GROUPS, GroupedExactMatch, normalize_answer
 
 HUMAN = "human"
 GPT = "gpt"
@@ -223,9 +224,11 @@ def parse_record(
         if not os.path.exists(image_path):
             raise fail("image", f"image file {image_path} does not exist")
     kind = raw.get("question_kind", DEFAULT_QUESTION_KIND)
+    if kind in RESERVED_GROUPS:
+        raise fail("question_kind", f"{kind!r} is a column of the test report (reserved: {', '.join(RESERVED_GROUPS)}); rename the kind")
     return LlavaRecord(
         index=index,
-        id=str(record_id) if record_id is not None else f"{Path(json_path).stem}-{index}",
+        id=record_id_of(record_id, json_path, index),
         image=image_path,
         questions=tuple(questions),
         answers=tuple(answers),
@@ -265,6 +268,8 @@ class LlavaJsonDataset(Dataset):
             tokens (and labels), with a warning, as LLaVA's training cuts at ``model_max_length``; False
             refuses it (a DataError). A cut never removes image placeholders, nor leaves no answer token.
             Prompts to answer (no answer, or evaluation splits) are never cut.
+        evaluation: the answers are references to score against (validation, test): only the prompt must fit
+            ``max_length``; a reference that does not fit beside it is cut for the validation loss alone.
     """
 
     def __init__(
@@ -275,9 +280,11 @@ class LlavaJsonDataset(Dataset):
         require_answer: bool = True,
         input_processor: InputProcessor | None = None,
         cut_overlong: bool = False,
+        evaluation: bool = False,
     ) -> None:
         self.json_path = Path(json_path)
         self.cut_overlong = cut_overlong
+        self.evaluation = evaluation
         self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
         self.skip_bad_records = skip_bad_records
         self.require_answer = require_answer
@@ -412,6 +419,9 @@ class LlavaJsonDataset(Dataset):
         found = sum(1 for token in input_ids if token == processor.image_token_id)
         if found != expected_placeholders:  # e.g. text that the tokenizer maps onto the image token
             raise fail("conversations", f"{found} image placeholder tokens after encoding, expected {expected_placeholders}")
+        if self.evaluation and answered and len(prompt_ids) <= processor.max_length < len(input_ids):
+            # the prompt is what is answered, whole; the reference beyond max_length only served the loss
+            input_ids, labels = input_ids[: processor.max_length], labels[: processor.max_length]
         if len(input_ids) > processor.max_length:
             too_long = f"{len(input_ids)} tokens ({found} of them image placeholders) exceed max_length {processor.max_length}"
             if not (self.cut_overlong and answered):
@@ -490,12 +500,20 @@ class LlavaCollator:
 
 
 # --- majority-answer baseline ----------------------------------------------------------------------
-def _kinds_and_answers(json_path: str | Path) -> list[tuple[str, str]]:
-    """(question kind, last answer) of every record that has one; malformed records are passed over."""
+def record_id_of(raw_id: Any, json_path: str | Path, index: int) -> str:
+    """A record's id as runs report it: its ``id`` as a string, else ``<file stem>-<index>``."""
+    return str(raw_id) if raw_id is not None else f"{Path(json_path).stem}-{index}"
+
+
+def _kinds_and_answers(json_path: str | Path, ids: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """(question kind, last answer) of every record that has one (of those with an id in ``ids``, when given);
+    malformed records are passed over."""
     pairs = []
-    for raw in read_json_records(json_path):
+    for index, raw in enumerate(read_json_records(json_path)):
         conversations = raw.get("conversations") if isinstance(raw, dict) else None
         if not isinstance(conversations, list) or len(conversations) < 2 or not isinstance(conversations[-1], dict):
+            continue
+        if ids is not None and record_id_of(raw.get("id"), json_path, index) not in ids:
             continue
         last = conversations[-1]
         if last.get("from") != GPT or not isinstance(last.get("value"), str) or not last["value"].strip():
@@ -513,16 +531,17 @@ def majority_answers(train_json: str | Path) -> dict[str, str]:
     return {kind: min(counter.items(), key=lambda item: (-item[1], item[0]))[0] for kind, counter in sorted(counts.items())}
 
 
-def majority_baseline(train_json: str | Path, eval_json: str | Path) -> dict[str, float]:
-    """Accuracy on ``eval_json`` of answering every question with its kind's majority training answer,
-    per kind and ``overall`` (answers compared after the VQA normalisation the metrics use). Empty when
-    the training file has no answers (e.g. a test-only split): there is then no baseline, not a 0% one."""
+def majority_baseline(train_json: str | Path, eval_json: str | Path, ids: Collection[str] | None = None) -> dict[str, float]:
+    """Accuracy on ``eval_json`` (on its records with an id in ``ids``, when given: those a run scored) of answering
+    every question with its kind's majority training answer, per kind and ``overall`` (answers compared after the
+    VQA normalisation the metrics use). Empty when the training file has no answers (e.g. a test-only split): there
+    is then no baseline, not a 0% one."""
     majority = majority_answers(train_json)
     if not majority:
         return {}
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    for kind, answer in _kinds_and_answers(eval_json):
+    for kind, answer in _kinds_and_answers(eval_json, ids):
         hit = int(majority.get(kind) == normalize_answer(answer))
         for group in (kind, OVERALL):
             correct[group] += hit
@@ -606,7 +625,7 @@ class LlavaDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = LlavaJsonDataset(
                     path, self.image_folder, skip_bad_records=self.skip_bad_records, require_answer=split != "predict",
-                    cut_overlong=self.cut_overlong and split == "train",
+                    cut_overlong=self.cut_overlong and split == "train", evaluation=split in ("val", "test"),
                 )  # fmt: skip
 
     @property
@@ -711,11 +730,12 @@ class LlavaDataModule(L.LightningDataModule):
         return self._dataloader("predict", self.eval_batch_size, shuffle=False)
 
     # --- baseline ------------------------------------------------------------------------------------
-    def majority_baseline(self, stage: str) -> dict[str, float]:
+    def majority_baseline(self, stage: str, ids: Collection[str] | None = None) -> dict[str, float]:
         """Accuracy per question kind (and ``overall``) of the majority training answer on a split's
-        records ("val" / "test"); empty when the training or that split's JSON is not set."""
+        records ("val" / "test"; those with an id in ``ids`` when given); empty when the training or that
+        split's JSON is not set."""
         split = {"validate": "val", "fit": "val"}.get(stage, stage)
         train, evaluated = self.json_paths["train"], self.json_paths.get(split)
         if train is None or evaluated is None:
             return {}
-        return majority_baseline(train, evaluated)
+        return majority_baseline(train, evaluated, ids)

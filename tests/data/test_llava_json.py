@@ -187,6 +187,9 @@ def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
         "longer than max_length": BadCase(
             {"id": bad, "image": "good.png", "conversations": two_turns}, "conversations", "exceed max_length 40", True
         ),
+        "a question kind named as a report column": BadCase(
+            {**make_record(bad), "question_kind": "units"}, "question_kind", "'units' is a column of the test report", False
+        ),
     }
 
 
@@ -196,7 +199,7 @@ MAX_LENGTH = 40  # the good records have 29 tokens, the two-turn one 41
 BAD_CASES = [
     "missing image file", "corrupt image file", "truncated image file", "no conversations", "conversations not a list",
     "image but no placeholder", "placeholder but no image", "empty answer", "roles out of order", "turn without value",
-    "ends without answer", "lone surrogate in the text", "longer than max_length",
+    "ends without answer", "lone surrogate in the text", "longer than max_length", "a question kind named as a report column",
 ]
 
 
@@ -464,7 +467,15 @@ def test_the_datamodule_cuts_training_records_only(write_llava, make_processor, 
         datamodule.datasets[split].set_input_processor(make_processor(max_length=40))
     with pytest.warns(DataWarning, match="as LLaVA's training cuts them"):
         assert len(datamodule.datasets["train"][0]["input_ids"]) == 40
-    with pytest.raises(DataError, match="a prompt to answer is never cut"):  # evaluation answers the whole prompt
+    # evaluation answers the whole prompt: a reference that does not fit beside it is cut for the loss alone, no warning
+    full = LlavaJsonDataset(val, tmp_path / "images", input_processor=make_processor(max_length=64))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = datamodule.datasets["val"][0]
+    assert len(full["input_ids"]) == 41 and item["input_ids"].tolist() == full["input_ids"][:40].tolist()
+    assert item["prompt_ids"].tolist() == full["prompt_ids"].tolist() and item["answer"] == "blue"
+    datamodule.datasets["val"].set_input_processor(make_processor(max_length=30))  # now the prompt itself is too long
+    with pytest.raises(DataError, match="a prompt to answer is never cut"):
         datamodule.datasets["val"][0]
     refusing = LlavaDataModule(str(train), image_folder=str(tmp_path / "images"), cut_overlong=False)
     refusing.setup("fit")

@@ -179,6 +179,8 @@ class BenchmarkDataset(LlavaJsonDataset):
         self.image_folder = self.json_path.parent
         self.skip_bad_records = False
         self.require_answer = False
+        self.evaluation = True  # references to score against: only the prompt must fit
+        self.cut_overlong = False  # a prompt to answer is never cut
         self.input_processor = input_processor
         self.num_skipped_at_load = 0
         self._bad: set[int] = set()
