@@ -108,6 +108,27 @@ def test_symlink_out_of_the_image_folder_is_refused(folder, tmp_path):
     assert [r.id for r in dataset.records] == ["ok"] and dataset.num_skipped_at_load == 1
 
 
+def test_a_link_to_data_stored_elsewhere_is_followed_once_its_target_is_named(folder, tmp_path):
+    """LLaVA-665k's layout is often links to where the image sets live (data/llava/coco -> /datasets/coco): refused
+    by default with a message that says what to do, read once the target is listed in linked_image_folders, and
+    still no way out of both through another link or ``..``."""
+    coco = tmp_path / "datasets" / "coco"
+    (coco / "train2017").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(coco / "train2017" / "1.png")
+    os.symlink(coco, folder / "coco")
+    os.symlink(tmp_path / "secret.png", coco / "train2017" / "secret.png")  # a link out of the linked folder too
+    path = write(folder, [record("ok"), record("linked", image="coco/train2017/1.png")])
+    message = refused(path, folder, "linked", "outside the image folder")
+    assert "name its target in linked_image_folders" in message
+    datamodule = LlavaDataModule(test_json=str(path), image_folder=str(folder), linked_image_folders=[str(coco)])
+    datamodule.setup("test")
+    assert datamodule.datasets["test"].records[1].image == (coco / "train2017" / "1.png").resolve()
+    for escape in ("coco/train2017/secret.png", "coco/../../secret.png"):
+        escaping = write(folder, [record("ok"), record("out", image=escape)], name="escape.json")
+        with pytest.raises(DataError, match=r"field 'image': .* outside the image folder .* and the linked folders"):
+            LlavaDataModule(test_json=str(escaping), image_folder=str(folder), linked_image_folders=[str(coco)]).setup("test")
+
+
 # --- item 4: duplicate ids -----------------------------------------------------------------------
 def test_duplicate_record_ids_are_refused(folder):
     path = write(folder, [record("a"), record("b"), record("a")])

@@ -16,7 +16,7 @@ import json
 import os
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,9 @@ def read_json_records(json_path: str | Path) -> list[Any]:
     return records
 
 
-def image_inside(image_folder: str | Path, name: str) -> Path:
-    """``image_folder / name`` with every symlink resolved; a ValueError if that leads out of the folder.
+def image_inside(image_folder: str | Path, name: str, linked_folders: Sequence[str | Path] = ()) -> Path:
+    """``image_folder / name`` with every symlink resolved; a ValueError if that leads out of the folder (and out of
+    every one of ``linked_folders``, the places the user's own links in the folder lead to).
 
     A JSON file must not reach any file the process can read: an absolute path, ``..`` and a symlink
     (file or directory) that leads out of the image folder are all refused. Directories are resolved
@@ -131,8 +132,14 @@ def image_inside(image_folder: str | Path, name: str) -> Path:
         resolved = os.path.join(_real_directory(directory), file_name)
         if os.path.islink(resolved):
             resolved = os.path.realpath(resolved)
-    if not resolved.startswith(root.rstrip(os.sep) + os.sep):
-        raise ValueError(f"{name!r} resolves to {resolved}, outside the image folder {root}")
+    roots = [root, *(_real_directory(os.fspath(folder)) for folder in linked_folders)]
+    if not any(resolved.startswith(allowed.rstrip(os.sep) + os.sep) for allowed in roots):
+        linked = f" and the linked folders {roots[1:]}" if linked_folders else ""
+        raise ValueError(
+            f"{name!r} resolves to {resolved}, outside the image folder {root}{linked}; where a link of yours in the "
+            "folder leads to your data stored elsewhere (data/llava/coco -> /datasets/coco), name its target in "
+            "linked_image_folders"
+        )
     return Path(resolved)
 
 
@@ -147,7 +154,8 @@ def forget_resolved_directories() -> None:
 
 
 def parse_record(
-    raw: Any, index: int, json_path: str | Path, image_folder: Path, require_answer: bool = True
+    raw: Any, index: int, json_path: str | Path, image_folder: Path, require_answer: bool = True,
+    linked_folders: Sequence[str | Path] = (),
 ) -> LlavaRecord:
     """Check one record's structure (no tokenizer, no image decoding) and reduce it to a LlavaRecord."""
     record_id = raw.get("id") if isinstance(raw, dict) else None
@@ -218,7 +226,7 @@ def parse_record(
         if not placeholders:
             raise fail(f"conversations[{first}].value", f"the record has an image but no {IMAGE_PLACEHOLDER} placeholder")
         try:
-            image_path = image_inside(image_folder, image)
+            image_path = image_inside(image_folder, image, linked_folders)
         except ValueError as error:
             raise fail("image", str(error)) from error
         if not os.path.exists(image_path):
@@ -270,6 +278,7 @@ class LlavaJsonDataset(Dataset):
             Prompts to answer (no answer, or evaluation splits) are never cut.
         evaluation: the answers are references to score against (validation, test): only the prompt must fit
             ``max_length``; a reference that does not fit beside it is cut for the validation loss alone.
+        linked_folders: folders outside ``image_folder`` that links in it may lead to (see ``image_inside``).
     """
 
     def __init__(
@@ -281,6 +290,7 @@ class LlavaJsonDataset(Dataset):
         input_processor: InputProcessor | None = None,
         cut_overlong: bool = False,
         evaluation: bool = False,
+        linked_folders: Sequence[str | Path] = (),
     ) -> None:
         self.json_path = Path(json_path)
         self.cut_overlong = cut_overlong
@@ -296,7 +306,7 @@ class LlavaJsonDataset(Dataset):
         first_index: dict[str, int] = {}  # record id -> index of the first record with it
         for index, raw in enumerate(raw_records):
             try:
-                record = parse_record(raw, index, self.json_path, self.image_folder, require_answer)
+                record = parse_record(raw, index, self.json_path, self.image_folder, require_answer, linked_folders)
                 if record.id in first_index:  # answers and predictions are keyed by id
                     raise DataError.at(
                         self.json_path, f"duplicate id: record {first_index[record.id]} has the same id",
@@ -575,6 +585,9 @@ class LlavaDataModule(L.LightningDataModule):
         group_by_modality_length: train in LLaVA's ``group_by_modality_length`` order (every optimizer step
             all-image or all-text records, balanced by word count; ``data/modality_grouping.py``), as LLaVA-1.5
             and the AdaLLaVA release train (their recipes set it); False, LLaVA's default, shuffles plainly.
+        linked_image_folders: folders outside ``image_folder`` that your own links in it lead to, e.g.
+            ``[/datasets/coco]`` for ``data/llava/coco -> /datasets/coco``; an image path that resolves out of
+            ``image_folder`` and out of these is refused (a JSON file cannot make the run read other files).
     """
 
     def __init__(
@@ -590,6 +603,7 @@ class LlavaDataModule(L.LightningDataModule):
         skip_bad_records: bool = False,
         cut_overlong: bool = True,
         group_by_modality_length: bool = False,
+        linked_image_folders: list[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -609,6 +623,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.skip_bad_records = skip_bad_records
         self.cut_overlong = cut_overlong
         self.group_by_modality_length = group_by_modality_length
+        self.linked_image_folders = list(linked_image_folders or [])
         self.datasets: dict[str, LlavaJsonDataset] = {}
         self._input_processor: InputProcessor | None = None
 
@@ -626,6 +641,7 @@ class LlavaDataModule(L.LightningDataModule):
                 self.datasets[split] = LlavaJsonDataset(
                     path, self.image_folder, skip_bad_records=self.skip_bad_records, require_answer=split != "predict",
                     cut_overlong=self.cut_overlong and split == "train", evaluation=split in ("val", "test"),
+                    linked_folders=self.linked_image_folders,
                 )  # fmt: skip
 
     @property
