@@ -1,14 +1,17 @@
-"""`adaptive-mllm ask`: one question about one image, answered at each budget asked for.
+"""`adaptive-mllm ask`: one question about one image, answered at each budget (or deadline) asked for.
 
     adaptive-mllm ask --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
         --image data/shapes-vqa/images/test/000000.png --question "How many shapes are there ?" --budgets 1.0 0.5 0.3
+    adaptive-mllm ask ... --profile profiles/tiny-cpu.json --deadline_ms 40 20 10
 
 The quickest look at a trained model (as LLaVA's ``run_llava.py`` or ``litgpt generate``): the model is built as
 ``serve`` builds it (an export directory, or a recipe with its checkpoint; LoRA adapters merged), the prompt as a
 server request with that question and image would be encoded, and each budget is one greedy ``generate`` call,
-timed on its own after a warm-up call at that budget. A budget below the smallest the scheduler admits for this prompt runs at that smallest one, and
-the line says so. One line per budget: the budget that ran, the units and FLOPs fraction of its plan, the time and
-the answer; ``--json`` prints them as JSON lines instead.
+timed on its own after a warm-up call at that budget. A deadline becomes a budget as ``serve`` turns one into a
+budget for a lone request: the largest the latency profile predicts to finish in time, with the same margin. A
+budget below the smallest the scheduler admits for this prompt runs at that smallest one, and the line says so.
+One line per budget: the budget that ran, the units and FLOPs fraction of its plan, the time and the answer
+(and for a deadline, the predicted time and whether the measured one met it); ``--json`` prints JSON lines.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from adaptive_mllm.serving.api import collate
+from adaptive_mllm.serving.latency import LatencyModel
 from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
 from adaptive_mllm.serving.server import build_model, check_model_files
 
@@ -33,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
     p.add_argument("--image", required=True, help="the image file")
     p.add_argument("--question", required=True, help="the question; the image goes before it, as in LLaVA's data")
-    p.add_argument("--budgets", type=float, nargs="+", default=[1.0], help="compute budgets in [0, 1], one answer each")
+    p.add_argument("--budgets", type=float, nargs="+", help="compute budgets in [0, 1], one answer each (default: 1.0)")
+    p.add_argument("--deadline_ms", type=float, nargs="+", default=[], help="deadlines, one answer each (needs --profile)")
+    p.add_argument("--profile", help="latency profile JSON (`adaptive-mllm profile` on this machine) for --deadline_ms")
+    p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget, as serve's")
     p.add_argument("--max_new_tokens", type=int, help="the answer's most tokens (default: the model's max_new_tokens)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -41,9 +48,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> None:
+    if args.budgets is None:
+        args.budgets = [] if args.deadline_ms else [1.0]
     for budget in args.budgets:
         if not 0.0 <= budget <= 1.0:
             p.error(f"--budgets: {budget} is outside [0, 1]")
+    for deadline in args.deadline_ms:
+        if not deadline > 0:
+            p.error(f"--deadline_ms: {deadline} must be > 0")
+    if args.deadline_ms and args.profile is None:
+        p.error("--deadline_ms needs --profile: a latency profile of this machine (`adaptive-mllm profile`)")
+    if args.margin < 0:
+        p.error(f"--margin {args.margin} must be >= 0")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
     if args.export_dir is not None and overrides:
@@ -93,23 +109,51 @@ def answer(model: Any, request: ChatRequest, budget: float, device: torch.device
     }
 
 
+def deadline_budgets(model: Any, request: ChatRequest, deadlines: list[float], latency: LatencyModel) -> list[dict[str, Any]]:
+    """Each deadline's budget for this request alone, as ``serve`` picks it: the largest predicted to finish in time
+    at the answer's full length, within what the scheduler admits for the prompt."""
+    prompt_tokens = len(request.prompt_ids) + int(model.planner.uses_latency_token)
+    new_tokens = request.max_tokens or model.max_new_tokens
+    minimum = model.scheduler.cost.min_budget(prompt_tokens) if model.scheduler is not None else 1.0
+    choices = []
+    for deadline in deadlines:
+        choice = latency.budget_for_deadline(deadline, prompt_tokens, new_tokens, 1, minimum)
+        choices.append({"deadline_ms": deadline, "budget": choice.budget, "predicted_ms": choice.predicted_ms, "feasible": choice.met})
+    return choices
+
+
+def describe(row: dict[str, Any]) -> str:
+    """One line of the table."""
+    raised = f" (asked {row['requested_budget']:g}: below this prompt's smallest)" if row["budget"] != row["requested_budget"] else ""
+    line = f"budget {row['budget']:.3g}{raised}  units {row['units']:g}  FLOPs {row['flops_fraction']:.2f}  {row['ms']:.1f} ms"
+    if "deadline_ms" in row:
+        verdict = "met" if row["ms"] <= row["deadline_ms"] else "missed"
+        flag = "" if row["feasible"] else ", predicted to miss even at the smallest budget"
+        line = f"deadline {row['deadline_ms']:g} ms -> {line} ({verdict}; predicted {row['predicted_ms']:.1f} ms{flag})"
+    return f"{line}  {row['answer']}"
+
+
 def main(argv: list[str]) -> list[dict[str, Any]]:
     p = parser()
     args, overrides = p.parse_known_args(argv)
     check_arguments(p, args, overrides)
     check_model_files(args)
+    latency = None
+    if args.profile is not None:
+        try:
+            latency = LatencyModel.load(args.profile, args.margin)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--profile: {error}") from None
     device = torch.device(args.device)
     model = build_model(args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     model.to(device).eval()
     request = encode_question(model, Path(args.image), args.question, args.max_new_tokens)
-    for budget in sorted(set(args.budgets)):  # warm-up calls: a plan's first call also pays one-time setup
+    deadlines = deadline_budgets(model, request, args.deadline_ms, latency) if latency is not None else []
+    budgets = [*args.budgets, *(choice["budget"] for choice in deadlines)]
+    for budget in sorted(set(budgets)):  # warm-up calls: a plan's first call also pays one-time setup
         answer(model, request, budget, device)
     rows = [answer(model, request, budget, device) for budget in args.budgets]
+    rows += [{**choice, **answer(model, request, choice["budget"], device)} for choice in deadlines]
     for row in rows:
-        if args.json:
-            print(json.dumps(row))
-            continue
-        raised = f" (asked {row['requested_budget']:g}: below this prompt's smallest)" if row["budget"] != row["requested_budget"] else ""
-        print(f"budget {row['budget']:.3g}{raised}  units {row['units']:g}  FLOPs {row['flops_fraction']:.2f}  "
-              f"{row['ms']:.1f} ms  {row['answer']}")
+        print(json.dumps(row) if args.json else describe(row))
     return rows

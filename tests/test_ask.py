@@ -84,3 +84,32 @@ def test_bad_input_is_one_line_naming_the_option(recipe, image, tmp_path, capsys
     assert error.value.code == 2 and "--budgets: 1.5 is outside [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--config .*nowhere.yaml does not exist"):
         main(["--config", str(tmp_path / "nowhere.yaml"), "--image", str(image), "--question", QUESTION])
+
+
+def test_a_deadline_is_answered_at_the_budget_serve_would_pick(recipe, image, tmp_path, capsys):
+    """A hand-made profile (time grows with the budget): each deadline runs at the largest budget the latency model
+    predicts in time for this prompt at the answer's full length; one too short for any runs at the smallest."""
+    from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
+
+    rows = [Measurement(b, b, t, 1, 1.0 + 0.5 * b * t, 0.1 + 2.0 * b) for b in (1.0, 0.5) for t in (10, 40)]
+    profile = save_profile(tmp_path / "profile.json", rows, {"device": "test", "dtype": "float32", "torch": "", "grid": {}})
+    deadlines = ["30", "12", "0.5"]  # the tiny prompt is about a dozen tokens: about 16 ms at budget 1.0 with the margin
+    answered = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--profile", str(profile),
+                     "--deadline_ms", *deadlines])
+    module = build_model(str(recipe), None, None, [])
+    backbone = module.backbone
+    ids = backbone.chat_template.encode_prompt([f"<image>\n{QUESTION}"], [], backbone.tokenizer, backbone.image_token_id,
+                                               backbone.num_image_tokens)
+    prompt = len(ids) + 1  # + the latency token
+    minimum = module.scheduler.cost.min_budget(prompt)
+    latency = LatencyModel.load(profile, 0.2)
+    for row, deadline in zip(answered, deadlines, strict=True):
+        choice = latency.budget_for_deadline(float(deadline), prompt, module.max_new_tokens, 1, minimum)
+        assert (row["deadline_ms"], row["budget"], row["feasible"]) == (float(deadline), choice.budget, choice.met)
+        assert row["answer"] == _alone(recipe, image, choice.budget)["answers"][0]
+    assert answered[0]["budget"] > answered[1]["budget"] > answered[2]["budget"] == minimum and not answered[2]["feasible"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("deadline")]
+    assert printed[2].startswith("deadline 0.5 ms -> budget") and "predicted to miss even at the smallest budget" in printed[2]
+    with pytest.raises(SystemExit) as error:
+        main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--deadline_ms", "20"])
+    assert error.value.code == 2 and "--deadline_ms needs --profile" in capsys.readouterr().err
