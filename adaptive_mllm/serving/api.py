@@ -336,31 +336,40 @@ class DeadlineAPI(ls.LitAPI):
         the time of its budgets' mean. Each deadline chose its budget alone, so a request that queued longer
         would miss because a fresher one chose more. Here the deadline-driven budgets above a level are
         lowered to it (never below a request's minimum) until the mean fits the tightest deadline; budgets
-        a request asked for are kept."""
+        a request asked for are kept. A deadline the batch misses even with every deadline row at its minimum
+        (one that passed while it queued, or a microsecond) runs at its minimum, flagged, and sets no level:
+        lowering the others would not save it."""
         rows = [index for index, choice in enumerate(choices) if choice.requested == "deadline"]
         if self.latency is None or len(choices) == 1 or not rows:
             return choices
         size = len(choices)
         remaining = {index: self._remaining_ms(requests[index], queued[index]) for index in rows}
-        tightest = min(remaining.values())
-        mean_cap = 0.0  # the mean budget the batch can afford by its tightest deadline
-        if tightest > 0:
-            mean_cap = self.latency.budget_for_deadline(tightest, prompt_tokens, new_tokens, size, 0.0, self.ratio.value).budget
         minimum = {index: self._minimum(requests[index]) for index in rows}
         chosen = [choice.budget for choice in choices]
 
         def levelled(level: float) -> list[float]:
             return [max(min(b, level), minimum[i]) if i in remaining else b for i, b in enumerate(chosen)]
 
-        if sum(chosen) / size > mean_cap:
-            low, high = 0.0, 1.0
-            for _ in range(40):  # bisection on the level: the mean never falls as the level rises
-                middle = (low + high) / 2
-                low, high = (middle, high) if sum(levelled(middle)) / size <= mean_cap else (low, middle)
-            chosen = levelled(low)
-        batch_ms = self.latency.predict_ms(sum(chosen) / size, prompt_tokens, new_tokens, size, self.ratio.value)
-        fits = {index: batch_ms * (1 + self.latency.margin) <= left * (1 + 1e-9) for index, left in remaining.items()}
-        return [choice._replace(budget=chosen[i], feasible=fits.get(i, choice.feasible)) for i, choice in enumerate(choices)]
+        def fits(budgets: list[float], left: float) -> bool:
+            batch_ms = self.latency.predict_ms(sum(budgets) / size, prompt_tokens, new_tokens, size, self.ratio.value)
+            return batch_ms * (1 + self.latency.margin) <= left * (1 + 1e-9)
+
+        lowest = levelled(0.0)  # every deadline row at its minimum: the fastest this batch can be
+        hopeless = {index for index, left in remaining.items() if left <= 0 or not fits(lowest, left)}
+        for index in hopeless:
+            chosen[index] = minimum[index]
+        meetable = [left for index, left in remaining.items() if index not in hopeless]
+        if meetable:
+            # the mean budget the batch can afford by its tightest meetable deadline
+            mean_cap = self.latency.budget_for_deadline(min(meetable), prompt_tokens, new_tokens, size, 0.0, self.ratio.value).budget
+            if sum(chosen) / size > mean_cap:
+                low, high = 0.0, 1.0
+                for _ in range(40):  # bisection on the level: the mean never falls as the level rises
+                    middle = (low + high) / 2
+                    low, high = (middle, high) if sum(levelled(middle)) / size <= mean_cap else (low, middle)
+                chosen = levelled(low)
+        met = {index: index not in hopeless and fits(chosen, left) for index, left in remaining.items()}
+        return [choice._replace(budget=chosen[i], feasible=met.get(i, choice.feasible)) for i, choice in enumerate(choices)]
 
     def _correct(
         self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,

@@ -82,12 +82,18 @@ class LatencyModel:
     @classmethod
     def from_profile(cls, profile: dict[str, Any], margin: float = 0.2) -> LatencyModel:
         """Fit to a profile dict as :func:`save_profile` writes it."""
+        if not isinstance(profile, dict):
+            raise ValueError(f"latency profile: must be a JSON object, got {type(profile).__name__}")
         if profile.get("format") != PROFILE_FORMAT:
             raise ValueError(f"latency profile: format {profile.get('format')!r}, expected {PROFILE_FORMAT}")
         try:
             measurements = [Measurement(**row) for row in profile["measurements"]]
         except (KeyError, TypeError) as error:
-            raise ValueError(f"latency profile: bad `measurements` ({error})") from error
+            raise ValueError(f"latency profile: bad `measurements` ({type(error).__name__}: {error})") from error
+        for index, row in enumerate(measurements):
+            values = [getattr(row, name) for name in Measurement.__dataclass_fields__]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"latency profile: measurements[{index}] holds a value that is not a finite number")
         meta = {key: value for key, value in profile.items() if key != "measurements"}
         return cls.fit(measurements, margin, meta)
 
@@ -157,9 +163,13 @@ def _round_down(value: float, digits: int = 6) -> float:
 
 
 def save_profile(path: str | Path, measurements: list[Measurement], meta: dict[str, Any]) -> Path:
-    """Write a profile: ``format``, ``meta`` keys (device, dtype, torch, grid) and ``measurements``."""
+    """Write a profile: ``format``, ``meta`` keys (device, dtype, torch, grid) and ``measurements``; refused
+    (ValueError, nothing written) when the latency model cannot be fitted to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"format": PROFILE_FORMAT, **meta, "measurements": [asdict(m) for m in measurements]}
-    path.write_text(json.dumps(profile, indent=2) + "\n")
+    LatencyModel.from_profile(profile)  # a profile the server cannot read is never written
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(profile, indent=2) + "\n")
+    temporary.replace(path)  # whole or not at all: a failed write leaves no half a profile
     return path

@@ -13,22 +13,30 @@ request's whole time in the server, the middleware also counts the deadlines met
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import multiprocessing
 import time
 from typing import Any
 
 from adaptive_mllm.serving.correction import upper_quantile
 
+log = logging.getLogger(__name__)
+
 WINDOW = 20  # the last requests that count
 QUANTILE = 0.9
+# what a chat request's client got: 2xx, 4xx (refused by the HTTP layer or by the worker), 504, any other status
+REPLIES = ("answered", "rejected", "timed_out", "failed")
 
 
 class ServerTimes:
     """Shared between the HTTP server and the worker processes (``multiprocessing`` values: LitServe forks
     the HTTP server and spawns the worker with the API as an argument, and both inherit them): the running
-    90th percentile of the milliseconds recent requests spent outside the worker, and the deadlines met in
-    the server."""
+    90th percentile of the milliseconds recent requests spent outside the worker, the deadlines met in
+    the server, and every chat request by what its client got (the worker sees neither the requests the HTTP
+    layer refuses nor the 504s, and may answer a request whose client already got its 504)."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -36,6 +44,7 @@ class ServerTimes:
         self._seen = context.Value("l", 0)
         self._deadline_requests = context.Value("l", 0)
         self._deadline_met = context.Value("l", 0)
+        self._replies = context.Array("l", len(REPLIES))  # per kind of REPLIES
 
     @property
     def outside_ms(self) -> float:
@@ -56,20 +65,36 @@ class ServerTimes:
             self._deadline_requests.value += 1
             self._deadline_met.value += int(met)
 
+    def count_reply(self, status: int, deadline_ms: float | None = None) -> None:
+        """One chat request's reply; a 504's deadline is missed (its client got no answer)."""
+        kind = "answered" if 200 <= status < 300 else "timed_out" if status == 504 else "rejected" if 400 <= status < 500 else "failed"
+        with self._replies.get_lock():
+            self._replies[REPLIES.index(kind)] += 1
+        if kind == "timed_out" and deadline_ms is not None:
+            self.count_deadline(False)
+
     def counts(self) -> dict[str, float]:
+        with self._replies.get_lock():
+            replies = dict(zip(REPLIES, (int(count) for count in self._replies), strict=True))
         return {"outside_worker_ms": self.outside_ms, "server_deadline_requests": int(self._deadline_requests.value),
-                "server_deadline_met": int(self._deadline_met.value)}  # fmt: skip
+                "server_deadline_met": int(self._deadline_met.value), "requests": sum(replies.values()), **replies}  # fmt: skip
 
 
 class ServerTimeMiddleware:
     """ASGI middleware timing ``path`` requests from the first byte in to the last byte out; a 200 reply's
     ``adaptive.queued_ms`` + ``adaptive.measured_ms`` are the worker's share, the rest is folded into
-    ``times``, and a reply to a request with a deadline counts as met when the whole time fits."""
+    ``times``, and a reply to a request with a deadline counts as met when the whole time fits.
 
-    def __init__(self, app: Any, times: ServerTimes, path: str) -> None:
+    ``timeout_s``: a request not answered by then gets a 504 at once (LitServe checks its timeout only when
+    the worker collects a request, so behind a busy worker a client waited many times the timeout); the
+    request itself goes on to the worker, which drops it when it collects it, and any later answer is
+    discarded. Every reply is counted in ``times`` by its status."""
+
+    def __init__(self, app: Any, times: ServerTimes, path: str, timeout_s: float | None = None) -> None:
         self.app = app
         self.times = times
         self.path = path
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("path") != self.path:
@@ -77,21 +102,56 @@ class ServerTimeMiddleware:
             return
         start = time.perf_counter()
         status = 0
+        late = False  # the timeout answered the client: the app's reply goes nowhere
         body: list[bytes] = []
+        request: list[bytes] = []  # read again only for a 504's deadline
+
+        async def read() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                request.append(message.get("body", b""))
+            return message
 
         async def timed_send(message: dict) -> None:
             nonlocal status
+            if late:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and status == 200:
+            elif message["type"] == "http.response.body":
                 body.append(message.get("body", b""))
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False) and status == 200:
-                self._record(1000 * (time.perf_counter() - start), b"".join(body))
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._record(status, 1000 * (time.perf_counter() - start), b"".join(body), request)
 
-        await self.app(scope, receive, timed_send)
+        task = asyncio.ensure_future(self.app(scope, read, timed_send))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done and status == 0:  # nothing sent yet (no await between this check and setting late)
+            late = True
+            await self._time_out(send, request)
+        try:
+            await task
+        except Exception:
+            if not late:
+                raise
+            log.debug("a request answered by the timeout failed afterwards", exc_info=True)
 
-    def _record(self, total_ms: float, body: bytes) -> None:
+    async def _time_out(self, send: Any, request: list[bytes]) -> None:
+        message = f"no answer within the server's --timeout of {self.timeout_s:g} s"
+        content = json.dumps({"error": {"message": message, "type": "timeout", "param": None}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        await send({"type": "http.response.start", "status": 504, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        self.times.count_reply(504, _deadline_ms(request))
+
+    def _record(self, status: int, total_ms: float, body: bytes, request: list[bytes]) -> None:
+        self.times.count_reply(status, _deadline_ms(request) if status == 504 else None)  # LitServe's own 504 too
+        if status != 200:
+            return
         try:
             adaptive = json.loads(body)["adaptive"]
             worker_ms = float(adaptive["queued_ms"]) + float(adaptive["measured_ms"])
@@ -101,3 +161,14 @@ class ServerTimeMiddleware:
         self.times.update(total_ms - worker_ms)
         if deadline_ms is not None:
             self.times.count_deadline(total_ms <= float(deadline_ms))
+
+
+def _deadline_ms(request: list[bytes]) -> float | None:
+    """The ``deadline_ms`` of a request's body, if it has a usable one."""
+    try:
+        value = json.loads(b"".join(request)).get("deadline_ms")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    return float(value) if isinstance(value, float) or value < 10**300 else math.inf

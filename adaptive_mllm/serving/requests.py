@@ -22,6 +22,10 @@ from PIL import Image
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationError
 
+# The longest side of an accepted image over its shortest. CLIP's resize sets the short side to the tower's size
+# S and scales the long one, so the resized image is at most S x S * MAX_ASPECT_RATIO (336 x 6720 for LLaVA's
+# tower); a 1 x 100000 strip would become 336 x 33.6M.
+MAX_ASPECT_RATIO = 20
 KNOWN_FIELDS = frozenset(
     {"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user", "max_tokens", "max_completion_tokens"}
 )
@@ -48,7 +52,9 @@ class RequestLimits:
     Args:
         image_dir: the only folder image paths may point into; None = paths refused (data URLs only).
         max_image_bytes: largest encoded image (base64-decoded or file size).
-        max_image_pixels: largest width * height, checked before the pixels are decoded.
+        max_image_pixels: largest square the image fits in (longest side squared), checked before the pixels are
+            decoded: LLaVA's ``pad_to_square`` builds that square before resizing. The long side may also be at
+            most ``MAX_ASPECT_RATIO`` times the short one (the resize scales the short side up to the tower's).
         max_text_chars: most characters of text over all turns, checked before tokenizing (the token
             limit, the model's maximum length, is checked after).
         strict: unknown top-level fields are an error (else ignored).
@@ -159,9 +165,15 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(400, f"must be a finite number, got {value!r}", name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range (JSON has no size limit); its repr can be 4300 digits
+        raise RequestError(400, "must be a finite number, got an integer too large for a float", name) from None
+    if not math.isfinite(number):
+        raise RequestError(400, f"must be a finite number, got {value!r}", name)
+    return number
 
 
 def _max_tokens(body: dict[str, Any], max_new_tokens: int) -> int | None:
@@ -266,14 +278,30 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
         data = _read_allowed_file(url, limits, field)
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise RequestError(413, f"the image is {width}x{height} pixels, more than {limits.max_image_pixels}", field)
+        _check_image_size(*image.size, limits, field)
         return image.convert("RGB")  # decodes all pixels: truncated data fails here
     except RequestError:
         raise
     except Exception as error:  # noqa: BLE001 - a malformed file can make PIL's decoders raise almost anything
         raise RequestError(400, f"not a readable image ({type(error).__name__}: {error})", field) from error
+
+
+def _check_image_size(width: int, height: int, limits: RequestLimits, field: str) -> None:
+    """Refuse, from the header, an image whose preprocessing would build a huge intermediate image: the square
+    ``pad_to_square`` pads it to (longest side squared) must fit ``max_image_pixels``, and the long side may be
+    at most ``MAX_ASPECT_RATIO`` x the short one (CLIP's resize scales the short side up to the tower's size)."""
+    longest, shortest = max(width, height), min(width, height)
+    if longest * longest > limits.max_image_pixels:
+        side = math.isqrt(limits.max_image_pixels)
+        raise RequestError(
+            413, f"the image is {width}x{height} pixels; its longest side may be at most {side} (a square of at most "
+            f"{limits.max_image_pixels} pixels)", field,
+        )  # fmt: skip
+    if longest > MAX_ASPECT_RATIO * shortest:
+        raise RequestError(
+            413, f"the image is {width}x{height} pixels; its long side may be at most {MAX_ASPECT_RATIO} times its short side",
+            field,
+        )
 
 
 def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:

@@ -29,8 +29,9 @@ from adaptive_mllm.serving.api import (
     DeadlineAPI,
     read_metrics,
 )
+from adaptive_mllm.serving.latency import LatencyModel
 from adaptive_mllm.serving.overhead import ServerTimeMiddleware, ServerTimes
-from adaptive_mllm.serving.requests import RequestLimits
+from adaptive_mllm.serving.requests import MAX_ASPECT_RATIO, RequestLimits
 
 
 def build_model(
@@ -71,7 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--image_dir", help="the only folder image paths may point into (default: paths refused)")
     p.add_argument("--max_image_bytes", type=int, default=RequestLimits.max_image_bytes)
-    p.add_argument("--max_image_pixels", type=int, default=RequestLimits.max_image_pixels)
+    p.add_argument("--max_image_pixels", type=int, default=RequestLimits.max_image_pixels,
+                   help="largest square an image fits in (its longest side squared: LLaVA pads to that square), "
+                        "refused (413) from the header, before decoding; the long side may also be at most "
+                        f"{MAX_ASPECT_RATIO}x the short one")
     p.add_argument("--max_text_chars", type=int, default=RequestLimits.max_text_chars,
                    help="most characters of text per request, refused (413) before tokenizing")
     p.add_argument("--lax", action="store_true", help="ignore unknown request fields instead of answering 400")
@@ -81,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget")
     p.add_argument("--pinned_budget", type=float, help="answer everything at this budget (a baseline)")
     p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
-    p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait in the queue")
+    p.add_argument("--timeout", type=float, default=60,
+                   help="seconds from a request's arrival to its answer: past it the client gets 504 at once (the "
+                        "worker drops the request when it collects it; one already in a batch is answered, unsent)")
     p.add_argument("--threads", type=int, help="torch threads in the worker (default: one per core)")
     p.add_argument("--prepare_threads", type=int, default=PREPARE_THREADS,
                    help="threads decoding images ahead while the model runs (0: in the model's loop, one batch at a time)")
@@ -108,7 +114,7 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
     )
     server.app.add_api_route(MODELS_PATH, partial(served_models, args.served_model_name, int(time.time())), methods=["GET"])
     server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
-    server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH)
+    server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH, timeout_s=args.timeout)
     return server
 
 
@@ -118,8 +124,9 @@ def served_models(name: str, created: int) -> dict[str, Any]:
 
 
 def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
-    """The worker's counts and the HTTP server's own (time outside the worker, deadlines met end to end
-    in the server)."""
+    """The worker's counts and the HTTP server's own: time outside the worker, deadlines met end to end, and
+    ``requests`` / ``answered`` / ``rejected`` / ``timed_out`` / ``failed`` by what each client got (these
+    replace the worker's, which miss what the HTTP layer refused or timed out)."""
     return {**read_metrics(metrics_path), **times.counts()}
 
 
@@ -169,13 +176,37 @@ def check_model_files(args: argparse.Namespace) -> None:
             raise SystemExit(f"--ckpt_path: {error}") from None
 
 
+def check_profile(args: argparse.Namespace) -> None:
+    """Read the latency profile as the worker will, so a bad one is one line naming it, before the model loads
+    (in the worker it was two chained tracebacks and LitServe's "workers failed to start")."""
+    if args.profile is None:
+        return
+    if not Path(args.profile).is_file():
+        raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
+    try:
+        LatencyModel.load(args.profile, args.margin)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--profile: {error}") from None
+
+
+def check_recipe(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Parse the recipe with its flags as the worker will (no weights are built or read): a flag neither serve
+    nor the recipe knows is argparse's usage error here (exit 2), where in the worker it ended the worker and
+    left the server waiting for it forever."""
+    if args.export_dir is not None:
+        return  # an export takes no recipe flags (check_arguments)
+    from adaptive_mllm.recipe import UNUSED_TRAINER, parse_recipe
+
+    parse_recipe(["--config", str(args.config), *overrides, *UNUSED_TRAINER])
+
+
 def main(argv: list[str]) -> None:
     p = parser()
     args, overrides = p.parse_known_args(argv)
     check_arguments(p, args, overrides)
-    if args.profile is not None and not Path(args.profile).is_file():
-        raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
+    check_profile(args)
     check_model_files(args)
+    check_recipe(args, overrides)
     server = make_server(args, overrides)
     # SIGTERM (kill, docker stop, a supervisor) shuts down as Ctrl+C does, workers included: LitServe stops them
     # on KeyboardInterrupt only, and the default action left them running, still answering /health

@@ -149,6 +149,30 @@ def test_a_batch_shares_its_tightest_deadline(api: DeadlineAPI):
     assert api._share_the_batch(alone[:1], requests[:1], queued[:1], tokens, new) == alone[:1]
 
 
+@pytest.mark.parametrize("tight_ms", [1e-3, "expired"])
+def test_a_deadline_no_budget_can_meet_does_not_lower_the_batch(api: DeadlineAPI, tight_ms):
+    """One request that misses at any budget (a microsecond, or a deadline that passed while it queued) runs at
+    its minimum, flagged; the others keep the budgets they get without it (they were all levelled to the minimum)."""
+    api.ratio = RunningRatio()
+    loose = [_request(api, 1e7) for _ in range(3)]  # anything meets 3 hours
+    tight = _request(api, 1.0 if tight_ms == "expired" else tight_ms)
+    requests = [*loose, tight]
+    tokens = len(tight.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    queued = [0.0, 0.0, 0.0, 5.0 if tight_ms == "expired" else 0.0]  # expired: queued 5 ms of its 1 ms
+    alone = [api._choose(r, q, tokens, new, 4) for r, q in zip(requests, queued, strict=True)]
+    shared = api._share_the_batch(alone, requests, queued, tokens, new)
+    assert [choice.budget for choice in shared[:3]] == [1.0, 1.0, 1.0]
+    assert all(choice.feasible for choice in shared[:3])
+    assert shared[3].budget == pytest.approx(api._minimum(tight)) and not shared[3].feasible
+    # a tight deadline that the batch can meet is still shared (the loose ones are lowered to fit it)
+    tight.deadline_ms = 1.1 * api.latency.predict_ms(0.6, tokens, new, 4)
+    alone = [api._choose(r, 0.0, tokens, new, 4) for r in requests]
+    shared = api._share_the_batch(alone, requests, [0.0] * 4, tokens, new)
+    assert all(choice.feasible for choice in shared)
+    assert max(choice.budget for choice in shared) < 1.0
+
+
 def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
     api.ratio = RunningRatio()
     request = _request(api, 1.0)

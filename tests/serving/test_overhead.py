@@ -86,3 +86,94 @@ def test_the_90th_percentile_of_the_last_window():
     for _ in range(1000):
         times.update(1.0)
     assert time.perf_counter() - start < 1.0  # cheap enough to run per request
+
+
+def _slow_app(times: ServerTimes, sleep_s: float, timeout_s: float) -> FastAPI:
+    """A chat route that answers after ``sleep_s`` (a busy worker), a worker-style 4xx, and FastAPI's own checks."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> JSONResponse:
+        if body.get("bad"):  # as DeadlineAPI answers a bad request: its own status and an OpenAI error object
+            return JSONResponse({"error": {"message": "budget: bad", "type": "invalid_request_error", "param": "budget"}}, 400)
+        await asyncio.sleep(sleep_s)
+        return JSONResponse({"adaptive": {"queued_ms": 0.0, "measured_ms": 0.0, "deadline_ms": body.get("deadline_ms")}})
+
+    app.add_middleware(ServerTimeMiddleware, times=times, path="/v1/chat/completions", timeout_s=timeout_s)
+    return app
+
+
+async def _send_all(app: FastAPI, bodies: list[bytes]) -> list[tuple[int, float]]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        replies = []
+        for body in bodies:
+            start = time.perf_counter()
+            reply = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            replies.append((reply.status_code, time.perf_counter() - start))
+        return replies
+
+
+async def _sent_at(app: FastAPI, body: bytes) -> tuple[int, float]:
+    """The status the app sends and the seconds until it sent it (an ASGI server writes it out then; httpx's
+    ASGITransport would wait for the app to return)."""
+    start = time.perf_counter()
+    sent: list[tuple[int, float]] = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client waits for its answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            sent.append((message["status"], time.perf_counter() - start))
+
+    await app(scope, receive, send)
+    assert len(sent) == 1, sent  # the app's own late answer is not sent after the 504
+    return sent[0]
+
+
+def test_the_timeout_answers_504_at_the_timeout_and_counts_a_missed_deadline():
+    """LitServe applies --timeout only when the worker collects a request: a busy worker kept clients waiting
+    6.7-11.7 s for the 504 of a 1 s timeout, and the request vanished from every count."""
+    times = ServerTimes()
+    app = _slow_app(times, sleep_s=1.0, timeout_s=0.2)
+    replies = [asyncio.run(_sent_at(app, body)) for body in (b'{"deadline_ms": 100}', b"{}")]
+    assert [status for status, _ in replies] == [504, 504]
+    assert all(seconds < 0.8 for _, seconds in replies), replies  # at the timeout, not when the worker is done
+    counts = times.counts()
+    assert counts["timed_out"] == 2
+    assert (counts["server_deadline_requests"], counts["server_deadline_met"]) == (1, 0)  # a missed deadline
+    fast = asyncio.run(_sent_at(_slow_app(times, sleep_s=0.0, timeout_s=0.2), b'{"deadline_ms": 10000}'))
+    assert fast[0] == 200 and times.counts()["server_deadline_met"] == 1
+
+
+def test_requests_refused_before_the_worker_are_counted():
+    """FastAPI's 422 (not JSON, not an object) and the payload limit's 413 never reach the worker: every reply
+    is counted on the HTTP side, by what its client got."""
+    times = ServerTimes()
+    replies = asyncio.run(_send_all(_slow_app(times, sleep_s=0.0, timeout_s=10.0), [b"{bad", b"[1]", b'{"bad": 1}', b"{}"]))
+    assert [status for status, _ in replies] == [422, 422, 400, 200]
+    counts = times.counts()
+    assert {key: counts[key] for key in ("requests", "answered", "rejected", "timed_out", "failed")} == {
+        "requests": 4, "answered": 1, "rejected": 3, "timed_out": 0, "failed": 0}  # fmt: skip
+
+
+def test_metrics_count_replies_as_the_clients_got_them(tmp_path):
+    """The worker's counts miss the HTTP layer's refusals and the timeouts, and count a request it answered after
+    its client got a 504: /metrics reports the HTTP side's."""
+    from adaptive_mllm.serving.server import server_metrics
+
+    times = ServerTimes()
+    asyncio.run(_sent_at(_slow_app(times, sleep_s=0.5, timeout_s=0.1), b"{}"))  # the worker answers it, too late
+    asyncio.run(_send_all(_slow_app(times, sleep_s=0.0, timeout_s=1.0), [b"{bad"]))
+    (tmp_path / "metrics.json").write_text('{"requests": 1, "answered": 1, "rejected": 0, "batches": 1}')
+    metrics = server_metrics(str(tmp_path / "metrics.json"), times)
+    assert (metrics["requests"], metrics["answered"], metrics["rejected"], metrics["timed_out"]) == (2, 0, 1, 1)
+    assert metrics["batches"] == 1  # the worker's own

@@ -40,3 +40,23 @@ def test_counts_below_one_are_refused_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit):
         profile_main(["--config", "unread.yaml", "--out", "unused.json", flag, value])
     assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_a_failed_profile_writes_no_file(tmp_path: Path, tokenizer_dir: Path):
+    """One grid point cannot fit the 3 coefficients: the run fails, and leaves no profile for serve to trip on."""
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+    out = tmp_path / "profile.json"
+    argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "--prompt_lengths", "8",
+            "--batch_sizes", "1", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
+    with pytest.raises(ValueError, match="at least 3 measurements"):
+        profile(argv)
+    assert list(tmp_path.iterdir()) == [tmp_path / "recipe.yaml"]  # nor a temporary file
+
+
+@pytest.mark.parametrize("flag", [["--model.budgt=0.5"], ["--bogus_flag", "3"], ["--batch-sizes", "1"]])
+def test_an_unknown_flag_is_a_usage_error(tmp_path: Path, tokenizer_dir: Path, flag: list[str], capsys):
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+    with pytest.raises(SystemExit) as exit_info:
+        profile(["--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "p.json"), *flag])
+    assert exit_info.value.code == 2 and flag[0].split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

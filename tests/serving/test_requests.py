@@ -4,6 +4,7 @@ request, and its error is reported where reading it would have failed."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from pathlib import Path
 
@@ -159,3 +160,42 @@ def test_paths_and_images_that_break_the_libraries_are_this_requests_400(process
         assert isinstance(error, RequestError) and error.status == 400 and message in error.message, (url[:20], error)
         with pytest.raises(RequestError, match=message):
             parse_chat_request(_with_url(url), processor, 4, limits)
+
+
+def _png_url(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels"),
+    [(1, 100_000, None), (100_000, 1, None), (5000, 1000, None), (1, 21, 64 * 64), (65, 10, 64 * 64)],
+)
+def test_an_image_that_preprocessing_would_blow_up_is_refused_before_decoding(processor, width: int, height: int, max_pixels):
+    """A 1 x 100000 PNG is 471 bytes and 100,000 pixels, but CLIP's resize sets its short side to the tower's
+    size (64 x 6.4M pixels) and pad_to_square first builds a 100000^2 canvas: refused by its header."""
+    limits = RequestLimits() if max_pixels is None else RequestLimits(max_image_pixels=max_pixels)  # 64 x 64: no side above 64
+
+    def not_decoded(image: Image.Image) -> torch.Tensor:
+        raise AssertionError("the image was decoded")
+
+    refusing = dataclasses.replace(processor, preprocess_image=not_decoded)
+    error = read_request_image(_with_url(_png_url(width, height)), refusing, limits)
+    assert isinstance(error, RequestError), error
+    assert (error.status, error.field) == (413, "messages[0].content.image_url") and f"{width}x{height}" in error.message
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 20), (64, 64), (64, 4)])
+def test_an_image_within_the_side_and_aspect_limits_is_read_as_before(processor, width: int, height: int):
+    url = _png_url(width, height)
+    pixels = read_request_image(_with_url(url), processor, RequestLimits(max_image_pixels=64 * 64))
+    expected = processor.preprocess_image(Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB"))
+    assert isinstance(pixels, torch.Tensor) and torch.equal(pixels, expected)
+
+
+@pytest.mark.parametrize("field", ["budget", "deadline_ms"])
+def test_a_huge_integer_budget_or_deadline_is_a_400_naming_the_field(processor, field: str):
+    with pytest.raises(RequestError) as refused:
+        parse_chat_request({**_body("What colour is the circle ?"), field: 10**400}, processor, 4, RequestLimits())
+    assert (refused.value.status, refused.value.field) == (400, field) and "finite number" in refused.value.message

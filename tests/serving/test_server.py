@@ -257,12 +257,22 @@ def test_health_and_metrics(served):
     assert metrics["server_deadline_met"] - before["server_deadline_met"] == 1
     assert metrics["outside_worker_ms"] > 0  # reading and writing HTTP takes some time
     assert metrics["rejected"] >= 1 and metrics["answered"] >= 1
-    assert metrics["requests"] == metrics["answered"] + metrics["rejected"]
+    assert metrics["requests"] == metrics["answered"] + metrics["rejected"] + metrics["timed_out"] + metrics["failed"]
+    # refused by the HTTP layer, never seen by the worker: counted too
+    before = metrics
+    malformed = httpx.post(f"{served['base']}/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"}, timeout=60)
+    too_large = _post(served["base"], {"messages": _messages(image, "x" * 2_000_000)})
+    assert (malformed.status_code, too_large.status_code) == (422, 413)
+    metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    assert (metrics["requests"] - before["requests"], metrics["rejected"] - before["rejected"]) == (2, 2)
+    assert metrics["answered"] == before["answered"]
     assert metrics["batches"] <= metrics["answered"]
     assert json.dumps(metrics)  # plain JSON
 
 
-def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+def test_command_line_errors_name_the_problem(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
     from adaptive_mllm.serving import serve, server
 
     monkeypatch.setattr(server, "make_server", _refuse_to_start)  # nothing here may start a server
@@ -307,8 +317,43 @@ def test_command_line_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
         with pytest.raises(SystemExit, match=message) as exit_info:
             serve(flags)
         assert "\n" not in str(exit_info.value.code)
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir)
     with pytest.raises(_Started):  # files that pass go on to the server
         serve(["--config", str(tmp_path / "recipe.yaml")])
+
+
+@pytest.mark.parametrize("flags", [["--prepare-threads", "0"], ["--model.budgt=0.5"], ["--bogus_flag", "3"]])
+def test_an_unknown_or_mistyped_flag_is_refused_before_the_server_starts(
+    tmp_path: Path, tokenizer_dir: Path, flags: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Such a flag reached the recipe parser in the worker only: the worker exited, and the server waited for it
+    forever."""
+    from adaptive_mllm.serving import serve, server
+
+    monkeypatch.setattr(server, "make_server", _refuse_to_start)
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        serve(["--config", str(tmp_path / "recipe.yaml"), *flags])
+    assert exit_info.value.code == 2 and flags[0].split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("not json", "not JSON"), ('{"format": 1}', "measurements"), ("[1]", "a JSON object"), ('{"format": 2}', "format 2")],
+)
+def test_a_bad_profile_is_named_in_one_line_before_the_server_starts(
+    tmp_path: Path, tokenizer_dir: Path, text: str, problem: str, monkeypatch: pytest.MonkeyPatch
+):
+    from adaptive_mllm.serving import serve, server
+
+    monkeypatch.setattr(server, "make_server", _refuse_to_start)
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir)
+    (tmp_path / "profile.json").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        serve(["--config", str(tmp_path / "recipe.yaml"), "--profile", str(tmp_path / "profile.json")])
+    message = str(exit_info.value.code)
+    assert message.startswith("--profile") and str(tmp_path / "profile.json") in message and problem in message, message
+    assert "\n" not in message
 
 
 class _Started(Exception):
