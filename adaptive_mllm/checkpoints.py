@@ -10,6 +10,7 @@ tensor data is read.
 from __future__ import annotations
 
 import os
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,68 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+RANDOM_STATE_KEY = "random_states"  # in RunCheckpoint's state: one per process, in rank order
+
+
+def random_state() -> dict[str, Any]:
+    """This process's global random generators, in types a weights-only load reads (tensors, tuples, ints)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def every_process(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (collective: every process calls it, as every process saves)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def resumable_loop_state(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint saved after an epoch was marked done (at the end of fit, or by a SIGTERM at an epoch's end)
+    resume where the run stopped; Lightning restores such a state wrongly.
+
+    Lightning marks the epoch done when its loop stops, whether every batch ran (the epoch's end) or ``max_steps``
+    stopped it part-way, while the epoch loop still counts the finished epoch's batches. Restored as it is, the
+    next epoch starts already counting them: it runs one batch (a whole epoch's order skipped, later ones shifted),
+    and an epoch left part-way is never finished. Here the saved counters say what happened: after a whole epoch,
+    the next one has not started (its batch counts at zero, as Lightning's own start of an epoch sets them); after a
+    part of one, the epoch is still running (not done), as in a save made at its last step. Set from the live loop
+    state, so applying it twice changes nothing."""
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    epochs = trainer.fit_loop.epoch_progress
+    if not loops or trainer.state.fn != "fit" or epochs.current.processed != epochs.current.started or epochs.current.started == 0:
+        return  # not after an epoch was marked done (the saves every n steps, at an epoch end hook, before any epoch)
+    if trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches:
+        for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress", "epoch_loop.automatic_optimization.optim_progress"):
+            _zero_counts(loops.get(key, {}), "current")
+        loops.get("epoch_loop.batch_progress", {})["is_last_batch"] = False
+        _zero_counts(loops.get("epoch_loop.val_loop.batch_progress", {}), "total")
+        return
+    for part in ("current", "total"):
+        live = getattr(epochs, part)
+        loops["epoch_progress"][part].update(processed=live.started - 1, completed=live.started - 1)
+
+
+def _zero_counts(progress: dict[str, Any], part: str) -> None:
+    """Every ``part`` (``current`` / ``total``) counter in a Lightning progress state, nested ones too, set to 0."""
+    for key, value in progress.items():
+        if key == part and isinstance(value, dict):
+            progress[key] = {name: 0 for name in value}
+        elif isinstance(value, dict):
+            _zero_counts(value, part)
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint that also keeps the steps after its last ``every_n_train_steps`` save: at
     the end of fit (a 5,200-step epoch saved every 500 steps lost its last 200, and ``test_after_fit`` scored
@@ -137,6 +200,38 @@ class RunCheckpoint(ModelCheckpoint):
                 "To stop a run and keep them, send SIGTERM (kill <pid>): it stops after the current step and saves "
                 "last.ckpt"
             )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._random_state: dict[str, Any] | None = None  # this process's, from the checkpoint resumed
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumable_loop_state(trainer, checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state, and every process's random generators (torch's, CUDA's, Python's): the budgets
+        drawn per example and the schedulers' Gumbel noise continue after a resume as they would have without it,
+        instead of restarting from the seed's first numbers."""
+        return {**super().state_dict(), RANDOM_STATE_KEY: every_process(random_state())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        states = state_dict.get(RANDOM_STATE_KEY)
+        self._random_state = None
+        if states:
+            world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            if len(states) == world_size:
+                self._random_state = states[torch.distributed.get_rank() if world_size > 1 else 0]
+            else:
+                rank_zero_warn(
+                    f"the checkpoint was saved by {len(states)} processes, this run has {world_size}: the random draws "
+                    "(budgets, Gumbel noise) go on from this run's seed, not from where the saved run stopped"
+                )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._random_state is not None:  # after the sanity check, just before the first resumed step
+            set_random_state(self._random_state)
+            self._random_state = None
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, not fitting, or this step already saved

@@ -46,7 +46,7 @@ class ResumableSampler(DistributedSampler, RandomSampler):
         seed: base seed, the same on every process. None (one process only) draws it from torch's
             global generator when the first epoch starts, as ``RandomSampler`` draws each epoch's seed:
             the first epoch is then the order ``DataLoader(shuffle=True)`` gives, and the global
-            generator is advanced as much as it would be (once per epoch).
+            generator is advanced as much as it would be; later epochs draw nothing from it.
         drop_last: drop the tail that does not divide evenly between the processes instead of padding.
     """
 
@@ -59,7 +59,6 @@ class ResumableSampler(DistributedSampler, RandomSampler):
             self, dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=0 if seed is None else seed, drop_last=drop_last
         )
         self.seed: int | None = seed
-        self._draws_seed = seed is None
         # RandomSampler's attributes, for code that inspects one
         self.data_source = dataset
         self.replacement = False
@@ -99,11 +98,11 @@ class ResumableSampler(DistributedSampler, RandomSampler):
         return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        # a generator, so that (like RandomSampler's) the seed is drawn at the first index asked for
-        if self._draws_seed:
-            drawn = int(torch.empty((), dtype=torch.int64).random_().item())
-            if self.seed is None:
-                self.seed = drawn
+        # a generator, so that (like RandomSampler's) the seed is drawn at the first index asked for, once: later
+        # epochs draw nothing from the global generator, whose state a resume restores (RunCheckpoint), so that the
+        # model's draws after a resume are the uninterrupted run's
+        if self.seed is None:
+            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
         skip, self._skip = self._skip, 0
         yield from self.indices(self.epoch)[skip:]
 
@@ -150,6 +149,10 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, batches_consumed: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            # each iterator draws its workers' base seed from this, not from the global generator: the model's random
+            # draws then do not depend on when Lightning creates the epoch's iterator (it differs after a resume)
+            kwargs["generator"] = torch.Generator().manual_seed(torch.initial_seed())
         super().__init__(*args, **kwargs)
         self.batches_consumed = batches_consumed
         self._yielded = 0  # batches of the current epoch handed out (counting those skipped on a resume)

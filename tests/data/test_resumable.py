@@ -1,7 +1,9 @@
-"""Mid-epoch resumption of the training data: a resumed fit sees the batches the uninterrupted one saw."""
+"""Resumption of training: a resumed fit sees the batches the uninterrupted one saw, mid-epoch or from an epoch's end,
+and draws the same random numbers (budgets, Gumbel noise)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -107,35 +109,46 @@ class Interrupted(Exception):
 
 
 class IdLog(L.Callback):
-    """Appends each training batch's step and sample ids to ``path``; raises Interrupted at ``stop_at``."""
+    """Appends each training batch's step, sample ids and global random state (a digest) to ``path``; raises
+    Interrupted at ``stop_at``, or stops the run as a SIGTERM would after step ``sigterm_at``."""
 
-    def __init__(self, path: str, stop_at: int = -1) -> None:
+    def __init__(self, path: str, stop_at: int = -1, sigterm_at: int = -1) -> None:
         self.path = path
         self.stop_at = stop_at
+        self.sigterm_at = sigterm_at
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.stop_at:
             raise Interrupted(f"stopped at step {self.stop_at}")
+        random = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": trainer.global_step, "ids": batch["ids"]}) + "\n")
+            handle.write(json.dumps({"step": trainer.global_step, "ids": batch["ids"], "random": random}) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.sigterm_at:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
 
 
-def fit(directory: Path, log: Path, max_steps: int, num_workers: int, stop_at: int = -1, ckpt_path: Path | None = None) -> None:
-    callback = {"class_path": f"{__name__}.IdLog", "init_args": {"path": str(log), "stop_at": stop_at}}
+def fit(
+    directory: Path, log: Path, max_steps: int, num_workers: int, stop_at: int = -1, ckpt_path: Path | None = None,
+    sigterm_at: int = -1, every: int = 5,
+) -> None:
+    callback = {"class_path": f"{__name__}.IdLog", "init_args": {"path": str(log), "stop_at": stop_at, "sigterm_at": sigterm_at}}
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # LightningCLI parses args alone (and warns about pytest's)
-        _main_fit(directory, log, max_steps, num_workers, stop_at, ckpt_path, callback)
+        _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every)
 
 
-def _main_fit(directory, log, max_steps, num_workers, stop_at, ckpt_path, callback) -> None:
+def _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every) -> None:
     main([
         "fit", "--config", str(TINY_RECIPE),
         "--data.init_args.num_train=64", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
         "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=8", f"--data.init_args.num_workers={num_workers}",
         f"--data.init_args.data_dir={directory / 'data'}", f"--model.backbone.init_args.tokenizer={directory / 'data' / 'tokenizer'}",
         f"--trainer.max_steps={max_steps}", "--trainer.logger=false", "--trainer.callbacks=[]",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--model.full_budget_steps=0",  # a budget drawn per example from the first step: random numbers to continue
+        "--trainer.callbacks+=adaptive_mllm.checkpoints.RunCheckpoint",  # the recipes' (also saves when fit ends)
         f"--trainer.callbacks.dirpath={directory / 'checkpoints'}", "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=5",
+        f"--trainer.callbacks.every_n_train_steps={every}",
         f"--trainer.callbacks+={json.dumps(callback)}",
         f"--trainer.default_root_dir={directory / 'runs'}", "--trainer.enable_progress_bar=false",
         "--trainer.num_sanity_val_steps=0", "--test_after_fit=false",
@@ -143,8 +156,9 @@ def _main_fit(directory, log, max_steps, num_workers, stop_at, ckpt_path, callba
     ])
 
 
-def steps(log: Path) -> dict[int, list[str]]:
-    return {row["step"]: row["ids"] for row in map(json.loads, log.read_text().splitlines())}
+def steps(log: Path) -> dict[int, tuple[list[str], str]]:
+    """step -> (its sample ids, the random state it started from)"""
+    return {row["step"]: (row["ids"], row["random"]) for row in map(json.loads, log.read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +171,8 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, list[str]]]:
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_fit_resumed_mid_epoch_sees_the_batches_of_the_uninterrupted_one(uninterrupted, num_workers, tmp_path, monkeypatch):
     data, expected = uninterrupted
-    assert len(expected) == 12 and len({i for s in range(8) for i in expected[s]}) == 64  # 8 batches an epoch
+    assert len(expected) == 12 and len({i for s in range(8) for i in expected[s][0]}) == 64  # 8 batches an epoch
+    assert len({expected[s][1] for s in expected}) == 12  # each step draws: its random state is its own
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(data)  # the generated set and its tokenizer, shared
     log = tmp_path / "ids.jsonl"
@@ -173,4 +188,29 @@ def test_a_fit_resumed_mid_epoch_sees_the_batches_of_the_uninterrupted_one(unint
         fit(tmp_path, log, max_steps=12, num_workers=num_workers, ckpt_path=last)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     seen = steps(log)  # steps 5-7 were seen twice: before the interruption and after the resume
-    assert seen == expected  # the resumed steps 5-11 (through the epoch's end into the next) are the same batches
+    assert seen == expected  # the resumed steps 5-11 (through the epoch's end into the next): same batches, same draws
+
+
+@pytest.mark.parametrize(
+    ("first", "saved_at"),
+    [({"max_steps": 8}, 8), ({"max_steps": 10}, 10), ({"max_steps": 12, "sigterm_at": 8}, 8)],
+    ids=["stopped-at-the-epochs-end", "stopped-part-way-by-max-steps", "sigterm-at-the-epochs-end"],
+)
+def test_a_fit_resumed_from_its_end_of_fit_save_continues_the_uninterrupted_one(uninterrupted, first, saved_at, tmp_path, monkeypatch):
+    """The save RunCheckpoint makes when fit ends (or a SIGTERM stops it) after Lightning marked the epoch done:
+    restored as Lightning saved it, the next epoch ran one batch (an epoch's order skipped, the rest shifted), or an
+    epoch stopped part-way was never finished."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    data, expected = uninterrupted
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(data)
+    log = tmp_path / "ids.jsonl"
+    try:
+        fit(tmp_path, log, num_workers=0, every=100, **first)  # no save but the one at the end
+    except SIGTERMException:
+        assert "sigterm_at" in first
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == saved_at
+    fit(tmp_path, log, max_steps=12, num_workers=0, ckpt_path=last, every=100)
+    assert steps(log) == expected
