@@ -73,6 +73,8 @@ def encode_question(model: Any, image: Path, question: str, max_new_tokens: int 
     sane size, a prompt that fits the model); the image may be any file, its own folder is the one allowed."""
     if not image.is_file():
         raise SystemExit(f"--image {image}: no such file")
+    if "<image>" in question:
+        raise SystemExit("--question: leave <image> out; the image goes before the question, as in LLaVA's data")
     image = image.resolve()  # the file given, wherever a link leads: its folder is the one allowed
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image.name}}]}]}
@@ -147,6 +149,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     model = build_model(args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     model.to(device).eval()
+    if args.max_new_tokens is not None:  # the answer's length is this command's to set, above the model's too
+        model.max_new_tokens = max(model.max_new_tokens, args.max_new_tokens)
     request = encode_question(model, Path(args.image), args.question, args.max_new_tokens)
     deadlines = deadline_budgets(model, request, args.deadline_ms, latency) if latency is not None else []
     budgets = [*args.budgets, *(choice["budget"] for choice in deadlines)]

@@ -176,6 +176,9 @@ class AdaptiveMLLM(L.LightningModule):
     def configure_model(self) -> None:
         """Build the backbone (weights created or loaded here, after prepare_data) and size the scheduler."""
         self.backbone.build()
+        # a template whose answers cannot end in this tokenizer (plain's newline in a whitespace-split vocabulary) fails
+        # here, before a fit trains without the label that ends each answer, not at the first answer asked for
+        self.backbone.chat_template.stop_token_ids(self.backbone.tokenizer)
         if self.lora is not None:
             self.backbone.add_lora(self.lora)
         if self.scheduler is not None:

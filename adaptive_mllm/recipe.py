@@ -101,6 +101,11 @@ class AdaptiveMLLMCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
+        if config.get("ckpt_path") and config.get("overwrite_run"):
+            raise ValueError(
+                "--ckpt_path resumes a run, --overwrite_run=true replaces the run in this directory: give one of them "
+                "(a new run from a checkpoint's weights: its own --trainer.default_root_dir with --ckpt_path)"
+            )
         earlier = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
         # only the process the user started decides: processes a strategy launches may find rank 0's config
         if not _launched() and earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):

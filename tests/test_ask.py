@@ -32,7 +32,10 @@ def image(tmp_path: Path) -> Path:
 
 def _alone(recipe: Path, image: Path, budget: float) -> dict:
     """The module's own generate on the prompt built by hand from the template: the independent answer."""
-    module = build_model(str(recipe), None, None, []).eval()
+    return _generate(build_model(str(recipe), None, None, []).eval(), image, budget)
+
+
+def _generate(module, image: Path, budget: float = 1.0) -> dict:
     backbone = module.backbone
     ids = backbone.chat_template.encode_prompt(
         [f"<image>\n{QUESTION}"], [], backbone.tokenizer, backbone.image_token_id, backbone.num_image_tokens
@@ -82,6 +85,8 @@ def test_bad_input_is_one_line_naming_the_option(recipe, image, tmp_path, capsys
     with pytest.raises(SystemExit) as error:
         main([*common, "--image", str(image), "--budgets", "1.5"])
     assert error.value.code == 2 and "--budgets: 1.5 is outside [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--question: leave <image> out"):
+        main(["--config", str(recipe), "--image", str(image), "--question", f"<image>\n{QUESTION}"])
     with pytest.raises(SystemExit, match=r"--config .*nowhere.yaml does not exist"):
         main(["--config", str(tmp_path / "nowhere.yaml"), "--image", str(image), "--question", QUESTION])
 
@@ -113,3 +118,13 @@ def test_a_deadline_is_answered_at_the_budget_serve_would_pick(recipe, image, tm
     with pytest.raises(SystemExit) as error:
         main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--deadline_ms", "20"])
     assert error.value.code == 2 and "--deadline_ms needs --profile" in capsys.readouterr().err
+
+
+def test_max_new_tokens_may_raise_the_models_own(recipe, image):
+    """The recipe says 4 tokens; asked for 12, the answer may run to 12 (an export's limit is not fixed either)."""
+    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--max_new_tokens", "12"])
+    module = build_model(str(recipe), None, None, []).eval()
+    module.max_new_tokens = 12
+    expected = _generate(module, image)["answers"][0]
+    assert rows[0]["answer"] == expected and len(module.backbone.tokenizer(expected)["input_ids"]) > 4
+

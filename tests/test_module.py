@@ -498,3 +498,14 @@ def test_a_checkpoint_records_its_lora_settings_and_another_alpha_is_refused(tok
     assert record["lora"] is None
     del checkpoint["lora"]  # written before the record existed: the tensors alone decide
     _lora_model(tokenizer_dir, rank=2).on_load_checkpoint(checkpoint)
+
+
+def test_a_template_whose_answers_cannot_end_is_refused_when_the_model_is_built(tokenizer_dir):
+    """LLaVA's plain template ends a caption at a newline, which the tiny word-level tokenizer drops: a fit would train
+    without the label that ends each answer, so the model is refused when it is built, not at its first answer."""
+    from adaptive_mllm.backbones import LlavaBackbone
+    from tests.conftest import tiny_config
+
+    module = AdaptiveMLLM(LlavaBackbone(config=tiny_config(), tokenizer=str(tokenizer_dir), template="plain"))
+    with pytest.raises(ValueError, match="template 'plain' ends answers at a newline, which this tokenizer drops"):
+        module.configure_model()

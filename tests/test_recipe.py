@@ -118,6 +118,15 @@ def test_a_run_that_failed_before_writing_gives_its_directory_back(in_tmp):
     assert (root / "budget-0.6.jsonl").is_file()
 
 
+def test_resuming_and_replacing_a_run_at_once_is_refused(in_tmp):
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--test_after_fit=false"]
+    _run(fit)
+    last = in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="--ckpt_path resumes a run, --overwrite_run=true replaces .* give one of them"):
+        _run([*fit, f"--ckpt_path={last}", "--overwrite_run=true", "--trainer.max_steps=2"])
+    assert not (in_tmp / "runs" / "tiny" / "replaced").exists()
+
+
 def test_an_empty_checkpoint_is_named_before_lightning_reads_it(in_tmp):
     (in_tmp / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty\.ckpt: the file is empty"):

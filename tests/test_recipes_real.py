@@ -163,20 +163,21 @@ def test_the_lora_variant_is_llava_loras_setup_on_the_7b_recipe(tokenizer_dir, t
     assert cli.model.lora.rank == 128 and cli.model.backbone.shape.num_layers == 32
 
 
-def write_stage_one_standins(root: Path, tokenizer_dir: Path) -> None:
+def write_stage_one_standins(root: Path) -> None:
     """recipes/llava7b-pretrain.yaml's inputs: a Vicuna stand-in (a Llama LLM of the real depth, transformers' own
-    layout), a CLIP tower directory and LLaVA-Pretrain's caption records (blip_laion_cc_sbu_558k.json's form)."""
-    import shutil
-
+    layout, with a SentencePiece Llama tokenizer: the plain template ends captions at a newline, which a word-level
+    one drops), a CLIP tower directory and LLaVA-Pretrain's caption records (blip_laion_cc_sbu_558k.json's form)."""
     import torch
     from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from tests.backbones.spm_tokenizer import write_spm_tokenizer
+
+    vicuna = write_spm_tokenizer(root / "checkpoints" / "vicuna-7b-v1.5")
+    tokenizer = AutoTokenizer.from_pretrained(vicuna)
     torch.manual_seed(0)
     text = tiny_config(num_layers=32, num_heads=8, num_kv_heads=8, hidden=64)["text"]
-    llama = LlamaForCausalLM(LlamaConfig(**text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
-    llama.save_pretrained(root / "checkpoints" / "vicuna-7b-v1.5")
-    shutil.copytree(tokenizer_dir, root / "checkpoints" / "vicuna-7b-v1.5", dirs_exist_ok=True)
+    llama = LlamaForCausalLM(LlamaConfig(**text, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2))
+    llama.save_pretrained(vicuna)
     CLIPVisionModel(CLIPVisionConfig(**tiny_config()["vision"])).save_pretrained(root / "checkpoints" / "clip-vit-large-patch14-336")
     folder = root / "data" / "llava-pretrain"
     records = []
@@ -191,7 +192,7 @@ def write_stage_one_standins(root: Path, tokenizer_dir: Path) -> None:
     (folder / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
 
 
-def test_the_stage_one_recipe_trains_the_projector_of_a_new_llava(tokenizer_dir, tmp_path, monkeypatch):
+def test_the_stage_one_recipe_trains_the_projector_of_a_new_llava(tmp_path, monkeypatch):
     """recipes/llava7b-pretrain.yaml: LLaVA-1.5's pretrain.sh settings. On stand-ins, LLaVA is built from the LLM and
     the tower directories, a step moves the projector alone, and the exported model is what stage 2 starts from."""
     import torch
@@ -207,7 +208,7 @@ def test_the_stage_one_recipe_trains_the_projector_of_a_new_llava(tokenizer_dir,
     assert model["backbone"]["init_args"]["template"] == "plain" and not model["backbone"]["init_args"]["pad_to_square"]
 
     monkeypatch.chdir(tmp_path)
-    write_stage_one_standins(tmp_path, tokenizer_dir)
+    write_stage_one_standins(tmp_path)
     fit = ["--config", str(RECIPE_DIR / "llava7b-pretrain.yaml"), *ON_CPU]
     with pytest.warns(UserWarning, match="is a language model: LLaVA-1.5 is built on it"):
         cli = build_cli(["fit", *fit, "--trainer.max_steps=1", "--data.init_args.batch_size=3"])
