@@ -1,7 +1,7 @@
 """`adaptive-mllm ask`: one question about one image, answered at each budget (or deadline) asked for.
 
     adaptive-mllm ask --config recipes/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
-        --image data/shapes-vqa/images/test/000000.png --question "How many shapes are there ?" --budgets 1.0 0.5 0.3
+        --image data/shapes-vqa/images/test/shapes-test-000000.png --question "What colour is the circle?" --budgets 1.0 0.55 0.3
     adaptive-mllm ask ... --profile profiles/tiny-cpu.json --deadline_ms 40 20 10
 
 The quickest look at a trained model (as LLaVA's ``run_llava.py`` or ``litgpt generate``): the model is built as
