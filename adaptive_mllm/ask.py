@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def deadline_budgets(model: Any, request: ChatRequest, deadlines: list[float], l
 def describe(row: dict[str, Any]) -> str:
     """One line of the table."""
     raised = f" (asked {row['requested_budget']:g}: below this prompt's smallest)" if row["budget"] != row["requested_budget"] else ""
-    line = f"budget {row['budget']:.3g}{raised}  units {row['units']:g}  FLOPs {row['flops_fraction']:.2f}  {row['ms']:.1f} ms"
+    units = "" if math.isnan(row["units"]) else f"  units {row['units']:g}"  # nan: no scheduler, no units
+    line = f"budget {row['budget']:.3g}{raised}{units}  FLOPs {row['flops_fraction']:.2f}  {row['ms']:.1f} ms"
     if "deadline_ms" in row:
         verdict = "met" if row["ms"] <= row["deadline_ms"] else "missed"
         flag = "" if row["feasible"] else ", predicted to miss even at the smallest budget"
@@ -151,6 +153,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     model.to(device).eval()
     if args.max_new_tokens is not None:  # the answer's length is this command's to set, above the model's too
         model.max_new_tokens = max(model.max_new_tokens, args.max_new_tokens)
+    if model.scheduler is None and (args.deadline_ms or any(budget != 1.0 for budget in args.budgets)):
+        raise SystemExit("--budgets / --deadline_ms: this model has no scheduler, it always runs whole (budget 1.0)")
     request = encode_question(model, Path(args.image), args.question, args.max_new_tokens)
     deadlines = deadline_budgets(model, request, args.deadline_ms, latency) if latency is not None else []
     budgets = [*args.budgets, *(choice["budget"] for choice in deadlines)]

@@ -128,3 +128,11 @@ def test_max_new_tokens_may_raise_the_models_own(recipe, image):
     expected = _generate(module, image)["answers"][0]
     assert rows[0]["answer"] == expected and len(module.backbone.tokenizer(expected)["input_ids"]) > 4
 
+
+
+def test_a_model_without_a_scheduler_answers_whole_and_refuses_other_budgets(recipe, image, capsys):
+    rows = main(["--config", str(recipe), "--model.scheduler=null", "--image", str(image), "--question", QUESTION])
+    assert rows[0]["budget"] == 1.0 and rows[0]["flops_fraction"] == 1.0
+    assert "units" not in capsys.readouterr().out.splitlines()[-1]  # a full model has no units to count
+    with pytest.raises(SystemExit, match="this model has no scheduler, it always runs whole"):
+        main(["--config", str(recipe), "--model.scheduler=null", "--image", str(image), "--question", QUESTION, "--budgets", "0.5"])
