@@ -166,9 +166,13 @@ def resumable_loop_state(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None
         loops.get("epoch_loop.batch_progress", {})["is_last_batch"] = False
         _zero_counts(loops.get("epoch_loop.val_loop.batch_progress", {}), "total")
         return
+    saved = loops.get("epoch_progress", {})
+    if not all(isinstance(saved.get(part), dict) for part in ("current", "total")):  # another Lightning's layout
+        rank_zero_warn("the checkpoint's loop state is not in the layout RunCheckpoint knows: saved as Lightning made it")
+        return
     for part in ("current", "total"):
         live = getattr(epochs, part)
-        loops["epoch_progress"][part].update(processed=live.started - 1, completed=live.started - 1)
+        saved[part].update(processed=live.started - 1, completed=live.started - 1)
 
 
 def _zero_counts(progress: dict[str, Any], part: str) -> None:
