@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from adaptive_mllm.serving.api import collate
+from adaptive_mllm.serving.api import budget_that_ran, collate, smallest_budget
 from adaptive_mllm.serving.latency import LatencyModel
 from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
-from adaptive_mllm.serving.server import build_model, check_model_files
+from adaptive_mllm.serving.server import build_model, check_model_files, check_profile
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,9 +101,8 @@ def answer(model: Any, request: ChatRequest, budget: float, device: torch.device
         out = model.generate(batch, torch.tensor([budget], device=device), limits, at_least_minimum=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    ran = out["budgets"][0]
     return {
-        "budget": budget if ran <= float(torch.tensor(budget, dtype=torch.float32)) else ran,
+        "budget": budget_that_ran(budget, out["budgets"][0]),
         "requested_budget": budget,
         "units": out["units_per_example"][0],
         "flops_fraction": out["flops_fractions"][0],
@@ -117,7 +116,7 @@ def deadline_budgets(model: Any, request: ChatRequest, deadlines: list[float], l
     at the answer's full length, within what the scheduler admits for the prompt."""
     prompt_tokens = len(request.prompt_ids) + int(model.planner.uses_latency_token)
     new_tokens = request.max_tokens or model.max_new_tokens
-    minimum = model.scheduler.cost.min_budget(prompt_tokens) if model.scheduler is not None else 1.0
+    minimum = smallest_budget(model, request.prompt_ids)
     choices = []
     for deadline in deadlines:
         choice = latency.budget_for_deadline(deadline, prompt_tokens, new_tokens, 1, minimum)
@@ -142,12 +141,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     args, overrides = p.parse_known_args(argv)
     check_arguments(p, args, overrides)
     check_model_files(args)
-    latency = None
-    if args.profile is not None:
-        try:
-            latency = LatencyModel.load(args.profile, args.margin)
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"--profile: {error}") from None
+    latency = check_profile(args)
     device = torch.device(args.device)
     model = build_model(args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     model.to(device).eval()

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
+from adaptive_mllm.checkpoints import every_process
 from adaptive_mllm.metrics import REPORT_COLUMNS, UNPARSABLE, GroupedExactMatch, MMEScore
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
 from adaptive_mllm.prediction_writer import new_directory
@@ -137,7 +138,7 @@ class SweepReport(L.Callback):
         rows, stats = self._epoch_end(trainer, pl_module, "test")
         # records skipped as bad are said in the report, and the baseline is taken over the questions scored
         skipped = int(trainer.strategy.reduce(torch.tensor(float(self._skipped), device=pl_module.device), reduce_op="sum"))
-        scored = _gathered(trainer, self._scored) if skipped else None
+        scored = set().union(*every_process(sorted(self._scored, key=str))) if skipped else None
         for row in rows:
             row["skipped_records"] = skipped
         if trainer.sanity_checking or not rows or not trainer.is_global_zero:
@@ -205,15 +206,6 @@ class SweepReport(L.Callback):
 def _log_dir(trainer: L.Trainer) -> Path:
     """Call on every process: ``trainer.log_dir`` broadcasts rank 0's."""
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def _gathered(trainer: L.Trainer, ids: set[Any]) -> set[Any]:
-    """The union of every process's ``ids`` (call on every process)."""
-    if trainer.world_size < 2 or not torch.distributed.is_initialized():
-        return set(ids)
-    every: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(every, sorted(ids, key=str))
-    return set().union(*every)
 
 
 def repeated_ids(dataloaders: Any, rank: int, world_size: int) -> frozenset[Any]:

@@ -268,7 +268,7 @@ class DeadlineAPI(ls.LitAPI):
         out = self.model.generate(batch, budgets.to(self.torch_device), limits, at_least_minimum=True)
         measured_ms = 1000 * (_now(self.torch_device) - start)
         # what ran: the chosen budget (as chosen, not its float32) unless generate raised it
-        ran = [r if r > float(torch.tensor(c.budget, dtype=torch.float32)) else c.budget for r, c in zip(out["budgets"], choices, strict=True)]
+        ran = [budget_that_ran(c.budget, r) for r, c in zip(out["budgets"], choices, strict=True)]
         budgets = torch.tensor(ran, dtype=budgets.dtype)
         steps = max(self.decode_steps - 1, 0)
         units, fractions = out["units_per_example"], out["flops_fractions"]
@@ -314,12 +314,7 @@ class DeadlineAPI(ls.LitAPI):
         return Choice(max(self.model.budget, minimum), "default", True)
 
     def _minimum(self, request: ChatRequest) -> float:
-        """The smallest budget the scheduler admits for this prompt (prefix layers + LM head), counted before token
-        selection, which cannot be known before the image is seen (PruMerge keeps a number per image); generate
-        raises a budget to the minimum after selection."""
-        scheduler = self.model.scheduler
-        seq_len = len(request.prompt_ids) + int(self.model.planner.uses_latency_token)
-        return scheduler.cost.min_budget(seq_len) if scheduler is not None else 1.0
+        return smallest_budget(self.model, request.prompt_ids)
 
     def _remaining_ms(self, request: ChatRequest, queued_ms: float) -> float:
         """What is left of a request's deadline for the worker: minus the time it queued, and minus the time
@@ -403,6 +398,19 @@ class DeadlineAPI(ls.LitAPI):
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(counts, sort_keys=True))
         temporary.replace(path)  # readers never see half a file
+
+
+def smallest_budget(model: Any, prompt_ids: list[int]) -> float:
+    """The smallest budget the scheduler admits for this prompt (prefix layers + LM head), counted before token
+    selection, which cannot be known before the image is seen (PruMerge keeps a number per image); generate
+    raises a budget to the minimum after selection."""
+    seq_len = len(prompt_ids) + int(model.planner.uses_latency_token)
+    return model.scheduler.cost.min_budget(seq_len) if model.scheduler is not None else 1.0
+
+
+def budget_that_ran(asked: float, ran: float) -> float:
+    """The budget a request ran at: as asked (not its float32), unless generate raised it to the minimum."""
+    return ran if ran > float(torch.tensor(asked, dtype=torch.float32)) else asked
 
 
 def collate(requests: list[ChatRequest], pad_token_id: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -176,15 +176,15 @@ def check_model_files(args: argparse.Namespace) -> None:
             raise SystemExit(f"--ckpt_path: {error}") from None
 
 
-def check_profile(args: argparse.Namespace) -> None:
+def check_profile(args: argparse.Namespace) -> LatencyModel | None:
     """Read the latency profile as the worker will, so a bad one is one line naming it, before the model loads
     (in the worker it was two chained tracebacks and LitServe's "workers failed to start")."""
     if args.profile is None:
-        return
+        return None
     if not Path(args.profile).is_file():
         raise SystemExit(f"--profile {args.profile} does not exist (write one with `adaptive-mllm profile`)")
     try:
-        LatencyModel.load(args.profile, args.margin)
+        return LatencyModel.load(args.profile, args.margin)
     except (OSError, ValueError) as error:
         raise SystemExit(f"--profile: {error}") from None
 
