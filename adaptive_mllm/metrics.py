@@ -452,7 +452,7 @@ def scienceqa_letter(prediction: str, num_choices: int) -> str | None:
 
 def mmbench_choice(prediction: str, options: Sequence[str]) -> str | None:
     """The option letter MMBench's answer matching without an LLM judge (``can_infer`` of
-    open-compass/VLMEvalKit, 2024 releases) reads from a generated answer, None when it reads none or
+    open-compass/VLMEvalKit at commit 00b68452, 2024-12-24) reads from a generated answer, None when it reads none or
     the answer is a refusal (both wrong).
 
     First the letters: ``.()[],:;!*#{}`` become spaces, the answer is split into words, and if exactly one
@@ -489,8 +489,9 @@ class MultipleChoiceAccuracy(_CountMetric):
 
     ``circular=True`` is MMBench's circular evaluation: the records of one question (its options shifted
     round, one record per shift) share ``batch["question_group"]``, and the question is right only if
-    every shift is. ``"overall"`` and the groups are then circular accuracies; ``"vanilla"`` is the
-    accuracy over single records.
+    every shift is, and ``batch["circular_shift"]`` says which record is the question as first written (shift
+    0). ``"overall"`` and the groups are then circular accuracies; ``"vanilla"`` is MMBench's vanilla accuracy,
+    over the shift-0 records only (what a run with ``circular=False`` scores on the same answers).
     """
 
     correct: torch.Tensor
@@ -513,6 +514,8 @@ class MultipleChoiceAccuracy(_CountMetric):
             self.add_state("record_question", default=[], dist_reduce_fx="cat")
             self.add_state("record_group", default=[], dist_reduce_fx="cat")
             self.add_state("record_hit", default=[], dist_reduce_fx="cat")
+            self.add_state("first_shift_correct", default=torch.tensor(0), dist_reduce_fx="sum")
+            self.add_state("first_shift_total", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def _letters(self, predictions: Sequence[str], batch: Mapping[str, Any], size: int) -> list[str | None]:
         if self.rule == "mmbench":
@@ -531,8 +534,9 @@ class MultipleChoiceAccuracy(_CountMetric):
         groups = _kinds(batch, size)
         _check_batch(predictions=predictions, answers=references, groups=groups)
         questions = _field(batch, "question_group", self) if self.circular else []
-        if self.circular and len(questions) != size:
-            raise ValueError(f"batch lengths differ: {size} answers, {len(questions)} question_group")
+        shifts = _field(batch, "circular_shift", self) if self.circular else []
+        if self.circular and (len(questions) != size or len(shifts) != size):
+            raise ValueError(f"batch lengths differ: {size} answers, {len(questions)} question_group, {len(shifts)} circular_shift")
         indices = _group_indices(groups, self._index)
         letters = self._letters(predictions, batch, size)
         correct, total, unparsable = ([0] * len(self.groups) for _ in range(3))
@@ -550,6 +554,9 @@ class MultipleChoiceAccuracy(_CountMetric):
             self.record_question.append(_long([_stable_id(str(q)) for q in questions], self.correct))
             self.record_group.append(_long(indices, self.correct))
             self.record_hit.append(_long(hits, self.correct))
+            first = [int(shift) == 0 for shift in shifts]
+            self.first_shift_correct += sum(hit for hit, is_first in zip(hits, first, strict=True) if is_first)
+            self.first_shift_total += sum(first)
 
     def compute(self) -> dict[str, torch.Tensor]:
         scores: dict[str, torch.Tensor] = {}
@@ -566,7 +573,7 @@ class MultipleChoiceAccuracy(_CountMetric):
                 asked[question_group[q]] += 1
             right_t, asked_t = torch.tensor(right), torch.tensor(asked)
             scores[OVERALL] = _ratio(right_t.sum(), asked_t.sum())
-            scores["vanilla"] = _ratio(self.correct.sum(), self.total.sum())
+            scores["vanilla"] = _ratio(self.first_shift_correct, self.first_shift_total)
             for name, index in self._index.items():
                 if asked[index] > 0:
                     scores[name] = _ratio(right_t[index], asked_t[index])

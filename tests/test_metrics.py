@@ -178,11 +178,13 @@ def _list_state_results(rank: int) -> dict[str, float]:
     mme.update(["Yes", "No", "Yes", "Yes"][part], {k: v[part] for k, v in batch.items()})  # the last one wrong
     circular = MultipleChoiceAccuracy(rule="mmbench", circular=True)
     if rank == 0:
-        circular.update(["A"], {"answers": ["A"], "question_group": ["q"], "options": [["x", "y", "z"]]})
+        circular.update(["A"], {"answers": ["A"], "question_group": ["q"], "circular_shift": [0], "options": [["x", "y", "z"]]})
     else:
-        batch = {"answers": ["B", "B"], "question_group": ["q", "r"], "options": [["y", "z", "x"], ["x", "y"]]}
+        shifts = {"circular_shift": [1, 1]}  # r's shift 0 is not asked: vanilla counts q's on rank 0 only
+        batch = {"answers": ["B", "B"], "question_group": ["q", "r"], "options": [["y", "z", "x"], ["x", "y"]], **shifts}
         circular.update(["C", "B"], batch)
-    return {"mme": mme.compute()["existence"].item(), "circular": circular.compute()[OVERALL].item()}
+    scores = circular.compute()
+    return {"mme": mme.compute()["existence"].item(), "circular": scores[OVERALL].item(), "vanilla": scores["vanilla"].item()}
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -212,6 +214,7 @@ def test_grouped_exact_match_syncs_across_real_processes(tmp_path):
         # image a both right, b one right: acc 3/4, acc+ 1/2 (rank 0 alone would give 200, rank 1 alone 0)
         assert result["mme"] == pytest.approx(125.0)
         assert result["circular"] == pytest.approx(0.5)  # q wrong in its shift on rank 1, r right
+        assert result["vanilla"] == pytest.approx(1.0)  # the one shift-0 record (rank 0's) right
 
 
 # --- majority baseline ----------------------------------------------------------------------------
@@ -486,6 +489,7 @@ def test_mmbench_circular_across_batches_and_ranks():
         "answers": ["B", "A", "C", "B", "A"],
         "options": options,
         "question_group": ["q1", "q1", "q1", "q2", "q2"],
+        "circular_shift": [0, 1, 2, 1, 0],
         "question_kinds": ["x", "x", "x", "y", "y"],
     }
     # q1: "cat" (text -> B), "A." (A), "(C) cat" (C): right in every shift; q2: "blue" (B) right, "I don't know"
@@ -493,7 +497,8 @@ def test_mmbench_circular_across_batches_and_ranks():
     predictions = ["cat", "A.", "(C) cat", "blue", "I don't know"]
     single = MultipleChoiceAccuracy(["x", "y"], rule="mmbench", circular=True)
     single.update(predictions, batch)
-    expected = {OVERALL: 0.5, "vanilla": 4 / 5, "x": 1.0, "y": 0.0, "unparsable": 1}
+    # vanilla: the shift-0 records only (q1's "cat" right, q2's "I don't know" wrong), not 4 of 5 records
+    expected = {OVERALL: 0.5, "vanilla": 1 / 2, "x": 1.0, "y": 0.0, "unparsable": 1}
     assert _values(single.compute()) == pytest.approx(expected)
     # the shifts of q1 split over two ranks: merged, still one question
     rank0 = MultipleChoiceAccuracy(["x", "y"], rule="mmbench", circular=True)
@@ -504,6 +509,9 @@ def test_mmbench_circular_across_batches_and_ranks():
     assert _values(rank0.compute()) == pytest.approx(expected)
     with pytest.raises(KeyError, match="question_group"):
         MultipleChoiceAccuracy(rule="mmbench", circular=True).update(["A"], {"answers": ["A"], "options": [["x", "y"]]})
+    with pytest.raises(KeyError, match="circular_shift"):
+        batch = {"answers": ["A"], "options": [["x", "y"]], "question_group": ["q"]}
+        MultipleChoiceAccuracy(rule="mmbench", circular=True).update(["A"], batch)
     with pytest.raises(KeyError, match="options"):
         MultipleChoiceAccuracy(rule="mmbench").update(["A"], {"answers": ["A"]})
 

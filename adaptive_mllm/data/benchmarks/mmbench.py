@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from adaptive_mllm.data.benchmarks.base import (
@@ -20,7 +21,6 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkQuestion,
     IdOrigin,
     options_text,
-    with_suffix,
 )
 from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError, LlavaRecord
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
@@ -31,6 +31,10 @@ CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them 
 # an option or hint written "N/A" or "NULL" is absent, one written " N/A " is not
 _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
                    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
+
+
+def _joined(text: str, suffix: str) -> str:
+    return f"{text}\n{suffix}" if suffix else text
 
 
 def _present(value: str | None) -> bool:
@@ -87,7 +91,7 @@ class MMBenchDataModule(BenchmarkDataModule):
         prompt_suffix: the instruction after the options.
     """
 
-    extra_fields = ("num_choices", "question_group", "options")
+    extra_fields = ("num_choices", "question_group", "circular_shift", "options")
 
     def __init__(
         self,
@@ -118,7 +122,7 @@ class MMBenchDataModule(BenchmarkDataModule):
                 raise DataError.at(path, f"expected an integer, got {row['index']!r}", None, position, "index") from error
         by_index = dict(zip(indices, rows, strict=True))
         pre_expanded = any(index >= CIRCULAR_OFFSET for index in indices)
-        questions, images = [], []
+        questions, images, unreachable = [], [], []
         for position, (index, row) in enumerate(zip(indices, rows, strict=True)):
             if pre_expanded and not self.circular and index >= CIRCULAR_OFFSET:
                 continue  # a rotated copy: vanilla evaluation scores the original rows only
@@ -131,8 +135,12 @@ class MMBenchDataModule(BenchmarkDataModule):
                 raise DataError.at(path, "expected at least options A and B", index, position, "B")
             answer = (row.get("answer") or "").strip().upper()
             if answer or require_answers:
-                if len(answer) != 1 or answer not in LETTERS[: len(options)]:
+                if len(answer) != 1 or answer not in LETTERS:
                     raise DataError.at(path, f"expected one of {list(LETTERS[: len(options)])}, got {answer!r}", index, position, "answer")
+                if answer not in LETTERS[: len(options)]:
+                    # an option cell read as missing ("None", "N/A") ends the options before the answer: LLaVA asks
+                    # the shorter question and MMBench scores it wrong; so do we
+                    unreachable.append(f"{index} ({answer})")
             image = (row.get("image") or "").strip()
             if len(image) <= 64 and image.isdigit() and int(image) in by_index:  # a reference to another row's image
                 image = by_index[int(image)]["image"].strip()
@@ -144,21 +152,34 @@ class MMBenchDataModule(BenchmarkDataModule):
             rounds = len(options) if self.circular and not pre_expanded else 1
             for shift in range(rounds):
                 shifted = options[shift:] + options[:shift]
-                letter = LETTERS[(LETTERS.index(answer) - shift) % len(options)] if answer else ""
+                reachable = answer and answer in LETTERS[: len(options)]
+                letter = LETTERS[(LETTERS.index(answer) - shift) % len(options)] if reachable else answer
                 questions.append(
                     BenchmarkQuestion(
                         id=f"{index}" if rounds == 1 else f"{index}-{shift}",
                         image=Path(f"{path}#index={index}"),  # named in errors; the pixels come from `images`
-                        text=with_suffix(f"{hint}{row['question']}\n{options_text(shifted)}", self.prompt_suffix),
+                        # the cells as read, unstripped, as model_vqa_mmbench.py joins them
+                        text=_joined(f"{hint}{row['question']}\n{options_text(shifted)}", self.prompt_suffix),
                         answer=letter,
                         kind=category,
-                        extra={"num_choices": len(options), "question_group": group, "options": shifted},
+                        extra={
+                            "num_choices": len(options),
+                            "question_group": group,
+                            "circular_shift": index // CIRCULAR_OFFSET if pre_expanded else shift,
+                            "options": shifted,
+                        },
                         # a repeated index repeats the ids; a rotation's own ids ("<index>-<shift>" here,
                         # index + k * 1e6 in a TSV that holds them) are distinct
                         origin=IdOrigin(path, index, position, "index"),
                     )
                 )
                 images.append(image)
+        if unreachable:
+            rank_zero_warn(
+                f"{path}: {len(unreachable)} records' answer lies past their options (an option cell read as missing "
+                f"ends them, as pandas reads it for LLaVA); they are asked with the options before it and score wrong: "
+                f"index {', '.join(unreachable[:5])}{' ...' if len(unreachable) > 5 else ''}"
+            )
         return questions, images
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:

@@ -45,9 +45,15 @@ def test_circular_metric(mmbench_files, first_batch):
     metric.update(["square", "A.", "The answer is C", "grid", "(C) city", "B", "a city or a beach"], batch)
     scores = metric.compute()
     assert scores["overall"].item() == 0.5
-    assert scores["vanilla"].item() == pytest.approx(6 / 7)
     assert scores["object_localization"].item() == 1.0 and scores["image_scene"].item() == 0.0
     assert scores["unparsable"].item() == 1
+    # MMBench's vanilla accuracy: the question as first written (shift 0) only, what circular=False scores
+    assert batch["circular_shift"] == [0, 1, 2, 0, 1, 2, 3]
+    assert scores["vanilla"].item() == 1.0
+    vanilla = MMBenchDataModule(str(mmbench_files["tsv"]), circular=False, batch_size=8)
+    plain = vanilla.make_metric()
+    plain.update(["square", "grid"], first_batch(vanilla))
+    assert plain.compute()["overall"].item() == 1.0
 
 
 def test_without_circular(mmbench_files, first_batch):
@@ -67,6 +73,7 @@ def test_tsv_holding_the_rotations(mmbench_tsv, first_batch):
     batch = first_batch(dm)
     assert batch["ids"] == ["0", "1", "1000000"]  # not rotated again
     assert batch["question_group"] == ["0", "1", "0"]
+    assert batch["circular_shift"] == [0, 0, 1]
     # vanilla evaluation: the original rows only, as MMBench scores them
     vanilla = MMBenchDataModule(str(mmbench_tsv(add_rotation)), circular=False, batch_size=8)
     assert first_batch(vanilla)["ids"] == ["0", "1"]
@@ -152,3 +159,30 @@ def test_rotations_are_not_ids_used_twice(mmbench_tsv, first_batch):
     repeated = mmbench_tsv(lambda rows: (rotations(rows), rows[3].update(index="1000000")))
     with pytest.raises(DataError, match=r"record id 1000000 \(index 3\), field 'index': duplicate id: record 2 has the same index"):
         MMBenchDataModule(str(repeated)).setup("test")
+
+
+def test_cells_keep_their_whitespace_as_llava_joins_them(mmbench_tsv, prompts_of, first_batch):
+    # model_vqa_mmbench.py joins hint, question and options as pandas read them, stripping nothing
+    path = mmbench_tsv(lambda rows: rows[0].update(hint=" N/A ", question="  Which shape?  ", C="triangle "))
+    dm = MMBenchDataModule(str(path), circular=False, batch_size=8)
+    first_batch(dm)
+    expected = f"<image>\n N/A \n  Which shape?  \nA. circle\nB. square\nC. triangle \n{OPTION_LETTER}"
+    assert prompts_of(dm)[0] == expected
+
+
+@pytest.mark.parametrize("circular", [True, False], ids=["circular", "vanilla"])
+def test_an_answer_past_a_missing_option_is_asked_and_scored_wrong(mmbench_tsv, first_batch, circular):
+    # option C written "None" (missing to pandas) ends the options before the answer C: LLaVA asks A and B only, and
+    # MMBench's scorer marks whatever the model picks wrong; the run goes on (test and predict alike)
+    path = mmbench_tsv(lambda rows: rows[0].update(C="None", answer="C"))
+    dm = MMBenchDataModule(str(path), circular=circular, batch_size=8)
+    with pytest.warns(UserWarning, match=r"1 records' answer lies past their options.*index 0 \(C\)"):
+        batch = first_batch(dm)
+    rounds = 2 if circular else 1
+    assert batch["num_choices"][:rounds] == [2] * rounds
+    assert batch["answers"][:rounds] == ["C"] * rounds  # not rotated onto a real option
+    metric = dm.make_metric()
+    metric.update(["A", "B", "D", "C", "B", "A"][: len(batch["ids"])] if circular else ["C", "D"], batch)
+    assert metric.compute()["overall"].item() == 0.5
+    with pytest.raises(DataError, match=r"field 'answer': expected one of \['A', 'B'\], got 'CC'"):
+        MMBenchDataModule(str(mmbench_tsv(lambda rows: rows[0].update(C="None", answer="CC")))).setup("test")
