@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.reporting import format_table, print_table, refuse_existing_output
 from adaptive_mllm.test_answers import ANSWERS_FILE, read_answers
 
 Answers = dict[tuple[float, Any], dict[str, Any]]
@@ -95,9 +95,12 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("run_b", type=Path, help="another test of the same questions")
     parser.add_argument("--alpha", type=float, default=0.05, help="the p below which a difference is called one")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
+    parser.add_argument("--overwrite", action="store_true", help="write over an existing --out file")
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.out is not None:
+        refuse_existing_output(parser, args.out, args.overwrite)
     rows = compare(read_run(args.run_a), read_run(args.run_b), args.alpha)
     header = ["budget", "questions", "A", "B", "A higher", "B higher", "p", "better"]
     table = [[f"{r['budget']:g}", str(r["questions"]), f"{100 * r['A']:.2f}%", f"{100 * r['B']:.2f}%", str(r["A higher"]),

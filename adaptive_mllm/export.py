@@ -51,6 +51,7 @@ SCHEDULER_JSON = "scheduler.json"
 SCHEDULER_WEIGHTS = "scheduler.safetensors"
 MODULE_JSON = "module.json"
 MODULE_SETTINGS = ("budget", "max_new_tokens", "decode")  # AdaptiveMLLM arguments that shape its answers
+INCOMPLETE = "INCOMPLETE"  # present while an export writes: a killed export is refused, never read as a model
 
 
 def export_checkpoint(
@@ -103,8 +104,18 @@ def export_module(
     out_dir = Path(out_dir)
     _refuse_a_used_directory(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # first in, last out: files of an earlier export half overwritten, or a scheduler not yet written, never load
+    (out_dir / INCOMPLETE).write_text(
+        "an export is writing this directory; if this file stays, it stopped before the end: export again with --overwrite\n"
+    )
     if not module.backbone.is_built:
         module.configure_model()
+    _write_files(module, out_dir, scheduler_spec)
+    (out_dir / INCOMPLETE).unlink()
+    return out_dir
+
+
+def _write_files(module: AdaptiveMLLM, out_dir: Path, scheduler_spec: dict[str, Any] | None) -> None:
     with merged_adapters(module.backbone.decoder_layers):  # LoRA: plain weights, the backbone's own layout
         module.backbone.save_pretrained(out_dir)
     _write_json(out_dir / MODULE_JSON, {name: getattr(module, name) for name in MODULE_SETTINGS})
@@ -113,12 +124,11 @@ def export_module(
     if scheduler is None:
         for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
             (out_dir / name).unlink(missing_ok=True)
-        return out_dir
+        return
     spec = portable_spec(scheduler_spec) if scheduler_spec is not None else _scheduler_spec(scheduler)
     _write_json(out_dir / SCHEDULER_JSON, spec)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
     save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
-    return out_dir
 
 
 def load_exported(
@@ -173,6 +183,11 @@ def _export_dir(directory: str | Path) -> Path:
         raise FileNotFoundError(f"export directory {directory} does not exist (write one with `adaptive-mllm export`)")
     if not directory.is_dir():
         raise NotADirectoryError(f"export directory {directory} is a file, not a directory")
+    if (directory / INCOMPLETE).exists():
+        raise CheckpointError(
+            f"{directory} is an export that did not finish ({INCOMPLETE} is there): its files may mix two models or lack "
+            "the scheduler; export again into it with --overwrite"
+        )
     backbone_file = directory / BACKBONE_JSON
     if not backbone_file.is_file():
         raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")

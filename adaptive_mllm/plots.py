@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from adaptive_mllm.reporting import refuse_existing_output  # noqa: E402
+
 Rows = Sequence[Mapping[str, float]]
 
 
@@ -119,8 +121,10 @@ def main(argv: list[str]) -> Path:
     parser.add_argument("results", nargs="+", help="test_results.csv files, one per run")
     parser.add_argument("--labels", nargs="+", help="a legend label per file (default: the run directory's name)")
     parser.add_argument("--metric", default="overall", help="the column to plot (a question kind, or overall)")
-    parser.add_argument("--out", default="budget_curves.png")
+    parser.add_argument("--out", default="comparison_curves.png", help="the figure (not a name a run writes)")
+    parser.add_argument("--overwrite", action="store_true", help="write over an existing --out file")
     args = parser.parse_args(argv)
+    refuse_existing_output(parser, Path(args.out), args.overwrite)
     labels = args.labels or [Path(path).parent.name or str(path) for path in args.results]
     if len(labels) != len(args.results):
         parser.error(f"{len(labels)} labels for {len(args.results)} result files")

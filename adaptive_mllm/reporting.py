@@ -5,7 +5,9 @@ The tables are generic (a header and rows of cells); the caller decides how numb
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -61,3 +63,11 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Cell]
         table.add_row(*[Text(_cell(c)) for c in row])
     (console or Console()).print(table)
 
+
+
+def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """A command's ``--out`` never replaces a file unasked: it may be a run's own answers, report or figure."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory; name a file")
+    if out.exists() and not overwrite:
+        parser.error(f"--out {out} exists; choose another path, or pass --overwrite to replace it")

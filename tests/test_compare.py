@@ -92,3 +92,21 @@ def test_an_answers_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     (b / ANSWERS_FILE).write_bytes((b / ANSWERS_FILE).read_bytes().replace(b'"id": 2', b'"id": "\xff"'))
     with pytest.raises(ValueError, match=rf"{b / ANSWERS_FILE}:3: not UTF-8 text"):
         cli_main(["compare", str(a), str(b)])
+
+
+def test_out_never_replaces_a_file_unasked(tmp_path: Path, capsys) -> None:
+    # `--out runs/a/test_answers.jsonl` replaced a run's answers with the table
+    a = _write(tmp_path / "a", {1.0: [1, 0, 1]})
+    answers = a / ANSWERS_FILE
+    before = answers.read_bytes()
+    with pytest.raises(SystemExit):
+        compare_main([str(a), str(a), "--out", str(answers)])
+    assert "exists; choose another path, or pass --overwrite" in capsys.readouterr().err
+    assert answers.read_bytes() == before
+    with pytest.raises(SystemExit):
+        compare_main([str(a), str(a), "--out", str(a)])
+    assert "is a directory" in capsys.readouterr().err
+    table = tmp_path / "table.md"
+    table.write_text("old\n")
+    compare_main([str(a), str(a), "--out", str(table), "--overwrite"])
+    assert table.read_text().startswith("| budget")

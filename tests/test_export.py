@@ -303,3 +303,42 @@ def test_a_lora_run_exports_with_its_adapters_merged(tokenizer_dir, tmp_path, mo
             if ".lora_B." in name:
                 parameter.zero_()
     assert (_logits(trained, batch) - expected).abs().max() > 1e-3  # the adapters mattered to those logits
+
+
+@pytest.mark.parametrize("stops_at", ["backbone", "scheduler weights"])
+def test_an_export_that_stops_midway_is_refused_until_written_again(stops_at, tokenizer_dir, tmp_path, monkeypatch):
+    # a kill while exporting: over an earlier export (--overwrite) after the LLM's weights (the new LLM beside the old
+    # scheduler), or into a new directory before the scheduler's weights (the model without its scheduler)
+    import adaptive_mllm.export as export
+    from adaptive_mllm.backbones.local import CheckpointError
+    from adaptive_mllm.export import check_export_dir
+
+    earlier = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2), budget=0.8)
+    earlier.configure_model()
+    directory = tmp_path / "export"
+    if stops_at == "backbone":
+        export_module(earlier, directory)
+    later = AdaptiveMLLM(make_backbone(tokenizer_dir, seed=1), LayerScheduler(2), budget=0.6)
+    later.configure_model()
+
+    class Killed(Exception):
+        pass
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    if stops_at == "backbone":
+        monkeypatch.setattr(export, "_write_json", kill)  # right after save_pretrained
+    else:
+        monkeypatch.setattr(export, "save_file", kill)
+    with pytest.raises(Killed):
+        export_module(later, directory, overwrite=True)
+    monkeypatch.undo()
+    for read in (load_exported, check_export_dir):
+        with pytest.raises(CheckpointError, match=r"export that did not finish \(INCOMPLETE is there\).*--overwrite"):
+            read(directory)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_module(later, directory)
+    export_module(later, directory, overwrite=True)  # written again: whole, and the marker gone
+    assert not (directory / "INCOMPLETE").exists()
+    assert load_exported(directory).budget == 0.6

@@ -87,3 +87,18 @@ def test_score_axis_spans_baseline_to_100_so_a_small_wiggle_stays_small():
         assert dashed and list(dashed[0].get_ydata()) == pytest.approx([30.2, 30.2])
     bottom, top = plot_budget_curves({"L": wiggle}, "overall").axes[0].get_ylim()
     assert (bottom, top) == pytest.approx((-2, 102))  # no baseline: from 0
+
+
+def test_plot_never_replaces_a_file_unasked(tmp_path, monkeypatch, capsys):
+    # the default name was budget_curves.png, the figure every test run writes: plotting in a run replaced it
+    run = tmp_path / "run"
+    run.mkdir()
+    results = _write_csv(run / "test_results.csv", ROWS)
+    (run / "budget_curves.png").write_bytes(b"the run's own figure")
+    monkeypatch.chdir(run)
+    main(["plot", str(results)])
+    assert (run / "comparison_curves.png").is_file() and (run / "budget_curves.png").read_bytes() == b"the run's own figure"
+    with pytest.raises(SystemExit):
+        main(["plot", str(results)])  # again: the earlier comparison is not replaced unasked
+    assert "comparison_curves.png exists; choose another path, or pass --overwrite" in capsys.readouterr().err
+    main(["plot", str(results), "--overwrite"])
