@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from transformers import PreTrainedTokenizerBase
 
 from adaptive_mllm.backbones.base import Backbone, LoRA, is_adapter_parameter
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
@@ -339,7 +340,7 @@ class AdaptiveMLLM(L.LightningModule):
             self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
             prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode, max_new_tokens,
         )  # fmt: skip
-        answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in result.tokens]
+        answers = [decode_answer(tokenizer, tokens) for tokens in result.tokens]
         fractions, units = [1.0] * batch_size, [float("nan")] * batch_size  # per example
         if result.plan is not None:
             fractions = planner.flops_fraction(result.plan, prepared.inputs).tolist()
@@ -488,3 +489,13 @@ def _trained_scheduler(checkpoint: dict[str, Any]) -> Scheduler | None:
         return None
     trained = Scheduler.from_spec(spec)
     return None if isinstance(trained, BaselineScheduler) else trained
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
+    """The answer's text as the references' transformers 4 decoded it: a tokenizer whose config asks for
+    ``clean_up_tokenization_spaces`` (Phi-2's, so Mipha's) loses the space before punctuation and contractions
+    ("It 's a dog ." -> "It's a dog."); transformers 5 ignores that setting for BPE tokenizers."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        text = tokenizer.clean_up_tokenization(text)
+    return text.strip()

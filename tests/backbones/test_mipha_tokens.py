@@ -62,3 +62,25 @@ def test_the_fixture_holds_whitespace_runs_and_multi_turn():
     assert sum("  " in text or "\t" in text for text in texts) >= 20
     assert sum(len(record["conversations"]) > 2 for record in FIXTURE["records"]) >= 20
     assert not any(record.get("reference_mismatch") for record in FIXTURE["records"])
+
+
+# Generated answers (ids of Phi-2's tokenizer, closed by <|endoftext|>) and Mipha's text for them: its eval scripts'
+# batch_decode(skip_special_tokens=True) + strip under transformers 4.37.2, run on these ids with the tokenizer
+# phi_tokenizer.py writes (Phi-2's tokenizer_config asks for clean_up_tokenization_spaces, which transformers 5 ignores
+# for BPE tokenizers)
+MIPHA_DECODED = [
+    ([1026, 705, 82, 257, 3290, 837, 314, 892, 764, 50256], "It's a dog, I think."),
+    ([2949, 837, 340, 318, 299, 470, 764, 50256], "No, it isn't."),
+    ([5297, 764, 50256], "Yes."),
+    ([40, 466, 299, 470, 760, 5145, 50256], "I don't know!"),
+    ([2061, 5633, 4162, 5633, 50256], "What? Why?"),
+    ([2990, 705, 260, 994, 837, 356, 705, 303, 1775, 705, 368, 764, 50256], "They're here, we've seen 'em."),
+    ([734, 6844, 50256], "two dogs"),
+]
+
+
+def test_answers_read_as_mipha_decodes_them(mipha_backbone):
+    from adaptive_mllm.module import decode_answer
+
+    for ids, text in MIPHA_DECODED:
+        assert decode_answer(mipha_backbone.tokenizer, ids) == text
