@@ -1,4 +1,5 @@
-"""Checkpoints: :class:`RunCheckpoint`, the recipes' saving callback, and checks on a checkpoint file before
+"""Checkpoints: :class:`RunCheckpoint`, the recipes' saving callback (its files written whole by
+:class:`ReplacingCheckpointIO`), and checks on a checkpoint file before
 Lightning loads it: torch's own errors for a broken file (a bare
 ``EOFError`` for an empty one, a zip error for a truncated one) name no file.
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -118,6 +121,55 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+class ReplacingCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO, but a checkpoint file is written beside its target and renamed over it
+    (``os.replace``, atomic on POSIX) once it is whole and on disk, so a kill while saving leaves the previous
+    ``last.ckpt`` as it was. Lightning's own stages the file in the system temp dir and moves it: across filesystems
+    that is a copy that truncates the target first, a small ``/tmp`` fails a 7B save, and the file is held in memory
+    first. Remote paths (``s3://...``) and ``storage_options`` stay Lightning's."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")  # not a *.ckpt
+        try:
+            with open(temporary, "xb") as file:  # mode 0o666 less the umask, as Lightning's files
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """The rename on disk too (a power loss just after it could otherwise bring the old file back); skipped where
+    a directory cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def use_replacing_writes(strategy: Any) -> None:
+    """Give ``strategy`` a ReplacingCheckpointIO where it would use Lightning's plain TorchCheckpointIO. A plugin the
+    user chose (its own CheckpointIO, AsyncCheckpointIO, XLA's) stays; FSDP's sharded and DeepSpeed's checkpoints
+    (directories) never go through it, their full single-file ones do."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = ReplacingCheckpointIO()
+
+
 RANDOM_STATE_KEY = "random_states"  # in RunCheckpoint's state: one per process, in rank order
 
 
@@ -189,6 +241,11 @@ class RunCheckpoint(ModelCheckpoint):
     the end of fit (a 5,200-step epoch saved every 500 steps lost its last 200, and ``test_after_fit`` scored
     weights saved nowhere), and when the run is stopped by SIGTERM (a preempted job: Lightning stops every
     process together between two steps, so the state is whole; resume from ``last.ckpt``)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Checkpoint files are written beside their target and renamed over it (ReplacingCheckpointIO)."""
+        super().setup(trainer, pl_module, stage)
+        use_replacing_writes(trainer.strategy)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_now(trainer)

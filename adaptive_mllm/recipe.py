@@ -14,13 +14,14 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
@@ -106,17 +107,23 @@ class AdaptiveMLLMCLI(LightningCLI):
                 "--ckpt_path resumes a run, --overwrite_run=true replaces the run in this directory: give one of them "
                 "(a new run from a checkpoint's weights: its own --trainer.default_root_dir with --ckpt_path)"
             )
-        earlier = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
-        # only the process the user started decides: processes a strategy launches may find rank 0's config
-        if not _launched() and earlier.is_file() and not config.get("ckpt_path") and not config.get("overwrite_run"):
+        # only the process the user started decides: processes a strategy launches may find rank 0's files
+        earlier = None if _launched() else _earlier_run(self.trainer)
+        root = Path(self.trainer.default_root_dir)
+        if earlier is not None and config.get("ckpt_path") and not _own_checkpoint(config.ckpt_path, self.trainer):
             raise FileExistsError(
-                f"{earlier.parent} holds an earlier run ({earlier}): resume it with --ckpt_path (its checkpoints' "
+                f"--ckpt_path {config.ckpt_path} is not a checkpoint of the run in {root} (it holds {earlier}): continued "
+                "there the two runs would mix; a new run from a checkpoint's weights needs its own "
+                "--trainer.default_root_dir with --ckpt_path, resuming this run one of its own checkpoints (last.ckpt)"
+            )
+        if earlier is not None and not config.get("ckpt_path") and not config.get("overwrite_run"):
+            raise FileExistsError(
+                f"{_place(earlier, root)} holds an earlier run ({earlier}): resume it with --ckpt_path (its checkpoints' "
                 "last.ckpt), give this run its own directory (--trainer.default_root_dir), or replace it with "
                 "--overwrite_run=true"
             )
-        if not _launched() and earlier.is_file() and not config.get("ckpt_path") and config.get("overwrite_run"):
-            directories = [Path(c.dirpath) if c.dirpath else earlier.parent / "checkpoints" for c in self.trainer.checkpoint_callbacks]
-            kept = set_aside_run(earlier.parent, directories)
+        if earlier is not None and not config.get("ckpt_path") and config.get("overwrite_run"):
+            kept = set_aside_run(root, _checkpoint_dirs(self.trainer), _versioned_log_dirs(self.trainer))
             rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, ResilientWandbLogger)]
         if wandb_loggers:
@@ -258,7 +265,7 @@ def _claim_if_empty(root: Path) -> bool:
     if any(path.name != CLAIM_FILE for path in root.iterdir()):
         return False
     try:
-        os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         return False
     return True
@@ -271,11 +278,12 @@ RUN_FILES = ("config.yaml", "config-resumed-*.yaml", *REPORT_FILES, "earlier-tes
              "test", "predict", "validate", "wandb", "lightning_logs")
 
 
-def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path]) -> Path:
+def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path], log_dirs: Iterable[Path] = ()) -> Path:
     """Move a run's own files (configs, test report, answers, the evaluations of its checkpoints, its W&B and CSV
     logs) and its checkpoints into a new ``run_dir/replaced/<time>/``: a fit told to replace a run must not resume
     from, or mix with, the old run (``last.ckpt`` would stay the old run's, ``wandb sync`` would upload both), and
-    nothing is deleted unasked."""
+    nothing is deleted unasked. ``log_dirs``: the folders of loggers that make a ``version_<n>`` folder per run
+    inside ``run_dir`` (their versions go too, so the new run's logs start again at ``version_0``)."""
     keep = new_directory(run_dir / "replaced")
     for path in sorted({path for pattern in RUN_FILES for path in run_dir.glob(pattern)}):
         path.rename(keep / path.name)
@@ -286,7 +294,63 @@ def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path]) -> Path:
             target.mkdir()
             for path in checkpoints:  # a file, or a sharded checkpoint's directory
                 path.rename(target / path.name)
+    for folder in log_dirs:
+        versions = sorted(folder.glob("version_*")) if folder.resolve() == run_dir.resolve() else [folder]
+        for path in (path for path in versions if path.is_dir()):  # not gone with RUN_FILES (lightning_logs)
+            target = keep / path.resolve().relative_to(run_dir.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
     return keep
+
+
+def _earlier_run(trainer: Any) -> Path | None:
+    """A file of an earlier run where this fit would write its own, or None: a ``config.yaml`` in the root or the
+    first logger's folder, in any ``version_<n>`` folder of a logger that makes a new one per run inside the root
+    (Lightning's CSVLogger / TensorBoardLogger, ``--trainer.logger=true``: the logger's own folder is new every
+    time, so it never holds the earlier config itself), or a checkpoint in a folder of this fit's checkpoint
+    callbacks (where the new run's ``last.ckpt`` would land beside the old one's)."""
+    root = Path(trainer.default_root_dir)
+    candidates = [root / "config.yaml"]
+    if trainer.loggers and not _is_versioned(trainer.loggers[0]) and trainer.loggers[0].save_dir:
+        candidates.append(Path(trainer.loggers[0].save_dir) / "config.yaml")  # where SaveConfigCallback writes
+    for folder in _versioned_log_dirs(trainer):
+        candidates += sorted(folder.glob("*/config.yaml"))
+    for directory in _checkpoint_dirs(trainer):
+        candidates += sorted(directory.glob("*.ckpt")) if directory.is_dir() else []
+    return next((path for path in candidates if path.exists()), None)
+
+
+def _is_versioned(logger: Any) -> bool:
+    """A logger that writes each run into a new ``<save_dir>/<name>/version_<n>`` (as ``trainer.log_dir`` tells them)."""
+    return isinstance(logger, (TensorBoardLogger, CSVLogger))
+
+
+def _versioned_log_dirs(trainer: Any) -> list[Path]:
+    """The ``<save_dir>/<name>`` folders of the versioned loggers that lie inside the root. One outside it (a
+    ``save_dir`` that several runs share) is left alone: its versions keep those runs apart."""
+    root = Path(trainer.default_root_dir).resolve()
+    folders = [Path(logger.root_dir) for logger in trainer.loggers if _is_versioned(logger)]  # no version is drawn
+    return [folder for folder in folders if folder.resolve().is_relative_to(root)]
+
+
+def _checkpoint_dirs(trainer: Any) -> list[Path]:
+    """Where this fit's checkpoint callbacks save: their ``dirpath``, or ``<root>/checkpoints`` where Lightning
+    decides at setup (there when no logger is set; inside a logger's folder, new per run, otherwise)."""
+    root = Path(trainer.default_root_dir)
+    return [Path(callback.dirpath) if callback.dirpath else root / "checkpoints" for callback in trainer.checkpoint_callbacks]
+
+
+def _own_checkpoint(ckpt_path: str | Path, trainer: Any) -> bool:
+    """Whether ``ckpt_path`` is one of this root's run (under the root, a checkpoint folder of this fit, or a
+    versioned logger's folder): resuming it continues that run, anything else would be a second run mixed in."""
+    path = Path(ckpt_path).resolve()
+    places = [Path(trainer.default_root_dir), *_checkpoint_dirs(trainer), *_versioned_log_dirs(trainer)]
+    return "://" not in str(ckpt_path) and any(path.is_relative_to(place.resolve()) for place in places)
+
+
+def _place(path: Path, root: Path) -> Path:
+    """The root when ``path`` is in it, else the folder holding ``path`` (a checkpoint folder placed elsewhere)."""
+    return root if path.resolve().is_relative_to(root.resolve()) else path.parent
 
 
 def _launched() -> bool:

@@ -4,8 +4,10 @@ run's directory, checkpoints are checked before loading, and a missing test spli
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,3 +201,85 @@ def test_one_flag_moves_a_whole_fit_and_a_placed_checkpoint_folder_stays(in_tmp)
           "--trainer.callbacks.dirpath=kept/here", "--trainer.callbacks.save_last=true"])
     assert (in_tmp / "kept" / "here" / "last.ckpt").is_file()  # the added one, where it was told
     assert (in_tmp / "runs" / "third" / "checkpoints" / "last.ckpt").is_file()  # the recipe's, in the run
+
+
+def test_a_second_fit_into_a_root_whose_logger_versions_its_folder_is_refused_and_replaced_cleanly(in_tmp):
+    """Lightning's default logger (CSVLogger here) keeps the config in a new lightning_logs/version_<n>/ per run, so
+    the earlier run is found in the root, not in this run's own log folder; --overwrite_run moves the logs too."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+           "--test_after_fit=false", "--trainer.logger=true", "--trainer.default_root_dir=runs/csv"]
+    run = in_tmp / "runs" / "csv"
+    _run(fit)
+    before = _files(run)
+    assert "lightning_logs/version_0/config.yaml" in before and "checkpoints/last.ckpt" in before
+    with pytest.raises(FileExistsError, match=r"runs/csv holds an earlier run \(.*version_0/config\.yaml\).*--overwrite_run=true"):
+        _run(fit)
+    assert _files(run) == before  # nothing written: no version_1, no last-v1.ckpt
+
+    _run([*fit, "--overwrite_run=true", "--trainer.max_steps=1"])
+    (replaced,) = (run / "replaced").iterdir()
+    assert _files(replaced) == before
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert sorted(path.name for path in (run / "lightning_logs").iterdir()) == ["version_0"]  # starts again at 0
+    assert "max_steps: 1" in (run / "lightning_logs" / "version_0" / "config.yaml").read_text()
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_a_checkpoint_of_another_run_is_not_continued_in_a_directory_holding_a_run(in_tmp):
+    """It would mix the two runs (the top-level report x's, last.ckpt y's); into a new root it is a new run from
+    the checkpoint's weights, and resuming the root's own run still works."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false"]
+    _run([*fit, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/x"])
+    _run([*fit, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/y"])
+    other = in_tmp / "runs" / "x" / "checkpoints" / "last.ckpt"
+    before = _files(in_tmp / "runs" / "y")
+    with pytest.raises(FileExistsError, match=r"--ckpt_path .*runs/x/checkpoints/last\.ckpt is not a checkpoint of the run in "
+                       r"runs/y .*its own --trainer\.default_root_dir with --ckpt_path"):
+        _run([*fit, "--trainer.max_steps=2", "--trainer.default_root_dir=runs/y", f"--ckpt_path={other}"])
+    assert _files(in_tmp / "runs" / "y") == before
+    _run([*fit, "--trainer.max_steps=2", "--trainer.default_root_dir=runs/z", f"--ckpt_path={other}"])
+    assert torch.load(in_tmp / "runs" / "z" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    own = in_tmp / "runs" / "y" / "checkpoints" / "last.ckpt"
+    _run([*fit, "--trainer.max_steps=2", "--trainer.default_root_dir=runs/y", f"--ckpt_path={own}"])
+    assert torch.load(own, weights_only=False)["global_step"] == 2
+
+
+def _trainer(root: Path, loggers: list, dirpath: Path | None = None) -> SimpleNamespace:
+    """What _earlier_run / set_aside_run read of a trainer."""
+    return SimpleNamespace(default_root_dir=str(root), loggers=loggers,
+                           checkpoint_callbacks=[SimpleNamespace(dirpath=str(dirpath) if dirpath else None)])
+
+
+def test_versioned_log_folders_inside_the_root_hold_its_run_and_shared_ones_do_not(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from adaptive_mllm.recipe import _checkpoint_dirs, _earlier_run, _versioned_log_dirs, set_aside_run
+
+    root = tmp_path / "run"
+    (root / "logs" / "named" / "version_0").mkdir(parents=True)
+    (root / "logs" / "named" / "version_0" / "config.yaml").write_text("earlier")
+    inside = _trainer(root, [CSVLogger(save_dir=str(root / "logs"), name="named")])
+    assert _earlier_run(inside) == root / "logs" / "named" / "version_0" / "config.yaml"
+    # a save_dir outside the root, shared by several runs: its versions keep them apart, nothing to refuse
+    (tmp_path / "shared" / "lightning_logs" / "version_0").mkdir(parents=True)
+    (tmp_path / "shared" / "lightning_logs" / "version_0" / "config.yaml").write_text("another root's run")
+    assert _earlier_run(_trainer(tmp_path / "fresh", [CSVLogger(save_dir=str(tmp_path / "shared"))])) is None
+    # a checkpoint folder placed outside the root that already holds checkpoints: the new last.ckpt would land there
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "last.ckpt").write_bytes(b"x")
+    assert _earlier_run(_trainer(tmp_path / "fresh", [], tmp_path / "kept")) == tmp_path / "kept" / "last.ckpt"
+
+    keep = set_aside_run(root, _checkpoint_dirs(inside), _versioned_log_dirs(inside))
+    assert (keep / "logs" / "named" / "version_0" / "config.yaml").read_text() == "earlier"
+    assert _earlier_run(inside) is None
+
+
+def test_the_claim_file_is_not_executable(tmp_path):
+    from adaptive_mllm.recipe import CLAIM_FILE, _claim_if_empty
+
+    umask = os.umask(0)
+    try:
+        assert _claim_if_empty(tmp_path / "root")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "root" / CLAIM_FILE).stat().st_mode & 0o777 == 0o644
