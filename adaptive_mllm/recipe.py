@@ -129,11 +129,10 @@ class AdaptiveMLLMCLI(LightningCLI):
         if wandb_loggers:
             self.trainer.callbacks.append(WandbRunRecord())
             run_id = recorded_wandb_run(config.ckpt_path) if config.get("ckpt_path") else None
-            root = Path(self.trainer.default_root_dir).resolve()
-            if run_id and not Path(config.ckpt_path).resolve().is_relative_to(root):
+            if run_id and not _own_checkpoint(config.ckpt_path, self.trainer):
                 # a checkpoint of another run, continued in a directory of its own: a W&B run of its own too (the
                 # same id would make `wandb sync` of both directories one run, the second's config over the first's)
-                rank_zero_info(f"fit: {config.ckpt_path} is outside {root}: a new W&B run, not its run {run_id}")
+                rank_zero_info(f"fit: {config.ckpt_path} is not this run's ({root}): a new W&B run, not its run {run_id}")
                 run_id = None
             for logger in wandb_loggers if run_id else []:
                 continue_wandb_run(logger, run_id)
