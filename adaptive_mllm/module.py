@@ -47,8 +47,8 @@ class AdaptiveMLLM(L.LightningModule):
             differ from ``learning_rate``, as the LLaVA release's ``mm_projector_lr`` (and LLaVA-NeXT's
             ``mm_vision_tower_lr``); the same warm-up and decay apply to each. The scheduler's own parameters and
             any part not named train at ``learning_rate``.
-        weight_decay: AdamW weight decay.
-        warmup_ratio: fraction of the optimiser steps spent warming up.
+        weight_decay: AdamW weight decay; biases and norm weights get none, as LLaVA's (HF) Trainer exempts them.
+        warmup_ratio: fraction of the optimiser steps spent warming up (rounded up, as the HF Trainer).
         freeze: backbone parts kept frozen (``vision_tower``, ``projector``, ``llm``).
         lora: train the LLM through LoRA adapters on its decoder layers' projections, its own weights frozen
             (LLaVA's ``--lora_enable``; see :class:`~adaptive_mllm.lora.LoRA`). ``llm``'s learning rate is the
@@ -409,27 +409,50 @@ class AdaptiveMLLM(L.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The optimiser's groups: one per part of ``part_learning_rates`` (with its rate), one for the rest;
-        frozen parameters in none."""
+        frozen parameters in none. With weight decay, each splits off its biases and norm weights without it
+        (``"<name>/no_decay"``), the HF Trainer's rule that LLaVA and the release train with."""
         parts = self.backbone.parameter_groups()
         named = {part: parts[part] for part in self.part_learning_rates}
         claimed = {id(p) for parameters in named.values() for p in parameters}
         groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]}]
         for part, parameters in named.items():
             groups.append({"params": [p for p in parameters if p.requires_grad], "lr": self.part_learning_rates[part], "name": part})
+        if self.weight_decay:
+            exempt = no_decay_parameters(self)
+            split = []
+            for group in groups:
+                name = group.get("name", "rest")
+                split.append({**group, "params": [p for p in group["params"] if id(p) not in exempt]})
+                split.append({**group, "params": [p for p in group["params"] if id(p) in exempt], "weight_decay": 0.0,
+                              "name": f"{name}/no_decay"})  # fmt: skip
+            groups = split
         return [group for group in groups if group["params"]]
 
 
+def no_decay_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters the HF Trainer (transformers 4.37, LLaVA's and the release's) gives no weight decay:
+    every bias and the weights of LayerNorm / RMSNorm layers."""
+    exempt = set()
+    for child in module.modules():
+        norm = isinstance(child, torch.nn.LayerNorm) or type(child).__name__.endswith(("RMSNorm", "LayerNorm"))
+        for name, parameter in child.named_parameters(recurse=False):
+            if norm or "bias" in name:
+                exempt.add(id(parameter))
+    return exempt
+
+
 def learning_rate_factor(step: int, total: int, warmup_ratio: float, restart: int = 0) -> float:
-    """The peak learning rate's factor at ``step``: linear warm-up, then cosine decay to 0, over ``total``
+    """The peak learning rate's factor at ``step``: the HF Trainer's cosine schedule (LLaVA's and the release's):
+    a linear warm-up from 0 over ``ceil(total * warmup_ratio)`` steps, then cosine decay to 0, over ``total``
     steps; with ``restart`` (``full_budget_steps``) the steps from there on are a cycle of their own, as a
     fine-tune of a trained model would be (otherwise the budgets would be learned at the tail of the decay)."""
     if 0 < restart < total:
         if step >= restart:
             return learning_rate_factor(step - restart, total - restart, warmup_ratio)
         total = restart
-    warmup = int(warmup_ratio * total)
+    warmup = math.ceil(total * warmup_ratio)
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -251,18 +251,60 @@ def test_negative_full_budget_steps_are_refused(tokenizer_dir):
 
 
 def test_the_learning_rate_restarts_its_cycle_when_budgets_start_to_be_drawn():
-    # one cycle: warm-up over 30 of 100 steps, then cosine to 0
-    assert learning_rate_factor(0, 100, 0.3) == pytest.approx(1 / 31)
+    # one cycle: warm-up from 0 over 30 of 100 steps, then cosine to 0
+    assert learning_rate_factor(0, 100, 0.3) == 0.0
+    assert learning_rate_factor(15, 100, 0.3) == pytest.approx(0.5)
     assert learning_rate_factor(30, 100, 0.3) == pytest.approx(1.0)
     assert learning_rate_factor(65, 100, 0.3) == pytest.approx(0.5)
     # restart at 60: steps 0-59 are a cycle of 60 (warm-up 18), steps 60-99 one of 40 (warm-up 12)
     assert learning_rate_factor(18, 100, 0.3, restart=60) == pytest.approx(1.0)
     assert learning_rate_factor(59, 100, 0.3, restart=60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 41 / 42)))
-    assert learning_rate_factor(60, 100, 0.3, restart=60) == pytest.approx(1 / 13)
+    assert learning_rate_factor(60, 100, 0.3, restart=60) == 0.0
+    assert learning_rate_factor(66, 100, 0.3, restart=60) == pytest.approx(0.5)
     assert learning_rate_factor(72, 100, 0.3, restart=60) == pytest.approx(1.0)
     assert learning_rate_factor(99, 100, 0.3, restart=60) < 0.01
     # a restart at 0 or past the end is one cycle
     assert learning_rate_factor(65, 100, 0.3, restart=100) == learning_rate_factor(65, 100, 0.3)
+
+
+@pytest.mark.parametrize(("total", "ratio"), [(5198, 0.03), (100, 0.03), (10, 0.03), (7, 0.5), (1000, 0.0), (33, 0.1)])
+def test_the_schedule_is_the_hf_trainers(total, ratio):
+    # LLaVA / the release: TrainingArguments.get_warmup_steps = ceil(total * warmup_ratio), then
+    # get_cosine_schedule_with_warmup, read here from transformers itself
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(total * ratio)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(optimizer, warmup, total).lr_lambdas[0]
+    for step in range(total):
+        assert learning_rate_factor(step, total, ratio) == pytest.approx(hf(step), abs=1e-12), step
+
+
+def test_weight_decay_spares_biases_and_norms_as_the_hf_trainer(tokenizer_dir):
+    model = AdaptiveMLLM(
+        make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2),
+        weight_decay=0.1, part_learning_rates={"vision_tower": 1e-4}, freeze=[],
+    )  # fmt: skip
+    model.configure_model()
+    groups = {group["name"] if "name" in group else "rest": group for group in model.parameter_groups()}
+    assert set(groups) == {"rest", "rest/no_decay", "vision_tower", "vision_tower/no_decay"}
+    names = {id(p): name for name, p in model.named_parameters()}
+    exempt = {names[id(p)] for name in ("rest/no_decay", "vision_tower/no_decay") for p in groups[name]["params"]}
+    decayed = {names[id(p)] for name in ("rest", "vision_tower") for p in groups[name]["params"]}
+    assert all(groups[name]["weight_decay"] == 0.0 for name in ("rest/no_decay", "vision_tower/no_decay"))
+    assert groups["vision_tower/no_decay"]["lr"] == 1e-4
+    # the HF Trainer's rule on the names: a bias, or a LayerNorm / RMSNorm weight (Llama's input_layernorm,
+    # post_attention_layernorm and norm are RMSNorms; CLIP's layer_norm1/2, pre/post_layrnorm LayerNorms)
+    norm_words = ("layernorm", "layer_norm", "layrnorm", "norm.weight")
+    assert exempt and all("bias" in n or any(w in n for w in norm_words) for n in exempt)
+    assert not any("bias" in n or any(w in n for w in norm_words) for n in decayed)
+    assert any("input_layernorm" in n for n in exempt) and any("q_proj.weight" in n for n in decayed)
+    assert any(n.startswith("scheduler.") for n in exempt) and any(n.startswith("scheduler.") for n in decayed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert exempt | decayed == trainable and not exempt & decayed
+    without = AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2))
+    without.configure_model()
+    assert len(without.parameter_groups()) == 1  # no decay: one group, as before
 
 
 def test_part_learning_rates_give_a_part_its_own_rate_on_the_same_schedule(tokenizer_dir):
@@ -442,15 +484,17 @@ def test_lora_trains_the_adapters_projector_and_scheduler_and_nothing_else_of_th
         estimated_stepping_batches = 10
 
     model.trainer = Trainer()
-    optimizer = model.configure_optimizers()["optimizer"]
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     (llm,) = [group for group in optimizer.param_groups if group.get("name") == "llm"]
     assert {id(p) for p in llm["params"]} == {id(p) for n, p in model.named_parameters() if n in adapters}
     model.train()
     batch = _batch(model, QUESTIONS, ANSWERS)
-    for _ in range(3):
+    for _ in range(3):  # the first at the warm-up's learning rate 0
         optimizer.zero_grad()
         model._loss(*model(batch, torch.tensor([0.7, 0.8, 1.0]))).backward()
         optimizer.step()
+        scheduler.step()
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed <= trainable  # the LLM's own weights, embeddings, lm_head and the tower did not move

@@ -211,7 +211,8 @@ def test_the_stage_one_recipe_trains_the_projector_of_a_new_llava(tmp_path, monk
     write_stage_one_standins(tmp_path)
     fit = ["--config", str(RECIPE_DIR / "llava7b-pretrain.yaml"), *ON_CPU]
     with pytest.warns(UserWarning, match="is a language model: LLaVA-1.5 is built on it"):
-        cli = build_cli(["fit", *fit, "--trainer.max_steps=1", "--data.init_args.batch_size=3"])
+        # one step, without the warm-up whose first step has learning rate 0 (the HF Trainer's schedule)
+        cli = build_cli(["fit", *fit, "--trainer.max_steps=1", "--data.init_args.batch_size=3", "--model.warmup_ratio=0"])
     assert cli.trainer.global_step == 1 and cli.model.scheduler is None
     backbone = cli.model.backbone
     assert backbone.chat_template.name == "plain" and backbone.shape.num_layers == 32
