@@ -77,8 +77,9 @@ def encode_question(model: Any, image: Path, question: str, max_new_tokens: int 
     if "<image>" in question:
         raise SystemExit("--question: leave <image> out; the image goes before the question, as in LLaVA's data")
     image = image.resolve()  # the file given, wherever a link leads: its folder is the one allowed
+    # "./": a path whatever the name (a name starting "data:" would be read as a data URL)
     body = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image.name}}]}]}
+        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": f"./{image.name}"}}]}]}
     if max_new_tokens is not None:
         body["max_tokens"] = max_new_tokens
     limits = RequestLimits(str(image.parent))

@@ -59,6 +59,13 @@ def test_each_budget_is_answered_as_generate_answers_it_alone(recipe, image, cap
     assert rows[0]["flops_fraction"] > rows[1]["flops_fraction"] > rows[2]["flops_fraction"]
 
 
+def test_an_image_whose_name_has_a_colon_is_read(recipe, image, capsys):
+    """``shot-10:15:00.png`` was refused: its name went to the request parser as a URL of scheme ``shot-10``."""
+    timestamped = image.rename(image.with_name("shot-10:15:00.png"))
+    rows = main(["--config", str(recipe), "--image", str(timestamped), "--question", QUESTION, "--json"])
+    assert rows[0]["answer"] == _alone(recipe, timestamped, 1.0)["answers"][0]
+
+
 def test_a_budget_below_the_smallest_runs_at_the_smallest_and_says_so(recipe, image, capsys):
     rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json"])
     assert rows[0]["requested_budget"] == 0.0 and rows[0]["budget"] > 0.0  # the prefix layer and the LM head

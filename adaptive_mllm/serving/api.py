@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import LatencyModel
+from adaptive_mllm.serving.lifecycle import ServerProcesses
 from adaptive_mllm.serving.overhead import ServerTimes
 from adaptive_mllm.serving.requests import (
     ChatRequest,
@@ -92,6 +93,7 @@ class Answer:
     prompt_tokens: int  # the request's own prompt, image placeholders included
     completion_tokens: int
     finish_reason: str  # "stop", or "length" when the answer reached its cap (max_tokens) without a stop token
+    correction: float = 1.0  # the online correction the budgets were chosen with (and predicted_ms scaled by)
 
 
 class DeadlineAPI(ls.LitAPI):
@@ -112,6 +114,8 @@ class DeadlineAPI(ls.LitAPI):
             decoded when it is collected, in the model's loop).
         times: the server's time outside this worker, measured by the HTTP server's middleware and taken
             off every deadline (None: not counted).
+        processes: the server's HTTP processes; given, the worker leaves SIGINT and SIGTERM to the main process
+            while they run (None: the signals' defaults, as in-process).
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class DeadlineAPI(ls.LitAPI):
         times: ServerTimes | None = None,
         prepare_threads: int = PREPARE_THREADS,
         served_model_name: str = SERVED_MODEL_NAME,
+        processes: ServerProcesses | None = None,
     ) -> None:
         loop = StampingLoop(prepare_threads)
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
@@ -140,9 +145,12 @@ class DeadlineAPI(ls.LitAPI):
         self.threads = threads
         self.times = times
         self.served_model_name = served_model_name
+        self.processes = processes
 
     # --- worker setup --------------------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        if self.processes is not None:  # a group signal (Ctrl+C) no longer ends the worker under its batch
+            self.processes.guard_worker()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         try:
@@ -230,7 +238,7 @@ class DeadlineAPI(ls.LitAPI):
                 "measured_ms": output.measured_ms,
                 "queued_ms": output.queued_ms,
                 "batch_size": output.batch_size,
-                "correction": self.ratio.value,
+                "correction": output.correction,
             },
         }
 
@@ -258,9 +266,10 @@ class DeadlineAPI(ls.LitAPI):
             self.deadline_ceiling = min(max(held_down) + BUDGET_RISE, 1.0)
         choices = self._share_the_batch(alone, requests, queued, prompt_tokens, new_tokens)
         budgets = torch.tensor([choice.budget for choice in choices], dtype=torch.float32)
+        correction = self.ratio.value  # the one the budgets were chosen with, reported beside predicted_ms
         predicted = None  # the batch's, before this batch corrects the model: one generate call, one time
         if self.latency is not None:
-            predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, self.ratio.value)
+            predicted = self.latency.predict_ms(float(budgets.mean()), prompt_tokens, new_tokens, size, correction)
         self.decode_steps = 0
         start = _now(self.torch_device)
         # the minimum chosen against is the prompt's before token selection; generate raises a budget to the one
@@ -287,7 +296,7 @@ class DeadlineAPI(ls.LitAPI):
             answers.append(
                 Answer(out["answers"][index], budget, requested, request.deadline_ms, feasible, units[index],
                        fractions[index], predicted, measured_ms, queued[index], size, len(request.prompt_ids), generated,
-                       "length" if generated >= limits[index] else "stop")
+                       "length" if generated >= limits[index] else "stop", correction)
             )  # fmt: skip
         return answers
 

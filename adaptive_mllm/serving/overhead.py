@@ -21,6 +21,8 @@ import multiprocessing
 import time
 from typing import Any
 
+import anyio
+
 from adaptive_mllm.serving.correction import upper_quantile
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 WINDOW = 20  # the last requests that count
 QUANTILE = 0.9
 # what a chat request's client got: 2xx, 4xx (refused by the HTTP layer or by the worker), 504, any other status
-REPLIES = ("answered", "rejected", "timed_out", "failed")
+# (an exception before any reply: Starlette's 500), or nothing: it had gone before its reply was sent
+REPLIES = ("answered", "rejected", "timed_out", "failed", "disconnected")
 
 
 class ServerTimes:
@@ -65,9 +68,11 @@ class ServerTimes:
             self._deadline_requests.value += 1
             self._deadline_met.value += int(met)
 
-    def count_reply(self, status: int, deadline_ms: float | None = None) -> None:
-        """One chat request's reply; a 504's deadline is missed (its client got no answer)."""
+    def count_reply(self, status: int, deadline_ms: float | None = None, gone: bool = False) -> None:
+        """One chat request's reply (``gone``: its client had disconnected, it got nothing); a 504's deadline is
+        missed (its client got no answer)."""
         kind = "answered" if 200 <= status < 300 else "timed_out" if status == 504 else "rejected" if 400 <= status < 500 else "failed"
+        kind = "disconnected" if gone else kind
         with self._replies.get_lock():
             self._replies[REPLIES.index(kind)] += 1
         if kind == "timed_out" and deadline_ms is not None:
@@ -88,7 +93,9 @@ class ServerTimeMiddleware:
     ``timeout_s``: a request not answered by then gets a 504 at once (LitServe checks its timeout only when
     the worker collects a request, so behind a busy worker a client waited many times the timeout); the
     request itself goes on to the worker, which drops it when it collects it, and any later answer is
-    discarded. Every reply is counted in ``times`` by its status."""
+    discarded. Every reply is counted in ``times`` by its status, a request whose client had gone before its reply
+    as ``disconnected``, and one the app failed on before replying as a 500 (Starlette's error middleware, outside
+    this one, writes that reply)."""
 
     def __init__(self, app: Any, times: ServerTimes, path: str, timeout_s: float | None = None) -> None:
         self.app = app
@@ -112,17 +119,20 @@ class ServerTimeMiddleware:
                 request.append(message.get("body", b""))
             return message
 
+        gone = False  # the client disconnected before its reply started
+
         async def timed_send(message: dict) -> None:
-            nonlocal status
+            nonlocal status, gone
             if late:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                gone = await _disconnected(receive)
             elif message["type"] == "http.response.body":
                 body.append(message.get("body", b""))
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._record(status, 1000 * (time.perf_counter() - start), b"".join(body), request)
+                self._record(status, 1000 * (time.perf_counter() - start), b"".join(body), request, gone)
 
         task = asyncio.ensure_future(self.app(scope, read, timed_send))
         try:
@@ -137,6 +147,8 @@ class ServerTimeMiddleware:
             await task
         except Exception:
             if not late:
+                if status == 0:  # nothing sent: the 500 comes from outside, uncounted by timed_send
+                    self.times.count_reply(500)
                 raise
             log.debug("a request answered by the timeout failed afterwards", exc_info=True)
 
@@ -148,9 +160,9 @@ class ServerTimeMiddleware:
         await send({"type": "http.response.body", "body": content})
         self.times.count_reply(504, _deadline_ms(request))
 
-    def _record(self, status: int, total_ms: float, body: bytes, request: list[bytes]) -> None:
-        self.times.count_reply(status, _deadline_ms(request) if status == 504 else None)  # LitServe's own 504 too
-        if status != 200:
+    def _record(self, status: int, total_ms: float, body: bytes, request: list[bytes], gone: bool) -> None:
+        self.times.count_reply(status, _deadline_ms(request) if status == 504 else None, gone)  # LitServe's 504 too
+        if status != 200 or gone:
             return
         try:
             adaptive = json.loads(body)["adaptive"]
@@ -161,6 +173,16 @@ class ServerTimeMiddleware:
         self.times.update(total_ms - worker_ms)
         if deadline_ms is not None:
             self.times.count_deadline(total_ms <= float(deadline_ms))
+
+
+async def _disconnected(receive: Any) -> bool:
+    """Whether the client has gone (the server has seen its connection close), without waiting: Starlette's
+    ``Request.is_disconnected``. Once the app has read the body a client still there sends nothing more."""
+    message: dict = {}
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        message = await receive()
+    return message.get("type") == "http.disconnect"
 
 
 def _deadline_ms(request: list[bytes]) -> float | None:

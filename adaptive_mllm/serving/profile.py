@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from adaptive_mllm.benchmark import interleaved_medians, prepare_budget, synthet
 from adaptive_mllm.decoding import resolve_mode
 from adaptive_mllm.inputs import embed_selected
 from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
+
+MAX_FIT_ERROR = 0.5  # a fit error above this on its own grid is warned about
 
 
 def default_prompt_lengths(model: Any, new_tokens: int) -> list[int]:
@@ -115,9 +118,33 @@ def main(argv: list[str]) -> LatencyModel:
     path = save_profile(own.out, rows, meta)
     latency = LatencyModel.fit(rows, meta=meta)
     print(f"wrote {path}: {len(rows)} measurements on {meta['device']}")
-    for row in rows:
-        predicted = latency.predict_ms(row.budget, row.prompt_tokens, 2, row.batch_size)
-        measured = row.prefill_ms + row.decode_ms_per_token
+    for row, error in zip(rows, fit_errors(latency, rows), strict=True):
         print(f"budget {row.budget:.3f}  T={row.prompt_tokens:4d}  B={row.batch_size:3d}  prefill {row.prefill_ms:8.2f} ms  "
-              f"decode {row.decode_ms_per_token:7.2f} ms/token  fit error (2 tokens) {100 * (predicted / measured - 1):+.1f}%")  # fmt: skip
+              f"decode {row.decode_ms_per_token:7.2f} ms/token  fit error (2 tokens) {100 * error:+.1f}%")  # fmt: skip
+    for warning in fit_warnings(latency, rows):
+        print(f"warning: {warning}", file=sys.stderr)
     return latency
+
+
+def fit_errors(latency: LatencyModel, rows: list[Measurement]) -> list[float]:
+    """Each grid point's relative error of the fit (predicted / measured - 1), for a 2-token answer."""
+    return [
+        latency.predict_ms(row.budget, row.prompt_tokens, 2, row.batch_size) / (row.prefill_ms + row.decode_ms_per_token) - 1
+        for row in rows
+    ]
+
+
+def fit_warnings(latency: LatencyModel, rows: list[Measurement]) -> list[str]:
+    """What makes a fit unfit to serve with, said rather than written silently: a negative per-unit coefficient
+    predicts larger batches, longer prompts or larger budgets faster (a deadline then picks a larger budget in a
+    larger batch), and large errors mean the measurements were noise (a busy machine)."""
+    names = {"p1 (prefill per B*T)": latency.prefill[1], "p2 (prefill per b*B*T)": latency.prefill[2],
+             "d1 (decode per B)": latency.decode[1], "d2 (decode per b*B)": latency.decode[2]}  # fmt: skip
+    advice = "measure again on a quiet machine, with more --repeats"
+    warnings = [f"the fitted {name} is {value:.4g} < 0: it predicts more work to run faster; {advice}"
+                for name, value in names.items() if value < 0]  # fmt: skip
+    worst = max(fit_errors(latency, rows), key=abs)
+    if abs(worst) > MAX_FIT_ERROR:
+        warnings.append(f"the worst fit error is {100 * worst:+.1f}% (over {100 * MAX_FIT_ERROR:.0f}%): the "
+                        f"measurements are too noisy to predict deadlines with; {advice}")  # fmt: skip
+    return warnings

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationErr
 # S and scales the long one, so the resized image is at most S x S * MAX_ASPECT_RATIO (336 x 6720 for LLaVA's
 # tower); a 1 x 100000 strip would become 336 x 33.6M.
 MAX_ASPECT_RATIO = 20
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986's scheme
 KNOWN_FIELDS = frozenset(
     {"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user", "max_tokens", "max_completion_tokens"}
 )
@@ -286,6 +288,12 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
         raise RequestError(400, f"not a readable image ({type(error).__name__}: {error})", field) from error
 
 
+def _url_scheme(url: str) -> str | None:
+    """The scheme of a ``scheme://...`` URL, lowercased; None for anything else, which is a path."""
+    scheme, separator, _ = url.partition("://")
+    return scheme.lower() if separator and _SCHEME.fullmatch(scheme) else None
+
+
 def _check_image_size(width: int, height: int, limits: RequestLimits, field: str) -> None:
     """Refuse, from the header, an image whose preprocessing would build a huge intermediate image: the square
     ``pad_to_square`` pads it to (longest side squared) must fit ``max_image_pixels``, and the long side may be
@@ -305,13 +313,14 @@ def _check_image_size(width: int, height: int, limits: RequestLimits, field: str
 
 
 def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("", "file"):
-        raise RequestError(400, f"only data: URLs and file paths are served, not {parsed.scheme}: (nothing is fetched)", field)
+    """A ``file://`` URL or a path (``shot-10:15:00.png`` is a file name, not a URL of scheme ``shot-10``)."""
+    scheme = _url_scheme(url)
+    if scheme not in (None, "file"):
+        raise RequestError(400, f"only data: URLs and file paths are served, not {scheme}:// (nothing is fetched)", field)
     if limits.image_dir is None:
         raise RequestError(403, "image paths are disabled on this server (no image folder allowed); send a data URL", field)
     root = Path(limits.image_dir).resolve()
-    raw = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+    raw = Path(unquote(urlparse(url).path) if scheme == "file" else url)
     try:
         path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
     except (OSError, ValueError, RuntimeError) as error:  # a NUL byte; a symlink loop (RuntimeError before 3.13)

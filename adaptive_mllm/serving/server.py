@@ -20,6 +20,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
 from adaptive_mllm.lora import merge_adapters
 from adaptive_mllm.serving.api import (
     API_PATH,
@@ -30,8 +34,9 @@ from adaptive_mllm.serving.api import (
     read_metrics,
 )
 from adaptive_mllm.serving.latency import LatencyModel
+from adaptive_mllm.serving.lifecycle import DeadlineServer, ServerProcesses, interrupt
 from adaptive_mllm.serving.overhead import ServerTimeMiddleware, ServerTimes
-from adaptive_mllm.serving.requests import MAX_ASPECT_RATIO, RequestLimits
+from adaptive_mllm.serving.requests import MAX_ASPECT_RATIO, RequestError, RequestLimits
 
 
 def build_model(
@@ -94,24 +99,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
+def make_server(args: argparse.Namespace, overrides: list[str]) -> DeadlineServer:
     """The LitServer (not yet running), with ``/v1/models`` and ``/metrics`` added."""
-    import litserve as ls
-
     metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
     limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, args.max_text_chars, strict=not args.lax)
     builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     times = ServerTimes()
+    processes = ServerProcesses()
     api = DeadlineAPI(
         builder, args.profile, limits, args.margin, metrics_path, args.pinned_budget, args.max_batch_size,
-        args.batch_timeout, args.threads, times, args.prepare_threads, args.served_model_name,
+        args.batch_timeout, args.threads, times, args.prepare_threads, args.served_model_name, processes,
     )
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     # a body is at most one base64 image (4/3 of its bytes) plus the text: anything larger is refused (413) unread
     max_payload = args.max_image_bytes * 4 // 3 + 4 * args.max_text_chars + 1024 * 1024  # 4: UTF-8's widest character
-    server = ls.LitServer(
-        api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload
+    server = DeadlineServer(
+        api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=args.timeout, max_payload_size=max_payload,
+        processes=processes,
     )
+    server.app.add_exception_handler(RequestValidationError, body_not_accepted)
     server.app.add_api_route(MODELS_PATH, partial(served_models, args.served_model_name, int(time.time())), methods=["GET"])
     server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
     server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH, timeout_s=args.timeout)
@@ -121,6 +127,21 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> Any:
 def served_models(name: str, created: int) -> dict[str, Any]:
     """OpenAI's model list, with the one model this server answers with."""
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "adaptive-mllm"}]}
+
+
+def body_not_accepted(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a body that is not a JSON object, in the error format of every other refusal. FastAPI's
+    own handler echoed the whole body back (a base64 image), and failed with a 500 on one that is not UTF-8 (an
+    image uploaded as multipart or octet-stream)."""
+    problems = []
+    for item in error.errors():
+        cause = (item.get("ctx") or {}).get("error")
+        problems.append(f"{item.get('msg', 'invalid')}" + (f": {cause}" if cause else ""))
+    message = "must be a JSON object, sent with Content-Type: application/json"
+    if problems:
+        message += f" ({'; '.join(dict.fromkeys(problems))})"
+    refused = RequestError(422, message, "body")
+    return JSONResponse(refused.body(), status_code=refused.status)
 
 
 def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
@@ -209,19 +230,18 @@ def main(argv: list[str]) -> None:
     check_recipe(args, overrides)
     server = make_server(args, overrides)
     # SIGTERM (kill, docker stop, a supervisor) shuts down as Ctrl+C does, workers included: LitServe stops them
-    # on KeyboardInterrupt only, and the default action left them running, still answering /health
-    signal.signal(signal.SIGTERM, partial(_interrupt, os.getpid()))
-    server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
-
-
-def _interrupt(main_pid: int, signum: int, frame: Any) -> None:
-    """In the main process, Ctrl+C's shutdown; in the worker processes (which inherit the handler), the default
-    SIGTERM that LitServe's shutdown sends them (raising there printed each worker's traceback)."""
-    if os.getpid() != main_pid:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt(f"signal {signum}")
+    # on KeyboardInterrupt only, and the default action left them running, still answering /health. Sent to the
+    # whole process group (Ctrl+C is), only this process acts on them: see lifecycle
+    signal.signal(signal.SIGTERM, partial(interrupt, os.getpid()))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (nohup, a `&` job)
+        signal.signal(signal.SIGINT, partial(interrupt, os.getpid()))
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
+    except KeyboardInterrupt:  # a second signal during the orderly shutdown, or one while the model loads
+        server.kill_now()
+        raise SystemExit(130) from None
+    if server.http_exit is not None:
+        raise SystemExit(f"adaptive-mllm serve: {server.http_exit}; the server stopped")
 
 
 if __name__ == "__main__":

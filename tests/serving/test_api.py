@@ -246,6 +246,26 @@ def test_the_reply_counts_tokens_and_says_why_the_answer_ended(api: DeadlineAPI,
     assert reply["choices"][0]["finish_reason"] == ("stop" if forced == "stop" else "length")
 
 
+def test_the_reply_shows_the_correction_its_budget_and_prediction_were_made_with(
+    api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch
+):
+    """``predicted_ms`` is the corrected prediction, shown beside the correction: the one in force when the budget
+    was chosen, not the one after this batch corrected it (a fresh server's first reply said 15.51 beside an
+    uncorrected 15.61 ms)."""
+    api.ratio = RunningRatio()
+    monkeypatch.setattr(api, "_correct", lambda *_: api.ratio.update(1.0, 3.0))  # every batch: 3x its prediction
+    try:
+        for before in (1.0, 3.0):
+            request = _request(api, 1e7)
+            tokens, new = len(request.prompt_ids) + 1, api.model.max_new_tokens
+            adaptive = api.encode_response(api._answer([request])[0])["adaptive"]
+            assert api.ratio.value == 3.0
+            assert adaptive["correction"] == before
+            assert adaptive["predicted_ms"] == pytest.approx(api.latency.predict_ms(adaptive["budget"], tokens, new, 1, before))
+    finally:
+        api.ratio = RunningRatio()
+
+
 def test_the_worker_logs_its_counts_at_most_every_few_seconds(api: DeadlineAPI, caplog: pytest.LogCaptureFixture):
     from adaptive_mllm.serving import api as api_module
 

@@ -177,3 +177,56 @@ def test_metrics_count_replies_as_the_clients_got_them(tmp_path):
     metrics = server_metrics(str(tmp_path / "metrics.json"), times)
     assert (metrics["requests"], metrics["answered"], metrics["rejected"], metrics["timed_out"]) == (2, 0, 1, 1)
     assert metrics["batches"] == 1  # the worker's own
+
+
+def test_a_request_the_app_fails_on_before_replying_counts_as_failed():
+    """An exception before any reply bypassed the counts (Starlette's error middleware, outside this one, writes
+    the 500): ``requests`` no longer summed its kinds."""
+    times = ServerTimes()
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> dict:
+        raise RuntimeError("a bug")
+
+    app.add_middleware(ServerTimeMiddleware, times=times, path="/v1/chat/completions", timeout_s=10.0)
+
+    async def post() -> int:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.post("/v1/chat/completions", json={})).status_code
+
+    assert asyncio.run(post()) == 500
+    counts = times.counts()
+    assert (counts["requests"], counts["failed"], counts["answered"]) == (1, 1, 0)
+
+
+async def _reply_to_a_client_that_left(app: FastAPI) -> int:
+    """The app's status for a client that sent its whole body and closed the connection at once."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    sent: list[int] = []
+
+    async def receive() -> dict:
+        return messages.pop() if messages else {"type": "http.disconnect"}  # as uvicorn: the connection is gone
+
+    async def send(message: dict) -> None:  # uvicorn drops writes to a closed connection
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    await app(scope, receive, send)
+    return sent[0]
+
+
+def test_a_client_gone_before_its_reply_is_counted_as_disconnected():
+    """Such a reply was counted as answered: its client got nothing."""
+    times = ServerTimes()
+    assert asyncio.run(_reply_to_a_client_that_left(_slow_app(times, sleep_s=0.0, timeout_s=10.0))) == 200
+    counts = times.counts()
+    assert (counts["requests"], counts["disconnected"], counts["answered"]) == (1, 1, 0)
+    assert counts["server_deadline_requests"] == 0 and times.outside_ms == 0.0  # nothing learnt from it
+    asyncio.run(_send_all(_slow_app(times, sleep_s=0.0, timeout_s=10.0), [b"{}"]))  # a client that stays
+    counts = times.counts()
+    assert (counts["requests"], counts["disconnected"], counts["answered"]) == (2, 1, 1)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from adaptive_mllm.serving import profile
-from adaptive_mllm.serving.latency import LatencyModel
+from adaptive_mllm.serving.latency import LatencyModel, Measurement
+from adaptive_mllm.serving.profile import fit_warnings
 from tests.serving.conftest import write_tiny_recipe
 
 
@@ -60,3 +61,32 @@ def test_an_unknown_flag_is_a_usage_error(tmp_path: Path, tokenizer_dir: Path, f
         profile(["--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "p.json"), *flag])
     assert exit_info.value.code == 2 and flag[0].split("=")[0] in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def _rows(decode_per_batch: float, noise: float = 0.0) -> list[Measurement]:
+    """A grid whose decode step changes by ``decode_per_batch`` ms per batch row; ``noise``: every other point
+    measured that fraction slower."""
+    return [
+        Measurement(b, b, t, n, (5 + 0.01 * n * t + 0.5 * b * n * t) * (1 + noise * (i % 2)), 2 + decode_per_batch * n + 1.0 * b * n)
+        for i, (b, t, n) in enumerate((b, t, n) for b in (1.0, 0.5) for t in (20, 60) for n in (1, 4, 8))
+    ]  # fmt: skip
+
+
+def test_a_fit_that_predicts_more_work_faster_or_fits_badly_is_warned_about(
+    tmp_path: Path, tokenizer_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    """A busy machine's profile fitted d1 = -0.24 (a batch of 4 predicted faster than one request) and errors up
+    to +178%, and was written without a word."""
+    from adaptive_mllm.serving import profile as profile_module
+
+    assert fit_warnings(LatencyModel.fit(_rows(0.1)), _rows(0.1)) == []
+    negative = fit_warnings(LatencyModel.fit(_rows(-0.3)), _rows(-0.3))
+    assert len(negative) == 1 and "d1 (decode per B) is -0.3 < 0" in negative[0] and "--repeats" in negative[0]
+    noisy = fit_warnings(LatencyModel.fit(_rows(0.1, noise=3.0)), _rows(0.1, noise=3.0))
+    assert any("worst fit error" in warning and "--repeats" in warning for warning in noisy)
+    # the command says it, and still writes the profile
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+    monkeypatch.setattr(profile_module, "measure", lambda *_: _rows(-0.3))
+    profile(["--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "p.json")])
+    assert "warning: the fitted d1 (decode per B) is -0.3 < 0" in capsys.readouterr().err
+    assert (tmp_path / "p.json").is_file()

@@ -162,6 +162,23 @@ def test_paths_and_images_that_break_the_libraries_are_this_requests_400(process
             parse_chat_request(_with_url(url), processor, 4, limits)
 
 
+def test_a_file_name_with_a_colon_is_a_path_and_only_scheme_urls_are_urls(processor, tmp_path: Path):
+    """``shot-10:15:00.png`` was refused as a URL of scheme ``shot-10``: only ``scheme://`` forms (and ``data:``)
+    are URLs; ``file://`` reads the path, every other scheme is refused (nothing is fetched)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16), "red").save(images / "shot-10:15:00.png")
+    limits = RequestLimits(image_dir=str(images))
+    for url in ("shot-10:15:00.png", "./shot-10:15:00.png", str(images / "shot-10:15:00.png"),
+                f"file://{images}/shot-10%3A15%3A00.png", f"FILE://{images}/shot-10:15:00.png"):  # fmt: skip
+        assert isinstance(read_request_image(_with_url(url), processor, limits), torch.Tensor), url
+    for url in ("http://example.com/a.png", "HTTPS://example.com/a.png", "s3://bucket/a.png", "ftp://host/a.png"):
+        error = read_request_image(_with_url(url), processor, limits)
+        assert isinstance(error, RequestError) and error.status == 400 and "nothing is fetched" in error.message, url
+    error = read_request_image(_with_url("mailto:me@example.com"), processor, limits)  # a path, and no such file
+    assert isinstance(error, RequestError) and error.status == 400 and "no such file" in error.message
+
+
 def _png_url(width: int, height: int) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), "red").save(buffer, "PNG")

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,10 +92,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
 
 
 def _start_server(command: list[str], root: Path) -> subprocess.Popen:
-    """The server in its own process group, logging to root/server.log."""
+    """The server in its own process group, logging to root/server.log, with SIGINT at its default (as in a
+    terminal; a shell's background job would start with it ignored)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(root / "server.log", "w") as log:
-        return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_until_healthy(base: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
@@ -257,7 +264,17 @@ def test_health_and_metrics(served):
     assert metrics["server_deadline_met"] - before["server_deadline_met"] == 1
     assert metrics["outside_worker_ms"] > 0  # reading and writing HTTP takes some time
     assert metrics["rejected"] >= 1 and metrics["answered"] >= 1
-    assert metrics["requests"] == metrics["answered"] + metrics["rejected"] + metrics["timed_out"] + metrics["failed"]
+    kinds = ("answered", "rejected", "timed_out", "failed", "disconnected")
+    assert metrics["requests"] == sum(metrics[kind] for kind in kinds)
+    # clients gone before their reply (one mid-body, one while its answer is computed) got nothing: not answered
+    before = metrics
+    _disconnect_mid_request(served["base"], {"messages": _messages(image, QUESTION), "budget": 1.0})
+    deadline = time.monotonic() + 30
+    while metrics["disconnected"] - before["disconnected"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    assert {kind: metrics[kind] - before[kind] for kind in kinds} == {
+        "answered": 0, "rejected": 0, "timed_out": 0, "failed": 0, "disconnected": 2}  # fmt: skip
     # refused by the HTTP layer, never seen by the worker: counted too
     before = metrics
     malformed = httpx.post(f"{served['base']}/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"}, timeout=60)
@@ -266,7 +283,7 @@ def test_health_and_metrics(served):
     metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
     assert (metrics["requests"] - before["requests"], metrics["rejected"] - before["rejected"]) == (2, 2)
     assert metrics["answered"] == before["answered"]
-    assert metrics["batches"] <= metrics["answered"]
+    assert metrics["batches"] <= metrics["answered"] + metrics["disconnected"]  # the worker answered those too
     assert json.dumps(metrics)  # plain JSON
 
 
@@ -393,3 +410,99 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _tiny_server(root: Path, tokenizer_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A server of the tiny model (random weights), healthy, and its base URL."""
+    write_tiny_recipe(root / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+    port = _free_port()
+    command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
+               "--config", str(root / "recipe.yaml"), "--port", str(port), *flags]  # fmt: skip
+    process = _start_server(command, root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(base, process, root / "server.log")
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return process, base
+
+
+def _outcome(base: str, body: dict) -> str:
+    try:
+        reply = _post(base, body, timeout=60)
+    except httpx.HTTPError as error:
+        return type(error).__name__
+    return str(reply.status_code) if reply.status_code == 200 else f"{reply.status_code} {reply.text[:100]}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_answers_the_requests_in_flight(tmp_path: Path, tokenizer_dir: Path, signum):
+    """Ctrl+C (SIGINT to the terminal's process group) and ``kill -- -PGID`` (systemd's default) reached the worker
+    and the queue Manager too: the requests in flight hung for 30 s and got no answer, or a 500 with a traceback.
+    Now the main process alone acts, as on its own SIGTERM: those requests are answered, then everything exits."""
+    # a batch waits 1 s to fill: requests sent just before the signal are in the worker when it comes
+    process, base = _tiny_server(tmp_path, tokenizer_dir, "--max_batch_size", "8", "--batch_timeout", "1.0")
+    body = {"messages": _messages(_data_url(_png(4)), QUESTION), "budget": 1.0}
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(_outcome, base, body) for _ in range(3)]
+            time.sleep(0.4)
+            signalled = time.monotonic()
+            os.killpg(process.pid, signum)
+            time.sleep(0.3)
+            late = pool.submit(_outcome, base, body)  # after the signal: refused, not kept waiting
+            assert [future.result() for future in in_flight] == ["200"] * 3
+            assert late.result() != "200"
+        assert process.wait(timeout=30) == 0
+        while _group_alive(process.pid) and time.monotonic() - signalled < 30:
+            time.sleep(0.2)
+        assert time.monotonic() - signalled < 20, "the shutdown waited out uvicorn's 30 s graceful timeout"
+        log = (tmp_path / "server.log").read_text()
+        assert "Traceback" not in log and "died" not in log, log[-3000:]
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_the_server_exits_when_its_http_process_dies(tmp_path: Path, tokenizer_dir: Path):
+    """LitServe watches its inference workers but not its HTTP process: when that died, the main process, the
+    Manager and the worker stayed up holding the port, /health hung, and a supervisor saw nothing to restart."""
+    process, _ = _tiny_server(tmp_path, tokenizer_dir)
+    try:
+        http_pid = int(re.search(r"Started server process \[(\d+)\]", (tmp_path / "server.log").read_text()).group(1))
+        assert http_pid != process.pid
+        os.kill(http_pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+        deadline = time.monotonic() + 20
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(process.pid), "the worker or the Manager outlived the server"
+        log = (tmp_path / "server.log").read_text()
+        assert "the HTTP server process LitServer-0 exited" in log, log[-3000:]
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_body_that_is_not_json_gets_the_documented_error(served):
+    """An image uploaded as the body (octet-stream, multipart) is not UTF-8: FastAPI's 422 handler failed echoing
+    it (a plain-text 500 and a traceback), and /metrics did not count it. The 422 now has the error format of
+    every other refusal and echoes nothing of the body."""
+    image = (served["images"] / "a.png").read_bytes()
+    url = f"{served['base']}/v1/chat/completions"
+    before = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    replies = [
+        httpx.post(url, content=image, headers={"content-type": "application/octet-stream"}, timeout=60),
+        httpx.post(url, files={"file": ("a.png", image, "image/png")}, timeout=60),
+        httpx.post(url, content=json.dumps({"messages": _messages(_data_url(image), QUESTION)}), headers={"content-type": "text/plain"}, timeout=60),
+    ]  # fmt: skip
+    for reply in replies:
+        assert reply.status_code == 422, reply.text
+        error = reply.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", "body")
+        assert "must be a JSON object" in error["message"] and "application/json" in error["message"]
+        assert base64.b64encode(image).decode()[:40] not in reply.text and "PNG" not in reply.text  # not echoed
+    metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
+    assert (metrics["requests"] - before["requests"], metrics["rejected"] - before["rejected"]) == (3, 3)
+    assert metrics["failed"] == before["failed"]
