@@ -29,7 +29,7 @@ from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summa
 from adaptive_mllm.test_answers import TestAnswerLog, answers_path
 
 OVERALL = "overall"
-MEASURED = ("flops_fraction", "units", "prefill_ms", "decode_ms_per_token")
+MEASURED = ("flops_fraction", "flops_vs_plain", "units", "prefill_ms", "decode_ms_per_token")
 
 
 class SweepReport(L.Callback):
@@ -126,7 +126,7 @@ class SweepReport(L.Callback):
         for budget, out in outputs.items():
             self.metric(trainer, pl_module, stage, budget).update(out["answers"], batch)
             sweep.update(
-                budget, list(batch["question_kinds"]), out["flops_fraction"], out["units"], out["prefill_seconds"],
+                budget, list(batch["question_kinds"]), out["flops_fraction"], out["flops_vs_plain"], out["units"], out["prefill_seconds"],
                 out["decode_seconds_per_token"], out["plan"], shape.num_layers, shape.num_kv_heads,
             )  # fmt: skip
 
@@ -246,10 +246,11 @@ def _batch_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
 def _answer_rows(out: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """``AdaptiveMLLM.generate``'s output at ``rows``: per-example lists picked, batch means recomputed."""
     picked = dict(out)
-    for key in ("answers", "answer_tokens", "flops_fractions", "units_per_example"):
+    for key in ("answers", "answer_tokens", "flops_fractions", "flops_vs_plain_fractions", "units_per_example"):
         if key in out:
             picked[key] = [out[key][row] for row in rows]
     picked["flops_fraction"] = sum(picked["flops_fractions"]) / len(rows)
+    picked["flops_vs_plain"] = sum(picked["flops_vs_plain_fractions"]) / len(rows)
     picked["units"] = sum(picked["units_per_example"]) / len(rows)
     if out.get("plan") is not None:
         picked["plan"] = out["plan"].select(torch.tensor(rows, device=out["plan"].layer_mask.device))
@@ -290,6 +291,8 @@ def _score_table(pl_module: L.LightningModule, metric: Metric, rows: list[dict[s
     if pl_module.scheduler is not None:
         table.append(["units run"] + [f"{row.get('units', float('nan')):.2f}" for row in rows] + pad)
         table.append(["FLOPs fraction"] + [f"{row.get('flops_fraction', float('nan')):.3f}" for row in rows] + pad)
+    if pl_module.token_selector is not None:  # the selection's own saving too: against every image token, no selector
+        table.append(["FLOPs vs plain model"] + [f"{row.get('flops_vs_plain', float('nan')):.3f}" for row in rows] + pad)
     table.append(["prefill ms / batch"] + [f"{row.get('prefill_ms', float('nan')):.1f}" for row in rows] + pad)
     table.append(["decode ms / token"] + [f"{row.get('decode_ms_per_token', float('nan')):.2f}" for row in rows] + pad)
     return header, table

@@ -23,7 +23,7 @@ from torchmetrics import Metric
 
 OVERALL = "overall"  # the key of the accuracy over every example
 # A test report's row holds the scores by group beside these columns: a question kind named like one would overwrite it.
-REPORT_COLUMNS = ("budget", "flops_fraction", "units", "prefill_ms", "decode_ms_per_token", "questions", "skipped_records")
+REPORT_COLUMNS = ("budget", "flops_fraction", "flops_vs_plain", "units", "prefill_ms", "decode_ms_per_token", "questions", "skipped_records")
 RESERVED_GROUPS = (OVERALL, *REPORT_COLUMNS)
 DEFAULT_GROUP = "all"  # the one group of GroupedExactMatch when no groups are given
 

@@ -345,12 +345,20 @@ class AdaptiveMLLM(L.LightningModule):
         if result.plan is not None:
             fractions = planner.flops_fraction(result.plan, prepared.inputs).tolist()
             units = result.plan.units.float().tolist() if result.plan.units is not None else units
+        # against the plain full model on the same request, every image token in (the paper's TFLOPs column):
+        # the prompt's tokens, plus the latency token where there is one
+        added = prepared.inputs.seq_lens - inputs.attention_mask.sum(-1)  # [B]
+        plain = [planner.cost.full_flops(int(n)) for n in batch["prompt_attention_mask"].sum(-1) + added]
+        spent = planner.flops(result.plan, prepared.inputs).tolist()
+        plain_fractions = [used / whole for used, whole in zip(spent, plain, strict=True)]
         return {
             "answers": answers,
             "answer_tokens": [len(tokens) for tokens in result.tokens],  # == its cap: cut off, no stop token
             "flops_fraction": sum(fractions) / batch_size,  # the batch's mean
             "units": sum(units) / batch_size,
             "flops_fractions": fractions,
+            "flops_vs_plain": sum(plain_fractions) / batch_size,  # the batch's mean
+            "flops_vs_plain_fractions": plain_fractions,
             "units_per_example": units,
             "budgets": prepared.inputs.budgets.float().tolist() if self.scheduler is not None else [1.0] * batch_size,
             "prefill_seconds": result.prefill_seconds,

@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,16 @@ def _in_paper_unit(column: str, value: float) -> float:
 
 def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> tuple[list[str], list[dict[str, float | None]]]:
     """The table as numbers: the column names and one dict per budget (largest first) with ``budget``,
-    ``flops_fraction`` (mean over the runs at that budget), each benchmark's headline in the paper's unit
-    and ``<benchmark> % of full`` (its score over its score at budget 1.0); None where absent."""
+    ``flops_fraction`` (mean over the runs at that budget of their FLOPs against the plain full model, every image
+    token in: the paper's TFLOPs over LLaVA's), each benchmark's headline in the paper's unit and
+    ``<benchmark> % of full`` (its score over its score at budget 1.0); None where absent."""
+    for run in runs:  # runs tested before the column existed: against the same token selection (exact without one)
+        if any("flops_fraction" in row and "flops_vs_plain" not in row for row in run.rows.values()):
+            warnings.warn(
+                f"{run.directory}: test_results.csv has no flops_vs_plain column (a run of an earlier version); its "
+                "FLOPs fraction is taken against the full model with the same token selection, not plain LLaVA",
+                stacklevel=2,
+            )
     seen: dict[str, Path] = {}
     for run in runs:
         if run.column in seen:
@@ -139,7 +148,7 @@ def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> t
     rows = []
     for budget in budgets:
         row: dict[str, float | None] = {"budget": budget}
-        fractions = [run.rows[budget]["flops_fraction"] for run in runs if "flops_fraction" in run.rows.get(budget, {})]
+        fractions = [_flops_vs_plain(run.rows[budget]) for run in runs if "flops_fraction" in run.rows.get(budget, {})]
         row["flops_fraction"] = sum(fractions) / len(fractions) if fractions else None
         for column in columns:
             run = by_column.get(column)
@@ -149,6 +158,10 @@ def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> t
             row[f"{column} % of full"] = 100 * score / full if score is not None and full else None
         rows.append(row)
     return columns, rows
+
+
+def _flops_vs_plain(row: dict[str, float]) -> float:
+    return row.get("flops_vs_plain", row["flops_fraction"])
 
 
 def _cell(value: float | None, decimals: int = 1) -> str:

@@ -29,6 +29,7 @@ class BudgetStats:
     units: float = 0.0  # sum over examples
     prefill_seconds: float = 0.0  # sum over batches
     decode_seconds_per_token: float = 0.0  # sum over batches
+    flops_vs_plain: float = 0.0  # sum over examples
     layer_usage: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L] sum of "layer ran"
     group_usage: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L, G] sum of "group ran"
     kind_examples: dict[str, float] = field(default_factory=dict)  # kind -> examples
@@ -62,6 +63,7 @@ class BudgetSweep:
         budget: float,
         question_kinds: list[str],
         flops_fraction: float,
+        flops_vs_plain: float,
         units: float,
         prefill_seconds: float,
         decode_seconds_per_token: float,
@@ -74,6 +76,7 @@ class BudgetSweep:
         stats.examples += batch
         stats.batches += 1
         stats.flops_fraction += flops_fraction * batch
+        stats.flops_vs_plain += flops_vs_plain * batch
         stats.units += units * batch
         stats.prefill_seconds += prefill_seconds
         stats.decode_seconds_per_token += decode_seconds_per_token
@@ -101,6 +104,7 @@ class BudgetSweep:
                     stats.units,
                     stats.prefill_seconds,
                     stats.decode_seconds_per_token,
+                    stats.flops_vs_plain,
                 ]
                 + [stats.kind_examples.get(kind, 0.0) for kind in kinds],
                 dtype=torch.float64,
@@ -114,10 +118,10 @@ class BudgetSweep:
                 moved = tensor.to(backend_device)
                 dist.all_reduce(moved)
                 tensor.copy_(moved.cpu())
-            merged = BudgetStats(*scalars[:6].tolist())
+            merged = BudgetStats(*scalars[:7].tolist())
             for index, kind in enumerate(kinds):
-                if scalars[6 + index] > 0:
-                    merged.kind_examples[kind] = float(scalars[6 + index])
+                if scalars[7 + index] > 0:
+                    merged.kind_examples[kind] = float(scalars[7 + index])
                     merged.layer_usage[kind] = layers[index].float()
                     merged.group_usage[kind] = groups[index].float()
             out[budget] = merged
@@ -132,10 +136,12 @@ def _collective_device() -> torch.device:
 
 
 def summary_row(stats: BudgetStats) -> dict[str, float]:
-    """Means of one budget's stats: FLOPs fraction, units, prefill ms, decode ms per token."""
+    """Means of one budget's stats: FLOPs fraction (of the full model with the same token selection, and of the
+    plain full model: every image token in), units, prefill ms, decode ms per token."""
     examples, batches = max(stats.examples, 1.0), max(stats.batches, 1.0)
     return {
         "flops_fraction": stats.flops_fraction / examples,
+        "flops_vs_plain": stats.flops_vs_plain / examples,
         "units": stats.units / examples,
         "prefill_ms": 1000 * stats.prefill_seconds / batches,
         "decode_ms_per_token": 1000 * stats.decode_seconds_per_token / batches,

@@ -123,6 +123,9 @@ def test_test_sweep_writes_table_csv_curves_and_heatmaps(in_tmp):
     assert all(f <= b + 1e-9 for f, b in zip(fractions, [1.0, 0.9, 0.75, 0.6], strict=True))
     assert fractions == sorted(fractions, reverse=True) and fractions[-1] < fractions[0]
     assert {"overall", "units", "prefill_ms", "decode_ms_per_token"} <= set(rows[0])
+    # no token selector: against the plain model is against the full model
+    assert [float(row["flops_vs_plain"]) for row in rows] == pytest.approx(fractions)
+    assert "FLOPs vs plain model" not in (runs / "test_results.md").read_text()
     for figure in ("budget_curves.png", "layer_usage.png", "group_usage.png"):
         assert (runs / figure).read_bytes()[:4] == b"\x89PNG", figure
     assert "decode ms / token" in (runs / "test_results.md").read_text()
@@ -194,3 +197,16 @@ def test_help_names_every_subcommand(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out.splitlines()[0] for name in SUBCOMMANDS) and "{fit,validate,test,predict}" in out
+
+
+def test_a_token_selectors_test_reports_flops_against_the_plain_model(in_tmp):
+    main(["test", "--config", str(RECIPE_DIR / "tiny-prumerge.yaml"), *_small_data(), "--model.eval_budgets=[1.0,0.6]",
+          "--trainer.logger=false"])  # fmt: skip
+    runs = in_tmp / "runs" / "tiny-prumerge"
+    with open(runs / "test_results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    full, reduced = rows
+    assert float(full["flops_fraction"]) == pytest.approx(1.0)  # the full model with the same selection
+    assert 0 < float(full["flops_vs_plain"]) < 1.0  # PruMerge+ kept fewer image tokens than the plain model runs
+    assert float(reduced["flops_vs_plain"]) < float(full["flops_vs_plain"])
+    assert "FLOPs vs plain model" in (runs / "test_results.md").read_text()

@@ -159,3 +159,25 @@ def test_at_least_minimum_raises_a_budget_to_the_minimum_after_selection(tokeniz
     assert out["units_per_example"] == [0.0] * len(expected)  # only the prefix and the LM head ran
     with pytest.raises(ValueError, match="outside the admissible range"):
         model.generate(batch, 0.0)
+
+
+@pytest.mark.parametrize("selector", [*SELECTORS, "none"])
+def test_flops_against_the_plain_model_count_every_image_token(tokenizer_dir, selector):
+    # the paper's TFLOPs column: a selector's row against plain LLaVA (every image token, no selector), where
+    # flops_fraction is against the full model with the same selection
+    model = _model(tokenizer_dir, SCHEDULERS["L"](), SELECTORS[selector]() if selector != "none" else None)
+    batch = _images_batch(model)
+    cost = model.scheduler.cost
+    plain = [cost.full_flops(int(n) + 1) for n in batch["prompt_attention_mask"].sum(-1)]  # prompt + latency token
+    for budget in (1.0, 0.7):
+        out = model.generate(batch, budget)
+        if selector == "none":
+            assert out["flops_vs_plain_fractions"] == pytest.approx(out["flops_fractions"], abs=1e-12)
+            continue
+        *_, seq_lens, layer_tokens = _prefill_inputs(model, batch, budget)
+        tokens = [None] * len(seq_lens) if layer_tokens is None else layer_tokens.tolist()
+        selected = [cost.full_flops(int(n), t) for n, t in zip(seq_lens, tokens, strict=True)]
+        expected = [f * s / p for f, s, p in zip(out["flops_fractions"], selected, plain, strict=True)]
+        assert out["flops_vs_plain_fractions"] == pytest.approx(expected, rel=1e-9)
+        assert all(v < f for v, f in zip(out["flops_vs_plain_fractions"], out["flops_fractions"], strict=True))
+        assert out["flops_vs_plain"] == pytest.approx(sum(expected) / len(expected), rel=1e-9)
