@@ -103,13 +103,13 @@ def export_module(
     A directory that holds files is refused unless ``overwrite``."""
     out_dir = Path(out_dir)
     _refuse_a_used_directory(out_dir, overwrite)
+    if not module.backbone.is_built:
+        module.configure_model()
     out_dir.mkdir(parents=True, exist_ok=True)
     # first in, last out: files of an earlier export half overwritten, or a scheduler not yet written, never load
     (out_dir / INCOMPLETE).write_text(
         "an export is writing this directory; if this file stays, it stopped before the end: export again with --overwrite\n"
     )
-    if not module.backbone.is_built:
-        module.configure_model()
     _write_files(module, out_dir, scheduler_spec)
     (out_dir / INCOMPLETE).unlink()
     return out_dir

@@ -211,6 +211,7 @@ class AdaptiveMLLM(L.LightningModule):
         A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
         already loaded the weights, strictly, each rank its shards."""
         self._check_lora_of(checkpoint.get(LORA_KEY))
+        self._check_optimizer_groups_of(checkpoint)
         if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None:
             trained = _trained_scheduler(checkpoint)
             if trained is not None:
@@ -408,9 +409,32 @@ class AdaptiveMLLM(L.LightningModule):
         ]
 
     # --- optimisation ----------------------------------------------------------------------------------
+    def _check_optimizer_groups_of(self, checkpoint: dict[str, Any]) -> None:
+        """A fit resumed with other optimiser groups than it saved is named with the likely cause, where torch
+        says only that the numbers of groups differ."""
+        saved = checkpoint.get("optimizer_states") or []
+        trainer = self._trainer
+        if not saved or "param_groups" not in saved[0] or trainer is None or trainer.state.fn != "fit":
+            return
+        names = [group.get("name", "rest") for group in saved[0]["param_groups"]]
+        ours = [group.get("name", "rest") for group in self.parameter_groups()]
+        if len(names) != len(ours):
+            raise ValueError(
+                f"the checkpoint's optimizer has {len(names)} parameter groups ({', '.join(names)}), this run's has "
+                f"{len(ours)} ({', '.join(ours)}): resume with the weight_decay, part_learning_rates and freeze it was "
+                "trained with (with weight_decay above 0, biases and norms have groups of their own since 2026-12-07: "
+                "a run saved before cannot resume its optimizer state; `adaptive-mllm export` its weights and "
+                "fine-tune from the export)"
+            )
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if total == 1 and self.warmup_ratio > 0:
+            rank_zero_warn(
+                "a fit of one optimizer step trains at learning rate 0: the warm-up starts from 0, as the HF Trainer's "
+                "(fast_dev_run=true checks that the pipeline runs, not that weights move; --model.warmup_ratio=0 for that)"
+            )
         schedule = partial(learning_rate_factor, total=total, warmup_ratio=self.warmup_ratio, restart=self.full_budget_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -291,8 +292,8 @@ def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path], log_dirs: Iterable
         if checkpoints:
             target = keep / ("checkpoints" if index == 0 else f"checkpoints-{index}")
             target.mkdir()
-            for path in checkpoints:  # a file, or a sharded checkpoint's directory
-                path.rename(target / path.name)
+            for path in checkpoints:  # a file, or a sharded checkpoint's directory; a checkpoint folder may lie on
+                shutil.move(path, target / path.name)  # another filesystem than the run (rename fails across them)
     for folder in log_dirs:
         versions = sorted(folder.glob("version_*")) if folder.resolve() == run_dir.resolve() else [folder]
         for path in (path for path in versions if path.is_dir()):  # not gone with RUN_FILES (lightning_logs)

@@ -11,7 +11,7 @@ so multi-GPU evaluation reports the same numbers as one device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ class BudgetStats:
     layer_usage: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L] sum of "layer ran"
     group_usage: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L, G] sum of "group ran"
     kind_examples: dict[str, float] = field(default_factory=dict)  # kind -> examples
+
+
+SUMMED = tuple(f.name for f in fields(BudgetStats) if isinstance(f.default, float))  # summed across processes by name
 
 
 def layer_usage(plan: ExecutionPlan | None, num_layers: int, batch_size: int) -> torch.Tensor:
@@ -96,19 +99,8 @@ class BudgetSweep:
         out = {}
         for budget in sorted(self.stats):  # every rank evaluates every budget
             stats = self.stats[budget]
-            scalars = torch.tensor(
-                [
-                    stats.examples,
-                    stats.batches,
-                    stats.flops_fraction,
-                    stats.units,
-                    stats.prefill_seconds,
-                    stats.decode_seconds_per_token,
-                    stats.flops_vs_plain,
-                ]
-                + [stats.kind_examples.get(kind, 0.0) for kind in kinds],
-                dtype=torch.float64,
-            )
+            sums = [getattr(stats, name) for name in SUMMED]
+            scalars = torch.tensor(sums + [stats.kind_examples.get(kind, 0.0) for kind in kinds], dtype=torch.float64)
             layers = torch.stack([stats.layer_usage.get(kind, torch.zeros(num_layers)) for kind in kinds]).double()
             groups = torch.stack(
                 [stats.group_usage.get(kind, torch.zeros(num_layers, num_groups)) for kind in kinds]
@@ -118,10 +110,10 @@ class BudgetSweep:
                 moved = tensor.to(backend_device)
                 dist.all_reduce(moved)
                 tensor.copy_(moved.cpu())
-            merged = BudgetStats(*scalars[:7].tolist())
+            merged = BudgetStats(**dict(zip(SUMMED, scalars[: len(SUMMED)].tolist(), strict=True)))
             for index, kind in enumerate(kinds):
-                if scalars[7 + index] > 0:
-                    merged.kind_examples[kind] = float(scalars[7 + index])
+                if scalars[len(SUMMED) + index] > 0:
+                    merged.kind_examples[kind] = float(scalars[len(SUMMED) + index])
                     merged.layer_usage[kind] = layers[index].float()
                     merged.group_usage[kind] = groups[index].float()
             out[budget] = merged

@@ -210,3 +210,16 @@ def test_a_token_selectors_test_reports_flops_against_the_plain_model(in_tmp):
     assert 0 < float(full["flops_vs_plain"]) < 1.0  # PruMerge+ kept fewer image tokens than the plain model runs
     assert float(reduced["flops_vs_plain"]) < float(full["flops_vs_plain"])
     assert "FLOPs vs plain model" in (runs / "test_results.md").read_text()
+
+
+def test_a_resume_with_other_optimizer_groups_is_named(in_tmp):
+    # weight decay splits biases and norms into groups of their own: torch only said the numbers of groups differ
+    fit = ["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), *_small_data(), "--trainer.limit_val_batches=0",
+           "--test_after_fit=false"]  # fmt: skip
+    with pytest.warns(UserWarning, match="a fit of one optimizer step trains at learning rate 0"):
+        main([*fit, "--trainer.max_steps=1"])
+    last = in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"optimizer has 1 parameter groups \(rest\), this run's has 2 \(rest, rest/no_decay\)"):
+        main([*fit, "--trainer.max_steps=2", "--model.weight_decay=0.1", f"--ckpt_path={last}"])
+    main([*fit, "--trainer.max_steps=2", f"--ckpt_path={last}"])  # as it was trained: resumes
+    assert torch.load(last, weights_only=False)["global_step"] == 2

@@ -283,3 +283,29 @@ def test_the_claim_file_is_not_executable(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "root" / CLAIM_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoints_on_another_filesystem_are_set_aside_too(tmp_path, monkeypatch):
+    # a checkpoint folder on another filesystem than the run: rename fails there (EXDEV), and the earlier run's other
+    # files were already moved when it did
+    import errno
+    import os
+
+    from adaptive_mllm.recipe import set_aside_run
+
+    root, elsewhere = tmp_path / "run", tmp_path / "scratch" / "checkpoints"
+    root.mkdir()
+    elsewhere.mkdir(parents=True)
+    (root / "config.yaml").write_text("old run\n")
+    (elsewhere / "last.ckpt").write_bytes(b"weights")
+    rename = os.rename
+
+    def across_filesystems(source, target, *args, **kwargs):
+        if str(elsewhere) in str(source):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", across_filesystems)
+    keep = set_aside_run(root, [elsewhere])
+    assert (keep / "config.yaml").read_text() == "old run\n" and (keep / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
+    assert not list(elsewhere.iterdir())

@@ -94,16 +94,21 @@ def _running(pid: int) -> bool:
 
 
 class DeadlineServer(ls.LitServer):
-    """LitServer that shares its HTTP processes' pids with the worker and stops when one of them exits on its own.
+    """LitServer that shares its HTTP processes' pids with the worker and stops when one of them, or the worker,
+    exits on its own.
 
-    ``http_exit`` says which exited and how (None: none did); ``serve`` exits with status 1 then."""
+    ``unexpected_exit`` says which exited and how (None: none did); ``serve`` exits with status 1 then."""
 
     def __init__(self, *args: Any, processes: ServerProcesses, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.processes = processes
-        self.http_exit: str | None = None
+        self.unexpected_exit: str | None = None
         self.http_workers: dict[int, Any] = {}
         self._stopping = threading.Event()
+        # LitServe's own worker watch polls through the queue Manager and is never stopped: after an orderly shutdown
+        # it raced the Manager's (a "Monitoring worker crashed" traceback, or a second shutdown); _watch_http,
+        # stopped before the shutdown starts, watches the worker too
+        self._monitor_workers = False
 
     def _start_server(self, *args: Any, **kwargs: Any) -> dict[int, Any]:
         workers = super()._start_server(*args, **kwargs)
@@ -118,12 +123,15 @@ class DeadlineServer(ls.LitServer):
 
     def _watch_http(self, workers: dict[int, Any]) -> None:
         while not self._stopping.wait(WATCH_SECONDS):
-            gone = [worker for worker in workers.values() if not worker.is_alive()]
-            if not gone or self._stopping.is_set():
+            http = [worker for worker in workers.values() if not worker.is_alive()]
+            model = [worker for worker in getattr(self, "inference_workers", []) if not worker.is_alive()]
+            if not (http or model) or self._stopping.is_set():
                 continue
-            code = getattr(gone[0], "exitcode", None)
-            self.http_exit = f"the HTTP server process {gone[0].name} exited (exit code {code}) while serving"
-            log.error("%s; shutting down", self.http_exit)
+            gone = (http or model)[0]
+            code = getattr(gone, "exitcode", None)
+            kind = "HTTP server" if http else "inference worker"
+            self.unexpected_exit = f"the {kind} process {gone.name} exited (exit code {code}) while serving"
+            log.error("%s; shutting down", self.unexpected_exit)
             try:
                 self._shutdown_event.set()  # what the main process waits on: LitServe's own shutdown follows
             except Exception:  # noqa: BLE001 - the Manager is gone too: the main process's SIGTERM shutdown instead

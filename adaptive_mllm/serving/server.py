@@ -146,7 +146,7 @@ def body_not_accepted(request: Request, error: RequestValidationError) -> JSONRe
 
 def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:
     """The worker's counts and the HTTP server's own: time outside the worker, deadlines met end to end, and
-    ``requests`` / ``answered`` / ``rejected`` / ``timed_out`` / ``failed`` by what each client got (these
+    ``requests`` / ``answered`` / ``rejected`` / ``timed_out`` / ``failed`` / ``disconnected`` by what each client got (these
     replace the worker's, which miss what the HTTP layer refused or timed out)."""
     return {**read_metrics(metrics_path), **times.counts()}
 
@@ -240,8 +240,8 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # a second signal during the orderly shutdown, or one while the model loads
         server.kill_now()
         raise SystemExit(130) from None
-    if server.http_exit is not None:
-        raise SystemExit(f"adaptive-mllm serve: {server.http_exit}; the server stopped")
+    if server.unexpected_exit is not None:
+        raise SystemExit(f"adaptive-mllm serve: {server.unexpected_exit}; the server stopped")
 
 
 if __name__ == "__main__":

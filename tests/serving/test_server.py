@@ -485,6 +485,33 @@ def test_the_server_exits_when_its_http_process_dies(tmp_path: Path, tokenizer_d
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def test_the_server_exits_when_its_worker_dies(tmp_path: Path, tokenizer_dir: Path):
+    """The worker is watched by the same thread as the HTTP process (LitServe's own watch raced the Manager's
+    shutdown: a "Monitoring worker crashed" traceback after an orderly stop)."""
+    process, _ = _tiny_server(tmp_path, tokenizer_dir)
+    try:
+        children = [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/stat") if _parent(path) == process.pid]
+        (worker,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(worker, signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+        deadline = time.monotonic() + 20
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(process.pid), "the HTTP process or the Manager outlived the server"
+        log = (tmp_path / "server.log").read_text()
+        assert "the inference worker process" in log and "exited (exit code -9) while serving" in log, log[-3000:]
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _parent(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_a_body_that_is_not_json_gets_the_documented_error(served):
     """An image uploaded as the body (octet-stream, multipart) is not UTF-8: FastAPI's 422 handler failed echoing
     it (a plain-text 500 and a traceback), and /metrics did not count it. The 422 now has the error format of
