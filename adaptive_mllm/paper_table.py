@@ -130,7 +130,8 @@ def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> t
     token in: the paper's TFLOPs over LLaVA's), each benchmark's headline in the paper's unit and
     ``<benchmark> % of full`` (its score over its score at budget 1.0); None where absent."""
     for run in runs:  # runs tested before the column existed: against the same token selection (exact without one)
-        if any("flops_fraction" in row and "flops_vs_plain" not in row for row in run.rows.values()):
+        older = any("flops_fraction" in row and "flops_vs_plain" not in row for row in run.rows.values())
+        if older and _selects_tokens(run.directory):
             warnings.warn(
                 f"{run.directory}: test_results.csv has no flops_vs_plain column (a run of an earlier version); its "
                 "FLOPs fraction is taken against the full model with the same token selection, not plain LLaVA",
@@ -158,6 +159,16 @@ def table_rows(runs: Sequence[Run], budgets: Sequence[float] | None = None) -> t
             row[f"{column} % of full"] = 100 * score / full if score is not None and full else None
         rows.append(row)
     return columns, rows
+
+
+def _selects_tokens(directory: Path) -> bool:
+    """Whether the run's config.yaml names a token selector (True where it cannot be told)."""
+    try:
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    model = config.get("model") if isinstance(config, dict) else None
+    return not isinstance(model, dict) or "token_selector" not in model or model["token_selector"] is not None
 
 
 def _flops_vs_plain(row: dict[str, float]) -> float:

@@ -264,3 +264,22 @@ def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path,
     assert (again / "paper_table.csv").read_text() == (out / "paper_table.csv").read_text()
     with pytest.raises(FileExistsError, match=r"table/MME: already holds a run"):
         main(table)
+
+
+def test_an_older_run_without_a_token_selector_is_taken_without_a_warning(tmp_path):
+    # before flops_vs_plain, flops_fraction was against the same selection: exact where the run had no selector
+    import warnings
+
+    from adaptive_mllm.paper_table import read_run, table_rows
+
+    run = _write_run(tmp_path / "gqa", "GQADataModule", [{"budget": 1.0, "overall": 0.5, "flops_fraction": 1.0},
+                                                         {"budget": 0.6, "overall": 0.4, "flops_fraction": 0.58}])  # fmt: skip
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": {"token_selector": None}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, rows = table_rows([read_run(str(run))])
+    assert rows[1]["flops_fraction"] == pytest.approx(0.58)
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": {"token_selector": {"class_path": "PruMergePlus"}}}))
+    with pytest.warns(UserWarning, match="no flops_vs_plain column"):
+        table_rows([read_run(str(run))])
