@@ -59,7 +59,15 @@ class SaveConfigToWandb(SaveConfigCallback):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+                logger.experiment.config.update(wandb_config(self.config.as_dict(), self.config_filename), allow_val_change=True)
+
+
+def wandb_config(config: dict[str, Any], filename: str) -> dict[str, Any]:
+    """What goes into the W&B run's config: the run's config, or a resumed fit's other config under its own key
+    (``config-resumed-<time>``), so the continued W&B run keeps the flags it was started with, as the files do."""
+    if filename.startswith("config-resumed-"):
+        return {filename.removesuffix(".yaml"): config}
+    return config
 
 
 class AdaptiveMLLMCLI(LightningCLI):

@@ -309,3 +309,13 @@ def test_checkpoints_on_another_filesystem_are_set_aside_too(tmp_path, monkeypat
     keep = set_aside_run(root, [elsewhere])
     assert (keep / "config.yaml").read_text() == "old run\n" and (keep / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
     assert not list(elsewhere.iterdir())
+
+
+def test_a_resumed_fit_with_other_flags_keeps_the_wandb_runs_first_config():
+    # a W&B run continued by a resumed fit kept only the latest flags (its config replaced in place)
+    from adaptive_mllm.recipe import wandb_config
+
+    first = {"trainer": {"max_steps": 3}, "model": {"budget": 0.6}}
+    assert wandb_config(first, "config.yaml") == first
+    resumed = {"trainer": {"max_steps": 5}, "model": {"budget": 0.6}}
+    assert wandb_config(resumed, "config-resumed-20261207-120000.yaml") == {"config-resumed-20261207-120000": resumed}
