@@ -465,41 +465,37 @@ def test_a_signal_to_the_whole_process_group_answers_the_requests_in_flight(tmp_
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_the_server_exits_when_its_http_process_dies(tmp_path: Path, tokenizer_dir: Path):
-    """LitServe watches its inference workers but not its HTTP process: when that died, the main process, the
-    Manager and the worker stayed up holding the port, /health hung, and a supervisor saw nothing to restart."""
+def _http_pid(log: Path, main_pid: int) -> int:
+    pid = int(re.search(r"Started server process \[(\d+)\]", log.read_text()).group(1))
+    assert pid != main_pid
+    return pid
+
+
+def _worker_pid(log: Path, main_pid: int) -> int:
+    children = [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/stat") if _parent(path) == main_pid]
+    (worker,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return worker
+
+
+@pytest.mark.parametrize(
+    ("find", "said"),
+    [(_http_pid, "the HTTP server process LitServer-0 exited"), (_worker_pid, "the inference worker process")],
+    ids=["http process", "worker"],
+)
+def test_the_server_exits_when_a_process_of_its_dies(tmp_path: Path, tokenizer_dir: Path, find, said):
+    """LitServe watched its inference workers (through a thread that raced the queue Manager's shutdown) but not
+    its HTTP process: when that died, the main process, the Manager and the worker stayed up holding the port,
+    /health hung, and a supervisor saw nothing to restart. One watch now covers both."""
     process, _ = _tiny_server(tmp_path, tokenizer_dir)
     try:
-        http_pid = int(re.search(r"Started server process \[(\d+)\]", (tmp_path / "server.log").read_text()).group(1))
-        assert http_pid != process.pid
-        os.kill(http_pid, signal.SIGKILL)
+        os.kill(find(tmp_path / "server.log", process.pid), signal.SIGKILL)
         assert process.wait(timeout=30) == 1
         deadline = time.monotonic() + 20
         while _group_alive(process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _group_alive(process.pid), "the worker or the Manager outlived the server"
+        assert not _group_alive(process.pid), "a process of the server outlived it"
         log = (tmp_path / "server.log").read_text()
-        assert "the HTTP server process LitServer-0 exited" in log, log[-3000:]
-    finally:
-        if _group_alive(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def test_the_server_exits_when_its_worker_dies(tmp_path: Path, tokenizer_dir: Path):
-    """The worker is watched by the same thread as the HTTP process (LitServe's own watch raced the Manager's
-    shutdown: a "Monitoring worker crashed" traceback after an orderly stop)."""
-    process, _ = _tiny_server(tmp_path, tokenizer_dir)
-    try:
-        children = [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/stat") if _parent(path) == process.pid]
-        (worker,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        os.kill(worker, signal.SIGKILL)
-        assert process.wait(timeout=30) == 1
-        deadline = time.monotonic() + 20
-        while _group_alive(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _group_alive(process.pid), "the HTTP process or the Manager outlived the server"
-        log = (tmp_path / "server.log").read_text()
-        assert "the inference worker process" in log and "exited (exit code -9) while serving" in log, log[-3000:]
+        assert said in log and "exited (exit code -9) while serving" in log, log[-3000:]
     finally:
         if _group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
