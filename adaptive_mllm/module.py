@@ -342,16 +342,16 @@ class AdaptiveMLLM(L.LightningModule):
             prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode, max_new_tokens,
         )  # fmt: skip
         answers = [decode_answer(tokenizer, tokens) for tokens in result.tokens]
-        fractions, units = [1.0] * batch_size, [float("nan")] * batch_size  # per example
-        if result.plan is not None:
-            fractions = planner.flops_fraction(result.plan, prepared.inputs).tolist()
-            units = result.plan.units.float().tolist() if result.plan.units is not None else units
+        units = [float("nan")] * batch_size  # per example
+        if result.plan is not None and result.plan.units is not None:
+            units = result.plan.units.float().tolist()
+        spent = planner.flops(result.plan, prepared.inputs)  # [B]
+        fractions = (spent / planner.full_flops(prepared.inputs)).tolist()  # 1.0 without a plan
         # against the plain full model on the same request, every image token in (the paper's TFLOPs column):
         # the prompt's tokens, plus the latency token where there is one
         added = prepared.inputs.seq_lens - inputs.attention_mask.sum(-1)  # [B]
         plain = [planner.cost.full_flops(int(n)) for n in batch["prompt_attention_mask"].sum(-1) + added]
-        spent = planner.flops(result.plan, prepared.inputs).tolist()
-        plain_fractions = [used / whole for used, whole in zip(spent, plain, strict=True)]
+        plain_fractions = [used / whole for used, whole in zip(spent.tolist(), plain, strict=True)]
         return {
             "answers": answers,
             "answer_tokens": [len(tokens) for tokens in result.tokens],  # == its cap: cut off, no stop token

@@ -64,7 +64,6 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Cell]
     (console or Console()).print(table)
 
 
-
 def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
     """A command's ``--out`` never replaces a file unasked: it may be a run's own answers, report or figure."""
     if out.is_dir():
