@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import warnings
-from collections import Counter, defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,16 @@ from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
 from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_lengths
 from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
-from adaptive_mllm.metrics import RESERVED_GROUPS, GroupedExactMatch, normalize_answer
+from adaptive_mllm.metrics import (
+    RESERVED_GROUPS,
+    GroupedExactMatch,
+    majority_baseline_accuracy,
+)
+from adaptive_mllm.metrics import majority_answers as metric_majority_answers
 
 HUMAN = "human"
 GPT = "gpt"
 DEFAULT_QUESTION_KIND = "all"
-OVERALL = "overall"  # the group of every example in accuracies (as the LightningModule names it)
 
 
 class DataError(ValueError):
@@ -535,10 +538,8 @@ def _kinds_and_answers(json_path: str | Path, ids: Collection[str] | None = None
 
 def majority_answers(train_json: str | Path) -> dict[str, str]:
     """The most common training answer per question kind (ties: alphabetically first)."""
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for kind, answer in _kinds_and_answers(train_json):
-        counts[kind][normalize_answer(answer)] += 1
-    return {kind: min(counter.items(), key=lambda item: (-item[1], item[0]))[0] for kind, counter in sorted(counts.items())}
+    pairs = _kinds_and_answers(train_json)
+    return metric_majority_answers([answer for _, answer in pairs], [kind for kind, _ in pairs])
 
 
 def majority_baseline(train_json: str | Path, eval_json: str | Path, ids: Collection[str] | None = None) -> dict[str, float]:
@@ -549,14 +550,8 @@ def majority_baseline(train_json: str | Path, eval_json: str | Path, ids: Collec
     majority = majority_answers(train_json)
     if not majority:
         return {}
-    correct: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    for kind, answer in _kinds_and_answers(eval_json, ids):
-        hit = int(majority.get(kind) == normalize_answer(answer))
-        for group in (kind, OVERALL):
-            correct[group] += hit
-            total[group] += 1
-    return {group: correct[group] / total[group] for group in total}
+    pairs = _kinds_and_answers(eval_json, ids)
+    return majority_baseline_accuracy(majority, [answer for _, answer in pairs], [kind for kind, _ in pairs])
 
 
 # --- datamodule ------------------------------------------------------------------------------------
