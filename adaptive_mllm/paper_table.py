@@ -253,12 +253,14 @@ def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Seque
     if ckpt_path:
         args += ["--ckpt_path", ckpt_path]
     code = run_test(args)
-    if code != 0:
-        raise SystemExit(
+    if code != 0:  # the table exits with the run's own code (2: a flag it refused, 143: stopped by SIGTERM, ...)
+        print(
             f"adaptive-mllm table: the test run of {data_yaml} failed (exit code {code}; its message is above). The "
             f"benchmarks evaluated before it are in {run_dir.parent}: after the fix, evaluate the others with another "
-            "--out and build the table from both with --from_runs"
+            "--out and build the table from both with --from_runs",
+            file=sys.stderr,
         )
+        raise SystemExit(code)
     if not (run_dir / RESULTS).is_file():
         raise RuntimeError(f"{run_dir / RESULTS}: the test run of {data_yaml} wrote no results there (did a flag set a logger with its own save_dir?)")
 

@@ -206,6 +206,29 @@ def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_direct
     assert calls == []
 
 
+def test_a_failed_benchmark_run_stops_the_table_with_its_exit_code(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def failing_run_test(args: list[str]) -> int:  # the second benchmark's `test` refuses a flag, as argparse does
+        calls.append(args)
+        if len(calls) == 1:
+            run_dir = Path(dict(arg.split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)["--trainer.default_root_dir"])
+            _write_run(run_dir, None, [{"budget": 1.0, "overall": 0.5}])
+            return 0
+        return 2
+
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", failing_run_test)
+    first = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    second = _benchmark_yaml(tmp_path / "mme.yaml", "MMEDataModule", root="m")
+    out = tmp_path / "table"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "r.yaml", "--benchmarks", str(first), str(second), "--budgets", "1.0", "--out", str(out)])
+    assert exit_.value.code == 2 and len(calls) == 2
+    message = capsys.readouterr().err
+    assert "mme.yaml failed (exit code 2" in message and "--from_runs" in message
+    assert (out / "POPE" / "test_results.csv").is_file() and not (out / "paper_table.csv").exists()
+
+
 def _benchmark_yaml(path: Path, class_path: str, **init_args: object) -> Path:
     path.write_text(yaml.safe_dump({"class_path": class_path, "init_args": {**init_args, "batch_size": 8, "num_workers": 0}}))
     return path
