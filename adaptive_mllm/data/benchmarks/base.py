@@ -32,6 +32,7 @@ from adaptive_mllm.data.llava_json import (
     forget_resolved_directories,
     image_inside,
 )
+from adaptive_mllm.metrics import RESERVED_GROUPS
 
 # the instructions LLaVA-1.5's evaluation appends to each benchmark's question
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -52,10 +53,25 @@ class IdOrigin:
 
 
 @dataclass(frozen=True)
+class TextOrigin:
+    """Where a question's text (and its image's name) was read: the file, the record's id as written there,
+    its position in that file (a line, a list index, a key's position) and the fields that hold the
+    question and the image. Named in the errors raised when the question's item is encoded (a prompt longer
+    than ``max_length``, an image that cannot be decoded), in place of the LLaVA loader's ``conversations``."""
+
+    path: str | Path
+    record_id: Any
+    index: int
+    field: str
+    image_field: str = "image"
+
+
+@dataclass(frozen=True)
 class BenchmarkQuestion:
     """One question of a benchmark, read from its files: the prompt text (without the image placeholder),
-    the reference answer ("" when the file has none), its group, the metric's extra fields and where its
-    id was read (None: the benchmark's source, field ``id``)."""
+    the reference answer ("" when the file has none), its group, the metric's extra fields, where its id
+    was read (None: the benchmark's source, field ``id``) and where its text was read (None: ``origin``,
+    else the source, with field ``question``)."""
 
     id: str
     image: Path | None
@@ -64,6 +80,7 @@ class BenchmarkQuestion:
     kind: str = DEFAULT_QUESTION_KIND
     extra: dict[str, Any] = field(default_factory=dict)
     origin: IdOrigin | None = None
+    text_origin: TextOrigin | None = None
 
 
 def with_suffix(text: str, suffix: str) -> str:
@@ -118,6 +135,24 @@ def require(
     return value
 
 
+def question_kind(value: Any, path: str | Path, record_id: Any, index: int | None, field_name: str) -> str:
+    """A group (question kind) read from a benchmark file: ``value`` if it is a non-empty string, the
+    default group when it is absent (None or ""), else a DataError naming the field; a group named like a
+    column of the test report (``overall``, ``budget``, ...: :data:`~adaptive_mllm.metrics.RESERVED_GROUPS`)
+    is a DataError too, as the LLaVA JSON loader's ``question_kind`` (the metric would refuse it mid-test,
+    naming no file)."""
+    if value is None or value == "":
+        return DEFAULT_QUESTION_KIND
+    if not isinstance(value, str):
+        raise DataError.at(path, f"expected a string, got {type(value).__name__}: {value!r:.80}", record_id, index, field_name)
+    if value in RESERVED_GROUPS:
+        raise DataError.at(
+            path, f"{value!r} is a column of the test report (reserved: {', '.join(RESERVED_GROUPS)}); rename the group",
+            record_id, index, field_name,
+        )  # fmt: skip
+    return value
+
+
 def inside_image_folder(folder: Path, name: str, path: str | Path, record_id: Any, index: int, field_name: str) -> Path:
     """``folder / name`` with its symlinks resolved, or a DataError naming the record when that leads out
     of ``folder`` (an absolute path, ``..``, a symlink to elsewhere): the LLaVA JSON loader's rule,
@@ -161,6 +196,37 @@ def check_unique_ids(questions: list[BenchmarkQuestion], source: str | Path) -> 
         raise DataError.at(where.path, f"duplicate id: {other} has {held_in}", where.record_id, where.index, where.field)
 
 
+def check_some_questions(questions: list[BenchmarkQuestion], source: str | Path) -> None:
+    """A DataError naming the benchmark's file when it holds no question to evaluate: a test would
+    otherwise score nothing and exit as if it had passed (Lightning only warns of an empty dataloader).
+    LlavaJsonDataset's own check (``_check_some_left``) speaks of "the JSON list", which a benchmark file
+    (a JSON object, a TSV, a folder) is not; loaders that know which file or split came up empty raise
+    their own, more precise error first."""
+    if not questions:
+        raise DataError.at(source, "no questions to evaluate: the benchmark file holds none")
+
+
+def text_origin(question: BenchmarkQuestion, source: str | Path, position: int) -> TextOrigin:
+    """Where ``question``'s text was read (its ``text_origin``; else where its id was, field ``question``)."""
+    if question.text_origin is not None:
+        return question.text_origin
+    if question.origin is not None:
+        return TextOrigin(question.origin.path, question.origin.record_id, question.origin.index, "question")
+    return TextOrigin(source, question.id, position, "question")
+
+
+def check_kinds(questions: list[BenchmarkQuestion], source: str | Path) -> None:
+    """A DataError naming the first question whose group is a column of the test report (loaders check
+    the field they read the group from, with :func:`question_kind`; this is the last line)."""
+    for position, question in enumerate(questions):
+        if question.kind in RESERVED_GROUPS:
+            where = text_origin(question, source, position)
+            raise DataError.at(
+                where.path, f"group {question.kind!r} is a column of the test report (reserved: {', '.join(RESERVED_GROUPS)})",
+                where.record_id, where.index,
+            )  # fmt: skip
+
+
 # --- dataset and collator ---------------------------------------------------------------------------
 class BenchmarkDataset(LlavaJsonDataset):
     """A benchmark's questions as LLaVA records: items are encoded by LlavaJsonDataset's code, plus the
@@ -168,13 +234,17 @@ class BenchmarkDataset(LlavaJsonDataset):
 
     LlavaJsonDataset's constructor reads a LLaVA JSON file; the benchmark's files are read by its
     datamodule instead, so this constructor sets the same attributes from the parsed questions, and
-    refuses two questions with one id as LlavaJsonDataset does (every loader's questions pass here).
+    refuses two questions with one id, and a benchmark with no question, as LlavaJsonDataset does (every
+    loader's questions pass here). An error raised when an item is encoded names the benchmark's own file,
+    record and field (each question's ``text_origin``), not LLaVA's ``conversations``.
     """
 
     def __init__(
         self, source: str | Path, questions: list[BenchmarkQuestion], input_processor: InputProcessor | None = None
     ) -> None:
+        check_some_questions(questions, source)
         check_unique_ids(questions, source)
+        check_kinds(questions, source)
         self.json_path = Path(source)  # named in every error about an item
         self.image_folder = self.json_path.parent
         self.skip_bad_records = False
@@ -197,12 +267,24 @@ class BenchmarkDataset(LlavaJsonDataset):
         ]
         self.extras = [dict(question.extra) for question in questions]
         self.references = [question.answer for question in questions]
+        self.text_origins = [text_origin(question, source, position) for position, question in enumerate(questions)]
 
     def _encode(self, record: LlavaRecord) -> dict[str, Any]:
-        item = super()._encode(record)
+        try:
+            item = super()._encode(record)
+        except DataError as error:
+            raise self._located(error, record) from error
         item["answer"] = self.references[record.index]  # also for an open record ("" when unknown)
         item.update(self.extras[record.index])
         return item
+
+    def _located(self, error: DataError, record: LlavaRecord) -> DataError:
+        """``error`` (raised by LlavaJsonDataset's encoding, which names the LLaVA record) at the benchmark's
+        own file, record and field: the image's field for an image that cannot be read, else the question's."""
+        origin = self.text_origins[record.index]
+        field_name = origin.image_field if error.field == "image" else origin.field
+        reason = error.reason if error.reason is not None else str(error)
+        return DataError.at(origin.path, reason, origin.record_id, origin.index, field_name)
 
 
 class BenchmarkCollator(LlavaCollator):

@@ -10,12 +10,14 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     existing_image,
+    question_kind,
     read_json,
     require,
     with_suffix,
 )
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import GQAAccuracy
 
 
@@ -88,15 +90,18 @@ class GQADataModule(BenchmarkDataModule):
                 if require_answers and not answer.strip():  # scored against "", every answer would be wrong
                     raise DataError.at(path, "expected a non-empty answer", question_id, index, "answer")
             types = raw.get("types")
-            kind = types.get("structural") if isinstance(types, dict) else None
+            if types is not None and not isinstance(types, dict):
+                raise DataError.at(path, f"expected a JSON object, got {type(types).__name__}: {types!r:.80}", question_id, index, "types")
+            kind = question_kind((types or {}).get("structural"), path, question_id, index, "types.structural")
             questions.append(
                 BenchmarkQuestion(
                     id=str(question_id),
                     image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "imageId"),
                     text=with_suffix(text, self.prompt_suffix),
                     answer=answer,
-                    kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+                    kind=kind,
                     origin=IdOrigin(path, question_id, index, None),
+                    text_origin=TextOrigin(path, question_id, index, "question", "imageId"),
                 )
             )
         return questions

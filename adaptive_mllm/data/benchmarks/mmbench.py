@@ -20,9 +20,11 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataset,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     options_text,
+    question_kind,
 )
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError, LlavaRecord
+from adaptive_mllm.data.llava_json import DataError, LlavaRecord
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them index + k * 1e6
@@ -31,6 +33,10 @@ CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them 
 # an option or hint written "N/A" or "NULL" is absent, one written " N/A " is not
 _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
                    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
+# the columns every MMBench release has and the prompt or the grouping reads (``answer`` is not in the test
+# split; options past B, C and D, may be absent); a misspelled ``hint`` would silently drop every hint from the
+# prompts, a misspelled ``category`` put every question in one group
+REQUIRED_COLUMNS = ("index", "question", "hint", "A", "B", "category", "image")
 
 
 def _joined(text: str, suffix: str) -> str:
@@ -50,11 +56,12 @@ def read_mmbench_rows(path: str | Path) -> list[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default
     try:
         with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
+            reader = csv.DictReader(handle, delimiter="\t")
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError.at(path, f"cannot read the TSV file: {error}") from error
-    columns = set(rows[0]) if rows else set()
-    missing = [column for column in ("index", "question", "A", "B", "image") if column not in columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:
         raise DataError.at(path, f"not an MMBench TSV: columns {missing} missing (found {sorted(columns)[:12]})", field=missing[0])
     return rows
@@ -78,9 +85,10 @@ class MMBenchDataModule(BenchmarkDataModule):
 
     Columns used: ``index``, ``question``, ``hint``, ``A``..``D`` (absent options empty), ``answer``,
     ``category``, ``image`` (base64; a short number refers to the row of that index, as some releases
-    de-duplicate images). The prompt is the hint (when there is one), the question, the options as
-    ``A. ...`` lines and the instruction, as LLaVA-1.5's model_vqa_mmbench.py with
-    ``--single-pred-prompt`` builds it. With ``circular``, every question is asked once per rotation
+    de-duplicate images); all but ``answer`` (not in the test split) and ``C`` / ``D`` must be columns of
+    the TSV, as in every MMBench release (a cell may be empty). The prompt is the hint (when there is
+    one), the question, the options as ``A. ...`` lines and the instruction, as LLaVA-1.5's
+    model_vqa_mmbench.py with ``--single-pred-prompt`` builds it. With ``circular``, every question is asked once per rotation
     of its options (as LLaVA-1.5's ``--all-rounds``) and is right only if every rotation is; a TSV that
     already holds the rotations (indices ``>= 1e6``) is grouped by ``index % 1e6`` instead. Without
     ``circular``, only the original rows (index ``< 1e6``) are asked and scored.
@@ -147,7 +155,7 @@ class MMBenchDataModule(BenchmarkDataModule):
             if not image:
                 raise DataError.at(path, "missing (expected a base64 image)", index, position, "image")
             hint = f"{row['hint']}\n" if _present(row.get("hint")) else ""
-            category = (row.get("category") or "").strip() or DEFAULT_QUESTION_KIND
+            category = question_kind((row.get("category") or "").strip(), path, index, position, "category")
             group = str(index % CIRCULAR_OFFSET if pre_expanded else index)
             rounds = len(options) if self.circular and not pre_expanded else 1
             for shift in range(rounds):
@@ -171,6 +179,7 @@ class MMBenchDataModule(BenchmarkDataModule):
                         # a repeated index repeats the ids; a rotation's own ids ("<index>-<shift>" here,
                         # index + k * 1e6 in a TSV that holds them) are distinct
                         origin=IdOrigin(path, index, position, "index"),
+                        text_origin=TextOrigin(path, index, position, "question"),
                     )
                 )
                 images.append(image)

@@ -11,6 +11,7 @@ from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     BenchmarkDataModule,
     BenchmarkQuestion,
+    TextOrigin,
     inside_image_folder,
     read_text,
     with_suffix,
@@ -120,6 +121,7 @@ class MMEDataModule(BenchmarkDataModule):
                             answer=answer,
                             kind=subtask,
                             extra={"image_id": stem},
+                            text_origin=TextOrigin(path, record_id, index, "question"),
                         )
                     )
         return questions

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import string
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
@@ -12,13 +13,34 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     existing_image,
     read_text,
     require,
     with_suffix,
 )
 from adaptive_mllm.data.llava_json import DataError
-from adaptive_mllm.metrics import POPE_SPLITS, POPEMetrics
+from adaptive_mllm.metrics import POPE_SPLITS, RESERVED_GROUPS, POPEMetrics
+
+
+def check_file_pattern(file_pattern: str) -> str:
+    """``file_pattern`` if ``{split}`` is its one placeholder, else a ValueError naming the option: without
+    ``{split}`` every split would read the same file (its questions counted once per split); another
+    placeholder has no value."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(file_pattern) if name is not None]
+    except ValueError as error:  # an unmatched brace
+        raise ValueError(f"file_pattern {file_pattern!r}: {error}; expected a file name with {{split}}") from error
+    others = sorted({name for name in names if name != "split"})
+    if others:
+        shown = ", ".join(f"{{{name}}}" for name in others)
+        raise ValueError(f"file_pattern {file_pattern!r}: unknown placeholder {shown}; the only one is {{split}}, the split's name")
+    if "split" not in names:
+        raise ValueError(
+            f"file_pattern {file_pattern!r} has no {{split}}: every split would read the same file; "
+            "use e.g. 'coco_pope_{split}.json', and splits to pick the splits"
+        )
+    return file_pattern
 
 
 class POPEDataModule(BenchmarkDataModule):
@@ -30,7 +52,7 @@ class POPEDataModule(BenchmarkDataModule):
         question_folder: the folder of the split files.
         image_folder: COCO ``val2014``.
         splits: which splits to read.
-        file_pattern: a split's file name, ``{split}`` replaced.
+        file_pattern: a split's file name, ``{split}`` (its one placeholder, required) replaced.
         prompt_suffix: the instruction after each question.
     """
 
@@ -50,7 +72,10 @@ class POPEDataModule(BenchmarkDataModule):
         self.splits = list(POPE_SPLITS) if splits is None else list(splits)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits must be distinct split names, got {self.splits}")
-        self.file_pattern = file_pattern
+        reserved = [split for split in self.splits if split in RESERVED_GROUPS]
+        if reserved:  # a split is the group its scores are reported by
+            raise ValueError(f"splits {reserved} are columns of the test report (reserved: {', '.join(RESERVED_GROUPS)})")
+        self.file_pattern = check_file_pattern(file_pattern)
         self.prompt_suffix = prompt_suffix
 
     @property
@@ -59,8 +84,9 @@ class POPEDataModule(BenchmarkDataModule):
 
     def _lines(self, path: Path) -> list[tuple[int, dict]]:
         records = []
+        text = read_text(path)
         # the lines as open() splits them (universal newlines), of text read_text has checked is UTF-8
-        for index, line in enumerate(io.StringIO(read_text(path), newline=None)):
+        for index, line in enumerate(io.StringIO(text, newline=None)):
             if not line.strip():
                 continue
             try:
@@ -70,6 +96,9 @@ class POPEDataModule(BenchmarkDataModule):
             if not isinstance(raw, dict):
                 raise DataError.at(path, f"expected one JSON object per line, got {type(raw).__name__}", None, index, "line")
             records.append((index, raw))
+        if not records:  # the split's scores would silently be missing from the mean F1
+            what = "0 bytes" if not text else "only blank lines"
+            raise DataError.at(path, f"no questions ({what}); every split file holds one JSON object per line")
         return records
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
@@ -94,6 +123,7 @@ class POPEDataModule(BenchmarkDataModule):
                         answer=label,
                         kind=split,
                         origin=IdOrigin(path, question_id, index, "question_id"),
+                        text_origin=TextOrigin(path, question_id, index, "text"),
                     )
                 )
         return questions

@@ -12,14 +12,16 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     existing_image,
     inside_image_folder,
     options_text,
+    question_kind,
     read_json,
     require,
     with_suffix,
 )
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
 
 
@@ -76,46 +78,58 @@ class ScienceQADataModule(BenchmarkDataModule):
             found = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
             raise DataError.at(self.pid_splits_json, f"expected a JSON object with a {self.split!r} list of pids, found {found}", field=self.split)
         folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "images" / self.split
+        position = {pid: place for place, pid in enumerate(problems)}  # a problem's record in problems.json
         questions = []
         for index, pid in enumerate(splits[self.split]):
             pid = str(pid)
             if pid not in problems:
                 raise DataError.at(self.pid_splits_json, f"pid {pid!r} is not in {path}", pid, index, self.split)
-            raw = problems[pid]
-            image_name = raw.get("image") if isinstance(raw, dict) else None
-            if self.images_only and not image_name:
-                continue
-            text = require(raw, "question", str, path, pid, index)
-            choices = require(raw, "choices", list, path, pid, index)
+            raw, at = problems[pid], position[pid]
+            # every problem of the split is checked: only a well-formed one without an image is left out of
+            # SQA-IMG (the reference's rule), never one whose fields cannot be read
+            if not isinstance(raw, dict):
+                raise DataError.at(path, f"expected a JSON object, got {type(raw).__name__}: {raw!r:.80}", pid, at, "record")
+            text = require(raw, "question", str, path, pid, at)
+            choices = require(raw, "choices", list, path, pid, at)
             if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
-                raise DataError.at(path, f"expected 2 to {len(LETTERS)} option strings, got {choices!r:.80}", pid, index, "choices")
+                raise DataError.at(path, f"expected 2 to {len(LETTERS)} option strings, got {choices!r:.80}", pid, at, "choices")
             answer = ""
             if require_answers or raw.get("answer") is not None:
-                position = require(raw, "answer", int, path, pid, index)
-                if not 0 <= position < len(choices):
-                    raise DataError.at(path, f"option index {position} out of range for {len(choices)} choices", pid, index, "answer")
-                answer = LETTERS[position]
+                choice = require(raw, "answer", int, path, pid, at)
+                if not 0 <= choice < len(choices):
+                    raise DataError.at(path, f"option index {choice} out of range for {len(choices)} choices", pid, at, "answer")
+                answer = LETTERS[choice]
             hint = raw.get("hint")
-            context = f"Context: {hint.strip()}\n" if isinstance(hint, str) and hint.strip() else ""
+            if hint is not None and not isinstance(hint, str):
+                raise DataError.at(path, f"expected a string, got {type(hint).__name__}: {hint!r:.80}", pid, at, "hint")
+            image_name = raw.get("image")
+            if image_name is not None and (not isinstance(image_name, str) or not image_name):
+                raise DataError.at(path, f"expected a file name or null, got {image_name!r:.80}", pid, at, "image")
+            kind = question_kind(raw.get("subject"), path, pid, at, "subject")
+            if self.images_only and image_name is None:
+                continue
+            context = f"Context: {hint.strip()}\n" if hint is not None and hint.strip() else ""
             image = None
-            if image_name:
-                if not isinstance(image_name, str):
-                    raise DataError.at(path, f"expected a file name, got {image_name!r:.80}", pid, index, "image")
+            if image_name is not None:
                 # both the pid (the image's folder) and the name come from the files: each must stay inside
                 inside_image_folder(folder, pid, self.pid_splits_json, pid, index, self.split)
-                image = existing_image(folder, os.path.join(pid, image_name), path, pid, index, "image")
-            subject = raw.get("subject")
+                image = existing_image(folder, os.path.join(pid, image_name), path, pid, at, "image")
             questions.append(
                 BenchmarkQuestion(
                     id=pid,
                     image=image,
                     text=with_suffix(f"{context}{text.strip()}\n{options_text(choices)}", self.prompt_suffix),
                     answer=answer,
-                    kind=subject if isinstance(subject, str) and subject else DEFAULT_QUESTION_KIND,
+                    kind=kind,
                     extra={"num_choices": len(choices)},
                     origin=IdOrigin(self.pid_splits_json, pid, index, self.split),
+                    text_origin=TextOrigin(path, pid, at, "question"),
                 )
             )
+        if not questions:  # SQA-I would score nothing; torch's empty-loader warning names no file
+            listed = len(splits[self.split])
+            why = f"none of the split's {listed} problems has an image (images_only keeps those)" if listed else "the split lists no problem"
+            raise DataError.at(self.pid_splits_json, f"no questions to evaluate: {why}", field=self.split)
         return questions
 
     def make_metric(self, stage: str = "test") -> MultipleChoiceAccuracy:

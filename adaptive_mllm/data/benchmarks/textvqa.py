@@ -11,6 +11,7 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     existing_image,
     read_json,
     require,
@@ -124,6 +125,7 @@ class TextVQADataModule(BenchmarkDataModule):
                     answer=answer,
                     extra={"all_answers": list(humans), "question_id": question_id},
                     origin=IdOrigin(path, question_id, index, "question_id"),
+                    text_origin=TextOrigin(path, question_id, index, "question", "image_id"),
                 )
             )
         return questions

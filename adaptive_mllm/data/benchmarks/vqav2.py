@@ -11,13 +11,15 @@ from adaptive_mllm.data.benchmarks.base import (
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
+    TextOrigin,
     existing_image,
     plain_name,
+    question_kind,
     read_json,
     require,
     with_suffix,
 )
-from adaptive_mllm.data.llava_json import DEFAULT_QUESTION_KIND, DataError
+from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import VQAAccuracy
 
 TEST2015_QUESTIONS = "v2_OpenEnded_mscoco_test2015_questions.json"  # every test question; EvalAI's files cover it
@@ -100,7 +102,8 @@ class VQAv2DataModule(BenchmarkDataModule):
             return str(Path(self.questions_json).with_name(TEST2015_QUESTIONS))
         return self.questions_json
 
-    def _annotations(self, require_answers: bool) -> dict[int, dict]:
+    def _annotations(self, require_answers: bool) -> dict[int, tuple[int, dict]]:
+        """Each annotation (with its position in the annotations file) by question id."""
         if self.annotations_json is None:
             if require_answers:
                 raise ValueError("VQAv2DataModule: scoring needs annotations_json (the official annotations file)")
@@ -118,7 +121,7 @@ class VQAv2DataModule(BenchmarkDataModule):
                 raise DataError.at(
                     self.annotations_json, "expected a non-empty list of {'answer': str} objects", question_id, index, "answers"
                 )
-            by_question[question_id] = raw
+            by_question[question_id] = (index, raw)
         return by_question
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:
@@ -140,21 +143,24 @@ class VQAv2DataModule(BenchmarkDataModule):
             image_id = require(raw, "image_id", int, self.questions_json, question_id, index)
             text = require(raw, "question", str, self.questions_json, question_id, index)
             image = existing_image(folder, f"{prefix}{image_id:012d}.jpg", self.questions_json, question_id, index, "image_id")
-            annotation = annotations.get(question_id)
+            annotation_index, annotation = annotations.get(question_id, (None, None))
             if annotation is None and self.annotations_json is not None:
                 raise DataError.at(self.annotations_json, "no annotation for this question", question_id, index, "question_id")
             humans = [a["answer"] for a in annotation["answers"]] if annotation else []
             answer = annotation.get("multiple_choice_answer") if annotation else None
-            kind = annotation.get("answer_type") if annotation else None
+            kind = question_kind(
+                annotation.get("answer_type") if annotation else None, str(self.annotations_json), question_id, annotation_index, "answer_type"
+            )
             questions.append(
                 BenchmarkQuestion(
                     id=str(question_id),
                     image=image,
                     text=with_suffix(text, self.prompt_suffix),
                     answer=answer if isinstance(answer, str) else (humans[0] if humans else ""),
-                    kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+                    kind=kind,
                     extra={"all_answers": humans, "question_id": question_id},
                     origin=IdOrigin(self.questions_json, question_id, index, "question_id"),
+                    text_origin=TextOrigin(self.questions_json, question_id, index, "question", "image_id"),
                 )
             )
         if not require_answers and not Path(self.submission_questions()).is_file():

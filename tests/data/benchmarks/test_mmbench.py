@@ -16,6 +16,7 @@ from adaptive_mllm.data.benchmarks import (
     write_submission,
 )
 from adaptive_mllm.metrics import MultipleChoiceAccuracy
+from tests.data.benchmarks.conftest import MMBENCH_COLUMNS
 
 
 def test_circular_rotations(mmbench_files, first_batch, prompts_of):
@@ -89,13 +90,38 @@ def test_missing_answer(mmbench_tsv, first_batch):
 
 def test_not_an_mmbench_tsv(mmbench_tsv):
     path = mmbench_tsv(columns=["index", "question", "answer"])
-    with pytest.raises(DataError, match=r"not an MMBench TSV: columns \['A', 'B', 'image'\] missing"):
+    with pytest.raises(DataError, match=r"not an MMBench TSV: columns \['hint', 'A', 'B', 'category', 'image'\] missing"):
         MMBenchDataModule(str(path)).setup("test")
 
 
+@pytest.mark.parametrize(("column", "typo"), [("hint", "hnt"), ("category", "categroy")])
+def test_a_tsv_without_the_hint_or_category_column_is_refused(mmbench_tsv, column, typo):
+    # every MMBench release has both: without hint every prompt would lose its hint (LLaVA's model_vqa_mmbench.py
+    # reads it), without category every question would land in one group
+    columns = [typo if name == column else name for name in MMBENCH_COLUMNS]
+    path = mmbench_tsv(lambda rows: [row.update({typo: row.pop(column)}) for row in rows], columns=columns)
+    with pytest.raises(DataError) as error:
+        MMBenchDataModule(str(path)).setup("test")
+    assert str(error.value).startswith(f"{path}, field {column!r}: not an MMBench TSV: columns [{column!r}] missing")
+
+
+def test_a_test_split_tsv_without_answer_column_still_reads(mmbench_tsv, first_batch):
+    columns = [name for name in MMBENCH_COLUMNS if name != "answer"]  # MMBench's test split has no answers
+    batch = first_batch(MMBenchDataModule(str(mmbench_tsv(columns=columns)), circular=False, batch_size=8), "predict")
+    assert batch["ids"] == ["0", "1"] and batch["answers"] == ["", ""]
+
+
+def test_a_tsv_with_a_header_only_has_no_questions(mmbench_tsv):
+    path = mmbench_tsv(lambda rows: rows.clear())
+    with pytest.raises(DataError, match="no questions to evaluate") as error:
+        MMBenchDataModule(str(path)).setup("test")
+    assert error.value.json_path == str(path)
+
+
 def test_bad_base64_image(mmbench_tsv, first_batch):
+    # the TSV's row (index 0, its first row) and column, not the rotation's record id ("0-0")
     path = mmbench_tsv(lambda rows: rows[0].update(image="not base64!"))
-    with pytest.raises(DataError, match=r"record id '0-0' \(index 0\), field 'image': cannot read image"):
+    with pytest.raises(DataError, match=r"mmbench.tsv, record id 0 \(index 0\), field 'image': cannot read image"):
         first_batch(MMBenchDataModule(str(path), batch_size=8))
 
 

@@ -54,3 +54,41 @@ def test_bad_label(pope_files):
 def test_missing_split_file(pope_files):
     with pytest.raises(DataError, match="coco_pope_other.json: file not found"):
         POPEDataModule(str(pope_files["questions"]), str(pope_files["images"]), splits=["other"]).setup("test")
+
+
+@pytest.mark.parametrize(("content", "what"), [("", "0 bytes"), ("\n  \n\r\n", "only blank lines")], ids=["0-bytes", "blank-lines"])
+def test_a_split_file_with_no_question_is_refused(pope_files, content, what):
+    # its split would be left out of the mean F1 without a word
+    path = pope_files["questions"] / "coco_pope_random.json"
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        POPEDataModule(str(pope_files["questions"]), str(pope_files["images"])).setup("test")
+    assert str(error.value).startswith(f"{path}: no questions ({what})")
+    assert error.value.json_path == str(path)
+
+
+def test_a_file_pattern_without_split_is_refused(pope_files):
+    # every split would read that one file: its questions counted once per split
+    with pytest.raises(ValueError, match=r"file_pattern 'coco_pope_random.json' has no \{split\}: every split would read the same file"):
+        POPEDataModule(str(pope_files["questions"]), str(pope_files["images"]), file_pattern="coco_pope_random.json")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("coco_{name}.json", r"file_pattern 'coco_\{name\}.json': unknown placeholder \{name\}; the only one is \{split\}"),
+        ("coco_{split}_{}.json", r"file_pattern 'coco_\{split\}_\{\}.json': unknown placeholder \{\}"),
+        ("coco_{split}_{0}.json", r"file_pattern 'coco_\{split\}_\{0\}.json': unknown placeholder \{0\}"),
+        ("coco_{split.json", r"file_pattern 'coco_\{split.json': .*expected a file name with \{split\}"),
+    ],
+)
+def test_a_file_pattern_with_another_placeholder_is_refused(pope_files, pattern, expected):
+    with pytest.raises(ValueError, match=expected):
+        POPEDataModule(str(pope_files["questions"]), str(pope_files["images"]), file_pattern=pattern)
+
+
+def test_a_file_pattern_with_split_still_reads(tmp_path, pope_files, first_batch):
+    for path in pope_files["questions"].glob("coco_pope_*.json"):
+        path.rename(path.with_name(path.name.replace("coco_pope_", "pope-")))
+    dm = POPEDataModule(str(pope_files["questions"]), str(pope_files["images"]), file_pattern="pope-{split}.json", batch_size=6)
+    assert first_batch(dm)["ids"][-2:] == ["random-1", "random-2"]

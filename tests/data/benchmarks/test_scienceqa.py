@@ -68,3 +68,55 @@ def test_missing_splits_file(scienceqa_files):
     scienceqa_files["splits"].unlink()
     with pytest.raises(DataError, match="pid_splits.json: file not found"):
         ScienceQADataModule(str(scienceqa_files["problems"])).setup("test")
+
+
+def _edit_problem(path, pid, edit):
+    problems = json.loads(path.read_text())
+    edit(problems, pid)
+    path.write_text(json.dumps(problems))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("pid", "edit", "field", "reason"),
+    [
+        ("9", lambda p, pid: p.update({pid: ["oops"]}), "record", "expected a JSON object, got list"),
+        ("9", lambda p, pid: p.update({pid: "oops"}), "record", "expected a JSON object, got str"),
+        ("9", lambda p, pid: p[pid].update(image=5), "image", "expected a file name or null, got 5"),
+        ("9", lambda p, pid: p[pid].update(image=""), "image", "expected a file name or null, got ''"),
+        ("9", lambda p, pid: p[pid].update(hint=["x"]), "hint", "expected a string, got list"),
+        ("9", lambda p, pid: p[pid].update(subject=3), "subject", "expected a string, got int"),
+        ("9", lambda p, pid: p[pid].pop("question"), "question", "missing"),
+        # 11 has no image: left out of SQA-IMG, but only once it reads as a problem
+        ("11", lambda p, pid: p[pid].update(choices="run, dog"), "choices", "expected list, got str"),
+        ("11", lambda p, pid: p[pid].update(answer="1"), "answer", "expected int, got str"),
+    ],
+    ids=["list", "string", "image-int", "image-empty", "hint-list", "subject-int", "no-question", "text-only-choices", "text-only-answer"],
+)
+def test_a_malformed_problem_is_refused_not_skipped(scienceqa_files, pid, edit, field, reason):
+    path = _edit_problem(scienceqa_files["problems"], pid, edit)
+    index = list(json.loads(path.read_text())).index(pid)  # the problem's place in problems.json
+    with pytest.raises(DataError) as error:
+        ScienceQADataModule(str(path)).setup("test")
+    assert str(error.value).startswith(f"{path}, record id {pid!r} (index {index}), field {field!r}: {reason}")
+    assert (error.value.json_path, error.value.record_id, error.value.field) == (str(path), pid, field)
+
+
+@pytest.mark.parametrize("edit", [lambda raw: raw.update(image=None), lambda raw: raw.pop("image")], ids=["null", "absent"])
+def test_a_well_formed_problem_without_image_is_left_out(scienceqa_files, first_batch, edit):
+    path = _edit_problem(scienceqa_files["problems"], "9", lambda p, pid: edit(p[pid]))
+    assert first_batch(ScienceQADataModule(str(path), batch_size=4))["ids"] == ["5"]
+    assert first_batch(ScienceQADataModule(str(path), images_only=False, batch_size=4))["has_image"].tolist() == [True, False, False]
+
+
+def test_a_split_with_no_image_problem_is_refused(scienceqa_files):
+    path = scienceqa_files["splits"]
+    path.write_text(json.dumps({"test": ["11"]}))
+    with pytest.raises(DataError) as error:
+        ScienceQADataModule(str(scienceqa_files["problems"])).setup("test")
+    assert str(error.value) == (
+        f"{path}, field 'test': no questions to evaluate: none of the split's 1 problems has an image (images_only keeps those)"
+    )
+    path.write_text(json.dumps({"test": []}))
+    with pytest.raises(DataError, match=r"field 'test': no questions to evaluate: the split lists no problem"):
+        ScienceQADataModule(str(scienceqa_files["problems"]), images_only=False).setup("test")
