@@ -27,8 +27,14 @@ import torch
 
 from adaptive_mllm.serving.api import budget_that_ran, collate, smallest_budget
 from adaptive_mllm.serving.latency import LatencyModel
-from adaptive_mllm.serving.requests import ChatRequest, RequestError, RequestLimits, parse_chat_request
-from adaptive_mllm.serving.server import build_model, check_model_files, check_profile
+from adaptive_mllm.serving.requests import (
+    ChatRequest,
+    RequestError,
+    RequestLimits,
+    parse_chat_request,
+    read_request_image,
+)
+from adaptive_mllm.serving.server import build_model, check_device, check_model_files, check_profile
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,35 +65,62 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
             p.error(f"--deadline_ms: {deadline} must be > 0")
     if args.deadline_ms and args.profile is None:
         p.error("--deadline_ms needs --profile: a latency profile of this machine (`adaptive-mllm profile`)")
-    if args.margin < 0:
-        p.error(f"--margin {args.margin} must be >= 0")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        p.error(f"--margin {args.margin} must be a finite number >= 0")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
     if args.export_dir is None and args.config is None:
         p.error("give --export_dir, or --config (with --ckpt_path for trained weights)")
+    check_device(p, args.device)
 
 
 def encode_question(model: Any, image: Path, question: str, max_new_tokens: int | None) -> ChatRequest:
     """The prompt a server request with this question and image gets, with the same checks (a readable image of a
     sane size, a prompt that fits the model); the image may be any file, its own folder is the one allowed."""
+    if image.is_dir():
+        raise SystemExit(f"--image {image} is a directory; name an image file")
     if not image.is_file():
         raise SystemExit(f"--image {image}: no such file")
     if "<image>" in question:
         raise SystemExit("--question: leave <image> out; the image goes before the question, as in LLaVA's data")
     image = image.resolve()  # the file given, wherever a link leads: its folder is the one allowed
     # "./": a path whatever the name (a name starting "data:" would be read as a data URL)
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": f"./{image.name}"}}]}]}
+    url = f"./{image.name}"
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]}
     if max_new_tokens is not None:
         body["max_tokens"] = max_new_tokens
     limits = RequestLimits(str(image.parent))
+    processor = model.backbone.input_processor()
+    pixels = read_request_image(body, processor, limits)  # read once: a second parse below reuses it
     try:
-        return parse_chat_request(body, model.backbone.input_processor(), model.max_new_tokens, limits)
+        return parse_chat_request(body, processor, model.max_new_tokens, limits, pixels)
     except RequestError as error:
-        option = f"--image {image}" if "image" in error.field else "--max_new_tokens" if error.field == "max_tokens" else "--question"
+        if "image" in error.field:  # the server's path in the message is the option's file here
+            message = error.message.removeprefix(f"{url}: ").replace(repr(url), repr(str(image))).replace(url, str(image))
+            raise SystemExit(f"--image {image}: {message}") from None
+        if error.field == "messages" and max_new_tokens is not None:
+            _answer_too_long(body, processor, model.max_new_tokens, limits, pixels, max_new_tokens)
+        option = "--max_new_tokens" if error.field == "max_tokens" else "--question"
         raise SystemExit(f"{option}: {error.message}") from None
+
+
+def _answer_too_long(
+    body: dict[str, Any], processor: Any, cap: int, limits: RequestLimits, pixels: Any, max_new_tokens: int
+) -> None:
+    """SystemExit naming --max_new_tokens when the prompt fits the model with a one-token answer, so that the answer's
+    length is what makes it too long (else the caller names --question)."""
+    try:
+        prompt = parse_chat_request({**body, "max_tokens": 1}, processor, cap, limits, pixels)
+    except RequestError:
+        return  # too long even so: the question is
+    room = processor.max_length - len(prompt.prompt_ids) - 1  # - the latency token
+    raise SystemExit(
+        f"--max_new_tokens {max_new_tokens}: the prompt is {len(prompt.prompt_ids)} tokens; with {max_new_tokens} "
+        f"answer tokens it exceeds the model's maximum length {processor.max_length} (at most {room} fit)"
+    )
 
 
 def answer(model: Any, request: ChatRequest, budget: float, device: torch.device) -> dict[str, Any]:

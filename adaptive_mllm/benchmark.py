@@ -18,6 +18,7 @@ device's memory bandwidth (:data:`BANDWIDTH_GBS`, or ``--bandwidth_gbs``).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Any
@@ -307,6 +308,27 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             )
 
 
+def check_against_model(parser: argparse.ArgumentParser, model: AdaptiveMLLM, own: argparse.Namespace) -> None:
+    """Refuse, before the weights are built and minutes are spent timing, a prompt the model cannot take (no more
+    tokens than its image placeholders; with the latency token and ``--decode_tokens``, over its maximum length)
+    and budgets its scheduler cannot meet for that prompt. ``model``: the recipe's, on the meta device will do."""
+    backbone = model.backbone
+    if own.prompt_length <= backbone.num_image_tokens:
+        parser.error(f"--prompt_length {own.prompt_length} must exceed the model's {backbone.num_image_tokens} image placeholders")
+    seq_len = own.prompt_length + int(model.planner.uses_latency_token)
+    if seq_len + own.decode_tokens > backbone.max_length:
+        latency = " + 1 latency token" if seq_len > own.prompt_length else ""
+        parser.error(
+            f"--prompt_length {own.prompt_length} + --decode_tokens {own.decode_tokens}{latency} is "
+            f"{seq_len + own.decode_tokens} tokens, more than the model's maximum length {backbone.max_length}"
+        )
+    if model.scheduler is not None:
+        try:
+            model.scheduler.check_budgets(torch.tensor(own.budgets, dtype=torch.float32), torch.full((len(own.budgets),), seq_len))
+        except ValueError as error:
+            parser.error(f"--budgets: {error}")
+
+
 def main(argv: list[str]) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="adaptive-mllm benchmark", description=__doc__)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.55])
@@ -327,8 +349,14 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
             parser.error(f"--{name} must be >= 1, got {getattr(own, name)}")
     if not all(0.0 < budget <= 1.0 for budget in own.budgets):
         parser.error(f"--budgets must be in (0, 1], got {own.budgets}")
+    if own.bandwidth_gbs is not None and not (math.isfinite(own.bandwidth_gbs) and own.bandwidth_gbs > 0):
+        parser.error(f"--bandwidth_gbs {own.bandwidth_gbs} must be a finite number > 0")
+    from adaptive_mllm.serving.server import check_device
+
+    check_device(parser, own.device)
     if 1.0 not in own.budgets:  # every ratio is to the full model: it is timed too, not the largest budget asked
         own.budgets = [1.0, *own.budgets]
+    check_against_model(parser, build_model(rest, "meta"), own)  # shapes only: no weights made or read
     model = build_model(rest, own.device)
     model.to(own.device)
     rows = run_benchmark(

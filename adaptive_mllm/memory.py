@@ -21,6 +21,7 @@ the data loader; docs/distributed.md compares the result with the AdaLLaVA relea
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,11 @@ def main(argv: list[str]) -> MemoryPlan:
             parser.error(f"{flag} must be >= 1, got {value}")
     settings = _trainer_settings(own.config)
     cli = build_on_meta(["--config", own.config, *rest])
+    longest = cli.model.backbone.max_length + 1  # + the latency token: the default
+    if own.seq_len is not None and own.seq_len > longest:  # a plan for a longer context than the recipe's is legitimate
+        print(f"warning: --seq_len {own.seq_len} is longer than the recipe's records can be ({longest} tokens: the model's "
+              f"maximum length {longest - 1} + the latency token); to train on it, raise model.backbone.init_args.max_length",
+              file=sys.stderr)  # fmt: skip
     batch_size = own.batch_size or getattr(cli.datamodule, "batch_size", None) or 1
     devices = (own.devices or settings["devices"]) * (own.num_nodes or settings["num_nodes"])
     low_precision = settings["param_dtype"] in ("bfloat16", "float16")

@@ -143,3 +143,45 @@ def test_a_model_without_a_scheduler_answers_whole_and_refuses_other_budgets(rec
     assert "units" not in capsys.readouterr().out.splitlines()[-1]  # a full model has no units to count
     with pytest.raises(SystemExit, match="this model has no scheduler, it always runs whole"):
         main(["--config", str(recipe), "--model.scheduler=null", "--image", str(image), "--question", QUESTION, "--budgets", "0.5"])
+
+
+def test_bad_options_are_named_each_for_what_is_wrong(recipe, image, tmp_path, capsys, monkeypatch):
+    """Each of these was reported against another option, or named none."""
+    common = ["--config", str(recipe), "--question", QUESTION]
+    # the answer's length, not the question, is what does not fit
+    with pytest.raises(SystemExit) as error:
+        main([*common, "--image", str(image), "--max_new_tokens", "100000"])
+    message = str(error.value.code)
+    assert message.startswith("--max_new_tokens 100000: the prompt is ") and "exceeds the model's maximum length" in message
+    assert "--question" not in message
+    with pytest.raises(SystemExit, match=r"--question: the prompt is \d+ tokens"):  # a question too long even so
+        main([*common[:2], "--question", "shapes " * 400, "--image", str(image), "--max_new_tokens", "2"])
+    # a folder is not "no such file"
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(SystemExit, match=r"--image .*folder.png is a directory; name an image file"):
+        main([*common, "--image", str(tmp_path / "folder.png")])
+    # an unreadable image names the file, not PIL's in-memory buffer
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit) as error:
+        main([*common, "--image", str(tmp_path / "notes.png")])
+    message = str(error.value.code)
+    notes = str((tmp_path / "notes.png").resolve())
+    assert message == f"--image {notes}: not a readable image (UnidentifiedImageError: cannot identify image file {notes!r})"
+    # CUDA asked for where there is none: said before the model loads, naming --device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit) as error:
+            main([*common, "--image", str(image), "--device", device])
+        assert error.value.code == 2 and f"--device {device}: CUDA is not available on this machine" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        main([*common, "--image", str(image), "--device", "gpu"])
+    assert error.value.code == 2 and "--device gpu: not a device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("margin", ["nan", "inf", "-0.1"])
+def test_a_margin_that_is_not_a_finite_number_at_least_0_is_refused(recipe, image, tmp_path, margin, capsys):
+    """``--margin nan`` was accepted: every deadline then ran at the smallest budget, flagged unmeetable."""
+    with pytest.raises(SystemExit) as error:
+        main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--profile", str(tmp_path / "p.json"),
+              "--deadline_ms", "50", "--margin", margin])  # fmt: skip
+    assert error.value.code == 2 and f"--margin {float(margin)} must be a finite number >= 0" in capsys.readouterr().err

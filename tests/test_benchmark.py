@@ -38,16 +38,61 @@ def test_benchmark_reports_ratios_and_flops(tmp_path, monkeypatch, capsys):
     assert all(by_budget[b]["mode_decode_s"] > 0 and by_budget[b]["limit_s"] is None for b in (1.0, 0.8, 0.6))
 
 
-def test_benchmark_rejects_a_budget_below_the_prefix(tmp_path, monkeypatch):
+TINY = ["--config", str(RECIPES / "tiny.yaml"), "--data.init_args.num_train=16", "--data.init_args.num_val=8",
+        "--data.init_args.num_test=8"]  # fmt: skip
+
+
+@pytest.fixture
+def built_on(monkeypatch):
+    """The devices the benchmark built its model on: refused input must stop at the shapes (meta), before any weights."""
+    from adaptive_mllm import benchmark
+
+    devices = []
+    real = benchmark.build_model
+
+    def build(args, device="cpu"):
+        devices.append(device)
+        return real(args, device)
+
+    monkeypatch.setattr(benchmark, "build_model", build)
+    return devices
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        # 1 of 8 layers always runs: >= 0.125; it failed after the build, naming no option
+        (["--budgets", "0.1", "--prompt_length", "24"], "--budgets: budget 0.1 (example 1) is outside the admissible range"),
+        # the tiny recipe's max_length is 128: the default 600-token prompt was timed and reported
+        ([], "--prompt_length 600 + --decode_tokens 16 + 1 latency token is 617 tokens, more than the model's maximum length 128"),
+        (["--prompt_length", "24", "--decode_tokens", "500"], "--prompt_length 24 + --decode_tokens 500 + 1 latency token is 525"),
+        (["--prompt_length", "112", "--decode_tokens", "16"], "is 129 tokens, more than the model's maximum length 128"),
+    ],
+)
+def test_what_the_model_cannot_run_is_refused_before_building_or_timing(tmp_path, monkeypatch, capsys, built_on, flags, problem):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="admissible range"):
-        main(
-            [
-                "--config", str(RECIPES / "tiny.yaml"),
-                "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
-                "--budgets", "0.1", "--prompt_length", "24", "--repeats", "1",  # 1 of 8 layers always runs: >= 0.125
-            ]
-        )  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--repeats", "1", *flags])
+    assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+    assert built_on == ["meta"]
+
+
+def test_the_longest_prompt_that_fits_is_timed(tmp_path, monkeypatch, built_on):
+    from adaptive_mllm import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args: [])
+    monkeypatch.setattr(benchmark, "print_rows", lambda rows: None)
+    main([*TINY, "--prompt_length", "111", "--decode_tokens", "16", "--budgets", "1.0", "0.5"])  # 111 + 1 + 16 = 128
+    assert built_on == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf"])
+def test_a_bandwidth_that_is_not_a_positive_number_is_refused(value, capsys):
+    """``--bandwidth_gbs -5`` printed negative "vs limit" ratios."""
+    with pytest.raises(SystemExit):
+        main(["--config", "unread.yaml", "--bandwidth_gbs", value])
+    assert f"--bandwidth_gbs {float(value)} must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_benchmark_runs_a_phi_backbone(tokenizer_dir):

@@ -142,3 +142,16 @@ def test_the_lora_variant_plans_gradients_and_moments_for_the_adapters_only(toke
     assert (plan.batch_size, plan.seq_len) == (16, 2049)
     full = memory.main(["--config", str(RECIPE_DIR / "llava7b.yaml"), "--trainer.devices=8"])
     assert plan.gradients < full.gradients / 15
+
+
+def test_a_seq_len_over_the_models_maximum_is_planned_with_a_warning(tokenizer_dir, capsys):
+    """A plan for a longer context than the recipe's is a fair question (before raising max_length), so it is
+    answered, but said: the recipe itself never trains records that long."""
+    args = ["--config", str(RECIPE_DIR / "tiny.yaml"), f"--model.backbone.init_args.tokenizer={tokenizer_dir}"]
+    longer = memory.main([*args, "--seq_len", "100000"])
+    assert longer.seq_len == 100000
+    warning = capsys.readouterr().err
+    assert "warning: --seq_len 100000 is longer than the recipe's records can be (129 tokens" in warning
+    assert "model.backbone.init_args.max_length" in warning
+    longest = memory.main([*args, "--seq_len", "129"])  # max_length 128 + the latency token: the default
+    assert longest.total() == memory.main(args).total() and capsys.readouterr().err == ""

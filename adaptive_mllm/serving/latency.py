@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 
 PROFILE_FORMAT = 1
+MIN_MEASUREMENTS = 3  # the fit has 3 coefficients per stage
+
+
+def check_margin(margin: float) -> None:
+    """ValueError unless ``margin`` is a finite number >= 0 (NaN made every deadline pick the smallest budget)."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin {margin} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -62,14 +69,18 @@ class LatencyModel:
     margin: float = 0.2
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_margin(self.margin)
+
     # --- fitting and files -------------------------------------------------------------------------
     @classmethod
     def fit(cls, measurements: list[Measurement], margin: float = 0.2, meta: dict[str, Any] | None = None) -> LatencyModel:
         """Least-squares fit of both stages to a profile's measurements."""
-        if len(measurements) < 3:
-            raise ValueError(f"a latency profile needs at least 3 measurements to fit 3 coefficients, got {len(measurements)}")
-        if margin < 0:
-            raise ValueError(f"margin {margin} must be >= 0")
+        if len(measurements) < MIN_MEASUREMENTS:
+            raise ValueError(
+                f"a latency profile needs at least {MIN_MEASUREMENTS} measurements to fit 3 coefficients, got {len(measurements)}"
+            )
+        check_margin(margin)
         rows = [(m.budget, m.batch_size, m.prompt_tokens) for m in measurements]
         prefill_x = np.array([[1.0, b_size * t, b * b_size * t] for b, b_size, t in rows])
         decode_x = np.array([[1.0, b_size, b * b_size] for b, b_size, _ in rows])
@@ -91,9 +102,7 @@ class LatencyModel:
         except (KeyError, TypeError) as error:
             raise ValueError(f"latency profile: bad `measurements` ({type(error).__name__}: {error})") from error
         for index, row in enumerate(measurements):
-            values = [getattr(row, name) for name in Measurement.__dataclass_fields__]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-                raise ValueError(f"latency profile: measurements[{index}] holds a value that is not a finite number")
+            check_measurement(row, f"measurements[{index}]")
         meta = {key: value for key, value in profile.items() if key != "measurements"}
         return cls.fit(measurements, margin, meta)
 
@@ -156,6 +165,38 @@ class LatencyModel:
         return BudgetChoice(budget, predicted, met)
 
 
+# what each field of a Measurement may hold: (whole number, lowest, lowest included, highest)
+_FIELD_RANGES = {
+    "budget": (False, 0.0, True, 1.0),
+    "flops_fraction": (False, 0.0, False, 1.0),
+    "prompt_tokens": (True, 1, True, None),
+    "batch_size": (True, 1, True, None),
+    "prefill_ms": (False, 0.0, False, None),
+    "decode_ms_per_token": (False, 0.0, False, None),
+}
+_FRACTION_SLACK = 1e-9  # a FLOPs fraction of the full plan computed as flops / full may round to 1 + 1 ulp
+
+
+def check_measurement(row: Measurement, where: str) -> None:
+    """ValueError naming ``where.field`` for a value a measurement cannot hold: times > 0, ``budget`` in [0, 1],
+    ``flops_fraction`` in (0, 1], ``prompt_tokens`` and ``batch_size`` whole numbers >= 1."""
+    for name, (whole, low, low_included, high) in _FIELD_RANGES.items():
+        value = getattr(row, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"latency profile: {where}.{name} {value!r} is not a finite number")
+        if whole:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"latency profile: {where}.{name} {value!r} must be a whole number >= {low}")
+            continue
+        slack = _FRACTION_SLACK if name == "flops_fraction" else 0.0
+        if (value < low if low_included else value <= low) or (high is not None and value > high + slack):
+            if high is None:
+                expected = f"must be {'>=' if low_included else '>'} {low:g}"
+            else:
+                expected = f"must be in {'[' if low_included else '('}{low:g}, {high:g}]"
+            raise ValueError(f"latency profile: {where}.{name} {value:g} {expected}")
+
+
 def _round_down(value: float, digits: int = 6) -> float:
     """Round toward 0 so that the chosen budget never exceeds the exact solution."""
     scale = 10**digits
@@ -169,7 +210,13 @@ def save_profile(path: str | Path, measurements: list[Measurement], meta: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"format": PROFILE_FORMAT, **meta, "measurements": [asdict(m) for m in measurements]}
     LatencyModel.from_profile(profile)  # a profile the server cannot read is never written
+    if path.is_dir():
+        raise IsADirectoryError(f"latency profile {path} is a directory; name a file")
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(profile, indent=2) + "\n")
-    temporary.replace(path)  # whole or not at all: a failed write leaves no half a profile
+    try:
+        temporary.write_text(json.dumps(profile, indent=2) + "\n")
+        temporary.replace(path)  # whole or not at all: a failed write leaves no half a profile
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # nor a stray temporary file
+        raise
     return path

@@ -13,8 +13,11 @@ vision tower + projector + LLM prefill.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,8 @@ import torch
 from adaptive_mllm.benchmark import interleaved_medians, prepare_budget, synthetic_prompt
 from adaptive_mllm.decoding import resolve_mode
 from adaptive_mllm.inputs import embed_selected
-from adaptive_mllm.serving.latency import LatencyModel, Measurement, save_profile
+from adaptive_mllm.reporting import refuse_existing_output
+from adaptive_mllm.serving.latency import MIN_MEASUREMENTS, LatencyModel, Measurement, save_profile
 
 MAX_FIT_ERROR = 0.5  # a fit error above this on its own grid is warned about
 
@@ -81,13 +85,14 @@ def measure(
 
 def main(argv: list[str]) -> LatencyModel:
     """Measure, write the profile, print the fitted model's error on its own grid."""
-    from adaptive_mllm.serving.server import build_model
+    from adaptive_mllm.serving.server import build_model, check_device
 
     parser = argparse.ArgumentParser(prog="adaptive-mllm profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the recipe (with --ckpt_path: the one the checkpoint was trained with)")
     parser.add_argument("--ckpt_path", help="Lightning checkpoint; without it, random weights (timing does not depend on them)")
     parser.add_argument("--export_dir", help="a directory written by `adaptive-mllm export` (instead of --config)")
     parser.add_argument("--out", required=True, help="profile JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.85, 0.7, 0.55, 0.0], help="0 = the smallest admissible")
     parser.add_argument("--prompt_lengths", type=int, nargs="+", help="default: the image + 8 tokens, and a long prompt")
@@ -101,11 +106,15 @@ def main(argv: list[str]) -> LatencyModel:
     for name, values in counts.items():
         if not values or min(values) < 1:
             parser.error(f"{name} must be >= 1, got {values}")
+    check_grid(parser, own)
+    check_out(parser, Path(own.out), own.overwrite)
+    check_device(parser, own.device)
     if own.threads is not None:
         torch.set_num_threads(own.threads)
     model = build_model(own.config, own.ckpt_path, own.export_dir, overrides, own.device)
     model.to(own.device)
-    lengths = own.prompt_lengths or default_prompt_lengths(model, model.max_new_tokens)
+    lengths = own.prompt_lengths or default_prompt_lengths(model, max(model.max_new_tokens, own.decode_tokens))
+    check_against_model(parser, model, own.budgets, lengths, own.batch_sizes, own.decode_tokens)
     rows = measure(model, own.budgets, lengths, own.batch_sizes, own.decode_tokens, own.repeats)
     device = torch.device(own.device)
     meta = {
@@ -124,6 +133,61 @@ def main(argv: list[str]) -> LatencyModel:
     for warning in fit_warnings(latency, rows):
         print(f"warning: {warning}", file=sys.stderr)
     return latency
+
+
+def check_grid(parser: argparse.ArgumentParser, own: argparse.Namespace) -> None:
+    """Refuse, before the model loads, budgets outside [0, 1] and a grid too small for the latency model's fit."""
+    for budget in own.budgets:
+        if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
+            parser.error(f"--budgets: {budget} is outside [0, 1]")
+    lengths = len(set(own.prompt_lengths)) if own.prompt_lengths else 2  # the default: two lengths
+    points = len(set(own.budgets)) * lengths * len(set(own.batch_sizes))
+    if points < MIN_MEASUREMENTS:
+        parser.error(
+            f"the grid has {points} points ({len(set(own.budgets))} --budgets x {lengths} --prompt_lengths x "
+            f"{len(set(own.batch_sizes))} --batch_sizes); the latency model needs at least {MIN_MEASUREMENTS} to fit"
+        )
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """Refuse, before the model loads, an ``--out`` that is a directory, exists (without ``--overwrite``) or cannot
+    be created: found only once the grid was measured, these lost the whole measurement."""
+    refuse_existing_output(parser, out, overwrite)
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder: save_profile creates the missing ones
+    if not folder.is_dir():
+        parser.error(f"--out {out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: {folder} is not writable")
+
+
+def check_against_model(
+    parser: argparse.ArgumentParser, model: Any, budgets: list[float], lengths: list[int], batch_sizes: list[int], decode_tokens: int
+) -> None:
+    """Refuse, before anything is measured, prompt lengths the model cannot take (the image placeholders alone, or
+    with the latency token and ``--decode_tokens`` over its maximum length), and a grid whose budgets, raised to each
+    length's smallest admissible, leave too few distinct points to fit."""
+    backbone = model.backbone
+    latency_token = int(model.planner.uses_latency_token)
+    points = 0
+    for length in sorted(set(lengths)):
+        if length <= backbone.num_image_tokens:
+            parser.error(f"--prompt_lengths {length} must exceed the model's {backbone.num_image_tokens} image placeholders")
+        total = length + latency_token + decode_tokens
+        if total > backbone.max_length:
+            parser.error(
+                f"--prompt_lengths {length}: with --decode_tokens {decode_tokens}"
+                + (" and the latency token" if latency_token else "")
+                + f" it is {total} tokens, more than the model's maximum length {backbone.max_length}"
+            )
+        minimum = model.scheduler.cost.min_budget(length + latency_token) if model.scheduler is not None else 1.0
+        points += len({max(budget, minimum) for budget in budgets}) * len(set(batch_sizes))
+    if points < MIN_MEASUREMENTS:
+        parser.error(
+            f"the grid has {points} distinct points once --budgets below a length's smallest admissible budget are "
+            f"raised to it; the latency model needs at least {MIN_MEASUREMENTS} to fit"
+        )
 
 
 def fit_errors(latency: LatencyModel, rows: list[Measurement]) -> list[float]:

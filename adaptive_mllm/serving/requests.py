@@ -278,14 +278,19 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
             raise RequestError(400, f"invalid base64 data: {error}", field) from error
     else:
         data = _read_allowed_file(url, limits, field)
+    buffer = io.BytesIO(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(buffer)
         _check_image_size(*image.size, limits, field)
         return image.convert("RGB")  # decodes all pixels: truncated data fails here
     except RequestError:
         raise
     except Exception as error:  # noqa: BLE001 - a malformed file can make PIL's decoders raise almost anything
-        raise RequestError(400, f"not a readable image ({type(error).__name__}: {error})", field) from error
+        # PIL names the in-memory buffer (``<_io.BytesIO object at 0x...>``): the file is named instead
+        is_path = not url.startswith("data:")
+        detail = str(error).replace(repr(buffer), repr(url) if is_path else "in the data URL")
+        prefix = f"{url}: " if is_path else ""
+        raise RequestError(400, f"{prefix}not a readable image ({type(error).__name__}: {detail})", field) from error
 
 
 def _url_scheme(url: str) -> str | None:

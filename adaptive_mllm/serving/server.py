@@ -11,6 +11,7 @@ Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``dea
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -155,8 +156,12 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
     """Refuse at startup what would fail every request later (argparse's own usage error, exit 2)."""
     if args.pinned_budget is not None and not 0.0 <= args.pinned_budget <= 1.0:
         p.error(f"--pinned_budget {args.pinned_budget} must be in [0, 1]")
-    if args.margin < 0:
-        p.error(f"--margin {args.margin} must be >= 0")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        p.error(f"--margin {args.margin} must be a finite number >= 0")
+    if args.image_dir is not None and not Path(args.image_dir).is_dir():
+        problem = "is not a directory" if Path(args.image_dir).exists() else "does not exist"
+        p.error(f"--image_dir {args.image_dir} {problem}")
+    check_device(p, args.device)
     if args.max_batch_size < 1:
         p.error(f"--max_batch_size {args.max_batch_size} must be >= 1")
     if args.batch_timeout < 0:
@@ -173,6 +178,24 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
     if args.export_dir is None and args.config is None:
         p.error("give --export_dir, or --config (with --ckpt_path for trained weights)")
+
+
+def check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """Refuse a ``--device`` torch cannot run on here (a CUDA device on a machine without one) before the model
+    loads: it failed deep inside, naming the driver, not the option."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        p.error(f"--device {device}: not a device ({error})")
+    if parsed.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        p.error(f"--device {device}: CUDA is not available on this machine (no usable NVIDIA GPU or driver); use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        p.error(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0")
 
 
 def check_model_files(args: argparse.Namespace) -> None:

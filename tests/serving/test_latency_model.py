@@ -100,3 +100,60 @@ def test_profile_file_round_trip_and_clear_errors(tmp_path):
     bad.write_text(json.dumps({"format": 1, "measurements": [{"budget": 1.0}]}))
     with pytest.raises(ValueError, match="bad.json: latency profile: bad `measurements`"):
         LatencyModel.load(bad)
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf"), -0.1])
+def test_a_margin_that_is_not_a_finite_number_at_least_0_is_refused(tmp_path, margin):
+    """NaN passed ``margin < 0``: every deadline then got the smallest budget, flagged unmeetable."""
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        LatencyModel(PREFILL, DECODE, margin=margin)
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        LatencyModel.fit(_grid(), margin=margin)
+    path = save_profile(tmp_path / "p.json", _grid(), {"device": "cpu", "dtype": "float32", "torch": "x", "grid": {}})
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        LatencyModel.load(path, margin=margin)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("prefill_ms", -100, "prefill_ms -100 must be > 0"),
+        ("prefill_ms", 0, "prefill_ms 0 must be > 0"),
+        ("decode_ms_per_token", -0.5, "decode_ms_per_token -0.5 must be > 0"),
+        ("budget", 5, r"budget 5 must be in \[0, 1\]"),
+        ("budget", -0.1, r"budget -0.1 must be in \[0, 1\]"),
+        ("flops_fraction", 0, r"flops_fraction 0 must be in \(0, 1\]"),
+        ("flops_fraction", 1.5, r"flops_fraction 1.5 must be in \(0, 1\]"),
+        ("prompt_tokens", 0, "prompt_tokens 0 must be a whole number >= 1"),
+        ("prompt_tokens", 24.5, "prompt_tokens 24.5 must be a whole number >= 1"),
+        ("batch_size", -1, "batch_size -1 must be a whole number >= 1"),
+        ("batch_size", True, "batch_size True is not a finite number"),
+    ],
+)
+def test_impossible_measurements_are_refused_naming_the_file_index_and_field(tmp_path, field, value, problem):
+    """Checked only for being finite numbers, negative times or a budget of 5 were fitted and drove deadlines."""
+    rows = [dict(vars(row)) for row in _grid()]
+    rows[2][field] = value
+    path = tmp_path / "impossible.json"
+    path.write_text(json.dumps({"format": 1, "measurements": rows}))
+    with pytest.raises(ValueError, match=rf"impossible\.json: latency profile: measurements\[2\]\.{problem}$"):
+        LatencyModel.load(path)
+    with pytest.raises(ValueError, match=rf"measurements\[2\]\.{problem}"):  # and nothing of the kind is written
+        save_profile(tmp_path / "written.json", [Measurement(**row) for row in rows], {})
+    assert not (tmp_path / "written.json").exists()
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A profile whose --out was a directory failed at the rename and left ``.name.tmp`` beside it."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder is a directory"):
+        save_profile(tmp_path / "folder", _grid(), {})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder"]
+
+    def refuse(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        save_profile(tmp_path / "p.json", _grid(), {})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder"]

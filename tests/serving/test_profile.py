@@ -43,15 +43,104 @@ def test_counts_below_one_are_refused_naming_the_flag(flag, value, capsys):
     assert f"{flag} must be >= 1" in capsys.readouterr().err
 
 
-def test_a_failed_profile_writes_no_file(tmp_path: Path, tokenizer_dir: Path):
-    """One grid point cannot fit the 3 coefficients: the run fails, and leaves no profile for serve to trip on."""
+def test_a_failed_profile_writes_no_file(tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Measurements the latency model cannot fit: the run fails, and leaves no profile for serve to trip on."""
+    from adaptive_mllm.serving import profile as profile_module
+
     write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
     out = tmp_path / "profile.json"
-    argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "--prompt_lengths", "8",
-            "--batch_sizes", "1", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
+    monkeypatch.setattr(profile_module, "measure", lambda *_: _rows(0.1)[:2])
+    argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "0.6", "--prompt_lengths", "8",
+            "--batch_sizes", "1", "2", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
     with pytest.raises(ValueError, match="at least 3 measurements"):
         profile(argv)
     assert list(tmp_path.iterdir()) == [tmp_path / "recipe.yaml"]  # nor a temporary file
+
+
+class _Loaded(Exception):
+    """The arguments got past every check made before the model loads."""
+
+
+def _refuse_to_load(*_: object) -> None:
+    raise _Loaded
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--budgets", "1.0", "2.0", "0.5"], "--budgets: 2.0 is outside [0, 1]"),
+        (["--budgets", "1.0", "-1", "0.5"], "--budgets: -1.0 is outside [0, 1]"),
+        (["--budgets", "1.0", "nan", "0.5"], "--budgets: nan is outside [0, 1]"),
+        (["--budgets", "1.0", "inf", "0.5"], "--budgets: inf is outside [0, 1]"),
+        (["--budgets", "1.0", "0.5"], "the grid has 2 points (2 --budgets x 1 --prompt_lengths x 1 --batch_sizes)"),
+        (["--budgets", "1.0", "0.5", "1.0"], "the latency model needs at least 3 to fit"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_loads(
+    tmp_path: Path, flags: list[str], problem: str, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    """They were found only after the model had loaded and the grid been measured (minutes on a 7B model)."""
+    from adaptive_mllm.serving import server
+
+    monkeypatch.setattr(server, "build_model", _refuse_to_load)
+    argv = ["--config", "unread.yaml", "--out", str(tmp_path / "p.json"), "--prompt_lengths", "20", "--batch_sizes", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        profile([*argv, *flags])
+    assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+    with pytest.raises(_Loaded):  # the same command with good budgets goes on to load the model
+        profile([*argv, "--budgets", "1.0", "0.5", "0.0"])
+
+
+def test_an_out_that_is_a_directory_exists_or_cannot_be_made_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    from adaptive_mllm.serving import server
+
+    monkeypatch.setattr(server, "build_model", _refuse_to_load)
+    (tmp_path / "existing.json").write_text("keep\n")
+    (tmp_path / "a-file").write_text("")
+    argv = ["--config", "unread.yaml", "--prompt_lengths", "20", "--batch_sizes", "1", "--budgets", "1.0", "0.5", "0.0"]
+    for out, problem in [
+        (tmp_path, f"--out {tmp_path} is a directory; name a file"),
+        (tmp_path / "existing.json", f"--out {tmp_path / 'existing.json'} exists; choose another path, or pass --overwrite"),
+        (tmp_path / "a-file" / "p.json", f"{tmp_path / 'a-file'} is not a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            profile([*argv, "--out", str(out)])
+        assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+    assert (tmp_path / "existing.json").read_text() == "keep\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "existing.json"]  # no stray temporary file
+    with pytest.raises(_Loaded):  # replaced only when asked
+        profile([*argv, "--out", str(tmp_path / "existing.json"), "--overwrite"])
+    with pytest.raises(_Loaded):  # a folder that does not exist yet is made
+        profile([*argv, "--out", str(tmp_path / "new" / "p.json")])
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--prompt_lengths", "500"], "--prompt_lengths 500: with --decode_tokens 2 and the latency token it is 503 tokens, "
+                                      "more than the model's maximum length 256"),  # fmt: skip
+        (["--prompt_lengths", "8", "254"], "--prompt_lengths 254: with --decode_tokens 2 and the latency token it is 257"),
+        (["--prompt_lengths", "4", "12"], "--prompt_lengths 4 must exceed the model's 4 image placeholders"),
+        (["--prompt_lengths", "12", "--budgets", "0.0", "0.01", "0.02"], "the grid has 1 distinct points"),
+    ],
+)
+def test_prompts_the_model_cannot_take_are_refused_before_anything_is_measured(
+    tmp_path: Path, tokenizer_dir: Path, flags: list[str], problem: str, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    from adaptive_mllm.serving import profile as profile_module
+
+    def never(*_: object) -> None:
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(profile_module, "measure", never)
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+    with pytest.raises(SystemExit) as exit_info:
+        profile(["--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "p.json"), "--decode_tokens", "2",
+                 "--batch_sizes", "1", *flags])  # fmt: skip
+    assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.parametrize("flag", [["--model.budgt=0.5"], ["--bogus_flag", "3"], ["--batch-sizes", "1"]])

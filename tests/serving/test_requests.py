@@ -216,3 +216,24 @@ def test_a_huge_integer_budget_or_deadline_is_a_400_naming_the_field(processor, 
     with pytest.raises(RequestError) as refused:
         parse_chat_request({**_body("What colour is the circle ?"), field: 10**400}, processor, 4, RequestLimits())
     assert (refused.value.status, refused.value.field) == (400, field) and "finite number" in refused.value.message
+
+
+def test_an_unreadable_image_is_named_not_shown_as_a_memory_buffer(processor, tmp_path: Path):
+    """PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" reached the client: the file is named."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "notes.png").write_text("not an image")
+    truncated = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(truncated, format="PNG")
+    (images / "cut.png").write_bytes(truncated.getvalue()[:60])
+    limits = RequestLimits(image_dir=str(images))
+    junk = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    for url, expected in [
+        ("notes.png", "notes.png: not a readable image (UnidentifiedImageError: cannot identify image file 'notes.png')"),
+        ("cut.png", "cut.png: not a readable image ("),
+        (junk, "not a readable image (UnidentifiedImageError: cannot identify image file in the data URL)"),
+    ]:
+        with pytest.raises(RequestError) as refused:
+            parse_chat_request(_with_url(url), processor, 4, limits)
+        assert refused.value.message.startswith(expected) and "BytesIO" not in refused.value.message, refused.value.message
+        assert refused.value.field == "messages[0].content.image_url" and refused.value.status == 400

@@ -296,7 +296,11 @@ def test_command_line_errors_name_the_problem(
 
     for flags, message in [
         (["--pinned_budget", "1.5"], "--pinned_budget 1.5 must be in [0, 1]"),
-        (["--margin", "-0.1"], "--margin -0.1 must be >= 0"),
+        (["--margin", "-0.1"], "--margin -0.1 must be a finite number >= 0"),
+        (["--margin", "nan"], "--margin nan must be a finite number >= 0"),  # NaN gave every deadline the smallest budget
+        (["--margin", "inf"], "--margin inf must be a finite number >= 0"),
+        (["--image_dir", str(tmp_path / "no-such-folder")], f"--image_dir {tmp_path / 'no-such-folder'} does not exist"),
+        (["--image_dir", __file__], f"--image_dir {__file__} is not a directory"),
         (["--max_batch_size", "0"], "--max_batch_size 0 must be >= 1"),
         (["--prepare_threads", "-1"], "--prepare_threads -1 must be >= 0"),
         (["--served_model_name", " "], "--served_model_name must not be empty"),
@@ -337,6 +341,12 @@ def test_command_line_errors_name_the_problem(
     write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir)
     with pytest.raises(_Started):  # files that pass go on to the server
         serve(["--config", str(tmp_path / "recipe.yaml")])
+    with pytest.raises(_Started):  # an image folder that is there too
+        serve(["--config", str(tmp_path / "recipe.yaml"), "--image_dir", str(tmp_path / "empty")])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:  # the worker failed on it, naming the driver
+        serve(["--config", str(tmp_path / "recipe.yaml"), "--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--prepare-threads", "0"], ["--model.budgt=0.5"], ["--bogus_flag", "3"]])
@@ -356,7 +366,9 @@ def test_an_unknown_or_mistyped_flag_is_refused_before_the_server_starts(
 
 @pytest.mark.parametrize(
     ("text", "problem"),
-    [("not json", "not JSON"), ('{"format": 1}', "measurements"), ("[1]", "a JSON object"), ('{"format": 2}', "format 2")],
+    [("not json", "not JSON"), ('{"format": 1}', "measurements"), ("[1]", "a JSON object"), ('{"format": 2}', "format 2"),
+     ('{"format": 1, "measurements": [{"budget": 1.0, "flops_fraction": 1.0, "prompt_tokens": 20, "batch_size": 1, '
+      '"prefill_ms": -100, "decode_ms_per_token": 1.0}]}', "measurements[0].prefill_ms -100 must be > 0")],
 )
 def test_a_bad_profile_is_named_in_one_line_before_the_server_starts(
     tmp_path: Path, tokenizer_dir: Path, text: str, problem: str, monkeypatch: pytest.MonkeyPatch
