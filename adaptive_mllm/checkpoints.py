@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,15 +38,18 @@ class CheckpointError(ValueError):
 def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEYS) -> Path:
     """``path`` if it looks like a complete ``torch.save`` checkpoint, else a CheckpointError naming it.
 
-    Remote paths (``s3://...``, anything with ``://``) are passed through unchecked; a directory only needs
-    the marker of a sharded checkpoint (Lightning reads the shards itself); a file needs the ``required``
-    keys (Lightning's loading needs both of ``LIGHTNING_KEYS``, reading the weights only ``state_dict``).
+    Remote paths (``s3://...``, anything with ``://``) are left to Lightning once fsspec can open their scheme
+    here (a W&B artifact, ``wandb://``, never is); a directory only needs the marker of a sharded checkpoint
+    (Lightning reads the shards itself); a file needs the ``required`` keys (Lightning's loading needs both of
+    ``LIGHTNING_KEYS``, reading the weights only ``state_dict``).
     """
     if "://" in str(path):
+        _check_remote(str(path))
         return Path(path)
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        hint = f" (if it names a W&B artifact: {WANDB_ARTIFACTS})" if ARTIFACT_NAME.fullmatch(str(path)) else ""
+        raise CheckpointError(f"checkpoint {path}: no such file{hint}")
     if path.is_dir():
         if not any((path / marker).is_file() for marker in SHARDED_MARKERS):
             raise CheckpointError(
@@ -67,6 +72,44 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
         raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
     _check_keys(path, required)
     return path
+
+
+WANDB_ARTIFACTS = (
+    "W&B artifacts are not fetched: download it with `wandb artifact get <entity>/<project>/<name>:<version>` and "
+    "pass the .ckpt file it writes"
+)
+ARTIFACT_NAME = re.compile(r"[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+")  # entity/project/name:version, as W&B names artifacts
+
+
+def _check_remote(path: str) -> None:
+    """A CheckpointError for a URL whose scheme fsspec cannot open here (its own message names no option)."""
+    import fsspec
+
+    scheme = path.split("://", 1)[0]
+    if scheme in ("wandb", "wandb-artifact"):
+        raise CheckpointError(f"--ckpt_path {path}: a W&B artifact; {WANDB_ARTIFACTS}")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as error:
+        raise CheckpointError(
+            f"--ckpt_path {path}: {scheme}:// cannot be read here ({error}); copy the checkpoint to a local file and pass "
+            "that"
+        ) from None
+
+
+def damaged(path: str | Path, error: BaseException) -> CheckpointError | None:
+    """A CheckpointError naming ``path`` for torch's error on a checkpoint whose archive is whole but whose data is
+    not (``PytorchStreamReader failed reading file data/76: invalid header or archive is corrupted``, no file
+    named); None for any other error."""
+    message = str(error)
+    if not isinstance(error, RuntimeError) or "PytorchStreamReader" not in message:
+        return None
+    found = re.search(r"failed reading file (\S+?): (.+?)(?:\. |\.?$)", message)
+    detail = f"{found[1]} unreadable: {found[2]}" if found else message.split(". ")[0]
+    return CheckpointError(
+        f"checkpoint {path}: damaged ({detail}); its bytes changed after it was written (a faulty copy or disk): copy "
+        "it again, or use another checkpoint"
+    )
 
 
 def peek_checkpoint(path: str | Path) -> Any:
@@ -106,7 +149,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     its optimizer states are left out, export needs only the weights)."""
     path = check_checkpoint(path, required=("state_dict",))
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except RuntimeError as error:
+            named = damaged(path, error)
+            if named is None:
+                raise
+            raise named from None
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -145,6 +194,16 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             raise
         _sync_directory(path.parent)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Lightning's, with a damaged file named (torch's error names none)."""
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except RuntimeError as error:
+            named = damaged(path, error)
+            if named is None:
+                raise
+            raise named from None
 
 
 def _sync_directory(directory: Path) -> None:
@@ -251,6 +310,8 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from adaptive_mllm.data.errors import DataError  # here: the data package is heavy
+
         if isinstance(exception, SIGTERMException):
             self._save_now(trainer)
         elif isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
@@ -261,10 +322,52 @@ class RunCheckpoint(ModelCheckpoint):
                 "To stop a run and keep them, send SIGTERM (kill <pid>): it stops after the current step and saves "
                 "last.ckpt"
             )
+        elif isinstance(exception, DataError) and trainer.state.fn == "fit":
+            self._stopped_by_a_bad_record(trainer, pl_module)
+
+    def _stopped_by_a_bad_record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A bad record (a DataError from the training loader, e.g. a truncated image deep in the data) stops the fit.
+        Lightning fetches the next batch at the start of its loop, after the previous batch's step, hooks and
+        validation: raised there, at an optimizer-step boundary, the state is the one a SIGTERM stop saves (the
+        batches consumed counted, no batch part-run), so it is saved as that one is; anywhere else (part-way through
+        a gradient accumulation, inside a batch, in validation, on one of several processes) nothing is saved, and the
+        warning says which steps are lost."""
+        step = trainer.global_step
+        if step == 0 and self._resumed_from is None and not self._last_checkpoint_saved:
+            return  # before any step (setup, the sanity check, the first batch): nothing to keep, nothing lost
+        not_whole = _not_at_a_step_boundary(trainer, pl_module)
+        if not_whole is None:
+            self._save_now(trainer)  # skipped where this step is saved already
+        path, saved = self._kept(trainer)
+        kept = f"{path} holds step {saved}" if path else "no checkpoint is saved yet"
+        lost = "" if saved >= step else f": step {step} is not kept" if saved + 1 == step else f": steps {saved + 1}-{step} are not kept"
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(datamodule, "skip_bad_records", None) is False:
+            fix = "; to drop bad records with a warning instead of stopping, add --data.init_args.skip_bad_records=true"
+        else:
+            fix = ""
+        if not_whole is None:
+            message = f"a bad record stopped the fit at step {step}: {kept} (resume with --ckpt_path {path}){fix}"
+        else:
+            message = (
+                f"a bad record stopped the fit at step {step}, {not_whole}: nothing saved now (that state would not "
+                f"resume correctly); {kept}{lost}{fix}"
+            )
+        warnings.warn(message, UserWarning, stacklevel=2)  # every process that has it: rank_zero_warn hides the others'
+
+    def _kept(self, trainer: L.Trainer) -> tuple[str, int]:
+        """The checkpoint holding the latest state saved (path, step): this run's last save, else the checkpoint
+        it resumed from; ("", 0) where there is none."""
+        if self._last_checkpoint_saved:
+            return str(self._last_checkpoint_saved), self._last_global_step_saved
+        if self._resumed_from is not None:
+            return self._resumed_from
+        return "", 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._random_state: dict[str, Any] | None = None  # this process's, from the checkpoint resumed
+        self._resumed_from: tuple[str, int] | None = None  # the checkpoint a resumed fit started from, and its step
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         resumable_loop_state(trainer, checkpoint)
@@ -290,6 +393,7 @@ class RunCheckpoint(ModelCheckpoint):
                 )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resumed_from = (str(trainer.ckpt_path), trainer.global_step) if trainer.ckpt_path else None
         if self._random_state is not None:  # after the sanity check, just before the first resumed step
             set_random_state(self._random_state)
             self._random_state = None
@@ -300,3 +404,30 @@ class RunCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+
+def _not_at_a_step_boundary(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+    """None where a fit stopped by an exception stands whole between two optimizer steps of one process, as a
+    SIGTERM stop does (Lightning raises that after a batch's hooks and validation, before the next fetch); else why
+    not. Whole: one process (others would go on into the next step's collectives), training (not validating),
+    automatic optimization, every batch started this epoch finished, and the batches at a gradient accumulation's end."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current
+    accumulation = max(1, int(trainer.accumulate_grad_batches))
+    if trainer.world_size > 1:
+        return f"on one of {trainer.world_size} processes (the others do not stop with it; a save would wait for them)"
+    if trainer.sanity_checking or trainer.validating:
+        return "while validating"
+    if not trainer.training:
+        return "outside the training loop"
+    if not pl_module.automatic_optimization:
+        return "with manual optimization (where its steps end cannot be told)"
+    if batches.ready != batches.completed:
+        return "inside a training batch"
+    if batches.ready == 0:
+        return "before the epoch's first batch"
+    if batches.ready % accumulation:
+        return (
+            f"part-way through the gradient accumulation of step {trainer.global_step + 1} "
+            f"({batches.ready % accumulation} of its {accumulation} batches, whose gradients a checkpoint does not hold)"
+        )
+    return None

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adaptive_mllm import ask, benchmark, compare, export, memory, paper_table, plots, serving
 from adaptive_mllm.recipe import build_cli
+from adaptive_mllm.recipe_files import check_recipe_files
 
 __all__ = ["build_cli", "entry_point", "main"]
 
@@ -46,6 +47,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"adaptive-mllm's own subcommands (each has --help): {', '.join(SUBCOMMANDS)}; Lightning's below.\n")
     if argv and argv[0] in SUBCOMMANDS:
+        check_recipe_files(argv[1:])  # a recipe that is no YAML named with its line (some tools read it themselves)
         SUBCOMMANDS[argv[0]](argv[1:])
         return
     build_cli(args)

@@ -56,10 +56,14 @@ def paired_counts(first: Answers, second: Answers, budget: float) -> tuple[int, 
 
 
 def read_run(run: Path) -> Answers:
-    """Every answer of one test (the files of all its processes)."""
+    """Every answer of one test (the files of all its processes). An empty file is an error (it says so),
+    except one process's file beside others that hold answers: a process given only questions another
+    process answers (padding) writes none."""
     files = sorted(run.glob("test_answers*.jsonl")) if run.is_dir() else [run]
     if not files or not all(path.is_file() for path in files):
         raise FileNotFoundError(f"{run}: no {ANSWERS_FILE} (`adaptive-mllm test` writes it beside test_results.md)")
+    if len(files) > 1:
+        files = [path for path in files if path.stat().st_size > 0] or files[:1]
     answers: Answers = {}
     for path in files:
         answers.update(read_answers(path))

@@ -27,6 +27,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,22 @@ def _write_files(module: AdaptiveMLLM, out_dir: Path, scheduler_spec: dict[str, 
     if scheduler is None:
         for name in (SCHEDULER_JSON, SCHEDULER_WEIGHTS):
             (out_dir / name).unlink(missing_ok=True)
+        _readable_as_other_files(out_dir)
         return
     spec = portable_spec(scheduler_spec) if scheduler_spec is not None else _scheduler_spec(scheduler)
     _write_json(out_dir / SCHEDULER_JSON, spec)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in scheduler.state_dict().items()}
     save_file(state, out_dir / SCHEDULER_WEIGHTS, metadata={"format": "pt"})
+    _readable_as_other_files(out_dir)
+
+
+def _readable_as_other_files(out_dir: Path) -> None:
+    """safetensors writes its files readable by their owner alone (0600), every other file of an export is 0666 less
+    the umask (0644 under the usual 022): an export meant to be shared would be unreadable to the others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
 def load_exported(
@@ -204,11 +216,16 @@ def _read_export(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | None
     JSON, form, classes, arguments."""
     backbone_spec = _read_spec(directory / BACKBONE_JSON, Backbone, {"checkpoint": str(directory)})
     scheduler_spec = None
+    weights = directory / SCHEDULER_WEIGHTS
     if (directory / SCHEDULER_JSON).is_file():
         scheduler_spec = _read_spec(directory / SCHEDULER_JSON, Scheduler)
-        weights = directory / SCHEDULER_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing: {SCHEDULER_JSON} names a scheduler, but its weights are not there")
+    elif weights.exists():  # export writes both or neither: read alone, the model would answer without its scheduler
+        raise CheckpointError(
+            f"{weights} is there but {directory / SCHEDULER_JSON} is missing: an incomplete copy of an export (the "
+            f"scheduler's weights without its class and arguments); copy {SCHEDULER_JSON} too, or export again"
+        )
     settings = _read_settings(directory / MODULE_JSON) if (directory / MODULE_JSON).is_file() else {}
     return backbone_spec, scheduler_spec, settings
 

@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,20 @@ def column_of(data: dict | None, fallback: str) -> str:
     return COLUMNS.get(name, fallback)
 
 
+def check_name(option: str, name: str, data: dict | None, source: str) -> None:
+    """Refuse a NAME= that puts a benchmark's run under another benchmark's column (``POPE=`` over a GQA run):
+    the table would print its score as the other benchmark's. A name of one's own (``POPE-adv``), or any name
+    for a datamodule that fills no column (a user's own data), stays allowed."""
+    own = column_of(data, "")
+    benchmark_columns = {*COLUMNS.values(), "SQA"}
+    if own and name in benchmark_columns and name != own:
+        datamodule = data["class_path"].rsplit(".", 1)[-1]
+        raise ValueError(
+            f"{option}: {source} tested {datamodule}, which fills column {own!r}, not {name!r}; "
+            f"name it {own}= (or a name of your own that is no benchmark's column)"
+        )
+
+
 def _split_label(spec: str) -> tuple[str | None, str]:
     """``"NAME=path"`` -> (NAME, path); a plain (or existing) path -> (None, path)."""
     if "=" in spec and not Path(spec).exists():
@@ -92,6 +107,15 @@ def _data_config(path: Path, run_config: bool) -> dict:
     return config
 
 
+def _named_data_config(path: Path, run_config: bool) -> dict | None:
+    """The data config where a NAME= gives the column: None where it names no datamodule (the name is taken
+    as given, as before there was a check)."""
+    try:
+        return _data_config(path, run_config)
+    except (OSError, ValueError):
+        return None
+
+
 def read_run(spec: str) -> Run:
     """A finished run from its directory (``NAME=dir`` names its column): the rows of its
     test_results.csv; the column from its config.yaml's datamodule, else the directory's name."""
@@ -102,6 +126,8 @@ def read_run(spec: str) -> Run:
     config = directory / "config.yaml"
     if name is None:
         name = column_of(_data_config(config, run_config=True) if config.is_file() else None, directory.name)
+    elif config.is_file():
+        check_name(f"--from_runs {spec}", name, _named_data_config(config, run_config=True), f"that run ({config})")
     results = directory / RESULTS
     rows = {}
     for index, row in enumerate(read_results_csv(results)):
@@ -217,6 +243,8 @@ def plan_runs(benchmarks: Sequence[str], out: Path) -> list[tuple[str, Path, Pat
         data_yaml = Path(path)
         if not data_yaml.is_file():
             raise FileNotFoundError(f"{data_yaml}: no such benchmark YAML (e.g. recipes/benchmarks/pope.yaml)")
+        if name is not None:
+            check_name(f"--benchmarks {spec}", name, _named_data_config(data_yaml, run_config=False), str(data_yaml))
         column = name or column_of(_data_config(data_yaml, run_config=False), data_yaml.stem)
         twin = next((other for col, other, _ in planned if col == column), None)
         if twin is not None:
@@ -238,9 +266,13 @@ def run_test(args: list[str]) -> int:
     return subprocess.run([sys.executable, "-m", "adaptive_mllm.cli", *args], env=environment, check=False).returncode
 
 
-def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Sequence[float], run_dir: Path, extra: Sequence[str]) -> None:
+def evaluate(
+    config: str, ckpt_path: str | None, data_yaml: Path, budgets: Sequence[float], run_dir: Path, extra: Sequence[str],
+    evaluated: Sequence[Path] = (),
+) -> None:
     """One benchmark through `adaptive-mllm test` (the same command and flags a user would give), its files in
-    ``run_dir`` only."""
+    ``run_dir`` only; ``evaluated``: the run directories of the benchmarks this table has evaluated before it
+    (what a failure message points to)."""
     args = [
         "test",
         "--config", config,
@@ -254,15 +286,30 @@ def evaluate(config: str, ckpt_path: str | None, data_yaml: Path, budgets: Seque
         args += ["--ckpt_path", ckpt_path]
     code = run_test(args)
     if code != 0:  # the table exits with the run's own code (2: a flag it refused, 143: stopped by SIGTERM, ...)
-        print(
-            f"adaptive-mllm table: the test run of {data_yaml} failed (exit code {code}; its message is above). The "
-            f"benchmarks evaluated before it are in {run_dir.parent}: after the fix, evaluate the others with another "
-            "--out and build the table from both with --from_runs",
-            file=sys.stderr,
-        )
+        if evaluated:
+            advice = (
+                f"The benchmarks evaluated before it ({', '.join(path.name for path in evaluated)}) are in {run_dir.parent}: "
+                "after the fix, evaluate the others with another --out and build the table from both with --from_runs"
+            )
+        else:
+            left = f" (or remove {run_dir}, which holds what it left)" if run_dir.is_dir() and any(run_dir.iterdir()) else ""
+            advice = f"No benchmark was evaluated before it: after the fix, run the table again{left}"
+        print(f"adaptive-mllm table: the test run of {data_yaml} failed (exit code {code}; its message is above). {advice}", file=sys.stderr)
         raise SystemExit(code)
     if not (run_dir / RESULTS).is_file():
         raise RuntimeError(f"{run_dir / RESULTS}: the test run of {data_yaml} wrote no results there (did a flag set a logger with its own save_dir?)")
+
+
+def check_writable_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` made (with its parents) and written to once, or a usage error naming it and the OS's reason."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; name a directory (it gets one directory per benchmark run and the table)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out}: cannot be created or written ({error})")
 
 
 def main(argv: list[str]) -> Path:
@@ -290,18 +337,20 @@ def main(argv: list[str]) -> Path:
         parser.error(f"give the budgets with --budgets, not {budget_flags[0]}")
     out = Path(args.out)
     if args.config:
+        check_writable_out(parser, out)  # before any benchmark runs, not once they all have
         # extra flags go to every test run (e.g. --trainer.devices=1 --trainer.precision=bf16-true)
-        specs = []
+        specs, done = [], []
         for column, data_yaml, run_dir in plan_runs(args.benchmarks, out):
-            evaluate(args.config, args.ckpt_path, data_yaml, args.budgets, run_dir, extra)
+            evaluate(args.config, args.ckpt_path, data_yaml, args.budgets, run_dir, extra, done)
             specs.append(f"{column}={run_dir}")
+            done.append(run_dir)
         budgets: list[float] | None = args.budgets
     else:
         specs, budgets = args.from_runs, None
     columns, rows = table_rows([read_run(spec) for spec in specs], budgets)
+    check_writable_out(parser, out)
     text = markdown(columns, rows)
     print(text)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "paper_table.md").write_text(text)
     write_csv(out / "paper_table.csv", columns, rows)
     print(f"wrote {out / 'paper_table.md'} and {out / 'paper_table.csv'}")

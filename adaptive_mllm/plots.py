@@ -20,29 +20,77 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from adaptive_mllm.reporting import refuse_existing_output  # noqa: E402
 
 Rows = Sequence[Mapping[str, float]]
+RESULTS_FILE = "test_results.csv"
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, float]]:
-    """The rows of a ``test_results.csv`` (one per budget), numbers as floats."""
+    """The rows of a ``test_results.csv`` (one per budget), numbers as floats; a run's directory stands for the
+    ``test_results.csv`` in it. An empty cell is a score the run has not (left out of its row); a clear error,
+    naming the file (and row and column), for a file that is not such a table."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / RESULTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path}: a directory without {RESULTS_FILE} (expected a test run's log dir, or a {RESULTS_FILE} file)"
+            )
+        path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file (written by `adaptive-mllm test` in its log dir)")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not {error.encoding} text ({_undecodable(path, error)}); expected a {RESULTS_FILE}") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a CSV table ({error}); expected a {RESULTS_FILE}") from None
     if not rows or "budget" not in rows[0]:
         raise ValueError(f"{path}: not a test_results.csv (expected a header with a 'budget' column)")
     parsed = []
+    first_row: dict[float, int] = {}
     for index, row in enumerate(rows):
+        if None in row:  # cells beyond the header's
+            raise ValueError(f"{path}: row {index + 1}: {len(header) + len(row[None])} cells for the header's {len(header)} columns")
+        missing = [key for key, value in row.items() if value is None]  # the row ends before these columns
+        if missing:
+            raise ValueError(f"{path}: row {index + 1}: column {missing[0]!r}: no cell (the row has {len(header) - len(missing)} of {len(header)})")
         try:
-            parsed.append({key: float(value) for key, value in row.items() if value not in ("", None)})
+            parsed.append({key: float(value) for key, value in row.items() if value != ""})
         except ValueError as error:
             raise ValueError(f"{path}: row {index + 1}: {error}") from None
+        if "budget" not in parsed[-1]:
+            raise ValueError(f"{path}: row {index + 1}: column 'budget' is empty")
+        budget = parsed[-1]["budget"]
+        earlier = first_row.setdefault(budget, index + 1)
+        if earlier != index + 1:
+            raise ValueError(f"{path}: row {index + 1}: budget {budget:g} appears twice (first in row {earlier})")
     return parsed
+
+
+def _undecodable(path: Path, error: UnicodeDecodeError) -> str:
+    """Where the file stops being text: the codec's error counts bytes from the chunk it was given, not the file."""
+    data = path.read_bytes()
+    try:
+        data.decode(error.encoding)
+    except UnicodeDecodeError as whole:
+        line = data.count(b"\n", 0, whole.start) + 1
+        return f"{whole.reason} at byte {whole.start}, line {line}"
+    return error.reason
+
+
+def check_figure_path(parser: argparse.ArgumentParser, out: str | Path) -> None:
+    """A usage error for an ``--out`` whose extension matplotlib cannot write (none: its default, PNG)."""
+    extension = Path(out).suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in formats:
+        parser.error(f"--out {out}: matplotlib cannot write .{extension} figures; supported: {', '.join(sorted(formats))}")
 
 
 def plot_budget_curves(runs: Mapping[str, Rows], metric: str = "overall", baseline: float | None = None) -> Figure:
@@ -116,16 +164,22 @@ def save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
+def _run_name(path: Path) -> str:
+    """A run's default label: its directory's name (of the CSV's folder, or of the directory given)."""
+    return (path.name if path.is_dir() else path.parent.name) or str(path)
+
+
 def main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="adaptive-mllm plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="test_results.csv files, one per run")
+    parser.add_argument("results", nargs="+", help="test_results.csv files (or the test runs' directories), one per run")
     parser.add_argument("--labels", nargs="+", help="a legend label per file (default: the run directory's name)")
     parser.add_argument("--metric", default="overall", help="the column to plot (a question kind, or overall)")
     parser.add_argument("--out", default="comparison_curves.png", help="the figure (not a name a run writes)")
     parser.add_argument("--overwrite", action="store_true", help="write over an existing --out file")
     args = parser.parse_args(argv)
     refuse_existing_output(parser, Path(args.out), args.overwrite)
-    labels = args.labels or [Path(path).parent.name or str(path) for path in args.results]
+    check_figure_path(parser, args.out)
+    labels = args.labels or [_run_name(Path(path)) for path in args.results]
     if len(labels) != len(args.results):
         parser.error(f"{len(labels)} labels for {len(args.results)} result files")
     repeated = sorted({label for label in labels if labels.count(label) > 1})

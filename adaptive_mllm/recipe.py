@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -30,9 +31,10 @@ import adaptive_mllm.data  # noqa: F401
 import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
 from adaptive_mllm.callbacks import REPORT_FILES
-from adaptive_mllm.checkpoints import check_checkpoint
+from adaptive_mllm.checkpoints import check_checkpoint, damaged
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
+from adaptive_mllm.recipe_files import RecipeParser, check_recipe_files
 from adaptive_mllm.tracking import (
     ResilientWandbLogger,
     WandbRunRecord,
@@ -49,12 +51,18 @@ class SaveConfigToWandb(SaveConfigCallback):
     """Writes the resolved config beside the run and pushes it to W&B. A resumed fit whose config differs
     keeps the first one and writes its own as ``config-resumed-<time>.yaml``: a run's files are never replaced."""
 
+    made: Path | None = None  # the config file this fit created (none was there before), while it has not stepped
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.already_saved and stage == "fit" and trainer.log_dir is not None:
             first = Path(trainer.log_dir) / "config.yaml"
             if first.is_file() and first.read_text() != self.parser.dump(self.config, skip_none=False):
                 self.config_filename = f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        target = Path(trainer.log_dir) / self.config_filename if not self.already_saved and trainer.log_dir else None
+        new = target is not None and not target.exists()
         super().setup(trainer, pl_module, stage)
+        if new and stage == "fit" and trainer.is_global_zero and target.is_file():
+            self.made = target
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
@@ -102,6 +110,36 @@ class AdaptiveMLLMCLI(LightningCLI):
         if config.get("ckpt_path"):
             check_checkpoint(config.ckpt_path)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the whole checkpoint here (its hyperparameters): the first place a damaged one fails."""
+        try:
+            super()._parse_ckpt_path()
+        except RuntimeError as error:
+            named = damaged(self.config[self.config.subcommand].get("ckpt_path"), error)
+            if named is None:
+                raise
+            raise named from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if subcommand == "fit":
+                self._release_a_fit_that_never_stepped()
+            raise
+
+    def _release_a_fit_that_never_stepped(self) -> None:
+        """A fit that failed before its first optimizer step (a flag refused at setup, a bad record in the sanity
+        check) trained nothing and saved no checkpoint: the config file it wrote goes, so that the corrected command
+        is not refused as a second run in that directory (validate / test / predict give their directory back the
+        same way). A fit that took a step keeps its files: they are a run."""
+        if _launched() or self.trainer.global_step > 0:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigToWandb) and callback.made is not None:
+                callback.made.unlink(missing_ok=True)
+                callback.made = None
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand in ("validate", "test", "predict"):
             _own_directory(self.config[self.subcommand], self.subcommand)
@@ -134,6 +172,8 @@ class AdaptiveMLLMCLI(LightningCLI):
         if earlier is not None and not config.get("ckpt_path") and config.get("overwrite_run"):
             kept = set_aside_run(root, _checkpoint_dirs(self.trainer), _versioned_log_dirs(self.trainer))
             rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
+        for directory in _checkpoint_dirs(self.trainer):  # found now, not at the first save (every step lost)
+            _check_writable(directory)
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, ResilientWandbLogger)]
         if wandb_loggers:
             self.trainer.callbacks.append(WandbRunRecord())
@@ -161,10 +201,12 @@ class AdaptiveMLLMCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCLI:
     """The recipe's CLI; ``run=False`` only builds the model, datamodule and trainer from ``args``."""
+    check_recipe_files(sys.argv[1:] if args is None else list(args))
     try:
         return AdaptiveMLLMCLI(
             AdaptiveMLLM,
             subclass_mode_data=True,
+            parser_class=RecipeParser,
             save_config_callback=SaveConfigToWandb,
             save_config_kwargs={"overwrite": True},  # fit checks for an earlier run itself (before_fit)
             seed_everything_default=0,
@@ -219,6 +261,30 @@ def _entries(value: Any) -> list[Any]:
     """The ``{class_path, init_args}`` entries of a trainer setting that holds one or a list of them."""
     entries = value if isinstance(value, list) else [value]
     return [entry for entry in entries if hasattr(entry, "get") and entry.get("init_args") is not None]
+
+
+def _check_writable(directory: Path) -> None:
+    """An OSError naming a checkpoint folder fit cannot write (a read-only or immutable folder), found before the
+    first step: Lightning finds it at the first save, every step until then lost. A folder not made yet is tried in
+    the nearest one that exists (nothing is created); remote folders are left to Lightning."""
+    if "://" in str(directory):
+        return
+    place = Path(directory)
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    where = "" if place == Path(directory) else f" (it would be made in {place})"
+    if not place.is_dir():
+        raise NotADirectoryError(f"checkpoint folder {directory}: {place} is a file, not a directory; give fit a folder it can write")
+    probe = place / f".adaptive-mllm-write-test.{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as error:
+        raise OSError(
+            f"checkpoint folder {directory} cannot be written{where}: {error.strerror or error}; fit would train until "
+            "its first save and keep nothing: give a folder it can write (--trainer.default_root_dir, or the checkpoint "
+            "callback's dirpath)"
+        ) from None
 
 
 def _is_checkpoint(class_path: str) -> bool:

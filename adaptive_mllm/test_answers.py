@@ -54,8 +54,9 @@ class TestAnswerLog:
 
 def read_answers(path: Path) -> dict[tuple[float, Any], dict[str, Any]]:
     """A test's answers by (budget, question id); a clear error, naming file and line, for a line that is not
-    one of ours (text that is not UTF-8 included) and for a question answered twice at one budget (of two
-    questions that share an id, a comparison would keep one)."""
+    one of ours (text that is not UTF-8 included), for a score that no metric writes (missing, not a number,
+    NaN, outside [0, 1]: null is a metric without per-question scores), for a question answered twice at one
+    budget (of two questions that share an id, a comparison would keep one), and for an empty file."""
     rows: dict[tuple[float, Any], dict[str, Any]] = {}
     first_line: dict[tuple[float, Any], int] = {}
     with open(path, "rb") as handle:  # decoded line by line: the codec's own error names no file and no line
@@ -69,13 +70,35 @@ def read_answers(path: Path) -> dict[tuple[float, Any], dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not UTF-8 text ({error}): {raw.strip()[:120]!r}") from None
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{path}:{number}: not a test answer line ({error}): {line.strip()[:120]!r}") from None
+            problem = score_problem(row)
+            if problem is not None:
+                raise ValueError(f"{path}:{number}: field 'score' {problem}")
             if earlier != number:
                 raise ValueError(
                     f"{path}:{number}: question {key[1]!r} answered again at budget {key[0]:g} (first on line {earlier}): "
                     "the test's questions share an id, and a comparison would keep only one of them"
                 )
             rows[key] = row
+    if not rows:
+        raise ValueError(f"{path}: empty (0 bytes): no test answers in it")
     return rows
+
+
+def score_problem(row: Mapping[str, Any]) -> str | None:
+    """Why a line's ``score`` is none a metric writes (a number in [0, 1], or null where the metric has no
+    per-question score); None when it is one."""
+    if "score" not in row:
+        return "missing"
+    score = row["score"]
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        return f"{score!r} is not a number"
+    if not math.isfinite(score):
+        return f"{score!r} is not a finite number"
+    if not 0 <= score <= 1:
+        return f"{score!r} is outside [0, 1]"
+    return None
 
 
 def _column(batch: Mapping[str, Any], name: str, size: int) -> list:

@@ -335,6 +335,34 @@ def spread_table(rows: list[dict], columns: list[str]) -> list[str]:
     return lines
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, str], dict]:
+    """The variants (name -> flags) and the recipe, or a usage error for what would fail later as a traceback
+    (or, for a repeated seed or variant, train one run directory twice at once)."""
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.deadline_s > 0:  # nan too
+        parser.error(f"--deadline_s must be > 0, got {args.deadline_s}")
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds: each seed once (one run directory per seed and variant), got {repeated[0]} twice")
+    names = [v.split("=", 1)[0] for v in args.variant]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        parser.error(f"--variant: each name once (one run directory per seed and variant), got {twice[0]!r} twice")
+    config = Path(args.config)
+    if not config.is_file():
+        parser.error(f"--config {config}: no such file")
+    try:
+        base = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        parser.error(f"--config {config}: not a readable YAML recipe ({error})")
+    if not isinstance(base, dict) or not isinstance(base.get("model"), dict) or not isinstance(base["model"].get("backbone"), dict):
+        parser.error(f"--config {config}: not a recipe (expected a mapping with model.backbone)")
+    variants = dict(v.split("=", 1) if "=" in v else (v, "") for v in args.variant) or {"recipe": ""}
+    return variants, base
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -353,9 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--other_scenes_seed", type=int, default=None,
                         help="also test every model (and the baselines) on a test split drawn with this data seed")
     args = parser.parse_args(argv)
-
-    variants = dict(v.split("=", 1) if "=" in v else (v, "") for v in args.variant) or {"recipe": ""}
-    base = yaml.safe_load(Path(args.config).read_text())
+    variants, base = check_arguments(parser, args)
     out = Path(args.out)
     other_scenes = None if args.other_scenes_seed is None else (out / f"scenes-{args.other_scenes_seed}").resolve()
     runner = Runner(extra, args.threads, time.monotonic() + args.deadline_s, other_scenes, args.other_scenes_seed)

@@ -136,3 +136,129 @@ def test_a_remote_checkpoint_is_left_to_lightning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ReplacingCheckpointIO().save_checkpoint({"global_step": 1}, "memory://run/ckpt/last.ckpt")
     assert fsspec.filesystem("memory").isfile("/run/ckpt/last.ckpt") and not any(tmp_path.iterdir())
+
+
+class _Records(torch.utils.data.Dataset):
+    """64 fixed examples; the one at ``bad`` (a dataset index) raises the DataError a truncated image gives."""
+
+    def __init__(self, bad: int | None = None) -> None:
+        self.data = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from adaptive_mllm.data.llava_json import DataError
+
+        if index == self.bad:
+            raise DataError.at("train.json", "cannot read image file x.png: image file is truncated", f"r{index}", index, "image")
+        return self.data[index]
+
+
+class _Records_Module(L.LightningDataModule):
+    """The project's training loader (resumable mid-epoch), with LlavaDataModule's ``skip_bad_records`` option."""
+
+    skip_bad_records = False
+
+    def __init__(self, bad_position: int | None = None) -> None:
+        super().__init__()
+        self.bad_position = bad_position
+
+    def train_dataloader(self):
+        from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
+
+        records = _Records()
+        sampler = ResumableSampler(records, seed=0)
+        if self.bad_position is not None:  # the record at this place of the first epoch's order is bad
+            records.bad = sampler.indices(0)[self.bad_position]
+        loop = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # noqa: E731  (as LlavaDataModule)
+        return ResumableDataLoader(records, sampler=sampler, batch_size=1, batches_consumed=loop)
+
+
+def _fit_records(root, data: L.LightningDataModule, max_steps: int, ckpt_path=None, accumulate: int = 1, every: int = 100):
+    checkpoint = RunCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=every)
+    trainer = L.Trainer(
+        default_root_dir=root, max_steps=max_steps, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", accumulate_grad_batches=accumulate,
+    )  # fmt: skip
+    L.seed_everything(0)
+    model = BoringModel()
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model
+
+
+def test_a_bad_record_at_a_step_boundary_saves_the_steps_done_and_the_resume_continues_exactly(tmp_path):
+    """The training loader raises a DataError when Lightning fetches the next batch: after the previous step, with no
+    batch part-run, the state a SIGTERM stop saves. It is saved; fixed, the run resumes from it to the very weights of
+    a run that never stopped (the batches after the resume are those it would have drawn)."""
+    from adaptive_mllm.data.llava_json import DataError
+
+    whole = _fit_records(tmp_path / "whole", _Records_Module(), max_steps=8)
+    with pytest.warns(UserWarning, match=r"a bad record stopped the fit at step 5: .*last\.ckpt holds step 5 \(resume with "
+                      r"--ckpt_path .*last\.ckpt\); .*--data\.init_args\.skip_bad_records=true"):
+        with pytest.raises(DataError, match="index 5|image file is truncated"):
+            _fit_records(tmp_path / "bad", _Records_Module(bad_position=5), max_steps=8)
+    last = tmp_path / "bad" / "ckpt" / "last.ckpt"
+    assert _saved_step(last) == 5  # every_n_train_steps=100: without this save, all 5 steps were lost
+    resumed = _fit_records(tmp_path / "bad", _Records_Module(), max_steps=8, ckpt_path=last)
+    assert _saved_step(last) == 8
+    for name, parameter in whole.state_dict().items():
+        assert torch.equal(parameter, resumed.state_dict()[name]), name
+
+
+def test_a_bad_record_mid_accumulation_saves_nothing_and_says_which_steps_are_lost(tmp_path):
+    """With accumulate_grad_batches=2 the bad record is the second batch of step 3: the gradients of its first batch
+    are in no checkpoint, so a save would resume a different step; nothing is saved, and the warning says so."""
+    from adaptive_mllm.data.llava_json import DataError
+
+    with pytest.warns(UserWarning, match=r"stopped the fit at step 2, part-way through the gradient accumulation of step 3 "
+                      r"\(1 of its 2 batches.*\): nothing saved now .*no checkpoint is saved yet: steps 1-2 are not kept; "
+                      r".*skip_bad_records=true"):
+        with pytest.raises(DataError):
+            _fit_records(tmp_path, _Records_Module(bad_position=5), max_steps=8, accumulate=2)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.warns(UserWarning, match=r"at step 3, .* of step 4 \(1 of its 2 .*: nothing saved now .*last\.ckpt holds step 2: "
+                      r"step 3 is not kept"):
+        with pytest.raises(DataError):  # saved every 2 steps, the last at step 2: step 3 is lost
+            _fit_records(tmp_path / "every", _Records_Module(bad_position=7), max_steps=8, accumulate=2, every=2)
+    assert _saved_step(tmp_path / "every" / "ckpt" / "last.ckpt") == 2
+
+
+def _damaged_checkpoint(path) -> None:
+    """A Lightning-like checkpoint whose zip directory is whole (check_checkpoint passes it) but whose data records are
+    overwritten in the middle, as a faulty disk or copy leaves them."""
+    state = {f"layer{i}.weight": torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(20)}
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.6.0", "global_step": 3}, path)
+    with open(path, "r+b") as file:
+        file.seek(300_000)
+        file.write(b"\xff" * 200_000)
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from adaptive_mllm.checkpoints import CheckpointError, read_checkpoint
+
+    path = tmp_path / "damaged.ckpt"
+    _damaged_checkpoint(path)
+    assert check_checkpoint(path) == path  # its zip directory is whole: only reading the data finds it
+    with pytest.raises(RuntimeError, match="PytorchStreamReader"):  # what torch says, naming no file
+        torch.load(path, weights_only=False)
+    says = rf"checkpoint {path}: damaged \(data/\d+ unreadable: [^)]+\)"
+    with pytest.raises(CheckpointError, match=says):  # export's read
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=says):  # Lightning's load in a fit (resuming)
+        ReplacingCheckpointIO().load_checkpoint(path)
+
+
+@pytest.mark.parametrize("given, says", [
+    ("wandb://team/project/model-abc:v3", r"--ckpt_path wandb://team/project/model-abc:v3: a W&B artifact; .*`wandb artifact get"),
+    ("nosuchscheme://bucket/last.ckpt", r"--ckpt_path nosuchscheme://bucket/last\.ckpt: nosuchscheme:// cannot be read here"),
+    ("team/project/model-abc:v3", r"checkpoint team/project/model-abc:v3: no such file \(if it names a W&B artifact: .*wandb artifact get"),
+])
+def test_a_checkpoint_given_as_what_cannot_be_read_here_is_named(given, says, tmp_path, monkeypatch):
+    from adaptive_mllm.checkpoints import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=says):
+        check_checkpoint(given)
+    assert check_checkpoint("memory://run/last.ckpt")  # a scheme fsspec reads here is Lightning's

@@ -223,3 +223,32 @@ def test_a_resume_with_other_optimizer_groups_is_named(in_tmp):
         main([*fit, "--trainer.max_steps=2", "--model.weight_decay=0.1", f"--ckpt_path={last}"])
     main([*fit, "--trainer.max_steps=2", f"--ckpt_path={last}"])  # as it was trained: resumes
     assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
+def test_a_recipe_that_is_no_yaml_or_gives_an_unknown_key_is_named(tmp_path, capsys):
+    """jsonargparse named no file (``in "<unicode string>"``) after about 60 lines of usage; `memory` read the file with
+    yaml itself. A misspelled flag keeps jsonargparse's usage and exit code 2."""
+    from adaptive_mllm.recipe_files import RecipeError
+
+    recipe = (RECIPE_DIR / "tiny.yaml").read_text()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n")
+    for command in (["fit", "--config", str(broken)], ["memory", "--config", str(broken)], ["fit", f"--config={broken}"]):
+        with pytest.raises(RecipeError, match=rf"^{broken}, line 2, column 1: not valid YAML \(while parsing a flow node; "):
+            main(command)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(recipe.replace("    num_workers: 1", "    num_workrs: 1"))
+    says = rf"^{nested}: data\.init_args\.num_workrs: not an argument of ShapesVQADataModule; did you mean 'num_workers'\?$"
+    with pytest.raises(RecipeError, match=says):
+        main(["fit", "--config", str(nested)])
+    with pytest.raises(RecipeError, match=says):
+        build_cli(["--config", str(nested)], run=False)  # the tools' parse (export, serve, ...)
+    top = tmp_path / "top.yaml"
+    top.write_text(recipe.replace("  learning_rate:", "  learning_rte:"))
+    for parse in (lambda: main(["fit", "--config", str(top)]), lambda: build_cli(["--config", str(top)], run=False)):
+        with pytest.raises(RecipeError, match=rf"^{top}: model\.learning_rte: not an option of the recipe"):
+            parse()
+    assert "usage:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--data.init_args.num_workrs=1"])
+    assert exit_.value.code == 2 and "num_workrs" in capsys.readouterr().err

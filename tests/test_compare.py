@@ -110,3 +110,38 @@ def test_out_never_replaces_a_file_unasked(tmp_path: Path, capsys) -> None:
     table.write_text("old\n")
     compare_main([str(a), str(a), "--out", str(table), "--overwrite"])
     assert table.read_text().startswith("| budget")
+
+
+@pytest.mark.parametrize(
+    ("score", "says"),
+    [(None, "missing"), ('"1"', "'1' is not a number"), ("NaN", "nan is not a finite number"), ("7.0", r"7.0 is outside \[0, 1\]")],
+)
+def test_a_score_no_metric_writes_is_named_with_file_line_and_field(tmp_path: Path, score: str | None, says: str) -> None:
+    # a missing score was KeyError: 'score', a string one a TypeError from `>`, 7.0 and NaN were compared as scores
+    a = _write(tmp_path / "a", {1.0: [1, 0, 1]})
+    b = _write(tmp_path / "b", {1.0: [1, 0, 1]})
+    lines = (b / ANSWERS_FILE).read_text().splitlines()
+    lines[1] = '{"id": 1, "budget": 1.0' + ("" if score is None else f', "score": {score}') + "}"
+    (b / ANSWERS_FILE).write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{b / ANSWERS_FILE}:2: field 'score' {says}"):
+        cli_main(["compare", str(a), str(b)])
+
+
+def test_an_empty_answers_file_is_named_empty(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", {1.0: [1, 0, 1]})
+    empty = tmp_path / "b" / ANSWERS_FILE
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    for given in (empty, empty.parent):  # the file, or its run directory
+        with pytest.raises(ValueError, match=rf"{empty}: empty \(0 bytes\)"):
+            cli_main(["compare", str(a), str(given)])
+
+
+def test_a_process_that_answered_nothing_beside_others_is_passed_over(tmp_path: Path) -> None:
+    # one process of a DDP test got only padding (questions another process answers): its file stays empty
+    run = _write(tmp_path / "ddp", {1.0: [1, 0]}, "test_answers.rank0.jsonl")
+    (run / "test_answers.rank1.jsonl").write_bytes(b"")
+    assert set(read_run(run)) == {(1.0, 0), (1.0, 1)}
+    (run / "test_answers.rank0.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"test_answers.rank0.jsonl: empty \(0 bytes\)"):
+        read_run(run)

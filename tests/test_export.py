@@ -4,6 +4,7 @@ same logits; the `adaptive-mllm export` command does it from a recipe and a Ligh
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -237,6 +238,9 @@ CORRUPTIONS = {  # what breaks the copy, the file the error must name, what it m
     "scheduler.safetensors missing": (lambda d: (d / "scheduler.safetensors").unlink(), "scheduler.safetensors",
                                       "is missing"),
     "scheduler.safetensors other scheduler's": (_head_scheduler_spec, "scheduler.safetensors", "HeadScheduler"),
+    # read alone, the weights were ignored: the model answered at the full budget, without its scheduler
+    "scheduler.json missing": (lambda d: (d / "scheduler.json").unlink(), "scheduler.json",
+                               "scheduler.safetensors is there but"),
 }
 
 
@@ -342,3 +346,17 @@ def test_an_export_that_stops_midway_is_refused_until_written_again(stops_at, to
     export_module(later, directory, overwrite=True)  # written again: whole, and the marker gone
     assert not (directory / "INCOMPLETE").exists()
     assert load_exported(directory).budget == 0.6
+
+
+def test_an_export_is_readable_as_its_other_files_are(tokenizer_dir, tmp_path):
+    # safetensors wrote the weights 0600: another user could not read an export meant to be shared
+    module = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2))
+    module.configure_model()
+    umask = os.umask(0o022)
+    try:
+        directory = export_module(module, tmp_path / "export")
+    finally:
+        os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+    assert {"model.safetensors", "scheduler.safetensors", "module.json"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,54 @@ def test_an_older_run_without_a_token_selector_is_taken_without_a_warning(tmp_pa
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": {"token_selector": {"class_path": "PruMergePlus"}}}))
     with pytest.warns(UserWarning, match="no flops_vs_plain column"):
         table_rows([read_run(str(run))])
+
+
+@pytest.mark.filterwarnings("ignore:.*no flops_vs_plain column")
+def test_from_runs_refuses_a_name_that_is_another_benchmarks_column(hand_runs, tmp_path):
+    # POPE=<a GQA run> printed GQA's accuracy as POPE's F1
+    out = str(tmp_path / "table")
+    gqa = hand_runs[2]
+    with pytest.raises(ValueError, match=rf"--from_runs POPE={gqa}: that run \(.*gqa/config.yaml\) tested GQADataModule, which fills column 'GQA', not 'POPE'"):
+        main(["--from_runs", f"GQA={gqa}", f"POPE={gqa}", "--out", out])
+    every = _write_run(tmp_path / "runs" / "sqa", "ScienceQADataModule", [{"budget": 1.0, "overall": 0.7}], images_only=False)
+    with pytest.raises(ValueError, match=r"tested ScienceQADataModule, which fills column 'SQA', not 'SQA-I'"):
+        main(["--from_runs", f"SQA-I={every}", "--out", out])  # every problem is not the paper's IMG subset
+    # allowed: the run's own column, a name of one's own, and any name for data that fills no column
+    main(["--from_runs", f"GQA={gqa}", f"POPE-adv={hand_runs[0]}", f"POPE={hand_runs[3]}", "--out", out])
+    own = _write_run(tmp_path / "runs" / "own", "adaptive_mllm.data.LlavaDataModule", [{"budget": 1.0, "overall": 0.4}])
+    main(["--from_runs", f"MMB={own}", "--out", str(tmp_path / "table2")])
+    rows = _read_csv(tmp_path / "table2" / "paper_table.csv")
+    assert rows[0]["MMB"] == "40.0"
+
+
+def test_benchmarks_name_that_is_another_benchmarks_column_is_refused_before_running(tmp_path, monkeypatch):
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", lambda args: pytest.fail("no benchmark may run"))
+    gqa = _benchmark_yaml(tmp_path / "gqa.yaml", "GQADataModule", question_file="q.json", image_folder="i")
+    with pytest.raises(ValueError, match=r"--benchmarks POPE=.*gqa.yaml: .*gqa.yaml tested GQADataModule, which fills column 'GQA', not 'POPE'"):
+        main(["--config", "r.yaml", "--benchmarks", f"POPE={gqa}", "--out", str(tmp_path / "table")])
+
+
+def test_an_out_that_cannot_be_written_is_named_before_any_benchmark_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", lambda args: pytest.fail("no benchmark may run"))
+    pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    for out, says in ((blocker / "table", r"--out .*a-file/table: cannot be created or written \(\[Errno 20\] Not a directory"),
+                      (blocker, r"--out .*a-file is a file; name a directory")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(says, err), err
+        assert "evaluated" not in err
+
+
+def test_a_first_benchmark_that_fails_claims_no_evaluated_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", lambda args: 1)
+    pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(tmp_path / "table")])
+    assert exit_.value.code == 1
+    message = capsys.readouterr().err
+    assert "pope.yaml failed (exit code 1" in message and "No benchmark was evaluated before it" in message
+    assert "evaluated before it are in" not in message and "--from_runs" not in message

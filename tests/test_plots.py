@@ -102,3 +102,67 @@ def test_plot_never_replaces_a_file_unasked(tmp_path, monkeypatch, capsys):
         main(["plot", str(results)])  # again: the earlier comparison is not replaced unasked
     assert "comparison_curves.png exists; choose another path, or pass --overwrite" in capsys.readouterr().err
     main(["plot", str(results), "--overwrite"])
+
+
+def test_a_results_file_that_is_not_utf8_text_is_named(tmp_path, capsys):
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"budget,overall\n1.0,0.5\n\xde\xad\xbe\xef,\xff\n")
+    with pytest.raises(ValueError, match=r"bin.csv: not utf-8 text \(invalid start byte at byte 25, line 3\)"):
+        read_results_csv(binary)
+    with pytest.raises(ValueError, match=r"bin.csv: not utf-8 text"):  # through the command: the file is named
+        main(["plot", str(_write_csv(tmp_path / "a.csv", ROWS)), str(binary), "--labels", "a", "b", "--out", str(tmp_path / "o.png")])
+
+
+def test_a_row_with_a_missing_cell_names_file_row_and_column(tmp_path, capsys):
+    short = tmp_path / "short.csv"
+    short.write_text("budget,overall\n1.0,0.5\n0.5\n")
+    with pytest.raises(ValueError, match=r"short.csv: row 2: column 'overall': no cell"):
+        read_results_csv(short)
+    long = tmp_path / "long.csv"
+    long.write_text("budget,overall\n1.0,0.5,0.7\n")
+    with pytest.raises(ValueError, match=r"long.csv: row 1: 3 cells for the header's 2 columns"):
+        read_results_csv(long)
+    gaps = tmp_path / "gaps.csv"  # an empty cell is a score the run has not: left out, as before
+    gaps.write_text("budget,overall,colour\n1.0,0.5,\n0.5,0.4,0.3\n")
+    assert read_results_csv(gaps) == [{"budget": 1.0, "overall": 0.5}, {"budget": 0.5, "overall": 0.4, "colour": 0.3}]
+    no_budget = tmp_path / "no_budget.csv"
+    no_budget.write_text("budget,overall\n,0.5\n")
+    with pytest.raises(ValueError, match=r"no_budget.csv: row 1: column 'budget' is empty"):
+        read_results_csv(no_budget)
+
+
+def test_a_budget_twice_in_one_file_is_refused(tmp_path):
+    twice = tmp_path / "dup.csv"
+    twice.write_text("budget,overall\n1.0,0.5\n0.6,0.4\n1,0.7\n")
+    with pytest.raises(ValueError, match=r"dup.csv: row 3: budget 1 appears twice \(first in row 1\)"):
+        read_results_csv(twice)
+
+
+def test_a_run_directory_stands_for_its_results_file(tmp_path, capsys):
+    run = tmp_path / "static"
+    run.mkdir()
+    _write_csv(run / "test_results.csv", ROWS)
+    assert read_results_csv(run) == read_results_csv(run / "test_results.csv")
+    out = tmp_path / "curves.png"
+    main(["plot", str(run), str(_write_csv(tmp_path / "b.csv", ROWS)), "--labels", "Static", "L", "--out", str(out)])
+    assert out.is_file()
+    other = tmp_path / "seed1" / "learned"
+    other.mkdir(parents=True)
+    _write_csv(other / "test_results.csv", ROWS)
+    main(["plot", str(run), str(other), "--out", str(tmp_path / "default.png")])  # labelled by the directories' names
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: a directory without test_results.csv \(expected a test run's log dir"):
+        read_results_csv(empty)
+
+
+def test_an_out_matplotlib_cannot_write_names_out_and_the_formats(tmp_path, capsys):
+    results = _write_csv(tmp_path / "a.csv", ROWS)
+    with pytest.raises(SystemExit) as exit_:
+        main(["plot", str(results), "--out", str(tmp_path / "x.xyz")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "x.xyz: matplotlib cannot write .xyz figures; supported: " in err and "png" in err and "pdf" in err
+    assert not (tmp_path / "x.xyz").exists()
+    main(["plot", str(results), "--out", str(tmp_path / "x.PDF")])  # matplotlib takes the extension in any case
+    assert (tmp_path / "x.PDF").read_bytes()[:4] == b"%PDF"

@@ -319,3 +319,65 @@ def test_a_resumed_fit_with_other_flags_keeps_the_wandb_runs_first_config():
     assert wandb_config(first, "config.yaml") == first
     resumed = {"trainer": {"max_steps": 5}, "model": {"budget": 0.6}}
     assert wandb_config(resumed, "config-resumed-20261207-120000.yaml") == {"config-resumed-20261207-120000": resumed}
+
+
+def test_a_damaged_checkpoint_is_named_where_lightning_reads_it(in_tmp):
+    from tests.test_checkpoints import _damaged_checkpoint
+
+    _damaged_checkpoint(in_tmp / "damaged.ckpt")
+    for subcommand in ("test", "fit"):
+        with pytest.raises(CheckpointError, match=r"checkpoint damaged\.ckpt: damaged \(data/\d+ unreadable"):
+            main([subcommand, "--config", RECIPE, *SMALL, "--ckpt_path=damaged.ckpt", "--trainer.logger=false",
+                  "--trainer.default_root_dir=runs/damaged"])
+
+
+def test_a_checkpoint_folder_fit_cannot_write_is_refused_before_the_first_step(in_tmp, monkeypatch):
+    """Lightning found it at the first save (500 steps in, with the recipes), every step lost."""
+    import errno
+
+    root = in_tmp / "runs" / "ro"
+    (root / "checkpoints").mkdir(parents=True)
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # a read-only (or immutable) folder; root ignores chmod
+        if Path(path).parent == root / "checkpoints":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:  # (not monkeypatch.undo(): that would leave in_tmp too)
+        patched.setattr(os, "open", read_only)
+        with pytest.raises(OSError, match=r"checkpoint folder .*runs/ro/checkpoints cannot be written: Permission denied; "
+                           r"fit would train until its first save"):
+            _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/ro"])
+    assert sorted(path.name for path in root.iterdir()) == ["checkpoints"]  # refused before anything was written
+    assert not any((root / "checkpoints").iterdir())
+    (in_tmp / "runs" / "file").write_text("")  # a folder that cannot be made: a file is in its place
+    with pytest.raises(NotADirectoryError, match=r"checkpoint folder .*runs/file/checkpoints: .*runs/file is a file"):
+        _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/file/"])
+
+
+def test_a_fit_that_failed_before_its_first_step_does_not_block_the_next(in_tmp, monkeypatch):
+    """It wrote only its config (at setup); the corrected command runs there. A fit that took a step is a run: the
+    next fit into its directory is refused as before."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false",
+           "--trainer.default_root_dir=runs/retry"]  # fmt: skip
+    root = in_tmp / "runs" / "retry"
+    with pytest.raises(Exception, match="LearningRateMonitor"):  # the recipe's monitor needs a logger: found at setup
+        _run([*fit, "--trainer.max_steps=1", "--trainer.logger=false"])
+    assert not (root / "config.yaml").exists()
+    from adaptive_mllm.module import AdaptiveMLLM
+
+    training_step = AdaptiveMLLM.training_step
+
+    def failing_at_the_second_step(self, *args, **kwargs):
+        if self.global_step == 1:
+            raise RuntimeError("out of memory at step 2")
+        return training_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:  # (not monkeypatch.undo(): that would leave in_tmp too)
+        patched.setattr(AdaptiveMLLM, "training_step", failing_at_the_second_step)
+        with pytest.raises(RuntimeError, match="out of memory at step 2"):
+            _run([*fit, "--trainer.max_steps=3"])  # runs: the failed one left nothing in its way
+    assert (root / "config.yaml").is_file() and not list(root.glob("checkpoints/*.ckpt"))  # stepped once, saved nothing
+    with pytest.raises(FileExistsError, match=r"holds an earlier run .*config\.yaml"):
+        _run([*fit, "--trainer.max_steps=1"])

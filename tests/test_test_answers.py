@@ -45,7 +45,7 @@ def test_each_process_writes_its_own_file(tmp_path):
 
 def test_a_foreign_line_names_file_and_line(tmp_path):
     path = tmp_path / ANSWERS_FILE
-    path.write_text(json.dumps({"id": "q1", "budget": 1.0}) + "\n" + json.dumps({"answer": "x"}) + "\n")
+    path.write_text(json.dumps({"id": "q1", "budget": 1.0, "score": 1.0}) + "\n" + json.dumps({"answer": "x"}) + "\n")
     with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:2: not a test answer line"):
         read_answers(path)
 
@@ -59,7 +59,7 @@ def test_batch_sizes_that_disagree_are_refused(tmp_path):
 
 def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
     path = tmp_path / ANSWERS_FILE
-    path.write_bytes(json.dumps({"id": "q1", "budget": 1.0}).encode() + b"\n" + b'{"id": "q\xff2", "budget": 1.0}\n')
+    path.write_bytes(json.dumps({"id": "q1", "budget": 1.0, "score": 1.0}).encode() + b"\n" + b'{"id": "q\xff2", "budget": 1.0}\n')
     with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:2: not UTF-8 text"):
         read_answers(path)
 
@@ -67,7 +67,44 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
 def test_a_question_answered_twice_at_one_budget_is_refused(tmp_path):
     # two questions that share an id: keyed by (budget, id), one would be dropped unseen
     path = tmp_path / ANSWERS_FILE
-    rows = [{"id": "q1", "budget": 1.0}, {"id": "q1", "budget": 0.5}, {"id": "q2", "budget": 1.0}, {"id": "q1", "budget": 1.0}]
+    rows = [{"id": "q1", "budget": 1.0, "score": 1}, {"id": "q1", "budget": 0.5, "score": 0},
+            {"id": "q2", "budget": 1.0, "score": None}, {"id": "q1", "budget": 1.0, "score": 1}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:4: question 'q1' answered again at budget 1 \(first on line 1\)"):
+        read_answers(path)
+
+
+@pytest.mark.parametrize(
+    ("score", "says"),
+    [
+        (None, "missing"),  # the line has no score field at all
+        ('"1"', "'1' is not a number"),
+        ("true", "True is not a number"),
+        ("[1]", r"\[1\] is not a number"),
+        ("NaN", "nan is not a finite number"),
+        ("Infinity", "inf is not a finite number"),
+        ("7.0", r"7.0 is outside \[0, 1\]"),
+        ("-0.5", r"-0.5 is outside \[0, 1\]"),
+    ],
+)
+def test_a_score_no_metric_writes_names_file_line_and_field(tmp_path, score, says):
+    path = tmp_path / ANSWERS_FILE
+    second = '{"id": "q2", "budget": 1.0' + ("" if score is None else f', "score": {score}') + "}"
+    path.write_text(json.dumps({"id": "q1", "budget": 1.0, "score": 1.0}) + "\n" + second + "\n")
+    with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}:2: field 'score' {says}"):
+        read_answers(path)
+
+
+def test_every_score_a_metric_writes_is_read(tmp_path):
+    # VQA's leave-one-out thirds, exact-match / POPE 0 or 1 (ints too), and null where the metric has none (MME)
+    path = tmp_path / ANSWERS_FILE
+    scores = [0.0, 1.0, 0, 1, 1 / 3, 2 / 3, 0.9, None]
+    path.write_text("".join(json.dumps({"id": f"q{i}", "budget": 1.0, "score": s}) + "\n" for i, s in enumerate(scores)))
+    assert [row["score"] for row in read_answers(path).values()] == scores
+
+
+def test_an_empty_answers_file_says_it_is_empty(tmp_path):
+    path = tmp_path / ANSWERS_FILE
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{ANSWERS_FILE}: empty \(0 bytes\)"):
         read_answers(path)

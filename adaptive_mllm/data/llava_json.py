@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+from adaptive_mllm.data.errors import DataError, DataWarning
 from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_lengths
 from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
 from adaptive_mllm.metrics import (
@@ -39,54 +40,6 @@ from adaptive_mllm.metrics import majority_answers as metric_majority_answers
 HUMAN = "human"
 GPT = "gpt"
 DEFAULT_QUESTION_KIND = "all"
-
-
-class DataError(ValueError):
-    """A record that cannot be used; the message names the JSON file, the record and the field.
-
-    Build one with :meth:`at`. The plain one-argument form ``DataError(message)`` also works, so that a
-    DataLoader worker's error is re-raised in the main process as a DataError, message intact.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        json_path: str | None = None,
-        record_id: Any = None,
-        index: int | None = None,
-        field: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.json_path = json_path
-        self.record_id = record_id
-        self.index = index
-        self.field = field
-        self.reason = reason
-
-    @classmethod
-    def at(
-        cls,
-        json_path: str | Path,
-        reason: str,
-        record_id: Any = None,
-        index: int | None = None,
-        field: str | None = None,
-    ) -> DataError:
-        """``{json_path}, record id {id!r} (index {index}), field {field!r}: {reason}``."""
-        where = str(json_path)
-        if index is not None:
-            where += f", record id {record_id!r} (index {index})"
-        if field is not None:
-            where += f", field {field!r}"
-        return cls(f"{where}: {reason}", str(json_path), record_id, index, field, reason)
-
-    def __reduce__(self) -> tuple:
-        return type(self), (str(self), self.json_path, self.record_id, self.index, self.field, self.reason)
-
-
-class DataWarning(UserWarning):
-    """A bad record dropped because ``skip_bad_records`` is on (the message is the DataError's)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +121,9 @@ def parse_record(
 
     if not isinstance(raw, dict):
         raise fail("record", f"expected a JSON object, got {type(raw).__name__}")
+    if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, str | int)):
+        # LLaVA's ids are strings ("000000033471") or integers; another value would be reported as its repr
+        raise fail("id", f"expected a string or integer, got {type(record_id).__name__}")
     if "conversations" not in raw:
         raise fail("conversations", "missing: every record needs a list of human / gpt turns")
     conversations = raw["conversations"]
@@ -234,7 +190,13 @@ def parse_record(
             raise fail("image", str(error)) from error
         if not os.path.exists(image_path):
             raise fail("image", f"image file {image_path} does not exist")
-    kind = raw.get("question_kind", DEFAULT_QUESTION_KIND)
+    kind = raw.get("question_kind")
+    if kind is None:  # absent (or null): one group
+        kind = DEFAULT_QUESTION_KIND
+    elif not isinstance(kind, str):  # grouped as "all" before: a kind silently lost
+        raise fail("question_kind", f"expected a string, got {type(kind).__name__}")
+    elif not kind.strip():
+        raise fail("question_kind", f"expected a non-empty string, got {kind!r}")
     if kind in RESERVED_GROUPS:
         raise fail("question_kind", f"{kind!r} is a column of the test report (reserved: {', '.join(RESERVED_GROUPS)}); rename the kind")
     return LlavaRecord(
@@ -243,7 +205,7 @@ def parse_record(
         image=image_path,
         questions=tuple(questions),
         answers=tuple(answers),
-        question_kind=kind if isinstance(kind, str) and kind else DEFAULT_QUESTION_KIND,
+        question_kind=kind,
         words=sum(len(str(turn.get("value", "")).split()) for turn in conversations),
         dropped_opening_answer=bool(first),
     )

@@ -166,3 +166,42 @@ def test_a_run_that_learned_nothing_is_judged_not_crashed(tmp_path: Path) -> Non
     _write_run(tmp_path / "zero", {1.0: 0.0, 0.6: 0.0}, {1.0: 0.0, 0.6: 0.0}, {1.0: 0.0, 0.6: 0.0})
     (row,) = summarise(tmp_path, [("a", 0, tmp_path / "zero")])
     assert "keeps < 97% at 0.6" in row["status"]  # 0 of 0 kept: nothing, not a division by zero
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),  # was concurrent.futures' traceback
+        (["--threads", "-1"], "--threads must be >= 1, got -1"),
+        (["--deadline_s", "nan"], "--deadline_s must be > 0, got nan"),
+        (["--seeds", "0", "1", "0"], "--seeds: each seed once (one run directory per seed and variant), got 0 twice"),
+        (["--variant", "base=", "--variant", "base=--model.learning_rate=1e-3"], "--variant: each name once (one run directory per seed and variant), got 'base' twice"),
+        (["--config", "nope.yaml"], "--config nope.yaml: no such file"),  # was FileNotFoundError's traceback
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_anything_runs(tmp_path: Path, monkeypatch, capsys, flags: list[str], says: str) -> None:
+    from bench.tiny_seeds import main
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(Runner, "train_and_score", no_training)  # without the checks, this fails fast, not trains
+    monkeypatch.chdir(tmp_path)  # a relative --config is looked for here
+    out = tmp_path / "seeds"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(RECIPE), "--seeds", "0", "--out", str(out), *flags])
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_config_that_is_no_recipe_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from bench.tiny_seeds import main
+
+    for text, says in (("model: [\n", "not a readable YAML recipe"), ("- a list\n", "not a recipe (expected a mapping with model.backbone)")):
+        config = tmp_path / "bad.yaml"
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            main(["--config", str(config), "--seeds", "0", "--out", str(tmp_path / "seeds")])
+        assert f"--config {config}: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "seeds").exists()

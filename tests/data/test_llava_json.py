@@ -190,6 +190,10 @@ def bad_cases(image_folder, make_record) -> dict[str, BadCase]:
         "a question kind named as a report column": BadCase(
             {**make_record(bad), "question_kind": "units"}, "question_kind", "'units' is a column of the test report", False
         ),
+        "a question kind that is not a string": BadCase(  # was grouped as "all" without a word
+            {**make_record(bad), "question_kind": ["colour"]}, "question_kind", "expected a string, got list", False
+        ),
+        "an empty question kind": BadCase({**make_record(bad), "question_kind": " "}, "question_kind", "expected a non-empty string", False),
     }
 
 
@@ -200,6 +204,7 @@ BAD_CASES = [
     "missing image file", "corrupt image file", "truncated image file", "no conversations", "conversations not a list",
     "image but no placeholder", "placeholder but no image", "empty answer", "roles out of order", "turn without value",
     "ends without answer", "lone surrogate in the text", "longer than max_length", "a question kind named as a report column",
+    "a question kind that is not a string", "an empty question kind",
 ]
 
 
@@ -502,3 +507,34 @@ def test_an_opening_gpt_turn_is_dropped_as_llava_does(write_llava, processor, tm
     image_in_opening = {"id": "bad", "conversations": [{"from": "gpt", "value": "<image>\nhi"}, *conversation("q", "a")]}
     with pytest.raises(DataError, match=r"field 'conversations\[0\].value': <image> in an opening gpt turn"):
         LlavaJsonDataset(write_llava([image_in_opening], name="opening.json"), tmp_path / "images")
+
+
+@pytest.mark.parametrize(("record_id", "type_name"), [({"x": 1}, "dict"), ([1], "list"), (1.5, "float"), (True, "bool")])
+def test_an_id_that_is_not_a_string_or_integer_names_file_record_and_field(write_llava, make_record, tmp_path, record_id, type_name):
+    # a dict id was stringified ("{'x': 1}") into the answers file
+    path = write_llava([make_record("good-record"), make_record(record_id)], name="train.json")
+    with pytest.raises(DataError) as info:
+        LlavaJsonDataset(path, tmp_path / "images")
+    message = str(info.value)
+    assert f"{path}, record id {record_id!r} (index 1), field 'id': expected a string or integer, got {type_name}" == message
+    assert (info.value.index, info.value.field) == (1, "id")
+
+
+def test_valid_ids_and_question_kinds_are_kept(write_llava, make_record, tmp_path):
+    # LLaVA's ids: strings of digits ("000000033471") or integers; a record may have none (keyed <stem>-<index>);
+    # a question kind absent or null is the one group "all"
+    records = [make_record("000000033471", question_kind="colour"), make_record(42), {**make_record(None), "question_kind": None}]
+    del records[2]["id"]
+    path = write_llava(records, name="train.json")
+    dataset = LlavaJsonDataset(path, tmp_path / "images")
+    assert [(record.id, record.question_kind) for record in dataset.records] == [("000000033471", "colour"), ("42", "all"), ("train-2", "all")]
+
+
+def test_records_the_shapes_generator_writes_stay_valid(tmp_path):
+    from adaptive_mllm.data.shapes import _write_split, generate_examples
+
+    records = _write_split(tmp_path, "test", generate_examples(6, seed=0, split="test"))
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    dataset = LlavaJsonDataset(tmp_path / "test.json", tmp_path / "images")
+    assert [record.question_kind for record in dataset.records] == [record["question_kind"] for record in records]
+    assert [record.id for record in dataset.records] == [record["id"] for record in records]

@@ -1,0 +1,127 @@
+"""Recipe files named in their errors: a YAML syntax error or a key the recipe does not take is reported with the
+file (and line, or key) in one line, where jsonargparse says ``in "<unicode string>"`` after its usage."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be read; the message names the file and what is wrong in it."""
+
+
+def recipe_files(args: list[str]) -> list[Path]:
+    """The existing files ``args`` give as ``--config`` / ``-c`` (a value that is no file, a YAML string or a path
+    that does not exist, is left to the parser)."""
+    found = []
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        if value and Path(value).is_file():
+            found.append(Path(value))
+    return found
+
+
+def check_recipe_files(args: list[str]) -> None:
+    """Each ``--config`` file in ``args`` is YAML, or a RecipeError naming it, the line and the column (jsonargparse
+    names none: ``in "<unicode string>"``, after its usage)."""
+    for path in recipe_files(args):
+        try:
+            yaml.safe_load(path.read_bytes())
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = "; ".join(part for part in (error.context, error.problem) if part)
+            raise RecipeError(f"{path}{where}: not valid YAML ({what})") from None
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML ({error})") from None
+
+
+class RecipeParser(LightningArgumentParser):
+    """LightningCLI's parser; an option a ``--config`` file gives that the recipe does not take (a misspelled key) is
+    named with its file and place in it, in one line (jsonargparse names no file, after about 60 lines of usage)."""
+
+    _recipe_files: list[Path] = []
+
+    def parse_args(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        self._recipe_files = recipe_files(list(args) if isinstance(args, (list, tuple)) else sys.argv[1:])
+        return super().parse_args(args, *more, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if self.exit_on_error and self._recipe_files:  # the parser that would print usage and exit
+            named = _unknown_option_in(message, self._recipe_files)
+            if named is not None:
+                raise RecipeError(named) from None
+        return super().error(message, ex)
+
+
+def _unknown_option_in(message: str, files: list[Path]) -> str | None:
+    """``<file>: <key in it>: ...`` for jsonargparse's error about an option it does not take, where a recipe file
+    gives that option; None otherwise (a flag, or another error)."""
+    if "NestedArg(" in message:  # given as a flag
+        return None
+    not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
+    if not_accepted:
+        key = not_accepted[1]
+        classes = re.findall(r"class_path '([^']+)'", message[: not_accepted.start()])
+        cls = classes[-1] if classes else None
+        for path in files:
+            for dotted, holder in _keys(yaml.safe_load(path.read_bytes())):
+                if dotted.rpartition(".")[2] == key and (cls is None or _names(holder, cls)):
+                    return f"{path}: {dotted}: not an argument of {cls.rpartition('.')[2] if cls else 'its class'}{_close(key, cls)}"
+        return None
+    other = re.search(r"(?:Subcommand '[^']+'|Group '([^']+)') does not accept option '([^']+)'", message)
+    if other:
+        option = f"{other[1]}.{other[2]}" if other[1] else other[2]
+        for path in files:
+            for dotted, _ in _keys(yaml.safe_load(path.read_bytes())):
+                if dotted == option or dotted.endswith(f".{option}"):
+                    return f"{path}: {dotted}: not an option of the recipe (--help lists them)"
+    return None
+
+
+def _keys(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Every mapping key of a loaded YAML file as (dotted path, the mapping with the class_path it is an argument of,
+    None for a key that is no class's argument)."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        yield dotted, None
+        if key == "init_args" and "class_path" in tree and isinstance(value, dict):
+            for argument, given in value.items():
+                yield f"{dotted}.{argument}", tree
+                yield from _keys(given, f"{dotted}.{argument}.")
+        else:
+            yield from _keys(value, f"{dotted}.")
+
+
+def _names(holder: Any, cls: str) -> bool:
+    """Whether ``holder``'s class_path names ``cls`` (in full or by its short name)."""
+    given = str(holder.get("class_path", "")) if isinstance(holder, dict) else ""
+    return bool(given) and given.rpartition(".")[2] == cls.rpartition(".")[2]
+
+
+def _close(key: str, cls: str | None) -> str:
+    """``; did you mean 'x'?`` from the class's own arguments, where one is close to ``key``."""
+    module, _, name = (cls or "").rpartition(".")
+    try:
+        parameters = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
+    close = difflib.get_close_matches(key, parameters, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
