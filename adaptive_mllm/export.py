@@ -27,7 +27,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +136,9 @@ def _write_files(module: AdaptiveMLLM, out_dir: Path, scheduler_spec: dict[str, 
 def _readable_as_other_files(out_dir: Path) -> None:
     """safetensors writes its files readable by their owner alone (0600), every other file of an export is 0666 less
     the umask (0644 under the usual 022): an export meant to be shared would be unreadable to the others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in out_dir.glob("*.safetensors"):
-        path.chmod(0o666 & ~umask)
+    mode = (out_dir / "config.json").stat().st_mode & 0o777  # written by open(): 0666 less the umask (reading the
+    for path in out_dir.glob("*.safetensors"):  # umask itself would set it to 0 a moment for every thread)
+        path.chmod(mode)
 
 
 def load_exported(

@@ -294,8 +294,9 @@ def evaluate(
         else:
             left = f" (or remove {run_dir}, which holds what it left)" if run_dir.is_dir() and any(run_dir.iterdir()) else ""
             advice = f"No benchmark was evaluated before it: after the fix, run the table again{left}"
-        print(f"adaptive-mllm table: the test run of {data_yaml} failed (exit code {code}; its message is above). {advice}", file=sys.stderr)
-        raise SystemExit(code)
+        failed = f"was killed by signal {-code}" if code < 0 else f"failed (exit code {code}; its message is above)"
+        print(f"adaptive-mllm table: the test run of {data_yaml} {failed}. {advice}", file=sys.stderr)
+        raise SystemExit(128 - code if code < 0 else code)  # a signal as the shell reports it: SIGKILL 137
     if not (run_dir / RESULTS).is_file():
         raise RuntimeError(f"{run_dir / RESULTS}: the test run of {data_yaml} wrote no results there (did a flag set a logger with its own save_dir?)")
 

@@ -32,7 +32,7 @@ def recipe_files(args: list[str]) -> list[Path]:
         else:
             continue
         if value and Path(value).is_file():
-            found.append(Path(value))
+            found.append(Path(value).absolute())  # jsonargparse parses a file from inside its folder
     return found
 
 
@@ -70,28 +70,46 @@ class RecipeParser(LightningArgumentParser):
 
 
 def _unknown_option_in(message: str, files: list[Path]) -> str | None:
-    """``<file>: <key in it>: ...`` for jsonargparse's error about an option it does not take, where a recipe file
-    gives that option; None otherwise (a flag, or another error)."""
+    """``<file>: <key in it>: ...`` for jsonargparse's error about an option it does not take, where exactly one
+    place in the recipe files gives that option; None otherwise (a flag, another error, no place or several, a file
+    that cannot be read again): jsonargparse's own message is then printed."""
     if "NestedArg(" in message:  # given as a flag
         return None
     not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
+    other = re.search(r"(?:Subcommand '([^']+)'|Group '([^']+)') does not accept option '([^']+)'", message)
     if not_accepted:
         key = not_accepted[1]
         classes = re.findall(r"class_path '([^']+)'", message[: not_accepted.start()])
         cls = classes[-1] if classes else None
-        for path in files:
-            for dotted, holder in _keys(yaml.safe_load(path.read_bytes())):
-                if dotted.rpartition(".")[2] == key and (cls is None or _names(holder, cls)):
-                    return f"{path}: {dotted}: not an argument of {cls.rpartition('.')[2] if cls else 'its class'}{_close(key, cls)}"
+        if cls is None:
+            found = _places(files, lambda dotted, holder: dotted == key)
+        else:
+            found = _places(files, lambda dotted, holder: dotted.rpartition(".")[2] == key and _names(holder, cls))
+        what = f"not an argument of {cls.rpartition('.')[2] if cls else 'its class'}{_close(key, cls)}"
+    elif other:
+        subcommand, group, option = other[1], other[2], other[3]
+        wanted = {f"{group}.{option}"} if group else {option, f"{subcommand}.{option}"}
+        found = _places(files, lambda dotted, holder: dotted in wanted)
+        what = "not an option of the recipe (--help lists them)"
+    else:
         return None
-    other = re.search(r"(?:Subcommand '[^']+'|Group '([^']+)') does not accept option '([^']+)'", message)
-    if other:
-        option = f"{other[1]}.{other[2]}" if other[1] else other[2]
-        for path in files:
-            for dotted, _ in _keys(yaml.safe_load(path.read_bytes())):
-                if dotted == option or dotted.endswith(f".{option}"):
-                    return f"{path}: {dotted}: not an option of the recipe (--help lists them)"
-    return None
+    if len(found) != 1:
+        return None
+    path, dotted = found[0]
+    return f"{path}: {dotted}: {what}"
+
+
+def _places(files: list[Path], matches: Any) -> list[tuple[Path, str]]:
+    """(file, dotted key) of every key in ``files`` that ``matches(dotted, holder)``; a file that cannot be read or
+    parsed again is passed over (the reporting must never replace the parser's error with its own)."""
+    found = []
+    for path in files:
+        try:
+            tree = yaml.safe_load(path.read_bytes())
+        except (OSError, yaml.YAMLError):
+            continue
+        found += [(path, dotted) for dotted, holder in _keys(tree) if matches(dotted, holder)]
+    return found
 
 
 def _keys(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:

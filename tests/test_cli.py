@@ -252,3 +252,20 @@ def test_a_recipe_that_is_no_yaml_or_gives_an_unknown_key_is_named(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--data.init_args.num_workrs=1"])
     assert exit_.value.code == 2 and "num_workrs" in capsys.readouterr().err
+
+
+def test_a_misspelled_key_is_named_in_its_own_file_given_relative_or_beside_another(tmp_path, monkeypatch):
+    """jsonargparse parses a file from inside its folder (a relative path read again there is no file), and a key
+    named like another file's nested key is that other file's only when it sits at that place."""
+    from adaptive_mllm.recipe_files import RecipeError
+
+    (tmp_path / "sub").mkdir()
+    recipe = (RECIPE_DIR / "tiny.yaml").read_text().replace("num_prefix_layers:", "num_prefix_layer:")
+    (tmp_path / "sub" / "r.yaml").write_text(recipe)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=r"sub/r\.yaml: model\.scheduler\.init_args\.num_prefix_layer: not an argument of LayerScheduler"):
+        main(["fit", "--config", "sub/r.yaml"])
+    override = tmp_path / "override.yaml"
+    override.write_text("name: foo\n")  # tiny.yaml has a valid trainer.logger.init_args.name
+    with pytest.raises(RecipeError, match=rf"^{override}: name: not an option of the recipe"):
+        main(["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--config", str(override)])

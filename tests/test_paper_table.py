@@ -230,6 +230,14 @@ def test_a_failed_benchmark_run_stops_the_table_with_its_exit_code(tmp_path, mon
     assert (out / "POPE" / "test_results.csv").is_file() and not (out / "paper_table.csv").exists()
 
 
+def test_a_benchmark_run_killed_by_a_signal_stops_the_table_as_the_shell_reports_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", lambda args: -9)  # subprocess: killed by SIGKILL
+    pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "r.yaml", "--benchmarks", str(pope), "--budgets", "1.0", "--out", str(tmp_path / "table")])
+    assert exit_.value.code == 137 and "was killed by signal 9" in capsys.readouterr().err
+
+
 def _benchmark_yaml(path: Path, class_path: str, **init_args: object) -> Path:
     path.write_text(yaml.safe_dump({"class_path": class_path, "init_args": {**init_args, "batch_size": 8, "num_workers": 0}}))
     return path

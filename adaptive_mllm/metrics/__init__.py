@@ -12,7 +12,8 @@ Every benchmark metric has the interface of the benchmark datamodules (adaptive_
 ``update(predictions, batch)`` with the generated answers and the collated batch (each metric reads the
 per-record fields it needs from it), and ``compute() -> dict[str, Tensor]`` with the headline score under
 ``"overall"`` beside its parts; a metric that scores each answer alone also has
-``question_scores(predictions, batch)`` (the ``score`` of the test's answers file). Where examples must be
+``question_scores(predictions, batch)`` (the ``score`` of the test's answers file: a fraction in [0, 1], which
+`adaptive-mllm compare` reads and refuses otherwise). Where examples must be
 regrouped (MME's image pairs, MMBench's circular shifts) the states are integer lists concatenated over
 processes.
 """

@@ -33,7 +33,7 @@ CIRCULAR_OFFSET = 1_000_000  # a TSV that holds the shifted copies numbers them 
 # an option or hint written "N/A" or "NULL" is absent, one written " N/A " is not
 _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
                    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
-# the columns every MMBench release has and the prompt or the grouping reads (``answer`` is not in the test
+# the columns MMBench's releases have (not CCBench, which has no hint) and LLaVA-1.5's model_vqa_mmbench.py reads (``answer`` is not in the test
 # split; options past B, C and D, may be absent); a misspelled ``hint`` would silently drop every hint from the
 # prompts, a misspelled ``category`` put every question in one group
 REQUIRED_COLUMNS = ("index", "question", "hint", "A", "B", "category", "image")
@@ -86,7 +86,7 @@ class MMBenchDataModule(BenchmarkDataModule):
     Columns used: ``index``, ``question``, ``hint``, ``A``..``D`` (absent options empty), ``answer``,
     ``category``, ``image`` (base64; a short number refers to the row of that index, as some releases
     de-duplicate images); all but ``answer`` (not in the test split) and ``C`` / ``D`` must be columns of
-    the TSV, as in every MMBench release (a cell may be empty). The prompt is the hint (when there is
+    the TSV, as in MMBench's releases (a cell may be empty; LLaVA's script reads ``hint`` too). The prompt is the hint (when there is
     one), the question, the options as ``A. ...`` lines and the instruction, as LLaVA-1.5's
     model_vqa_mmbench.py with ``--single-pred-prompt`` builds it. With ``circular``, every question is asked once per rotation
     of its options (as LLaVA-1.5's ``--all-rounds``) and is right only if every rotation is; a TSV that
