@@ -49,6 +49,11 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
     path = Path(path)
     if not path.exists():
         hint = f" (if it names a W&B artifact: {WANDB_ARTIFACTS})" if ARTIFACT_NAME.fullmatch(str(path)) else ""
+        if str(path) in LIGHTNING_SHORTHANDS or str(path).startswith("registry"):
+            hint = (
+                " (Lightning's shorthand for a checkpoint its callbacks know is not read here: a run's files are checked "
+                "before Lightning looks for them; pass the file, e.g. <run>/checkpoints/last.ckpt)"
+            )
         raise CheckpointError(f"checkpoint {path}: no such file{hint}")
     if path.is_dir():
         if not any((path / marker).is_file() for marker in SHARDED_MARKERS):
@@ -78,6 +83,7 @@ WANDB_ARTIFACTS = (
     "W&B artifacts are not fetched: download it with `wandb artifact get <entity>/<project>/<name>:<version>` and "
     "pass the .ckpt file it writes"
 )
+LIGHTNING_SHORTHANDS = ("last", "best", "hpc")  # with "registry[:...]": what Lightning reads as ckpt_path besides a path
 ARTIFACT_NAME = re.compile(r"[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+")  # entity/project/name:version, as W&B names artifacts
 
 
