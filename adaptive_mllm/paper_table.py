@@ -20,7 +20,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from adaptive_mllm.plots import read_results_csv
-from adaptive_mllm.reporting import format_table
+from adaptive_mllm.reporting import format_table, unwritable_reason
 
 PAPER_BUDGETS = [1.0, 0.85, 0.6]
 HEADLINE = "overall"  # every benchmark metric's headline score, as test_results.csv names it
@@ -305,12 +304,10 @@ def check_writable_out(parser: argparse.ArgumentParser, out: Path) -> None:
     """``--out`` made (with its parents) and written to once, or a usage error naming it and the OS's reason."""
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; name a directory (it gets one directory per benchmark run and the table)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        parser.error(f"--out {out}: cannot be created or written ({error})")
+    problem = unwritable_reason(out)
+    if problem is not None:
+        parser.error(f"--out {out}: {problem}")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str]) -> Path:

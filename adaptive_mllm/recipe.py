@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from adaptive_mllm.checkpoints import check_checkpoint, damaged
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
 from adaptive_mllm.recipe_files import RecipeParser, check_recipe_files
+from adaptive_mllm.reporting import unwritable_reason
 from adaptive_mllm.tracking import (
     ResilientWandbLogger,
     WandbRunRecord,
@@ -265,26 +265,16 @@ def _entries(value: Any) -> list[Any]:
 
 def _check_writable(directory: Path) -> None:
     """An OSError naming a checkpoint folder fit cannot write (a read-only or immutable folder), found before the
-    first step: Lightning finds it at the first save, every step until then lost. A folder not made yet is tried in
-    the nearest one that exists (nothing is created); remote folders are left to Lightning."""
+    first step: Lightning finds it at the first save, every step until then lost. Remote folders are left to
+    Lightning."""
     if "://" in str(directory):
         return
-    place = Path(directory)
-    while not place.exists() and place.parent != place:
-        place = place.parent
-    where = "" if place == Path(directory) else f" (it would be made in {place})"
-    if not place.is_dir():
-        raise NotADirectoryError(f"checkpoint folder {directory}: {place} is a file, not a directory; give fit a folder it can write")
-    probe = place / f".adaptive-mllm-write-test.{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        probe.unlink()
-    except OSError as error:
+    problem = unwritable_reason(directory)
+    if problem is not None:
         raise OSError(
-            f"checkpoint folder {directory} cannot be written{where}: {error.strerror or error}; fit would train until "
-            "its first save and keep nothing: give a folder it can write (--trainer.default_root_dir, or the checkpoint "
-            "callback's dirpath)"
-        ) from None
+            f"checkpoint folder {directory}: {problem}; fit would train until its first save and keep nothing: give a "
+            "folder it can write (--trainer.default_root_dir, or the checkpoint callback's dirpath)"
+        )
 
 
 def _is_checkpoint(class_path: str) -> bool:

@@ -6,6 +6,8 @@ The tables are generic (a header and rows of cells); the caller decides how numb
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,3 +72,23 @@ def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite
         parser.error(f"--out {out} is a directory; name a file")
     if out.exists() and not overwrite:
         parser.error(f"--out {out} exists; choose another path, or pass --overwrite to replace it")
+
+
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why no file can be made in ``directory`` (where it does not exist yet, in the nearest folder above it, where it
+    would be made; nothing is created), or None. Tried with a file made and removed: permission bits alone miss
+    read-only mounts, immutable folders and root."""
+    asked = Path(directory).absolute()
+    place = asked
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    if not place.is_dir():
+        return f"{place} is not a directory"
+    probe = place / f".adaptive-mllm-write-test.{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as error:
+        where = "" if place == asked else f" (it would be made in {place})"
+        return f"cannot be written{where}: {error.strerror or error}"
+    return None

@@ -347,7 +347,7 @@ def test_an_out_that_cannot_be_written_is_named_before_any_benchmark_runs(tmp_pa
     pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
-    for out, says in ((blocker / "table", r"--out .*a-file/table: cannot be created or written \(\[Errno 20\] Not a directory"),
+    for out, says in ((blocker / "table", r"--out .*a-file/table: .*a-file is not a directory"),
                       (blocker, r"--out .*a-file is a file; name a directory")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])

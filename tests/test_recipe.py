@@ -346,13 +346,13 @@ def test_a_checkpoint_folder_fit_cannot_write_is_refused_before_the_first_step(i
 
     with monkeypatch.context() as patched:  # (not monkeypatch.undo(): that would leave in_tmp too)
         patched.setattr(os, "open", read_only)
-        with pytest.raises(OSError, match=r"checkpoint folder .*runs/ro/checkpoints cannot be written: Permission denied; "
+        with pytest.raises(OSError, match=r"checkpoint folder .*runs/ro/checkpoints: cannot be written: Permission denied; "
                            r"fit would train until its first save"):
             _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/ro"])
     assert sorted(path.name for path in root.iterdir()) == ["checkpoints"]  # refused before anything was written
     assert not any((root / "checkpoints").iterdir())
     (in_tmp / "runs" / "file").write_text("")  # a folder that cannot be made: a file is in its place
-    with pytest.raises(NotADirectoryError, match=r"checkpoint folder .*runs/file/checkpoints: .*runs/file is a file"):
+    with pytest.raises(OSError, match=r"checkpoint folder .*runs/file/checkpoints: .*runs/file is not a directory"):
         _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/file/"])
 
 

@@ -59,3 +59,22 @@ def test_print_table_rejects_ragged_rows():
     with pytest.raises(ValueError):
         print_table("t", ["x", "y"], [["a"]], console=Console(file=io.StringIO()))
 
+
+
+def test_unwritable_reason_tries_a_write_in_the_folder_that_would_hold_the_output(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from adaptive_mllm.reporting import unwritable_reason
+
+    assert unwritable_reason(tmp_path / "new" / "deeper") is None
+    assert sorted(tmp_path.iterdir()) == []  # nothing made, no probe left
+    (tmp_path / "a-file").write_text("")
+    assert unwritable_reason(tmp_path / "a-file" / "out") == f"{tmp_path / 'a-file'} is not a directory"
+
+    def read_only(path, *args, **kwargs):  # a read-only mount: root's permission bits would say writable
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert unwritable_reason(tmp_path / "new") == f"cannot be written (it would be made in {tmp_path}): Read-only file system"
+    assert unwritable_reason(tmp_path) == "cannot be written: Read-only file system"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from adaptive_mllm.benchmark import interleaved_medians, prepare_budget, synthetic_prompt
 from adaptive_mllm.decoding import resolve_mode
 from adaptive_mllm.inputs import embed_selected
-from adaptive_mllm.reporting import refuse_existing_output
+from adaptive_mllm.reporting import refuse_existing_output, unwritable_reason
 from adaptive_mllm.serving.latency import MIN_MEASUREMENTS, LatencyModel, Measurement, save_profile
 
 MAX_FIT_ERROR = 0.5  # a fit error above this on its own grid is warned about
@@ -153,13 +152,9 @@ def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> No
     """Refuse, before the model loads, an ``--out`` that is a directory, exists (without ``--overwrite``) or cannot
     be created: found only once the grid was measured, these lost the whole measurement."""
     refuse_existing_output(parser, out, overwrite)
-    folder = out.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # the nearest existing folder: save_profile creates the missing ones
-    if not folder.is_dir():
-        parser.error(f"--out {out}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: {folder} is not writable")
+    problem = unwritable_reason(out.absolute().parent)  # save_profile makes the folders missing
+    if problem is not None:
+        parser.error(f"--out {out}: {problem}")
 
 
 def check_against_model(
