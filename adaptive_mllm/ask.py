@@ -34,7 +34,13 @@ from adaptive_mllm.serving.requests import (
     parse_chat_request,
     read_request_image,
 )
-from adaptive_mllm.serving.server import build_model, check_device, check_model_files, check_profile
+from adaptive_mllm.serving.server import (
+    build_model,
+    check_device,
+    check_margin,
+    check_model_files,
+    check_profile,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,8 +71,7 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
             p.error(f"--deadline_ms: {deadline} must be > 0")
     if args.deadline_ms and args.profile is None:
         p.error("--deadline_ms needs --profile: a latency profile of this machine (`adaptive-mllm profile`)")
-    if not (math.isfinite(args.margin) and args.margin >= 0):
-        p.error(f"--margin {args.margin} must be a finite number >= 0")
+    check_margin(p, args.margin)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
     if args.export_dir is not None and overrides:

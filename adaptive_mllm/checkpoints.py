@@ -16,6 +16,8 @@ import re
 import secrets
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +105,23 @@ def _check_remote(path: str) -> None:
         ) from None
 
 
-def damaged(path: str | Path, error: BaseException) -> CheckpointError | None:
-    """A CheckpointError naming ``path`` for torch's error on a checkpoint whose archive is whole but whose data is
-    not (``PytorchStreamReader failed reading file data/76: invalid header or archive is corrupted``, no file
-    named); None for any other error."""
-    message = str(error)
-    if not isinstance(error, RuntimeError) or "PytorchStreamReader" not in message:
-        return None
-    found = re.search(r"failed reading file (\S+?): (.+?)(?:\. |\.?$)", message)
-    detail = f"{found[1]} unreadable: {found[2]}" if found else message.split(". ")[0]
-    return CheckpointError(
-        f"checkpoint {path}: damaged ({detail}); its bytes changed after it was written (a faulty copy or disk): copy "
-        "it again, or use another checkpoint"
-    )
+@contextmanager
+def damage_named(path: str | Path | None) -> Iterator[None]:
+    """Reading a checkpoint: torch's error on one whose archive is whole but whose data is not (``PytorchStreamReader
+    failed reading file data/76: invalid header or archive is corrupted``, no file named) becomes a CheckpointError
+    naming ``path``; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        message = str(error)
+        if "PytorchStreamReader" not in message:
+            raise
+        found = re.search(r"failed reading file (\S+?): (.+?)(?:\. |\.?$)", message)
+        detail = f"{found[1]} unreadable: {found[2]}" if found else message.split(". ")[0]
+        raise CheckpointError(
+            f"checkpoint {path}: damaged ({detail}); its bytes changed after it was written (a faulty copy or disk): "
+            "copy it again, or use another checkpoint"
+        ) from None
 
 
 def peek_checkpoint(path: str | Path) -> Any:
@@ -155,13 +161,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     its optimizer states are left out, export needs only the weights)."""
     path = check_checkpoint(path, required=("state_dict",))
     if not path.is_dir():
-        try:
+        with damage_named(path):
             return torch.load(path, map_location="cpu", weights_only=False)
-        except RuntimeError as error:
-            named = damaged(path, error)
-            if named is None:
-                raise
-            raise named from None
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -203,13 +204,8 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Lightning's, with a damaged file named (torch's error names none)."""
-        try:
+        with damage_named(path):
             return super().load_checkpoint(path, *args, **kwargs)
-        except RuntimeError as error:
-            named = damaged(path, error)
-            if named is None:
-                raise
-            raise named from None
 
 
 def _sync_directory(directory: Path) -> None:

@@ -30,7 +30,7 @@ import adaptive_mllm.data  # noqa: F401
 import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
 from adaptive_mllm.callbacks import REPORT_FILES
-from adaptive_mllm.checkpoints import check_checkpoint, damaged
+from adaptive_mllm.checkpoints import check_checkpoint, damage_named
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
 from adaptive_mllm.recipe_files import RecipeParser, check_recipe_files
@@ -112,13 +112,10 @@ class AdaptiveMLLMCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the whole checkpoint here (its hyperparameters): the first place a damaged one fails."""
-        try:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config  # without one: the tools' parse (run=False)
+        with damage_named(config.get("ckpt_path")):
             super()._parse_ckpt_path()
-        except RuntimeError as error:
-            named = damaged(self.config[self.config.subcommand].get("ckpt_path"), error)
-            if named is None:
-                raise
-            raise named from None
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

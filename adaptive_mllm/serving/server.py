@@ -156,8 +156,7 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
     """Refuse at startup what would fail every request later (argparse's own usage error, exit 2)."""
     if args.pinned_budget is not None and not 0.0 <= args.pinned_budget <= 1.0:
         p.error(f"--pinned_budget {args.pinned_budget} must be in [0, 1]")
-    if not (math.isfinite(args.margin) and args.margin >= 0):
-        p.error(f"--margin {args.margin} must be a finite number >= 0")
+    check_margin(p, args.margin)
     if args.image_dir is not None and not Path(args.image_dir).is_dir():
         problem = "is not a directory" if Path(args.image_dir).exists() else "does not exist"
         p.error(f"--image_dir {args.image_dir} {problem}")
@@ -178,6 +177,13 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
     if args.export_dir is None and args.config is None:
         p.error("give --export_dir, or --config (with --ckpt_path for trained weights)")
+
+
+def check_margin(p: argparse.ArgumentParser, margin: float) -> None:
+    """``--margin`` (the share of a deadline kept free) a finite number >= 0: NaN slipped past ``< 0`` and put every
+    deadline at the smallest budget."""
+    if not (math.isfinite(margin) and margin >= 0):
+        p.error(f"--margin {margin} must be a finite number >= 0")
 
 
 def check_device(p: argparse.ArgumentParser, device: str) -> None:
