@@ -53,8 +53,8 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
         hint = f" (if it names a W&B artifact: {WANDB_ARTIFACTS})" if ARTIFACT_NAME.fullmatch(str(path)) else ""
         if str(path) in LIGHTNING_SHORTHANDS or str(path).startswith("registry"):
             hint = (
-                " (Lightning's shorthand for a checkpoint its callbacks know is not read here: a run's files are checked "
-                "before Lightning looks for them; pass the file, e.g. <run>/checkpoints/last.ckpt)"
+                " (of Lightning's shorthands only `last` is read here, the newest last*.ckpt of the recipe's checkpoint "
+                "folders; for the others pass the file, e.g. <run>/checkpoints/epoch=0-step=500.ckpt)"
             )
         raise CheckpointError(f"checkpoint {path}: no such file{hint}")
     if path.is_dir():
@@ -86,6 +86,21 @@ WANDB_ARTIFACTS = (
     "pass the .ckpt file it writes"
 )
 LIGHTNING_SHORTHANDS = ("last", "best", "hpc")  # with "registry[:...]": what Lightning reads as ckpt_path besides a path
+
+
+def newest_last_checkpoint(folders: list[Path]) -> Path | None:
+    """The newest ``last*.ckpt`` (file, or sharded folder) in ``folders``, as Lightning's ``ckpt_path="last"`` picks
+    it; None where there is none."""
+    found = [
+        path
+        for folder in folders
+        if folder.is_dir()
+        for path in folder.iterdir()
+        if path.suffix == ".ckpt" and path.stem.startswith("last")  # last.ckpt, last-v1.ckpt: Lightning's match
+    ]
+    return max(found, key=lambda path: (path.stat().st_mtime, path.name), default=None)
+
+
 ARTIFACT_NAME = re.compile(r"[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+")  # entity/project/name:version, as W&B names artifacts
 
 

@@ -30,7 +30,7 @@ import adaptive_mllm.data  # noqa: F401
 import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
 from adaptive_mllm.callbacks import REPORT_FILES
-from adaptive_mllm.checkpoints import check_checkpoint, damage_named
+from adaptive_mllm.checkpoints import CheckpointError, check_checkpoint, damage_named, newest_last_checkpoint
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
 from adaptive_mllm.recipe_files import RecipeParser, check_recipe_files
@@ -107,6 +107,10 @@ class AdaptiveMLLMCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        self.fresh_from_last = None
+        if subcommand and config.get("ckpt_path") == "last":
+            config.ckpt_path = _resolve_last(config, subcommand)
+            self.fresh_from_last = None if config.ckpt_path else _checkpoint_folders(config)
         if config.get("ckpt_path"):
             check_checkpoint(config.ckpt_path)
 
@@ -159,6 +163,12 @@ class AdaptiveMLLMCLI(LightningCLI):
                 f"--ckpt_path {config.ckpt_path} is not a checkpoint of the run in {root} (it holds {earlier}): continued "
                 "there the two runs would mix; a new run from a checkpoint's weights needs its own "
                 "--trainer.default_root_dir with --ckpt_path, resuming this run one of its own checkpoints (last.ckpt)"
+            )
+        if earlier is not None and self.fresh_from_last and not config.get("overwrite_run"):
+            raise FileExistsError(
+                f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, self.fresh_from_last))}, but "
+                f"{_place(earlier, root)} holds an earlier run ({earlier}) that saved none: give this run its own "
+                "directory (--trainer.default_root_dir), or replace that one with --overwrite_run=true"
             )
         if earlier is not None and not config.get("ckpt_path") and not config.get("overwrite_run"):
             raise FileExistsError(
@@ -252,6 +262,34 @@ def _follow_root(config: Any) -> None:
     for callback in _entries(config.trainer.get("callbacks")):
         if "dirpath" in callback.init_args and callback.init_args.dirpath is None and _is_checkpoint(callback.class_path):
             callback.init_args.dirpath = str(Path(root) / "checkpoints")
+
+
+def _resolve_last(config: Any, subcommand: str) -> str | None:
+    """``--ckpt_path last`` as Lightning reads it: the newest ``last*.ckpt`` in the recipe's checkpoint folders. A
+    fit without one starts a new run (Lightning's "set it and forget it": one job script for the first start and
+    every restart); validate / test / predict without one fail rather than score untrained weights."""
+    folders = _checkpoint_folders(config)
+    found = newest_last_checkpoint(folders)
+    if found is not None:
+        rank_zero_info(f"{subcommand}: --ckpt_path last is {found}")
+        return str(found)
+    if subcommand != "fit":
+        raise CheckpointError(
+            f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, folders))} (the recipe's checkpoint folders): "
+            "nothing to load; pass the checkpoint file"
+        )
+    rank_zero_info(f"fit: --ckpt_path last found no last*.ckpt in {', '.join(map(str, folders))}: a new run")
+    return None
+
+
+def _checkpoint_folders(config: Any) -> list[Path]:
+    """Where the recipe's checkpoint callbacks save, read from its config before anything is built: a ``dirpath``,
+    else ``<default_root_dir>/checkpoints`` (``_follow_root``; also Lightning's own callback when the recipe has
+    none)."""
+    root = Path(config.trainer.get("default_root_dir") or ".")
+    callbacks = [entry for entry in _entries(config.trainer.get("callbacks")) if _is_checkpoint(entry.class_path)]
+    folders = [Path(entry.init_args.get("dirpath") or root / "checkpoints") for entry in callbacks]
+    return list(dict.fromkeys(folders)) or [root / "checkpoints"]
 
 
 def _entries(value: Any) -> list[Any]:

@@ -381,3 +381,48 @@ def test_a_fit_that_failed_before_its_first_step_does_not_block_the_next(in_tmp,
     assert (root / "config.yaml").is_file() and not list(root.glob("checkpoints/*.ckpt"))  # stepped once, saved nothing
     with pytest.raises(FileExistsError, match=r"holds an earlier run .*config\.yaml"):
         _run([*fit, "--trainer.max_steps=1"])
+
+
+def test_ckpt_path_last_starts_a_new_run_then_resumes_it(in_tmp):
+    """Lightning's set-and-forget `--ckpt_path last`: the same command first trains from scratch (no last*.ckpt
+    yet), then resumes the run's newest last*.ckpt; validate / test / predict read it too."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false", "--ckpt_path=last"]
+    _run([*fit, "--trainer.max_steps=1"])
+    last = in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 1
+    _run([*fit, "--trainer.max_steps=2"])  # an earlier run is there: only resuming it is allowed, and this does
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()
+    assert list((in_tmp / "runs" / "tiny").glob("config-resumed-*.yaml"))  # max_steps changed: kept apart
+
+    _run(["test", "--config", RECIPE, *SMALL, "--ckpt_path=last", "--model.eval_budgets=[1.0]"])
+    (tested,) = (in_tmp / "runs" / "tiny" / "test").iterdir()
+    assert f"ckpt_path: {last.relative_to(in_tmp)}" in (tested / "config.yaml").read_text()
+
+
+def test_ckpt_path_last_picks_the_newest_of_the_recipes_last_files(tmp_path):
+    from adaptive_mllm.checkpoints import newest_last_checkpoint
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    (first / "last.ckpt").write_bytes(b"x")
+    (second / "epoch=0-step=9.ckpt").write_bytes(b"x")
+    (second / "last-v1.ckpt").write_bytes(b"x")
+    os.utime(first / "last.ckpt", (1, 1))
+    assert newest_last_checkpoint([first, second, tmp_path / "missing"]) == second / "last-v1.ckpt"
+    os.utime(second / "last-v1.ckpt", (0, 0))
+    assert newest_last_checkpoint([first, second]) == first / "last.ckpt"
+    assert newest_last_checkpoint([tmp_path / "missing"]) is None
+
+
+def test_ckpt_path_last_without_a_checkpoint(in_tmp):
+    """An evaluation has nothing to load (never the untrained weights, as Lightning would with a warning); a fit into
+    a directory whose earlier run saved no checkpoint would mix with it: both named, nothing written."""
+    with pytest.raises(CheckpointError, match=r"--ckpt_path last: no last\*\.ckpt in runs/tiny/checkpoints \(the recipe's"):
+        _run(["test", "--config", RECIPE, *SMALL, "--ckpt_path=last"])
+    (in_tmp / "runs" / "tiny").mkdir(parents=True)
+    (in_tmp / "runs" / "tiny" / "config.yaml").write_text("seed_everything: 0\n")
+    with pytest.raises(FileExistsError, match=r"--ckpt_path last: no last\*\.ckpt in runs/tiny/checkpoints, but runs/tiny "
+                       r"holds an earlier run \(runs/tiny/config\.yaml\) that saved none: .*--overwrite_run=true"):
+        _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--ckpt_path=last"])
+    assert sorted(path.name for path in (in_tmp / "runs" / "tiny").iterdir()) == ["config.yaml"]
