@@ -19,14 +19,16 @@ head-level plan be costed from its masks.
 
 Budgets become unit counts here, not in the schedulers. Two rules (``budget_rule``):
 
-- ``"flops"`` (default): a plan **never** exceeds its budget: ``units_for_budget`` returns the largest
-  ``k`` whose worst plan still fits, LM head and dropped tokens counted;
-- ``"release"``: the AdaLLaVA release's ``k = max(0, floor(U * b) - U_prefix)`` with ``U`` the model's
-  units (``L`` layers, or ``L * num_heads / rank`` head units) and ``U_prefix`` those of the prefix
-  layers. It ignores the LM head and any token selection, so it can overshoot a little (LLaVA-1.5-7B with
-  FastV at 0.6: 3 layers where the FLOPs rule allows 2), and any budget in ``[0, 1]`` is accepted (below
-  the prefix: 0 units). It reproduces the paper's rows. ``floor`` is taken on the budget's decimal value
-  (rounded to 6 places), so a float32 ``0.7`` over 10 layers gives 7, not 6.
+- ``"release"`` (default, the reference's): the AdaLLaVA release's ``k = max(0, floor(U * b) - U_prefix)`` with
+  ``U`` the model's units (``L`` layers, or ``L * num_heads / rank`` head units) and ``U_prefix`` those of the
+  prefix layers. It counts units, not FLOPs: the LM head and any token selection are ignored, so a plan can
+  exceed ``b`` of the full model's FLOPs a little (LLaVA-1.5-7B at 0.75: 24 of 32 layers and the LM head), and
+  any budget in ``[0, 1]`` is accepted (below the prefix: 0 units). It gives the paper's rows. ``floor`` allows
+  1e-4 of a unit for float rounding, so a float32 ``0.7`` over 10 layers gives 7 and ``113 / 128`` over 128
+  units gives 113, as the release's arithmetic on those values does;
+- ``"flops"`` (this project's): a plan **never** exceeds its budget: ``units_for_budget`` returns the largest
+  ``k`` whose worst plan still fits, LM head and dropped tokens counted (one unit fewer than the release's at
+  budgets that fall on a level, e.g. LLaVA-1.5-13B at 0.85 and 0.6; fewer with FastV).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
     from adaptive_mllm.schedulers.plan import ExecutionPlan
 
 
-BudgetRule = Literal["flops", "release"]
+BudgetRule = Literal["release", "flops"]
+RELEASE_FLOOR_TOLERANCE = 1e-4  # of a unit: float rounding of b * U never loses a whole unit
 
 
 class CostModel:
@@ -54,11 +57,11 @@ class CostModel:
     Args:
         shape: sizes of the LLM.
         num_prefix_layers: the first layers, which always run.
-        budget_rule: ``"flops"`` (a plan never exceeds its budget's FLOPs) or ``"release"`` (the release's
-            ``floor(U * b) - U_prefix`` units).
+        budget_rule: ``"release"`` (the release's ``floor(U * b) - U_prefix`` units) or ``"flops"`` (a plan never
+            exceeds its budget's FLOPs).
     """
 
-    def __init__(self, shape: DecoderShape, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
+    def __init__(self, shape: DecoderShape, num_prefix_layers: int, budget_rule: BudgetRule = "release") -> None:
         if budget_rule not in ("flops", "release"):
             raise ValueError(f"budget_rule={budget_rule!r} must be 'flops' or 'release'")
         if not 0 <= num_prefix_layers < shape.num_layers:
@@ -242,9 +245,10 @@ class CostModel:
         return (spent[units] + spent[units + 1]) / 2 / self.full_flops(seq_len, layer_tokens)
 
     def _release_units(self, budget: float, units_per_layer: int) -> int:
-        """The release's ``max(0, floor(U * b) - U_prefix)``, on the budget rounded to 6 decimals."""
+        """The release's ``max(0, floor(U * b) - U_prefix)``, 1e-4 of a unit allowed for float rounding (a float32
+        budget differs from its decimal by up to 6e-8 of it: 1e-5 of a unit at 200 units)."""
         prefix, total = self.num_prefix_layers * units_per_layer, self.shape.num_layers * units_per_layer
-        return max(0, math.floor(round(budget, 6) * total + 1e-9) - prefix)
+        return max(0, math.floor(budget * total + RELEASE_FLOOR_TOLERANCE) - prefix)
 
     def _cumulative_flops(self, seq_len: int, units_per_layer: int, layer_tokens: Sequence[int] | None) -> list[int]:
         """[fixed, fixed + the most expensive unit, ...]: the worst-case cost of each unit count."""

@@ -162,7 +162,7 @@ class AdaptiveMLLM(L.LightningModule):
     def _check_budgets_reach_the_prefix(self, prefix: int, layers: int) -> None:
         """The always-run prefix layers cost at least ``prefix / layers`` of any request (the LM head only adds
         to that share), so a lower budget can never be met: say so now, naming the argument."""
-        if isinstance(self.scheduler, FullScheduler) or getattr(self.scheduler, "budget_rule", "flops") != "flops":
+        if isinstance(self.scheduler, FullScheduler) or getattr(self.scheduler, "budget_rule", "release") != "flops":
             return  # the full model ignores budgets; the release's rule runs 0 units below the prefix
         floor = prefix / layers
         for name, values in [("eval_budgets", self.eval_budgets), ("budget", [self.budget])]:

@@ -31,6 +31,7 @@ import adaptive_mllm.schedulers  # noqa: F401
 import adaptive_mllm.token_selection  # noqa: F401
 from adaptive_mllm.callbacks import REPORT_FILES
 from adaptive_mllm.checkpoints import CheckpointError, check_checkpoint, damage_named, newest_last_checkpoint
+from adaptive_mllm.data.directory_lock import DirectoryLock
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import PredictionWriter, new_directory
 from adaptive_mllm.recipe_files import RecipeParser, check_recipe_files
@@ -128,6 +129,30 @@ class AdaptiveMLLMCLI(LightningCLI):
             if subcommand == "fit":
                 self._release_a_fit_that_never_stepped()
             raise
+        finally:
+            if self.fit_lock is not None:
+                self.fit_lock.release()
+
+    fit_lock: DirectoryLock | None = None  # this fit's hold on its root (``_hold_root``)
+
+    def _hold_root(self, root: Path) -> None:
+        """One fit at a time in a root: two started together would both find it empty and mix their checkpoints
+        (``last.ckpt`` and ``last-v1.ckpt``, nothing saying whose). The hold is ``flock`` on a file in the root,
+        dropped by the operating system when the process ends, however it ends."""
+        lock = DirectoryLock(root, FIT_LOCK)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            held = lock.try_exclusive()
+        except OSError:
+            return  # a root this process cannot write: the checkpoint folders' check names it
+        self.fit_lock = lock
+        if not held:
+            lock.release()
+            self.fit_lock = None
+            raise FileExistsError(
+                f"{root}: another fit is running in this directory; wait for it to end (then resume it with --ckpt_path "
+                "last), or give this run its own directory (--trainer.default_root_dir)"
+            )
 
     def _release_a_fit_that_never_stepped(self) -> None:
         """A fit that failed before its first optimizer step (a flag refused at setup, a bad record in the sanity
@@ -155,9 +180,18 @@ class AdaptiveMLLMCLI(LightningCLI):
                 "--ckpt_path resumes a run, --overwrite_run=true replaces the run in this directory: give one of them "
                 "(a new run from a checkpoint's weights: its own --trainer.default_root_dir with --ckpt_path)"
             )
+        root = Path(self.trainer.default_root_dir)
+        if not _launched() and "://" not in str(root):
+            self._hold_root(root)
         # only the process the user started decides: processes a strategy launches may find rank 0's files
         earlier = None if _launched() else _earlier_run(self.trainer)
-        root = Path(self.trainer.default_root_dir)
+        set_aside = _set_aside_run_of(config.get("ckpt_path"), root)
+        if earlier is not None and set_aside is not None:
+            raise FileExistsError(
+                f"--ckpt_path {config.ckpt_path} is a checkpoint of the run --overwrite_run set aside in {set_aside}, not of "
+                f"the run now in {root} (it holds {earlier}): resumed here it would replace that run's checkpoints; "
+                f"resume it in its own folder, --trainer.default_root_dir {set_aside}"
+            )
         if earlier is not None and config.get("ckpt_path") and not _own_checkpoint(config.ckpt_path, self.trainer):
             raise FileExistsError(
                 f"--ckpt_path {config.ckpt_path} is not a checkpoint of the run in {root} (it holds {earlier}): continued "
@@ -341,6 +375,8 @@ def _own_directory(config: Any, subcommand: str) -> None:
 
 
 CLAIM_FILE = ".adaptive-mllm-run"  # marks a run directory as taken, so two evaluations started together never share it
+FIT_LOCK = ".adaptive-mllm-fit.lock"  # held (flock) by the fit running in a root
+REPLACED = "replaced"  # where --overwrite_run sets an earlier run aside: <root>/replaced/<time>/
 _claimed: list[tuple[Path, bool]] = []  # this command's run directory, and whether it made it (a new <sub>/<time>)
 
 
@@ -350,7 +386,7 @@ def _release_unused_claims() -> None:
     first was meant to. A directory holding anything else (a saved config, answers) is the failed run's record, kept."""
     for directory, made in _claimed:
         entries = list(directory.iterdir()) if directory.is_dir() else []
-        if any(entry.name != CLAIM_FILE for entry in entries):
+        if any(entry.name not in (CLAIM_FILE, FIT_LOCK) for entry in entries):
             continue
         (directory / CLAIM_FILE).unlink(missing_ok=True)
         if made:
@@ -361,7 +397,7 @@ def _claim_if_empty(root: Path) -> bool:
     """Take ``root`` for this run when it is new or empty. The claim is an exclusively created file: of two
     runs that both found it empty, one gets it, the other a directory of its own."""
     root.mkdir(parents=True, exist_ok=True)
-    if any(path.name != CLAIM_FILE for path in root.iterdir()):
+    if any(path.name not in (CLAIM_FILE, FIT_LOCK) for path in root.iterdir()):
         return False
     try:
         os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -383,7 +419,7 @@ def set_aside_run(run_dir: Path, checkpoint_dirs: list[Path], log_dirs: Iterable
     from, or mix with, the old run (``last.ckpt`` would stay the old run's, ``wandb sync`` would upload both), and
     nothing is deleted unasked. ``log_dirs``: the folders of loggers that make a ``version_<n>`` folder per run
     inside ``run_dir`` (their versions go too, so the new run's logs start again at ``version_0``)."""
-    keep = new_directory(run_dir / "replaced")
+    keep = new_directory(run_dir / REPLACED)
     for path in sorted({path for pattern in RUN_FILES for path in run_dir.glob(pattern)}):
         path.rename(keep / path.name)
     for index, directory in enumerate(checkpoint_dirs):
@@ -441,10 +477,24 @@ def _checkpoint_dirs(trainer: Any) -> list[Path]:
 
 def _own_checkpoint(ckpt_path: str | Path, trainer: Any) -> bool:
     """Whether ``ckpt_path`` is one of this root's run (under the root, a checkpoint folder of this fit, or a
-    versioned logger's folder): resuming it continues that run, anything else would be a second run mixed in."""
+    versioned logger's folder; not in a run ``--overwrite_run`` set aside there): resuming it continues that run,
+    anything else would be a second run mixed in."""
+    if "://" in str(ckpt_path) or _set_aside_run_of(ckpt_path, Path(trainer.default_root_dir)) is not None:
+        return False
     path = Path(ckpt_path).resolve()
     places = [Path(trainer.default_root_dir), *_checkpoint_dirs(trainer), *_versioned_log_dirs(trainer)]
-    return "://" not in str(ckpt_path) and any(path.is_relative_to(place.resolve()) for place in places)
+    return any(path.is_relative_to(place.resolve()) for place in places)
+
+
+def _set_aside_run_of(ckpt_path: str | Path | None, root: Path) -> Path | None:
+    """The ``<root>/replaced/<time>`` folder (a run ``--overwrite_run`` set aside) that holds ``ckpt_path``, or None."""
+    if not ckpt_path or "://" in str(ckpt_path):
+        return None
+    replaced = (root / REPLACED).resolve()
+    path = Path(ckpt_path).resolve()
+    if not path.is_relative_to(replaced) or path == replaced:
+        return None
+    return root / REPLACED / path.relative_to(replaced).parts[0]
 
 
 def _place(path: Path, root: Path) -> Path:

@@ -47,7 +47,7 @@ def counted(model: LlamaForCausalLM, batch: int, length: int) -> FlopCounterMode
 def test_full_flops_match_flop_counter(num_kv_heads: int, length: int) -> None:
     model = llama(4, 4, num_kv_heads, 16, 128)
     shape = DecoderShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16, intermediate_size=128, vocab_size=100)
-    cost = CostModel(shape, num_prefix_layers=2)
+    cost = CostModel(shape, num_prefix_layers=2, budget_rule="flops")
     counter = counted(model, batch=2, length=length)
     assert counter.get_total_flops() == 2 * cost.full_flops(length)
     assert sum(counter.get_flop_counts()["LlamaForCausalLM.lm_head"].values()) == 2 * cost.lm_head_flops()
@@ -61,7 +61,7 @@ def test_partial_layer_matches_a_smaller_layer(num_kv_heads: int, kv_kept: int, 
     if kv_kept > num_kv_heads:
         pytest.skip("more groups than the layer has")
     shape = DecoderShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16, intermediate_size=128, vocab_size=100)
-    cost = CostModel(shape, num_prefix_layers=2)
+    cost = CostModel(shape, num_prefix_layers=2, budget_rule="flops")
     q = shape.queries_per_kv
     length = 9
     if mlp_kept == 0:
@@ -76,7 +76,7 @@ def test_partial_layer_matches_a_smaller_layer(num_kv_heads: int, kv_kept: int, 
 
 @pytest.mark.parametrize("shape", [MHA, GQA], ids=["mha", "gqa"])
 def test_full_is_fixed_plus_every_unit(shape: DecoderShape) -> None:
-    cost = CostModel(shape, num_prefix_layers=3)
+    cost = CostModel(shape, num_prefix_layers=3, budget_rule="flops")
     for length in (1, 50):
         assert cost.fixed_flops(length) + sum(cost.unit_flops(length)) == cost.full_flops(length)
         for units_per_layer in (2, shape.num_kv_heads):
@@ -86,7 +86,7 @@ def test_full_is_fixed_plus_every_unit(shape: DecoderShape) -> None:
 
 
 def test_min_budget_counts_the_lm_head() -> None:
-    cost = CostModel(MHA, num_prefix_layers=4)
+    cost = CostModel(MHA, num_prefix_layers=4, budget_rule="flops")
     assert cost.min_budget(1) > cost.min_budget(100) > 0.5  # the head weighs more on short prompts
 
 
@@ -94,7 +94,7 @@ def test_min_budget_counts_the_lm_head() -> None:
 @pytest.mark.parametrize("units_per_layer", [1, 2])
 @pytest.mark.parametrize("length", [1, 17, 400])
 def test_units_fit_and_are_maximal(shape: DecoderShape, units_per_layer: int, length: int) -> None:
-    cost = CostModel(shape, num_prefix_layers=3)
+    cost = CostModel(shape, num_prefix_layers=3, budget_rule="flops")
     minimum = cost.min_budget(length)
     budgets = torch.linspace(minimum, 1.0, 200, dtype=torch.float64)
     budgets[0] = minimum  # exactly, not rounded by linspace
@@ -112,7 +112,7 @@ def test_units_fit_and_are_maximal(shape: DecoderShape, units_per_layer: int, le
 
 
 def test_reference_rule_can_exceed_the_budget_ours_cannot() -> None:
-    cost = CostModel(MHA, num_prefix_layers=4)
+    cost = CostModel(MHA, num_prefix_layers=4, budget_rule="flops")
     length, budget = 10, 0.75
     full = cost.full_flops(length)
     layer = cost.layer_flops(length)
@@ -124,7 +124,7 @@ def test_reference_rule_can_exceed_the_budget_ours_cannot() -> None:
 
 
 def test_budget_errors_name_the_admissible_range() -> None:
-    cost = CostModel(GQA, num_prefix_layers=4)
+    cost = CostModel(GQA, num_prefix_layers=4, budget_rule="flops")
     minimum = cost.min_budget(12)
     shown = f"[{math.ceil(minimum * 1e6) / 1e6:.6f}, 1.0]"
     for bad in (1.5, -0.1, float("nan"), minimum - 0.01, 0.0):
@@ -138,7 +138,7 @@ def test_budget_errors_name_the_admissible_range() -> None:
 
 
 def test_plan_flops_layer_and_head_level() -> None:
-    cost = CostModel(GQA, num_prefix_layers=4)
+    cost = CostModel(GQA, num_prefix_layers=4, budget_rule="flops")
     lengths = torch.tensor([10, 20])
     layer_mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     flops = cost.plan_flops(ExecutionPlan(4, layer_mask), lengths)
@@ -159,7 +159,7 @@ def test_plan_flops_layer_and_head_level() -> None:
 
 
 def test_plan_flops_rejects_a_plan_for_other_layers() -> None:
-    cost = CostModel(GQA, num_prefix_layers=4)
+    cost = CostModel(GQA, num_prefix_layers=4, budget_rule="flops")
     with pytest.raises(ValueError, match="plan covers layers"):
         cost.plan_flops(ExecutionPlan.full(1, 8, 3), torch.tensor([5]))
 
@@ -167,7 +167,7 @@ def test_plan_flops_rejects_a_plan_for_other_layers() -> None:
 def test_dropped_tokens_units_are_conservative() -> None:
     """A selector that halves the tokens after layer 4 makes the later layers cheaper: k assumes the
     most expensive units, so any plan of k units fits, while the full count is still reachable."""
-    cost = CostModel(MHA, num_prefix_layers=2)
+    cost = CostModel(MHA, num_prefix_layers=2, budget_rule="flops")
     length = 64
     per_layer = [64] * 5 + [32] * 3
     tokens = torch.tensor([per_layer] * 200)
@@ -194,8 +194,8 @@ def test_dropped_tokens_units_are_conservative() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="num_prefix_layers"):
-        CostModel(MHA, num_prefix_layers=8)
-    cost = CostModel(MHA, num_prefix_layers=2)
+        CostModel(MHA, num_prefix_layers=8, budget_rule="flops")
+    cost = CostModel(MHA, num_prefix_layers=2, budget_rule="flops")
     with pytest.raises(ValueError, match="layer_tokens has 3 entries"):
         cost.full_flops(5, [5, 5, 5])
     with pytest.raises(ValueError, match="units_per_layer"):
@@ -206,7 +206,7 @@ def test_fastv_layer_tokens_keep_plans_within_budget() -> None:
     """FastV's count of the tokens reaching each layer, fed to the cost model: any plan of k units fits."""
     from adaptive_mllm.token_selection import FastV
 
-    cost = CostModel(MHA, num_prefix_layers=2)
+    cost = CostModel(MHA, num_prefix_layers=2, budget_rule="flops")
     seq_lens, images = torch.tensor([40, 600, 13]), torch.tensor([16, 576, 0])
     tokens = FastV(layer_index=2, drop_ratio=0.5).layer_tokens(seq_lens, images, MHA.num_layers)
     assert tokens.tolist() == [[40, 40] + [32] * 6, [600, 600] + [312] * 6, [13] * 8]
@@ -239,7 +239,7 @@ def phi_shape(num_layers: int = 4, num_heads: int = 4, intermediate: int = 128) 
 @pytest.mark.parametrize("length", [1, 7, 33])
 def test_phi_full_flops_match_flop_counter(length: int, qk_layernorm: bool) -> None:
     model = phi(4, 4, 128, qk_layernorm)
-    cost = CostModel(phi_shape(), num_prefix_layers=2)
+    cost = CostModel(phi_shape(), num_prefix_layers=2, budget_rule="flops")
     counter = counted(model, batch=2, length=length)
     assert counter.get_total_flops() == 2 * cost.full_flops(length)
     assert sum(counter.get_flop_counts()["PhiForCausalLM.lm_head"].values()) == 2 * cost.lm_head_flops()
@@ -251,7 +251,7 @@ def test_phi_full_flops_match_flop_counter(length: int, qk_layernorm: bool) -> N
 def test_phi_partial_layer_matches_a_smaller_layer(heads_kept: int, mlp_kept: int) -> None:
     """A Phi layer keeping ``heads_kept`` of 4 heads and ``mlp_kept`` of 4 MLP groups costs what a Phi layer
     of exactly those sizes costs (what the engine's sliced fc1 / fc2 and q/k/v/dense compute)."""
-    cost = CostModel(phi_shape(), num_prefix_layers=2)
+    cost = CostModel(phi_shape(), num_prefix_layers=2, budget_rule="flops")
     model = phi(1, heads_kept, mlp_kept * 128 // 4)
     flops = counted(model, 1, 9).get_flop_counts()["PhiForCausalLM.model.layers.0"]
     assert sum(flops.values()) == cost.layer_flops(9, heads_kept, mlp_kept, num_mlp_groups=4)
@@ -259,7 +259,7 @@ def test_phi_partial_layer_matches_a_smaller_layer(heads_kept: int, mlp_kept: in
 
 def test_phi_plan_flops_count_two_mlp_matrices() -> None:
     shape = phi_shape()
-    cost = CostModel(shape, num_prefix_layers=2)
+    cost = CostModel(shape, num_prefix_layers=2, budget_rule="flops")
     plan = ExecutionPlan(2, torch.ones(1, 2), torch.ones(1, 2, 4), torch.tensor([[[1.0, 0, 0, 0], [1, 1, 1, 1]]]))
     expected = cost.fixed_flops(5) + cost.layer_flops(5, 4, 1, 4) + cost.layer_flops(5)
     assert float(cost.plan_flops(plan, torch.tensor([5]))[0]) == expected
@@ -267,7 +267,7 @@ def test_phi_plan_flops_count_two_mlp_matrices() -> None:
 
 @pytest.mark.parametrize("shape, units_per_layer", [(MHA, 1), (GQA, 2)])
 def test_budget_for_units_allows_exactly_that_many_units(shape: DecoderShape, units_per_layer: int) -> None:
-    cost = CostModel(shape, num_prefix_layers=3)
+    cost = CostModel(shape, num_prefix_layers=3, budget_rule="flops")
     tokens = [40] * 3 + [20] * 5  # tokens dropped after layer 3: units differ in cost
     for layer_tokens in (None, tokens):
         length = 40
@@ -290,7 +290,7 @@ UNEVEN = DecoderShape(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=4,
 def test_uneven_plan_flops_match_a_layer_of_the_kept_neurons() -> None:
     """A plan keeping MLP groups 1 and 3 (33 + 32 = 65 neurons) and one kv group costs what FlopCounterMode
     counts for a layer with exactly 1 head and 65 neurons."""
-    cost = CostModel(UNEVEN, num_prefix_layers=5)
+    cost = CostModel(UNEVEN, num_prefix_layers=5, budget_rule="flops")
     length = 7
     attention = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
     mlp = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]])
@@ -303,7 +303,7 @@ def test_uneven_units_fit_whichever_groups_are_picked() -> None:
     """Units of 2 MLP groups: the first unit of a layer may hold both wide groups (66 neurons), the second
     the narrow ones (64). Every plan of the ``k`` units a budget allows stays within it, and the count is the
     largest for which the widest plan does (the first unit per layer counted at 66, the next at 64)."""
-    cost = CostModel(UNEVEN, num_prefix_layers=2)
+    cost = CostModel(UNEVEN, num_prefix_layers=2, budget_rule="flops")
     length = 9
     wide, narrow = (cost.layer_flops(length, 2, 2, 4), cost.layer_flops(length, 4, 4, 4) - cost.layer_flops(length, 2, 2, 4))
     assert wide - narrow == 2 * cost.mlp_flops(length, 1)  # 66 against 64 neurons
@@ -331,7 +331,7 @@ def test_release_rule_reproduces_the_papers_fastv_rows() -> None:
     tokens = torch.tensor([[640] * 2 + [640 - 288] * 30])
     lengths, budget = torch.tensor([640]), torch.tensor([0.6])
     release = CostModel(VICUNA_7B, 16, budget_rule="release")
-    flops = CostModel(VICUNA_7B, 16)
+    flops = CostModel(VICUNA_7B, 16, budget_rule="flops")
     assert release.units_for_budget(budget, lengths, 1, tokens).tolist() == [3]
     assert flops.units_for_budget(budget, lengths, 1, tokens).tolist() == [2]
     assert release.units_for_budget(torch.tensor([0.6, 0.85]), torch.tensor([640, 640]), 4).tolist() == [12, 44]
@@ -343,7 +343,7 @@ def test_release_rule_below_the_prefix_is_zero_units() -> None:
     assert release.units_for_budget(budgets, lengths).tolist() == [0, 0, 0, 1, 16]  # floor(16.96) - 16 = 0, floor(17.6) - 16 = 1
     assert release.min_budget(100) == 0.0
     with pytest.raises(ValueError, match="admissible range"):
-        CostModel(VICUNA_7B, 16).units_for_budget(torch.tensor([0.3]), torch.tensor([100]))
+        CostModel(VICUNA_7B, 16, budget_rule="flops").units_for_budget(torch.tensor([0.3]), torch.tensor([100]))
     for bad in (1.01, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
             release.units_for_budget(torch.tensor([bad]), torch.tensor([100]))
@@ -358,6 +358,17 @@ def test_release_rule_reads_decimal_budgets() -> None:
     assert ten.units_for_budget(torch.tensor([0.7], dtype=torch.float32), torch.tensor([5])).tolist() == [5]
     hundred = CostModel(DecoderShape(100, 64, 4, 4, 16, 128, 100), 0, budget_rule="release")
     assert hundred.units_for_budget(torch.tensor([0.29], dtype=torch.float64), torch.tensor([5])).tolist() == [29]
+
+
+def test_release_rule_counts_every_exact_level_as_the_release_does() -> None:
+    """Budgets j / U (the release's H training draws randint(64, 129) / 128) give j - U_prefix units, 7 decimals
+    and all (rounding the budget to 6 decimals first lost a unit at 113, 117, 121, 125 of 128); float32 too."""
+    release = CostModel(VICUNA_7B, 16)  # the default rule
+    assert release.budget_rule == "release"
+    levels = torch.arange(64, 129, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        k = release.units_for_budget((levels / 128).to(dtype), torch.full((65,), 50), 4)
+        assert k.tolist() == (levels - 64).long().tolist()
 
 
 @pytest.mark.parametrize("units_per_layer", [1, 4])

@@ -89,7 +89,7 @@ def test_full_budget_matches_transformers_before_the_latency_token(tokenizer_dir
 
 
 def test_budget_below_the_prefix_is_a_clear_error(tokenizer_dir):
-    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3)).eval()
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3, budget_rule="flops")).eval()
     with pytest.raises(ValueError, match="admissible range"):
         model.generate(_batch(model, QUESTIONS[:1], ANSWERS[:1]), 0.2)
 
@@ -118,7 +118,7 @@ def test_a_baseline_on_an_adallava_h_checkpoint_inserts_the_token_the_h_schedule
     trained.on_save_checkpoint(saved)
     assert saved["scheduler_spec"] == {
         "class_path": "adaptive_mllm.schedulers.head.HeadScheduler",
-        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "flops"},
+        "init_args": {"num_prefix_layers": 3, "rank": 2, "tau": 5.0, "budget_rule": "release"},
     }
     batch = _batch(trained, QUESTIONS, ANSWERS)
     budgets = torch.ones(len(QUESTIONS))

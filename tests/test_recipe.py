@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adaptive_mllm.checkpoints import CheckpointError
+from adaptive_mllm.checkpoints import CheckpointError, newest_last_checkpoint
 from adaptive_mllm.cli import entry_point, main
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
@@ -401,8 +401,6 @@ def test_ckpt_path_last_starts_a_new_run_then_resumes_it(in_tmp):
 
 
 def test_ckpt_path_last_picks_the_newest_of_the_recipes_last_files(tmp_path):
-    from adaptive_mllm.checkpoints import newest_last_checkpoint
-
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     (first / "last.ckpt").write_bytes(b"x")
@@ -425,4 +423,52 @@ def test_ckpt_path_last_without_a_checkpoint(in_tmp):
     with pytest.raises(FileExistsError, match=r"--ckpt_path last: no last\*\.ckpt in runs/tiny/checkpoints, but runs/tiny "
                        r"holds an earlier run \(runs/tiny/config\.yaml\) that saved none: .*--overwrite_run=true"):
         _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--ckpt_path=last"])
-    assert sorted(path.name for path in (in_tmp / "runs" / "tiny").iterdir()) == ["config.yaml"]
+    assert sorted(path.name for path in (in_tmp / "runs" / "tiny").iterdir()) == [".adaptive-mllm-fit.lock", "config.yaml"]
+
+
+def test_a_second_fit_while_one_runs_in_the_root_is_refused(in_tmp):
+    """Two fits started together both found the root empty and mixed their checkpoints (last.ckpt, last-v1.ckpt);
+    the running one holds the root (a lock the operating system drops when its process ends)."""
+    import subprocess
+
+    from adaptive_mllm.data.directory_lock import DirectoryLock
+    from adaptive_mllm.recipe import FIT_LOCK
+
+    root = in_tmp / "runs" / "tiny"
+    root.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(root / FIT_LOCK)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=r"runs/tiny: another fit is running in this directory"):
+            _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1"])
+        assert sorted(path.name for path in root.iterdir()) == [FIT_LOCK]  # nothing of the refused run's
+    finally:
+        holder.kill()
+        holder.wait()
+    _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--test_after_fit=false"])
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    lock = DirectoryLock(root, FIT_LOCK)
+    assert lock.try_exclusive()  # the finished fit let go of the root
+    lock.release()
+
+
+def test_a_run_set_aside_by_overwrite_run_is_not_resumed_over_the_current_one(in_tmp):
+    """Its checkpoint lies under the root, but resuming it there replaced the current run's last.ckpt (and
+    Lightning's top-k deleted the rest): refused, naming the folder it can be resumed in."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false"]
+    _run([*fit, "--trainer.max_steps=1"])
+    _run([*fit, "--trainer.max_steps=2", "--overwrite_run=true"])
+    root = in_tmp / "runs" / "tiny"
+    (aside,) = (root / "replaced").iterdir()
+    before = _files(root / "checkpoints")
+    with pytest.raises(FileExistsError, match=rf"is a checkpoint of the run --overwrite_run set aside in runs/tiny/replaced/"
+                       rf"{aside.name}, .*--trainer\.default_root_dir runs/tiny/replaced/{aside.name}"):
+        _run([*fit, "--trainer.max_steps=3", f"--ckpt_path={aside / 'checkpoints' / 'last.ckpt'}"])
+    assert _files(root / "checkpoints") == before
+    _run([*fit, "--trainer.max_steps=3", f"--trainer.default_root_dir={aside}", f"--ckpt_path={aside / 'checkpoints' / 'last.ckpt'}"])
+    # Lightning saves a moved run's next last.ckpt as last-v1.ckpt (the recorded folder changed); --ckpt_path last reads it
+    assert torch.load(newest_last_checkpoint([aside / "checkpoints"]), weights_only=False)["global_step"] == 3

@@ -30,8 +30,8 @@ os.register_at_fork(after_in_child=_forget_in_child)
 class DirectoryLock:
     """A shared or exclusive hold on a directory; at most one at a time per instance."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.path = Path(directory) / LOCK_FILE
+    def __init__(self, directory: str | Path, name: str = LOCK_FILE) -> None:
+        self.path = Path(directory) / name
         self._fd: int | None = None
 
     def _open(self) -> int:

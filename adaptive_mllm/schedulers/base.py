@@ -55,8 +55,8 @@ class Scheduler(nn.Module):
     Args:
         num_prefix_layers: the first LLM layers, which always run; the scheduler reads the latency
             token at the input of this layer.
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
     """
 
     #: the AdaLLaVA release's ``scheduler_type`` of the same scheduler (None: the release has none)
@@ -64,7 +64,7 @@ class Scheduler(nn.Module):
     #: a release checkpoint directory to read the trained weights from, for a scheduler that takes one
     release_checkpoint: str | None = None
 
-    def __init__(self, num_prefix_layers: int, budget_rule: BudgetRule = "flops") -> None:
+    def __init__(self, num_prefix_layers: int, budget_rule: BudgetRule = "release") -> None:
         super().__init__()
         if num_prefix_layers < 0:
             raise ValueError(f"num_prefix_layers={num_prefix_layers} must be >= 0")

@@ -30,11 +30,11 @@ class BaselineScheduler(Scheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
     """
 
-    def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False, budget_rule: BudgetRule = "flops") -> None:
+    def __init__(self, num_prefix_layers: int, insert_latency_token: bool = False, budget_rule: BudgetRule = "release") -> None:
         super().__init__(num_prefix_layers, budget_rule)
         self.insert_latency_token = insert_latency_token
         self._trained: Scheduler | None = None  # the checkpoint's scheduler, when it counted budgets in other units
@@ -107,12 +107,12 @@ class RandomScheduler(BaselineScheduler):
         num_prefix_layers: the first LLM layers, which always run.
         seed: seed of the generator.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
     """
 
     def __init__(
-        self, num_prefix_layers: int, seed: int = 0, insert_latency_token: bool = False, budget_rule: BudgetRule = "flops"
+        self, num_prefix_layers: int, seed: int = 0, insert_latency_token: bool = False, budget_rule: BudgetRule = "release"
     ) -> None:
         super().__init__(num_prefix_layers, insert_latency_token, budget_rule)
         self.seed = seed
@@ -138,8 +138,8 @@ class StaticScheduler(BaselineScheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         insert_latency_token: insert the latency token, as the model being evaluated was trained with.
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
     """
 
     def forward(

@@ -46,8 +46,8 @@ class HeadScheduler(Scheduler):
         rank: query heads (and MLP groups) per unit; a multiple of ``num_heads / num_kv_heads`` that
             divides ``num_heads`` (8 in the reference release).
         tau: softmax temperature of the straight-through picks (5 in the reference release).
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
         release_checkpoint: a local AdaLLaVA-H release checkpoint directory (``ada_llava_llama``) whose trained
             scheduler this one starts from (schedulers/release.py).
     """
@@ -59,7 +59,7 @@ class HeadScheduler(Scheduler):
         num_prefix_layers: int,
         rank: int = 8,
         tau: float = 5.0,
-        budget_rule: BudgetRule = "flops",
+        budget_rule: BudgetRule = "release",
         release_checkpoint: str | None = None,
     ) -> None:
         super().__init__(num_prefix_layers, budget_rule)

@@ -19,8 +19,8 @@ class LayerScheduler(Scheduler):
     Args:
         num_prefix_layers: the first LLM layers, which always run.
         tau: softmax temperature of the straight-through picks (5 in the reference release).
-        budget_rule: how a budget becomes units: ``"flops"`` (default; a plan never exceeds the budget's FLOPs)
-            or ``"release"`` (the AdaLLaVA release's ``floor(U * b) - U_prefix``, for the paper's rows).
+        budget_rule: how a budget becomes units: ``"release"`` (default: the AdaLLaVA release's
+            ``floor(U * b) - U_prefix``, the paper's rows) or ``"flops"`` (a plan never exceeds the budget's FLOPs).
         release_checkpoint: a local AdaLLaVA-L release checkpoint directory (``ada_llava_llama``, e.g.
             zhuoyanxu/ada-llava-L-v1.5-7b) whose trained scheduler this one starts from (schedulers/release.py).
     """
@@ -28,7 +28,7 @@ class LayerScheduler(Scheduler):
     release_type = "L"
 
     def __init__(
-        self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "flops", release_checkpoint: str | None = None
+        self, num_prefix_layers: int, tau: float = 5.0, budget_rule: BudgetRule = "release", release_checkpoint: str | None = None
     ) -> None:
         super().__init__(num_prefix_layers, budget_rule)
         if tau <= 0:

@@ -41,18 +41,20 @@ def test_full_runs_everything_for_any_budget() -> None:
     assert scheduler.cost.plan_flops(plan, lengths).tolist() == expected
 
 
-def test_random_and_static_keep_the_layer_scheduler_k() -> None:
-    layer = configured(LayerScheduler(3))
+@pytest.mark.parametrize("rule", ["release", "flops"])
+def test_random_and_static_keep_the_layer_scheduler_k(rule) -> None:
+    layer = configured(LayerScheduler(3, budget_rule=rule))
     budgets = torch.tensor([layer.cost.min_budget(10), 0.7, 0.8, 0.9, 1.0])
     lengths = torch.full((5,), 10)
     k = layer.units_for_budget(budgets, lengths)
     assert k.tolist() == sorted(set(k.tolist())) and len(k) == 5  # all different
-    for scheduler in (configured(RandomScheduler(3)), configured(StaticScheduler(3))):
+    for scheduler in (configured(RandomScheduler(3, budget_rule=rule)), configured(StaticScheduler(3, budget_rule=rule))):
         plan = scheduler(None, budgets, lengths)
         assert plan.layer_mask.sum(-1).tolist() == k.float().tolist()
         assert torch.equal(plan.units, k)
         flops = scheduler.cost.plan_flops(plan, lengths)
-        assert bool((flops <= budgets.double() * scheduler.cost.full_flops(10)).all())
+        if rule == "flops":
+            assert bool((flops <= budgets.double() * scheduler.cost.full_flops(10)).all())
 
 
 def test_static_keeps_the_first_layers() -> None:
@@ -78,9 +80,11 @@ def test_random_is_uniform_per_example_and_seeded() -> None:
 
 @pytest.mark.parametrize("cls", [RandomScheduler, StaticScheduler])
 def test_budget_errors(cls) -> None:
-    scheduler = configured(cls(3))
+    scheduler = configured(cls(3, budget_rule="flops"))
     with pytest.raises(ValueError, match="admissible range"):
         scheduler(None, torch.tensor([0.2]), torch.tensor([10]))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        configured(cls(3))(None, torch.tensor([-0.1]), torch.tensor([10]))
 
 
 def test_a_baseline_can_insert_the_layer_schedulers_latency_token() -> None:
@@ -96,11 +100,11 @@ def test_a_baseline_can_insert_the_layer_schedulers_latency_token() -> None:
 
 
 def test_a_baseline_encodes_the_budget_in_the_units_of_the_scheduler_it_was_trained_with() -> None:
-    head = configured(HeadScheduler(3, rank=4))  # 5 layers x 2 units of 4 heads: U = 10
+    head = configured(HeadScheduler(3, rank=4, budget_rule="flops"))  # 5 layers x 2 units of 4 heads: U = 10
     budgets, lengths = torch.tensor([1.0, 0.9, 0.75, 0.62]), torch.tensor([10, 10, 12, 16])
-    static = configured(StaticScheduler(3, insert_latency_token=True))
+    static = configured(StaticScheduler(3, insert_latency_token=True, budget_rule="flops"))
     own = static.latency_value(budgets, lengths)  # layers: k / (5 + 1)
-    static.encode_budget_like(HeadScheduler(3, rank=4))
+    static.encode_budget_like(HeadScheduler(3, rank=4, budget_rule="flops"))
     static.latency_encoder.load_state_dict(head.latency_encoder.state_dict())
     value = static.latency_value(budgets, lengths)
     units = head.units_for_budget(budgets, lengths)
@@ -111,8 +115,8 @@ def test_a_baseline_encodes_the_budget_in_the_units_of_the_scheduler_it_was_trai
     # the plan is still the baseline's own: whole layers, as many as the budget's FLOPs allow
     assert static(None, budgets, lengths).layer_mask.sum(-1).tolist() == static.units_for_budget(budgets, lengths).tolist()
     # a budget this plan meets (1 always-run layer) but the trained scheduler (3) never saw: named as such
-    low = configured(StaticScheduler(1, insert_latency_token=True))
-    low.encode_budget_like(HeadScheduler(3, rank=4))
+    low = configured(StaticScheduler(1, insert_latency_token=True, budget_rule="flops"))
+    low.encode_budget_like(HeadScheduler(3, rank=4, budget_rule="flops"))
     assert low(None, torch.tensor([0.3]), torch.tensor([10])).layer_mask.sum() > 0
     with pytest.raises(ValueError, match=r"checkpoint's HeadScheduler \(3 always-run layers\) did, .*: budget 0\.3 .* admissible range"):
         low.latency_token(torch.tensor([0.3]), torch.tensor([10]))

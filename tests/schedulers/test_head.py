@@ -18,9 +18,9 @@ CASES = [(MHA, 2), (MHA, 8), (GQA, 4), (GQA, 8), (UNEVEN, 2)]  # (shape, rank): 
 IDS = ["mha-r2", "mha-r8", "gqa-r4", "gqa-r8", "uneven-r2"]
 
 
-def configured(shape: DecoderShape, rank: int, prefix: int = 3) -> HeadScheduler:
+def configured(shape: DecoderShape, rank: int, prefix: int = 3, budget_rule: str = "release") -> HeadScheduler:
     torch.manual_seed(0)
-    scheduler = HeadScheduler(num_prefix_layers=prefix, rank=rank, tau=5.0)
+    scheduler = HeadScheduler(num_prefix_layers=prefix, rank=rank, tau=5.0, budget_rule=budget_rule)
     scheduler.configure(shape)
     return scheduler
 
@@ -183,7 +183,7 @@ def test_gradients_reach_head_and_latency_encoder() -> None:
 @pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_budget_sweep_never_exceeds(shape: DecoderShape, rank: int, training: bool) -> None:
-    scheduler = configured(shape, rank)
+    scheduler = configured(shape, rank, budget_rule="flops")
     scheduler.train(training)
     cost = scheduler.cost
     for length in (1, 16, 300):
@@ -204,7 +204,7 @@ def test_budget_sweep_never_exceeds(shape: DecoderShape, rank: int, training: bo
 
 def test_dropped_tokens_plans_stay_within_budget() -> None:
     """With cheaper late layers (tokens dropped after layer 4), whatever units the scheduler picks fit."""
-    scheduler = configured(GQA, 4, prefix=2).train()
+    scheduler = configured(GQA, 4, prefix=2, budget_rule="flops").train()
     cost = scheduler.cost
     per_layer = torch.tensor([50] * 5 + [20] * 3)
     tokens = per_layer[None].expand(200, -1)

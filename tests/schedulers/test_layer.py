@@ -12,9 +12,9 @@ MHA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=8, he
 GQA = DecoderShape(num_layers=8, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8, intermediate_size=128, vocab_size=100)
 
 
-def configured(shape: DecoderShape = MHA, prefix: int = 3) -> LayerScheduler:
+def configured(shape: DecoderShape = MHA, prefix: int = 3, budget_rule: str = "release") -> LayerScheduler:
     torch.manual_seed(0)
-    scheduler = LayerScheduler(num_prefix_layers=prefix, tau=5.0)
+    scheduler = LayerScheduler(num_prefix_layers=prefix, tau=5.0, budget_rule=budget_rule)
     scheduler.configure(shape)
     return scheduler
 
@@ -91,7 +91,7 @@ def test_gradients_reach_head_and_latency_encoder() -> None:
 @pytest.mark.parametrize("shape", [MHA, GQA], ids=["mha", "gqa"])
 @pytest.mark.parametrize("training", [True, False])
 def test_budget_sweep_never_exceeds(shape: DecoderShape, training: bool) -> None:
-    scheduler = configured(shape)
+    scheduler = configured(shape, budget_rule="flops")
     scheduler.train(training)
     cost = scheduler.cost
     for length in (1, 16, 300):
@@ -110,7 +110,9 @@ def test_budget_sweep_never_exceeds(shape: DecoderShape, training: bool) -> None
 
 
 def test_budget_errors() -> None:
-    scheduler = configured()
+    with pytest.raises(ValueError, match=r"budget 1\.2 \(example 0\) is outside \[0, 1\] \(budget_rule 'release'\)"):
+        configured()(torch.randn(1, 64), torch.tensor([1.2]), torch.tensor([9]))
+    scheduler = configured(budget_rule="flops")
     with pytest.raises(ValueError, match=r"admissible range \[0\.\d+, 1\.0\] for sequence length 9"):
         scheduler.check_budgets(torch.tensor([0.9, 0.1]), torch.tensor([9, 9]))
     with pytest.raises(ValueError, match="admissible range"):
@@ -133,7 +135,7 @@ def test_release_budget_rule_is_a_scheduler_option() -> None:
     release.configure(shape)
     plan = release(torch.randn(3, 64), budgets, lengths, tokens)
     assert plan.layer_mask.sum(-1).tolist() == [3, 0, 16]
-    flops = LayerScheduler(num_prefix_layers=16)
+    flops = LayerScheduler(num_prefix_layers=16, budget_rule="flops")
     flops.configure(shape)
     assert int(flops.units_for_budget(budgets[:1], lengths[:1], tokens[:1])[0]) < 3  # 2 at 7B sizes: tests/test_cost.py
     with pytest.raises(ValueError, match="admissible range"):
