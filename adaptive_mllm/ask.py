@@ -7,7 +7,8 @@
 The quickest look at a trained model (as LLaVA's ``run_llava.py`` or ``litgpt generate``): the model is built as
 ``serve`` builds it (an export directory, or a recipe with its checkpoint; LoRA adapters merged), the prompt as a
 server request with that question and image would be encoded, and each budget is one greedy ``generate`` call,
-timed on its own after a warm-up call at that budget. A deadline becomes a budget as ``serve`` turns one into a
+timed on its own after a warm-up call at that budget (``--threads`` as given to ``profile`` and ``serve``, so the
+times compare with the profile's). A deadline becomes a budget as ``serve`` turns one into a
 budget for a lone request: the largest the latency profile predicts to finish in time, with the same margin. A
 budget below the smallest the scheduler admits for this prompt runs at that smallest one, and the line says so.
 One line per budget: the budget that ran, the units and FLOPs fraction of its plan, the time and the answer
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget, as serve's")
     p.add_argument("--max_new_tokens", type=int, help="the answer's most tokens (default: the model's max_new_tokens)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch threads, as the server will use (default: one per core)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     return p
 
@@ -74,6 +76,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
     check_margin(p, args.margin)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads} must be >= 1")
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
     if args.export_dir is None and args.config is None:
@@ -181,6 +185,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     check_arguments(p, args, overrides)
     check_model_files(args)
     latency = check_profile(args)
+    if args.threads is not None:  # as serve's worker and profile set them: times comparable with the profile's
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     model.to(device).eval()

@@ -67,12 +67,15 @@ def test_an_image_whose_name_has_a_colon_is_read(recipe, image, capsys):
 
 
 def test_a_budget_below_the_smallest_runs_at_the_smallest_and_says_so(recipe, image, capsys):
-    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json"])
+    flops = "--model.scheduler.init_args.budget_rule=flops"  # the release's rule admits every budget in [0, 1]
+    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json", flops])
     assert rows[0]["requested_budget"] == 0.0 and rows[0]["budget"] > 0.0  # the prefix layer and the LM head
     assert rows[0]["units"] == 0
     assert '"requested_budget": 0.0' in capsys.readouterr().out
-    main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0"])
+    main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", flops])
     assert "(asked 0: below this prompt's smallest)" in capsys.readouterr().out
+    rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json"])
+    assert rows[0]["budget"] == 0.0 and rows[0]["units"] == 0  # release: 0 units, the budget as asked
 
 
 def test_the_subcommand_is_on_the_command_line(recipe, image, capsys):
@@ -185,3 +188,23 @@ def test_a_margin_that_is_not_a_finite_number_at_least_0_is_refused(recipe, imag
         main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--profile", str(tmp_path / "p.json"),
               "--deadline_ms", "50", "--margin", margin])  # fmt: skip
     assert error.value.code == 2 and f"--margin {float(margin)} must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_threads_are_set_as_serve_and_profile_set_them(recipe, image, capsys, monkeypatch):
+    """``ask`` had no --threads (an unrecognized argument): on a shared CPU its times, and its deadline verdicts, were
+    torch's default threads' while the profile and the server ran with the threads given to them."""
+    from adaptive_mllm import ask
+
+    before = torch.get_num_threads()
+    seen = []
+    generate = ask.answer
+    monkeypatch.setattr(ask, "answer", lambda *args: seen.append(torch.get_num_threads()) or generate(*args))
+    try:
+        rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--threads", "1"])
+        assert rows[0]["answer"] == _alone(recipe, image, 1.0)["answers"][0]
+        assert seen and set(seen) == {1}  # every call, warm-up and timed, with the threads asked for
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as error:
+        main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--threads", "0"])
+    assert error.value.code == 2 and "--threads 0 must be >= 1" in capsys.readouterr().err

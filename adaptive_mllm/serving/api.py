@@ -59,7 +59,10 @@ SERVED_MODEL_NAME = "adaptive-mllm"  # the reply's "model" and /v1/models' one i
 # correction says so, but rise in steps: when another process shares the cores, small budgets can look
 # fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
 # to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline. Only budgets the
-# machine held down move the ceiling: a request's own tight deadline says nothing about the machine.
+# machine held down move the ceiling: a request's own tight deadline says nothing about the machine, and neither
+# does one no budget can meet (it runs at its minimum whatever the machine does). A deadline that allows budget
+# 1.0 even at the highest correction since the ceiling left 1.0 is not capped: the slowdown seen would not
+# lower it, so there is no rise to hold back.
 BUDGET_RISE = 0.1
 PIXELS = "__pixel_values"  # a payload's image decoded ahead: a tensor or a RequestError, never JSON
 PREPARE_THREADS = 2  # so one large image being decoded does not hold up the next request's
@@ -72,7 +75,9 @@ class Choice(NamedTuple):
     budget: float
     requested: str  # what set it: "budget", "deadline", "default" or "pinned"
     feasible: bool  # False: even the smallest budget was predicted to miss the deadline
-    held_down: bool = False  # the correction or the ceiling, not the deadline alone, kept it below its quiet-machine budget
+    # the correction or the ceiling, not the deadline alone, kept it below its quiet-machine budget, and the deadline
+    # can be met (a request no budget can save runs at its minimum whatever the machine does: it says nothing)
+    held_down: bool = False
 
 
 @dataclass
@@ -165,6 +170,7 @@ class DeadlineAPI(ls.LitAPI):
         self.latency = LatencyModel.load(self.profile, self.margin) if self.profile else None
         self.ratio = RunningRatio()
         self.deadline_ceiling = 1.0  # the highest held-down deadline budget of the last such batch + BUDGET_RISE
+        self.ceiling_correction = 0.0  # the highest correction since the ceiling left 1.0 (0: it is at 1.0)
         self.counts: Counter[str] = Counter()
         self.decode_steps = 0
         # decoding steps of a generate call = LM head calls - 1 (the first token comes out of the prefill)
@@ -263,7 +269,10 @@ class DeadlineAPI(ls.LitAPI):
         alone = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
         held_down = [choice.budget for choice in alone if choice.held_down]
         if held_down:  # the machine's limit, before the batch shares its tightest deadline
-            self.deadline_ceiling = min(max(held_down) + BUDGET_RISE, 1.0)
+            ceiling = max(held_down) + BUDGET_RISE
+            self.deadline_ceiling = 1.0 if ceiling >= 1.0 - 1e-9 else ceiling  # steps of 0.1 add up to 0.9999999999999999
+            # the slowdown the ceiling holds budgets back from (kept while the correction falls back)
+            self.ceiling_correction = max(self.ceiling_correction, self.ratio.value) if self.deadline_ceiling < 1.0 else 0.0
         choices = self._share_the_batch(alone, requests, queued, prompt_tokens, new_tokens)
         budgets = torch.tensor([choice.budget for choice in choices], dtype=torch.float32)
         correction = self.ratio.value  # the one the budgets were chosen with, reported beside predicted_ms
@@ -315,12 +324,23 @@ class DeadlineAPI(ls.LitAPI):
                 return Choice(minimum, "deadline", False)
             correction = self.ratio.value
             choice = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum, correction)
-            budget = max(min(choice.budget, self.deadline_ceiling), minimum)
+            budget = choice.budget
+            if budget > self.deadline_ceiling and not self._allows_full_budget(remaining, prompt_tokens, new_tokens, size, minimum):
+                budget = max(self.deadline_ceiling, minimum)
             quiet = choice.budget  # what the deadline alone allows on a machine no slower than profiled
             if correction > 1.0:
                 quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum).budget
-            return Choice(budget, "deadline", choice.met, budget < quiet - 1e-9)
+            # a deadline no budget meets runs at its minimum whatever the machine does: it holds nobody back
+            return Choice(budget, "deadline", choice.met, choice.met and budget < quiet - 1e-9)
         return Choice(max(self.model.budget, minimum), "default", True)
+
+    def _allows_full_budget(self, remaining_ms: float, prompt_tokens: int, new_tokens: int, size: int, minimum: float) -> bool:
+        """Whether ``remaining_ms`` allows budget 1.0 even at the highest correction since the ceiling left 1.0 (and
+        at the current one): the slowdown the ceiling guards against would not lower such a deadline's budget, so
+        the ceiling does not cap it (a loose deadline is not held back by another client's tight one)."""
+        correction = max(self.ratio.value, self.ceiling_correction)
+        choice = self.latency.budget_for_deadline(remaining_ms, prompt_tokens, new_tokens, size, minimum, correction)
+        return choice.met and choice.budget >= 1.0
 
     def _minimum(self, request: ChatRequest) -> float:
         return smallest_budget(self.model, request.prompt_ids)

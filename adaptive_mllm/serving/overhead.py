@@ -3,7 +3,9 @@
 The worker sees a request from its arrival in LitServe's queue to the end of its batch's ``generate``.
 Before that the HTTP server reads and parses the body; after it the answer is encoded, crosses back to
 the HTTP server and is written out: a few milliseconds on a CPU, the same order as a tiny model's whole
-answer. An ASGI middleware in the HTTP server times every chat request end to end, subtracts what the
+answer. An ASGI middleware in the HTTP server times every chat request from the moment its body has been
+received (the time a client takes to upload it is the network's, not the server's: counted, one slow uploader
+would be taken off every other client's deadline) to its last byte out, subtracts what the
 worker reported in the reply (``queued_ms`` + ``measured_ms``), and keeps the last times of the rest in
 shared memory; the worker (another process) takes their 90th percentile off every deadline (a high
 quantile, as the latency correction: when another process shares the cores, the HTTP server's time
@@ -86,7 +88,8 @@ class ServerTimes:
 
 
 class ServerTimeMiddleware:
-    """ASGI middleware timing ``path`` requests from the first byte in to the last byte out; a 200 reply's
+    """ASGI middleware timing ``path`` requests from the last byte of the body in (the ``http.request`` message
+    with no more body: the client's upload is not the server's time) to the last byte out; a 200 reply's
     ``adaptive.queued_ms`` + ``adaptive.measured_ms`` are the worker's share, the rest is folded into
     ``times``, and a reply to a request with a deadline counts as met when the whole time fits.
 
@@ -107,16 +110,20 @@ class ServerTimeMiddleware:
         if scope.get("type") != "http" or scope.get("path") != self.path:
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
+        called = time.perf_counter()
+        start: float | None = None  # the server's clock: from when the whole body has been received
         status = 0
         late = False  # the timeout answered the client: the app's reply goes nowhere
         body: list[bytes] = []
         request: list[bytes] = []  # read again only for a 504's deadline
 
         async def read() -> dict:
+            nonlocal start
             message = await receive()
             if message["type"] == "http.request":
                 request.append(message.get("body", b""))
+                if not message.get("more_body", False) and start is None:
+                    start = time.perf_counter()
             return message
 
         gone = False  # the client disconnected before its reply started
@@ -132,7 +139,9 @@ class ServerTimeMiddleware:
                 body.append(message.get("body", b""))
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._record(status, 1000 * (time.perf_counter() - start), b"".join(body), request, gone)
+                # an app that answered without reading the whole body waited for no upload: timed from its call
+                total_ms = 1000 * (time.perf_counter() - (called if start is None else start))
+                self._record(status, total_ms, b"".join(body), request, gone)
 
         task = asyncio.ensure_future(self.app(scope, read, timed_send))
         try:

@@ -100,7 +100,7 @@ def parse_chat_request(
     if body.get("stream"):
         raise RequestError(400, "streaming is not supported: answers are a few tokens, sent whole", "stream")
     temperature = body.get("temperature")
-    if temperature not in (None, 0, 0.0):
+    if isinstance(temperature, bool) or temperature not in (None, 0, 0.0):  # false == 0 in Python: refused as budget's
         raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {temperature!r}", "temperature")
     budget, deadline_ms = _budget_or_deadline(body)
     max_tokens = _max_tokens(body, max_new_tokens)
@@ -322,6 +322,12 @@ def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
     scheme = _url_scheme(url)
     if scheme not in (None, "file"):
         raise RequestError(400, f"only data: URLs and file paths are served, not {scheme}:// (nothing is fetched)", field)
+    host = urlparse(url).netloc if scheme == "file" else ""
+    if host.lower() not in ("", "localhost"):  # file://a.png names a host a.png and an empty path
+        raise RequestError(
+            400, f"{url}: a file:// URL takes an absolute path, file:///path (or file://localhost/path), or send a plain "
+            f"relative path; {host!r} was read as a host, and no other host is read", field,
+        )  # fmt: skip
     if limits.image_dir is None:
         raise RequestError(403, "image paths are disabled on this server (no image folder allowed); send a data URL", field)
     root = Path(limits.image_dir).resolve()

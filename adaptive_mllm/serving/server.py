@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -90,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a batch waits to fill (0: no waiting; requests queued while a batch runs form the next)")
     p.add_argument("--margin", type=float, default=0.2, help="safety margin of deadline -> budget")
     p.add_argument("--pinned_budget", type=float, help="answer everything at this budget (a baseline)")
-    p.add_argument("--metrics_path", help="where the worker writes its counts (default: a temporary file)")
+    p.add_argument("--metrics_path",
+                   help="where the worker writes its counts (default: a temporary folder, removed when the server stops)")
     p.add_argument("--timeout", type=float, default=60,
                    help="seconds from a request's arrival to its answer: past it the client gets 504 at once (the "
                         "worker drops the request when it collects it; one already in a batch is answered, unsent)")
@@ -101,8 +103,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_server(args: argparse.Namespace, overrides: list[str]) -> DeadlineServer:
-    """The LitServer (not yet running), with ``/v1/models`` and ``/metrics`` added."""
-    metrics_path = args.metrics_path or str(Path(tempfile.mkdtemp(prefix="adaptive-mllm-")) / "metrics.json")
+    """The LitServer (not yet running), with ``/v1/models`` and ``/metrics`` added. Without ``--metrics_path`` the
+    counts go to a temporary folder made here, named in ``server.own_metrics_dir`` (None with a path given) for
+    :func:`remove_own_metrics_dir` to remove when the server stops."""
+    own_metrics_dir = None if args.metrics_path else Path(tempfile.mkdtemp(prefix="adaptive-mllm-"))
+    try:
+        server = _make_server(args, overrides, args.metrics_path or str(own_metrics_dir / "metrics.json"))
+    except BaseException:
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+        raise
+    server.own_metrics_dir = own_metrics_dir
+    return server
+
+
+def _make_server(args: argparse.Namespace, overrides: list[str], metrics_path: str) -> DeadlineServer:
     limits = RequestLimits(args.image_dir, args.max_image_bytes, args.max_image_pixels, args.max_text_chars, strict=not args.lax)
     builder = partial(build_model, args.config, args.ckpt_path, args.export_dir, overrides, args.device)
     times = ServerTimes()
@@ -123,6 +138,14 @@ def make_server(args: argparse.Namespace, overrides: list[str]) -> DeadlineServe
     server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
     server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH, timeout_s=args.timeout)
     return server
+
+
+def remove_own_metrics_dir(server: DeadlineServer) -> None:
+    """Remove the temporary folder :func:`make_server` made for the worker's counts (never a ``--metrics_path``):
+    every start left one in /tmp."""
+    folder = getattr(server, "own_metrics_dir", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def served_models(name: str, created: int) -> dict[str, Any]:
@@ -269,6 +292,8 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # a second signal during the orderly shutdown, or one while the model loads
         server.kill_now()
         raise SystemExit(130) from None
+    finally:  # the worker has stopped (or was killed): nothing writes the counts any more
+        remove_own_metrics_dir(server)
     if server.unexpected_exit is not None:
         raise SystemExit(f"adaptive-mllm serve: {server.unexpected_exit}; the server stopped")
 

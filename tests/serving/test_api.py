@@ -173,13 +173,16 @@ def test_a_deadline_no_budget_can_meet_does_not_lower_the_batch(api: DeadlineAPI
     assert max(choice.budget for choice in shared) < 1.0
 
 
-def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
+def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
     api.ratio = RunningRatio()
     request = _request(api, 1.0)
     tokens = len(request.prompt_ids) + 1
     new = api.model.max_new_tokens
-    request.deadline_ms = 1e7  # generous: alone, budget 1.0
+    # alone on a machine as fast as profiled, budget 1.0; not at the slowdown's correction of 2
+    request.deadline_ms = 1.1 * api.latency.predict_ms(1.0, tokens, new, 1) * 1.5
     api.deadline_ceiling = 0.3  # the last batch ran at 0.2 under a slowdown
+    api.ceiling_correction = 2.0  # that batch's correction
+    monkeypatch.setattr(api, "_correct", lambda *args: None)  # the correction stays at 1: the ceiling alone holds
     try:
         budget, _, feasible, _ = api._choose(request, 0.0, tokens, new, 1)
         assert budget == pytest.approx(0.3) and feasible
@@ -191,8 +194,9 @@ def test_deadline_budgets_rise_in_steps_after_a_slowdown(api: DeadlineAPI):
         fixed = _request(api, 1.0)
         fixed.deadline_ms, fixed.budget = None, 0.9  # an asked budget is not capped
         assert api._choose(fixed, 0.0, tokens, new, 1)[0] == 0.9
+        assert api.ceiling_correction == 0.0  # the ceiling is back at 1.0: the episode is over
     finally:
-        api.deadline_ceiling = 1.0
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
 
 
 def test_only_a_machine_held_budget_caps_the_next_deadlines(api: DeadlineAPI):
@@ -215,7 +219,70 @@ def test_only_a_machine_held_budget_caps_the_next_deadlines(api: DeadlineAPI):
         assert api._answer([request])[0].budget == pytest.approx(slowed.budget)
         assert api.deadline_ceiling == pytest.approx(slowed.budget + 0.1)
     finally:
-        api.deadline_ceiling = 1.0
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
+        api.ratio = RunningRatio()
+
+
+def _slow_machine(api: DeadlineAPI, tokens: int, new: int, factor: float) -> None:
+    """A correction of ``factor``: every recent batch took ``factor`` x its prediction."""
+    api.ratio = RunningRatio()
+    for _ in range(8):
+        api.ratio.update(api.latency.predict_ms(0.9, tokens, new, 1), factor * api.latency.predict_ms(0.9, tokens, new, 1))
+    assert api.ratio.value == pytest.approx(factor)
+
+
+def test_a_deadline_the_slow_machine_cannot_meet_does_not_cap_the_others(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
+    """The audit's case: on a machine slower than profiled (correction 2.5-2.9), client A's deadline was met above
+    its minimum on a quiet machine but at no budget now. Its minimum counted as held down by the machine and set
+    the ceiling to it + 0.1: client B's deadline of 1e6 ms ran at 0.225 for as long as A kept sending."""
+    tight, loose = _request(api, 1.0), _request(api, 1e6)
+    tokens = len(tight.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    quiet_budget = api._minimum(tight) + 0.01
+    tight.deadline_ms = 1.1 * api.latency.predict_ms(quiet_budget, tokens, new, 1)  # met on a quiet machine
+    monkeypatch.setattr(api, "_correct", lambda *args: None)  # the correction stays where it is set
+    try:
+        _slow_machine(api, tokens, new, 3.0)
+        choice = api._choose(tight, 0.0, tokens, new, 1)
+        assert api.latency.budget_for_deadline(tight.deadline_ms, tokens, new, 1, api._minimum(tight)).budget > choice.budget
+        assert not choice.feasible and choice.budget == pytest.approx(api._minimum(tight))
+        assert not choice.held_down  # it runs at its minimum whatever the machine does: it says nothing about it
+        for _ in range(3):  # A and B in turn
+            answered = api._answer([tight])[0]
+            assert not answered.deadline_feasible and api.deadline_ceiling == 1.0
+            assert api._answer([loose])[0].budget == 1.0
+    finally:
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
+        api.ratio = RunningRatio()
+
+
+def test_the_ceiling_caps_only_deadlines_the_slowdown_would_lower(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
+    """A feasible deadline held down by a slowdown still sets the ceiling, and the budgets it would lower rise from
+    there in steps (the ceiling's purpose, §4). A deadline that allows budget 1.0 even at the slowdown's correction
+    is not capped: a 1e6 ms deadline ran at the ceiling of another client's budget + 0.1."""
+    held, moderate, loose = _request(api, 1.0), _request(api, 1.0), _request(api, 1e6)
+    tokens = len(held.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    held.deadline_ms = 1.1 * api.latency.predict_ms(0.9, tokens, new, 1)  # 0.9 quiet, below 0.5 at correction 2
+    # budget 1.0 on a quiet machine and at correction 1.5, not at 2
+    moderate.deadline_ms = 1.1 * api.latency.predict_ms(1.0, tokens, new, 1) * 1.6
+    monkeypatch.setattr(api, "_correct", lambda *args: None)
+    try:
+        _slow_machine(api, tokens, new, 2.0)
+        slowed = api._answer([held])[0]
+        assert slowed.deadline_feasible and slowed.budget < 0.5
+        assert api.deadline_ceiling == pytest.approx(slowed.budget + 0.1) and api.ceiling_correction == pytest.approx(2.0)
+        assert api._choose(loose, 0.0, tokens, new, 1).budget == 1.0  # 1e6 ms allows 1.0 at any correction
+        assert api._choose(moderate, 0.0, tokens, new, 1).budget == pytest.approx(api.deadline_ceiling)  # capped
+        _slow_machine(api, tokens, new, 1.5)  # the correction falls back (small budgets look fast)
+        # the slowdown seen is still the one that counts: the moderate deadline keeps rising in steps
+        assert api._choose(moderate, 0.0, tokens, new, 1).budget == pytest.approx(api.deadline_ceiling)
+        assert api._answer([loose])[0].budget == 1.0 and api.deadline_ceiling < 1.0  # B moves nothing
+        climbed = [round(api._answer([moderate])[0].budget, 6) for _ in range(3)]
+        start = slowed.budget + 0.1
+        assert climbed == pytest.approx([start, start + 0.1, start + 0.2])
+    finally:
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
         api.ratio = RunningRatio()
 
 
@@ -325,6 +392,7 @@ def test_a_budget_below_the_minimum_after_token_selection_runs_at_that_minimum(t
     recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=2)
     config = yaml.safe_load(recipe.read_text())
     config["model"]["token_selector"] = {"class_path": "adaptive_mllm.token_selection.FastV", "init_args": {"layer_index": 1, "drop_ratio": 0.75}}
+    config["model"]["scheduler"]["init_args"]["budget_rule"] = "flops"  # the release's rule admits every budget in [0, 1]
     recipe.write_text(yaml.safe_dump(config))
     module = build_model(str(recipe), None, None, [])
     api = DeadlineAPI(lambda: module, None)

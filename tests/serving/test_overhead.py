@@ -230,3 +230,43 @@ def test_a_client_gone_before_its_reply_is_counted_as_disconnected():
     asyncio.run(_send_all(_slow_app(times, sleep_s=0.0, timeout_s=10.0), [b"{}"]))  # a client that stays
     counts = times.counts()
     assert (counts["requests"], counts["disconnected"], counts["answered"]) == (2, 1, 1)
+
+
+async def _slow_upload(app: FastAPI, body: bytes, upload_s: float) -> int:
+    """The app's status for a client that sends the headers and a first part of its body, then the rest
+    ``upload_s`` later (a phone on a poor link, or a client doing it on purpose)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    parts = [{"type": "http.request", "body": body[:5], "more_body": True},
+             {"type": "http.request", "body": body[5:], "more_body": False}]  # fmt: skip
+    sent: list[int] = []
+
+    async def receive() -> dict:
+        if len(parts) == 1:
+            await asyncio.sleep(upload_s)  # the rest of the body is still on the network
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the client waits for its answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    await app(scope, receive, send)
+    return sent[0]
+
+
+def test_a_slow_upload_is_not_counted_as_server_time():
+    """The clock started when the app was called, before the body had arrived: a client's upload time went into the
+    shared time outside the worker, which comes off every client's deadline (two slow uploaders put every deadline
+    below 1.5 s at the smallest budget), and into its own deadline as a miss. It now starts once the whole body is in."""
+    times = ServerTimes()
+    app = _slow_app(times, sleep_s=0.0, timeout_s=10.0)
+    status = asyncio.run(_slow_upload(app, b'{"deadline_ms": 400}', upload_s=0.6))
+    assert status == 200
+    assert times.outside_ms < 300.0, times.outside_ms  # the server's own few milliseconds, not the 600 ms upload
+    counts = times.counts()
+    assert (counts["server_deadline_requests"], counts["server_deadline_met"]) == (1, 1)  # met once the body was in

@@ -237,3 +237,32 @@ def test_an_unreadable_image_is_named_not_shown_as_a_memory_buffer(processor, tm
             parse_chat_request(_with_url(url), processor, 4, limits)
         assert refused.value.message.startswith(expected) and "BytesIO" not in refused.value.message, refused.value.message
         assert refused.value.field == "messages[0].content.image_url" and refused.value.status == 400
+
+
+def test_a_file_url_with_a_host_is_refused_naming_the_field(processor, tmp_path: Path):
+    """``file://a.png`` read ``a.png`` as a host and its empty path as the image folder: "no such file" where the docs
+    said 403; and the host of any file:// URL was dropped (``file://evil.example.com/<folder>/a.png`` read the local
+    file). A host other than localhost is now a 400 saying file:// takes an absolute path."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16), "red").save(images / "a.png")
+    limits = RequestLimits(image_dir=str(images))
+    for url in ("file://a.png", f"file://evil.example.com{images}/a.png", f"file://localhost:80{images}/a.png"):
+        error = read_request_image(_with_url(url), processor, limits)
+        assert isinstance(error, RequestError) and (error.status, error.field) == (400, "messages[0].content.image_url"), url
+        assert "file:// URL takes an absolute path, file:///path" in error.message and "was read as a host" in error.message
+        assert error.body()["error"]["message"].startswith("messages[0].content.image_url: "), error.body()
+        with pytest.raises(RequestError, match="was read as a host"):
+            parse_chat_request(_with_url(url), processor, 4, limits)
+    for url in (f"file://{images}/a.png", f"file://localhost{images}/a.png", f"file://LOCALHOST{images}/a.png"):
+        assert isinstance(read_request_image(_with_url(url), processor, limits), torch.Tensor), url
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+def test_a_boolean_temperature_is_refused(processor, temperature: bool):
+    """``temperature: false`` was served as greedy (False == 0 in Python); budget and deadline_ms refuse booleans."""
+    with pytest.raises(RequestError) as refused:
+        parse_chat_request({**_body("What colour is the circle ?"), "temperature": temperature}, processor, 4, RequestLimits())
+    assert (refused.value.status, refused.value.field) == (400, "temperature")
+    for greedy in (0, 0.0, None):
+        assert parse_chat_request({**_body("What colour is the circle ?"), "temperature": greedy}, processor, 4, RequestLimits())

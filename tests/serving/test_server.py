@@ -91,10 +91,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
         process.wait(timeout=30)
 
 
-def _start_server(command: list[str], root: Path) -> subprocess.Popen:
+def _start_server(command: list[str], root: Path, **env_vars: str) -> subprocess.Popen:
     """The server in its own process group, logging to root/server.log, with SIGINT at its default (as in a
     terminal; a shell's background job would start with it ignored)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     with open(root / "server.log", "w") as log:
         return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_default_sigint)  # fmt: skip
@@ -400,9 +400,13 @@ def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_d
     port = _free_port()
     command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
                "--config", str(tmp_path / "recipe.yaml"), "--port", str(port)]
-    process = _start_server(command, tmp_path)
+    temporary = tmp_path / "tmp"  # the server's temporary folder (tempfile reads TMPDIR)
+    temporary.mkdir()
+    process = _start_server(command, tmp_path, TMPDIR=str(temporary))
     try:
         _wait_until_healthy(f"http://127.0.0.1:{port}", process, tmp_path / "server.log")
+        made = list(temporary.glob("adaptive-mllm-*"))
+        assert len(made) == 1 and (made[0] / "metrics.json").is_file()  # no --metrics_path: the counts go there
         process.send_signal(signal.SIGTERM)  # the main process only, not its group
         process.wait(timeout=60)
         deadline = time.monotonic() + 30
@@ -411,9 +415,53 @@ def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_d
         assert not _group_alive(process.pid), "worker processes outlived the server"
         log = (tmp_path / "server.log").read_text()
         assert "Traceback" not in log, log[-2000:]  # the workers inherited the handler and printed theirs
+        assert not made[0].exists(), "the server left its temporary metrics folder behind"  # every start left one
     finally:
         if _group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stop", ["returns", "second signal"])
+def test_the_metrics_folder_the_server_made_is_removed_when_it_stops(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+):
+    """Without --metrics_path every start left a tempfile folder with metrics.json in /tmp; a --metrics_path given is
+    the user's, and kept. (No server runs here: LitServer.run is replaced; a real one is stopped in the test above.)"""
+    import signal as signals
+    import tempfile
+
+    from adaptive_mllm.serving import serve
+    from adaptive_mllm.serving.lifecycle import DeadlineServer
+
+    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setattr(signals, "signal", lambda *args: None)  # serve installs its handlers in this test process
+    seen: list[Path] = []
+
+    def run(self: DeadlineServer, **kwargs) -> None:
+        seen.append(self.own_metrics_dir)
+        assert self.own_metrics_dir is not None and self.own_metrics_dir.is_dir()
+        if stop == "second signal":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DeadlineServer, "run", run)
+    flags = ["--config", str(tmp_path / "recipe.yaml"), "--port", str(_free_port())]
+    if stop == "second signal":
+        with pytest.raises(SystemExit) as error:
+            serve(flags)
+        assert error.value.code == 130
+    else:
+        serve(flags)
+    assert len(seen) == 1 and seen[0].parent == temporary and not seen[0].exists()
+    assert list(temporary.iterdir()) == []
+    given = tmp_path / "counts" / "metrics.json"
+    given.parent.mkdir()
+    given.write_text("{}")
+    monkeypatch.setattr(DeadlineServer, "run", lambda self, **kwargs: None)
+    serve([*flags, "--metrics_path", str(given)])
+    assert given.is_file()  # the user's path: kept
 
 
 def _group_alive(group: int) -> bool:
