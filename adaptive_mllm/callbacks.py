@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from adaptive_mllm.checkpoints import every_process
 from adaptive_mllm.metrics import REPORT_COLUMNS, UNPARSABLE, GroupedExactMatch, MMEScore
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
-from adaptive_mllm.prediction_writer import new_directory
+from adaptive_mllm.prediction_writer import INCOMPLETE, IncompleteMark, new_directory
 from adaptive_mllm.reporting import format_table, print_table
 from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
 from adaptive_mllm.test_answers import TestAnswerLog, answers_path
@@ -36,7 +36,11 @@ class SweepReport(L.Callback):
     """Scores and statistics of every budget of validation / test, logged as ``<stage>/score/<name>/budget_<b>``
     and ``<stage>/<measure>/budget_<b>``; after test, ``test_results.{md,csv}``, ``budget_curves.png``,
     ``layer_usage.png`` and, for head-level plans, ``group_usage.png`` in the log directory, beside every
-    answer of the test (``test_answers.jsonl``: :mod:`adaptive_mllm.test_answers`)."""
+    answer of the test (``test_answers.jsonl``: :mod:`adaptive_mllm.test_answers`).
+
+    As ``predict`` does (:class:`adaptive_mllm.prediction_writer.IncompleteMark`), a file ``INCOMPLETE`` lies beside
+    the answers from before the first one is written until the report is; a test that fails or is stopped (Ctrl+C,
+    SIGTERM) leaves it, with the reason, beside the answers written so far."""
 
     def __init__(self) -> None:
         self._metrics: dict[tuple[str, float], Metric] = {}
@@ -46,6 +50,7 @@ class SweepReport(L.Callback):
         self._repeated: dict[str, frozenset[Any]] = {}  # stage -> ids this process answers only as padding
         self._skipped = 0  # test records skipped as bad (skip_bad_records) on this process
         self._scored: set[Any] = set()  # ids of the test questions this process scored
+        self._incomplete: IncompleteMark | None = None  # process 0's, from test start until the report is written
 
     def metric(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, budget: float) -> Metric:
         """The datamodule's metric for ``stage`` (exact match per question kind, or a benchmark's own), one per budget."""
@@ -70,7 +75,9 @@ class SweepReport(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = self._log_dir = _log_dir(trainer)
         if trainer.is_global_zero:
-            keep_earlier_report(log_dir)
+            keep_earlier_report(log_dir)  # an earlier test's INCOMPLETE goes with its answers
+            self._incomplete = IncompleteMark(log_dir, "test", "the test_answers*.jsonl files")
+            self._incomplete.start()
         trainer.strategy.barrier()  # moved before any process starts its answers file
         self._answers = TestAnswerLog(answers_path(log_dir, trainer.global_rank, trainer.world_size))
 
@@ -92,9 +99,15 @@ class SweepReport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_answers()
+        if self._incomplete is not None:  # every answer and the report written
+            self._incomplete.finished()
+            self._incomplete = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close_answers()  # what was answered stays on disk
+        self._close_answers()  # what was answered stays on disk, marked as partial
+        if self._incomplete is not None:
+            self._incomplete.stopped(exception)
+            self._incomplete = None
 
     def _close_answers(self) -> None:
         if self._answers is not None:
@@ -257,7 +270,8 @@ def _answer_rows(out: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     return picked
 
 
-REPORT_FILES = ("test_results.md", "test_results.csv", "test_answers*.jsonl", "budget_curves.png", "layer_usage.png", "group_usage.png")
+REPORT_FILES = ("test_results.md", "test_results.csv", "test_answers*.jsonl", "budget_curves.png", "layer_usage.png", "group_usage.png",
+                INCOMPLETE)  # fmt: skip
 
 
 def keep_earlier_report(log_dir: Path) -> Path | None:

@@ -59,7 +59,9 @@ def entry_point() -> None:
     try:
         main()
     except SIGTERMException:  # a SystemExit: Lightning stopped the run between two steps (its checkpoint saved)
-        print("adaptive-mllm: stopped by SIGTERM (resume a fit with the same command and --ckpt_path last)", file=sys.stderr)
+        fit = sys.argv[1:2] == ["fit"]
+        hint = " (resume it with the same command and --ckpt_path last)" if fit else " (what it wrote so far is kept)"
+        print(f"adaptive-mllm: stopped by SIGTERM{hint}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):

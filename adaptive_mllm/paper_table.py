@@ -5,17 +5,19 @@ score.
 Each benchmark is scored by the same `adaptive-mllm test` run a user would type (the recipe, the
 checkpoint, the benchmark's data YAML, the budgets), each in a new directory of its own; the table is
 then read back from the runs' test_results.csv. `--from_runs` skips the evaluation and only reads runs
-already made. Markdown goes to the terminal, paper_table.md and paper_table.csv to the output folder.
+already made. Markdown goes to the terminal, paper_table.md and paper_table.csv to the output folder; an
+earlier table there is replaced only with --overwrite.
 
   adaptive-mllm table --config recipes/llava7b.yaml --ckpt_path runs/llava7b/checkpoints/last.ckpt \\
       --benchmarks recipes/benchmarks/*.yaml --out runs/llava7b-table
-  adaptive-mllm table --from_runs runs/llava7b-table/*/ --out runs/llava7b-table
+  adaptive-mllm table --from_runs runs/llava7b-table/*/ --out runs/llava7b-table --overwrite
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import subprocess
@@ -28,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from adaptive_mllm.plots import read_results_csv
-from adaptive_mllm.reporting import format_table, unwritable_reason
+from adaptive_mllm.reporting import format_table, unwritable_reason, write_text_atomically
 
 PAPER_BUDGETS = [1.0, 0.85, 0.6]
 HEADLINE = "overall"  # every benchmark metric's headline score, as test_results.csv names it
@@ -46,6 +48,7 @@ PAPER_COLUMNS = ["VQAv2", "SQA-I", "TextVQA", "POPE", "MME", "MMB"]  # always sh
 POINTS = {"MME"}  # headline in points (MME perception, max 2000); every other one is a fraction shown in %
 MISSING = "-"
 RESULTS = "test_results.csv"
+TABLE_FILES = ("paper_table.md", "paper_table.csv")  # what a table writes into --out, beside its runs
 
 
 @dataclass
@@ -223,13 +226,14 @@ def markdown(columns: Sequence[str], rows: Sequence[dict[str, float | None]]) ->
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, float | None]]) -> None:
-    """The same numbers unrounded, empty where absent."""
+    """The same numbers unrounded, empty where absent (written whole, never through a symlink)."""
     fields = ["budget", "flops_fraction", *columns, *(f"{c} % of full" for c in columns)]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if row[key] is None else row[key] for key in fields})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row[key] is None else row[key] for key in fields})
+    write_text_atomically(path, text.getvalue())
 
 
 def plan_runs(benchmarks: Sequence[str], out: Path) -> list[tuple[str, Path, Path]]:
@@ -310,6 +314,20 @@ def check_writable_out(parser: argparse.ArgumentParser, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def refuse_existing_table(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """A usage error where ``--out`` holds a table already (paper_table.md or .csv, a symlink included) and
+    ``--overwrite`` was not given, as ``plot`` / ``compare`` / ``profile --out`` refuse an existing file."""
+    for name in TABLE_FILES:
+        path = out / name
+        if path.is_dir():
+            parser.error(f"--out {out}: {path} is a directory; choose another --out")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            parser.error(
+                f"--out {out} holds a table already ({path}); choose another --out, or pass --overwrite to replace "
+                f"{' and '.join(TABLE_FILES)} (the benchmark runs in it are never written over)"
+            )
+
+
 def main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="adaptive-mllm table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the model's recipe (evaluation mode)")
@@ -318,6 +336,7 @@ def main(argv: list[str]) -> Path:
     parser.add_argument("--budgets", nargs="+", type=float, default=PAPER_BUDGETS, help="the paper's by default")
     parser.add_argument("--from_runs", nargs="+", default=[], help="read these runs' test_results.csv instead of evaluating; NAME=dir names a column")
     parser.add_argument("--out", default="runs/table", help="one directory per benchmark run, and paper_table.md / .csv")
+    parser.add_argument("--overwrite", action="store_true", help="replace the paper_table.md / .csv of an earlier table in --out")
     args, extra = parser.parse_known_args(argv)
     if bool(args.from_runs) == bool(args.config):
         parser.error("give either --config (with --benchmarks) to evaluate, or --from_runs to read finished runs")
@@ -334,6 +353,7 @@ def main(argv: list[str]) -> Path:
     if budget_flags:  # the table's runs score exactly --budgets: another list would leave its rows empty
         parser.error(f"give the budgets with --budgets, not {budget_flags[0]}")
     out = Path(args.out)
+    refuse_existing_table(parser, out, args.overwrite)  # before any benchmark runs, not once they all have
     if args.config:
         check_writable_out(parser, out)  # before any benchmark runs, not once they all have
         # extra flags go to every test run (e.g. --trainer.devices=1 --trainer.precision=bf16-true)
@@ -347,9 +367,10 @@ def main(argv: list[str]) -> Path:
         specs, budgets = args.from_runs, None
     columns, rows = table_rows([read_run(spec) for spec in specs], budgets)
     check_writable_out(parser, out)
+    refuse_existing_table(parser, out, args.overwrite)  # again: one may have been written while the benchmarks ran
     text = markdown(columns, rows)
     print(text)
-    (out / "paper_table.md").write_text(text)
+    write_text_atomically(out / "paper_table.md", text)
     write_csv(out / "paper_table.csv", columns, rows)
     print(f"wrote {out / 'paper_table.md'} and {out / 'paper_table.csv'}")
     return out

@@ -2,7 +2,11 @@
 
 Lightning's ``predict`` returns the answers to the caller and drops them from the command line; this callback
 writes every row as it is made (a crash keeps what was answered, marked incomplete), never into another run's
-directory.
+directory. It also stops ``predict`` on SIGTERM, after the batch it is in: Lightning's prediction loop, unlike its
+fit and evaluation loops, never looks at the signal.
+
+:class:`IncompleteMark` is the ``INCOMPLETE`` file that says a directory's answers are partial, and why; ``test``'s
+answers (:class:`adaptive_mllm.callbacks.SweepReport`) use it too.
 """
 
 from __future__ import annotations
@@ -18,12 +22,74 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adaptive_mllm.data.benchmarks.submission import write_submission
 
 COLUMNS = ("id", "question", "answer", "budget", "units", "flops_fraction")
-INCOMPLETE = "INCOMPLETE"  # present while predict runs and after it failed or was killed
+INCOMPLETE = "INCOMPLETE"  # present while predict (or test) writes answers, and after it failed or was stopped
 DONE = "predict_done.json"  # written once every answer is in budget-<b>.jsonl
+
+
+def stop_reason(exception: BaseException) -> str:
+    """What stopped a command, in words: the signal for the ways a user stops one, else the error."""
+    if isinstance(exception, SIGTERMException):  # Lightning's, raised between two batches after a SIGTERM
+        return "SIGTERM"
+    if isinstance(exception, KeyboardInterrupt):
+        return "KeyboardInterrupt (Ctrl+C, SIGINT)"
+    return f"{type(exception).__name__}: {exception}"
+
+
+class IncompleteMark:
+    """The file ``INCOMPLETE`` in a directory that a command fills with answers: there from before its first answer
+    until the last one (and its report) is written, and left, saying what stopped the command, when it stops early;
+    the answers written before are kept beside it. ``kill -9`` leaves the note it started with.
+
+    Args:
+        directory: where the answers are written.
+        command: the command writing them ("predict", "test"), named in the note.
+        answers: the files that hold the answers, as the note names them ("the budget-*.jsonl files").
+    """
+
+    def __init__(self, directory: Path, command: str, answers: str) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / INCOMPLETE
+        self.command = command
+        self.answers = answers
+
+    def _running(self) -> str:
+        return f"{self.command} is running, or stopped before every answer was written\n"
+
+    def claim(self) -> None:
+        """Create the file exclusively: of two runs started together into one directory, one writes and the other
+        stops (FileExistsError) instead of both appending to the same files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "x", encoding="utf-8") as handle:
+                handle.write(self._running())
+        except FileExistsError:
+            raise FileExistsError(
+                f"{self.path} exists: another {self.command} is writing into {self.directory}, or one stopped there before "
+                "its answers were written (the file says why); choose a new directory, or delete that file to reuse this one"
+            ) from None
+
+    def start(self) -> None:
+        """Create (or replace) the file, for a directory this run holds already."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self._running(), encoding="utf-8")
+
+    def stopped(self, exception: BaseException) -> None:
+        """Say what stopped the command, and warn that its answers are partial."""
+        self.path.write_text(
+            f"{self.command} stopped by {stop_reason(exception)}\n"
+            f"{self.answers} here hold only part of the answers: those written before it stopped, kept\n",
+            encoding="utf-8",
+        )
+        rank_zero_warn(f"{self.command} stopped by {stop_reason(exception)}: the answers in {self.directory} are incomplete "
+                       f"(see {INCOMPLETE} there)")  # fmt: skip
+
+    def finished(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -33,8 +99,9 @@ class PredictionWriter(BasePredictionWriter):
     merges them (each id once, in the dataset's order) into ``budget-<b>.jsonl`` and removes them. The
     submission files (VQAv2, MMBench) are written from all the answers. A file ``INCOMPLETE`` lies in the
     directory from the start until every answer is written; then ``predict_done.json`` (the answer count per
-    budget) replaces it. A failed, interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error
-    where there was one) beside its partial answers.
+    budget) replaces it. A failed, interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error or
+    signal where there was one) beside its partial answers. On SIGTERM ``predict`` stops after the batch it is in
+    (Lightning's ``SIGTERMException``: the command exits 143, as ``fit`` and ``test`` do).
 
     Args:
         output_dir: where the answers go; it must not hold answers already. Default: the trainer's
@@ -50,6 +117,7 @@ class PredictionWriter(BasePredictionWriter):
         self._rows: list[dict[str, Any]] = []
         self._skipped = 0  # records skipped as bad (skip_bad_records) on this process
         self._complete = False  # every answer written (a later error, say in a submission file, leaves them so)
+        self._mark: IncompleteMark | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "predict":
@@ -61,10 +129,12 @@ class PredictionWriter(BasePredictionWriter):
                 directory = new_directory(directory / "predictions")
             if _holds_answers(directory):
                 raise FileExistsError(f"PredictionWriter.output_dir={directory} already holds answers; choose a new directory")
-            _claim(directory)
+            IncompleteMark(directory, "predict", "the budget-*.jsonl files").claim()
+            (directory / DONE).unlink(missing_ok=True)
         directory = Path(trainer.strategy.broadcast(str(directory), src=0))
         directory.mkdir(parents=True, exist_ok=True)  # on every node
         self.directory = directory
+        self._mark = IncompleteMark(directory, "predict", "the budget-*.jsonl files")
         self._rows = []
         self._skipped = 0
         self._complete = False
@@ -79,6 +149,11 @@ class PredictionWriter(BasePredictionWriter):
             handle.write(json.dumps(line) + "\n")
             handle.flush()
             self._rows.append(line)
+        # Stop on SIGTERM once this batch's answers are on disk, as Lightning's evaluation loop does for test (its
+        # prediction loop never checks). After the last batch every answer is in: finish, unless other processes
+        # may stop before theirs (their last batches differ; all stop, rather than one waiting for the others).
+        if trainer.received_sigterm and (trainer.world_size > 1 or not trainer.predict_loop.batch_progress.is_last_batch):
+            raise SIGTERMException()
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
@@ -96,7 +171,8 @@ class PredictionWriter(BasePredictionWriter):
         done = {"answers": counts, "total": len(rows), "skipped_records": skipped, "processes": trainer.world_size,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         (self.directory / DONE).write_text(json.dumps(done, indent=2) + "\n")
-        (self.directory / INCOMPLETE).unlink(missing_ok=True)
+        if self._mark is not None:
+            self._mark.finished()
         self._complete = True
         self._write_submissions(trainer, rows)
         for logger in trainer.loggers:
@@ -106,12 +182,10 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close()
-        if self.directory is None or self._complete or not trainer.is_global_zero:
+        if self.directory is None or self._mark is None or self._complete or not trainer.is_global_zero:
             return
-        note = f"predict stopped by {type(exception).__name__}: {exception}\nthe budget-*.jsonl files here hold only part of the answers\n"
-        (self.directory / INCOMPLETE).write_text(note)
+        self._mark.stopped(exception)
         (self.directory / DONE).unlink(missing_ok=True)
-        rank_zero_warn(f"predict stopped: the answers in {self.directory} are incomplete (see {INCOMPLETE} there)")
 
     def _merge(self) -> list[dict[str, Any]]:
         """Process 0, several processes: each budget's rank files into ``budget-<b>.jsonl``, each id once.
@@ -173,22 +247,6 @@ class PredictionWriter(BasePredictionWriter):
 
 def _budgets(rows: list[dict[str, Any]]) -> list[float]:
     return sorted({row["budget"] for row in rows}, reverse=True)
-
-
-def _claim(directory: Path) -> None:
-    """Take ``directory`` for this predict: ``INCOMPLETE`` created exclusively, so of two runs started together into
-    one ``output_dir`` (both finding no answers there) one writes and the other stops, instead of both appending
-    to the same files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(directory / INCOMPLETE, "x", encoding="utf-8") as handle:
-            handle.write("predict is running, or stopped before every answer was written\n")
-    except FileExistsError:
-        raise FileExistsError(
-            f"{directory / INCOMPLETE} exists: another predict is writing into {directory}, or one stopped there before "
-            "its answers were written (the file says why); choose a new directory, or delete that file to reuse this one"
-        ) from None
-    (directory / DONE).unlink(missing_ok=True)
 
 
 def _holds_answers(directory: Path) -> bool:

@@ -67,11 +67,30 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Cell]
 
 
 def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
-    """A command's ``--out`` never replaces a file unasked: it may be a run's own answers, report or figure."""
+    """A command's ``--out`` never replaces a file unasked: it may be a run's own answers, report or figure. A
+    symlink there counts as a file, pointing anywhere or nowhere."""
     if out.is_dir():
         parser.error(f"--out {out} is a directory; name a file")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         parser.error(f"--out {out} exists; choose another path, or pass --overwrite to replace it")
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: into a new temporary file beside it, then renamed over it
+    (``os.replace``), so a reader never sees half a file and a failed write leaves the old one. A symlink at
+    ``path`` is replaced by the file, never written through. Newlines are written as given (a CSV's ``\\r\\n``
+    stays); the permissions follow the umask, as ``open`` gives them."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        with os.fdopen(descriptor, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def unwritable_reason(directory: str | Path) -> str | None:

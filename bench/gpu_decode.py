@@ -31,8 +31,12 @@ from adaptive_mllm.generation import greedy_generate  # noqa: E402
 from adaptive_mllm.inputs import embed_selected  # noqa: E402
 from adaptive_mllm.recipe import build_model  # noqa: E402
 
-# the generated shapes-VQA set is only read for its tokenizer: the smallest one that builds it
-SMALL_DATA = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8"]
+# the generated shapes-VQA set is only read for its tokenizer: the smallest one that builds it, in a folder of its
+# own (a data_dir holds one set: the recipes' data/shapes-vqa is tiny.yaml's, which trained runs read)
+SMALL_DATA = [
+    "--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+    "--data.init_args.data_dir=data/shapes-gpu-decode", "--model.backbone.init_args.tokenizer=data/shapes-gpu-decode/tokenizer",
+]
 
 
 def checks(rows: list[dict[str, Any]], high: float, low: float, target_ms: float, tolerance: float) -> list[tuple[str, bool]]:

@@ -16,7 +16,9 @@ the deadline line, the budgets chosen, the hog's span). Without ``--profile`` on
 (``<out>/profile.json``). The deadline defaults to ``--deadline_factor`` x what one request at budget
 1.0 takes end to end, measured while warming up the first server (one request at a time, quiet machine).
 Other flags are recipe overrides, passed to every model build, e.g.
-``--data.init_args.num_train=500`` (random weights need only the tokenizer the datamodule writes).
+``--data.init_args.data_dir=data/shapes-small --data.init_args.num_train=500
+--model.backbone.init_args.tokenizer=data/shapes-small/tokenizer`` (random weights need only the tokenizer the
+datamodule writes; a set of other sizes needs a data_dir of its own).
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def built_on(monkeypatch):
     ("flags", "problem"),
     [
         # 1 of 8 layers always runs: >= 0.125; it failed after the build, naming no option
-        (["--budgets", "0.1", "--prompt_length", "24"], "--budgets: budget 0.1 (example 1) is outside the admissible range"),
+        (["--budgets", "0.1", "--prompt_length", "24", "--model.scheduler.init_args.budget_rule=flops"],
+         "--budgets: budget 0.1 (example 1) is outside the admissible range"),
         # the tiny recipe's max_length is 128: the default 600-token prompt was timed and reported
         ([], "--prompt_length 600 + --decode_tokens 16 + 1 latency token is 617 tokens, more than the model's maximum length 128"),
         (["--prompt_length", "24", "--decode_tokens", "500"], "--prompt_length 24 + --decode_tokens 500 + 1 latency token is 525"),

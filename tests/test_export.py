@@ -67,7 +67,7 @@ def test_a_baseline_inserting_the_latency_token_round_trips(tokenizer_dir, tmp_p
     module.configure_model()
     export_module(module, tmp_path / "a")
     spec = json.loads((tmp_path / "a" / "scheduler.json").read_text())
-    assert spec["init_args"] == {"num_prefix_layers": 2, "insert_latency_token": True, "budget_rule": "flops"}
+    assert spec["init_args"] == {"num_prefix_layers": 2, "insert_latency_token": True, "budget_rule": "release"}
     loaded = load_exported(tmp_path / "a")
     module.eval()
     assert torch.equal(_logits(loaded, _batch(module.backbone)), _logits(module, _batch(module.backbone)))

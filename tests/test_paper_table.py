@@ -174,7 +174,57 @@ def test_from_runs_errors_name_the_file_and_field(hand_runs, tmp_path):
         main(["--from_runs", str(hand_runs[0]), str(table_file), "--out", out])
 
 
-def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_directory(tmp_path, monkeypatch):
+def test_a_table_never_replaces_an_earlier_one_unasked_nor_writes_through_a_symlink(hand_runs, tmp_path, monkeypatch, capsys):
+    """Audit defect 4: a second `table --out DIR` replaced DIR's paper_table.md / .csv without a word, and wrote
+    through a symlink there to a file outside DIR."""
+    out = tmp_path / "table"
+    main(["--from_runs", f"POPE={hand_runs[0]}", "--out", str(out)])
+    first = {name: (out / name).read_bytes() for name in ("paper_table.md", "paper_table.csv")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert re.search(rf"error: --out {re.escape(str(out))} holds a table already \(.*paper_table.md\); choose another --out, "
+                     r"or pass --overwrite", capsys.readouterr().err)  # fmt: skip
+    assert {name: (out / name).read_bytes() for name in first} == first
+    # evaluating into it is refused before any benchmark runs: no run's work is lost to the refusal
+    calls = []
+    monkeypatch.setattr("adaptive_mllm.paper_table.run_test", lambda args: calls.append(args) or 0)
+    pope = _benchmark_yaml(tmp_path / "pope.yaml", "POPEDataModule", question_folder="p", image_folder="i")
+    with pytest.raises(SystemExit):
+        main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
+    assert calls == [] and sorted(path.name for path in out.iterdir()) == ["paper_table.csv", "paper_table.md"]
+    # only the csv left there: refused too
+    (out / "paper_table.md").unlink()
+    with pytest.raises(SystemExit):
+        main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out)])
+    assert (out / "paper_table.csv").read_bytes() == first["paper_table.csv"]
+    # --overwrite replaces both, whole
+    main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out), "--overwrite"])
+    assert [row["own"] for row in _read_csv(out / "paper_table.csv")] == ["0.0", "30.0"]
+    assert _markdown_rows((out / "paper_table.md").read_text(), "Scores")["60"]["own"] == "30.0"
+    assert sorted(path.name for path in out.iterdir()) == ["paper_table.csv", "paper_table.md"]  # no temporary file left
+
+    # a symlink in --out: refused like a file (a dangling one too); with --overwrite replaced, never written through
+    victim = tmp_path / "victim.md"
+    victim.write_text("my notes\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "paper_table.md").symlink_to(victim)
+    with pytest.raises(SystemExit):
+        main(["--from_runs", f"POPE={hand_runs[0]}", "--out", str(linked)])
+    (linked / "paper_table.md").unlink()
+    (linked / "paper_table.csv").symlink_to(tmp_path / "nowhere.csv")
+    with pytest.raises(SystemExit):
+        main(["--from_runs", f"POPE={hand_runs[0]}", "--out", str(linked)])
+    (linked / "paper_table.md").symlink_to(victim)
+    main(["--from_runs", f"POPE={hand_runs[0]}", "--out", str(linked), "--overwrite"])
+    assert victim.read_text() == "my notes\n" and not (tmp_path / "nowhere.csv").exists()
+    for name in first:
+        assert not (linked / name).is_symlink() and (linked / name).read_bytes() == first[name]
+
+
+def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_directory(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_run_test(args: list[str]) -> int:  # stands in for the `test` process: writes what it would
@@ -200,8 +250,11 @@ def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_direct
     assert float(rows[1]["POPE"]) == pytest.approx(100 * 0.123456789 / 2) and float(rows[1]["adv % of full"]) == pytest.approx(12.3456789)
     # a second table into the same --out and any name clash stop before running anything
     calls.clear()
-    with pytest.raises(FileExistsError, match="table/POPE: already holds a run"):
+    with pytest.raises(SystemExit) as exit_:  # the table there first
         main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
+    assert exit_.value.code == 2 and "holds a table already" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="table/POPE: already holds a run"):  # --overwrite is for the table files only
+        main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out), "--overwrite"])
     with pytest.raises(ValueError, match=r"pope.yaml and .*own.yaml both fill column 'POPE'"):
         main(["--config", "r.yaml", "--benchmarks", str(pope), str(own), "--out", str(tmp_path / "new")])
     assert calls == []
@@ -295,7 +348,7 @@ def test_evaluates_a_checkpoint_on_two_benchmarks_at_the_paper_budgets(tmp_path,
     main(["--from_runs", str(out / "POPE"), str(out / "MME"), "--out", str(again)])
     assert (again / "paper_table.csv").read_text() == (out / "paper_table.csv").read_text()
     with pytest.raises(FileExistsError, match=r"table/MME: already holds a run"):
-        main(table)
+        main([*table, "--overwrite"])  # (without it, the table files there are refused first)
 
 
 def test_an_older_run_without_a_token_selector_is_taken_without_a_warning(tmp_path):

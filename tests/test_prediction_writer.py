@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adaptive_mllm.prediction_writer import COLUMNS, DONE, INCOMPLETE, PredictionWriter
 
@@ -137,3 +140,68 @@ def test_two_process_predict_merges_the_answers(tmp_path):
     assert ids == asked and len(asked) == 9  # every question once, in the dataset's order
     assert json.loads((run / DONE).read_text())["answers"] == {"0.5": 9} and not (run / INCOMPLETE).exists()
     assert "predict: 9 answers (9 at budget 0.5)" in done.stdout + done.stderr  # the total, not process 0's share
+
+
+class TerminatedAtBatch1(Answering):
+    """A scheduler's SIGTERM while the second batch is answered (to this very process: Lightning's handler sees it)."""
+
+    def predict_step(self, batch, batch_idx):
+        if batch_idx == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().predict_step(batch, batch_idx)
+
+    sigterm_at = 1
+
+
+def test_sigterm_stops_predict_after_the_batch_it_is_in_and_says_so(tmp_path):
+    """Audit defect 5: Lightning's prediction loop never checks trainer.received_sigterm, so `kill <pid>` let predict
+    answer every question and exit 0. Now it stops after the current batch, as fit and test do."""
+    writer = PredictionWriter(str(tmp_path / "stopped"))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(5.0)), batch_size=2)  # 3 batches
+    trainer = L.Trainer(callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu")
+    with pytest.warns(UserWarning, match=r"predict stopped by SIGTERM: the answers in .*stopped are incomplete"):
+        with pytest.raises(SIGTERMException):  # what the command line turns into exit code 143
+            trainer.predict(TerminatedAtBatch1(), data, return_predictions=False)
+    stopped = tmp_path / "stopped"
+    for budget in ("1", "0.6"):  # the batch it was in is written whole, the third is not asked
+        assert [json.loads(line)["id"] for line in (stopped / f"budget-{budget}.jsonl").read_text().splitlines()] == ["q0", "q1", "q2", "q3"]
+    assert (stopped / INCOMPLETE).read_text() == (
+        "predict stopped by SIGTERM\nthe budget-*.jsonl files here hold only part of the answers: those written before it stopped, kept\n"
+    )
+    assert not (stopped / DONE).exists()
+    # a SIGTERM in the last batch comes when every answer is in: predict finishes (as Lightning's test does)
+    last = TerminatedAtBatch1()
+    last.sigterm_at = 2
+    writer = PredictionWriter(str(tmp_path / "finished"))
+    L.Trainer(callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu").predict(last, data, return_predictions=False)
+    assert json.loads((tmp_path / "finished" / DONE).read_text())["total"] == 10 and not (tmp_path / "finished" / INCOMPLETE).exists()
+
+
+def test_kill_stops_the_predict_command_with_exit_code_143(tmp_path):
+    """`kill <pid>` on the command line: exit 143 (128 + SIGTERM) as fit and test, part of the answers kept, the
+    reason in INCOMPLETE."""
+    command = [
+        sys.executable, "-m", "adaptive_mllm.cli", "predict", "--config", str(REPO / "recipes" / "tiny.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false", "--trainer.default_root_dir=run",
+        "--model.budget=0.5", "--data.init_args.num_train=8", "--data.init_args.num_val=2", "--data.init_args.num_test=400",
+        "--data.init_args.eval_batch_size=1", "--data.init_args.num_workers=0",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    answers = tmp_path / "run" / "budget-0.5.jsonl"
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (answers.is_file() and answers.read_text().count("\n") >= 2):  # it is answering
+            assert process.poll() is None and time.monotonic() < deadline, "predict ended or never answered"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, output[-3000:]
+    written = answers.read_text().splitlines()
+    assert 2 <= len(written) < 400 and all(json.loads(line)["budget"] == 0.5 for line in written)  # whole lines, kept
+    assert (tmp_path / "run" / INCOMPLETE).read_text().startswith("predict stopped by SIGTERM\n")
+    assert not (tmp_path / "run" / DONE).exists() and "stopped by SIGTERM" in output

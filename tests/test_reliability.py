@@ -290,7 +290,7 @@ def test_a_file_or_directory_that_is_no_lightning_checkpoint_is_named(tmp_path):
     assert check_checkpoint(folder) == folder
 
 
-# --- item 10: a generated set in use is never replaced ------------------------------------------------
+# --- item 10: a generated set is never replaced (audit defect 3: runs trained on it read its tokenizer) ---
 SMALL = {"num_train": 6, "num_val": 3, "num_test": 3}
 # A second run that uses the set: it holds the set as a datamodule does (DirectoryLock.shared), with
 # the lock module loaded by path so that the process starts in a blink (no torch import).
@@ -318,20 +318,24 @@ def few_attempts(monkeypatch):
     monkeypatch.setattr("adaptive_mllm.data.shapes._LOCK_ATTEMPTS", 3)
 
 
-def test_a_set_in_use_by_another_process_is_never_replaced(tmp_path, few_attempts):
-    data_dir = generate_shapes_vqa(tmp_path / "shapes", **SMALL)
+def hold_in_another_process(data_dir: Path) -> subprocess.Popen:
     lock_module = REPO / "adaptive_mllm" / "data" / "directory_lock.py"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(lock_module), str(data_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_a_set_in_use_by_another_process_is_never_replaced(tmp_path, few_attempts):
+    data_dir = generate_shapes_vqa(tmp_path / "shapes", **SMALL)
+    holder = hold_in_another_process(data_dir)
     try:
-        assert holder.stdout.readline().strip() == "holding"
         before = files(data_dir)
         other = ShapesVQADataModule(data_dir=str(data_dir), num_train=8, num_val=3, num_test=3)
-        with pytest.raises(RuntimeError) as info:
+        with pytest.raises(FileExistsError) as info:
             other.prepare_data()
         assert str(info.value).startswith(f"{data_dir} holds another shapes-VQA set (sizes 6 / 3 / 3, seed 0,")
-        assert "in use by another run" in str(info.value)
         assert files(data_dir) == before  # the running set is untouched
         same = ShapesVQADataModule(data_dir=str(data_dir), **SMALL)  # the same set is shared
         same.prepare_data()
@@ -340,29 +344,48 @@ def test_a_set_in_use_by_another_process_is_never_replaced(tmp_path, few_attempt
     finally:
         holder.kill()  # kill -9: the operating system drops its lock
         holder.wait(timeout=30)
-    other.prepare_data()  # nobody uses the old set now: it is replaced
-    assert json.loads((data_dir / "meta.json").read_text())["num_train"] == 8
-    assert len(list((data_dir / "images" / "train").iterdir())) == 8
-    other.teardown("fit")
+    with pytest.raises(FileExistsError, match="not replaced"):
+        other.prepare_data()  # nobody uses the set now, but the runs trained on it still read its tokenizer
+    assert files(data_dir) == before
 
 
-def test_a_datamodule_holds_its_set_from_prepare_data_to_teardown(tmp_path, few_attempts):
+def test_an_incomplete_set_in_use_by_another_process_is_not_written(tmp_path, few_attempts):
+    """A set a run was writing when it stopped is completed by the next run, unless some run holds the
+    directory: then nothing is written and the error says that it is in use."""
+    data_dir = generate_shapes_vqa(tmp_path / "shapes", **SMALL)
+    (data_dir / "meta.json").write_text('{"dataset": "shapes-vqa", "format_version": 2, "state": "being written"}\n')
+    holder = hold_in_another_process(data_dir)
+    try:
+        before = files(data_dir)
+        with pytest.raises(RuntimeError, match=rf"^{data_dir} is in use by another run and does not hold the shapes-VQA set asked for"):
+            generate_shapes_vqa(data_dir, **{**SMALL, "num_train": 8})
+        assert files(data_dir) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    generate_shapes_vqa(data_dir, **{**SMALL, "num_train": 8})
+    assert is_generated(data_dir, **{**SMALL, "num_train": 8})
+
+
+def test_a_datamodule_holds_its_set_and_another_set_is_refused_there(tmp_path, few_attempts):
     data_dir = tmp_path / "shapes"
     first = ShapesVQADataModule(data_dir=str(data_dir), **SMALL)
     first.prepare_data()
     first.setup("fit")
     second = ShapesVQADataModule(data_dir=str(data_dir), **{**SMALL, "num_test": 4})
-    with pytest.raises(RuntimeError, match="in use by another run"):
+    with pytest.raises(FileExistsError, match="holds another shapes-VQA set"):
         second.prepare_data()
     assert is_generated(data_dir, **SMALL)
     first.teardown("fit")
-    second.prepare_data()
-    assert is_generated(data_dir, **{**SMALL, "num_test": 4})
+    with pytest.raises(FileExistsError, match="holds another shapes-VQA set"):
+        second.prepare_data()  # released, but still the set of the first run's tokenizer
+    assert is_generated(data_dir, **SMALL)
     second.teardown("fit")
 
 
-def test_an_interrupted_generation_leaves_the_previous_set(tmp_path, monkeypatch):
+def test_an_interrupted_generation_leaves_the_previous_files(tmp_path, monkeypatch):
     data_dir = generate_shapes_vqa(tmp_path / "shapes", **SMALL)
+    (data_dir / "val.json").unlink()  # an incomplete set: written again
     before = files(data_dir)
 
     def killed(*args, **kwargs):
@@ -370,9 +393,8 @@ def test_an_interrupted_generation_leaves_the_previous_set(tmp_path, monkeypatch
 
     monkeypatch.setattr("adaptive_mllm.data.shapes.train_word_tokenizer", killed)
     with pytest.raises(KeyboardInterrupt):
-        generate_shapes_vqa(data_dir, **{**SMALL, "num_train": 9})
-    assert is_generated(data_dir, **SMALL)
+        generate_shapes_vqa(data_dir, **SMALL)
     assert {name: data for name, data in files(data_dir).items() if not name.startswith(".generating")} == before
     monkeypatch.undo()
-    generate_shapes_vqa(data_dir, **{**SMALL, "num_train": 9})  # the next try writes it and tidies up
-    assert is_generated(data_dir, **{**SMALL, "num_train": 9}) and not (data_dir / ".generating").exists()
+    generate_shapes_vqa(data_dir, **SMALL)  # the next try writes it and tidies up
+    assert is_generated(data_dir, **SMALL) and not (data_dir / ".generating").exists()

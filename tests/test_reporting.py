@@ -78,3 +78,50 @@ def test_unwritable_reason_tries_a_write_in_the_folder_that_would_hold_the_outpu
     monkeypatch.setattr(os, "open", read_only)
     assert unwritable_reason(tmp_path / "new") == f"cannot be written (it would be made in {tmp_path}): Read-only file system"
     assert unwritable_reason(tmp_path) == "cannot be written: Read-only file system"
+
+
+def test_write_text_atomically_replaces_whole_never_through_a_symlink_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from adaptive_mllm.reporting import write_text_atomically
+
+    target = tmp_path / "table.csv"
+    write_text_atomically(target, "a,b\r\n1,2\r\n")
+    assert target.read_bytes() == b"a,b\r\n1,2\r\n"  # newlines as given
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()  # as open() would make it, not mkstemp's 0600
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    link = tmp_path / "link.md"
+    link.symlink_to(victim)
+    write_text_atomically(link, "table\n")
+    assert victim.read_text() == "mine\n" and not link.is_symlink() and link.read_text() == "table\n"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomically(target, "other\n")
+    assert target.read_bytes() == b"a,b\r\n1,2\r\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link.md", "table.csv", "victim.txt"]  # no temporary left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_refuse_existing_output_counts_a_symlink_as_a_file(tmp_path):
+    import argparse
+
+    from adaptive_mllm.reporting import refuse_existing_output
+
+    dangling = tmp_path / "figure.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(SystemExit):
+        refuse_existing_output(argparse.ArgumentParser(), dangling, overwrite=False)
+    refuse_existing_output(argparse.ArgumentParser(), dangling, overwrite=True)

@@ -30,7 +30,9 @@ from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, plain_chat
 from adaptive_mllm.data.directory_lock import LOCK_FILE, DirectoryLock
 from adaptive_mllm.data.tokenizer import train_word_tokenizer
 
-FORMAT_VERSION = 2  # bump whenever the generated content changes: cached data is then regenerated
+# Bump whenever the generated content changes. A set of another version is not replaced in its data_dir (runs
+# trained on it read its tokenizer): generate the new one into another data_dir.
+FORMAT_VERSION = 2
 
 IMAGE_SIZE = 64
 CELL_SIZE = 16  # = the vision tower's patch size, so a shape never straddles two patches
@@ -308,8 +310,10 @@ def generate_shapes_vqa(
     """Write the shapes-VQA set to ``out_dir`` (``{train,val,test}.json``, ``images/``, ``tokenizer/``,
     ``meta.json``); a no-op when ``meta.json`` says the same set is already there. Returns ``out_dir``.
 
-    ``out_dir`` must be new, empty or a set this generator wrote (its ``meta.json`` says so): a directory
-    holding anything else is refused (FileExistsError), and replacing a set touches only the files the
+    ``out_dir`` must be new, empty, this very set, or an incomplete set this generator was writing: a
+    directory that holds another set (other sizes, seed, question kinds, max_shapes or format version) is
+    refused (FileExistsError, see ``_refuse_another_set``), since the runs trained on that set read its
+    tokenizer, and so is a directory holding anything else. Completing a set touches only the files the
     generator writes, so a user's own files are never removed or overwritten."""
     hold_shapes_vqa(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes).release()
     return Path(out_dir)
@@ -327,11 +331,11 @@ def hold_shapes_vqa(
     """Make sure ``out_dir`` holds this set and return the shared lock that keeps other runs from
     replacing it until released.
 
-    A missing or different set is written into ``out_dir/.generating`` and then moved into place,
-    ``meta.json`` last, under the directory's exclusive lock: a run that holds the shared lock of
-    another set is never disturbed (a RuntimeError instead), and runs asking for the same set at once
-    write it once. A directory that holds files but no set of this generator's is refused before
-    anything is written to it, not even the lock file (FileExistsError, see ``_refuse_foreign``).
+    A missing or incomplete set is written into ``out_dir/.generating`` and then moved into place,
+    ``meta.json`` last, under the directory's exclusive lock, and runs asking for the same set at once
+    write it once. A directory that holds another complete set is never replaced (FileExistsError, see
+    ``_refuse_another_set``), nor is one that holds files but no set of this generator's, and the latter
+    gets nothing written to it, not even the lock file (FileExistsError, see ``_refuse_foreign``).
     """
     question_kinds = check_question_kinds(question_kinds)
     check_max_shapes(max_shapes)
@@ -343,16 +347,21 @@ def hold_shapes_vqa(
     # than the lock and the staging folder are there, so it never looks foreign. Checked again below.
     _refuse_foreign(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    asked = _meta(seed, sizes, question_kinds, max_shapes)
     lock = DirectoryLock(out_dir)
     for _ in range(_LOCK_ATTEMPTS):
         lock.shared()  # waits while another run writes a set here
         if is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes):
             return lock
-        lock.release()
+        try:
+            _refuse_another_set(out_dir, asked)
+        finally:
+            lock.release()
         if lock.try_exclusive():
             try:
                 if not is_generated(out_dir, num_train, num_val, num_test, seed, question_kinds, max_shapes):
                     _refuse_foreign(out_dir)
+                    _refuse_another_set(out_dir, asked)  # another run may have written one meanwhile
                     _write_set(out_dir, seed, sizes, question_kinds, max_shapes)
             finally:
                 lock.release()
@@ -360,24 +369,62 @@ def hold_shapes_vqa(
         time.sleep(random.uniform(0.02, 0.1))  # another run holds the set: it may be the one we want
     lock.release()
     raise RuntimeError(
-        f"{out_dir} holds another shapes-VQA set ({_describe(out_dir)}), in use by another run: it is not "
-        f"replaced by the one asked for (sizes {num_train} / {num_val} / {num_test}, seed {seed}, kinds "
-        f"{list(question_kinds)}). Use another data_dir, or run again once that run has ended."
+        f"{out_dir} is in use by another run and does not hold the shapes-VQA set asked for ({_describe_meta(asked)}; "
+        f"it holds: {_describe(out_dir)}): nothing is written. Use another data_dir, or run again once that run has ended."
     )
 
 
-_LOCK_ATTEMPTS = 50  # ~3 s of retries before deciding the directory is held by a run of another set
+_LOCK_ATTEMPTS = 50  # ~3 s of retries before deciding the directory is held by another run
 STAGING_DIR = ".generating"
 _BEING_WRITTEN = "meta.being-written.json"  # meta.json while a set's files are swapped: marked, not a set
 _OWN_ENTRIES = (LOCK_FILE, STAGING_DIR)  # what a run leaves in a directory before it marks it as a set
 
 
 def _describe(out_dir: Path) -> str:
+    meta = _complete_meta(out_dir)
+    return "being written, or not a shapes-VQA set" if meta is None else _describe_meta(meta)
+
+
+def _describe_meta(meta: dict) -> str:
+    """The parameters of a set's meta.json, in words ("?" for one that a set of an old version lacks)."""
+
+    def value(key: str, default: object = "?") -> object:
+        return meta.get(key, default)
+
+    return (
+        f"sizes {value('num_train')} / {value('num_val')} / {value('num_test')}, seed {value('seed')}, "
+        f"kinds {value('question_kinds')}, max_shapes {value('max_shapes', MAX_SHAPES)}, format version {value('format_version')}"
+    )
+
+
+def _complete_meta(out_dir: Path) -> dict | None:
+    """The meta.json of the complete set that ``out_dir`` holds, of any sizes, seed or version (meta.json is
+    moved in last, so it marks a set that was written to the end), or None: no set, a set whose files were
+    being replaced when its run stopped, or not this generator's."""
     try:
         meta = json.loads((out_dir / META_FILE).read_text())
-        return f"sizes {meta['num_train']} / {meta['num_val']} / {meta['num_test']}, seed {meta['seed']}, kinds {meta['question_kinds']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "being written, or not a shapes-VQA set"
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("dataset") != DATASET_NAME or "state" in meta:
+        return None
+    return meta
+
+
+def _refuse_another_set(out_dir: Path, asked: dict) -> None:
+    """Raise FileExistsError when ``out_dir`` holds a complete set other than the one ``asked`` (its
+    ``_meta``). Its tokenizer's word ids depend on the generated text, and runs trained on the set read it
+    from ``{data_dir}/tokenizer``: regenerating it there would swap the ids under them, their answers would
+    be wrong and nothing would say so. The same set with a file missing is completed instead (it is
+    byte-identical)."""
+    held = _complete_meta(out_dir)
+    if held is None or held == asked:
+        return
+    raise FileExistsError(
+        f"{out_dir} holds another shapes-VQA set ({_describe_meta(held)}), not the one asked for "
+        f"({_describe_meta(asked)}): it is not replaced, since runs trained on it read its tokenizer "
+        f"({out_dir / TOKENIZER_DIR}). Use another data_dir (and, to train on the new set, a backbone tokenizer "
+        f"in that data_dir's {TOKENIZER_DIR}/), or delete {out_dir} to regenerate it there"
+    )
 
 
 def _is_marked(out_dir: Path) -> bool:

@@ -27,12 +27,15 @@ class ShapesVQADataModule(LlavaDataModule):
     exists by the time the model is built. Prediction answers the test split; a split of size 0 is
     not set (no validation, or no test split).
 
-    From ``prepare_data`` (or ``setup``) to ``teardown`` the datamodule holds a shared lock on
-    ``data_dir``: another run asking for another set there fails with a RuntimeError instead of
-    replacing the files this one reads.
+    ``data_dir`` holds one set: asking for another one there (other sizes, seed, question kinds or
+    max_shapes) is refused with a FileExistsError naming both, never regenerated, since the runs trained
+    on the set read its tokenizer; use another ``data_dir`` (or delete this one to regenerate it). From
+    ``prepare_data`` (or ``setup``) to ``teardown`` the datamodule holds a shared lock on ``data_dir``,
+    so the set is never completed or rewritten under a run that reads it.
 
     Args:
-        data_dir: where the set lives (generated there if it is missing or was made with other sizes / seed).
+        data_dir: where the set lives (generated there if it is missing or incomplete; a directory holding
+            a set made with other sizes / seed / kinds is refused).
         num_train: training examples.
         num_val: validation examples.
         num_test: test examples.

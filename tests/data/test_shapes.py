@@ -191,19 +191,65 @@ def test_every_generated_record_passes_the_loader(shapes_sizes, shapes_dir, proc
             assert processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip() == item["answer"]
 
 
-def test_generation_is_skipped_when_present_and_redone_when_the_request_changes(shapes_sizes, shapes_dir, tmp_path):
+def test_generation_is_skipped_when_present_and_another_set_is_refused(shapes_sizes, shapes_dir, tmp_path):
+    """Audit defect 3: asking for other sizes / seed / kinds in a data_dir that holds a set once regenerated it,
+    tokenizer included, and the word ids of the runs trained on it swapped (a trained run scored at chance)."""
     directory = tmp_path / "copy"
     shutil.copytree(shapes_dir, directory)
     stamps = {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()}
     generate_shapes_vqa(directory, seed=0, **shapes_sizes)
     assert {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()} == stamps
-    generate_shapes_vqa(directory, **{**shapes_sizes, "num_train": 8}, seed=0)
-    assert json.loads((directory / "meta.json").read_text())["num_train"] == 8
-    assert len(json.loads((directory / "train.json").read_text())) == 8
-    assert len(list((directory / "images" / "train").iterdir())) == 8  # no stale image left
+    before = all_files(directory)
+    for other in ({"num_train": 8}, {"num_test": 30}, {"seed": 1}, {"question_kinds": ["count"]}, {"max_shapes": 6}):
+        with pytest.raises(FileExistsError, match=r"holds another shapes-VQA set .* not the one asked for"):
+            generate_shapes_vqa(directory, **{**shapes_sizes, "seed": 0, **other})
+        with pytest.raises(FileExistsError, match="not replaced"):
+            ShapesVQADataModule(data_dir=str(directory), **{**shapes_sizes, **other}).prepare_data()
+    assert all_files(directory) == before  # the tokenizer the trained runs read above all
+    assert {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()} == stamps
     # each split has its own random stream: the training size leaves val / test unchanged
+    resized = generate_shapes_vqa(tmp_path / "resized", **{**shapes_sizes, "num_train": 8}, seed=0)
+    assert len(json.loads((resized / "train.json").read_text())) == 8
     for split in ("val", "test"):
-        assert (directory / f"{split}.json").read_bytes() == (shapes_dir / f"{split}.json").read_bytes()
+        assert (resized / f"{split}.json").read_bytes() == (shapes_dir / f"{split}.json").read_bytes()
+
+
+def test_the_refusal_of_another_set_is_one_line_naming_the_folder_both_sets_and_what_to_do(shapes_sizes, shapes_dir, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    datamodule = ShapesVQADataModule(data_dir=str(directory), **{**shapes_sizes, "num_test": 30})
+    with pytest.raises(FileExistsError) as refused:
+        datamodule.prepare_data()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message == (
+        f"{directory} holds another shapes-VQA set (sizes 40 / 12 / 12, seed 0, kinds ['colour', 'shape', 'count_shape'], "
+        "max_shapes 4, format version 2), not the one asked for (sizes 40 / 12 / 30, seed 0, kinds ['colour', 'shape', "
+        f"'count_shape'], max_shapes 4, format version 2): it is not replaced, since runs trained on it read its tokenizer "
+        f"({directory / 'tokenizer'}). Use another data_dir (and, to train on the new set, a backbone tokenizer in that "
+        f"data_dir's tokenizer/), or delete {directory} to regenerate it there"
+    )
+    # a set of an older format is a set too: its runs read its tokenizer
+    meta = json.loads((directory / "meta.json").read_text())
+    (directory / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(FileExistsError, match=r"format version 1\), not the one asked for \(.*format version 2\)"):
+        generate_shapes_vqa(directory, seed=0, **shapes_sizes)
+    assert not (directory / ".generating").exists()
+    # what the message says to do works: the folder deleted, the set asked for is generated there
+    shutil.rmtree(directory)
+    datamodule.prepare_data()
+    assert json.loads((directory / "meta.json").read_text())["num_test"] == 30
+    datamodule.teardown("test")
+
+
+def test_a_set_with_a_file_missing_is_completed(shapes_sizes, shapes_dir, tmp_path):
+    """An incomplete copy of the set asked for is written again (byte-identical, so its tokenizer too)."""
+    directory = tmp_path / "copy"
+    shutil.copytree(shapes_dir, directory)
+    (directory / "tokenizer" / "tokenizer.json").unlink()
+    (directory / "images" / "test" / "shapes-test-000003.png").unlink()
+    generate_shapes_vqa(directory, seed=0, **shapes_sizes)
+    assert all_files(directory) == all_files(shapes_dir)
 
 
 def test_shapes_datamodule(shapes_sizes, shapes_dir, processor, tmp_path):
@@ -226,7 +272,7 @@ def test_shapes_datamodule(shapes_sizes, shapes_dir, processor, tmp_path):
     assert isinstance(datamodule.train_dataloader().collate_fn, LlavaCollator)
 
 
-def test_a_subset_of_question_kinds_is_asked_in_equal_shares_and_regenerates(shapes_sizes, shapes_dir, tmp_path):
+def test_a_subset_of_question_kinds_is_asked_in_equal_shares_and_needs_its_own_data_dir(shapes_sizes, shapes_dir, tmp_path):
     examples = generate_examples(300, seed=3, question_kinds=["colour", "count", "shape"])
     assert Counter(e.kind for e in examples) == {"colour": 100, "count": 100, "shape": 100}
     for bad in ([], ["colour", "colour"], ["size"]):
@@ -236,12 +282,16 @@ def test_a_subset_of_question_kinds_is_asked_in_equal_shares_and_regenerates(sha
     shutil.copytree(shapes_dir, directory)
     datamodule = ShapesVQADataModule(data_dir=str(directory), question_kinds=["count"], **shapes_sizes)
     with pytest.raises(RuntimeError, match=r"kinds \['count'\]"):
-        datamodule.setup("test")  # the set on disk asks all four kinds
+        datamodule.setup("test")  # the set on disk asks three kinds
+    with pytest.raises(FileExistsError, match=r"kinds \['colour', 'shape', 'count_shape'\].*not the one asked for \(.*kinds \['count'\]"):
+        datamodule.prepare_data()  # not regenerated over the set there
+    datamodule = ShapesVQADataModule(data_dir=str(tmp_path / "count"), question_kinds=["count"], **shapes_sizes)
     datamodule.prepare_data()
-    meta = json.loads((directory / "meta.json").read_text())
+    meta = json.loads((tmp_path / "count" / "meta.json").read_text())
     assert meta["question_kinds"] == ["count"]
-    records = json.loads((directory / "test.json").read_text())
+    records = json.loads((tmp_path / "count" / "test.json").read_text())
     assert {r["question_kind"] for r in records} == {"count"}
+    datamodule.teardown("test")
 
 
 def test_a_split_of_size_zero_is_not_set(processor, tmp_path):
@@ -293,9 +343,12 @@ def test_a_directory_of_someone_elses_files_is_refused_and_left_as_it_was(shapes
     assert (generate_shapes_vqa(user / "empty", seed=0, **shapes_sizes) / "meta.json").is_file()  # empty is fine
 
 
-def test_regenerating_its_own_set_replaces_only_the_files_it_wrote(shapes_sizes, shapes_dir, tmp_path):
+def test_completing_its_own_set_replaces_only_the_files_it_wrote(shapes_sizes, shapes_dir, tmp_path):
+    """A run killed while it replaced a set leaves the old set's files under meta.json's mark: the next run
+    writing its set there removes the old set's files (stale images too), and no file of the user's."""
     directory = tmp_path / "copy"
     shutil.copytree(shapes_dir, directory)
+    (directory / "meta.json").write_text('{"dataset": "shapes-vqa", "format_version": 2, "state": "being written"}\n')
     mine = {"notes.txt": b"my notes\n", "images/coco/000001.jpg": b"a photo", "images/train/README": b"not an image of the set",
             "tokenizer/notes.md": b"# about the tokenizer\n"}  # fmt: skip
     for name, data in mine.items():

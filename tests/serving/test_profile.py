@@ -13,8 +13,14 @@ from adaptive_mllm.serving.profile import fit_warnings
 from tests.serving.conftest import write_tiny_recipe
 
 
-def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer_dir: Path):
-    write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+@pytest.mark.parametrize("rule", ["release", "flops"])
+def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer_dir: Path, rule: str):
+    import yaml
+
+    recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)
+    config = yaml.safe_load(recipe.read_text())
+    config["model"]["scheduler"]["init_args"]["budget_rule"] = rule
+    recipe.write_text(yaml.safe_dump(config))
     out = tmp_path / "profile.json"
     argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "0.0",
             "--prompt_lengths", "8", "12", "--batch_sizes", "1", "2", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
@@ -27,9 +33,12 @@ def test_profile_writes_a_grid_the_latency_model_reads(tmp_path: Path, tokenizer
     for row in rows:
         assert row["prompt_tokens"] in (9, 13)  # + the latency token
         assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0
-        # budget 0 is measured at the smallest admissible budget: 1 prefix layer of 4 plus the LM head
-        assert row["budget"] == 1.0 or 0.25 < row["budget"] < 0.5
-        assert row["flops_fraction"] <= row["budget"] + 1e-9
+        if rule == "flops":  # budget 0 is measured at the smallest admissible: 1 prefix layer of 4 plus the LM head
+            assert row["budget"] == 1.0 or 0.25 < row["budget"] < 0.5
+            assert row["flops_fraction"] <= row["budget"] + 1e-9
+        else:  # the release's rule admits 0: no scheduled layer, the prefix layer and the LM head still run
+            assert row["budget"] in (1.0, 0.0)
+            assert row["flops_fraction"] == 1.0 if row["budget"] == 1.0 else 0.25 < row["flops_fraction"] < 0.5
     model = LatencyModel.load(out)
     assert model.meta["grid"]["prompt_lengths"] == [8, 12]
 
@@ -123,7 +132,8 @@ def test_an_out_that_is_a_directory_exists_or_cannot_be_made_is_refused_before_t
                                       "more than the model's maximum length 256"),  # fmt: skip
         (["--prompt_lengths", "8", "254"], "--prompt_lengths 254: with --decode_tokens 2 and the latency token it is 257"),
         (["--prompt_lengths", "4", "12"], "--prompt_lengths 4 must exceed the model's 4 image placeholders"),
-        (["--prompt_lengths", "12", "--budgets", "0.0", "0.01", "0.02"], "the grid has 1 distinct points"),
+        (["--prompt_lengths", "12", "--budgets", "0.0", "0.01", "0.02", "--model.scheduler.init_args.budget_rule=flops"],
+         "the grid has 1 distinct points"),  # the FLOPs rule raises all three to the smallest admissible
     ],
 )
 def test_prompts_the_model_cannot_take_are_refused_before_anything_is_measured(

@@ -23,8 +23,8 @@ SELECTORS = {
     "fastv": lambda: FastV(layer_index=2, drop_ratio=0.5),
 }
 SCHEDULERS = {
-    "L": lambda: LayerScheduler(num_prefix_layers=2),
-    "H": lambda: HeadScheduler(num_prefix_layers=2, rank=2),
+    "L": lambda: LayerScheduler(num_prefix_layers=2, budget_rule="flops"),  # a plan's FLOPs within its budget
+    "H": lambda: HeadScheduler(num_prefix_layers=2, rank=2, budget_rule="flops"),
 }
 
 
@@ -145,7 +145,7 @@ def test_fastv_after_the_prefix_is_refused(tokenizer_dir):
 def test_at_least_minimum_raises_a_budget_to_the_minimum_after_selection(tokenizer_dir, selector_name):
     """``generate(..., at_least_minimum=True)`` (the server's rule) runs a too-small budget at its example's
     minimum, counted on the tokens the selector lets through (recounted by hand here); unasked it is an error."""
-    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2), SELECTORS[selector_name]())
+    model = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=2, budget_rule="flops"), SELECTORS[selector_name]())
     batch = _images_batch(model)
     out = model.generate(batch, 0.0, at_least_minimum=True)
     inputs = model.planner.embed(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
