@@ -14,6 +14,7 @@ import torch
 
 from adaptive_mllm.checkpoints import CheckpointError, newest_last_checkpoint
 from adaptive_mllm.cli import entry_point, main
+from adaptive_mllm.recipe import FIT_LOCK
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 SMALL = [
@@ -45,8 +46,9 @@ def _run(args: list[str]) -> None:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    """The run's files; W&B's links to its shared service log (``logs/debug-core.log``) are not the run's."""
-    paths = sorted(path for path in directory.rglob("*") if path.is_file() and not path.is_symlink())
+    """The run's files; W&B's links to its shared service log (``logs/debug-core.log``) are not the run's, nor the
+    empty file a fit holds its folder with."""
+    paths = sorted(path for path in directory.rglob("*") if path.is_file() and not path.is_symlink() and path.name != FIT_LOCK)
     return {str(path.relative_to(directory)): path.read_bytes() for path in paths}
 
 
@@ -162,9 +164,10 @@ def test_fit_without_a_test_split_finishes_and_says_why_it_did_not_test(in_tmp):
 def test_eval_budgets_below_the_prefix_fail_when_the_recipe_is_parsed(budgets):
     from adaptive_mllm.recipe import build_cli
 
-    # tiny.yaml: 1 always-run prefix layer of 8, so no plan costs less than 1 / 8 of the full model
+    # tiny.yaml: 1 always-run prefix layer of 8, so under the FLOPs rule no plan costs less than 1 / 8 of the full model
     with pytest.raises(ValueError, match=r"eval_budgets: budget 0\.[01] is below 0\.125, .* 1 always-run prefix layers? of 8"):
-        build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}"], run=False)
+        build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}", "--model.scheduler.init_args.budget_rule=flops"], run=False)
+    build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}"], run=False)  # the release's: 0 scheduled layers
 
 
 def test_a_checkpoint_of_another_scheduler_is_named(in_tmp):
@@ -349,7 +352,8 @@ def test_a_checkpoint_folder_fit_cannot_write_is_refused_before_the_first_step(i
         with pytest.raises(OSError, match=r"checkpoint folder .*runs/ro/checkpoints: cannot be written: Permission denied; "
                            r"fit would train until its first save"):
             _run(["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.default_root_dir=runs/ro"])
-    assert sorted(path.name for path in root.iterdir()) == ["checkpoints"]  # refused before anything was written
+    assert sorted(path.name for path in root.iterdir()) == [".adaptive-mllm-fit.lock", "checkpoints"]  # refused before
+    # anything of the run was written (the lock file is the fit's hold on the folder, empty)
     assert not any((root / "checkpoints").iterdir())
     (in_tmp / "runs" / "file").write_text("")  # a folder that cannot be made: a file is in its place
     with pytest.raises(OSError, match=r"checkpoint folder .*runs/file/checkpoints: .*runs/file is not a directory"):
