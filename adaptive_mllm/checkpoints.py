@@ -53,8 +53,8 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
         hint = f" (if it names a W&B artifact: {WANDB_ARTIFACTS})" if ARTIFACT_NAME.fullmatch(str(path)) else ""
         if str(path) in LIGHTNING_SHORTHANDS or str(path).startswith("registry"):
             hint = (
-                " (of Lightning's shorthands only `last` is read here, the newest last*.ckpt of the recipe's checkpoint "
-                "folders; for the others pass the file, e.g. <run>/checkpoints/epoch=0-step=500.ckpt)"
+                " (a Lightning shorthand: fit / validate / test / predict read `last`, the newest last*.ckpt of the "
+                "recipe's checkpoint folders; other commands and shorthands need the file, e.g. <run>/checkpoints/last.ckpt)"
             )
         raise CheckpointError(f"checkpoint {path}: no such file{hint}")
     if path.is_dir():

@@ -139,10 +139,12 @@ class CostModel:
         return sum(self.layer_flops(t) for t in tokens) + self.lm_head_flops()
 
     def min_budget(self, seq_len: int, layer_tokens: Sequence[int] | None = None) -> float:
-        """The smallest admissible budget: prefix layers + LM head, as a fraction of the full model (0 under
-        the release's rule, which gives such budgets 0 units)."""
+        """The budget of the cheapest plan (0 scheduled units): prefix layers + LM head as a fraction of the full
+        model's FLOPs; under the release's rule, which counts units, the prefix's share of them (``U_prefix / U``).
+        A lower budget is refused under ``flops``; the release's rule admits it and runs that same plan, so serving,
+        profiles and ``at_least_minimum`` raise it to this one, the budget it costs."""
         if self.budget_rule == "release":
-            return 0.0
+            return self.num_prefix_layers / self.shape.num_layers
         return self.fixed_flops(seq_len, layer_tokens) / self.full_flops(seq_len, layer_tokens)
 
     def unit_flops(self, seq_len: int, units_per_layer: int = 1, layer_tokens: Sequence[int] | None = None) -> list[int]:

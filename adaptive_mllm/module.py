@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from functools import partial
 from typing import Any
 
@@ -161,13 +162,21 @@ class AdaptiveMLLM(L.LightningModule):
 
     def _check_budgets_reach_the_prefix(self, prefix: int, layers: int) -> None:
         """The always-run prefix layers cost at least ``prefix / layers`` of any request (the LM head only adds
-        to that share), so a lower budget can never be met: say so now, naming the argument."""
-        if isinstance(self.scheduler, FullScheduler) or getattr(self.scheduler, "budget_rule", "release") != "flops":
-            return  # the full model ignores budgets; the release's rule runs 0 units below the prefix
+        to that share), so a lower budget can never be met: say so now, naming the argument (the release's rule
+        runs such a budget with 0 scheduled units, the cost of ``prefix / layers``: a warning, as its score is that
+        budget's)."""
+        if isinstance(self.scheduler, FullScheduler):
+            return  # the full model ignores budgets
         floor = prefix / layers
         for name, values in [("eval_budgets", self.eval_budgets), ("budget", [self.budget])]:
             low = [value for value in values if value < floor]
-            if low:
+            if low and getattr(self.scheduler, "budget_rule", "release") == "release":
+                warnings.warn(
+                    f"{name}: budget {low[0]} is below {floor:.3f}, the share of the {prefix} always-run prefix layers of "
+                    f"{layers}: the release's rule runs it with 0 scheduled layers, as budget {floor:.3f}, and scores it so",
+                    stacklevel=2,
+                )
+            elif low:
                 raise ValueError(
                     f"{name}: budget {low[0]} is below {floor:.3f}, the share of the {prefix} always-run prefix layers of "
                     f"{layers} (scheduler.num_prefix_layers): no plan can meet it; raise it or lower num_prefix_layers"
@@ -212,6 +221,7 @@ class AdaptiveMLLM(L.LightningModule):
         already loaded the weights, strictly, each rank its shards."""
         self._check_lora_of(checkpoint.get(LORA_KEY))
         self._check_optimizer_groups_of(checkpoint)
+        self._check_budget_rule_of(checkpoint.get(SCHEDULER_SPEC_KEY))
         if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None:
             trained = _trained_scheduler(checkpoint)
             if trained is not None:
@@ -230,6 +240,21 @@ class AdaptiveMLLM(L.LightningModule):
             for key in unused:
                 del state[key]
             rank_zero_warn(f"{type(self.scheduler).__name__} does not use the checkpoint's {unused}")
+
+    def _check_budget_rule_of(self, spec: dict[str, Any] | None) -> None:
+        """A checkpoint whose scheduler counted budgets by another rule (``flops`` was the default until 2026-12-07)
+        loads and answers, but a budget may run another number of units than it did there: said, with the flag.
+        Checkpoints written before 2026-12-06 record no scheduler."""
+        own = getattr(self.scheduler, "budget_rule", None)
+        if not spec or own is None:
+            return
+        trained = spec.get("init_args", {}).get("budget_rule", "flops")
+        if trained != own:
+            rank_zero_warn(
+                f"the checkpoint's scheduler turned budgets into units by budget_rule={trained!r}, this model by {own!r} "
+                f"(the default since 2026-12-07): a budget may run another number of units than it did there; "
+                f"--model.scheduler.init_args.budget_rule={trained} answers as it did"
+            )
 
     def _check_lora_of(self, trained: dict[str, Any] | None) -> None:
         """Adapters trained with another ``alpha`` would load (the tensors fit) and answer otherwise; another

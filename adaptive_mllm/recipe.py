@@ -397,13 +397,26 @@ def _claim_if_empty(root: Path) -> bool:
     """Take ``root`` for this run when it is new or empty. The claim is an exclusively created file: of two
     runs that both found it empty, one gets it, the other a directory of its own."""
     root.mkdir(parents=True, exist_ok=True)
-    if any(path.name not in (CLAIM_FILE, FIT_LOCK) for path in root.iterdir()):
+    if any(path.name not in (CLAIM_FILE, FIT_LOCK) for path in root.iterdir()) or _fit_running_in(root):
         return False
     try:
         os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         return False
     return True
+
+
+def _fit_running_in(root: Path) -> bool:
+    """Whether a fit holds ``root`` (its lock file is there and held): it may not have written anything yet."""
+    if not (root / FIT_LOCK).exists():
+        return False
+    lock = DirectoryLock(root, FIT_LOCK)
+    try:
+        return not lock.try_exclusive()
+    except OSError:
+        return False  # a folder this process cannot write: it claims nothing there either
+    finally:
+        lock.release()
 
 
 # What a run leaves in its directory: its configs and report, and what evaluations of its checkpoints and its

@@ -75,7 +75,7 @@ def test_a_budget_below_the_smallest_runs_at_the_smallest_and_says_so(recipe, im
     main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", flops])
     assert "(asked 0: below this prompt's smallest)" in capsys.readouterr().out
     rows = main(["--config", str(recipe), "--image", str(image), "--question", QUESTION, "--budgets", "0", "--json"])
-    assert rows[0]["budget"] == 0.0 and rows[0]["units"] == 0  # release: 0 units, the budget as asked
+    assert rows[0]["budget"] == 0.25 and rows[0]["units"] == 0  # release: 0 units, at what they cost (1 layer of 4)
 
 
 def test_the_subcommand_is_on_the_command_line(recipe, image, capsys):

@@ -254,8 +254,9 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     ("wandb://team/project/model-abc:v3", r"--ckpt_path wandb://team/project/model-abc:v3: a W&B artifact; .*`wandb artifact get"),
     ("nosuchscheme://bucket/last.ckpt", r"--ckpt_path nosuchscheme://bucket/last\.ckpt: nosuchscheme:// cannot be read here"),
     ("team/project/model-abc:v3", r"checkpoint team/project/model-abc:v3: no such file \(if it names a W&B artifact: .*wandb artifact get"),
-    ("best", r"checkpoint best: no such file \(of Lightning's shorthands only `last` is read here, .*pass the file"),
-    ("registry:model:latest", r"checkpoint registry:model:latest: no such file \(of Lightning's shorthands"),
+    ("best", r"checkpoint best: no such file \(a Lightning shorthand: fit / validate / test / predict read `last`, .*need the file"),
+    ("last", r"checkpoint last: no such file \(a Lightning shorthand: .*other commands and shorthands need the file"),  # serve, ask
+    ("registry:model:latest", r"checkpoint registry:model:latest: no such file \(a Lightning shorthand"),
 ])
 def test_a_checkpoint_given_as_what_cannot_be_read_here_is_named(given, says, tmp_path, monkeypatch):
     from adaptive_mllm.checkpoints import CheckpointError

@@ -341,7 +341,7 @@ def test_release_rule_below_the_prefix_is_zero_units() -> None:
     release = CostModel(VICUNA_7B, 16, budget_rule="release")
     budgets, lengths = torch.tensor([0.0, 0.3, 0.53, 0.55, 1.0]), torch.full((5,), 100)
     assert release.units_for_budget(budgets, lengths).tolist() == [0, 0, 0, 1, 16]  # floor(16.96) - 16 = 0, floor(17.6) - 16 = 1
-    assert release.min_budget(100) == 0.0
+    assert release.min_budget(100) == 0.5  # what those budgets cost: the 16 prefix layers of 32, in units
     with pytest.raises(ValueError, match="admissible range"):
         CostModel(VICUNA_7B, 16, budget_rule="flops").units_for_budget(torch.tensor([0.3]), torch.tensor([100]))
     for bad in (1.01, -0.1, float("nan")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -553,3 +554,19 @@ def test_a_template_whose_answers_cannot_end_is_refused_when_the_model_is_built(
     module = AdaptiveMLLM(LlavaBackbone(config=tiny_config(), tokenizer=str(tokenizer_dir), template="plain"))
     with pytest.raises(ValueError, match="template 'plain' ends answers at a newline, which this tokenizer drops"):
         module.configure_model()
+
+
+def test_a_checkpoint_of_the_other_budget_rule_is_said(tokenizer_dir):
+    """Checkpoints trained when `flops` was the default load under the release's rule (the default since 2026-12-07),
+    a budget possibly running another number of units: a warning names the flag that answers as they did."""
+    trained = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3, budget_rule="flops"))
+    saved: dict = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(saved)
+    assert saved["scheduler_spec"]["init_args"]["budget_rule"] == "flops"
+    now = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3))
+    with pytest.warns(UserWarning, match=r"budget_rule='flops', this model by 'release' .*budget_rule=flops answers as it did"):
+        now.on_load_checkpoint({"state_dict": dict(saved["state_dict"]), "scheduler_spec": saved["scheduler_spec"]})
+    same = _model(tokenizer_dir, LayerScheduler(num_prefix_layers=3, budget_rule="flops"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.on_load_checkpoint({"state_dict": dict(saved["state_dict"]), "scheduler_spec": saved["scheduler_spec"]})

@@ -167,7 +167,9 @@ def test_eval_budgets_below_the_prefix_fail_when_the_recipe_is_parsed(budgets):
     # tiny.yaml: 1 always-run prefix layer of 8, so under the FLOPs rule no plan costs less than 1 / 8 of the full model
     with pytest.raises(ValueError, match=r"eval_budgets: budget 0\.[01] is below 0\.125, .* 1 always-run prefix layers? of 8"):
         build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}", "--model.scheduler.init_args.budget_rule=flops"], run=False)
-    build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}"], run=False)  # the release's: 0 scheduled layers
+    with pytest.warns(UserWarning, match=r"eval_budgets: budget 0\.[01] is below 0\.125, .* the release's rule runs it with "
+                      r"0 scheduled layers, as budget 0\.125"):
+        build_cli(["--config", RECIPE, f"--model.eval_budgets={budgets}"], run=False)
 
 
 def test_a_checkpoint_of_another_scheduler_is_named(in_tmp):
@@ -476,3 +478,20 @@ def test_a_run_set_aside_by_overwrite_run_is_not_resumed_over_the_current_one(in
     _run([*fit, "--trainer.max_steps=3", f"--trainer.default_root_dir={aside}", f"--ckpt_path={aside / 'checkpoints' / 'last.ckpt'}"])
     # Lightning saves a moved run's next last.ckpt as last-v1.ckpt (the recorded folder changed); --ckpt_path last reads it
     assert torch.load(newest_last_checkpoint([aside / "checkpoints"]), weights_only=False)["global_step"] == 3
+
+
+def test_an_evaluation_never_takes_the_root_of_a_fit_that_has_not_written_yet(in_tmp):
+    """A fit holds its root before it writes anything (building the model, generating data): a test started then
+    found the root empty and wrote into the fit's run; it goes to <root>/test/<time> instead."""
+    from adaptive_mllm.data.directory_lock import DirectoryLock
+    from adaptive_mllm.recipe import _claim_if_empty
+
+    root = in_tmp / "runs" / "tiny"
+    root.mkdir(parents=True)
+    fit = DirectoryLock(root, FIT_LOCK)
+    assert fit.try_exclusive()
+    try:
+        assert not _claim_if_empty(root)
+    finally:
+        fit.release()
+    assert _claim_if_empty(root)  # the fit's lock file alone, no fit running: the root is free
