@@ -41,6 +41,7 @@ from adaptive_mllm.serving.server import (
     check_margin,
     check_model_files,
     check_profile,
+    check_threads,
 )
 
 
@@ -76,8 +77,7 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
     check_margin(p, args.margin)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads {args.threads} must be >= 1")
+    check_threads(p, args.threads)
     if args.export_dir is not None and overrides:
         p.error(f"--export_dir takes no recipe flags, got {overrides}")
     if args.export_dir is None and args.config is None:

@@ -145,14 +145,13 @@ class AdaptiveMLLMCLI(LightningCLI):
             held = lock.try_exclusive()
         except OSError:
             return  # a root this process cannot write: the checkpoint folders' check names it
-        self.fit_lock = lock
         if not held:
             lock.release()
-            self.fit_lock = None
             raise FileExistsError(
                 f"{root}: another fit is running in this directory; wait for it to end (then resume it with --ckpt_path "
                 "last), or give this run its own directory (--trainer.default_root_dir)"
             )
+        self.fit_lock = lock
 
     def _release_a_fit_that_never_stepped(self) -> None:
         """A fit that failed before its first optimizer step (a flag refused at setup, a bad record in the sanity
@@ -376,6 +375,7 @@ def _own_directory(config: Any, subcommand: str) -> None:
 
 CLAIM_FILE = ".adaptive-mllm-run"  # marks a run directory as taken, so two evaluations started together never share it
 FIT_LOCK = ".adaptive-mllm-fit.lock"  # held (flock) by the fit running in a root
+RUN_MARKERS = (CLAIM_FILE, FIT_LOCK)  # what a run leaves in a directory that is not yet a record of it
 REPLACED = "replaced"  # where --overwrite_run sets an earlier run aside: <root>/replaced/<time>/
 _claimed: list[tuple[Path, bool]] = []  # this command's run directory, and whether it made it (a new <sub>/<time>)
 
@@ -386,7 +386,7 @@ def _release_unused_claims() -> None:
     first was meant to. A directory holding anything else (a saved config, answers) is the failed run's record, kept."""
     for directory, made in _claimed:
         entries = list(directory.iterdir()) if directory.is_dir() else []
-        if any(entry.name not in (CLAIM_FILE, FIT_LOCK) for entry in entries):
+        if any(entry.name not in RUN_MARKERS for entry in entries):
             continue
         (directory / CLAIM_FILE).unlink(missing_ok=True)
         if made:
@@ -397,7 +397,7 @@ def _claim_if_empty(root: Path) -> bool:
     """Take ``root`` for this run when it is new or empty. The claim is an exclusively created file: of two
     runs that both found it empty, one gets it, the other a directory of its own."""
     root.mkdir(parents=True, exist_ok=True)
-    if any(path.name not in (CLAIM_FILE, FIT_LOCK) for path in root.iterdir()) or _fit_running_in(root):
+    if any(path.name not in RUN_MARKERS for path in root.iterdir()) or _fit_running_in(root):
         return False
     try:
         os.close(os.open(root / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

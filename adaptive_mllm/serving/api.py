@@ -430,7 +430,7 @@ class DeadlineAPI(ls.LitAPI):
 
 
 def smallest_budget(model: Any, prompt_ids: list[int]) -> float:
-    """The smallest budget the scheduler admits for this prompt (prefix layers + LM head), counted before token
+    """The cheapest plan's budget for this prompt (``CostModel.min_budget``: no scheduled unit), counted before token
     selection, which cannot be known before the image is seen (PruMerge keeps a number per image); generate
     raises a budget to the minimum after selection."""
     seq_len = len(prompt_ids) + int(model.planner.uses_latency_token)

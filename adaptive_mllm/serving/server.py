@@ -190,8 +190,7 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overri
         p.error(f"--batch_timeout {args.batch_timeout} must be >= 0")
     if args.timeout <= 0:
         p.error(f"--timeout {args.timeout} must be > 0")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads {args.threads} must be >= 1")
+    check_threads(p, args.threads)
     if args.prepare_threads < 0:
         p.error(f"--prepare_threads {args.prepare_threads} must be >= 0")
     if not args.served_model_name.strip():
@@ -207,6 +206,12 @@ def check_margin(p: argparse.ArgumentParser, margin: float) -> None:
     deadline at the smallest budget."""
     if not (math.isfinite(margin) and margin >= 0):
         p.error(f"--margin {margin} must be a finite number >= 0")
+
+
+def check_threads(p: argparse.ArgumentParser, threads: int | None) -> None:
+    """``--threads`` (torch's, as the worker, ``profile`` and ``ask`` set them) unset or >= 1."""
+    if threads is not None and threads < 1:
+        p.error(f"--threads {threads} must be >= 1")
 
 
 def check_device(p: argparse.ArgumentParser, device: str) -> None:
