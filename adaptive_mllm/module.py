@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
 from adaptive_mllm.backbones.base import Backbone, LoRA, is_adapter_parameter
@@ -346,14 +346,16 @@ class AdaptiveMLLM(L.LightningModule):
         budget: float | torch.Tensor,
         max_new_tokens: list[int] | None = None,
         at_least_minimum: bool = False,
+        longest: int | None = None,
     ) -> dict[str, Any]:
         """Answers for the batch's prompts under a budget (one for all, or one per example [B]), with what it cost.
         ``max_new_tokens``: each example's own cap on its answer (at most the module's ``max_new_tokens``), e.g.
         a client's ``max_tokens``; a row at its cap is done, and the batch stops once every row is (on every
-        rank: sharded layers decode in step, so the loop's length stays the module's on all of them); ``greedy_generate``
-        refuses a cap outside [1, the module's]. ``at_least_minimum``: a budget below its example's smallest
-        admissible one (counted after token selection) runs at that minimum instead of failing; ``budgets``
-        in the output are the ones that ran."""
+        rank: sharded layers decode in step, so the loop's length, ``longest`` or the module's, is the same on all
+        of them); ``greedy_generate`` refuses a cap outside [1, that length]. ``at_least_minimum``: a budget below
+        its example's smallest admissible one (counted after token selection) runs at that minimum instead of
+        failing; ``budgets`` in the output are the ones that ran. ``longest``: the answer's most tokens for this
+        batch in place of the module's ``max_new_tokens`` (a benchmark's own length; the same on every rank)."""
         prompt_ids = batch["prompt_ids"]
         batch_size = prompt_ids.shape[0]
         planner = self.planner
@@ -363,7 +365,7 @@ class AdaptiveMLLM(L.LightningModule):
         tokenizer = self.backbone.tokenizer
         stop = self.backbone.chat_template.stop_token_ids(tokenizer)
         result = greedy_generate(
-            self.engine, prepared.embeds, prepared.attention_mask, self.max_new_tokens, stop, prepared.plan,
+            self.engine, prepared.embeds, prepared.attention_mask, longest or self.max_new_tokens, stop, prepared.plan,
             prepared.latency_positions, self.token_selector, prepared.image_mask, self.decode, max_new_tokens,
         )  # fmt: skip
         answers = [decode_answer(tokenizer, tokens) for tokens in result.tokens]
@@ -401,9 +403,21 @@ class AdaptiveMLLM(L.LightningModule):
         kernel selection, caches) that would otherwise land on the first budget's prefill and decode times."""
         if batch["input_ids"].shape[0] == 0:
             return None
+        longest = self._answer_length_of(batch, batch_idx)
         if batch_idx == 0:
-            self.generate(batch, self.eval_budgets[0])  # warm-up, not reported
-        return {budget: self.generate(batch, budget) for budget in self.eval_budgets}
+            self.generate(batch, self.eval_budgets[0], longest=longest)  # warm-up, not reported
+        return {budget: self.generate(batch, budget, longest=longest) for budget in self.eval_budgets}
+
+    def _answer_length_of(self, batch: dict[str, Any], batch_idx: int) -> int | None:
+        """The answer length the batch's data asks for (a benchmark's, as its reference script generates), said once
+        where it is not the module's ``max_new_tokens``; None: the module's."""
+        longest = batch.get("max_new_tokens")
+        if longest is not None and longest != self.max_new_tokens and batch_idx == 0:
+            rank_zero_info(
+                f"answers of up to {longest} tokens, the benchmark's length (its reference script's), not the model's "
+                f"max_new_tokens {self.max_new_tokens}: --data.init_args.max_new_tokens sets it"
+            )
+        return longest
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[float, dict[str, Any]] | None:
         batch_size = batch["input_ids"].shape[0]
@@ -425,7 +439,7 @@ class AdaptiveMLLM(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         if batch["prompt_ids"].shape[0] == 0:  # every record of the batch was skipped as bad
             return []
-        out = self.generate(batch, self.budget)
+        out = self.generate(batch, self.budget, longest=self._answer_length_of(batch, batch_idx))
         questions = batch.get("questions", [None] * len(out["answers"]))
         columns = zip(batch["ids"], questions, out["answers"], out["units_per_example"], out["flops_fractions"], strict=True)
         return [

@@ -218,7 +218,7 @@ def test_the_first_evaluation_batch_is_answered_once_untimed_before_the_sweep(to
     batch = _batch(model, QUESTIONS, ANSWERS)
     calls = []
     generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda b, budget: calls.append(budget) or generate(b, budget))
+    monkeypatch.setattr(model, "generate", lambda b, budget, **kw: calls.append(budget) or generate(b, budget, **kw))
     first = model.test_step(batch, 0)
     assert calls == [1.0, 1.0, 0.7] and list(first) == [1.0, 0.7]  # a warm-up call, then the timed sweep
     calls.clear()

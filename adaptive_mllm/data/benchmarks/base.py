@@ -38,6 +38,10 @@ from adaptive_mllm.metrics import RESERVED_GROUPS
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# how long LLaVA-1.5's scripts let an answer run: model_vqa_loader.py's default (VQAv2, GQA, TextVQA, POPE, MME),
+# model_vqa_science.py and model_vqa_mmbench.py's (ScienceQA, MMBench)
+VQA_ANSWER_TOKENS = 128
+CHOICE_ANSWER_TOKENS = 1024
 _STAGE_SPLIT = {"test": "test", "validate": "val", "val": "val", "fit": "val", "predict": "predict"}
 
 
@@ -288,17 +292,21 @@ class BenchmarkDataset(LlavaJsonDataset):
 
 
 class BenchmarkCollator(LlavaCollator):
-    """LlavaCollator's batch, plus each extra per-record field as a list in batch order."""
+    """LlavaCollator's batch, plus each extra per-record field as a list in batch order, and the benchmark's
+    answer length as ``max_new_tokens`` (one number: every rank's batches decode as long)."""
 
-    def __init__(self, pad_token_id: int, extra_fields: tuple[str, ...] = ()) -> None:
+    def __init__(self, pad_token_id: int, extra_fields: tuple[str, ...] = (), max_new_tokens: int | None = None) -> None:
         super().__init__(pad_token_id)
         self.extra_fields = tuple(extra_fields)
+        self.max_new_tokens = max_new_tokens
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         batch = super().__call__(items)
         kept = [item for item in items if item is not None]
         for name in self.extra_fields:
             batch[name] = [item[name] for item in kept]
+        if self.max_new_tokens is not None:
+            batch["max_new_tokens"] = self.max_new_tokens
         return batch
 
 
@@ -312,12 +320,18 @@ class BenchmarkDataModule(LlavaDataModule):
     Args:
         batch_size: evaluation batch size.
         num_workers: DataLoader worker processes.
+        max_new_tokens: the answer's most tokens on this benchmark, in place of the model's ``max_new_tokens``
+            (each benchmark's default is the length LLaVA-1.5's script for it generates: :data:`VQA_ANSWER_TOKENS`
+            or :data:`CHOICE_ANSWER_TOKENS`); None: the model's.
     """
 
     extra_fields: tuple[str, ...] = ()
 
-    def __init__(self, batch_size: int = 16, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 16, num_workers: int = 0, max_new_tokens: int | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"{type(self).__name__}: max_new_tokens={max_new_tokens!r} must be a whole number >= 1 (or None: the model's)")
+        self.max_new_tokens = max_new_tokens
         self._built: dict[bool, BenchmarkDataset] = {}  # by "with reference answers"
 
     # --- to implement -----------------------------------------------------------------------------------
@@ -363,7 +377,7 @@ class BenchmarkDataModule(LlavaDataModule):
 
     # --- dataloaders -------------------------------------------------------------------------------------
     def _collator(self, processor: InputProcessor) -> BenchmarkCollator:
-        return BenchmarkCollator(processor.pad_token_id, self.extra_fields)
+        return BenchmarkCollator(processor.pad_token_id, self.extra_fields, self.max_new_tokens)
 
     def train_dataloader(self) -> DataLoader:
         raise RuntimeError(f"{type(self).__name__} is an evaluation benchmark: it has no training data")

@@ -7,6 +7,7 @@ from typing import Any
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
+    VQA_ANSWER_TOKENS,
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
@@ -54,8 +55,9 @@ class GQADataModule(BenchmarkDataModule):
         prompt_suffix: str = SHORT_ANSWER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = VQA_ANSWER_TOKENS,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.questions_json = questions_json
         self.image_root = image_folder
         self.prompt_suffix = prompt_suffix

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from adaptive_mllm.data.benchmarks.base import (
+    CHOICE_ANSWER_TOKENS,
     LETTERS,
     OPTION_LETTER,
     BenchmarkDataModule,
@@ -108,8 +109,9 @@ class MMBenchDataModule(BenchmarkDataModule):
         prompt_suffix: str = OPTION_LETTER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = CHOICE_ANSWER_TOKENS,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.tsv = tsv
         self.circular = circular
         self.prompt_suffix = prompt_suffix

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
+    VQA_ANSWER_TOKENS,
     BenchmarkDataModule,
     BenchmarkQuestion,
     TextOrigin,
@@ -52,8 +53,9 @@ class MMEDataModule(BenchmarkDataModule):
         prompt_suffix: str = SHORT_ANSWER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = VQA_ANSWER_TOKENS,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.root = root
         unknown = sorted(set(subtasks or ()) - set(MME_SUBTASKS))
         if unknown:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
+    VQA_ANSWER_TOKENS,
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
@@ -65,8 +66,9 @@ class POPEDataModule(BenchmarkDataModule):
         prompt_suffix: str = SHORT_ANSWER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = VQA_ANSWER_TOKENS,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.question_folder = question_folder
         self.image_root = image_folder
         self.splits = list(POPE_SPLITS) if splits is None else list(splits)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
+    CHOICE_ANSWER_TOKENS,
     LETTERS,
     OPTION_LETTER,
     BenchmarkDataModule,
@@ -55,8 +56,9 @@ class ScienceQADataModule(BenchmarkDataModule):
         prompt_suffix: str = OPTION_LETTER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = CHOICE_ANSWER_TOKENS,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.problems_json = problems_json
         self.pid_splits_json = pid_splits_json or str(Path(problems_json).parent / "pid_splits.json")
         self.split = split

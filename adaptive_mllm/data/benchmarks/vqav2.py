@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
+    VQA_ANSWER_TOKENS,
     BenchmarkDataModule,
     BenchmarkQuestion,
     IdOrigin,
@@ -68,9 +69,10 @@ class VQAv2DataModule(BenchmarkDataModule):
         prompt_suffix: str = SHORT_ANSWER,
         batch_size: int = 16,
         num_workers: int = 0,
+        max_new_tokens: int | None = VQA_ANSWER_TOKENS,
         submission_questions_json: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
         self.questions_json = questions_json
         self.annotations_json = annotations_json
         self.image_root = image_folder

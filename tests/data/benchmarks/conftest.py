@@ -282,7 +282,8 @@ def first_batch(bench_processor: InputProcessor) -> Callable[..., dict]:
         datamodule.setup(stage)
         loader = {"test": datamodule.test_dataloader, "predict": datamodule.predict_dataloader}[stage]()
         batch = next(iter(loader))
-        assert BATCH_KEYS | set(datamodule.extra_fields) == set(batch)
+        answer_length = {"max_new_tokens"} if datamodule.max_new_tokens is not None else set()
+        assert BATCH_KEYS | set(datamodule.extra_fields) | answer_length == set(batch)
         return batch
 
     return load
