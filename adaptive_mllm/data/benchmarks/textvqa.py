@@ -4,6 +4,7 @@ with OCR tokens in the prompt as LLaVA-1.5 asks it."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from adaptive_mllm.data.benchmarks.base import (
@@ -21,6 +22,13 @@ from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import VQAAccuracy
 
 HUMAN_ANSWERS = 10  # m4c_evaluator.py (LLaVA's eval_textvqa.py) scores against exactly ten
+ANSWERS_BY = ("image_and_question", "question_id")
+
+
+def most_common(humans: list[str]) -> str:
+    """The reference for the loss and the plain exact match: the most common human answer (ties: the alphabetically first)."""
+    common = Counter(humans).most_common()
+    return min((a for a, n in common if n == common[0][1]), default="") if common else ""
 
 
 def _data(path: str | Path, what: str) -> list:
@@ -49,6 +57,9 @@ class TextVQADataModule(BenchmarkDataModule):
             "ocr_tokens"}]}``); None = each record's own ``ocr_tokens`` field.
         use_ocr: False leaves the OCR line out.
         prompt_suffix: the instruction after each question.
+        answers_by: which human answers score a question. ``"image_and_question"``: LLaVA-1.5's eval_textvqa.py,
+            which looks them up by (image, lower-cased question), so questions asked twice about one image are all
+            scored against the last one's answers; ``"question_id"``: each question against its own.
     """
 
     extra_fields = ("all_answers", "question_id")
@@ -63,8 +74,12 @@ class TextVQADataModule(BenchmarkDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         max_new_tokens: int | None = VQA_ANSWER_TOKENS,
+        answers_by: str = "image_and_question",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, max_new_tokens=max_new_tokens)
+        if answers_by not in ANSWERS_BY:
+            raise ValueError(f"TextVQADataModule: answers_by={answers_by!r} must be one of {', '.join(map(repr, ANSWERS_BY))}")
+        self.answers_by = answers_by
         self.questions_json = questions_json
         self.image_root = image_folder
         self.ocr_json = ocr_json
@@ -90,6 +105,7 @@ class TextVQADataModule(BenchmarkDataModule):
         folder = Path(self.image_root) if self.image_root is not None else Path(path).parent / "train_images"
         ocr = self._ocr_tokens()
         questions = []
+        keys = []  # (image, lower-cased question) per question: eval_textvqa.py's lookup
         for index, raw in enumerate(records):
             question_id = require(raw, "question_id", (int, str), path, None, index)
             text = require(raw, "question", str, path, question_id, index)
@@ -105,6 +121,7 @@ class TextVQADataModule(BenchmarkDataModule):
                         path, f"expected {HUMAN_ANSWERS} human answers (TextVQA's evaluator scores against ten), got {len(humans)}",
                         question_id, index, "answers",
                     )  # fmt: skip
+            keys.append((image_id, text.lower()))
             text = text.strip()
             text = text[:1].upper() + text[1:]  # the annotation's lower-case question, capitalised as LLaVA asks it
             if self.use_ocr:
@@ -116,21 +133,21 @@ class TextVQADataModule(BenchmarkDataModule):
                     raise DataError.at(self.ocr_json, f"no OCR tokens for image {image_id!r}", question_id, index, "image_id")
                 # an image without tokens keeps the line, empty, as LLaVA-1.5's question file has it
                 text = f"{text}\nReference OCR token: {', '.join(str(t) for t in tokens)}"
-            # the reference for loss and the plain exact match: the most common human answer
-            common = Counter(humans).most_common()
-            answer = min((a for a, n in common if n == common[0][1]), default="") if common else ""
             questions.append(
                 BenchmarkQuestion(
                     id=str(question_id),
                     image=existing_image(folder, f"{image_id}.jpg", path, question_id, index, "image_id"),
                     text=f"{text}\n{self.prompt_suffix}" if self.prompt_suffix else text,  # an empty OCR line keeps its space
-                    answer=answer,
+                    answer="",
                     extra={"all_answers": list(humans), "question_id": question_id},
                     origin=IdOrigin(path, question_id, index, "question_id"),
                     text_origin=TextOrigin(path, question_id, index, "question", "image_id"),
                 )
             )
-        return questions
+        if self.answers_by == "image_and_question":
+            last = {key: question.extra["all_answers"] for key, question in zip(keys, questions, strict=True)}  # later ones win
+            questions = [replace(q, extra={**q.extra, "all_answers": list(last[key])}) for key, q in zip(keys, questions, strict=True)]
+        return [replace(question, answer=most_common(question.extra["all_answers"])) for question in questions]
 
     def make_metric(self, stage: str = "test") -> VQAAccuracy:
         return VQAAccuracy(self.question_kinds(stage), rule="textvqa")

@@ -91,3 +91,41 @@ def test_answers_that_are_not_a_list_are_refused_for_predict_too(textvqa_files):
     _set_answers(path, "stop")  # not read as the characters s, t, o, p
     with pytest.raises(DataError, match=r"record id 34603 \(index 1\), field 'answers': expected list, got str"):
         TextVQADataModule(str(path), use_ocr=False).setup("predict")
+
+
+def _ask_again(path, question: str, answers: list[str]) -> None:
+    """A third record: the first record's image, asked ``question`` again, with other answers."""
+    content = json.loads(path.read_text())
+    again = dict(content["data"][0], question_id=34604, question=question, answers=answers)
+    content["data"].append(again)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("question", ["what is the brand of this camera?", "What is the BRAND of this camera?"])
+def test_a_question_asked_twice_about_one_image_is_scored_as_llavas_eval_textvqa_does(textvqa_files, first_batch, question):
+    """eval_textvqa.py looks the answers up by (image, lower-cased question): both copies get the last one's; the
+    named option scores each against its own."""
+    path = textvqa_files["questions"]
+    _ask_again(path, question, ["canon"] * 10)
+    llava = first_batch(TextVQADataModule(str(path), use_ocr=False, batch_size=3))
+    assert llava["ids"] == ["34602", "34603", "34604"]
+    assert llava["all_answers"][0] == llava["all_answers"][2] == ["canon"] * 10
+    assert llava["answers"][0] == "canon"  # the reference follows the answers it is scored against
+    metric = TextVQADataModule(str(path), use_ocr=False).make_metric()
+    metric.update(["dakota", "halt", "dakota"], llava)
+    assert metric.compute()["overall"].item() == pytest.approx(1 / 3)  # "dakota" is wrong twice, as LLaVA scores it
+    own = first_batch(TextVQADataModule(str(path), use_ocr=False, batch_size=3, answers_by="question_id"))
+    assert own["all_answers"][0] == ["dakota"] * 8 + ["dakota digital"] * 2 and own["all_answers"][2] == ["canon"] * 10
+    assert own["answers"] == ["dakota", "halt", "canon"]
+
+
+def test_another_question_about_the_same_image_keeps_its_answers(textvqa_files, first_batch):
+    path = textvqa_files["questions"]
+    _ask_again(path, "what color is the camera?", ["black"] * 10)
+    batch = first_batch(TextVQADataModule(str(path), use_ocr=False, batch_size=3))
+    assert batch["answers"] == ["dakota", "halt", "black"]
+
+
+def test_answers_by_must_be_a_known_rule(textvqa_files):
+    with pytest.raises(ValueError, match=r"answers_by='id' must be one of 'image_and_question', 'question_id'"):
+        TextVQADataModule(str(textvqa_files["questions"]), answers_by="id")
