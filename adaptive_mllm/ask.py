@@ -34,6 +34,7 @@ from adaptive_mllm.serving.requests import (
     RequestLimits,
     parse_chat_request,
     read_request_image,
+    tokens_left,
 )
 from adaptive_mllm.serving.server import (
     build_model,
@@ -103,29 +104,30 @@ def encode_question(model: Any, image: Path, question: str, max_new_tokens: int 
         body["max_tokens"] = max_new_tokens
     limits = RequestLimits(str(image.parent))
     processor = model.backbone.input_processor()
+    latency_token = model.planner.uses_latency_token
     pixels = read_request_image(body, processor, limits)  # read once: a second parse below reuses it
     try:
-        return parse_chat_request(body, processor, model.max_new_tokens, limits, pixels)
+        return parse_chat_request(body, processor, model.max_new_tokens, limits, pixels, latency_token)
     except RequestError as error:
         if "image" in error.field:  # the server's path in the message is the option's file here
             message = error.message.removeprefix(f"{url}: ").replace(repr(url), repr(str(image))).replace(url, str(image))
             raise SystemExit(f"--image {image}: {message}") from None
         if error.field == "messages" and max_new_tokens is not None:
-            _answer_too_long(body, processor, model.max_new_tokens, limits, pixels, max_new_tokens)
+            _answer_too_long(body, processor, model.max_new_tokens, limits, pixels, latency_token, max_new_tokens)
         option = "--max_new_tokens" if error.field == "max_tokens" else "--question"
         raise SystemExit(f"{option}: {error.message}") from None
 
 
 def _answer_too_long(
-    body: dict[str, Any], processor: Any, cap: int, limits: RequestLimits, pixels: Any, max_new_tokens: int
+    body: dict[str, Any], processor: Any, cap: int, limits: RequestLimits, pixels: Any, latency_token: bool, max_new_tokens: int
 ) -> None:
     """SystemExit naming --max_new_tokens when the prompt fits the model with a one-token answer, so that the answer's
     length is what makes it too long (else the caller names --question)."""
     try:
-        prompt = parse_chat_request({**body, "max_tokens": 1}, processor, cap, limits, pixels)
+        prompt = parse_chat_request({**body, "max_tokens": 1}, processor, cap, limits, pixels, latency_token)
     except RequestError:
         return  # too long even so: the question is
-    room = processor.max_length - len(prompt.prompt_ids) - 1  # - the latency token
+    room = tokens_left(len(prompt.prompt_ids), processor.max_length, latency_token)
     raise SystemExit(
         f"--max_new_tokens {max_new_tokens}: the prompt is {len(prompt.prompt_ids)} tokens; with {max_new_tokens} "
         f"answer tokens it exceeds the model's maximum length {processor.max_length} (at most {room} fit)"

@@ -34,6 +34,7 @@ from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.planning import Planner
 from adaptive_mllm.recipe import build_model
 from adaptive_mllm.reporting import format_table
+from adaptive_mllm.serving.requests import tokens_left
 from adaptive_mllm.token_selection.base import TokenSelector
 
 
@@ -316,7 +317,7 @@ def check_against_model(parser: argparse.ArgumentParser, model: AdaptiveMLLM, ow
     if own.prompt_length <= backbone.num_image_tokens:
         parser.error(f"--prompt_length {own.prompt_length} must exceed the model's {backbone.num_image_tokens} image placeholders")
     seq_len = own.prompt_length + int(model.planner.uses_latency_token)
-    if seq_len + own.decode_tokens > backbone.max_length:
+    if own.decode_tokens > tokens_left(own.prompt_length, backbone.max_length, model.planner.uses_latency_token):
         latency = " + 1 latency token" if seq_len > own.prompt_length else ""
         parser.error(
             f"--prompt_length {own.prompt_length} + --decode_tokens {own.decode_tokens}{latency} is "

@@ -30,7 +30,12 @@ from pathlib import Path
 import yaml
 
 from adaptive_mllm.plots import read_results_csv
-from adaptive_mllm.reporting import format_table, unwritable_reason, write_text_atomically
+from adaptive_mllm.reporting import (
+    format_table,
+    refuse_existing_output,
+    unwritable_reason,
+    write_text_atomically,
+)
 
 PAPER_BUDGETS = [1.0, 0.85, 0.6]
 HEADLINE = "overall"  # every benchmark metric's headline score, as test_results.csv names it
@@ -314,20 +319,6 @@ def check_writable_out(parser: argparse.ArgumentParser, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def refuse_existing_table(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
-    """A usage error where ``--out`` holds a table already (paper_table.md or .csv, a symlink included) and
-    ``--overwrite`` was not given, as ``plot`` / ``compare`` / ``profile --out`` refuse an existing file."""
-    for name in TABLE_FILES:
-        path = out / name
-        if path.is_dir():
-            parser.error(f"--out {out}: {path} is a directory; choose another --out")
-        if (path.exists() or path.is_symlink()) and not overwrite:
-            parser.error(
-                f"--out {out} holds a table already ({path}); choose another --out, or pass --overwrite to replace "
-                f"{' and '.join(TABLE_FILES)} (the benchmark runs in it are never written over)"
-            )
-
-
 def main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="adaptive-mllm table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the model's recipe (evaluation mode)")
@@ -353,7 +344,7 @@ def main(argv: list[str]) -> Path:
     if budget_flags:  # the table's runs score exactly --budgets: another list would leave its rows empty
         parser.error(f"give the budgets with --budgets, not {budget_flags[0]}")
     out = Path(args.out)
-    refuse_existing_table(parser, out, args.overwrite)  # before any benchmark runs, not once they all have
+    refuse_existing_output(parser, out, args.overwrite, TABLE_FILES)  # before any benchmark runs, not once they all have
     if args.config:
         check_writable_out(parser, out)  # before any benchmark runs, not once they all have
         # extra flags go to every test run (e.g. --trainer.devices=1 --trainer.precision=bf16-true)
@@ -367,7 +358,7 @@ def main(argv: list[str]) -> Path:
         specs, budgets = args.from_runs, None
     columns, rows = table_rows([read_run(spec) for spec in specs], budgets)
     check_writable_out(parser, out)
-    refuse_existing_table(parser, out, args.overwrite)  # again: one may have been written while the benchmarks ran
+    refuse_existing_output(parser, out, args.overwrite, TABLE_FILES)  # again: one may have been written while the benchmarks ran
     text = markdown(columns, rows)
     print(text)
     write_text_atomically(out / "paper_table.md", text)

@@ -66,13 +66,17 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Cell]
     (console or Console()).print(table)
 
 
-def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool, files: Sequence[str] = ()) -> None:
     """A command's ``--out`` never replaces a file unasked: it may be a run's own answers, report or figure. A
-    symlink there counts as a file, pointing anywhere or nowhere."""
-    if out.is_dir():
-        parser.error(f"--out {out} is a directory; name a file")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        parser.error(f"--out {out} exists; choose another path, or pass --overwrite to replace it")
+    symlink there counts as a file, pointing anywhere or nowhere. ``files``: where ``--out`` is a folder (``table``),
+    the files the command writes into it, each refused alike; ``--overwrite`` replaces these and nothing else there."""
+    for path in [out / name for name in files] if files else [out]:
+        named = f"--out {out}: {path}" if files else f"--out {out}"
+        if path.is_dir():
+            parser.error(f"{named} is a directory; " + ("choose another --out" if files else "name a file"))
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            other, replaced = ("--out", f"{' and '.join(files)} (nothing else in it is written over)") if files else ("path", "it")
+            parser.error(f"{named} exists; choose another {other}, or pass --overwrite to replace {replaced}")
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:

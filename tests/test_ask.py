@@ -139,6 +139,20 @@ def test_max_new_tokens_may_raise_the_models_own(recipe, image):
     assert rows[0]["answer"] == expected and len(module.backbone.tokenizer(expected)["input_ids"]) > 4
 
 
+@pytest.mark.parametrize(("overrides", "latency_token"), [([], 1), (["--model.scheduler=null"], 0)])
+def test_the_longest_answer_that_fits_counts_the_latency_token_only_where_the_model_inserts_one(recipe, image, overrides, latency_token):
+    """ask counted a latency token for every model: one without a scheduler was refused an answer that fits, and
+    told one token fewer fit than do."""
+    from adaptive_mllm.ask import encode_question
+
+    model = build_model(str(recipe), None, None, overrides)
+    model.max_new_tokens = 10_000  # as main raises it to --max_new_tokens
+    prompt = len(encode_question(model, image, QUESTION, 1).prompt_ids)
+    room = model.backbone.max_length - prompt - latency_token
+    assert encode_question(model, image, QUESTION, room).max_tokens == room
+    with pytest.raises(SystemExit, match=rf"^--max_new_tokens {room + 1}: the prompt is {prompt} tokens; .*\(at most {room} fit\)$"):
+        encode_question(model, image, QUESTION, room + 1)
+
 
 def test_a_model_without_a_scheduler_answers_whole_and_refuses_other_budgets(recipe, image, capsys):
     rows = main(["--config", str(recipe), "--model.scheduler=null", "--image", str(image), "--question", QUESTION])

@@ -88,6 +88,20 @@ def test_the_longest_prompt_that_fits_is_timed(tmp_path, monkeypatch, built_on):
     assert built_on == ["meta", "cpu"]
 
 
+def test_without_a_latency_token_the_prompt_and_answer_may_fill_the_maximum_length(tmp_path, monkeypatch, capsys, built_on):
+    from adaptive_mllm import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args: [])
+    monkeypatch.setattr(benchmark, "print_rows", lambda rows: None)
+    flags = [*TINY, "--model.scheduler=null", "--decode_tokens", "16", "--budgets", "1.0"]
+    main([*flags, "--prompt_length", "112"])  # 112 + 16 = 128, no latency token
+    assert built_on == ["meta", "cpu"]
+    with pytest.raises(SystemExit):
+        main([*flags, "--prompt_length", "113"])
+    assert "--prompt_length 113 + --decode_tokens 16 is 129 tokens, more than the model's maximum length 128" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["-5", "0", "nan", "inf"])
 def test_a_bandwidth_that_is_not_a_positive_number_is_refused(value, capsys):
     """``--bandwidth_gbs -5`` printed negative "vs limit" ratios."""

@@ -184,8 +184,8 @@ def test_a_table_never_replaces_an_earlier_one_unasked_nor_writes_through_a_syml
     with pytest.raises(SystemExit) as exit_:
         main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out)])
     assert exit_.value.code == 2
-    assert re.search(rf"error: --out {re.escape(str(out))} holds a table already \(.*paper_table.md\); choose another --out, "
-                     r"or pass --overwrite", capsys.readouterr().err)  # fmt: skip
+    assert f"error: --out {out}: {out / 'paper_table.md'} exists; choose another --out, or pass --overwrite to replace " \
+           "paper_table.md and paper_table.csv (nothing else in it is written over)" in capsys.readouterr().err  # fmt: skip
     assert {name: (out / name).read_bytes() for name in first} == first
     # evaluating into it is refused before any benchmark runs: no run's work is lost to the refusal
     calls = []
@@ -194,10 +194,12 @@ def test_a_table_never_replaces_an_earlier_one_unasked_nor_writes_through_a_syml
     with pytest.raises(SystemExit):
         main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
     assert calls == [] and sorted(path.name for path in out.iterdir()) == ["paper_table.csv", "paper_table.md"]
-    # only the csv left there: refused too
+    # only the csv left there: refused too, naming it
     (out / "paper_table.md").unlink()
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out)])
+    assert f"--out {out}: {out / 'paper_table.csv'} exists" in capsys.readouterr().err
     assert (out / "paper_table.csv").read_bytes() == first["paper_table.csv"]
     # --overwrite replaces both, whole
     main(["--from_runs", f"own={hand_runs[3]}", "--out", str(out), "--overwrite"])
@@ -252,7 +254,7 @@ def test_each_benchmark_is_one_test_run_with_the_exact_budgets_in_its_own_direct
     calls.clear()
     with pytest.raises(SystemExit) as exit_:  # the table there first
         main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out)])
-    assert exit_.value.code == 2 and "holds a table already" in capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--out {out}: {out / 'paper_table.md'} exists" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="table/POPE: already holds a run"):  # --overwrite is for the table files only
         main(["--config", "r.yaml", "--benchmarks", str(pope), "--out", str(out), "--overwrite"])
     with pytest.raises(ValueError, match=r"pope.yaml and .*own.yaml both fill column 'POPE'"):

@@ -125,3 +125,23 @@ def test_refuse_existing_output_counts_a_symlink_as_a_file(tmp_path):
     with pytest.raises(SystemExit):
         refuse_existing_output(argparse.ArgumentParser(), dangling, overwrite=False)
     refuse_existing_output(argparse.ArgumentParser(), dangling, overwrite=True)
+
+
+def test_refuse_existing_output_in_a_folder_names_the_file_and_what_overwrite_replaces(tmp_path, capsys):
+    """``table --out DIR`` writes files into DIR: each is refused as a lone ``--out`` file is, the message naming it."""
+    import argparse
+
+    from adaptive_mllm.reporting import refuse_existing_output
+
+    files = ("t.md", "t.csv")
+    refuse_existing_output(argparse.ArgumentParser(), tmp_path, overwrite=False, files=files)  # an empty folder: fine
+    (tmp_path / "t.csv").symlink_to(tmp_path / "nowhere.csv")
+    with pytest.raises(SystemExit):
+        refuse_existing_output(argparse.ArgumentParser(), tmp_path, overwrite=False, files=files)
+    assert (f"--out {tmp_path}: {tmp_path / 't.csv'} exists; choose another --out, or pass --overwrite to replace t.md and "
+            "t.csv (nothing else in it is written over)") in capsys.readouterr().err  # fmt: skip
+    refuse_existing_output(argparse.ArgumentParser(), tmp_path, overwrite=True, files=files)
+    (tmp_path / "t.md").mkdir()
+    with pytest.raises(SystemExit):
+        refuse_existing_output(argparse.ArgumentParser(), tmp_path, overwrite=True, files=files)
+    assert f"--out {tmp_path}: {tmp_path / 't.md'} is a directory; choose another --out" in capsys.readouterr().err

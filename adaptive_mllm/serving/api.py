@@ -199,7 +199,9 @@ class DeadlineAPI(ls.LitAPI):
         if not isinstance(pixels, (torch.Tensor, RequestError)):
             pixels = None  # not prepared here (a client's field of that name is JSON, never a tensor)
         try:
-            parsed = parse_chat_request(request, self.processor, self.model.max_new_tokens, self.limits, pixels)
+            parsed = parse_chat_request(
+                request, self.processor, self.model.max_new_tokens, self.limits, pixels, self.model.planner.uses_latency_token
+            )
         except RequestError as error:
             return error
         except Exception as error:  # noqa: BLE001 - a bug reading one request must not fail its whole batch

@@ -26,6 +26,7 @@ from adaptive_mllm.decoding import resolve_mode
 from adaptive_mllm.inputs import embed_selected
 from adaptive_mllm.reporting import refuse_existing_output, unwritable_reason
 from adaptive_mllm.serving.latency import MIN_MEASUREMENTS, LatencyModel, Measurement, save_profile
+from adaptive_mllm.serving.requests import tokens_left
 
 MAX_FIT_ERROR = 0.5  # a fit error above this on its own grid is warned about
 
@@ -34,7 +35,8 @@ def default_prompt_lengths(model: Any, new_tokens: int) -> list[int]:
     """Two lengths: the image plus a short question, and about the longest prompt the model admits."""
     backbone = model.backbone
     shortest = backbone.num_image_tokens + 8
-    longest = max(shortest + 1, min(backbone.max_length - new_tokens - 1, backbone.num_image_tokens + 512))
+    fits = tokens_left(new_tokens, backbone.max_length, model.planner.uses_latency_token)  # beside the answer
+    longest = max(shortest + 1, min(fits, backbone.num_image_tokens + 512))
     return [shortest, longest]
 
 
@@ -169,8 +171,8 @@ def check_against_model(
     for length in sorted(set(lengths)):
         if length <= backbone.num_image_tokens:
             parser.error(f"--prompt_lengths {length} must exceed the model's {backbone.num_image_tokens} image placeholders")
-        total = length + latency_token + decode_tokens
-        if total > backbone.max_length:
+        if decode_tokens > tokens_left(length, backbone.max_length, bool(latency_token)):
+            total = length + latency_token + decode_tokens
             parser.error(
                 f"--prompt_lengths {length}: with --decode_tokens {decode_tokens}"
                 + (" and the latency token" if latency_token else "")

@@ -87,11 +87,14 @@ def parse_chat_request(
     max_new_tokens: int,
     limits: RequestLimits,
     pixel_values: torch.Tensor | RequestError | None = None,
+    latency_token: bool = True,
 ) -> ChatRequest:
     """The request as the model's input, or a :class:`RequestError` naming the problem.
 
     ``pixel_values``: the image already read by :func:`read_request_image` (its pixels or its error,
-    reported where reading the image would have failed); None reads it here."""
+    reported where reading the image would have failed); None reads it here. ``latency_token``: whether the model
+    inserts one (``model.planner.uses_latency_token``); True for a model that has none refuses one token early,
+    never lets a too-long sequence through."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -125,7 +128,7 @@ def parse_chat_request(
     # + the latency token, + this request's answer: in a batch with a longer allowed answer the row decodes on past
     # its cap, but nothing of it is kept (positions are computed, not looked up; the cache is sized per batch)
     answer_tokens = max_tokens or max_new_tokens
-    if len(prompt_ids) + 1 + answer_tokens > processor.max_length:
+    if answer_tokens > tokens_left(len(prompt_ids), processor.max_length, latency_token):
         raise RequestError(
             400,
             f"the prompt is {len(prompt_ids)} tokens ({placeholders} of them image placeholders); with the answer's "
@@ -133,6 +136,13 @@ def parse_chat_request(
             "messages",
         )
     return ChatRequest(prompt_ids, pixel_values, budget, deadline_ms, max_tokens)
+
+
+def tokens_left(taken: int, max_length: int, latency_token: bool) -> int:
+    """How many tokens the model's maximum length leaves beside ``taken`` (a prompt, image placeholders included, or an
+    answer) and the latency token where the model inserts one (:attr:`Planner.uses_latency_token`, at the embedding
+    level). The one copy of the rule by which serve, ask, benchmark and profile refuse a prompt with its answer."""
+    return max_length - taken - int(latency_token)
 
 
 def read_request_image(body: Any, processor: InputProcessor, limits: RequestLimits) -> torch.Tensor | RequestError | None:

@@ -465,3 +465,17 @@ def test_a_lora_model_is_served_with_its_adapters_merged(tmp_path: Path, tokeniz
     api.setup("cpu")
     answer = api._answer([api.decode_request({**_body(1.0), "deadline_ms": None, "budget": 0.6})])[0]
     assert isinstance(answer.text, str) and answer.budget == pytest.approx(0.6)
+
+
+def test_a_request_is_measured_against_the_room_its_model_leaves(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
+    """The server tells the request parser whether its model inserts a latency token (one position fewer for the
+    prompt and the answer), as ask / benchmark / profile do: a model without one serves one token more."""
+    import adaptive_mllm.serving.api as api_module
+
+    told = []
+    parse = api_module.parse_chat_request
+    monkeypatch.setattr(api_module, "parse_chat_request", lambda *args: told.append(args[5:]) or parse(*args))
+    for inserts in (True, False):
+        monkeypatch.setattr(type(api.model.planner), "uses_latency_token", property(lambda self, inserts=inserts: inserts))
+        assert not isinstance(api.decode_request(_body(100.0)), RequestError)
+    assert told == [(True,), (False,)]

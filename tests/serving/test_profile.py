@@ -153,6 +153,24 @@ def test_prompts_the_model_cannot_take_are_refused_before_anything_is_measured(
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize(("overrides", "latency_token"), [([], 1), (["--model.scheduler=null"], 0)])
+def test_the_default_longest_prompt_is_the_longest_the_model_admits(tmp_path: Path, tokenizer_dir: Path, overrides, latency_token):
+    """The default counted a latency token for every model: one without a scheduler was profiled a token short of
+    the longest prompt it takes."""
+    import argparse
+
+    from adaptive_mllm.serving import profile as profile_module
+    from adaptive_mllm.serving.server import build_model
+
+    model = build_model(str(write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir)), None, None, overrides)
+    longest = profile_module.default_prompt_lengths(model, 4)[1]
+    assert longest == model.backbone.max_length - 4 - latency_token  # the tiny model: under the image + 512 tokens
+    parser = argparse.ArgumentParser()
+    profile_module.check_against_model(parser, model, [1.0], [longest], [1, 2, 4], 4)
+    with pytest.raises(SystemExit):
+        profile_module.check_against_model(parser, model, [1.0], [longest + 1], [1, 2, 4], 4)
+
+
 @pytest.mark.parametrize("flag", [["--model.budgt=0.5"], ["--bogus_flag", "3"], ["--batch-sizes", "1"]])
 def test_an_unknown_flag_is_a_usage_error(tmp_path: Path, tokenizer_dir: Path, flag: list[str], capsys):
     write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=None)

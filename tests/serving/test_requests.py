@@ -131,6 +131,19 @@ def test_the_length_check_counts_the_requests_own_answer_cap(processor):
         parse_chat_request({**body, "max_tokens": 4}, processor, 4, limits)
 
 
+@pytest.mark.parametrize("latency_token", [True, False])
+def test_a_prompt_and_answer_may_fill_the_maximum_length_with_the_latency_token_only_where_there_is_one(processor, latency_token):
+    """A model that inserts no latency token (no scheduler, or a baseline reading none) was refused an answer that
+    fits: the parser counted the token for every model."""
+    limits = RequestLimits()
+    body = _body("What colour is the circle ?")
+    prompt = len(parse_chat_request(body, processor, 1, limits).prompt_ids)
+    room = processor.max_length - prompt - int(latency_token)
+    assert parse_chat_request(body, processor, room, limits, latency_token=latency_token).prompt_ids
+    with pytest.raises(RequestError, match=f"with the answer's {room + 1} tokens it exceeds the model's maximum length"):
+        parse_chat_request(body, processor, room + 1, limits, latency_token=latency_token)
+
+
 def _with_url(url: str) -> dict:
     body = _body("What colour is the circle ?")
     body["messages"][0]["content"][0]["image_url"]["url"] = url
