@@ -1,7 +1,8 @@
 """Checkpoints: :class:`RunCheckpoint`, the recipes' saving callback (its files written whole by
 :class:`ReplacingCheckpointIO`), and checks on a checkpoint file before
 Lightning loads it: torch's own errors for a broken file (a bare
-``EOFError`` for an empty one, a zip error for a truncated one) name no file.
+``EOFError`` for an empty one, a zip error for a truncated one, an unpickling error for a damaged
+``data.pkl``) name no file.
 
 A checkpoint written by ``torch.save`` (as Lightning's are) is a zip archive whose directory sits at
 its very end, so reading that directory is a cheap test that the file was written to the end: no
@@ -11,11 +12,13 @@ tensor data is read.
 from __future__ import annotations
 
 import os
+import pickletools
 import random
 import re
 import secrets
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,20 +126,65 @@ def _check_remote(path: str) -> None:
 @contextmanager
 def damage_named(path: str | Path | None) -> Iterator[None]:
     """Reading a checkpoint: torch's error on one whose archive is whole but whose data is not (``PytorchStreamReader
-    failed reading file data/76: invalid header or archive is corrupted``, no file named) becomes a CheckpointError
-    naming ``path``; any other error passes unchanged."""
+    failed reading file data/76: invalid header or archive is corrupted``, no file named), or whose ``data.pkl`` is
+    damaged (a bare ``invalid load key``, ``UnicodeDecodeError``, ``IndexError``, ...), becomes a CheckpointError
+    naming ``path``; any other error passes unchanged.
+
+    ``data.pkl`` is judged by its own bytes (:func:`pickle_damage`), not by torch's message: torch's ``weights_only``
+    refusal of a class it does not allow is the same ``UnpicklingError`` as its refusal of a broken stream."""
     try:
         yield
-    except RuntimeError as error:
+    except CheckpointError:
+        raise
+    except Exception as error:
         message = str(error)
-        if "PytorchStreamReader" not in message:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" in message:
+            found = re.search(r"failed reading file (\S+?): (.+?)(?:\. |\.?$)", message)
+            detail = f"{found[1]} unreadable: {found[2]}" if found else message.split(". ")[0]
+        elif path is not None and "://" not in str(path) and Path(path).is_file():
+            detail = pickle_damage(path)
+            if detail is None:
+                raise
+        else:
             raise
-        found = re.search(r"failed reading file (\S+?): (.+?)(?:\. |\.?$)", message)
-        detail = f"{found[1]} unreadable: {found[2]}" if found else message.split(". ")[0]
         raise CheckpointError(
-            f"checkpoint {path}: damaged ({detail}); its bytes changed after it was written (a faulty copy or disk): "
-            "copy it again, or use another checkpoint"
+            f"checkpoint {path}: damaged ({detail}), not a complete checkpoint; its bytes changed after it was written "
+            "(a faulty copy or disk): copy it again, or use another checkpoint"
         ) from None
+
+
+def pickle_damage(path: str | Path) -> str | None:
+    """What is wrong with the ``data.pkl`` of a ``torch.save`` zip file, or None where it is whole and well formed (or
+    there is none to read). Its bytes are checked against the archive's CRC-32 (torch does not check it), then its
+    opcodes decoded and their stack and memo use checked (``pickletools.dis``): nothing is unpickled, no class
+    looked up."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):  # not a zip, or not readable: check_checkpoint names those
+        return None
+    with archive:
+        name = next((name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"), None)
+        if name is None:
+            return None
+        try:
+            data = archive.read(name)
+        except (zipfile.BadZipFile, zlib.error) as error:  # "Bad CRC-32 for file 'last/data.pkl'"
+            return f"its data.pkl is not the one written: {error}"
+        except OSError:
+            return None
+    try:
+        pickletools.dis(data, out=_Discard())
+    except Exception as error:  # ValueError (unknown opcode, truncated, stack, memo), UnicodeDecodeError, ...
+        detail = str(error) if type(error) is ValueError else f"{type(error).__name__}: {error}"
+        return f"its data.pkl is not a valid pickle: {detail}"
+    return None
+
+
+class _Discard:
+    """A text sink for ``pickletools.dis``: only its checks are wanted."""
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 def peek_checkpoint(path: str | Path) -> Any:
@@ -149,7 +197,8 @@ def peek_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        with damage_named(path):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except RuntimeError:
         return None
 

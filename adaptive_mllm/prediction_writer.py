@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from itertools import zip_longest
 from pathlib import Path
@@ -101,7 +103,8 @@ class PredictionWriter(BasePredictionWriter):
     directory from the start until every answer is written; then ``predict_done.json`` (the answer count per
     budget) replaces it. A failed, interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error or
     signal where there was one) beside its partial answers. On SIGTERM ``predict`` stops after the batch it is in
-    (Lightning's ``SIGTERMException``: the command exits 143, as ``fit`` and ``test`` do).
+    (Lightning's ``SIGTERMException``: the command exits 143, as ``fit`` and ``test`` do); under several processes
+    all stop together when any of them is signalled.
 
     Args:
         output_dir: where the answers go; it must not hold answers already. Default: the trainer's
@@ -118,10 +121,14 @@ class PredictionWriter(BasePredictionWriter):
         self._skipped = 0  # records skipped as bad (skip_bad_records) on this process
         self._complete = False  # every answer written (a later error, say in a submission file, leaves them so)
         self._mark: IncompleteMark | None = None
+        self._others_answering = True  # another process may have a batch left (``_sigterm_round``)
+        self._signalled = False  # this process got SIGTERM (several processes: ``on_predict_start``)
+        self._earlier_handler: Any = None  # SIGTERM's handler before Lightning's
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "predict":
             return
+        self._earlier_handler = signal.getsignal(signal.SIGTERM)  # setup runs before Lightning sets its own
         directory = None
         if trainer.is_global_zero:  # one name for all processes, chosen once
             directory = Path(self.output_dir or trainer.default_root_dir)
@@ -138,6 +145,26 @@ class PredictionWriter(BasePredictionWriter):
         self._rows = []
         self._skipped = 0
         self._complete = False
+        self._others_answering = True  # until a stop round says none is
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        """Several processes: Lightning's SIGTERM handler is replaced by one that only notes the signal (and passes it
+        on, as Lightning's does, to the processes this one launched and to the handler from before). Lightning's
+        also broadcasts from process 0, inside the handler: a collective the processes not signalled never join, so
+        the signalled one blocks there. The stop rounds carry the signal instead."""
+        self._signalled = False
+        if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+            return
+        launcher, earlier = trainer.strategy.launcher, self._earlier_handler
+
+        def note(signum: int, frame: Any) -> None:
+            if not self._signalled and launcher is not None:
+                launcher.kill(signum)
+            self._signalled = True
+            if callable(earlier):
+                earlier(signum, frame)
+
+        signal.signal(signal.SIGTERM, note)  # Lightning's teardown puts back the handler from before it
 
     def write_on_batch_end(
         self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int
@@ -150,10 +177,19 @@ class PredictionWriter(BasePredictionWriter):
             handle.flush()
             self._rows.append(line)
         # Stop on SIGTERM once this batch's answers are on disk, as Lightning's evaluation loop does for test (its
-        # prediction loop never checks). After the last batch every answer is in: finish, unless other processes
-        # may stop before theirs (their last batches differ; all stop, rather than one waiting for the others).
-        if trainer.received_sigterm and (trainer.world_size > 1 or not trainer.predict_loop.batch_progress.is_last_batch):
+        # prediction loop never checks). After the last batch every answer is in: finish.
+        last = trainer.predict_loop.batch_progress.is_last_batch
+        if trainer.world_size == 1:
+            if trainer.received_sigterm and not last:
+                raise SIGTERMException()
+        elif self._sigterm_round(trainer, answering=not last):
             raise SIGTERMException()
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        while trainer.world_size > 1 and self._others_answering:  # this process's batches are done, others' not
+            if self._sigterm_round(trainer, answering=False):
+                raise SIGTERMException()
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
@@ -179,6 +215,17 @@ class PredictionWriter(BasePredictionWriter):
             if isinstance(logger, WandbLogger):
                 data = [[row[column] for column in COLUMNS] for row in rows]
                 logger.log_table(key="predict/answers", columns=list(COLUMNS), data=data)
+
+    def _sigterm_round(self, trainer: Any, answering: bool) -> bool:
+        """Whether every process stops now: one collective per batch, on every process (those done with their batches
+        join from ``on_predict_epoch_end`` until none answers). Under torchrun or SLURM the signal may reach only some
+        processes; one stopping alone would leave the others blocked in a later collective. Lightning's predict
+        sampler gives the processes one batch more or fewer, so the rounds go on while any process has a batch left:
+        stop when one was signalled and one has (after the last batch every answer is in)."""
+        here = torch.tensor([float(trainer.received_sigterm or self._signalled), float(answering)], device=trainer.strategy.root_device)
+        signalled, answering_now = trainer.strategy.reduce(here, reduce_op="sum").tolist()
+        self._others_answering = answering_now > 0
+        return signalled > 0 and answering_now > 0
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close()

@@ -213,7 +213,17 @@ class AdaptiveMLLMCLI(LightningCLI):
             kept = set_aside_run(root, _checkpoint_dirs(self.trainer), _versioned_log_dirs(self.trainer))
             rank_zero_info(f"fit: --overwrite_run moved the earlier run's files to {kept} (delete it when you no longer need them)")
         for directory in _checkpoint_dirs(self.trainer):  # found now, not at the first save (every step lost)
-            _check_writable(directory)
+            _check_writable(
+                directory, "checkpoint folder", "fit would train until its first save and keep nothing",
+                "--trainer.default_root_dir, or the checkpoint callback's dirpath",
+            )  # fmt: skip
+        for index, logger in enumerate(self.trainer.loggers):  # now, not deep in W&B or at the first log
+            if getattr(logger, "save_dir", None):
+                field = _logger_field(config, index)
+                _check_writable(
+                    Path(logger.save_dir), f"{type(logger).__name__}'s logger folder",
+                    "fit would fail in setup or lose its logs", f"--{field}",
+                )  # fmt: skip
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, ResilientWandbLogger)]
         if wandb_loggers:
             self.trainer.callbacks.append(WandbRunRecord())
@@ -331,18 +341,26 @@ def _entries(value: Any) -> list[Any]:
     return [entry for entry in entries if hasattr(entry, "get") and entry.get("init_args") is not None]
 
 
-def _check_writable(directory: Path) -> None:
-    """An OSError naming a checkpoint folder fit cannot write (a read-only or immutable folder), found before the
-    first step: Lightning finds it at the first save, every step until then lost. Remote folders are left to
+def _check_writable(directory: Path, what: str, lost: str, fix: str) -> None:
+    """An OSError naming a folder fit cannot write (a read-only or immutable folder, a file in its place), found
+    before the first step: Lightning finds a checkpoint folder's at the first save, a logger's in setup or its first
+    log. ``what`` names the folder, ``lost`` what would be, ``fix`` the setting to change. Remote folders are left to
     Lightning."""
     if "://" in str(directory):
         return
     problem = unwritable_reason(directory)
     if problem is not None:
-        raise OSError(
-            f"checkpoint folder {directory}: {problem}; fit would train until its first save and keep nothing: give a "
-            "folder it can write (--trainer.default_root_dir, or the checkpoint callback's dirpath)"
-        )
+        raise OSError(f"{what} {directory}: {problem}; {lost}: give a folder it can write ({fix})")
+
+
+def _logger_field(config: Any, index: int) -> str:
+    """The recipe setting that placed the ``index``-th logger's folder."""
+    value = config.trainer.get("logger")
+    if isinstance(value, list):
+        return f"trainer.logger[{index}].init_args.save_dir"
+    if hasattr(value, "get") and value.get("init_args") is not None:
+        return "trainer.logger.init_args.save_dir"
+    return "trainer.default_root_dir"  # Lightning's own logger (logger: true) writes into the root
 
 
 def _is_checkpoint(class_path: str) -> bool:

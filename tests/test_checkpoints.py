@@ -4,6 +4,7 @@ SIGTERM stops the run; a checkpoint file is written beside its target and rename
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import tempfile
 
@@ -265,3 +266,81 @@ def test_a_checkpoint_given_as_what_cannot_be_read_here_is_named(given, says, tm
     with pytest.raises(CheckpointError, match=says):
         check_checkpoint(given)
     assert check_checkpoint("memory://run/last.ckpt")  # a scheme fsspec reads here is Lightning's
+
+
+class Unlisted:
+    """A class torch's weights_only load does not allow: its refusal is not damage."""
+
+
+def _lightning_like(path, **extra) -> None:
+    torch.save({"state_dict": {"w": torch.arange(4.0)}, "pytorch-lightning_version": "2.6.0", "global_step": 3, **extra}, path)
+
+
+def _with_data_pkl(source, target, change) -> None:
+    """``source`` written again as ``target`` with its data.pkl's bytes changed: a whole zip archive (its entries' CRCs
+    match), only the pickle inside is broken."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as copy:
+        for entry in original.infolist():
+            data = original.read(entry.filename)
+            copy.writestr(entry, change(data) if entry.filename.endswith("/data.pkl") else data)
+
+
+@pytest.mark.parametrize("change", [
+    lambda data: data[:30] + b"\x00" * 30 + data[60:],  # bytes zeroed: "invalid load key, '\x00'"
+    lambda data: data[:40] + bytes(byte ^ 0xFF for byte in data[40:60]) + data[60:],  # flipped: UnicodeDecodeError
+    lambda data: data[: len(data) // 2],  # cut short: "pickle data was truncated", IndexError under weights_only
+], ids=["zeroed", "flipped", "cut"])
+def test_a_damaged_data_pkl_is_named(change, tmp_path):
+    from adaptive_mllm.checkpoints import CheckpointError, read_checkpoint
+
+    good, path = tmp_path / "good.ckpt", tmp_path / "damaged.ckpt"
+    _lightning_like(good)
+    _with_data_pkl(good, path, change)
+    with pytest.raises(Exception) as raw:  # torch's own error names no file, nor what is broken
+        torch.load(path, weights_only=False)
+    assert not isinstance(raw.value, CheckpointError) and str(path) not in str(raw.value)
+    says = rf"checkpoint {path}: damaged \(its data\.pkl is not a valid pickle: .+\), not a complete checkpoint"
+    with pytest.raises(CheckpointError, match=says):  # the check every command makes on --ckpt_path
+        check_checkpoint(path)
+    with pytest.raises(CheckpointError, match=says):  # export's read
+        read_checkpoint(path)
+    for weights_only in (True, False):  # Lightning's load (resuming a fit, evaluating)
+        with pytest.raises(CheckpointError, match=says):
+            ReplacingCheckpointIO().load_checkpoint(path, weights_only=weights_only)
+
+
+def test_a_data_pkl_changed_in_place_is_named(tmp_path):
+    """Bytes changed inside the archive itself: torch never checks data.pkl's CRC-32 and fails on the pickle."""
+    path = tmp_path / "damaged.ckpt"
+    _lightning_like(path)
+    content = bytearray(path.read_bytes())
+    start = content.index(b"state_dict")
+    content[start : start + 5] = b"\xff" * 5
+    path.write_bytes(bytes(content))
+    from adaptive_mllm.checkpoints import CheckpointError
+
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(path, weights_only=False)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: damaged \(its data\.pkl is not the one written: Bad CRC-32"):
+        check_checkpoint(path)
+
+
+def test_torchs_other_refusals_keep_their_own_message(tmp_path):
+    """A whole data.pkl that torch refuses (a class weights_only does not allow, a module not installed here) raises
+    the same UnpicklingError / import error as before: that is not damage, and its message says what to do."""
+    from adaptive_mllm.checkpoints import CheckpointError
+
+    path = tmp_path / "unlisted.ckpt"
+    _lightning_like(path, extra=Unlisted())
+    assert check_checkpoint(path) == path
+    with pytest.raises(pickle.UnpicklingError, match=rf"Unsupported global: GLOBAL {Unlisted.__module__}\.Unlisted") as refused:
+        ReplacingCheckpointIO().load_checkpoint(path, weights_only=True)
+    assert not isinstance(refused.value, CheckpointError)
+    gone = tmp_path / "gone.ckpt"  # the class's module renamed: a well-formed pickle naming a module not installed
+    _with_data_pkl(path, gone, lambda data: data.replace(f"{Unlisted.__module__}\nUnlisted".encode(), b"gone_module\nUnlisted"))
+    with pytest.raises(ModuleNotFoundError, match="gone_module"):
+        check_checkpoint(gone)
+    with pytest.raises(ModuleNotFoundError, match="gone_module"):
+        ReplacingCheckpointIO().load_checkpoint(gone, weights_only=False)

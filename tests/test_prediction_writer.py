@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -205,3 +206,157 @@ def test_kill_stops_the_predict_command_with_exit_code_143(tmp_path):
     assert 2 <= len(written) < 400 and all(json.loads(line)["budget"] == 0.5 for line in written)  # whole lines, kept
     assert (tmp_path / "run" / INCOMPLETE).read_text().startswith("predict stopped by SIGTERM\n")
     assert not (tmp_path / "run" / DONE).exists() and "stopped by SIGTERM" in output
+
+
+class _OtherProcess:
+    """The strategy of process 1 of 2, as the stop rounds see it: ``reduce`` adds the other process's votes
+    (signalled, has a batch left), one pair per round."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, *votes: tuple[float, float]) -> None:
+        self.votes = list(votes)
+        self.barriers = 0
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + torch.tensor(self.votes.pop(0))
+
+    def barrier(self, name=None):
+        self.barriers += 1
+
+
+def _process_1(tmp_path, strategy):
+    writer = PredictionWriter(str(tmp_path))
+    writer.directory = tmp_path  # as setup leaves it
+    loop = SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=False))
+    trainer = SimpleNamespace(world_size=2, global_rank=1, is_global_zero=False, received_sigterm=False, strategy=strategy,
+                              predict_loop=loop)  # fmt: skip
+    return writer, trainer
+
+
+def _answer(writer, trainer, batch_idx, last=False):
+    trainer.predict_loop.batch_progress.is_last_batch = last
+    rows = Answering().predict_step((torch.tensor([float(batch_idx)]),), batch_idx)
+    writer.write_on_batch_end(trainer, None, rows, None, None, batch_idx, 0)
+
+
+def test_a_process_not_signalled_stops_with_the_one_that_was(tmp_path):
+    """Under torchrun or SLURM a SIGTERM may reach one process only. Before, the others went on answering, into
+    collectives the signalled one never joined; now every process stops after the same batch."""
+    strategy = _OtherProcess((0.0, 1.0), (1.0, 1.0))  # the other process is signalled during the second batch
+    writer, trainer = _process_1(tmp_path, strategy)
+    _answer(writer, trainer, 0)
+    with pytest.raises(SIGTERMException):
+        _answer(writer, trainer, 1)  # this process was not signalled
+    assert not strategy.votes  # one round per batch
+    assert [json.loads(line)["id"] for line in (tmp_path / "budget-1.rank1.jsonl").read_text().splitlines()] == ["q0", "q1"]
+
+
+def test_under_several_processes_sigterm_is_noted_without_a_collective(tmp_path):
+    """Lightning's handler broadcasts from process 0 inside the handler, a collective the processes not signalled
+    never join: predict's handler only notes the signal, passing it on as Lightning's does (to the processes this one
+    launched, and to the handler from before)."""
+    kills, earlier = [], []
+    writer, trainer = _process_1(tmp_path, _OtherProcess())
+    trainer.strategy.launcher = SimpleNamespace(kill=kills.append)
+    writer._earlier_handler = lambda signum, frame: earlier.append(signum)  # what setup found
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        writer.on_predict_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # Python runs the handler between two bytecodes of this thread
+    finally:
+        signal.signal(signal.SIGTERM, before)  # what Lightning's teardown does
+    assert writer._signalled and kills == [signal.SIGTERM] and earlier == [signal.SIGTERM]
+    strategy = trainer.strategy
+    strategy.votes = [(0.0, 1.0)]
+    with pytest.raises(SIGTERMException):  # its vote stops both processes
+        _answer(writer, trainer, 0)
+
+
+def test_a_process_done_with_its_batches_joins_the_rounds_until_the_others_are(tmp_path):
+    """Lightning's predict sampler gives the processes one batch more or fewer: one done first keeps taking part in
+    the stop rounds, so every process makes the same collective calls, and stops when a later SIGTERM stops the rest."""
+    strategy = _OtherProcess((0.0, 1.0), (0.0, 1.0), (1.0, 1.0))
+    writer, trainer = _process_1(tmp_path, strategy)
+    _answer(writer, trainer, 0, last=True)  # its only batch; the other process has two more
+    with pytest.raises(SIGTERMException):  # it waits for them in rounds, and stops when the other is signalled
+        writer.on_predict_epoch_end(trainer, None)
+    assert not strategy.votes and strategy.barriers == 0  # never in on_predict_end's barrier, which the other skips
+
+
+def test_rounds_end_when_no_process_has_a_batch_left(tmp_path):
+    """A SIGTERM at the last batch of the last process comes when every answer is in: predict finishes."""
+    strategy = _OtherProcess((0.0, 1.0), (1.0, 0.0))
+    writer, trainer = _process_1(tmp_path, strategy)
+    _answer(writer, trainer, 0, last=True)
+    writer.on_predict_epoch_end(trainer, None)
+    assert not strategy.votes and not writer._others_answering
+
+
+RANK_SCRIPT = """
+import os, signal, sys
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from adaptive_mllm.prediction_writer import PredictionWriter
+from tests.test_prediction_writer import Answering
+
+signalled_rank, signalled_batch = (int(value) for value in sys.argv[2:4])
+
+class Signalled(Answering):
+    def predict_step(self, batch, batch_idx):
+        if self.global_rank == signalled_rank and batch_idx == signalled_batch:
+            os.kill(os.getpid(), signal.SIGTERM)  # this process only, as a scheduler may deliver it
+        return super().predict_step(batch, batch_idx)
+
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(9.0)), batch_size=1)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", callbacks=[PredictionWriter(sys.argv[1])], logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+try:
+    trainer.predict(Signalled(), data, return_predictions=False)
+except SIGTERMException:
+    sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("signalled, codes, answered", [
+    ((1, 1), [143, 143], ["q0", "q1", "q2", "q3"]),  # process 1 signalled: both stop after their second batch
+    ((0, 4), [0, 0], [f"q{i}" for i in range(9)]),  # at process 0's last batch (process 1 has none left): all answered
+], ids=["one-signalled", "at-the-last-batch"])
+def test_two_processes_launched_apart_stop_together_on_a_sigterm_to_one(signalled, codes, answered, tmp_path):
+    """Two gloo processes started as torchrun or srun start them (each on its own, RANK / LOCAL_RANK set), 9
+    questions: 5 batches on process 0, 4 on process 1 (which waits in the stop rounds for process 0's last; without a
+    signal, test_two_process_predict_merges_the_answers). Before, both blocked: the signalled one in Lightning's
+    SIGTERM handler (a broadcast from process 0, which the others never join), the others in predict's collectives."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
+    out = tmp_path / "answers"
+    processes = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0", "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
+        command = [sys.executable, str(tmp_path / "ranks.py"), str(out), *map(str, signalled)]
+        processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=90)[0])  # a process blocked in a collective never ends
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [process.returncode for process in processes] == codes, "\n".join(output[-3000:] for output in outputs)
+    rows = sorted(out.glob("budget-1*.jsonl"))
+    ids = sorted(json.loads(line)["id"] for path in rows for line in path.read_text().splitlines())
+    assert ids == answered  # each process's batches up to the same one
+    if codes[0] == 143:
+        assert (out / INCOMPLETE).read_text().startswith("predict stopped by SIGTERM\n") and not (out / DONE).exists()
+    else:
+        assert json.loads((out / DONE).read_text())["total"] == 18 and not (out / INCOMPLETE).exists()

@@ -495,3 +495,36 @@ def test_an_evaluation_never_takes_the_root_of_a_fit_that_has_not_written_yet(in
     finally:
         fit.release()
     assert _claim_if_empty(root)  # the fit's lock file alone, no fit running: the root is free
+
+
+def test_a_logger_folder_fit_cannot_write_is_refused_before_it_starts(in_tmp, monkeypatch):
+    """Before, W&B failed in setup with a bare NotADirectoryError naming no setting (or, on a read-only folder, kept
+    its files in a temporary one); the checkpoint folder was checked, the logger's not."""
+    import errno
+
+    (in_tmp / "runs").mkdir()
+    (in_tmp / "runs" / "file").write_text("")  # a folder that cannot be made: a file is in its place
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    with pytest.raises(OSError, match=r"^ResilientWandbLogger's logger folder runs/file/wandb: .*runs/file is not a directory; "
+                       r".*give a folder it can write \(--trainer\.logger\.init_args\.save_dir\)$"):
+        _run([*fit, "--trainer.default_root_dir=runs/one", "--trainer.logger.init_args.save_dir=runs/file/wandb"])
+    assert not (in_tmp / "runs" / "one" / "config.yaml").exists()  # refused before setup wrote anything of the run
+
+    # one of several loggers, in a read-only (or immutable) folder; root ignores chmod
+    csv = in_tmp / "runs" / "csv"
+    csv.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).parent == csv:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    loggers = [{"class_path": "adaptive_mllm.tracking.ResilientWandbLogger", "init_args": {"offline": True}},
+               {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(csv)}}]  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", read_only)
+        with pytest.raises(OSError, match=r"^CSVLogger's logger folder .*runs/csv: cannot be written: Permission denied; "
+                           r".*\(--trainer\.logger\[1\]\.init_args\.save_dir\)$"):
+            _run([*fit, "--trainer.default_root_dir=runs/two", f"--trainer.logger={json.dumps(loggers)}"])
+    assert not any(csv.iterdir()) and not (in_tmp / "runs" / "two" / "config.yaml").exists()
