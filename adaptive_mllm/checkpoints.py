@@ -167,7 +167,7 @@ def pickle_damage(path: str | Path) -> str | None:
         if name is None:
             return None
         try:
-            data = archive.read(name)
+            data = _entry_bytes(archive, name)
         except (zipfile.BadZipFile, zlib.error) as error:  # "Bad CRC-32 for file 'last/data.pkl'"
             return f"its data.pkl is not the one written: {error}"
         except OSError:
@@ -178,6 +178,17 @@ def pickle_damage(path: str | Path) -> str | None:
         detail = str(error) if type(error) is ValueError else f"{type(error).__name__}: {error}"
         return f"its data.pkl is not a valid pickle: {detail}"
     return None
+
+
+def _entry_bytes(archive: zipfile.ZipFile, name: str) -> bytes:
+    """An entry's bytes, its CRC-32 checked where one was written: torch saves a CRC of 0 for every entry when CRCs
+    are off (``torch.serialization.set_crc32_options(False)``), a whole file that ``zipfile`` would call damaged."""
+    info = archive.getinfo(name)
+    if info.CRC != 0:
+        return archive.read(info)
+    with archive.open(info) as entry:
+        entry._expected_crc = None  # zipfile's own switch, as for entries written without a CRC
+        return entry.read()
 
 
 class _Discard:

@@ -46,7 +46,9 @@ def paired_counts(first: Answers, second: Answers, budget: float) -> tuple[int, 
             if row.get(field) != other.get(field):
                 raise ValueError(
                     f"question {id_!r} at budget {budget:g}: {field} {row.get(field)!r} in A, {other.get(field)!r} in B; "
-                    "the runs tested different questions under the same ids (another data seed or file?)"
+                    "the runs tested different questions under the same ids (another data seed or file?), or scored "
+                    "them against other references (e.g. TextVQA's answers_by, or a version before it looked answers up "
+                    "as LLaVA's eval_textvqa.py does)"
                 )
     if any(score is None for score in [*mine.values(), *theirs.values()]):
         raise ValueError("the test's metric gives no per-question score (multiple choice, MME): no paired comparison")

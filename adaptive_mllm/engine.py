@@ -117,20 +117,21 @@ class PlanCache:
     static: StaticState | None = None  # set by make_static: decoding writes in place (Engine.decode_step)
 
     def make_static(self, capacity: int, fixed_shapes: bool = False) -> None:
-        """Move what the prefill cached into buffers of ``capacity`` positions per row (the same layers and
+        """Move what the prefill cached into buffers for up to ``capacity`` positions per row (the same layers and
         kv heads), for :meth:`Engine.decode_step`; :class:`~adaptive_mllm.static_cache.CacheFull` when the
-        prefill alone exceeds it. ``fixed_shapes``: steps attend over the whole buffer, masked (captured steps)."""
+        prefill alone exceeds it. ``fixed_shapes``: steps attend over the whole buffer, masked (captured steps),
+        allocated whole; else the buffers start smaller and double (:mod:`adaptive_mllm.static_cache`)."""
         if not self.groups or self.attention_mask is None:
             raise ValueError("make_static needs a prefilled cache: run the engine with this cache first")
-        cursor = Cursor.from_prefill(self.attention_mask, capacity)
-        selected = None if self.selected_from is None else Cursor.from_prefill(self.selected_attention_mask, capacity)
+        selected_mask = None if self.selected_from is None else self.selected_attention_mask
+        static = StaticState.from_prefill(self.attention_mask, capacity, fixed_shapes, selected_mask)
         for index, groups in enumerate(self.groups):
-            side = selected if selected is not None and index >= self.selected_from else cursor
+            side = static.selected if static.selected is not None and index >= self.selected_from else static.cursor
             for group in groups:
                 if group.keys is not None:
                     group.static = StaticKV.from_prefill(group.keys, group.values, side, fixed_shapes)
                     group.keys = group.values = None  # the prefill's tensors are freed: the buffers hold them
-        self.static = StaticState(capacity, fixed_shapes, cursor, selected)
+        self.static = static
 
 
 @dataclass

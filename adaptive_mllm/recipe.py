@@ -219,10 +219,9 @@ class AdaptiveMLLMCLI(LightningCLI):
             )  # fmt: skip
         for index, logger in enumerate(self.trainer.loggers):  # now, not deep in W&B or at the first log
             if getattr(logger, "save_dir", None):
-                field = _logger_field(config, index)
                 _check_writable(
-                    Path(logger.save_dir), f"{type(logger).__name__}'s logger folder",
-                    "fit would fail in setup or lose its logs", f"--{field}",
+                    logger.save_dir, f"{type(logger).__name__}'s logger folder",
+                    "fit would fail in setup or lose its logs", _logger_setting(config, index),
                 )  # fmt: skip
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, ResilientWandbLogger)]
         if wandb_loggers:
@@ -341,7 +340,7 @@ def _entries(value: Any) -> list[Any]:
     return [entry for entry in entries if hasattr(entry, "get") and entry.get("init_args") is not None]
 
 
-def _check_writable(directory: Path, what: str, lost: str, fix: str) -> None:
+def _check_writable(directory: str | Path, what: str, lost: str, fix: str) -> None:
     """An OSError naming a folder fit cannot write (a read-only or immutable folder, a file in its place), found
     before the first step: Lightning finds a checkpoint folder's at the first save, a logger's in setup or its first
     log. ``what`` names the folder, ``lost`` what would be, ``fix`` the setting to change. Remote folders are left to
@@ -353,14 +352,15 @@ def _check_writable(directory: Path, what: str, lost: str, fix: str) -> None:
         raise OSError(f"{what} {directory}: {problem}; {lost}: give a folder it can write ({fix})")
 
 
-def _logger_field(config: Any, index: int) -> str:
-    """The recipe setting that placed the ``index``-th logger's folder."""
+def _logger_setting(config: Any, index: int) -> str:
+    """How to change the ``index``-th logger's folder: a flag, or for a list of loggers (no flag reaches one entry)
+    the recipe's entry."""
     value = config.trainer.get("logger")
     if isinstance(value, list):
-        return f"trainer.logger[{index}].init_args.save_dir"
+        return f"the init_args.save_dir of entry {index} of the recipe's trainer.logger list"
     if hasattr(value, "get") and value.get("init_args") is not None:
-        return "trainer.logger.init_args.save_dir"
-    return "trainer.default_root_dir"  # Lightning's own logger (logger: true) writes into the root
+        return "--trainer.logger.init_args.save_dir"
+    return "--trainer.default_root_dir"  # Lightning's own logger (logger: true) writes into the root
 
 
 def _is_checkpoint(class_path: str) -> bool:
@@ -500,10 +500,11 @@ def _versioned_log_dirs(trainer: Any) -> list[Path]:
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
-    """Where this fit's checkpoint callbacks save: their ``dirpath``, or ``<root>/checkpoints`` where Lightning
-    decides at setup (there when no logger is set; inside a logger's folder, new per run, otherwise)."""
-    root = Path(trainer.default_root_dir)
-    return [Path(callback.dirpath) if callback.dirpath else root / "checkpoints" for callback in trainer.checkpoint_callbacks]
+    """Where this fit's checkpoint callbacks save on this machine: their ``dirpath``, or ``<root>/checkpoints`` where
+    Lightning decides at setup (there when no logger is set; inside a logger's folder, new per run, otherwise).
+    Remote folders (``s3://...``; ``Path`` would make ``s3:/...`` of them, a local path) are left to Lightning."""
+    folders = [callback.dirpath or f"{trainer.default_root_dir}/checkpoints" for callback in trainer.checkpoint_callbacks]
+    return [Path(folder) for folder in map(str, folders) if "://" not in folder]
 
 
 def _own_checkpoint(ckpt_path: str | Path, trainer: Any) -> bool:

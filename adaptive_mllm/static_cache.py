@@ -1,10 +1,13 @@
-"""A static (pre-allocated) KV cache for decoding: written in place, never grown.
+"""A static (pre-allocated) KV cache for decoding: written in place, never past its capacity.
 
 Why: the plan-aware cache of :mod:`adaptive_mllm.engine` grows by concatenation, so every decoded token
 copies every cached key and value once more and allocates new tensors; that rules out capturing a decode
 step (a CUDA graph replays fixed addresses and shapes). Here each row group's keys and values live in one
-buffer ``[b, kv_heads_kept, capacity, head_dim]`` sized at prefill (prefill length + tokens to decode), the
-plan's layers / kv heads only, as the growing cache. A step writes its token at the current length.
+buffer ``[b, kv_heads_kept, allocated, head_dim]``, the plan's layers / kv heads only, as the growing cache.
+A step writes its token at the current length. The capacity is the prefill length + the tokens to decode;
+captured steps allocate all of it at prefill, eager steps the prefill + :data:`FIRST_DECODE_ROOM` tokens,
+doubled when full (never past the capacity): an answer allowed 1,024 tokens (ScienceQA, MMBench) that stops
+after one does not hold memory for the other 1,023, and a long one copies its cache a few times, not per token.
 
 Two ways to read it, one per kind of decode step:
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+FIRST_DECODE_ROOM = 64  # decoded tokens an eager-step cache has room for before it first doubles
 
 
 class CacheFull(ValueError):
@@ -51,6 +56,12 @@ class Cursor:
         buffer = torch.zeros(batch, capacity, dtype=torch.bool, device=key_mask.device)
         buffer[:, :length] = key_mask
         return cls(length, capacity, buffer, torch.full((1,), length, dtype=torch.long, device=key_mask.device))
+
+    def grow(self, capacity: int) -> None:
+        """A larger key mask (eager steps only: captured steps hold the addresses they were captured with)."""
+        buffer = self.key_mask.new_zeros(self.key_mask.shape[0], capacity)
+        buffer[:, : self.capacity] = self.key_mask
+        self.key_mask, self.capacity = buffer, capacity
 
     def advance(self) -> None:
         """Make room for one new token per row (all real): the mask is written, the position moves."""
@@ -98,6 +109,12 @@ class StaticKV:
             self.keys.index_copy_(2, self.cursor.position, keys)
             self.values.index_copy_(2, self.cursor.position, values)
             return self.keys, self.values
+        if self.keys.shape[2] < self.cursor.capacity:  # the cursor grew: so do the buffers, their contents kept
+            size = (*self.keys.shape[:2], self.cursor.capacity, self.keys.shape[3])
+            keys_before, values_before = self.keys, self.values
+            self.keys, self.values = keys_before.new_zeros(size), values_before.new_zeros(size)
+            self.keys[:, :, : keys_before.shape[2]] = keys_before
+            self.values[:, :, : values_before.shape[2]] = values_before
         end = self.cursor.length
         self.keys[:, :, end - keys.shape[2] : end] = keys
         self.values[:, :, end - values.shape[2] : end] = values
@@ -108,17 +125,33 @@ class StaticKV:
 class StaticState:
     """The static side of a plan-aware cache: one cursor per side of an in-LLM drop, and the mode."""
 
-    capacity: int
+    capacity: int  # positions per row at most (prefill + tokens to decode); the cursors may hold fewer yet
     fixed_shapes: bool
     cursor: Cursor  # the layers that see every token
     selected: Cursor | None = None  # the layers behind an in-LLM drop: only the kept tokens
 
+    @classmethod
+    def from_prefill(
+        cls, key_mask: torch.Tensor, capacity: int, fixed_shapes: bool, selected_mask: torch.Tensor | None = None
+    ) -> StaticState:
+        """Cursors over the prefill's key masks [B, T] (and [B, T'] behind a drop), with room for all ``capacity``
+        positions (fixed shapes) or for :data:`FIRST_DECODE_ROOM` decoded tokens; CacheFull when T > capacity."""
+        _check_fits(capacity, key_mask.shape[1])
+
+        def cursor(mask: torch.Tensor) -> Cursor:
+            return Cursor.from_prefill(mask, capacity if fixed_shapes else min(capacity, mask.shape[1] + FIRST_DECODE_ROOM))
+
+        return cls(capacity, fixed_shapes, cursor(key_mask), None if selected_mask is None else cursor(selected_mask))
+
     def advance(self) -> None:
-        """Room for one decoded token on every side; a clear error before anything is written when full."""
+        """Room for one decoded token on every side (a full eager-step side doubles, up to the capacity); a clear
+        error before anything is written when the capacity is reached."""
         _check_fits(self.capacity, self.cursor.length + 1)
-        self.cursor.advance()
-        if self.selected is not None:
-            self.selected.advance()
+        for side in (self.cursor, self.selected):
+            if side is not None:
+                if side.length + 1 > side.capacity:
+                    side.grow(min(self.capacity, 2 * side.capacity))
+                side.advance()
 
     def rewind(self) -> None:
         self.cursor.rewind()

@@ -344,3 +344,26 @@ def test_torchs_other_refusals_keep_their_own_message(tmp_path):
         check_checkpoint(gone)
     with pytest.raises(ModuleNotFoundError, match="gone_module"):
         ReplacingCheckpointIO().load_checkpoint(gone, weights_only=False)
+
+
+def test_a_checkpoint_saved_without_crcs_is_not_called_damaged(tmp_path):
+    """torch writes a CRC of 0 for every entry when CRCs are off (``set_crc32_options(False)``, for fast saves of large
+    files): a whole file. Its load errors keep their own message; damage to its data.pkl is still named."""
+    from adaptive_mllm.checkpoints import CheckpointError
+
+    path = tmp_path / "nocrc.ckpt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        _lightning_like(path, extra=Unlisted())
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global") as refused:
+        ReplacingCheckpointIO().load_checkpoint(path, weights_only=True)
+    assert not isinstance(refused.value, CheckpointError)
+    assert ReplacingCheckpointIO().load_checkpoint(path, weights_only=False)["global_step"] == 3
+    content = bytearray(path.read_bytes())
+    start = content.index(b"state_dict")
+    content[start : start + 5] = b"\xff" * 5  # no CRC to break: the pickle itself tells
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: damaged \(its data\.pkl is not a valid pickle"):
+        check_checkpoint(path)

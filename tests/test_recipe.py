@@ -525,6 +525,23 @@ def test_a_logger_folder_fit_cannot_write_is_refused_before_it_starts(in_tmp, mo
     with monkeypatch.context() as patched:
         patched.setattr(os, "open", read_only)
         with pytest.raises(OSError, match=r"^CSVLogger's logger folder .*runs/csv: cannot be written: Permission denied; "
-                           r".*\(--trainer\.logger\[1\]\.init_args\.save_dir\)$"):
+                           r".*\(the init_args\.save_dir of entry 1 of the recipe's trainer\.logger list\)$"):
             _run([*fit, "--trainer.default_root_dir=runs/two", f"--trainer.logger={json.dumps(loggers)}"])
     assert not any(csv.iterdir()) and not (in_tmp / "runs" / "two" / "config.yaml").exists()
+
+
+def test_remote_checkpoint_and_logger_folders_are_left_to_lightning(tmp_path, monkeypatch):
+    """``Path("s3://bucket/tb")`` is ``s3:/bucket/tb``, a local folder: checked as one, a remote logger was refused
+    where the working directory cannot be written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from adaptive_mllm import recipe
+
+    trainer = SimpleNamespace(default_root_dir="s3://bucket/run", checkpoint_callbacks=[ModelCheckpoint(), ModelCheckpoint(dirpath=str(tmp_path))])
+    assert recipe._checkpoint_dirs(trainer) == [tmp_path]
+    asked = []
+    monkeypatch.setattr(recipe, "unwritable_reason", lambda directory: asked.append(directory) or "cannot be written")
+    recipe._check_writable("s3://bucket/tb", "TensorBoardLogger's logger folder", "lost", "fix")
+    assert asked == []
+    with pytest.raises(OSError, match=r"^TensorBoardLogger's logger folder /local/tb: cannot be written; lost: give a folder"):
+        recipe._check_writable("/local/tb", "TensorBoardLogger's logger folder", "lost", "fix")

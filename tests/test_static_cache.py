@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptive_mllm import decoding
+from adaptive_mllm import decoding, static_cache
 from adaptive_mllm.decoding import DecodeSteps, resolve_mode
 from adaptive_mllm.engine import Engine, PlanCache, decode_group
 from adaptive_mllm.generation import greedy_generate
@@ -37,9 +37,16 @@ def uncompiled(monkeypatch):
     monkeypatch.setattr(decoding, "compiled_step", lambda: decode_group)
 
 
+@pytest.fixture(params=[static_cache.FIRST_DECODE_ROOM, 1], ids=["room", "doubling"])
+def first_room(request, monkeypatch):
+    """The eager-step cache's first room as shipped, and of one token: it doubles at once and again and again."""
+    monkeypatch.setattr(static_cache, "FIRST_DECODE_ROOM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("selector", ["none", "prumerge", "fastv"])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_static_and_fixed_shape_decoding_give_the_eager_tokens(tokenizer_dir, scheduler, selector, uncompiled):
+def test_static_and_fixed_shape_decoding_give_the_eager_tokens(tokenizer_dir, scheduler, selector, uncompiled, first_room):
     torch.manual_seed(0)  # the scheduler's initialisation
     model = _model(tokenizer_dir, SCHEDULERS[scheduler](), None if selector == "none" else SELECTORS[selector]())
     batch = _images_batch(model)
@@ -114,6 +121,44 @@ def test_the_static_cache_never_grows_and_says_when_it_is_full(gqa_backbone, mod
         assert cache.static.cursor.length == capacity - 3
         steps(backbone.embed(token), position + 1)
         assert _buffers(cache) == before
+
+
+@pytest.mark.parametrize("level", ["layer", "head"])
+def test_an_eager_step_cache_starts_small_and_doubles_up_to_its_capacity(gqa_backbone, level, monkeypatch):
+    """An answer allowed many tokens that stops early holds memory for the first room only; a long one doubles the
+    buffers a few times (never past the capacity, then CacheFull) and decodes as the eager cache does."""
+    monkeypatch.setattr(static_cache, "FIRST_DECODE_ROOM", 2)
+    backbone = gqa_backbone
+    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
+    plan = _layer_plan(3, 4, seed=6) if level == "layer" else _head_plan(backbone, 3, seed=6)
+    engine = Engine(backbone)
+    tokens = torch.randint(5, len(backbone.tokenizer), (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        results, sizes = {}, []
+        for mode in ("eager", "static"):
+            cache = PlanCache()
+            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+            prefill, capacity = cache.length, cache.length + tokens.shape[1]
+            steps = DecodeSteps(engine, cache, mode, capacity, ids.device, plan)
+            position = position_ids_from_mask(mask)[:, -1:]
+            results[mode] = []
+            for i in range(tokens.shape[1]):
+                results[mode].append(steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i))
+                if mode == "static":
+                    sizes.append({shape[-2 if len(shape) == 4 else -1] for _, _, shape in _buffers(cache)})
+        for eager, static in zip(results["eager"], results["static"], strict=True):
+            torch.testing.assert_close(static, eager, atol=1e-5, rtol=1e-5)
+        # the prefill + 2 (first room), doubled when full, the last time only to the capacity
+        grown = [prefill + 2] * 2 + [2 * (prefill + 2)] * (prefill + 2) + [capacity] * tokens.shape[1]
+        assert prefill + 2 < 2 * (prefill + 2) < capacity  # the test's sizes cover both growths
+        assert sizes == [{size} for size in grown[: tokens.shape[1]]]
+        with pytest.raises(CacheFull, match=f"holds {capacity} positions per row, this request needs {capacity + 1}"):
+            steps(backbone.embed(tokens[:, :1]), position + 1 + tokens.shape[1])
+        steps.rewind()  # back to the prefill: decodes again in the grown buffers
+        before = _buffers(cache)
+        steps(backbone.embed(tokens[:, :1]), position + 1)
+        assert _buffers(cache) == before
+        torch.testing.assert_close(steps(backbone.embed(tokens[:, 1:2]), position + 2), results["eager"][1], atol=1e-5, rtol=1e-5)
 
 
 def _prefilled(backbone, lengths: list[int]) -> tuple[PlanCache, Engine, torch.Tensor]:
