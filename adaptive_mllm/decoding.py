@@ -104,7 +104,7 @@ _COMPILED: Callable[..., torch.Tensor] | None = None
 class DecodeSteps:
     """Decode steps after a prefill into ``cache``, in one of :data:`DECODE_MODES`: ``steps(embeds,
     positions)`` -> the last layer's hidden states [B, 1, H] (with CUDA graphs a static buffer the next step
-    overwrites: read it before). ``capacity``: positions per row the static cache allocates (prompt + tokens
+    overwrites: read it before). ``capacity``: positions per row the static cache holds at most (prompt + tokens
     to decode)."""
 
     def __init__(

@@ -193,8 +193,9 @@ class Engine(nn.Module):
             adapter_for(layer)  # fails early, naming the layer type, for an architecture without adapter
             if index == run.drop_at:
                 self._drop_tokens(run, index, token_selector, layout, cache)
-            elif run.selected_mask is not None and index == cache.selected_from:
-                run.mask = run.selected_mask  # decoding after a drop: these layers cached only the kept tokens
+            elif cache is not None and index == cache.selected_from:
+                # decoding after a drop: these layers cached only the kept tokens (None: none of them is padding)
+                run.mask = run.selected_mask
             if index == run.num_prefix and run.request is not None:
                 self._make_plan(run, cache)
             scheduled = None if run.num_prefix is None or index < run.num_prefix else index - run.num_prefix

@@ -49,8 +49,8 @@ def greedy_generate(
     row_max_new_tokens: list[int] | None = None,  # [B] each row's own cap (<= max_new_tokens), e.g. a client's max_tokens
 ) -> Generation:
     """Greedy answers; the plan and any in-LLM token drop are decided at prefill and kept while decoding
-    (the dropped tokens are not in the cache of the layers after the drop). A static cache is sized for the
-    prompt plus ``max_new_tokens``; setting it up counts as decode time. A row that reaches its own cap is
+    (the dropped tokens are not in the cache of the layers after the drop). A static cache holds at most the
+    prompt plus ``max_new_tokens``; setting it up (and growing it) counts as decode time. A row that reaches its own cap is
     done, as if it had stopped; the batch decodes until every row is."""
     backbone = engine.backbone
     device = embeds.device

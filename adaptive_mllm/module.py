@@ -56,10 +56,10 @@ class AdaptiveMLLM(L.LightningModule):
             adapters'; ``freeze`` may not name ``llm`` then.
         activation_checkpointing: recompute each LLM layer in backward instead of storing its
             activations: less memory for long sequences and big models, about one more forward of time.
-        decode: how generation decodes after the prefill: ``eager`` (a growing cache), ``static`` (a
-            pre-allocated cache written in place), ``captured`` (static, and each kept layer's step captured:
-            CUDA graphs on a GPU, torch.compile on the CPU) or ``auto`` (the fastest measured per device type:
-            captured on CUDA, static on the CPU); the answers are the same.
+        decode: how generation decodes after the prefill: ``eager`` (a cache grown by concatenation), ``static``
+            (a pre-allocated cache written in place, its room doubled when full), ``captured`` (static, allocated
+            whole, and each kept layer's step captured: CUDA graphs on a GPU, torch.compile on the CPU) or ``auto``
+            (``static``: ``captured`` is opt-in until measured on a GPU); the answers are the same.
     """
 
     def __init__(

@@ -5,9 +5,10 @@ copies every cached key and value once more and allocates new tensors; that rule
 step (a CUDA graph replays fixed addresses and shapes). Here each row group's keys and values live in one
 buffer ``[b, kv_heads_kept, allocated, head_dim]``, the plan's layers / kv heads only, as the growing cache.
 A step writes its token at the current length. The capacity is the prefill length + the tokens to decode;
-captured steps allocate all of it at prefill, eager steps the prefill + :data:`FIRST_DECODE_ROOM` tokens,
-doubled when full (never past the capacity): an answer allowed 1,024 tokens (ScienceQA, MMBench) that stops
-after one does not hold memory for the other 1,023, and a long one copies its cache a few times, not per token.
+captured steps allocate all of it at prefill, eager steps the prefill + :data:`FIRST_DECODE_ROOM` tokens, the
+room for decoded tokens doubled when full (never past the capacity): an answer allowed 1,024 tokens (ScienceQA,
+MMBench) that stops after one does not hold memory for the other 1,023, and a long one copies its cache a few
+times, not per token.
 
 Two ways to read it, one per kind of decode step:
 
@@ -17,7 +18,7 @@ Two ways to read it, one per kind of decode step:
   device position and attention reads the whole buffer, the unused slots masked out by the key mask
   (``False`` there), so every step has the same shapes and addresses.
 
-The key masks ([B, capacity] bool, real tokens) are static too; after an in-LLM token drop (FastV) the
+The key masks ([B, allocated] bool, real tokens) are static too; after an in-LLM token drop (FastV) the
 layers behind it have their own, shorter, side (:class:`Cursor`).
 """
 
@@ -44,9 +45,11 @@ class Cursor:
     key_mask: torch.Tensor  # [B, capacity] bool, True = a real token already written (or being written)
     position: torch.Tensor  # [1] long, the slot of the token being written
     prefill_length: int = field(init=False)
+    first_capacity: int = field(init=False)  # allocated at the prefill: a rewind goes back to it
 
     def __post_init__(self) -> None:
         self.prefill_length = self.length
+        self.first_capacity = self.capacity
 
     @classmethod
     def from_prefill(cls, key_mask: torch.Tensor, capacity: int) -> Cursor:
@@ -57,8 +60,11 @@ class Cursor:
         buffer[:, :length] = key_mask
         return cls(length, capacity, buffer, torch.full((1,), length, dtype=torch.long, device=key_mask.device))
 
-    def grow(self, capacity: int) -> None:
-        """A larger key mask (eager steps only: captured steps hold the addresses they were captured with)."""
+    def grow(self, limit: int) -> None:
+        """Twice the room for decoded tokens, at most ``limit`` positions (eager steps only: captured steps hold the
+        addresses they were captured with); the buffers of :class:`StaticKV` follow at their next write."""
+        room = self.capacity - self.prefill_length
+        capacity = min(limit, self.prefill_length + max(2 * room, room + 1))
         buffer = self.key_mask.new_zeros(self.key_mask.shape[0], capacity)
         buffer[:, : self.capacity] = self.key_mask
         self.key_mask, self.capacity = buffer, capacity
@@ -71,7 +77,10 @@ class Cursor:
         self.length += 1
 
     def rewind(self) -> None:
-        """Back to the prefill's length (the decoded tokens forgotten): a benchmark decodes the same prefill again."""
+        """Back to the prefill's length and allocation (the decoded tokens forgotten): a benchmark decodes the same
+        prefill again, and times the growth a real answer pays."""
+        if self.capacity > self.first_capacity:
+            self.key_mask, self.capacity = self.key_mask[:, : self.first_capacity].clone(), self.first_capacity
         self.key_mask[:, self.prefill_length :] = False
         self.length = self.prefill_length
         self.position.fill_(self.length)
@@ -109,12 +118,12 @@ class StaticKV:
             self.keys.index_copy_(2, self.cursor.position, keys)
             self.values.index_copy_(2, self.cursor.position, values)
             return self.keys, self.values
-        if self.keys.shape[2] < self.cursor.capacity:  # the cursor grew: so do the buffers, their contents kept
-            size = (*self.keys.shape[:2], self.cursor.capacity, self.keys.shape[3])
+        if self.keys.shape[2] != self.cursor.capacity:  # the cursor grew (or was rewound): so do the buffers
+            size, kept = (*self.keys.shape[:2], self.cursor.capacity, self.keys.shape[3]), min(self.keys.shape[2], self.cursor.capacity)
             keys_before, values_before = self.keys, self.values
             self.keys, self.values = keys_before.new_zeros(size), values_before.new_zeros(size)
-            self.keys[:, :, : keys_before.shape[2]] = keys_before
-            self.values[:, :, : values_before.shape[2]] = values_before
+            self.keys[:, :, :kept] = keys_before[:, :, :kept]
+            self.values[:, :, :kept] = values_before[:, :, :kept]
         end = self.cursor.length
         self.keys[:, :, end - keys.shape[2] : end] = keys
         self.values[:, :, end - values.shape[2] : end] = values
@@ -144,13 +153,13 @@ class StaticState:
         return cls(capacity, fixed_shapes, cursor(key_mask), None if selected_mask is None else cursor(selected_mask))
 
     def advance(self) -> None:
-        """Room for one decoded token on every side (a full eager-step side doubles, up to the capacity); a clear
+        """Room for one decoded token on every side (a full eager-step side doubles its room, up to the capacity); a clear
         error before anything is written when the capacity is reached."""
         _check_fits(self.capacity, self.cursor.length + 1)
         for side in (self.cursor, self.selected):
             if side is not None:
                 if side.length + 1 > side.capacity:
-                    side.grow(min(self.capacity, 2 * side.capacity))
+                    side.grow(self.capacity)
                 side.advance()
 
     def rewind(self) -> None:
