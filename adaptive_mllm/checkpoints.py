@@ -400,19 +400,23 @@ class RunCheckpoint(ModelCheckpoint):
                 "last.ckpt"
             )
         elif isinstance(exception, DataError) and trainer.state.fn == "fit":
-            self._stopped_by_a_bad_record(trainer, pl_module)
+            self._stopped_by_a_bad_record(trainer, pl_module, exception)
 
-    def _stopped_by_a_bad_record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _stopped_by_a_bad_record(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException | None = None
+    ) -> None:
         """A bad record (a DataError from the training loader, e.g. a truncated image deep in the data) stops the fit.
         Lightning fetches the next batch at the start of its loop, after the previous batch's step, hooks and
         validation: raised there, at an optimizer-step boundary, the state is the one a SIGTERM stop saves (the
-        batches consumed counted, no batch part-run), so it is saved as that one is; anywhere else (part-way through
-        a gradient accumulation, inside a batch, in validation, on one of several processes) nothing is saved, and the
-        warning says which steps are lost."""
+        batches consumed counted, no batch part-run), so it is saved as that one is. Under several processes that
+        holds where every process raised it at that same fetch (``error.stopped_together``: LlavaDataModule's loaders
+        stop them all on a bad record any one meets), and the save is theirs together. Anywhere else (part-way through
+        a gradient accumulation, inside a batch, in validation, on one of several processes alone) nothing is saved,
+        and the warning says which steps are lost."""
         step = trainer.global_step
         if step == 0 and self._resumed_from is None and not self._last_checkpoint_saved:
             return  # before any step (setup, the sanity check, the first batch): nothing to keep, nothing lost
-        not_whole = _not_at_a_step_boundary(trainer, pl_module)
+        not_whole = _not_at_a_step_boundary(trainer, pl_module, together=getattr(error, "stopped_together", False))
         if not_whole is None:
             self._save_now(trainer)  # skipped where this step is saved already
         path, saved = self._kept(trainer)
@@ -423,11 +427,13 @@ class RunCheckpoint(ModelCheckpoint):
             fix = "; to drop bad records with a warning instead of stopping, add --data.init_args.skip_bad_records=true"
         else:
             fix = ""
+        other = getattr(error, "met_by_process", None)
+        bad = "a bad record" if other is None else f"a bad record met by process {other} (see its error)"
         if not_whole is None:
-            message = f"a bad record stopped the fit at step {step}: {kept} (resume with --ckpt_path {path}){fix}"
+            message = f"{bad} stopped the fit at step {step}: {kept} (resume with --ckpt_path {path}){fix}"
         else:
             message = (
-                f"a bad record stopped the fit at step {step}, {not_whole}: nothing saved now (that state would not "
+                f"{bad} stopped the fit at step {step}, {not_whole}: nothing saved now (that state would not "
                 f"resume correctly); {kept}{lost}{fix}"
             )
         warnings.warn(message, UserWarning, stacklevel=2)  # every process that has it: rank_zero_warn hides the others'
@@ -483,14 +489,15 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, candidates)
 
 
-def _not_at_a_step_boundary(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+def _not_at_a_step_boundary(trainer: L.Trainer, pl_module: L.LightningModule, together: bool = False) -> str | None:
     """None where a fit stopped by an exception stands whole between two optimizer steps of one process, as a
     SIGTERM stop does (Lightning raises that after a batch's hooks and validation, before the next fetch); else why
-    not. Whole: one process (others would go on into the next step's collectives), training (not validating),
-    automatic optimization, every batch started this epoch finished, and the batches at a gradient accumulation's end."""
+    not. Whole: one process, or every process stopped at the same point (``together``; a process stopped alone leaves
+    the others going on into the next step's collectives), training (not validating), automatic optimization, every
+    batch started this epoch finished, and the batches at a gradient accumulation's end."""
     batches = trainer.fit_loop.epoch_loop.batch_progress.current
     accumulation = max(1, int(trainer.accumulate_grad_batches))
-    if trainer.world_size > 1:
+    if trainer.world_size > 1 and not together:
         return f"on one of {trainer.world_size} processes (the others do not stop with it; a save would wait for them)"
     if trainer.sanity_checking or trainer.validating:
         return "while validating"

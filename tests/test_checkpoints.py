@@ -226,6 +226,28 @@ def test_a_bad_record_mid_accumulation_saves_nothing_and_says_which_steps_are_lo
     assert _saved_step(tmp_path / "every" / "ckpt" / "last.ckpt") == 2
 
 
+def test_under_several_processes_a_bad_record_is_saved_only_where_every_process_stopped_with_it():
+    """A process stopped alone leaves the others going on into the next step's collectives (a save would wait for
+    them): nothing saved. Every process stopped at the same fetch (LlavaDataModule's loaders stop them together,
+    tests/test_bad_record_processes.py): the state is whole, as with one process, and judged as that one is."""
+    from types import SimpleNamespace
+
+    from adaptive_mllm.checkpoints import _not_at_a_step_boundary
+
+    batches = SimpleNamespace(ready=4, completed=4)
+    trainer = SimpleNamespace(
+        world_size=2, accumulate_grad_batches=2, sanity_checking=False, validating=False, training=True, global_step=2,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=batches))),
+    )  # fmt: skip
+    module = SimpleNamespace(automatic_optimization=True)
+    assert _not_at_a_step_boundary(trainer, module).startswith("on one of 2 processes (the others do not stop with it")
+    assert _not_at_a_step_boundary(trainer, module, together=True) is None
+    batches.ready = batches.completed = 5
+    assert _not_at_a_step_boundary(trainer, module, together=True).startswith("part-way through the gradient accumulation")
+    trainer.validating = True
+    assert _not_at_a_step_boundary(trainer, module, together=True) == "while validating"
+
+
 def _damaged_checkpoint(path) -> None:
     """A Lightning-like checkpoint whose zip directory is whole (check_checkpoint passes it) but whose data records are
     overwritten in the middle, as a faulty disk or copy leaves them."""

@@ -16,6 +16,11 @@ class DataError(ValueError):
     DataLoader worker's error is re-raised in the main process as a DataError, message intact.
     """
 
+    # Under several processes a bad record met by one stops every process at the same batch (LlavaDataModule
+    # decides it together), so the run's checkpoint can save the state they all stopped in
+    stopped_together: bool = False  # every process of the run raised one at this same batch
+    met_by_process: int | None = None  # the process whose batch held the record, where it is not this one
+
     def __init__(
         self,
         message: str,

@@ -15,10 +15,10 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -246,6 +246,8 @@ class LlavaJsonDataset(Dataset):
         linked_folders: folders outside ``image_folder`` that links in it may lead to (see ``image_inside``).
     """
 
+    carry_bad_records = False  # set by LlavaDataModule under several processes: see CarryingBadRecords
+
     def __init__(
         self,
         json_path: str | Path,
@@ -320,8 +322,9 @@ class LlavaJsonDataset(Dataset):
         None, so the collator counts them in ``num_skipped`` like the records found bad later."""
         return len(self.records) + self.num_skipped_at_load
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        """The encoded example, or None for a bad record when ``skip_bad_records`` is on."""
+    def __getitem__(self, index: int) -> dict[str, Any] | DataError | None:
+        """The encoded example, or None for a bad record when ``skip_bad_records`` is on; with
+        ``carry_bad_records``, a bad record's DataError is returned instead of raised."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         if index < 0:
@@ -334,6 +337,8 @@ class LlavaJsonDataset(Dataset):
         try:
             return self._encode(record)
         except DataError as error:
+            if self.carry_bad_records and not self.skip_bad_records:
+                return error  # not remembered as bad: a resume after the record is fixed reads it again
             if not self.skip_bad_records:
                 raise
             self._bad.add(record.index)
@@ -472,6 +477,88 @@ class LlavaCollator:
             padded[row, start : start + len(sequence)] = sequence
             mask[row, start : start + len(sequence)] = 1
         return padded, mask
+
+
+# --- bad records under several processes -----------------------------------------------------------
+# A DataError raised by one process's loader stops that process only: the others go on into the next step's
+# collectives and block there, and nothing can be saved. So under several processes the dataset returns a bad record's
+# error, its batch carries it to the main process, and there, as the batch is handed out (where one process raises
+# it), every process learns whether any batch of this round held one and then all raise together: each at the very
+# point, and in the very state, where one process alone raises it.
+class CarriedBatch(NamedTuple):
+    """A batch, and the error of the first bad record among its items (None: none)."""
+
+    batch: Any
+    bad_record: DataError | None
+
+
+class CarryingBadRecords:
+    """A collate function over items of which some may be DataErrors (a dataset with ``carry_bad_records``): the
+    batch of the others, as ``collate`` makes it of items with None for the bad ones, with the first error."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[Any]) -> CarriedBatch:
+        bad = next((item for item in items if isinstance(item, DataError)), None)
+        return CarriedBatch(self.collate([None if isinstance(item, DataError) else item for item in items]), bad)
+
+
+class StoppingTogetherDataLoader(DataLoader):
+    """A DataLoader of CarriedBatches that hands out their batches, calling ``stop_together`` with each one's bad
+    record first (a keyword of ``__init__``, so that Lightning keeps it where it rebuilds the loader with its own
+    sampler). Every process must hand out as many batches (DistributedSampler's equal shares)."""
+
+    def __init__(self, *args: Any, stop_together: Callable[[DataError | None], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_together = stop_together
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._decided(super().__iter__())  # the iterator (and its workers) start now, as DataLoader's
+
+    def _decided(self, carried: Iterator[CarriedBatch]) -> Iterator[Any]:
+        for batch, bad_record in carried:
+            self.stop_together(bad_record)
+            yield batch
+
+
+class StoppingTogetherResumableDataLoader(StoppingTogetherDataLoader, ResumableDataLoader):
+    """The training loader (resumable mid-epoch) of a run whose processes stop together on a bad record."""
+
+
+def stop_together(bad_record: DataError | None, trainer: L.Trainer) -> None:
+    """Raise a DataError on every process if the batch of any holds a bad record (a collective: every process calls
+    it once per batch): its own where it has one, else one naming the bad record of the first process that has one.
+    Each is marked ``stopped_together`` (RunCheckpoint saves the state they all stopped in)."""
+    if not trainer.strategy.reduce_boolean_decision(bad_record is not None, all=False):
+        return
+    met = _every_process(bad_record)
+    world_size = trainer.world_size
+    if bad_record is None:
+        first = next((process for process, error in enumerate(met) if error is not None), None)
+        if first is None:  # the errors could not be gathered (no torch.distributed group)
+            bad_record = DataError("another process met a bad record, and every process stops with it (see its error)")
+        else:
+            found = met[first]
+            more = sum(error is not None for error in met) - 1
+            others = f" (and {more} more process{'es' if more > 1 else ''})" if more else ""
+            bad_record = DataError(
+                f"process {first} of {world_size} met a bad record{others}, and every process stops with it: {found}",
+                found.json_path, found.record_id, found.index, found.field, found.reason,
+            )  # fmt: skip
+            bad_record.met_by_process = first
+    bad_record.stopped_together = True
+    raise bad_record
+
+
+def _every_process(bad_record: DataError | None) -> list[DataError | None]:
+    """Every process's bad record (None: none), in rank order; empty where there is no process group to gather in."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return []
+    gathered: list[DataError | None] = [None] * distributed.get_world_size()
+    distributed.all_gather_object(gathered, bad_record)
+    return gathered
 
 
 # --- majority-answer baseline ----------------------------------------------------------------------
@@ -640,18 +727,33 @@ class LlavaDataModule(L.LightningDataModule):
         processor = self.input_processor()
         dataset.set_input_processor(processor)
         dataset.check_usable()
+        together = self._stops_together()
+        dataset.carry_bad_records = together
         options = dict(
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=self._collator(processor),
+            collate_fn=CarryingBadRecords(self._collator(processor)) if together else self._collator(processor),
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
         )
+        if together:
+            options["stop_together"] = self._stop_together
         if shuffle:  # training: resumable mid-epoch (a checkpoint holds the epoch's seed and the batches consumed)
-            return ResumableDataLoader(
-                dataset, sampler=self._train_sampler(dataset), batches_consumed=self._train_batches_consumed, **options
-            )
-        return DataLoader(dataset, shuffle=False, **options)
+            loader = StoppingTogetherResumableDataLoader if together else ResumableDataLoader
+            return loader(dataset, sampler=self._train_sampler(dataset), batches_consumed=self._train_batches_consumed, **options)
+        return (StoppingTogetherDataLoader if together else DataLoader)(dataset, shuffle=False, **options)
+
+    def _stops_together(self) -> bool:
+        """Whether a bad record met by one process must stop every process together (see :func:`stop_together`):
+        under several processes, not skipping bad records, in the stages whose processes read equally many batches
+        (Lightning's DistributedSampler; predict's gives them unequal shares)."""
+        trainer = self.trainer  # (a script's stand-in for one may lack these: one process then)
+        if trainer is None or self.skip_bad_records or getattr(trainer, "world_size", 1) <= 1:
+            return False
+        return getattr(getattr(trainer, "state", None), "fn", None) in ("fit", "validate", "test")
+
+    def _stop_together(self, bad_record: DataError | None) -> None:
+        stop_together(bad_record, self.trainer)
 
     def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
         """The training order. On one process: the first epoch is the order ``DataLoader(shuffle=True)`` gave
