@@ -119,11 +119,7 @@ class StaticKV:
             self.values.index_copy_(2, self.cursor.position, values)
             return self.keys, self.values
         if self.keys.shape[2] != self.cursor.capacity:  # the cursor grew (or was rewound): so do the buffers
-            size, kept = (*self.keys.shape[:2], self.cursor.capacity, self.keys.shape[3]), min(self.keys.shape[2], self.cursor.capacity)
-            keys_before, values_before = self.keys, self.values
-            self.keys, self.values = keys_before.new_zeros(size), values_before.new_zeros(size)
-            self.keys[:, :, :kept] = keys_before[:, :, :kept]
-            self.values[:, :, :kept] = values_before[:, :, :kept]
+            self.keys, self.values = _resized(self.keys, self.cursor.capacity), _resized(self.values, self.cursor.capacity)
         end = self.cursor.length
         self.keys[:, :, end - keys.shape[2] : end] = keys
         self.values[:, :, end - values.shape[2] : end] = values
@@ -166,6 +162,14 @@ class StaticState:
         self.cursor.rewind()
         if self.selected is not None:
             self.selected.rewind()
+
+
+def _resized(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``buffer`` [b, kv, positions, D] with ``capacity`` positions, the first ones kept."""
+    resized = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+    kept = min(capacity, buffer.shape[2])
+    resized[:, :, :kept] = buffer[:, :, :kept]
+    return resized
 
 
 def _check_fits(capacity: int, requested: int) -> None:

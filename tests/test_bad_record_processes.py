@@ -178,7 +178,7 @@ def test_a_process_without_a_bad_record_stops_with_the_one_that_met_it(monkeypat
     import adaptive_mllm.data.llava_json as llava_json
 
     met = DataError.at("train.json", "cannot read image file x.png: gone", record_id="r7", index=7, field="image")
-    monkeypatch.setattr(llava_json, "_every_process", lambda bad_record: [bad_record, met])
+    monkeypatch.setattr(llava_json, "every_process", lambda bad_record: [bad_record, met])
     trainer = SimpleNamespace(strategy=_Strategy(False, True), world_size=2)
     stop_together(None, trainer)  # no bad record anywhere: the batch is trained on
     with pytest.raises(DataError, match=r"process 1 of 2 met a bad record, and every process stops with it: train\.json, "

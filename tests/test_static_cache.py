@@ -83,22 +83,38 @@ def test_compiled_decoding_gives_the_eager_tokens(tokenizer_dir):
         assert _generate(model, batch, "captured").tokens == _generate(model, batch, "eager").tokens
 
 
+class Prefilled:
+    """Three left-padded prompts prefilled under a layer or head plan that differs per row, ready to decode
+    ``num_tokens`` forced random tokens in a decode mode."""
+
+    def __init__(self, backbone, level: str, num_tokens: int) -> None:
+        self.backbone = backbone
+        self.ids, self.mask = _left_padded(backbone, [7, 4, 6], seed=5)
+        self.plan = _layer_plan(3, 4, seed=6) if level == "layer" else _head_plan(backbone, 3, seed=6)
+        self.engine = Engine(backbone)
+        self.tokens = torch.randint(5, len(backbone.tokenizer), (3, num_tokens), generator=torch.Generator().manual_seed(1))
+        self.position = position_ids_from_mask(self.mask)[:, -1:]  # [B, 1] the last prompt token's
+
+    def steps(self, mode: str) -> tuple[PlanCache, DecodeSteps]:
+        """A fresh prefill, and its decode steps with room for the prompt plus ``num_tokens``."""
+        cache = PlanCache()
+        self.engine(self.backbone.embed(self.ids), self.mask, position_ids_from_mask(self.mask), self.plan, gated=False, cache=cache)
+        return cache, DecodeSteps(self.engine, cache, mode, cache.length + self.tokens.shape[1], self.ids.device, self.plan)
+
+    def step(self, steps: DecodeSteps, index: int) -> torch.Tensor:
+        """Decode forced token ``index`` at its position."""
+        return steps(self.backbone.embed(self.tokens[:, index : index + 1]), self.position + 1 + index)
+
+
 @pytest.mark.parametrize("level", ["layer", "head"])
 def test_decode_steps_match_the_eager_hidden_states(gqa_backbone, level, uncompiled):
     """Not only the argmax: every step's hidden states, for plans that differ per row (merged head groups)."""
-    backbone = gqa_backbone
-    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
-    plan = _layer_plan(3, 4, seed=6) if level == "layer" else _head_plan(backbone, 3, seed=6)
-    engine = Engine(backbone)
-    tokens = torch.randint(5, len(backbone.tokenizer), (3, 4), generator=torch.Generator().manual_seed(1))
+    prefilled = Prefilled(gqa_backbone, level, 4)
     with torch.no_grad():
         results = {}
         for mode in ("eager", "static", "captured"):
-            cache = PlanCache()
-            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
-            steps = DecodeSteps(engine, cache, mode, cache.length + tokens.shape[1], ids.device, plan)
-            position = position_ids_from_mask(mask)[:, -1:]
-            results[mode] = [steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i) for i in range(tokens.shape[1])]
+            _, steps = prefilled.steps(mode)
+            results[mode] = [prefilled.step(steps, i) for i in range(4)]
         for mode in ("static", "captured"):
             for eager, other in zip(results["eager"], results[mode], strict=True):
                 torch.testing.assert_close(other, eager, atol=1e-5, rtol=1e-5)
@@ -143,22 +159,16 @@ def test_an_eager_step_cache_starts_small_and_doubles_up_to_its_capacity(gqa_bac
     """An answer allowed many tokens that stops early holds memory for the first room only; a long one doubles the
     buffers a few times (never past the capacity, then CacheFull) and decodes as the eager cache does."""
     monkeypatch.setattr(static_cache, "FIRST_DECODE_ROOM", 2)
-    backbone = gqa_backbone
-    ids, mask = _left_padded(backbone, [7, 4, 6], seed=5)
-    plan = _layer_plan(3, 4, seed=6) if level == "layer" else _head_plan(backbone, 3, seed=6)
-    engine = Engine(backbone)
-    tokens = torch.randint(5, len(backbone.tokenizer), (3, 12), generator=torch.Generator().manual_seed(1))
+    prefilled = Prefilled(gqa_backbone, level, 12)
+    backbone, tokens, position = gqa_backbone, prefilled.tokens, prefilled.position
     with torch.no_grad():
         results, sizes = {}, []
         for mode in ("eager", "static"):
-            cache = PlanCache()
-            engine(backbone.embed(ids), mask, position_ids_from_mask(mask), plan, gated=False, cache=cache)
+            cache, steps = prefilled.steps(mode)
             prefill, capacity = cache.length, cache.length + tokens.shape[1]
-            steps = DecodeSteps(engine, cache, mode, capacity, ids.device, plan)
-            position = position_ids_from_mask(mask)[:, -1:]
             results[mode] = []
             for i in range(tokens.shape[1]):
-                results[mode].append(steps(backbone.embed(tokens[:, i : i + 1]), position + 1 + i))
+                results[mode].append(prefilled.step(steps, i))
                 if mode == "static":
                     sizes.append({shape[-2 if len(shape) == 4 else -1] for _, _, shape in _buffers(cache)})
         for eager, static in zip(results["eager"], results["static"], strict=True):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationError
+from adaptive_mllm.checkpoints import every_process
 from adaptive_mllm.data.errors import DataError, DataWarning
 from adaptive_mllm.data.modality_grouping import ModalityGroupedSampler, modality_lengths
 from adaptive_mllm.data.resumable import ResumableDataLoader, ResumableSampler
@@ -532,11 +533,11 @@ def stop_together(bad_record: DataError | None, trainer: L.Trainer) -> None:
     Each is marked ``stopped_together`` (RunCheckpoint saves the state they all stopped in)."""
     if not trainer.strategy.reduce_boolean_decision(bad_record is not None, all=False):
         return
-    met = _every_process(bad_record)
+    met = every_process(bad_record)
     world_size = trainer.world_size
     if bad_record is None:
         first = next((process for process, error in enumerate(met) if error is not None), None)
-        if first is None:  # the errors could not be gathered (no torch.distributed group)
+        if first is None:  # the errors could not be gathered (no torch.distributed group: only this one)
             bad_record = DataError("another process met a bad record, and every process stops with it (see its error)")
         else:
             found = met[first]
@@ -549,16 +550,6 @@ def stop_together(bad_record: DataError | None, trainer: L.Trainer) -> None:
             bad_record.met_by_process = first
     bad_record.stopped_together = True
     raise bad_record
-
-
-def _every_process(bad_record: DataError | None) -> list[DataError | None]:
-    """Every process's bad record (None: none), in rank order; empty where there is no process group to gather in."""
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()):
-        return []
-    gathered: list[DataError | None] = [None] * distributed.get_world_size()
-    distributed.all_gather_object(gathered, bad_record)
-    return gathered
 
 
 # --- majority-answer baseline ----------------------------------------------------------------------
