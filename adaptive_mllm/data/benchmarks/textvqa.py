@@ -44,7 +44,7 @@ class TextVQADataModule(BenchmarkDataModule):
     accuracy, as LLaVA-1.5's eval_textvqa.py: ten human answers per question).
 
     The prompt is the question with its first letter capitalised, ``Reference OCR token: tok1, tok2,
-    ...`` and the instruction, one per line (no OCR line when an image has no token), as in LLaVA-1.5's
+    ...`` and the instruction, one per line (an image without tokens keeps the line, empty), as in LLaVA-1.5's
     ``llava_textvqa_val_v051_ocr.jsonl`` ("What is the brand of this camera?\nReference OCR token:
     DAKOTA, DIGITAL, ...").
 
