@@ -21,10 +21,11 @@ def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
 def gumbel_top_r(logits: torch.Tensor, r: int, tau: float, training: bool) -> torch.Tensor:
     """[B, N] -> [B, N] mask with ``r`` ones per row: the top ``r`` of ``logits`` (+ Gumbel noise in
     training); entries at ``-inf`` are never picked. The gradient is that of
-    ``softmax((logits + noise) / tau)`` (one soft vector for the ``r`` picks, as in the reference)."""
+    ``softmax((logits + noise) / tau)`` (one soft vector for the ``r`` picks, as in the reference). Ties keep the
+    lower index, as :func:`top_k_mask` (``topk`` leaves them to the kernel), so the pick loop and the ranked plan agree."""
     scores = logits + gumbel_noise(logits) if training else logits  # -inf stays -inf
     soft = torch.softmax(scores / tau, dim=-1)  # [B, N]
-    index = scores.topk(r, dim=-1).indices  # [B, r]
+    index = scores.argsort(dim=-1, descending=True, stable=True)[..., :r]  # [B, r]
     hard = torch.zeros_like(soft).scatter_(-1, index, 1.0)
     return hard + (soft - soft.detach())
 

@@ -235,3 +235,21 @@ def test_inference_plan_equals_the_greedy_loop(shape: DecoderShape, rank: int, m
     assert len(set(looped.units.tolist())) == scheduler.num_units + 1  # every unit count was compared
     for name in ("head_mask", "mlp_mask", "layer_mask", "units"):
         assert torch.equal(getattr(ranked, name), getattr(looped, name).detach()), name
+
+
+@pytest.mark.parametrize(("shape", "rank"), CASES, ids=IDS)
+def test_tied_logits_give_one_plan_on_both_paths(shape: DecoderShape, rank: int, monkeypatch) -> None:
+    """Ties (likely in float16 / bfloat16) keep the lower index on the loop path as on the ranked path, so a plan
+    does not depend on whether gradients are on."""
+    scheduler = configured(shape, rank).eval()
+    with torch.no_grad():
+        scheduler.head.weight.zero_()
+        scheduler.head.bias.copy_(torch.randint(0, 3, scheduler.head.bias.shape).float())  # few values: many ties
+    lengths = torch.full((60,), 40)
+    budgets = torch.linspace(scheduler.cost.min_budget(40), 1.0, 60, dtype=torch.float64)
+    hidden = torch.randn(60, 64)
+    looped = scheduler(hidden, budgets, lengths)
+    with torch.no_grad():
+        ranked = scheduler(hidden, budgets, lengths)
+    for name in ("head_mask", "mlp_mask", "layer_mask"):
+        assert torch.equal(getattr(ranked, name), getattr(looped, name).detach()), name

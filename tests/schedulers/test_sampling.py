@@ -91,3 +91,11 @@ def test_inference_top_k_equals_the_pick_loop() -> None:
         ranked = sample_k_of_n(logits, k, tau=5.0, training=False)
     assert torch.equal(ranked, looped.detach())
     assert ranked.sum(-1).tolist() == k.float().tolist()
+
+
+def test_top_r_ties_keep_the_lower_index() -> None:
+    """``topk`` leaves ties to the kernel (on the CPU it returned 25, 29, 28, ... of 40 zeros); the picks must not."""
+    mask = gumbel_top_r(torch.zeros(3, 40, requires_grad=True), 8, tau=5.0, training=False)
+    assert mask.detach()[:, :8].sum().item() == 24 and mask.detach()[:, 8:].sum().item() == 0
+    tied = torch.tensor([[0.0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1]])
+    assert gumbel_top_r(tied, 3, tau=5.0, training=False).detach().nonzero()[:, 1].tolist() == [1, 2, 3]
