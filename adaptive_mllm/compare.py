@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from adaptive_mllm.reporting import format_table, print_table, refuse_existing_output
+from adaptive_mllm.reporting import format_table, print_table, refuse_existing_output, write_text_atomically
 from adaptive_mllm.test_answers import ANSWERS_FILE, read_answers
 
 Answers = dict[tuple[float, Any], dict[str, Any]]
@@ -114,5 +114,5 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     print_table(f"A = {args.run_a}, B = {args.run_b} (better: p < {args.alpha:g})", header, table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(format_table(header, table) + "\n")
+        write_text_atomically(args.out, format_table(header, table) + "\n")  # a link there is replaced, not written through
     return rows

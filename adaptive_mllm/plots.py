@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from adaptive_mllm.reporting import refuse_existing_output  # noqa: E402
+from adaptive_mllm.reporting import refuse_existing_output, write_atomically  # noqa: E402
 
 Rows = Sequence[Mapping[str, float]]
 RESULTS_FILE = "test_results.csv"
@@ -157,10 +157,14 @@ def plot_group_usage(usage: Mapping[float, torch.Tensor]) -> Figure:
 
 
 def save(figure: Figure, path: str | Path) -> Path:
+    """The figure in the format its suffix names (png without one), written whole or not at all, replacing a link
+    at ``path`` rather than writing through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        write_atomically(path, lambda handle: figure.savefig(handle, dpi=120, format=path.suffix[1:] or "png"))
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console
 from rich.table import Table
@@ -80,16 +81,23 @@ def refuse_existing_output(parser: argparse.ArgumentParser, out: Path, overwrite
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` whole or not at all: into a new temporary file beside it, then renamed over it
-    (``os.replace``), so a reader never sees half a file and a failed write leaves the old one. A symlink at
-    ``path`` is replaced by the file, never written through. Newlines are written as given (a CSV's ``\\r\\n``
-    stays); the permissions follow the umask, as ``open`` gives them."""
+    """Write ``text`` to ``path`` as :func:`write_atomically` does. Newlines are written as given (a CSV's
+    ``\\r\\n`` stays)."""
+    return write_atomically(path, lambda handle: handle.write(text), binary=False)
+
+
+def write_atomically(path: str | Path, write: Callable[[IO], object], binary: bool = True) -> Path:
+    """Call ``write`` with a file handle whose content becomes ``path`` whole or not at all: a new temporary file
+    beside it, renamed over it (``os.replace``), so a reader never sees half a file and a failed write leaves the
+    old one. A symlink at ``path`` is replaced by the file, never written through (it may point at another run's
+    file). Each call has its own temporary file, so two commands writing one path never mix their contents; the
+    permissions follow the umask, as ``open`` gives them."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
-        with os.fdopen(descriptor, "w", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", newline="") as handle:
+            write(handle)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

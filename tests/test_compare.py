@@ -145,3 +145,15 @@ def test_a_process_that_answered_nothing_beside_others_is_passed_over(tmp_path: 
     (run / "test_answers.rank0.jsonl").write_bytes(b"")
     with pytest.raises(ValueError, match=r"test_answers.rank0.jsonl: empty \(0 bytes\)"):
         read_run(run)
+
+
+def test_overwrite_replaces_a_link_at_out_never_the_file_it_points_to(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", {1.0: [1, 0, 1]})
+    report = tmp_path / "other-run" / "report.md"
+    report.parent.mkdir()
+    report.write_text("another run's report\n")
+    link = tmp_path / "table.md"
+    link.symlink_to(report)
+    compare_main([str(a), str(a), "--out", str(link), "--overwrite"])
+    assert report.read_text() == "another run's report\n"  # it was written through the link
+    assert not link.is_symlink() and link.read_text().startswith("| budget")

@@ -166,3 +166,19 @@ def test_an_out_matplotlib_cannot_write_names_out_and_the_formats(tmp_path, caps
     assert not (tmp_path / "x.xyz").exists()
     main(["plot", str(results), "--out", str(tmp_path / "x.PDF")])  # matplotlib takes the extension in any case
     assert (tmp_path / "x.PDF").read_bytes()[:4] == b"%PDF"
+
+
+def test_plot_overwrite_replaces_a_link_at_out_never_the_file_it_points_to(tmp_path):
+    results = _write_csv(tmp_path / "test_results.csv", ROWS)
+    figure = tmp_path / "other-run" / "budget_curves.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"another run's figure")
+    link = tmp_path / "comparison.png"
+    link.symlink_to(figure)
+    main(["plot", str(results), "--out", str(link), "--overwrite"])
+    assert figure.read_bytes() == b"another run's figure"  # it was written through the link
+    assert not link.is_symlink() and link.read_bytes().startswith(b"\x89PNG")
+    pdf = tmp_path / "curves.pdf"
+    main(["plot", str(results), "--out", str(pdf)])
+    assert pdf.read_bytes().startswith(b"%PDF")  # the suffix still names the format
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.png", "curves.pdf", "other-run", "test_results.csv"]

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from adaptive_mllm.reporting import write_text_atomically
+
 PROFILE_FORMAT = 1
 MIN_MEASUREMENTS = 3  # the fit has 3 coefficients per stage
 
@@ -212,11 +214,4 @@ def save_profile(path: str | Path, measurements: list[Measurement], meta: dict[s
     LatencyModel.from_profile(profile)  # a profile the server cannot read is never written
     if path.is_dir():
         raise IsADirectoryError(f"latency profile {path} is a directory; name a file")
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(json.dumps(profile, indent=2) + "\n")
-        temporary.replace(path)  # whole or not at all: a failed write leaves no half a profile
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # nor a stray temporary file
-        raise
-    return path
+    return write_text_atomically(path, json.dumps(profile, indent=2) + "\n")  # two profiles at once never mix

@@ -150,10 +150,23 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         save_profile(tmp_path / "folder", _grid(), {})
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder"]
 
-    def refuse(self, target):
+    def refuse(source, target):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(type(tmp_path), "replace", refuse)
+    monkeypatch.setattr("os.replace", refuse)
     with pytest.raises(OSError, match="No space left"):
         save_profile(tmp_path / "p.json", _grid(), {})
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder"]
+
+
+def test_two_profiles_written_at_once_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Every write had `.p.json.tmp`: two `profile --out p.json --overwrite` at once wrote into one file."""
+    import os
+
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(str(source)) or real_replace(source, target))
+    for _ in range(2):
+        save_profile(tmp_path / "p.json", _grid(), {"device": "cpu", "dtype": "float32", "torch": "x", "grid": {}})
+    assert len(renamed) == 2 and renamed[0] != renamed[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
