@@ -283,6 +283,37 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, *args, **kwargs)
 
 
+KILLED_SAVE = re.compile(r"\..+\.ckpt\.(\d+)-[0-9a-f]{8}\.part")  # ReplacingCheckpointIO's temporary file
+
+
+def remove_killed_saves(directory: Path) -> list[tuple[Path, int]]:
+    """Remove the temporary files that saves killed part-way (SIGKILL after a preempted job's SIGTERM) left in
+    ``directory``, each as large as a checkpoint: every restart of such a job could add one until the disk is full.
+    A file whose process still runs on this machine is left (a save in progress). Returns (path, bytes) removed."""
+    removed = []
+    for path in sorted(directory.glob(".*.part")) if directory.is_dir() else []:
+        match = KILLED_SAVE.fullmatch(path.name)
+        if match is None or _process_runs(int(match.group(1))):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        removed.append((path, size))
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # none runs; no process can have that number
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _sync_directory(directory: Path) -> None:
     """The rename on disk too (a power loss just after it could otherwise bring the old file back); skipped where
     a directory cannot be opened (Windows)."""
@@ -382,6 +413,9 @@ class RunCheckpoint(ModelCheckpoint):
         """Checkpoint files are written beside their target and renamed over it (ReplacingCheckpointIO)."""
         super().setup(trainer, pl_module, stage)
         use_replacing_writes(trainer.strategy)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None and "://" not in str(self.dirpath):
+            for path, size in remove_killed_saves(Path(self.dirpath)):
+                rank_zero_warn(f"removed {path} ({size / 2**30:.2f} GiB): a checkpoint save killed part-way left it")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_now(trainer)

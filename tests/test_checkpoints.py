@@ -389,3 +389,29 @@ def test_a_checkpoint_saved_without_crcs_is_not_called_damaged(tmp_path):
     path.write_bytes(bytes(content))
     with pytest.raises(CheckpointError, match=rf"checkpoint {path}: damaged \(its data\.pkl is not a valid pickle"):
         check_checkpoint(path)
+
+
+def _ended_process_id() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(process.stdout)
+
+
+def test_a_fit_removes_what_killed_saves_left_and_keeps_a_save_in_progress(tmp_path):
+    """A save killed part-way (SIGKILL after SIGTERM) leaves a checkpoint-sized ``.part`` file; every restart of a
+    preempted job could add one until the disk is full."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    killed = folder / f".last.ckpt.{_ended_process_id()}-0123abcd.part"
+    killed.write_bytes(b"x" * 1000)
+    running = folder / f".last.ckpt.{os.getpid()}-89abcdef.part"  # this process: a save still writing
+    running.write_bytes(b"y")
+    other = folder / "notes.part"  # not ours
+    other.write_text("keep")
+    checkpoint = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=100)
+    with pytest.warns(UserWarning, match=r"removed .*\.last\.ckpt\.\d+-0123abcd\.part \(0\.00 GiB\): a checkpoint save killed"):
+        _fit(tmp_path, checkpoint, BoringModel(), max_steps=2)
+    assert not killed.exists() and running.exists() and other.read_text() == "keep"
+    assert (folder / "last.ckpt").is_file()
