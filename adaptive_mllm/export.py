@@ -27,6 +27,7 @@ import argparse
 import importlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,31 @@ def export_module(
     if not module.backbone.is_built:
         module.configure_model()
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _file_states(out_dir)
     # first in, last out: files of an earlier export half overwritten, or a scheduler not yet written, never load
     (out_dir / INCOMPLETE).write_text(
         "an export is writing this directory; if this file stays, it stopped before the end: export again with --overwrite\n"
     )
     _write_files(module, out_dir, scheduler_spec)
     (out_dir / INCOMPLETE).unlink()
+    kept = sorted(name for name, state in _file_states(out_dir).items() if earlier.get(name) == state)
+    if kept:
+        warnings.warn(
+            f"export {out_dir}: {len(kept)} files were there before and are not this export's: {', '.join(kept)}. "
+            "Delete them if an earlier export left them: a loader may read them (e.g. another backbone's chat template)",
+            stacklevel=2,
+        )
     return out_dir
+
+
+def _file_states(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Each file under ``directory`` (relative name) with what rewriting it changes: inode, size, mtime in ns."""
+    states = {}
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            states[path.relative_to(directory).as_posix()] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return states
 
 
 def _write_files(module: AdaptiveMLLM, out_dir: Path, scheduler_spec: dict[str, Any] | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -360,3 +361,30 @@ def test_an_export_is_readable_as_its_other_files_are(tokenizer_dir, tmp_path):
     modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
     assert {"model.safetensors", "scheduler.safetensors", "module.json"} <= set(modes)
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_files_an_export_over_another_did_not_write_are_named(tokenizer_dir, tmp_path):
+    """A Mipha export over a LLaVA one (--overwrite) left LLaVA's chat_template.jinja, generation_config.json and
+    processor_config.json beside Mipha's files, silently."""
+    from adaptive_mllm.backbones import MiphaBackbone
+
+    directory = tmp_path / "export"
+    llava = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(2))
+    llava.configure_model()
+    export_module(llava, directory)
+    (directory / "notes").mkdir()
+    (directory / "notes" / "mine.txt").write_text("mine")
+    config = {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+    }
+    mipha = AdaptiveMLLM(MiphaBackbone(config=config, tokenizer=str(tokenizer_dir), template="plain_chat"), LayerScheduler(2))
+    mipha.configure_model()
+    with pytest.warns(UserWarning, match=r"export .*: 4 files were there before and are not this export's: chat_template.jinja, "
+                      r"generation_config.json, notes/mine.txt, processor_config.json\. Delete them if"):  # fmt: skip
+        export_module(mipha, directory, overwrite=True)
+    for name in ("chat_template.jinja", "generation_config.json", "processor_config.json", "notes/mine.txt"):
+        (directory / name).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        export_module(mipha, directory, overwrite=True)  # the same export again: every file of it rewritten, none named
