@@ -474,6 +474,12 @@ class AdaptiveMLLM(L.LightningModule):
                 "a fit of one optimizer step trains at learning rate 0: the warm-up starts from 0, as the HF Trainer's "
                 "(fast_dev_run=true checks that the pipeline runs, not that weights move; --model.warmup_ratio=0 for that)"
             )
+        if 0 < total <= self.full_budget_steps and self.scheduler is not None and not isinstance(self.scheduler, FullScheduler):
+            rank_zero_warn(
+                f"model.full_budget_steps={self.full_budget_steps} >= this fit's {total} optimizer steps: every step trains "
+                "at budget 1.0, so the scheduler never learns budgets and the smaller budgets are scored untrained; lower "
+                f"--model.full_budget_steps (e.g. to {total // 2}) or train longer"
+            )
         schedule = partial(learning_rate_factor, total=total, warmup_ratio=self.warmup_ratio, restart=self.full_budget_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -244,6 +244,35 @@ def test_full_budget_steps_train_every_layer_before_budgets_are_drawn(tokenizer_
     assert expect_full or bool((mask.sum(-1) < 4).all())
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "full_budget_steps", "warns"),
+    [("layer", 10, True), ("layer", 20, True), ("layer", 9, False), ("full", 20, False), (None, 20, False)],
+)
+def test_a_fit_shorter_than_its_full_budget_steps_is_named(tokenizer_dir, scheduler, full_budget_steps, warns):
+    """`--trainer.max_steps=20` on tiny.yaml (full_budget_steps 2000) trained every step at budget 1.0 and scored the
+    smaller budgets with an untrained scheduler, saying nothing."""
+    import warnings
+
+    from adaptive_mllm.schedulers import FullScheduler
+
+    chosen = {"layer": LayerScheduler(num_prefix_layers=2), "full": FullScheduler(num_prefix_layers=2), None: None}[scheduler]
+    model = AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), chosen, full_budget_steps=full_budget_steps)
+    model.configure_model()
+
+    class Trainer:
+        estimated_stepping_batches = 10
+
+    model.trainer = Trainer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.configure_optimizers()
+    named = [str(w.message) for w in caught if "full_budget_steps" in str(w.message)]
+    assert len(named) == warns
+    if warns:
+        assert f"model.full_budget_steps={full_budget_steps} >= this fit's 10 optimizer steps" in named[0]
+        assert "--model.full_budget_steps (e.g. to 5)" in named[0]
+
+
 def test_negative_full_budget_steps_are_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="full_budget_steps=-1"):
         AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), full_budget_steps=-1)
