@@ -53,6 +53,8 @@ SCHEDULER_WEIGHTS = "scheduler.safetensors"
 MODULE_JSON = "module.json"
 MODULE_SETTINGS = ("budget", "max_new_tokens", "decode")  # AdaptiveMLLM arguments that shape its answers
 INCOMPLETE = "INCOMPLETE"  # present while an export writes: a killed export is refused, never read as a model
+# what the export's marker says: `test` and `predict` mark a run directory they write with a file of the same name
+INCOMPLETE_TEXT = "an export is writing this directory; if this file stays, it stopped before the end: export again with --overwrite\n"
 
 
 def export_checkpoint(
@@ -109,9 +111,7 @@ def export_module(
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = _file_states(out_dir)
     # first in, last out: files of an earlier export half overwritten, or a scheduler not yet written, never load
-    (out_dir / INCOMPLETE).write_text(
-        "an export is writing this directory; if this file stays, it stopped before the end: export again with --overwrite\n"
-    )
+    (out_dir / INCOMPLETE).write_text(INCOMPLETE_TEXT)
     _write_files(module, out_dir, scheduler_spec)
     (out_dir / INCOMPLETE).unlink()
     kept = sorted(name for name, state in _file_states(out_dir).items() if earlier.get(name) == state)
@@ -212,15 +212,29 @@ def _export_dir(directory: str | Path) -> Path:
         raise FileNotFoundError(f"export directory {directory} does not exist (write one with `adaptive-mllm export`)")
     if not directory.is_dir():
         raise NotADirectoryError(f"export directory {directory} is a file, not a directory")
-    if (directory / INCOMPLETE).exists():
+    if _marker_text(directory / INCOMPLETE).startswith(INCOMPLETE_TEXT.split(";")[0]):
         raise CheckpointError(
             f"{directory} is an export that did not finish ({INCOMPLETE} is there): its files may mix two models or lack "
             "the scheduler; export again into it with --overwrite"
         )
     backbone_file = directory / BACKBONE_JSON
     if not backbone_file.is_file():
+        if (directory / "config.yaml").is_file() or (directory / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"{directory} is a run directory (config.yaml, checkpoints/), not an export: pass its recipe and checkpoint "
+                f"(--config <recipe> --ckpt_path {directory / 'checkpoints' / 'last.ckpt'}), or `adaptive-mllm export` it first"
+            )
         raise FileNotFoundError(f"{backbone_file} is missing: {directory} is not a directory written by export_checkpoint")
     return directory
+
+
+def _marker_text(path: Path) -> str:
+    """The beginning of ``path`` ("" if it is no file or cannot be read as text)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(200)
+    except OSError:
+        return ""
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

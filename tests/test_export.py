@@ -388,3 +388,18 @@ def test_files_an_export_over_another_did_not_write_are_named(tokenizer_dir, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         export_module(mipha, directory, overwrite=True)  # the same export again: every file of it rewritten, none named
+
+
+def test_a_run_directory_given_as_an_export_is_named_as_one(tmp_path):
+    """A run whose test was stopped holds test's INCOMPLETE: it was called an unfinished export, to be exported
+    "again into it with --overwrite" (which wrote an export into the run)."""
+    from adaptive_mllm.export import check_export_dir
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "INCOMPLETE").write_text("test stopped by SIGTERM: the test_answers*.jsonl files here hold only part\n")
+    for read in (load_exported, check_export_dir):
+        with pytest.raises(FileNotFoundError, match=r"tiny is a run directory \(config.yaml, checkpoints/\), not an export: "
+                           r"pass its recipe and checkpoint \(--config <recipe> --ckpt_path .*last.ckpt\)"):  # fmt: skip
+            read(run)
