@@ -10,6 +10,9 @@ ahead, in threads, while the model answers the batch before (:mod:`~adaptive_mll
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import logging
 import os
@@ -24,6 +27,7 @@ from typing import Any, NamedTuple
 import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
+from PIL import Image
 
 from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
@@ -60,13 +64,18 @@ SERVED_MODEL_NAME = "adaptive-mllm"  # the reply's "model" and /v1/models' one i
 # fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
 # to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline. Only budgets the
 # machine held down move the ceiling: a request's own tight deadline says nothing about the machine, and neither
-# does one no budget can meet (it runs at its minimum whatever the machine does). A deadline that allows budget
-# 1.0 even at the highest correction since the ceiling left 1.0 is not capped: the slowdown seen would not
-# lower it, so there is no rise to hold back.
+# does one no budget can meet even on a machine as fast as profiled (it runs at its minimum whatever the machine
+# does); one that only the slowdown made unmeetable does (it ran at its minimum because of the machine). A deadline
+# that allows budget 1.0 even at the highest correction since the ceiling left 1.0 is not capped: the slowdown seen
+# would not lower it, so there is no rise to hold back. The ceiling lapses by evidence, not by time: a batch that
+# ran within the latency margin of the profile at mean budget b shows the machine runs b as profiled, so the
+# ceiling is at least b + BUDGET_RISE after it (a batch at 1.0 lifts it at once; small budgets, which can look
+# fast beside a co-located job, lift it only as far as they ran).
 BUDGET_RISE = 0.1
 PIXELS = "__pixel_values"  # a payload's image decoded ahead: a tensor or a RequestError, never JSON
 PREPARE_THREADS = 2  # so one large image being decoded does not hold up the next request's
 METRICS_LOG_SECONDS = 10.0  # the worker logs its counts at most this often (every batch would flood the log)
+WARM_UP_TOKENS = 2  # new tokens per warm-up call: the prefill and the first decoding step, at little cost
 
 
 class Choice(NamedTuple):
@@ -76,7 +85,8 @@ class Choice(NamedTuple):
     requested: str  # what set it: "budget", "deadline", "default" or "pinned"
     feasible: bool  # False: even the smallest budget was predicted to miss the deadline
     # the correction or the ceiling, not the deadline alone, kept it below its quiet-machine budget, and the deadline
-    # can be met (a request no budget can save runs at its minimum whatever the machine does: it says nothing)
+    # can be met on a machine as fast as profiled (a request no budget can save even there runs at its minimum
+    # whatever the machine does: it says nothing)
     held_down: bool = False
 
 
@@ -180,8 +190,36 @@ class DeadlineAPI(ls.LitAPI):
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
+        self.metrics_errors: set[str] = set()  # the write errors logged already (once each, not every batch)
+        self._warm_up()
         self.logged_at = -METRICS_LOG_SECONDS
         self._write_metrics()
+
+    def _warm_up(self) -> None:
+        """A few ``generate`` calls before serving: the first calls after a load are slower than the later ones
+        (lazy initialisation, the allocator, the first kernels), so a fresh server's first request could miss its
+        deadline flagged feasible, and its ratio then led the correction's window for about 10 batches (every
+        deadline at its minimum). A dummy request is read as a client's is, then answered at budget 1.0 and at its
+        minimum, alone and at ``max_batch_size``. The calls bypass ``_answer``: neither the correction nor the
+        counts see them. LitServe marks the worker ready, and starts the HTTP server that answers /health, only
+        once ``setup`` returns."""
+        started = time.perf_counter()
+        body = warm_up_body(min(WARM_UP_TOKENS, self.model.max_new_tokens))
+        request = self.decode_request(self.prepare_request(body))
+        if isinstance(request, RequestError):  # e.g. a maximum length too short for the dummy prompt
+            log.warning("warm-up skipped: the dummy request was refused (%s)", request.message)
+            return
+        dtype = next(self.model.backbone.parameters()).dtype
+        calls = 0
+        for size in sorted({1, self.max_batch_size}):
+            batch = collate([request] * size, self.processor.pad_token_id, self.torch_device, dtype)
+            for budget in (1.0, self._minimum(request)):
+                budgets = torch.full((size,), budget, dtype=torch.float32, device=self.torch_device)
+                self.model.generate(batch, budgets, [request.max_tokens] * size, at_least_minimum=True)
+                calls += 1
+        _now(self.torch_device)  # the device's queue is done
+        self.decode_steps = 0
+        log.info("warm-up: %d generate calls in %.2f s", calls, time.perf_counter() - started)
 
     def _count_step(self, module: Any, args: Any, output: Any) -> None:
         self.decode_steps += 1
@@ -271,10 +309,7 @@ class DeadlineAPI(ls.LitAPI):
         alone = [self._choose(r, q, prompt_tokens, new_tokens, size) for r, q in zip(requests, queued, strict=True)]
         held_down = [choice.budget for choice in alone if choice.held_down]
         if held_down:  # the machine's limit, before the batch shares its tightest deadline
-            ceiling = max(held_down) + BUDGET_RISE
-            self.deadline_ceiling = 1.0 if ceiling >= 1.0 - 1e-9 else ceiling  # steps of 0.1 add up to 0.9999999999999999
-            # the slowdown the ceiling holds budgets back from (kept while the correction falls back)
-            self.ceiling_correction = max(self.ceiling_correction, self.ratio.value) if self.deadline_ceiling < 1.0 else 0.0
+            self._set_ceiling(max(held_down) + BUDGET_RISE)
         choices = self._share_the_batch(alone, requests, queued, prompt_tokens, new_tokens)
         budgets = torch.tensor([choice.budget for choice in choices], dtype=torch.float32)
         correction = self.ratio.value  # the one the budgets were chosen with, reported beside predicted_ms
@@ -292,7 +327,10 @@ class DeadlineAPI(ls.LitAPI):
         budgets = torch.tensor(ran, dtype=budgets.dtype)
         steps = max(self.decode_steps - 1, 0)
         units, fractions = out["units_per_example"], out["flops_fractions"]
-        self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, out["decode_seconds_per_token"])
+        per_token = out["decode_seconds_per_token"]
+        ratio = self._correct(budgets, prompt_tokens, new_tokens, size, measured_ms, steps, per_token)  # this batch's
+        if ratio is not None and ratio <= 1.0 + self.latency.margin:  # this batch ran as profiled: see BUDGET_RISE
+            self._raise_ceiling(sum(ran) / size + BUDGET_RISE)
         self.counts["batches"] += 1
         self.counts["answered"] += size
         answers = []
@@ -329,12 +367,24 @@ class DeadlineAPI(ls.LitAPI):
             budget = choice.budget
             if budget > self.deadline_ceiling and not self._allows_full_budget(remaining, prompt_tokens, new_tokens, size, minimum):
                 budget = max(self.deadline_ceiling, minimum)
-            quiet = choice.budget  # what the deadline alone allows on a machine no slower than profiled
+            quiet = choice  # what the deadline alone allows on a machine no slower than profiled
             if correction > 1.0:
-                quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum).budget
-            # a deadline no budget meets runs at its minimum whatever the machine does: it holds nobody back
-            return Choice(budget, "deadline", choice.met, choice.met and budget < quiet - 1e-9)
+                quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum)
+            # judged on the quiet machine: a deadline no budget meets even there runs at its minimum whatever the
+            # machine does and holds nobody back; one only the slowdown made unmeetable was held down by the machine,
+            # and its budget must rise from the minimum in steps when the slowdown ends
+            return Choice(budget, "deadline", choice.met, quiet.met and budget < quiet.budget - 1e-9)
         return Choice(max(self.model.budget, minimum), "default", True)
+
+    def _set_ceiling(self, ceiling: float) -> None:
+        self.deadline_ceiling = 1.0 if ceiling >= 1.0 - 1e-9 else ceiling  # steps of 0.1 add up to 0.9999999999999999
+        # the slowdown the ceiling holds budgets back from (kept while the correction falls back)
+        self.ceiling_correction = max(self.ceiling_correction, self.ratio.value) if self.deadline_ceiling < 1.0 else 0.0
+
+    def _raise_ceiling(self, ceiling: float) -> None:
+        """Lift the ceiling to ``ceiling`` if it is lower (never lowers it: only held-down budgets do that)."""
+        if ceiling > self.deadline_ceiling:
+            self._set_ceiling(ceiling)
 
     def _allows_full_budget(self, remaining_ms: float, prompt_tokens: int, new_tokens: int, size: int, minimum: float) -> bool:
         """Whether ``remaining_ms`` allows budget 1.0 even at the highest correction since the ceiling left 1.0 (and
@@ -400,18 +450,20 @@ class DeadlineAPI(ls.LitAPI):
     def _correct(
         self, budgets: torch.Tensor, prompt_tokens: int, new_tokens: int, size: int, measured_ms: float, steps: int,
         decode_seconds_per_token: float,
-    ) -> None:
+    ) -> float | None:
         """Fold the batch into the running ratio, as if it had decoded all ``new_tokens`` (answers that
-        stop early would otherwise look fast)."""
+        stop early would otherwise look fast); returns the batch's own measured / predicted (None: no profile)."""
         if self.latency is None:
-            return
+            return None
         budget = float(budgets.mean())
         if steps == 0:
             predicted = self.latency.predict_ms(budget, prompt_tokens, 1, size)
             self.ratio.update(predicted, measured_ms)
-            return
+            return measured_ms / predicted if predicted > 0 else None
         full_ms = measured_ms + (new_tokens - 1 - steps) * 1000 * decode_seconds_per_token
-        self.ratio.update(self.latency.predict_ms(budget, prompt_tokens, new_tokens, size), full_ms)
+        predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size)
+        self.ratio.update(predicted, full_ms)
+        return full_ms / predicted if predicted > 0 else None
 
     # --- counts --------------------------------------------------------------------------------------
     def _write_metrics(self) -> None:
@@ -427,8 +479,27 @@ class DeadlineAPI(ls.LitAPI):
             return
         path = Path(self.metrics_path)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(counts, sort_keys=True))
-        temporary.replace(path)  # readers never see half a file
+        # best effort: the answers are computed, and a folder removed (a tmp cleaner), a full disk or a read-only one
+        # must not turn them into 500s; /metrics shows the last counts written meanwhile
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(counts, sort_keys=True))
+            temporary.replace(path)  # readers never see half a file
+        except OSError as error:
+            with contextlib.suppress(OSError):  # half a file left by a full disk
+                temporary.unlink(missing_ok=True)
+            if str(error) not in self.metrics_errors:  # once per distinct error, not every batch
+                self.metrics_errors.add(str(error))
+                log.warning("could not write the counts to %s (%s); answering on", path, error)
+
+
+def warm_up_body(max_tokens: int) -> dict[str, Any]:
+    """The warm-up's request, as a client would send it: a grey PNG as a data URL, a short question, budget 1.0."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]
+    return {"messages": [{"role": "user", "content": content}], "budget": 1.0, "max_tokens": max_tokens}
 
 
 def smallest_budget(model: Any, prompt_ids: list[int]) -> float:
@@ -463,10 +534,11 @@ def _now(device: torch.device) -> float:
 
 
 def read_metrics(path: str) -> dict[str, Any]:
-    """The worker's latest counts ({} before the first write)."""
+    """The worker's latest counts ({} before the first write, or where none can be read: the worker's writes are
+    best-effort, and an unreadable path must not make /metrics a 500)."""
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return {}
 
 

@@ -4,7 +4,7 @@
         --profile profiles/tiny-cpu.json --port 8000 --image_dir data/images
 
 Endpoints: ``POST /v1/chat/completions`` (OpenAI style, plus ``budget`` or ``deadline_ms``),
-``GET /v1/models`` (the one served model), ``GET /health`` (LitServe's: 200 once the model is loaded),
+``GET /v1/models`` (the one served model), ``GET /health`` (LitServe's: 200 once the model is loaded and warmed up),
 ``GET /metrics`` (request counts, deadlines met, the online correction). The server listens on 127.0.0.1 unless ``--host`` says otherwise.
 """
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptive_mllm.serving.api import PIXELS, DeadlineAPI, collate
+from adaptive_mllm.serving.api import BUDGET_RISE, PIXELS, DeadlineAPI, collate
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import Measurement, save_profile
 from adaptive_mllm.serving.overhead import ServerTimes
@@ -231,10 +231,45 @@ def _slow_machine(api: DeadlineAPI, tokens: int, new: int, factor: float) -> Non
     assert api.ratio.value == pytest.approx(factor)
 
 
-def test_a_deadline_the_slow_machine_cannot_meet_does_not_cap_the_others(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
-    """The audit's case: on a machine slower than profiled (correction 2.5-2.9), client A's deadline was met above
-    its minimum on a quiet machine but at no budget now. Its minimum counted as held down by the machine and set
-    the ceiling to it + 0.1: client B's deadline of 1e6 ms ran at 0.225 for as long as A kept sending."""
+def test_a_deadline_no_budget_meets_even_on_a_quiet_machine_caps_nobody(
+    api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch
+):
+    """The audit's case, where the deadline decides: on a machine slower than profiled, client A asks a deadline that
+    even its minimum misses on a machine as fast as profiled. It runs at its minimum whatever the machine does, says
+    nothing about the machine and moves no ceiling: client B, whose deadline the slowdown lowers, keeps the budget
+    the correction allows (not A's minimum + 0.1), and a 1e6 ms client runs at 1.0."""
+    tight, moderate, loose = _request(api, 1.0), _request(api, 1.0), _request(api, 1e6)
+    tokens = len(tight.prompt_ids) + 1
+    new = api.model.max_new_tokens
+    minimum = api._minimum(tight)
+    tight.deadline_ms = 0.5 * api.latency.predict_ms(minimum, tokens, new, 1)  # missed at any budget, quiet or not
+    moderate.deadline_ms = 1.1 * api.latency.predict_ms(0.6, tokens, new, 1, 3.0)  # 0.6 at correction 3, 1.0 quiet
+    monkeypatch.setattr(api, "_correct", lambda *args: None)  # the correction stays where it is set
+    try:
+        _slow_machine(api, tokens, new, 3.0)
+        assert not api.latency.budget_for_deadline(tight.deadline_ms, tokens, new, 1, minimum).met  # quiet machine
+        choice = api._choose(tight, 0.0, tokens, new, 1)
+        assert not choice.feasible and choice.budget == pytest.approx(minimum) and not choice.held_down
+        allowed = api.latency.budget_for_deadline(moderate.deadline_ms, tokens, new, 1, minimum, 3.0)
+        assert allowed.met and allowed.budget > minimum + BUDGET_RISE + 0.01
+        for _ in range(3):  # A, B and the loose client in turn
+            ceiling = api.deadline_ceiling  # 1.0, then B's own held-down budget + 0.1
+            answered = api._answer([tight])[0]
+            assert not answered.deadline_feasible and api.deadline_ceiling == ceiling  # A moves nothing
+            assert api._answer([moderate])[0].budget == pytest.approx(allowed.budget)
+            assert api._answer([loose])[0].budget == 1.0
+    finally:
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
+        api.ratio = RunningRatio()
+
+
+def test_a_deadline_only_the_slowdown_made_unmeetable_caps_the_rise_but_not_a_loose_deadline(
+    api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch
+):
+    """The audit's case, where the machine decides: client A's deadline is met above its minimum on a quiet machine
+    but at no budget at correction 3. Its minimum was held down by the machine, so it sets the ceiling (the rise
+    after the slowdown starts there); client B's deadline of 1e6 ms, which allows 1.0 at any correction seen, is not
+    capped by it (it ran at 0.225 for as long as A kept sending)."""
     tight, loose = _request(api, 1.0), _request(api, 1e6)
     tokens = len(tight.prompt_ids) + 1
     new = api.model.max_new_tokens
@@ -246,11 +281,71 @@ def test_a_deadline_the_slow_machine_cannot_meet_does_not_cap_the_others(api: De
         choice = api._choose(tight, 0.0, tokens, new, 1)
         assert api.latency.budget_for_deadline(tight.deadline_ms, tokens, new, 1, api._minimum(tight)).budget > choice.budget
         assert not choice.feasible and choice.budget == pytest.approx(api._minimum(tight))
-        assert not choice.held_down  # it runs at its minimum whatever the machine does: it says nothing about it
+        assert choice.held_down  # the machine, not the deadline, put it at its minimum
         for _ in range(3):  # A and B in turn
             answered = api._answer([tight])[0]
-            assert not answered.deadline_feasible and api.deadline_ceiling == 1.0
+            assert not answered.deadline_feasible
+            assert api.deadline_ceiling == pytest.approx(api._minimum(tight) + BUDGET_RISE)
             assert api._answer([loose])[0].budget == 1.0
+    finally:
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
+        api.ratio = RunningRatio()
+
+
+def test_after_a_slowdown_no_budget_could_meet_budgets_rise_in_steps(api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch):
+    """A 4x slowdown makes a deadline that allows 0.9 on a quiet machine unmeetable: it runs at its minimum. When the
+    machine recovers its budget rises by at most BUDGET_RISE a batch, as after a milder slowdown (it jumped from the
+    minimum to 0.9 in one batch: the severe slowdown is the one the rise limit exists for). The recovering batches
+    run as profiled, so the ceiling's lapse by quiet batches is in play too: it must not speed the rise up."""
+    request, tokens, new = _fresh_deadline_request(api)  # 0.9 on a quiet machine
+    machine = {"ratio": 1.0}  # what each batch measures against the profile
+    monkeypatch.setattr(api, "_correct", lambda *args: machine["ratio"])
+    try:
+        assert api._answer([request])[0].budget == pytest.approx(0.9, abs=1e-5)
+        machine["ratio"] = 4.0
+        _slow_machine(api, tokens, new, 4.0)
+        for _ in range(3):
+            answered = api._answer([request])[0]
+            assert not answered.deadline_feasible and answered.budget == pytest.approx(api._minimum(request))
+        machine["ratio"] = 1.0
+        _slow_machine(api, tokens, new, 1.0)  # the slow batches have left the window
+        budgets = [api._minimum(request)] + [api._answer([request])[0].budget for _ in range(8)]
+        steps = [after - before for before, after in zip(budgets[:-1], budgets[1:], strict=True)]
+        assert max(steps) <= BUDGET_RISE + 1e-9 and budgets[1] == pytest.approx(api._minimum(request) + BUDGET_RISE)
+        assert budgets[-1] == pytest.approx(0.9, abs=1e-5)  # and it gets back to what the deadline allows
+    finally:
+        api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
+        api.ratio = RunningRatio()
+
+
+def test_batches_that_run_as_profiled_lift_the_ceiling_as_far_as_their_budget(
+    api: DeadlineAPI, monkeypatch: pytest.MonkeyPatch
+):
+    """The ceiling lapses by evidence: after a slowdown a batch that ran within the margin of the profile at mean
+    budget b lifts the ceiling to b + BUDGET_RISE. It never expired: after one slowdown and 1000 quiet batches of a
+    loose client, a tight client's first answers were still capped at 0.53 (0.9 allowed). A quiet batch at a small
+    budget (small budgets can look fast beside a co-located job) or a slow batch at 1.0 does not lift it."""
+    tight, tokens, new = _fresh_deadline_request(api)  # 0.9 on a quiet machine
+    loose, small = _request(api, 1e6), _request(api, 1.0)
+    small.deadline_ms, small.budget = None, 0.2
+    # _correct returns the batch's own measured / predicted, against the uncorrected profile
+    predicted = api.latency.predict_ms(0.9, tokens, new, 1)
+    assert api._correct(torch.tensor([0.9]), tokens, new, 1, 2 * predicted, new - 1, 0.0) == pytest.approx(2.0)
+    machine = {"ratio": 2.0}
+    monkeypatch.setattr(api, "_correct", lambda *args: machine["ratio"])
+    try:
+        _slow_machine(api, tokens, new, 2.0)
+        held = api._answer([tight])[0].budget
+        assert held < 0.5 and api.deadline_ceiling == pytest.approx(held + BUDGET_RISE)
+        api._answer([loose])  # the loose client's batch at 1.0 ran slow: no evidence
+        assert api.deadline_ceiling == pytest.approx(held + BUDGET_RISE)
+        machine["ratio"] = 1.0 + api.latency.margin  # the load goes: batches run as profiled (within the margin)
+        _slow_machine(api, tokens, new, 1.0)
+        api._answer([small])  # as profiled, but at 0.2: says nothing about budgets above 0.3
+        assert api.deadline_ceiling == pytest.approx(held + BUDGET_RISE)
+        api._answer([loose])  # as profiled at 1.0: the ceiling is gone
+        assert api.deadline_ceiling == 1.0 and api.ceiling_correction == 0.0
+        assert api._answer([tight])[0].budget == pytest.approx(0.9, abs=1e-5)
     finally:
         api.deadline_ceiling, api.ceiling_correction = 1.0, 0.0
         api.ratio = RunningRatio()
@@ -479,3 +574,78 @@ def test_a_request_is_measured_against_the_room_its_model_leaves(api: DeadlineAP
         monkeypatch.setattr(type(api.model.planner), "uses_latency_token", property(lambda self, inserts=inserts: inserts))
         assert not isinstance(api.decode_request(_body(100.0)), RequestError)
     assert told == [(True,), (False,)]
+
+
+def test_setup_warms_the_model_up_without_counting_it(
+    api: DeadlineAPI, tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
+):
+    """The first generate calls after a load are several times slower than the profile: setup makes them, on a dummy
+    request read as a client's is, at budget 1.0 and at the minimum, alone and at max_batch_size. The correction's
+    window and the counts do not see them (the first request of a fresh server missed its deadline flagged feasible
+    and its ratio held every deadline at its minimum for about 10 batches)."""
+    from adaptive_mllm.serving import api as api_module
+    from adaptive_mllm.serving.api import read_metrics
+
+    recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tokenizer_dir, max_new_tokens=4)
+    module = build_model(str(recipe), None, None, [])
+    calls = []
+    generate = module.generate
+
+    def counting(batch, budgets, *args, **kwargs):
+        calls.append((batch["prompt_ids"].shape[0], [round(float(b), 6) for b in budgets]))
+        return generate(batch, budgets, *args, **kwargs)
+
+    module.generate = counting
+    caplog.set_level("INFO", logger=api_module.__name__)
+    metrics = str(tmp_path / "metrics.json")
+    warmed = DeadlineAPI(lambda: module, api.profile, margin=0.1, metrics_path=metrics, max_batch_size=3)
+    warmed.setup("cpu")
+    minimum = round(warmed._minimum(warmed.decode_request(api_module.warm_up_body(2))), 6)
+    assert calls == [(1, [1.0]), (1, [minimum]), (3, [1.0] * 3), (3, [minimum] * 3)]
+    assert any(record.getMessage().startswith("warm-up: 4 generate calls in ") for record in caplog.records)
+    assert warmed.ratio.updates == 0 and not warmed.ratio.ratios and warmed.ratio.value == 1.0
+    counts = read_metrics(metrics)
+    assert counts["requests"] == counts["answered"] == counts["batches"] == 0 and counts["correction"] == 1.0
+    answered = warmed.predict([warmed.decode_request(_body(1e7))])[0]  # the first request is the first one counted
+    assert len(calls) == 5 and answered.batch_size == 1 and warmed.ratio.updates == 1
+    assert read_metrics(metrics)["answered"] == 1
+
+
+def test_a_failing_metrics_write_never_fails_the_answers(
+    api: DeadlineAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The counts are written best-effort: their folder removed (a tmp cleaner) is made again, and a write that fails
+    (a full or read-only disk) is logged once, not every batch; the computed answers are answered either way (every
+    batch was a 500 while /health said ok)."""
+    import errno
+    import shutil
+
+    from adaptive_mllm.serving import api as api_module
+    from adaptive_mllm.serving.api import Answer, read_metrics
+
+    folder = tmp_path / "counts"
+    path = folder / "metrics.json"
+    caplog.set_level("WARNING", logger=api_module.__name__)
+    monkeypatch.setattr(api, "metrics_path", str(path))
+    monkeypatch.setattr(api, "metrics_errors", set())
+    request = _request(api, 1e7)
+    assert isinstance(api.predict([request])[0], Answer) and path.exists()
+    shutil.rmtree(folder)
+    assert isinstance(api.predict([request])[0], Answer)
+    before = read_metrics(str(path))["requests"]  # written again, into the folder made again
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(api_module.Path, "write_text", full_disk)
+        answers = [api.predict([request])[0] for _ in range(3)]
+    assert all(isinstance(answer, Answer) for answer in answers)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and str(path) in warnings[0]
+    assert read_metrics(str(path))["requests"] == before  # the last counts written, until a write succeeds
+    api.predict([request])
+    assert read_metrics(str(path))["requests"] == before + 4 and list(folder.iterdir()) == [path]
+    # a path that cannot be a file (its folder is a file): answered, and /metrics reads no counts rather than failing
+    monkeypatch.setattr(api, "metrics_path", str(path / "metrics.json"))
+    assert isinstance(api.predict([request])[0], Answer) and read_metrics(api.metrics_path) == {}
