@@ -7,6 +7,8 @@ import io
 import os
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from adaptive_mllm.data.benchmarks.base import (
     SHORT_ANSWER,
     VQA_ANSWER_TOKENS,
@@ -19,6 +21,7 @@ from adaptive_mllm.data.benchmarks.base import (
 )
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import MME_SUBTASKS, MMEScore
+from adaptive_mllm.metrics.mme import MME_COGNITION, MME_PERCEPTION
 
 QA_FOLDER = "questions_answers_YN"
 MME_INSTRUCTION = "Please answer yes or no."  # ends every MME question; LLaVA-1.5 asks without it  # subtasks with their own images/ folder keep the text files here
@@ -81,6 +84,17 @@ class MMEDataModule(BenchmarkDataModule):
         found = [subtask for subtask in MME_SUBTASKS if (root / subtask).is_dir()]
         if not found:
             raise DataError.at(root, f"no MME subtask folder here; expected some of {list(MME_SUBTASKS)}")
+        missing = [subtask for subtask in MME_SUBTASKS if subtask not in found]
+        if missing:  # the sums would be over fewer subtasks and read like MME's
+            others = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and entry.name not in MME_SUBTASKS)
+            perception = sum(subtask in found for subtask in MME_PERCEPTION)
+            rank_zero_warn(
+                f"{root}: MME subtask folders {missing} are missing"
+                + (f" (folders here that are no MME subtask: {others}; misnamed?)" if others else "")
+                + f": perception (the overall score) is summed over {perception} of {len(MME_PERCEPTION)} subtasks and "
+                f"cognition over {len(found) - perception} of {len(MME_COGNITION)}, not comparable with published MME "
+                "scores; pass --data.init_args.subtasks to score a subset on purpose"
+            )
         return found
 
     def read_questions(self, require_answers: bool) -> list[BenchmarkQuestion]:

@@ -99,3 +99,21 @@ def test_a_symlink_out_of_the_mme_folder_is_refused(mme_files, tmp_path, escape)
 def test_a_subtask_named_twice_is_refused(mme_files):
     with pytest.raises(ValueError, match="subtasks must be distinct"):
         MMEDataModule(str(mme_files["root"]), subtasks=["existence", "artwork", "existence"])
+
+
+def test_missing_subtask_folders_are_named_unless_a_subset_is_asked(mme_files):
+    """A partial unzip or a misnamed folder (`ocr`) scored perception over fewer subtasks, silently, as if it were MME's."""
+    from adaptive_mllm.metrics.mme import MME_PERCEPTION
+
+    root = mme_files["root"]
+    present = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    (root / "ocr").mkdir()
+    with pytest.warns(UserWarning, match=r"MME subtask folders \[.*'OCR'.*\] are missing \(folders here that are no MME "
+                      r"subtask: \['ocr'\]; misnamed\?\): perception \(the overall score\) is summed over \d of "
+                      rf"{len(MME_PERCEPTION)} subtasks .*not comparable .*--data.init_args.subtasks"):  # fmt: skip
+        MMEDataModule(str(root)).setup("test")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        MMEDataModule(str(root), subtasks=present).setup("test")  # a subset on purpose: nothing to say
