@@ -64,8 +64,8 @@ SERVED_MODEL_NAME = "adaptive-mllm"  # the reply's "model" and /v1/models' one i
 # fast (an answer fits in one scheduler time slice) while a large one would not, and a jump straight back
 # to budget 1.0 is a miss; a step up that overshoots costs a little time, not the deadline. Only budgets the
 # machine held down move the ceiling: a request's own tight deadline says nothing about the machine, and neither
-# does one no budget can meet even on a machine as fast as profiled (it runs at its minimum whatever the machine
-# does); one that only the slowdown made unmeetable does (it ran at its minimum because of the machine). A deadline
+# does one no budget can meet now (it runs at its minimum: counted, its minimum would cap every other client the
+# slowdown lowers, for as long as the slowdown lasts; so its own budget comes back in one batch afterwards). A deadline
 # that allows budget 1.0 even at the highest correction since the ceiling left 1.0 is not capped: the slowdown seen
 # would not lower it, so there is no rise to hold back. The ceiling lapses by evidence, not by time: a batch that
 # ran within the latency margin of the profile at mean budget b shows the machine runs b as profiled, so the
@@ -85,8 +85,7 @@ class Choice(NamedTuple):
     requested: str  # what set it: "budget", "deadline", "default" or "pinned"
     feasible: bool  # False: even the smallest budget was predicted to miss the deadline
     # the correction or the ceiling, not the deadline alone, kept it below its quiet-machine budget, and the deadline
-    # can be met on a machine as fast as profiled (a request no budget can save even there runs at its minimum
-    # whatever the machine does: it says nothing)
+    # can be met (a request no budget can save runs at its minimum: see BUDGET_RISE)
     held_down: bool = False
 
 
@@ -211,13 +210,18 @@ class DeadlineAPI(ls.LitAPI):
             return
         dtype = next(self.model.backbone.parameters()).dtype
         calls = 0
-        for size in sorted({1, self.max_batch_size}):
-            batch = collate([request] * size, self.processor.pad_token_id, self.torch_device, dtype)
-            for budget in (1.0, self._minimum(request)):
-                budgets = torch.full((size,), budget, dtype=torch.float32, device=self.torch_device)
-                self.model.generate(batch, budgets, [request.max_tokens] * size, at_least_minimum=True)
-                calls += 1
-        _now(self.torch_device)  # the device's queue is done
+        try:
+            for size in sorted({1, self.max_batch_size}):
+                batch = collate([request] * size, self.processor.pad_token_id, self.torch_device, dtype)
+                for budget in (1.0, self._minimum(request)):
+                    budgets = torch.full((size,), budget, dtype=torch.float32, device=self.torch_device)
+                    self.model.generate(batch, budgets, [request.max_tokens] * size, at_least_minimum=True)
+                    calls += 1
+            _now(self.torch_device)  # the device's queue is done
+        except Exception as error:  # out of memory at --max_batch_size, say: serve anyway, as before the warm-up
+            log.warning("warm-up stopped after %d generate calls (%s: %s); serving without the rest", calls, type(error).__name__, error)
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()
         self.decode_steps = 0
         log.info("warm-up: %d generate calls in %.2f s", calls, time.perf_counter() - started)
 
@@ -367,13 +371,13 @@ class DeadlineAPI(ls.LitAPI):
             budget = choice.budget
             if budget > self.deadline_ceiling and not self._allows_full_budget(remaining, prompt_tokens, new_tokens, size, minimum):
                 budget = max(self.deadline_ceiling, minimum)
-            quiet = choice  # what the deadline alone allows on a machine no slower than profiled
+            quiet = choice.budget  # what the deadline alone allows on a machine no slower than profiled
             if correction > 1.0:
-                quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum)
-            # judged on the quiet machine: a deadline no budget meets even there runs at its minimum whatever the
-            # machine does and holds nobody back; one only the slowdown made unmeetable was held down by the machine,
-            # and its budget must rise from the minimum in steps when the slowdown ends
-            return Choice(budget, "deadline", choice.met, quiet.met and budget < quiet.budget - 1e-9)
+                quiet = self.latency.budget_for_deadline(remaining, prompt_tokens, new_tokens, size, minimum).budget
+            # a deadline no budget meets now runs at its minimum and holds nobody back: counted as held down, its
+            # minimum set the ceiling for every client the slowdown lowers (one at 0.6 under a 3x slowdown ran at
+            # 0.35). The price: such a deadline's own budget comes back in one batch when the slowdown ends (§4)
+            return Choice(budget, "deadline", choice.met, choice.met and budget < quiet - 1e-9)
         return Choice(max(self.model.budget, minimum), "default", True)
 
     def _set_ceiling(self, ceiling: float) -> None:
