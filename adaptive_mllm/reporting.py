@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -90,12 +91,15 @@ def write_atomically(path: str | Path, write: Callable[[IO], object], binary: bo
     """Call ``write`` with a file handle whose content becomes ``path`` whole or not at all: a new temporary file
     beside it, renamed over it (``os.replace``), so a reader never sees half a file and a failed write leaves the
     old one. A symlink at ``path`` is replaced by the file, never written through (it may point at another run's
-    file). Each call has its own temporary file, so two commands writing one path never mix their contents; the
-    permissions follow the umask, as ``open`` gives them."""
+    file). Each call has its own temporary file, so two commands writing one path never mix their contents. A file
+    replaced keeps its permissions (a report made private stays private); a new one gets the umask's, as ``open``
+    gives them."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
+        if path.is_file() and not path.is_symlink():
+            os.fchmod(descriptor, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", newline="") as handle:
             write(handle)
         os.replace(temporary, path)

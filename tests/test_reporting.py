@@ -145,3 +145,21 @@ def test_refuse_existing_output_in_a_folder_names_the_file_and_what_overwrite_re
     with pytest.raises(SystemExit):
         refuse_existing_output(argparse.ArgumentParser(), tmp_path, overwrite=True, files=files)
     assert f"--out {tmp_path}: {tmp_path / 't.md'} is a directory; choose another --out" in capsys.readouterr().err
+
+
+def test_a_file_replaced_atomically_keeps_its_permissions(tmp_path):
+    """`compare --out report.md --overwrite` made a private (0600) report readable by all (0644)."""
+    import stat
+
+    from adaptive_mllm.reporting import write_atomically, write_text_atomically
+
+    report = tmp_path / "report.md"
+    report.write_text("old\n")
+    report.chmod(0o600)
+    write_text_atomically(report, "new\n")
+    assert report.read_text() == "new\n" and stat.S_IMODE(report.stat().st_mode) == 0o600
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"old")
+    figure.chmod(0o640)
+    write_atomically(figure, lambda handle: handle.write(b"new"))
+    assert figure.read_bytes() == b"new" and stat.S_IMODE(figure.stat().st_mode) == 0o640
