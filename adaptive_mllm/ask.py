@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> None:
+    if not args.question.strip():  # e.g. an unset shell variable: the model would answer the image alone, unasked
+        p.error("--question: empty; ask a question about the image")
     if args.budgets is None:
         args.budgets = [] if args.deadline_ms else [1.0]
     for budget in args.budgets:

@@ -16,6 +16,7 @@ import pickletools
 import random
 import re
 import secrets
+import time
 import warnings
 import zipfile
 import zlib
@@ -62,18 +63,26 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
         raise CheckpointError(f"checkpoint {path}: no such file{hint}")
     if path.is_dir():
         if not any((path / marker).is_file() for marker in SHARDED_MARKERS):
+            weights = _model_weights(path)
+            what = f"): {weights}" if weights else "; a model directory in the transformers layout is a backbone's `checkpoint`, not a --ckpt_path)"
             raise CheckpointError(
-                f"checkpoint {path}: a directory, but not a sharded Lightning checkpoint (no {' or '.join(SHARDED_MARKERS)}; "
-                "a model directory in the transformers layout is a backbone's `checkpoint`, not a --ckpt_path)"
+                f"checkpoint {path}: a directory, but not a sharded Lightning checkpoint (no {' or '.join(SHARDED_MARKERS)}{what}"
             )
         return path
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes); the run that wrote it was probably killed while saving")
+    if _is_safetensors(path):
+        weights = _model_weights(path.parent)
+        advice = f"{path.parent} is {weights}" if weights else f"pass a checkpoint `adaptive-mllm fit` wrote ({FIT_CHECKPOINTS})"
+        raise CheckpointError(f"checkpoint {path}: a safetensors weight file, not a Lightning checkpoint; {advice}")
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
+        where = _model_weights(path.parent)
+        if where is not None:  # a model's weight file (an old-format pytorch_model.bin), not a truncated checkpoint
+            raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint ({error}); {path.parent} is {where}") from error
         raise CheckpointError(
             f"checkpoint {path} ({size} bytes): not a complete PyTorch checkpoint ({error}); it is truncated "
             "(the run that wrote it was killed, or a copy stopped early) or not a checkpoint at all"
@@ -82,6 +91,36 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
         raise CheckpointError(f"checkpoint {path}: a zip archive without data.pkl, not a PyTorch checkpoint")
     _check_keys(path, required)
     return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length, then the header's
+    JSON ``{`` (torch.save's zip starts ``PK``). A model's weights given as --ckpt_path are one (HF's, an export's)."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def _model_weights(directory: Path) -> str | None:
+    """What ``directory`` is and which option reads it, where it holds a model's weights rather than a Lightning
+    checkpoint: an export (backbone.json, written by `adaptive-mllm export`), or a model in the transformers layout
+    (config.json); None otherwise."""
+    if (directory / "backbone.json").is_file():
+        return (
+            f"an export (backbone.json: `adaptive-mllm export` wrote it): ask / serve read it as --export_dir {directory} "
+            "(Python: adaptive_mllm.export.load_exported); validate / test / predict take the Lightning checkpoint it was "
+            f"exported from ({FIT_CHECKPOINTS})"
+        )
+    if (directory / "config.json").is_file():
+        return (
+            f"a model directory in the transformers layout (config.json): a recipe builds its backbone from it with "
+            f"--model.backbone.init_args.checkpoint={directory} (and --model.backbone.init_args.config=null where the "
+            "recipe sets sizes)"
+        )
+    return None
+
+
+FIT_CHECKPOINTS = "runs/<run>/checkpoints/*.ckpt"  # where `adaptive-mllm fit` saves Lightning checkpoints
 
 
 WANDB_ARTIFACTS = (
@@ -223,9 +262,11 @@ def _check_keys(path: Path, required: tuple[str, ...]) -> None:
     missing = [key for key in required if not (isinstance(content, dict) and key in content)]
     if missing:
         found = sorted(map(str, content))[:5] if isinstance(content, dict) else type(content).__name__
+        where = _model_weights(path.parent)  # pytorch_model.bin beside a model's config.json
+        advice = f"{path.parent} is {where}" if where else f"pass a checkpoint `adaptive-mllm fit` wrote ({FIT_CHECKPOINTS})"
         raise CheckpointError(
             f"checkpoint {path}: a PyTorch file but not a Lightning checkpoint (no {', '.join(repr(k) for k in missing)}; "
-            f"found {found}); pass a checkpoint `adaptive-mllm fit` wrote (runs/<run>/checkpoints/*.ckpt)"
+            f"found {found}); {advice}"
         )
 
 
@@ -289,19 +330,28 @@ KILLED_SAVE = re.compile(r"\..+\.ckpt\.(\d+)-[0-9a-f]{8}\.part")  # ReplacingChe
 def remove_killed_saves(directory: Path) -> list[tuple[Path, int]]:
     """Remove the temporary files that saves killed part-way (SIGKILL after a preempted job's SIGTERM) left in
     ``directory``, each as large as a checkpoint: every restart of such a job could add one until the disk is full.
-    A file whose process still runs on this machine is left (a save in progress). Returns (path, bytes) removed."""
+    Left: a file written in the last ``SAVE_QUIET_SECONDS`` (a save in progress, on another node of a shared folder
+    too: its process id means nothing here), and one whose process runs on this machine, unless that process is this
+    one (a restarted container gets the killed one's id again; this process is not saving yet). Returns (path, bytes)."""
     removed = []
+    now = time.time()
     for path in sorted(directory.glob(".*.part")) if directory.is_dir() else []:
         match = KILLED_SAVE.fullmatch(path.name)
-        if match is None or _process_runs(int(match.group(1))):
+        if match is None or not path.is_file() or path.is_symlink():
             continue
+        pid = int(match.group(1))
         try:
-            size = path.stat().st_size
+            status = path.stat()
+            if now - status.st_mtime < SAVE_QUIET_SECONDS or (pid != os.getpid() and _process_runs(pid)):
+                continue
             path.unlink()
         except FileNotFoundError:  # removed meanwhile
             continue
-        removed.append((path, size))
+        removed.append((path, status.st_size))
     return removed
+
+
+SAVE_QUIET_SECONDS = 600  # a save writes its file without pause: one unchanged this long is no save in progress
 
 
 def _process_runs(pid: int) -> bool:

@@ -8,6 +8,7 @@ needs to import this one back.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ TRACEBACK_VARIABLE = "ADAPTIVE_MLLM_TRACEBACK"
 # torch re-raises an error from a DataLoader worker with the worker's whole traceback as its message
 WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # the recipe's LightningCLI runs these
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
     "benchmark": benchmark.main,
     "plot": plots.main,
@@ -50,7 +52,19 @@ def main(args: list[str] | None = None) -> None:
         check_recipe_files(argv[1:])  # a recipe that is no YAML named with its line (some tools read it themselves)
         SUBCOMMANDS[argv[0]](argv[1:])
         return
+    if argv and not argv[0].startswith("-") and argv[0] not in LIGHTNING_SUBCOMMANDS:
+        unknown_subcommand(argv[0])
     build_cli(args)
+
+
+def unknown_subcommand(name: str) -> None:
+    """Exit as argparse does (status 2) on a first word that is no subcommand: LightningCLI's own message lists only
+    its four (``invalid choice: 'sweep' (choose from 'fit', 'validate', 'test', 'predict')``), not the tools'."""
+    every = [*LIGHTNING_SUBCOMMANDS, *SUBCOMMANDS]
+    close = difflib.get_close_matches(name, every, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    print(f"adaptive-mllm: error: unknown subcommand {name!r}{hint}; the subcommands: {' '.join(every)} (each has --help)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def entry_point() -> None:

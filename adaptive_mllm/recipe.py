@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -174,6 +174,7 @@ class AdaptiveMLLMCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
+        self._drop_learning_rate_monitors_without_a_logger()
         if config.get("ckpt_path") and config.get("overwrite_run"):
             raise ValueError(
                 "--ckpt_path resumes a run, --overwrite_run=true replaces the run in this directory: give one of them "
@@ -236,6 +237,22 @@ class AdaptiveMLLMCLI(LightningCLI):
                 continue_wandb_run(logger, run_id)
         if config.get("test_after_fit") and not _has_test_split(self.datamodule):
             rank_zero_warn(f"test_after_fit: {type(self.datamodule).__name__} has no test split; only fit runs")
+
+    def _drop_learning_rate_monitors_without_a_logger(self) -> None:
+        """``--trainer.logger=false`` with a recipe that lists a LearningRateMonitor (every shipped one does): Lightning
+        stops the fit at its start (``Cannot use LearningRateMonitor callback with Trainer that has no logger``), after
+        the model is built, and no flag removes one entry of the recipe's callback list. The monitor is left out with a
+        warning instead of refusing the run: without a logger it has nowhere to write the learning rate, so leaving it
+        out loses nothing the run would have kept."""
+        if self.trainer.loggers:
+            return
+        monitors = [callback for callback in self.trainer.callbacks if isinstance(callback, LearningRateMonitor)]
+        if monitors:
+            self.trainer.callbacks[:] = [callback for callback in self.trainer.callbacks if callback not in monitors]
+            rank_zero_warn(
+                "fit: no logger (trainer.logger is false): the recipe's LearningRateMonitor is left out, it logs the "
+                "learning rate to a logger; keep a logger to record it (e.g. --trainer.logger=true: Lightning's default, local CSV or TensorBoard files)"
+            )
 
     def before_predict(self) -> None:
         """Answers are kept: a PredictionWriter joins the trainer unless the recipe lists one."""

@@ -20,28 +20,36 @@ class RecipeError(ValueError):
     """A recipe file that cannot be read; the message names the file and what is wrong in it."""
 
 
+def _config_values(args: list[str]) -> list[str]:
+    """What ``args`` give as ``--config`` / ``-c``."""
+    values = []
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            values.append(args[index + 1])
+        elif arg.startswith("--config="):
+            values.append(arg.partition("=")[2])
+    return values
+
+
 def recipe_files(args: list[str]) -> list[Path]:
     """The existing files ``args`` give as ``--config`` / ``-c`` (a value that is no file, a YAML string or a path
     that does not exist, is left to the parser)."""
-    found = []
-    for index, arg in enumerate(args):
-        if arg in ("--config", "-c") and index + 1 < len(args):
-            value = args[index + 1]
-        elif arg.startswith("--config="):
-            value = arg.partition("=")[2]
-        else:
-            continue
-        if value and Path(value).is_file():
-            found.append(Path(value).absolute())  # jsonargparse parses a file from inside its folder
-    return found
+    # jsonargparse parses a file from inside its folder
+    return [Path(value).absolute() for value in _config_values(args) if value and Path(value).is_file()]
 
 
 def check_recipe_files(args: list[str]) -> None:
-    """Each ``--config`` file in ``args`` is YAML, or a RecipeError naming it, the line and the column (jsonargparse
-    names none: ``in "<unicode string>"``, after its usage)."""
+    """Each ``--config`` file in ``args`` is YAML holding a mapping of recipe sections, or a RecipeError naming it and
+    what is wrong: the line and the column of a syntax error (jsonargparse names none: ``in "<unicode string>"``,
+    after its usage), an empty file or a list (jsonargparse says ``Unexpected config:``, a tool reading it an
+    AttributeError), a data section such as recipes/benchmarks/*.yaml (jsonargparse names one of its keys as not an
+    option of the recipe, not that the whole file belongs to ``--data``)."""
+    for value in _config_values(args):
+        if value and Path(value).is_dir():
+            raise RecipeError(f"--config {value}: a directory, not a recipe file (e.g. recipes/tiny.yaml)")
     for path in recipe_files(args):
         try:
-            yaml.safe_load(path.read_bytes())
+            content = yaml.safe_load(path.read_bytes())
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark or error.context_mark
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -49,6 +57,36 @@ def check_recipe_files(args: list[str]) -> None:
             raise RecipeError(f"{path}{where}: not valid YAML ({what})") from None
         except yaml.YAMLError as error:
             raise RecipeError(f"{path}: not valid YAML ({error})") from None
+        if content is None:
+            raise RecipeError(f"{path}: an empty recipe file (no settings, at most comments); a recipe maps sections (trainer:, model:, data:) to their settings")
+        if not isinstance(content, dict):
+            raise RecipeError(
+                f"{path}: not a recipe: a YAML {type(content).__name__} where a mapping of recipe sections (trainer:, "
+                "model:, data:) is expected"
+            )
+        datamodule = _data_section(content)
+        if datamodule is not None:
+            raise RecipeError(
+                f"{path} is a data section (a top-level class_path {datamodule}), not a recipe: pass it as --data {path} "
+                "(or to `table --benchmarks`), beside the recipe's --config"
+            )
+
+
+def _data_section(content: dict[str, Any]) -> str | None:
+    """The class_path of a file that is one datamodule's section (``class_path`` + ``init_args`` at the top, as
+    recipes/benchmarks/*.yaml), None for anything else. A short class name is looked up in adaptive_mllm.data, as
+    the recipe's ``--data`` resolves it."""
+    class_path = content.get("class_path")
+    if not isinstance(class_path, str) or not set(content) <= {"class_path", "init_args", "dict_kwargs"}:
+        return None
+    from lightning import LightningDataModule
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "adaptive_mllm.data"), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return class_path if isinstance(cls, type) and issubclass(cls, LightningDataModule) else None
 
 
 class RecipeParser(LightningArgumentParser):

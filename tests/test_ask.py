@@ -195,6 +195,14 @@ def test_bad_options_are_named_each_for_what_is_wrong(recipe, image, tmp_path, c
     assert error.value.code == 2 and "--device gpu: not a device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("question", ["", "  \n"])
+def test_an_empty_question_is_refused(recipe, image, question, capsys):
+    """``--question "$Q"`` with Q unset was answered (the image alone, unasked) without a word."""
+    with pytest.raises(SystemExit) as error:
+        main(["--config", str(recipe), "--image", str(image), "--question", question])
+    assert error.value.code == 2 and "--question: empty; ask a question about the image" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("margin", ["nan", "inf", "-0.1"])
 def test_a_margin_that_is_not_a_finite_number_at_least_0_is_refused(recipe, image, tmp_path, margin, capsys):
     """``--margin nan`` was accepted: every deadline then ran at the smallest budget, flagged unmeetable."""

@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import tempfile
+import time
 
 import lightning as L
 import pytest
@@ -404,14 +405,57 @@ def test_a_fit_removes_what_killed_saves_left_and_keeps_a_save_in_progress(tmp_p
     preempted job could add one until the disk is full."""
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    killed = folder / f".last.ckpt.{_ended_process_id()}-0123abcd.part"
-    killed.write_bytes(b"x" * 1000)
-    running = folder / f".last.ckpt.{os.getpid()}-89abcdef.part"  # this process: a save still writing
-    running.write_bytes(b"y")
+    long_ago = time.time() - 3600
+
+    def part(pid: int, tag: str, written_at: float | None = long_ago) -> os.PathLike:
+        path = folder / f".last.ckpt.{pid}-{tag}.part"
+        path.write_bytes(b"x" * 1000)
+        if written_at is not None:
+            os.utime(path, (written_at, written_at))
+        return path
+
+    killed = part(_ended_process_id(), "0123abcd")
+    restarted = part(os.getpid(), "11111111")  # a restarted container's process gets the killed one's id again
+    running = part(os.getppid(), "22222222")  # its process runs on this machine: a save in progress
+    fresh = part(_ended_process_id(), "33333333", written_at=None)  # written now: another node's save in progress
     other = folder / "notes.part"  # not ours
     other.write_text("keep")
+    (folder / ".odd.ckpt.1-44444444.part").mkdir()  # not a file
     checkpoint = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=100)
     with pytest.warns(UserWarning, match=r"removed .*\.last\.ckpt\.\d+-0123abcd\.part \(0\.00 GiB\): a checkpoint save killed"):
         _fit(tmp_path, checkpoint, BoringModel(), max_steps=2)
-    assert not killed.exists() and running.exists() and other.read_text() == "keep"
+    assert not killed.exists() and not restarted.exists()
+    assert running.exists() and fresh.exists() and other.read_text() == "keep"
     assert (folder / "last.ckpt").is_file()
+
+
+def test_model_weights_given_as_a_checkpoint_say_which_option_reads_them(tmp_path):
+    """`--ckpt_path model.safetensors` was "truncated ... or not a checkpoint at all", naming no option that reads it."""
+    from safetensors.torch import save_file
+
+    from adaptive_mllm.checkpoints import CheckpointError
+
+    export, model, alone = tmp_path / "export", tmp_path / "hf-model", tmp_path / "alone"
+    for directory, marker in ((export, "backbone.json"), (model, "config.json"), (alone, None)):
+        directory.mkdir()
+        if marker:
+            (directory / marker).write_text("{}")
+        save_file({"w": torch.zeros(2)}, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a safetensors weight file, not a Lightning checkpoint; .*export "
+                       r"is an export \(backbone.json.*--export_dir .*export"):  # fmt: skip
+        check_checkpoint(export / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"a safetensors weight file.*hf-model is a model directory in the transformers layout "
+                       r"\(config.json\).*--model.backbone.init_args.checkpoint=.*hf-model .*config=null"):  # fmt: skip
+        check_checkpoint(model / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"a safetensors weight file, not a Lightning checkpoint; pass a checkpoint "
+                       r"`adaptive-mllm fit` wrote"):  # fmt: skip
+        check_checkpoint(alone / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"a directory, but not a sharded Lightning checkpoint .*: an export"):
+        check_checkpoint(export)
+    torch.save({"w": torch.zeros(2)}, model / "pytorch_model.bin")  # a bare state dict beside config.json
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: a PyTorch file but not a Lightning checkpoint .*hf-model is a "
+                       r"model directory in the transformers layout"):  # fmt: skip
+        check_checkpoint(model / "pytorch_model.bin")
+    (alone / "garbage.ckpt").write_bytes(b"not a checkpoint at all, and longer than nine bytes")
+    with pytest.raises(CheckpointError, match="truncated .* or not a checkpoint at all"):
+        check_checkpoint(alone / "garbage.ckpt")

@@ -270,3 +270,51 @@ def test_a_misspelled_key_is_named_in_its_own_file_given_relative_or_beside_anot
     override.write_text("name: foo\n")  # tiny.yaml has a valid trainer.logger.init_args.name
     with pytest.raises(RecipeError, match=rf"^{override}: name: not an option of the recipe"):
         main(["fit", "--config", str(RECIPE_DIR / "tiny.yaml"), "--config", str(override)])
+
+
+def test_a_data_section_given_as_a_recipe_says_to_pass_it_as_data(tmp_path):
+    """recipes/benchmarks/*.yaml stacked as a second --config (LightningCLI's habit) was reported as one of its keys not
+    being an option of the recipe; `memory` named it as not an argument of "its class"."""
+    from adaptive_mllm.recipe_files import RecipeError
+
+    pope = RECIPE_DIR / "benchmarks" / "pope.yaml"
+    says = rf"^{pope} is a data section \(a top-level class_path adaptive_mllm\.data\.benchmarks\.POPEDataModule\), not a recipe: pass it as --data {pope} "
+    for command in (["test", "--config", str(RECIPE_DIR / "tiny.yaml"), "--config", str(pope)], ["memory", "--config", str(pope)]):
+        with pytest.raises(RecipeError, match=says):
+            main(command)
+    short = tmp_path / "short.yaml"  # a short class name, as --data resolves it
+    short.write_text("class_path: ShapesVQADataModule\ninit_args:\n  batch_size: 4\n")
+    with pytest.raises(RecipeError, match=r"short\.yaml is a data section \(a top-level class_path ShapesVQADataModule\)"):
+        build_cli(["--config", str(short)], run=False)
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("", r"an empty recipe file \(no settings, at most comments\)"),
+    ("# nothing yet\n", r"an empty recipe file"),
+    ("- a\n- b\n", r"not a recipe: a YAML list where a mapping of recipe sections \(trainer:, model:, data:\) is expected"),
+    ("tiny\n", r"not a recipe: a YAML str where a mapping"),
+])  # fmt: skip
+def test_a_recipe_file_that_is_empty_or_no_mapping_is_named(content, says, tmp_path):
+    """jsonargparse said ``Unexpected config:`` (nothing more) for an empty one; `memory` failed on a list with
+    ``AttributeError: 'list' object has no attribute 'get'``."""
+    from adaptive_mllm.recipe_files import RecipeError
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    for command in (["fit", "--config", str(recipe)], ["memory", "--config", str(recipe)]):
+        with pytest.raises(RecipeError, match=rf"^{recipe}: {says}"):
+            main(command)
+    with pytest.raises(RecipeError, match=rf"^--config {tmp_path}: a directory, not a recipe file"):  # IsADirectoryError
+        main(["memory", "--config", str(tmp_path)])
+
+
+@pytest.mark.parametrize(("word", "close"), [("sweep", "serve"), ("benchmrk", "benchmark"), ("xyzzy", None)])
+def test_an_unknown_subcommand_lists_every_subcommand(word, close, capsys):
+    """Lightning's parser listed only its four (``invalid choice: 'sweep' (choose from 'fit', 'validate', 'test',
+    'predict')``), not benchmark, export, ask, ..."""
+    with pytest.raises(SystemExit) as exit_:
+        main([word, "--config", str(RECIPE_DIR / "tiny.yaml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"unknown subcommand {word!r}" in err
+    assert "fit validate test predict benchmark plot compare export ask serve profile table memory" in err
+    assert (f"(did you mean {close!r}?)" in err) == (close is not None)

@@ -368,11 +368,16 @@ def test_a_fit_that_failed_before_its_first_step_does_not_block_the_next(in_tmp,
     fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false",
            "--trainer.default_root_dir=runs/retry"]  # fmt: skip
     root = in_tmp / "runs" / "retry"
-    with pytest.raises(Exception, match="LearningRateMonitor"):  # the recipe's monitor needs a logger: found at setup
-        _run([*fit, "--trainer.max_steps=1", "--trainer.logger=false"])
-    assert not (root / "config.yaml").exists()
     from adaptive_mllm.module import AdaptiveMLLM
 
+    def refused(self):
+        raise ValueError("a setting refused at the start of training")
+
+    with monkeypatch.context() as patched:  # a check at the start of training, after setup wrote the config
+        patched.setattr(AdaptiveMLLM, "on_train_start", refused, raising=False)
+        with pytest.raises(ValueError, match="refused at the start of training"):
+            _run([*fit, "--trainer.max_steps=1"])
+    assert not (root / "config.yaml").exists()
     training_step = AdaptiveMLLM.training_step
 
     def failing_at_the_second_step(self, *args, **kwargs):
@@ -387,6 +392,15 @@ def test_a_fit_that_failed_before_its_first_step_does_not_block_the_next(in_tmp,
     assert (root / "config.yaml").is_file() and not list(root.glob("checkpoints/*.ckpt"))  # stepped once, saved nothing
     with pytest.raises(FileExistsError, match=r"holds an earlier run .*config\.yaml"):
         _run([*fit, "--trainer.max_steps=1"])
+
+
+def test_a_fit_without_a_logger_leaves_the_recipes_learning_rate_monitor_out(in_tmp):
+    """Lightning stopped it at the start of training (``Cannot use LearningRateMonitor callback with Trainer that has
+    no logger``), after the model was built, and no flag removes one entry of the recipe's callback list."""
+    fit = ["fit", "--config", RECIPE, *SMALL, "--trainer.limit_val_batches=0", "--test_after_fit=false", "--trainer.max_steps=1"]
+    with pytest.warns(UserWarning, match=r"no logger \(trainer.logger is false\): the recipe's LearningRateMonitor is left out"):
+        _run([*fit, "--trainer.logger=false"])
+    assert torch.load(in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
 def test_ckpt_path_last_starts_a_new_run_then_resumes_it(in_tmp):

@@ -93,7 +93,12 @@ class LocalBackbone(Backbone):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if (checkpoint is None) == (config is None):
+        if checkpoint is not None and config is not None:  # a recipe's sizes stay when a flag adds the checkpoint
+            raise ValueError(
+                f"{name} got both `checkpoint` ({checkpoint}) and `config` (sizes); it takes one: to load the checkpoint "
+                "with its own sizes, also pass --model.backbone.init_args.config=null (the recipe sets `config`)"
+            )
+        if checkpoint is None and config is None:
             raise ValueError(f"{name} needs exactly one of `checkpoint` (a local directory) or `config` (sizes)")
         if template not in self.templates:
             raise ValueError(f"unknown chat template {template!r}; known: {sorted(self.templates)}")
@@ -115,12 +120,16 @@ class LocalBackbone(Backbone):
         directory = self.tokenizer_dir
         if not directory.is_dir():
             raise CheckpointError(f"tokenizer directory {directory} does not exist")
+        found = sorted(path.name for path in directory.iterdir())
+        listed = f"{', '.join(found[:12])}{', ...' if len(found) > 12 else ''}" or "nothing"
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-            raise CheckpointError(f"{directory} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)}")
+            raise CheckpointError(f"{directory} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)} (it holds {listed})")
         config_logger = logging.getLogger("transformers.configuration_utils")
         config_logger.addFilter(_not_the_unknown_model_type_notice)
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (ValueError, OSError, KeyError) as error:  # transformers' messages name no directory
+            raise CheckpointError(_unreadable_tokenizer(directory, listed, error)) from error
         finally:
             config_logger.removeFilter(_not_the_unknown_model_type_notice)
         if (directory / "tokenizer.model").is_file():  # SentencePiece's merge order (transformers 5 loses it)
@@ -145,6 +154,23 @@ class LocalBackbone(Backbone):
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return preprocess_padded(self.image_processor, image, self.pad_to_square)
+
+
+def _unreadable_tokenizer(directory: Path, listed: str, error: Exception) -> str:
+    """Why transformers built no tokenizer from ``directory``, naming it and its files. Its own message for a
+    byte-level BPE vocabulary without the model's tokenizer_config.json (GPT-2 / Phi: vocab.json + merges.txt) names no
+    directory and says to install sentencepiece or tiktoken, which would not help: the tokenizer class is unknown."""
+    where = f"tokenizer directory {directory}: transformers cannot build a tokenizer from it"
+    if (directory / "vocab.json").is_file() and not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return (
+            f"{where}: it holds {listed}, a vocabulary without tokenizer_config.json or tokenizer.json, so the tokenizer "
+            "class is unknown; copy the model's tokenizer_config.json (or tokenizer.json) into it"
+        )
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"{where} ({reason:.200}); it holds {listed}; expected a model's tokenizer files: tokenizer.json (or "
+        "tokenizer.model, or vocab.json + merges.txt) and its tokenizer_config.json"
+    )
 
 
 def building_on_meta() -> bool:

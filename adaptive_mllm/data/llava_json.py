@@ -62,12 +62,31 @@ def read_json_records(json_path: str | Path) -> list[Any]:
     """The raw record list of a LLaVA JSON file (a DataError if it is not a JSON list)."""
     try:
         with open(json_path, encoding="utf-8") as handle:
-            records = json.load(handle)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            text = handle.read()
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        if is_json_lines(text, error):
+            raise DataError.at(
+                json_path,
+                f"{JSON_LINES}, not a JSON file: expected LLaVA's instruction JSON, one JSON list of records "
+                '[{"id", "image", "conversations"}, ...] (records in that form convert with `jq -s . FILE.jsonl > FILE.json`)',
+            ) from error
+        raise DataError.at(json_path, f"cannot read the JSON file: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
         raise DataError.at(json_path, f"cannot read the JSON file: {error}") from error
     if not isinstance(records, list):
         raise DataError.at(json_path, f"expected a JSON list of records, got {type(records).__name__}")
     return records
+
+
+JSON_LINES = "one JSON object per line (JSON Lines)"
+
+
+def is_json_lines(text: str, error: json.JSONDecodeError) -> bool:
+    """Whether ``json.loads(text)`` failed as it does on JSON Lines: its first value fills the first line and more
+    follows on the next ("Extra data: line 2 column 1"), which names neither the format nor the file's wanted one. A
+    JSON file with trailing garbage after a value spread over lines is not taken for it."""
+    return error.msg == "Extra data" and error.lineno >= 2 and "\n" not in text[: error.pos].strip()
 
 
 def image_inside(image_folder: str | Path, name: str, linked_folders: Sequence[str | Path] = ()) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,44 @@ def test_needs_exactly_one_source(tokenizer_dir):
         LlavaBackbone()
     with pytest.raises(ValueError, match="needs `tokenizer`"):
         LlavaBackbone(config=tiny_config())
+
+
+def test_a_checkpoint_flag_on_a_recipe_that_sets_sizes_says_to_unset_them(backbone, tmp_path):
+    """``--model.backbone.init_args.checkpoint=DIR`` on a recipe with ``config:`` (the tiny ones) was refused as
+    needing "exactly one of" them, without saying that the recipe's sizes stay unless unset, or how."""
+    from adaptive_mllm.cli import build_cli
+
+    backbone.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"LlavaBackbone got both `checkpoint` \(.*ckpt\) and `config` \(sizes\); it takes one: "
+                       r"to load the checkpoint with its own sizes, also pass --model\.backbone\.init_args\.config=null"):
+        LlavaBackbone(checkpoint=str(tmp_path / "ckpt"), config=tiny_config())
+    recipe = ["--config", str(Path(__file__).parents[2] / "recipes" / "tiny.yaml"), f"--model.backbone.init_args.checkpoint={tmp_path / 'ckpt'}"]
+    with pytest.raises(ValueError, match=r"also pass --model\.backbone\.init_args\.config=null"):
+        build_cli(recipe, run=False)
+    loaded = build_cli([*recipe, "--model.backbone.init_args.config=null"], run=False).model.backbone  # the advice works
+    assert loaded.checkpoint == tmp_path / "ckpt" and loaded.shape == backbone.shape
+
+
+def test_a_tokenizer_folder_transformers_cannot_read_is_named_with_its_files(tmp_path):
+    """transformers' own error for GPT-2 / Phi's vocab.json + merges.txt alone named no folder and said to install
+    sentencepiece or tiktoken (installed, and no help); other unreadable files named no folder either."""
+    vocabulary = tmp_path / "bpe"
+    vocabulary.mkdir()
+    (vocabulary / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (vocabulary / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(CheckpointError, match=rf"^tokenizer directory {vocabulary}: transformers cannot build a tokenizer from it: "
+                       r"it holds merges\.txt, vocab\.json, a vocabulary without tokenizer_config\.json or tokenizer\.json, so the "
+                       r"tokenizer class is unknown; copy the model's tokenizer_config\.json"):
+        LlavaBackbone(config=tiny_config(), tokenizer=str(vocabulary))._load_tokenizer()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"^tokenizer directory {broken}: transformers cannot build a tokenizer from it \(Expecting "
+                       r".*\); it holds tokenizer\.json; expected a model's tokenizer files"):
+        LlavaBackbone(config=tiny_config(), tokenizer=str(broken))._load_tokenizer()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty holds no tokenizer: none of tokenizer\.json, tokenizer\.model, vocab\.json \(it holds nothing\)"):
+        LlavaBackbone(config=tiny_config(), tokenizer=str(tmp_path / "empty"))._load_tokenizer()
 
 
 def test_pad_to_square_centres_on_the_fill_colour():

@@ -270,6 +270,20 @@ def test_unreadable_json_file(tmp_path):
         LlavaJsonDataset(tmp_path / "object.json")
 
 
+def test_json_lines_given_for_llava_json_say_so_and_what_is_expected(tmp_path, make_record):
+    """json's ``Extra data: line 2 column 1`` named neither JSON Lines nor the format LLaVA's JSON is."""
+    lines = tmp_path / "train.jsonl"
+    lines.write_text("".join(json.dumps(make_record(f"r{i}")) + "\n" for i in range(3)))
+    with pytest.raises(DataError, match=rf"^{lines}: one JSON object per line \(JSON Lines\), not a JSON file: expected LLaVA's "
+                       r"instruction JSON, one JSON list of records \[\{\"id\", \"image\", \"conversations\"\}, \.\.\.\] "
+                       r"\(records in that form convert with `jq -s \. FILE\.jsonl > FILE\.json`\)$"):
+        LlavaJsonDataset(lines)
+    spread = tmp_path / "spread.json"  # a JSON list over several lines with more after it: not JSON Lines
+    spread.write_text(json.dumps([make_record("r0")], indent=1) + "\n[]\n")
+    with pytest.raises(DataError, match=r"spread\.json: cannot read the JSON file: Extra data: line \d+ column 1"):
+        LlavaJsonDataset(spread)
+
+
 def test_skip_bad_records_warns_once_and_counts(write_llava, make_record, make_processor, tmp_path):
     cases = bad_cases(tmp_path / "images", make_record)
     good = [make_record(f"good-{i}") for i in range(4)]

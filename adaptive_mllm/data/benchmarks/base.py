@@ -24,6 +24,7 @@ from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER
 from adaptive_mllm.data.llava_json import (
     DEFAULT_QUESTION_KIND,
+    JSON_LINES,
     DataError,
     LlavaCollator,
     LlavaDataModule,
@@ -31,6 +32,7 @@ from adaptive_mllm.data.llava_json import (
     LlavaRecord,
     forget_resolved_directories,
     image_inside,
+    is_json_lines,
 )
 from adaptive_mllm.metrics import RESERVED_GROUPS
 
@@ -121,6 +123,13 @@ def read_json(path: str | Path, object_pairs_hook: Callable[[list[tuple[str, Any
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as error:
+        if is_json_lines(text, error):  # e.g. LLaVA-1.5's llava_gqa_testdev_balanced.jsonl given for GQA's questions
+            raise DataError.at(
+                path,
+                f"{JSON_LINES}, not a JSON file: the benchmark's loader reads the benchmark's official JSON file, one "
+                "JSON document (docs/benchmarks.md lists each benchmark's files); LLaVA-1.5's evaluation .jsonl files "
+                "hold its prompts, without the benchmark's answers",
+            ) from error
         raise DataError.at(path, f"cannot read the JSON file: {error}") from error
 
 
@@ -352,6 +361,7 @@ class BenchmarkDataModule(LlavaDataModule):
     def setup(self, stage: str) -> None:
         """Read the benchmark (test, validate: with its answers; predict: answers optional)."""
         if stage not in _STAGE_SPLIT or stage == "fit":
+            stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum: named by its value, not its repr
             raise ValueError(f"{type(self).__name__} is an evaluation benchmark: stages test / validate / predict, not {stage!r}")
         split = _STAGE_SPLIT[stage]
         if split not in self.datasets:
