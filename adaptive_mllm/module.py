@@ -125,6 +125,13 @@ class AdaptiveMLLM(L.LightningModule):
             )
         if self.full_budget_steps < 0:
             raise ValueError(f"full_budget_steps={self.full_budget_steps} must be >= 0")
+        # refused here, before a model is built: torch's own refusal names no option, and a warm-up ratio above 1 was taken
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate={self.learning_rate} must be a finite number > 0 (freeze parts to train none)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number >= 0")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1]: the fraction of the optimizer steps spent warming up")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1: every answer has at least one token")
         if self.scheduler is not None:

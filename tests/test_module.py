@@ -273,6 +273,23 @@ def test_a_fit_shorter_than_its_full_budget_steps_is_named(tokenizer_dir, schedu
         assert "--model.full_budget_steps (e.g. to 5)" in named[0]
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("learning_rate", -1e-5, "learning_rate=-1e-05 must be a finite number > 0"),
+        ("learning_rate", float("nan"), "learning_rate=nan must be a finite number > 0"),
+        ("weight_decay", -0.1, "weight_decay=-0.1 must be a finite number >= 0"),
+        ("warmup_ratio", 1.5, r"warmup_ratio=1.5 must be in \[0, 1\]"),
+        ("warmup_ratio", -0.03, r"warmup_ratio=-0.03 must be in \[0, 1\]"),
+    ],
+)
+def test_optimizer_settings_out_of_range_are_refused_by_name(tokenizer_dir, setting, value, says):
+    """torch's AdamW refused a negative rate without naming the option, after the model was built; a warm-up ratio of
+    1.5 was taken (the whole run warming up, the peak never reached)."""
+    with pytest.raises(ValueError, match=says):
+        AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), **{setting: value})
+
+
 def test_negative_full_budget_steps_are_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="full_budget_steps=-1"):
         AdaptiveMLLM(make_backbone(tokenizer_dir, num_layers=6, num_kv_heads=2), LayerScheduler(num_prefix_layers=2), full_budget_steps=-1)
