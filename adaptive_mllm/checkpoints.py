@@ -73,9 +73,7 @@ def check_checkpoint(path: str | Path, required: tuple[str, ...] = LIGHTNING_KEY
     if size == 0:
         raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes); the run that wrote it was probably killed while saving")
     if _is_safetensors(path):
-        weights = _model_weights(path.parent)
-        advice = f"{path.parent} is {weights}" if weights else f"pass a checkpoint `adaptive-mllm fit` wrote ({FIT_CHECKPOINTS})"
-        raise CheckpointError(f"checkpoint {path}: a safetensors weight file, not a Lightning checkpoint; {advice}")
+        raise CheckpointError(f"checkpoint {path}: a safetensors weight file, not a Lightning checkpoint; {_what_to_pass(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -121,6 +119,12 @@ def _model_weights(directory: Path) -> str | None:
 
 
 FIT_CHECKPOINTS = "runs/<run>/checkpoints/*.ckpt"  # where `adaptive-mllm fit` saves Lightning checkpoints
+
+
+def _what_to_pass(path: Path) -> str:
+    """For a file that is no Lightning checkpoint: what its folder is and which option reads it, or what to pass."""
+    weights = _model_weights(path.parent)
+    return f"{path.parent} is {weights}" if weights else f"pass a checkpoint `adaptive-mllm fit` wrote ({FIT_CHECKPOINTS})"
 
 
 WANDB_ARTIFACTS = (
@@ -262,11 +266,9 @@ def _check_keys(path: Path, required: tuple[str, ...]) -> None:
     missing = [key for key in required if not (isinstance(content, dict) and key in content)]
     if missing:
         found = sorted(map(str, content))[:5] if isinstance(content, dict) else type(content).__name__
-        where = _model_weights(path.parent)  # pytorch_model.bin beside a model's config.json
-        advice = f"{path.parent} is {where}" if where else f"pass a checkpoint `adaptive-mllm fit` wrote ({FIT_CHECKPOINTS})"
         raise CheckpointError(
             f"checkpoint {path}: a PyTorch file but not a Lightning checkpoint (no {', '.join(repr(k) for k in missing)}; "
-            f"found {found}); {advice}"
+            f"found {found}); {_what_to_pass(path)}"  # e.g. pytorch_model.bin beside a model's config.json
         )
 
 
@@ -360,7 +362,7 @@ def _process_runs(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):  # none runs; no process can have that number
         return False
     except PermissionError:  # another user's
-        return True
+        pass
     return True
 
 

@@ -11,11 +11,9 @@ ahead, in threads, while the model answers the batch before (:mod:`~adaptive_mll
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from collections import Counter
@@ -29,6 +27,7 @@ import torch
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from adaptive_mllm.reporting import write_text_atomically
 from adaptive_mllm.serving.arrival import RECEIVED, StampingLoop, waited_ms
 from adaptive_mllm.serving.correction import RunningRatio
 from adaptive_mllm.serving.latency import LatencyModel
@@ -482,16 +481,12 @@ class DeadlineAPI(ls.LitAPI):
         if self.metrics_path is None:
             return
         path = Path(self.metrics_path)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         # best effort: the answers are computed, and a folder removed (a tmp cleaner), a full disk or a read-only one
         # must not turn them into 500s; /metrics shows the last counts written meanwhile
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(counts, sort_keys=True))
-            temporary.replace(path)  # readers never see half a file
+            write_text_atomically(path, json.dumps(counts, sort_keys=True))  # readers never see half a file
         except OSError as error:
-            with contextlib.suppress(OSError):  # half a file left by a full disk
-                temporary.unlink(missing_ok=True)
             if str(error) not in self.metrics_errors:  # once per distinct error, not every batch
                 self.metrics_errors.add(str(error))
                 log.warning("could not write the counts to %s (%s); answering on", path, error)

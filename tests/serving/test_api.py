@@ -631,11 +631,19 @@ def test_a_failing_metrics_write_never_fails_the_answers(
     assert isinstance(api.predict([request])[0], Answer)
     before = read_metrics(str(path))["requests"]  # written again, into the folder made again
 
-    def full_disk(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    import adaptive_mllm.reporting as reporting
+
+    write_atomically = reporting.write_atomically
+
+    def full_disk(target, write, binary=True):  # the disk fills part-way through the counts' file
+        def failing(handle):
+            write(handle)
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+        return write_atomically(target, failing, binary)
 
     with monkeypatch.context() as patched:
-        patched.setattr(api_module.Path, "write_text", full_disk)
+        patched.setattr(reporting, "write_atomically", full_disk)
         answers = [api.predict([request])[0] for _ in range(3)]
     assert all(isinstance(answer, Answer) for answer in answers)
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
