@@ -12,6 +12,11 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# pytest-xdist's workers (pyproject's addopts) share the cores: each worker's torch takes its share, not all of them
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 @pytest.fixture(autouse=True)
 def _no_wandb_run_outlives_its_test():
     """A fit run in-process leaves W&B's run open, and Lightning's offline WandbLogger sets WANDB_MODE=dryrun for

@@ -8,10 +8,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -232,23 +234,29 @@ def test_bad_requests_interleaved_with_good_ones(served):
         ("system turn", {"messages": [{"role": "system", "content": "x"}, *good["messages"]]}, 400, "expected 'user'"),
         ("not an object", [1, 2], 422, "dict"),
     ]
-    for name, body, status, message in bad:
+
+    def send(body: dict | bytes) -> httpx.Response:
         if isinstance(body, bytes):
-            reply = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
-        else:
-            reply = _post(base, body)
-        assert reply.status_code == status, (name, reply.text)
-        assert message in reply.text, (name, reply.text)
-        if name == "unknown field":
-            _disconnect_mid_request(base, good)
-        answer = _post(base, good)
-        assert answer.status_code == 200, (name, answer.text)
-        assert answer.json()["choices"][0]["message"]["content"] == expected, name
-    # a path inside the allowed folder is read, relative or absolute
-    for url in ("a.png", str(images / "a.png"), f"file://{images / 'a.png'}"):
-        reply = _post(base, {"messages": _messages(url, QUESTION), "budget": 0.6})
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["choices"][0]["message"]["content"] == expected
+            return httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=120)
+        return _post(base, body)
+
+    # each bad request is sent with two good ones at once: three fill the server's batch (no wait for its 1 s
+    # timeout), and a bad request that reaches the worker shares their batch
+    with ThreadPoolExecutor(3) as pool:
+        for name, body, status, message in bad:
+            if name == "unknown field":
+                _disconnect_mid_request(base, good)
+            reply, *answers = pool.map(send, [body, good, good])
+            assert reply.status_code == status, (name, reply.text)
+            assert message in reply.text, (name, reply.text)
+            for answer in answers:
+                assert answer.status_code == 200, (name, answer.text)
+                assert answer.json()["choices"][0]["message"]["content"] == expected, name
+        # a path inside the allowed folder is read, relative or absolute
+        urls = ("a.png", str(images / "a.png"), f"file://{images / 'a.png'}")
+        for reply in pool.map(lambda url: _post(base, {"messages": _messages(url, QUESTION), "budget": 0.6}), urls):
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == expected
 
 
 def test_health_and_metrics(served):
@@ -400,8 +408,9 @@ def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_d
     port = _free_port()
     command = [sys.executable, "-c", "import sys; from adaptive_mllm.serving import serve; serve(sys.argv[1:])",
                "--config", str(tmp_path / "recipe.yaml"), "--port", str(port)]
-    temporary = tmp_path / "tmp"  # the server's temporary folder (tempfile reads TMPDIR)
-    temporary.mkdir()
+    # the server's temporary folder (tempfile reads TMPDIR); a short path: multiprocessing puts its sockets there, and
+    # a socket path over 107 bytes (a long pytest folder) stops the server's start
+    temporary = Path(tempfile.mkdtemp(prefix="serve-"))
     process = _start_server(command, tmp_path, TMPDIR=str(temporary))
     try:
         _wait_until_healthy(f"http://127.0.0.1:{port}", process, tmp_path / "server.log")
@@ -419,6 +428,7 @@ def test_sigterm_to_the_server_stops_its_workers_too(tmp_path: Path, tokenizer_d
     finally:
         if _group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 @pytest.mark.parametrize("stop", ["returns", "second signal"])
