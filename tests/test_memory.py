@@ -3,6 +3,7 @@ the real 7B recipe planned on 8 GPUs from its config alone (on the meta device).
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -45,9 +46,16 @@ def _measure_step(model, batch_size: int, seq_len: int) -> dict[str, float]:
              "prompt_lengths": torch.full((batch_size,), 2 + backbone.num_image_tokens),
              "pixel_values": torch.randn(batch_size, 3, size, size)}  # fmt: skip
     model.train()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        logits, labels = model(batch, torch.full((batch_size,), 0.8))
-        loss = model._loss(logits, labels)
+    # no garbage collection inside the profile: freeing an earlier test's objects (a trainer and its model hold
+    # each other) would count as negative bytes held
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            logits, labels = model(batch, torch.full((batch_size,), 0.8))
+            loss = model._loss(logits, labels)
+    finally:
+        gc.enable()
     held = sum(event.self_cpu_memory_usage for event in profile.events())
     loss.backward()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
