@@ -26,6 +26,7 @@ from adaptive_mllm.token_selection.base import TokenSelector, gather_positions
 BACKBONE_PARTS = ("vision_tower", "projector", "llm")  # Backbone.parameter_groups' names
 SCHEDULER_SPEC_KEY = "scheduler_spec"  # in a checkpoint: the {class_path, init_args} the scheduler was built with
 LORA_KEY = "lora"  # in a checkpoint: the LoRA settings its adapters were trained with (None: no adapters)
+CHAT_TEMPLATE_KEY = "chat_template"  # in a checkpoint: the name of the chat template it was trained with
 
 
 class AdaptiveMLLM(L.LightningModule):
@@ -209,8 +210,12 @@ class AdaptiveMLLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record how the scheduler was built (``class_path`` / ``init_args``), so a test of this checkpoint with
         another scheduler can name it, and a baseline can encode budgets as it did; and the LoRA settings, whose
-        ``alpha`` scales every adapter but is no tensor's shape."""
+        ``alpha`` scales every adapter but is no tensor's shape; and the chat template, which no tensor records
+        either."""
         checkpoint[LORA_KEY] = None if self.lora is None else dataclasses.asdict(self.lora)
+        template = getattr(self.backbone, "template_name", None)  # a backbone of one's own may name none
+        if template is not None:
+            checkpoint[CHAT_TEMPLATE_KEY] = template
         if self.scheduler is None:
             return
         try:
@@ -227,6 +232,7 @@ class AdaptiveMLLM(L.LightningModule):
         A sharded checkpoint (a directory) reaches this hook without ``state_dict``: the strategy has
         already loaded the weights, strictly, each rank its shards."""
         self._check_lora_of(checkpoint.get(LORA_KEY))
+        self._check_chat_template_of(checkpoint.get(CHAT_TEMPLATE_KEY))
         self._check_optimizer_groups_of(checkpoint)
         self._check_budget_rule_of(checkpoint.get(SCHEDULER_SPEC_KEY))
         if isinstance(self.scheduler, BaselineScheduler) and self.scheduler.latency_encoder is not None:
@@ -277,6 +283,19 @@ class AdaptiveMLLM(L.LightningModule):
         if trained.get("dropout") != own["dropout"]:
             rank_zero_warn(f"the checkpoint's LoRA adapters were trained with lora.dropout={trained.get('dropout')}, "
                            f"the recipe gives {own['dropout']} (it matters only to further training)")
+
+    def _check_chat_template_of(self, trained: str | None) -> None:
+        """A model answers in the template it was trained on: evaluated with another (a recipe of another stage,
+        ``plain`` against ``vicuna_v1``), it loads and scores lower with nothing said. A warning, not an error:
+        comparing templates is an experiment. Checkpoints written before 2026-12-08 record none."""
+        own = getattr(self.backbone, "template_name", None)
+        if trained is None or own is None or trained == own:
+            return
+        rank_zero_warn(
+            f"the checkpoint was trained with chat template {trained!r}, the recipe gives {own!r}: prompts are "
+            f"built otherwise than in training; pass --model.backbone.init_args.template={trained} to use the "
+            "checkpoint's"
+        )
 
     def _check_scheduler_of(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor], wrong: list[str]) -> None:
         """A checkpoint trained with another learned scheduler (AdaLLaVA-H into an L recipe) is named as such,

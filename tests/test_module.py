@@ -8,11 +8,12 @@ import warnings
 import pytest
 import torch
 
+from adaptive_mllm.backbones import LlavaBackbone
 from adaptive_mllm.backbones.templates import IGNORE_INDEX
 from adaptive_mllm.module import AdaptiveMLLM, learning_rate_factor
 from adaptive_mllm.planning import PlanInputs
 from adaptive_mllm.schedulers import FullScheduler, HeadScheduler, LayerScheduler, StaticScheduler
-from tests.conftest import make_backbone, random_images
+from tests.conftest import make_backbone, random_images, tiny_config
 
 
 def _model(tokenizer_dir, scheduler) -> AdaptiveMLLM:
@@ -616,3 +617,26 @@ def test_a_checkpoint_of_the_other_budget_rule_is_said(tokenizer_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.on_load_checkpoint({"state_dict": dict(saved["state_dict"]), "scheduler_spec": saved["scheduler_spec"]})
+
+
+def test_a_checkpoint_evaluated_with_another_chat_template_is_warned_about(tokenizer_dir):
+    trained = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(num_prefix_layers=2))
+    trained.configure_model()
+    saved: dict = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(saved)
+    assert saved["chat_template"] == "plain_chat"
+    same = AdaptiveMLLM(make_backbone(tokenizer_dir), LayerScheduler(num_prefix_layers=2))
+    same.configure_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.on_load_checkpoint(dict(saved))
+    other_backbone = LlavaBackbone(config=tiny_config(), tokenizer=str(tokenizer_dir), template="vicuna_v1")
+    other_backbone.build()
+    other = AdaptiveMLLM(other_backbone, LayerScheduler(num_prefix_layers=2))
+    other.configure_model()
+    with pytest.warns(UserWarning, match=r"trained with chat template 'plain_chat', the recipe gives 'vicuna_v1'.*template=plain_chat"):
+        other.on_load_checkpoint(dict(saved))
+    del saved["chat_template"]  # a checkpoint written before it was recorded: nothing to compare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.on_load_checkpoint(dict(saved))
