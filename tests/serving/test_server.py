@@ -511,13 +511,14 @@ def test_a_signal_to_the_whole_process_group_answers_the_requests_in_flight(tmp_
     """Ctrl+C (SIGINT to the terminal's process group) and ``kill -- -PGID`` (systemd's default) reached the worker
     and the queue Manager too: the requests in flight hung for 30 s and got no answer, or a 500 with a traceback.
     Now the main process alone acts, as on its own SIGTERM: those requests are answered, then everything exits."""
-    # a batch waits 1 s to fill: requests sent just before the signal are in the worker when it comes
-    process, base = _tiny_server(tmp_path, tokenizer_dir, "--max_batch_size", "8", "--batch_timeout", "1.0")
+    # a batch waits 3 s to fill: requests sent 1.5 s before the signal are in the worker when it comes (0.4 s of
+    # 1 s was too little for the third on a loaded machine: it was not yet sent and got a reset connection)
+    process, base = _tiny_server(tmp_path, tokenizer_dir, "--max_batch_size", "8", "--batch_timeout", "3.0")
     body = {"messages": _messages(_data_url(_png(4)), QUESTION), "budget": 1.0}
     try:
         with ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(_outcome, base, body) for _ in range(3)]
-            time.sleep(0.4)
+            time.sleep(1.5)
             signalled = time.monotonic()
             os.killpg(process.pid, signum)
             time.sleep(0.3)
