@@ -161,9 +161,10 @@ class Backbone(nn.Module, ABC):
         """Write weights (safetensors), configs, tokenizer and image processor in the HF layout."""
 
     # --- training modes --------------------------------------------------------------------------
+    @abstractmethod
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named parts (vision_tower / projector / llm), so a recipe can freeze any of them."""
-        raise NotImplementedError
+        """Named parts (vision_tower / projector / llm), so a recipe can freeze any of them and give each its
+        own learning rate."""
 
     def add_lora(self, lora: LoRA) -> None:
         """Train the LLM through LoRA adapters on its decoder layers' projections (after ``build``; once)."""
