@@ -72,9 +72,14 @@ def entry_point() -> None:
     (set ADAPTIVE_MLLM_TRACEBACK=1 for it)."""
     try:
         main()
-    except SIGTERMException:  # a SystemExit: Lightning stopped the run between two steps (its checkpoint saved)
-        fit = sys.argv[1:2] == ["fit"]
-        hint = " (resume it with the same command and --ckpt_path last)" if fit else " (what it wrote so far is kept)"
+    except SIGTERMException as stopped:  # a SystemExit: Lightning stopped the run between two steps (its checkpoint saved)
+        if getattr(stopped, "during_test_after_fit", False):
+            hint = (" during the test after training, which had finished and is saved: test it with `adaptive-mllm test`, "
+                    "the same config and --ckpt_path last")  # fmt: skip
+        elif sys.argv[1:2] == ["fit"]:
+            hint = " (resume it with the same command and --ckpt_path last)"
+        else:
+            hint = " (what it wrote so far is kept)"
         print(f"adaptive-mllm: stopped by SIGTERM{hint}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:

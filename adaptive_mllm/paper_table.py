@@ -324,7 +324,8 @@ def main(argv: list[str]) -> Path:
     parser.add_argument("--config", help="the model's recipe (evaluation mode)")
     parser.add_argument("--ckpt_path", help="the checkpoint to score (default: the recipe's weights as they are)")
     parser.add_argument("--benchmarks", nargs="+", default=[], help="benchmark data YAMLs (e.g. recipes/benchmarks/*.yaml); NAME=path names a column")
-    parser.add_argument("--budgets", nargs="+", type=float, default=PAPER_BUDGETS, help="the paper's by default")
+    parser.add_argument("--budgets", nargs="+", type=float, default=None,
+                        help="the rows: by default the paper's with --config, every budget the runs have with --from_runs")
     parser.add_argument("--from_runs", nargs="+", default=[], help="read these runs' test_results.csv instead of evaluating; NAME=dir names a column")
     parser.add_argument("--out", default="runs/table", help="one directory per benchmark run, and paper_table.md / .csv")
     parser.add_argument("--overwrite", action="store_true", help="replace the paper_table.md / .csv of an earlier table in --out")
@@ -335,10 +336,12 @@ def main(argv: list[str]) -> Path:
         parser.error(f"--from_runs only reads runs; unexpected: {' '.join(['--benchmarks'] * bool(args.benchmarks) + ['--ckpt_path'] * bool(args.ckpt_path) + extra)}")
     if args.config and not args.benchmarks:
         parser.error("--benchmarks: at least one benchmark YAML to evaluate")
-    bad = [b for b in args.budgets if not 0.0 < b <= 1.0]
+    if args.budgets is None and args.config:
+        args.budgets = list(PAPER_BUDGETS)
+    bad = [b for b in args.budgets or [] if not 0.0 < b <= 1.0]
     if bad:
         parser.error(f"--budgets must be in (0, 1], got {bad}")
-    if len(set(args.budgets)) != len(args.budgets):
+    if args.budgets is not None and len(set(args.budgets)) != len(args.budgets):
         parser.error(f"--budgets: each budget once, got {args.budgets}")
     budget_flags = [flag for flag in extra if flag.split("=", 1)[0] in ("--model.eval_budgets", "--model.init_args.eval_budgets")]
     if budget_flags:  # the table's runs score exactly --budgets: another list would leave its rows empty
@@ -355,8 +358,14 @@ def main(argv: list[str]) -> Path:
             done.append(run_dir)
         budgets: list[float] | None = args.budgets
     else:
-        specs, budgets = args.from_runs, None
-    columns, rows = table_rows([read_run(spec) for spec in specs], budgets)
+        specs, budgets = args.from_runs, args.budgets  # None: every budget the runs have
+    runs = [read_run(spec) for spec in specs]
+    if args.from_runs and budgets is not None:  # a budget no run has would be an empty row
+        have = {budget for run in runs for budget in run.rows}
+        absent = [budget for budget in budgets if budget not in have]
+        if absent:
+            parser.error(f"--budgets {absent}: no run has them; the runs have {sorted(have, reverse=True)}")
+    columns, rows = table_rows(runs, budgets)
     check_writable_out(parser, out)
     refuse_existing_output(parser, out, args.overwrite, TABLE_FILES)  # again: one may have been written while the benchmarks ran
     text = markdown(columns, rows)

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import adaptive_mllm.backbones  # noqa: F401  (short class names in configs)
 import adaptive_mllm.data  # noqa: F401
@@ -262,7 +263,11 @@ class AdaptiveMLLMCLI(LightningCLI):
     def after_fit(self) -> None:
         config = self.config["fit"]
         if config.get("test_after_fit") and not self.trainer.fast_dev_run and _has_test_split(self.datamodule):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            try:
+                self.trainer.test(self.model, datamodule=self.datamodule)
+            except SIGTERMException as stopped:  # training is done and saved: the command's message says so
+                stopped.during_test_after_fit = True
+                raise
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AdaptiveMLLMCLI:

@@ -191,6 +191,29 @@ def test_a_run_stopped_by_sigterm_exits_with_its_signal_code(monkeypatch, capsys
     assert "stopped by SIGTERM" in capsys.readouterr().err
 
 
+def test_a_sigterm_during_the_test_after_fit_says_training_is_saved(in_tmp, monkeypatch, capsys):
+    """It said "resume it with --ckpt_path last", as for a fit stopped mid-training; training had finished."""
+    import sys
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from adaptive_mllm import cli
+
+    def preempted(self, *args, **kwargs):
+        raise SIGTERMException()  # what Lightning raises between two test batches after a SIGTERM
+
+    monkeypatch.setattr(Trainer, "test", preempted)
+    monkeypatch.setattr(sys, "argv", ["adaptive-mllm", "fit", "--config", str(RECIPE_DIR / "tiny.yaml"), *_small_data(),
+                                      "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--test_after_fit=true"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning):
+        cli.entry_point()
+    assert exit_info.value.code == 143
+    err = capsys.readouterr().err
+    assert "during the test after training, which had finished and is saved" in err and "resume" not in err
+    assert (in_tmp / "runs" / "tiny" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_help_names_every_subcommand(capsys):
     from adaptive_mllm.cli import SUBCOMMANDS
 

@@ -421,3 +421,14 @@ def test_a_first_benchmark_that_fails_claims_no_evaluated_one(tmp_path, monkeypa
     message = capsys.readouterr().err
     assert "pope.yaml failed (exit code 1" in message and "No benchmark was evaluated before it" in message
     assert "evaluated before it are in" not in message and "--from_runs" not in message
+
+
+def test_from_runs_keeps_the_rows_of_the_budgets_given(hand_runs, tmp_path, capsys):
+    """--budgets was checked, then ignored with --from_runs: every budget of the runs was shown."""
+    out = tmp_path / "table"
+    with pytest.warns(UserWarning, match="no flops_vs_plain column"):
+        main(["--from_runs", *map(str, hand_runs), "--budgets", "0.6", "1.0", "--out", str(out)])
+    assert [float(row["budget"]) for row in _read_csv(out / "paper_table.csv")] == [0.6, 1.0]
+    with pytest.raises(SystemExit), pytest.warns(UserWarning):
+        main(["--from_runs", *map(str, hand_runs), "--budgets", "1.0", "0.7", "--out", str(tmp_path / "other")])
+    assert "--budgets [0.7]: no run has them; the runs have [1.0, 0.85, 0.6]" in capsys.readouterr().err
