@@ -287,7 +287,7 @@ class AdaptiveMLLM(L.LightningModule):
     def _check_chat_template_of(self, trained: str | None) -> None:
         """A model answers in the template it was trained on: evaluated with another (a recipe of another stage,
         ``plain`` against ``vicuna_v1``), it loads and scores lower with nothing said. A warning, not an error:
-        comparing templates is an experiment. Checkpoints written before 2026-12-08 record none."""
+        comparing templates is an experiment. Checkpoints written before 2026-12-07 record none."""
         own = getattr(self.backbone, "template_name", None)
         if trained is None or own is None or trained == own:
             return
