@@ -28,12 +28,14 @@ def test_no_api_key_is_a_problem(no_wandb_login):
 
 
 def test_unreachable_host_is_a_problem_found_quickly(no_wandb_login, monkeypatch):
-    with socket.socket() as closed:  # a port nothing listens on: the connect is refused at once
+    # a port bound but not listening, held for the whole check (no other process can start listening on it): the
+    # connect is refused at once
+    with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    assert "unreachable" in online_problem(timeout=1.0)
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        assert "unreachable" in online_problem(timeout=1.0)
 
 
 def test_reachable_host_with_key_is_fine(no_wandb_login, monkeypatch):

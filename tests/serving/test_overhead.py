@@ -47,7 +47,7 @@ def test_time_outside_the_worker_is_the_whole_time_less_the_workers_share():
     asyncio.run(_post(_app(times, 0.0, 0.0, deadline_ms=None), "/v1/chat/completions", 9))
     assert times.outside_ms == first
     asyncio.run(_post(_app(times, 0.0, 0.0, deadline_ms=None), "/v1/chat/completions", 1))
-    assert times.outside_ms < 20.0
+    assert times.outside_ms < 39.0  # the slow one left the window (a fast one on a loaded machine may take 20 ms)
     before = times.outside_ms
     asyncio.run(_post(_app(times, 0.0, 0.0, None), "/v1/other", 3))  # other paths are not timed
     assert times.outside_ms == before

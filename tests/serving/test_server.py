@@ -165,6 +165,10 @@ def test_answers_like_generate_through_the_openai_client(served):
 
 
 def test_mixed_budgets_in_one_batch_answer_as_each_alone(served):
+    # LitServe's 1 s window to fill a batch opens when the worker starts collecting, not at a request: an idle
+    # worker opens one after another, and three requests could straddle two. One request first: the next window
+    # opens as its batch ends, and the three sent then fall in it
+    assert _post(served["base"], {"messages": _messages(_data_url(_png(10)), QUESTION), "budget": 1.0}).status_code == 200
     cases = [(_png(11), QUESTION, 1.0), (_png(12), OTHER, 0.3), (_png(13), QUESTION, 0.6)]
     with ThreadPoolExecutor(len(cases)) as pool:
         replies = list(pool.map(lambda c: _post(served["base"], {"messages": _messages(_data_url(c[0]), c[1]), "budget": c[2]}), cases))
