@@ -461,12 +461,11 @@ class DeadlineAPI(ls.LitAPI):
         budget = float(budgets.mean())
         if steps == 0:
             predicted = self.latency.predict_ms(budget, prompt_tokens, 1, size)
-            self.ratio.update(predicted, measured_ms)
-            return measured_ms / predicted if predicted > 0 else None
-        full_ms = measured_ms + (new_tokens - 1 - steps) * 1000 * decode_seconds_per_token
-        predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size)
-        self.ratio.update(predicted, full_ms)
-        return full_ms / predicted if predicted > 0 else None
+        else:
+            predicted = self.latency.predict_ms(budget, prompt_tokens, new_tokens, size)
+            measured_ms += (new_tokens - 1 - steps) * 1000 * decode_seconds_per_token
+        self.ratio.update(predicted, measured_ms)
+        return measured_ms / predicted if predicted > 0 else None
 
     # --- counts --------------------------------------------------------------------------------------
     def _write_metrics(self) -> None:

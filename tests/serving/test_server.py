@@ -442,7 +442,6 @@ def test_the_metrics_folder_the_server_made_is_removed_when_it_stops(
     """Without --metrics_path every start left a tempfile folder with metrics.json in /tmp; a --metrics_path given is
     the user's, and kept. (No server runs here: LitServer.run is replaced; a real one is stopped in the test above.)"""
     import signal as signals
-    import tempfile
 
     from adaptive_mllm.serving import serve
     from adaptive_mllm.serving.lifecycle import DeadlineServer

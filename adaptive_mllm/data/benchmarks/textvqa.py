@@ -125,13 +125,13 @@ class TextVQADataModule(BenchmarkDataModule):
             text = text.strip()
             text = text[:1].upper() + text[1:]  # the annotation's lower-case question, capitalised as LLaVA asks it
             if self.use_ocr:
-                if ocr is None and raw.get("ocr_tokens") is None:
-                    raise DataError.at(
-                        path, "missing: TextVQA's own 0.5.1 files hold no OCR tokens; give ocr_json the Rosetta file "
-                        "(TextVQA_Rosetta_OCR_v0.2_val.json, as LLaVA-1.5's question file was made), or use_ocr: false",
-                        question_id, index, "ocr_tokens",
-                    )  # fmt: skip
                 if ocr is None:
+                    if raw.get("ocr_tokens") is None:
+                        raise DataError.at(
+                            path, "missing: TextVQA's own 0.5.1 files hold no OCR tokens; give ocr_json the Rosetta file "
+                            "(TextVQA_Rosetta_OCR_v0.2_val.json, as LLaVA-1.5's question file was made), or use_ocr: false",
+                            question_id, index, "ocr_tokens",
+                        )  # fmt: skip
                     tokens = require(raw, "ocr_tokens", list, path, question_id, index)
                 elif image_id in ocr:
                     tokens = ocr[image_id]
