@@ -23,9 +23,10 @@ Budgets become unit counts here, not in the schedulers. Two rules (``budget_rule
   ``U`` the model's units (``L`` layers, or ``L * num_heads / rank`` head units) and ``U_prefix`` those of the
   prefix layers. It counts units, not FLOPs: the LM head and any token selection are ignored, so a plan can
   exceed ``b`` of the full model's FLOPs a little (LLaVA-1.5-7B at 0.75: 24 of 32 layers and the LM head), and
-  any budget in ``[0, 1]`` is accepted (below the prefix: 0 units). It gives the paper's rows. ``floor`` allows
-  1e-4 of a unit for float rounding, so a float32 ``0.7`` over 10 layers gives 7 and ``113 / 128`` over 128
-  units gives 113, as the release's arithmetic on those values does;
+  any budget in ``[0, 1]`` is accepted (below the prefix: 0 units). It gives the paper's rows. The arithmetic is
+  the release's evaluation's, whose model runs in float16: ``b`` a float16 number, ``U * b`` rounded to float16,
+  then the floor. So a budget that float16 cannot hold runs the level of its nearest float16 value: LLaVA-1.5-13B
+  AdaLLaVA-H (200 units) at ``0.55`` (float16 ``0.5498``) runs 109 units, not 110, as the release does;
 - ``"flops"`` (this project's): a plan **never** exceeds its budget: ``units_for_budget`` returns the largest
   ``k`` whose worst plan still fits, LM head and dropped tokens counted (one unit fewer than the release's at
   budgets that fall on a level, e.g. LLaVA-1.5-13B at 0.85 and 0.6; fewer with FastV).
@@ -34,6 +35,7 @@ Budgets become unit counts here, not in the schedulers. Two rules (``budget_rule
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -48,7 +50,6 @@ if TYPE_CHECKING:
 
 
 BudgetRule = Literal["release", "flops"]
-RELEASE_FLOOR_TOLERANCE = 1e-4  # of a unit: float rounding of b * U never loses a whole unit
 
 
 class CostModel:
@@ -238,7 +239,7 @@ class CostModel:
             if not 0 <= units <= most:
                 raise ValueError(f"units={units} must be in [0, {most}]")
             prefix, total = self.num_prefix_layers * units_per_layer, self.shape.num_layers * units_per_layer
-            return 1.0 if units == most else (prefix + units + 0.5) / total
+            return 1.0 if units == most else _release_budget(prefix + units, total)
         spent = self._cumulative_flops(seq_len, units_per_layer, layer_tokens)
         if not 0 <= units < len(spent):
             raise ValueError(f"units={units} must be in [0, {len(spent) - 1}]")
@@ -247,10 +248,9 @@ class CostModel:
         return (spent[units] + spent[units + 1]) / 2 / self.full_flops(seq_len, layer_tokens)
 
     def _release_units(self, budget: float, units_per_layer: int) -> int:
-        """The release's ``max(0, floor(U * b) - U_prefix)``, 1e-4 of a unit allowed for float rounding (a float32
-        budget differs from its decimal by up to 6e-8 of it: 1e-5 of a unit at 200 units)."""
+        """The release's ``max(0, floor(U * b) - U_prefix)``, in float16 as its evaluation computes it."""
         prefix, total = self.num_prefix_layers * units_per_layer, self.shape.num_layers * units_per_layer
-        return max(0, math.floor(budget * total + RELEASE_FLOOR_TOLERANCE) - prefix)
+        return max(0, _release_level(budget, total) - prefix)
 
     def _cumulative_flops(self, seq_len: int, units_per_layer: int, layer_tokens: Sequence[int] | None) -> list[int]:
         """[fixed, fixed + the most expensive unit, ...]: the worst-case cost of each unit count."""
@@ -299,3 +299,43 @@ class CostModel:
             kv_kept * attention_group[:, self.num_prefix_layers :] + neurons * mlp_neuron[:, self.num_prefix_layers :]
         ).sum(-1)  # [B]
         return prefix + scheduled + self.lm_head_flops()
+
+
+# --- the release's budget arithmetic ---------------------------------------------------------------------
+FLOAT16_ONE = 0x3C00  # float16's bit pattern of 1.0; from 0 up to it, patterns are ordered as the values they hold
+
+
+def _release_level(budget: float, total: int) -> int:
+    """``floor(U * b)`` as the release computes it at evaluation: ``latency_quantizing`` on a budget tensor of the
+    model's dtype, float16 there (``torch.full(..., latency, dtype=self.dtype)``), so ``b`` and the product are
+    float16 numbers."""
+    return int(torch.floor(torch.tensor(budget, dtype=torch.float16) * total))
+
+
+def _float16(pattern: int) -> float:
+    return float(torch.tensor(pattern, dtype=torch.int16).view(torch.float16))
+
+
+@functools.lru_cache(maxsize=4096)
+def _release_budget(level: int, total: int) -> float:
+    """The float16 budget in the middle of those the release turns into ``level`` of ``total`` units: it survives
+    float32 (training's tensors) and float16 unchanged. A ValueError for a level no float16 budget reaches (above
+    2048 units, where float16's products skip levels)."""
+
+    def first_reaching(target: int) -> int:  # the lowest pattern whose level is >= target
+        low, high = 0, FLOAT16_ONE + 1
+        while low < high:
+            middle = (low + high) // 2
+            if _release_level(_float16(middle), total) >= target:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    start, end = first_reaching(level), first_reaching(level + 1)
+    if start >= end:
+        raise ValueError(
+            f"no budget reaches {level} of {total} units in the release's float16 arithmetic; "
+            "use budget_rule: flops, or fewer units (a larger scheduler rank)"
+        )
+    return _float16((start + end - 1) // 2)

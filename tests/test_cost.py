@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -321,6 +322,7 @@ def test_uneven_units_fit_whichever_groups_are_picked() -> None:
 
 # --- the release's budget rule ----------------------------------------------------------------------------
 VICUNA_7B = DecoderShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008, vocab_size=32000)
+VICUNA_13B = DecoderShape(num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=40, head_dim=128, intermediate_size=13824, vocab_size=32000)
 
 
 def test_release_rule_reproduces_the_papers_fastv_rows() -> None:
@@ -351,15 +353,47 @@ def test_release_rule_below_the_prefix_is_zero_units() -> None:
         CostModel(VICUNA_7B, 16, budget_rule="paper")
 
 
-def test_release_rule_reads_decimal_budgets() -> None:
-    """floor(10 x 0.7) is 7 although float32 0.7 x 10 is 6.99999988; floor(100 x 0.29) is 29 although
-    0.29 x 100 is 28.999999999999996 in float64."""
+def test_release_rule_reads_budgets_in_float16_as_the_release_evaluates() -> None:
+    """float16 0.7 is 0.7002: 10 x it is 7 units, where float32's 6.99999988 would floor to 6; float16 0.29 is
+    0.2900: 29 of 100."""
     ten = CostModel(DecoderShape(10, 64, 4, 4, 16, 128, 100), 2, budget_rule="release")
     assert ten.units_for_budget(torch.tensor([0.7], dtype=torch.float32), torch.tensor([5])).tolist() == [5]
     hundred = CostModel(DecoderShape(100, 64, 4, 4, 16, 128, 100), 0, budget_rule="release")
     assert hundred.units_for_budget(torch.tensor([0.29], dtype=torch.float64), torch.tensor([5])).tolist() == [29]
 
 
+def release_units_in_numpy(budget: float, total: int, prefix: int) -> int:
+    """The release's ``latency_quantizing`` on a float16 budget, computed apart: numpy's float16 rounds the budget
+    and the exact float64 product."""
+    return max(0, int(np.floor(np.float16(float(np.float16(budget)) * total))) - prefix)
+
+
+@pytest.mark.parametrize(
+    ("shape", "units_per_layer"), [(VICUNA_7B, 1), (VICUNA_7B, 4), (VICUNA_13B, 1), (VICUNA_13B, 5)], ids=["7B-L", "7B-H", "13B-L", "13B-H"]
+)
+def test_release_rule_equals_the_release_arithmetic_on_a_fine_grid(shape: DecoderShape, units_per_layer: int) -> None:
+    cost = CostModel(shape, shape.num_layers // 2)
+    total, prefix = shape.num_layers * units_per_layer, shape.num_layers // 2 * units_per_layer
+    budgets = [round(0.001 * step, 3) for step in range(1001)]
+    ours = cost.units_for_budget(torch.tensor(budgets, dtype=torch.float64), torch.full((1001,), 50), units_per_layer)
+    assert ours.tolist() == [release_units_in_numpy(budget, total, prefix) for budget in budgets]
+
+
+def test_release_rule_runs_what_the_release_runs_where_float16_moves_a_budget() -> None:
+    """13B AdaLLaVA-H (200 units, 100 in the prefix): float16 0.55 is 0.5498, 200 x it 109.96, rounded to float16
+    109.94: 9 units, where exact decimals give 10; 0.51 -> 101.95 -> 1 unit (not 2). The paper's 0.6 and 0.85
+    are unmoved: 20 and 70."""
+    cost = CostModel(VICUNA_13B, 20)
+    budgets = torch.tensor([0.55, 0.51, 0.6, 0.85, 1.0], dtype=torch.float64)
+    assert cost.units_for_budget(budgets, torch.full((5,), 50), 5).tolist() == [9, 1, 20, 70, 100]
+
+
+def test_release_rule_refuses_a_level_float16_cannot_reach() -> None:
+    """4096 units: float16's products above 2048 are even numbers, so 2049 units is no budget's."""
+    cost = CostModel(DecoderShape(64, 64, 64, 64, 1, 128, 100), 32)  # 64 units per layer, 2048 in the prefix
+    assert cost.units_for_budget(torch.tensor([cost.budget_for_units(2, 50, 64)]), torch.tensor([50]), 64).tolist() == [2]
+    with pytest.raises(ValueError, match="no budget reaches 2049 of 4096 units.*budget_rule: flops"):
+        cost.budget_for_units(1, 50, 64)
 def test_release_rule_counts_every_exact_level_as_the_release_does() -> None:
     """Budgets j / U (the release's H training draws randint(64, 129) / 128) give j - U_prefix units, 7 decimals
     and all (rounding the budget to 6 decimals first lost a unit at 113, 117, 121, 125 of 128); float32 too."""
@@ -371,11 +405,16 @@ def test_release_rule_counts_every_exact_level_as_the_release_does() -> None:
         assert k.tolist() == (levels - 64).long().tolist()
 
 
-@pytest.mark.parametrize("units_per_layer", [1, 4])
-def test_release_rule_budget_for_units_round_trips(units_per_layer: int) -> None:
-    release = CostModel(VICUNA_7B, 16, budget_rule="release")
-    most = 16 * units_per_layer
+@pytest.mark.parametrize(
+    ("shape", "units_per_layer"), [(VICUNA_7B, 1), (VICUNA_7B, 4), (VICUNA_13B, 5), (VICUNA_7B, 32)], ids=["7B-L", "7B-H", "13B-H", "7B-rank1"]
+)
+def test_release_rule_budget_for_units_round_trips(shape: DecoderShape, units_per_layer: int) -> None:
+    """Every level's budget gives that level back, as float64 and as the float32 tensor training makes of it."""
+    release = CostModel(shape, shape.num_layers // 2, budget_rule="release")
+    most = shape.num_layers // 2 * units_per_layer
     budgets = [release.budget_for_units(u, 50, units_per_layer) for u in range(most + 1)]
-    assert budgets[-1] == 1.0
-    k = release.units_for_budget(torch.tensor(budgets, dtype=torch.float64), torch.full((most + 1,), 50), units_per_layer)
-    assert k.tolist() == list(range(most + 1))
+    assert budgets[-1] == 1.0 and all(a < b for a, b in zip(budgets, budgets[1:], strict=False))
+    assert budgets[0] >= release.min_budget(50)  # no level's budget below what the prefix costs
+    for dtype in (torch.float64, torch.float32):
+        k = release.units_for_budget(torch.tensor(budgets, dtype=dtype), torch.full((most + 1,), 50), units_per_layer)
+        assert k.tolist() == list(range(most + 1))
