@@ -3,9 +3,15 @@ a measured profile (JSON), and inverted: the largest budget predicted to meet a 
 
 The model is linear in the work the budget leaves, fitted by least squares on the profile's grid:
 
-    prefill_ms  = p0 + p1 * B * T + p2 * b * B * T      (B batch size, T prompt tokens, b budget)
-    decode_ms   = d0 + d1 * B     + d2 * b * B          (per generated token)
+    prefill_ms  = p0 + p1 * B * T + p2 * b * B * T + p3 * b   (B batch size, T prompt tokens, b budget)
+    decode_ms   = d0 + d1 * B     + d2 * b * B     + d3 * b   (per generated token)
     total_ms    = prefill_ms + (new_tokens - 1) * decode_ms  (the first token comes out of the prefill)
+
+``p3`` / ``d3`` are what a kept layer costs whatever the batch: reading its weights (what a decoding step on a GPU
+at small batch is made of) and launching its kernels. Without them a tiny model's CPU profile, whose decoding step
+at budget 1.0 takes 13 / 14 / 16 ms at batch 1 / 4 / 8 and 2.5 ms at the smallest budget, was fitted from 29% too
+fast to 94% too slow (a 2-token answer, as ``profile`` reports it) with negative per-batch coefficients; with them
+from -12% to +11% (a review's profile of 2026-12-08, kept in tests/serving/data/).
 
 The budget ``b`` stands for the FLOPs fraction of the plan: a plan never spends more than its budget,
 so predicting with ``b`` errs on the slow side. Being linear in ``b``, the model inverts in closed form.
@@ -24,7 +30,7 @@ import numpy as np
 from adaptive_mllm.reporting import write_text_atomically
 
 PROFILE_FORMAT = 1
-MIN_MEASUREMENTS = 3  # the fit has 3 coefficients per stage
+MIN_MEASUREMENTS = 4  # the fit has 4 coefficients per stage
 
 
 def check_margin(margin: float) -> None:
@@ -60,14 +66,14 @@ class LatencyModel:
     """Predicted milliseconds of a batch, and the largest budget that meets a deadline.
 
     Args:
-        prefill: (p0, p1, p2), see the module docstring.
-        decode: (d0, d1, d2), see the module docstring.
+        prefill: (p0, p1, p2, p3), see the module docstring.
+        decode: (d0, d1, d2, d3), see the module docstring.
         margin: safety margin: a budget is chosen only if ``predicted * (1 + margin) <= deadline``.
         meta: where the profile was measured (device, dtype, torch version, grid).
     """
 
-    prefill: tuple[float, float, float]
-    decode: tuple[float, float, float]
+    prefill: tuple[float, float, float, float]
+    decode: tuple[float, float, float, float]
     margin: float = 0.2
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -80,12 +86,13 @@ class LatencyModel:
         """Least-squares fit of both stages to a profile's measurements."""
         if len(measurements) < MIN_MEASUREMENTS:
             raise ValueError(
-                f"a latency profile needs at least {MIN_MEASUREMENTS} measurements to fit 3 coefficients, got {len(measurements)}"
+                f"a latency profile needs at least {MIN_MEASUREMENTS} measurements to fit {MIN_MEASUREMENTS} coefficients, "
+                f"got {len(measurements)}"
             )
         check_margin(margin)
         rows = [(m.budget, m.batch_size, m.prompt_tokens) for m in measurements]
-        prefill_x = np.array([[1.0, b_size * t, b * b_size * t] for b, b_size, t in rows])
-        decode_x = np.array([[1.0, b_size, b * b_size] for b, b_size, _ in rows])
+        prefill_x = np.array([[1.0, b_size * t, b * b_size * t, b] for b, b_size, t in rows])
+        decode_x = np.array([[1.0, b_size, b * b_size, b] for b, b_size, _ in rows])
         prefill_y = np.array([m.prefill_ms for m in measurements])
         decode_y = np.array([m.decode_ms_per_token for m in measurements])
         prefill = np.linalg.lstsq(prefill_x, prefill_y, rcond=None)[0]
@@ -125,12 +132,12 @@ class LatencyModel:
     # --- prediction --------------------------------------------------------------------------------
     def _terms(self, prompt_tokens: int, new_tokens: int, batch_size: int) -> tuple[float, float]:
         """(a, c) with total_ms = a + c * budget."""
-        p0, p1, p2 = self.prefill
-        d0, d1, d2 = self.decode
+        p0, p1, p2, p3 = self.prefill
+        d0, d1, d2, d3 = self.decode
         work = batch_size * prompt_tokens
         steps = max(new_tokens - 1, 0)
         a = p0 + p1 * work + steps * (d0 + d1 * batch_size)
-        c = p2 * work + steps * d2 * batch_size
+        c = p2 * work + p3 + steps * (d2 * batch_size + d3)
         return a, c
 
     def predict_ms(self, budget: float, prompt_tokens: int, new_tokens: int, batch_size: int = 1, scale: float = 1.0) -> float:

@@ -29,6 +29,7 @@ from adaptive_mllm.serving.latency import MIN_MEASUREMENTS, LatencyModel, Measur
 from adaptive_mllm.serving.requests import tokens_left
 
 MAX_FIT_ERROR = 0.5  # a fit error above this on its own grid is warned about
+NEGLIGIBLE_TERM = 0.01  # of a stage's fastest measured time: a negative term smaller than this is rounding
 
 
 def default_prompt_lengths(model: Any, new_tokens: int) -> list[int]:
@@ -198,12 +199,28 @@ def fit_errors(latency: LatencyModel, rows: list[Measurement]) -> list[float]:
 def fit_warnings(latency: LatencyModel, rows: list[Measurement]) -> list[str]:
     """What makes a fit unfit to serve with, said rather than written silently: a negative per-unit coefficient
     predicts larger batches, longer prompts or larger budgets faster (a deadline then picks a larger budget in a
-    larger batch), and large errors mean the measurements were noise (a busy machine)."""
-    names = {"p1 (prefill per B*T)": latency.prefill[1], "p2 (prefill per b*B*T)": latency.prefill[2],
-             "d1 (decode per B)": latency.decode[1], "d2 (decode per b*B)": latency.decode[2]}  # fmt: skip
+    larger batch), and large errors mean the measurements were noise (a busy machine). A negative coefficient
+    whose term moves no grid point by 1% of its stage's fastest time is rounding, not said."""
+    prefill_floor = NEGLIGIBLE_TERM * min(row.prefill_ms for row in rows)
+    decode_floor = NEGLIGIBLE_TERM * min(row.decode_ms_per_token for row in rows)
+    largest = {  # each term's largest value on the grid
+        "B*T": max(row.batch_size * row.prompt_tokens for row in rows),
+        "b*B*T": max(row.budget * row.batch_size * row.prompt_tokens for row in rows),
+        "B": max(row.batch_size for row in rows),
+        "b*B": max(row.budget * row.batch_size for row in rows),
+        "b": max(row.budget for row in rows),
+    }
+    terms = {  # name: (coefficient, its term's largest value, what is negligible)
+        "p1 (prefill per B*T)": (latency.prefill[1], largest["B*T"], prefill_floor),
+        "p2 (prefill per b*B*T)": (latency.prefill[2], largest["b*B*T"], prefill_floor),
+        "p3 (prefill per b)": (latency.prefill[3], largest["b"], prefill_floor),
+        "d1 (decode per B)": (latency.decode[1], largest["B"], decode_floor),
+        "d2 (decode per b*B)": (latency.decode[2], largest["b*B"], decode_floor),
+        "d3 (decode per b)": (latency.decode[3], largest["b"], decode_floor),
+    }
     advice = "measure again on a quiet machine, with more --repeats"
     warnings = [f"the fitted {name} is {value:.4g} < 0: it predicts more work to run faster; {advice}"
-                for name, value in names.items() if value < 0]  # fmt: skip
+                for name, (value, term, negligible) in terms.items() if value * term < -negligible]  # fmt: skip
     worst = max(fit_errors(latency, rows), key=abs)
     if abs(worst) > MAX_FIT_ERROR:
         warnings.append(f"the worst fit error is {100 * worst:+.1f}% (over {100 * MAX_FIT_ERROR:.0f}%): the "

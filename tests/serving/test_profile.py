@@ -61,7 +61,7 @@ def test_a_failed_profile_writes_no_file(tmp_path: Path, tokenizer_dir: Path, mo
     monkeypatch.setattr(profile_module, "measure", lambda *_: _rows(0.1)[:2])
     argv = ["--config", str(tmp_path / "recipe.yaml"), "--out", str(out), "--budgets", "1.0", "0.6", "--prompt_lengths", "8",
             "--batch_sizes", "1", "2", "--decode_tokens", "2", "--repeats", "1"]  # fmt: skip
-    with pytest.raises(ValueError, match="at least 3 measurements"):
+    with pytest.raises(ValueError, match="at least 4 measurements"):
         profile(argv)
     assert list(tmp_path.iterdir()) == [tmp_path / "recipe.yaml"]  # nor a temporary file
 
@@ -82,7 +82,7 @@ def _refuse_to_load(*_: object) -> None:
         (["--budgets", "1.0", "nan", "0.5"], "--budgets: nan is outside [0, 1]"),
         (["--budgets", "1.0", "inf", "0.5"], "--budgets: inf is outside [0, 1]"),
         (["--budgets", "1.0", "0.5"], "the grid has 2 points (2 --budgets x 1 --prompt_lengths x 1 --batch_sizes)"),
-        (["--budgets", "1.0", "0.5", "1.0"], "the latency model needs at least 3 to fit"),
+        (["--budgets", "1.0", "0.5", "1.0"], "the latency model needs at least 4 to fit"),
     ],
 )
 def test_bad_arguments_are_refused_before_the_model_loads(
@@ -97,7 +97,7 @@ def test_bad_arguments_are_refused_before_the_model_loads(
         profile([*argv, *flags])
     assert exit_info.value.code == 2 and problem in capsys.readouterr().err
     with pytest.raises(_Loaded):  # the same command with good budgets goes on to load the model
-        profile([*argv, "--budgets", "1.0", "0.5", "0.0"])
+        profile([*argv, "--budgets", "1.0", "0.75", "0.5", "0.0"])
 
 
 def test_an_out_that_is_a_directory_exists_or_cannot_be_made_is_refused_before_the_model_loads(
@@ -108,7 +108,7 @@ def test_an_out_that_is_a_directory_exists_or_cannot_be_made_is_refused_before_t
     monkeypatch.setattr(server, "build_model", _refuse_to_load)
     (tmp_path / "existing.json").write_text("keep\n")
     (tmp_path / "a-file").write_text("")
-    argv = ["--config", "unread.yaml", "--prompt_lengths", "20", "--batch_sizes", "1", "--budgets", "1.0", "0.5", "0.0"]
+    argv = ["--config", "unread.yaml", "--prompt_lengths", "20", "--batch_sizes", "1", "--budgets", "1.0", "0.75", "0.5", "0.0"]
     for out, problem in [
         (tmp_path, f"--out {tmp_path} is a directory; name a file"),
         (tmp_path / "existing.json", f"--out {tmp_path / 'existing.json'} exists; choose another path, or pass --overwrite"),
@@ -132,8 +132,8 @@ def test_an_out_that_is_a_directory_exists_or_cannot_be_made_is_refused_before_t
                                       "more than the model's maximum length 256"),  # fmt: skip
         (["--prompt_lengths", "8", "254"], "--prompt_lengths 254: with --decode_tokens 2 and the latency token it is 257"),
         (["--prompt_lengths", "4", "12"], "--prompt_lengths 4 must exceed the model's 4 image placeholders"),
-        (["--prompt_lengths", "12", "--budgets", "0.0", "0.01", "0.02", "--model.scheduler.init_args.budget_rule=flops"],
-         "the grid has 1 distinct points"),  # the FLOPs rule raises all three to the smallest admissible
+        (["--prompt_lengths", "12", "--budgets", "0.0", "0.01", "0.02", "0.03", "--model.scheduler.init_args.budget_rule=flops"],
+         "the grid has 1 distinct points"),  # the FLOPs rule raises all four to the smallest admissible
     ],
 )
 def test_prompts_the_model_cannot_take_are_refused_before_anything_is_measured(
@@ -166,9 +166,9 @@ def test_the_default_longest_prompt_is_the_longest_the_model_admits(tmp_path: Pa
     longest = profile_module.default_prompt_lengths(model, 4)[1]
     assert longest == model.backbone.max_length - 4 - latency_token  # the tiny model: under the image + 512 tokens
     parser = argparse.ArgumentParser()
-    profile_module.check_against_model(parser, model, [1.0], [longest], [1, 2, 4], 4)
+    profile_module.check_against_model(parser, model, [1.0], [longest], [1, 2, 4, 8], 4)
     with pytest.raises(SystemExit):
-        profile_module.check_against_model(parser, model, [1.0], [longest + 1], [1, 2, 4], 4)
+        profile_module.check_against_model(parser, model, [1.0], [longest + 1], [1, 2, 4, 8], 4)
 
 
 @pytest.mark.parametrize("flag", [["--model.budgt=0.5"], ["--bogus_flag", "3"], ["--batch-sizes", "1"]])
