@@ -183,7 +183,8 @@ def test_bad_options_are_named_each_for_what_is_wrong(recipe, image, tmp_path, c
         main([*common, "--image", str(tmp_path / "notes.png")])
     message = str(error.value.code)
     notes = str((tmp_path / "notes.png").resolve())
-    assert message == f"--image {notes}: not a readable image (UnidentifiedImageError: cannot identify image file {notes!r})"
+    assert message == (f"--image {notes}: not a readable image (UnidentifiedImageError: cannot identify image file {notes!r}); "
+                       "images are read in PNG, JPEG, WEBP or GIF format")
     # CUDA asked for where there is none: said before the model loads, naming --device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cuda", "cuda:0"):

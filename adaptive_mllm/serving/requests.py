@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import math
+import os
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from adaptive_mllm.backbones.base import InputProcessor
 from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationError
@@ -28,6 +31,16 @@ from adaptive_mllm.backbones.templates import IMAGE_PLACEHOLDER, ConversationErr
 # tower); a 1 x 100000 strip would become 336 x 33.6M.
 MAX_ASPECT_RATIO = 20
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986's scheme
+# The image formats OpenAI's API accepts, the only ones decoded: Pillow reads dozens more, EPS by running Ghostscript
+# (a subprocess with a history of sandbox escapes) on the client's PostScript, and rarely used decoders besides
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# At most this many characters of a value the client sent appear in an error (a base64 image sent as a path was
+# echoed whole, megabytes of it)
+SHOWN_CHARS = 60
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = SHOWN_CHARS
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = 4
+_SHOWN.maxlevel = 2
 KNOWN_FIELDS = frozenset(
     {"model", "messages", "budget", "deadline_ms", "stream", "temperature", "user", "max_tokens", "max_completion_tokens"}
 )
@@ -47,6 +60,17 @@ class RequestError(Exception):
         return {"error": {"message": f"{self.field}: {self.message}", "type": "invalid_request_error", "param": self.field}}
 
 
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """A client's string as an error message shows it: its first ``limit`` characters, and its length if longer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown_repr(value: Any) -> str:
+    """``repr`` of a client's JSON value, cut to about ``SHOWN_CHARS`` characters at a bounded cost (a 10 MB string or
+    a long list is never rendered whole)."""
+    return _SHOWN.repr(value)
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What the operator allows.
@@ -58,7 +82,8 @@ class RequestLimits:
             decoded: LLaVA's ``pad_to_square`` builds that square before resizing. The long side may also be at
             most ``MAX_ASPECT_RATIO`` times the short one (the resize scales the short side up to the tower's).
         max_text_chars: most characters of text over all turns, checked before tokenizing (the token
-            limit, the model's maximum length, is checked after).
+            limit, the model's maximum length, is checked after; the number of turns, which the characters do not
+            count, is refused over that length before either).
         strict: unknown top-level fields are an error (else ignored).
     """
 
@@ -99,15 +124,16 @@ def parse_chat_request(
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown and limits.strict:
-        raise RequestError(400, f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}", unknown[0])
+        names = [shown(name) for name in unknown[:5]] + (["..."] if len(unknown) > 5 else [])
+        raise RequestError(400, f"unknown field(s) {names}; known: {sorted(KNOWN_FIELDS)}", shown(unknown[0]))
     if body.get("stream"):
         raise RequestError(400, "streaming is not supported: answers are a few tokens, sent whole", "stream")
     temperature = body.get("temperature")
     if isinstance(temperature, bool) or temperature not in (None, 0, 0.0):  # false == 0 in Python: refused as budget's
-        raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {temperature!r}", "temperature")
+        raise RequestError(400, f"only greedy decoding (temperature 0) is served, got {shown_repr(temperature)}", "temperature")
     budget, deadline_ms = _budget_or_deadline(body)
     max_tokens = _max_tokens(body, max_new_tokens)
-    questions, answers, image_url = _turns(body.get("messages"))
+    questions, answers, image_url = _turns(body.get("messages"), processor.max_length)
     _check_text_length(questions + answers, limits)
     questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"  # the image before the first question, as LLaVA's data has it
     if isinstance(pixel_values, RequestError):
@@ -155,7 +181,7 @@ def read_request_image(body: Any, processor: InputProcessor, limits: RequestLimi
     try:
         if not isinstance(body, dict):
             return None
-        questions, answers, image_url = _turns(body.get("messages"))
+        questions, answers, image_url = _turns(body.get("messages"), processor.max_length)
         _check_text_length(questions + answers, limits)
     except RequestError:
         return None  # refused for its structure or text before its image is looked at
@@ -178,7 +204,7 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(400, f"must be a finite number, got {value!r}", name)
+        raise RequestError(400, f"must be a finite number, got {shown_repr(value)}", name)
     try:
         number = float(value)
     except OverflowError:  # an integer beyond a float's range (JSON has no size limit); its repr can be 4300 digits
@@ -195,11 +221,12 @@ def _max_tokens(body: dict[str, Any], max_new_tokens: int) -> int | None:
     given = {name: body[name] for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None}
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RequestError(400, f"must be a whole number >= 1, got {value!r}", name)
+            raise RequestError(400, f"must be a whole number >= 1, got {shown_repr(value)}", name)
         if value > max_new_tokens:
             raise RequestError(
-                400, f"{value} is more than this server's {max_new_tokens} tokens per answer (the model's max_new_tokens)", name
-            )
+                400, f"{shown_repr(value)} is more than this server's {max_new_tokens} tokens per answer (the model's "
+                "max_new_tokens)", name,
+            )  # fmt: skip
     if len(set(given.values())) > 1:
         raise RequestError(400, "max_tokens and max_completion_tokens (its newer name) differ; give one", "max_tokens")
     return next(iter(given.values()), None)
@@ -216,11 +243,20 @@ def _budget_or_deadline(body: dict[str, Any]) -> tuple[float | None, float | Non
     return budget, deadline_ms
 
 
-def _turns(messages: Any) -> tuple[list[str], list[str], str]:
+def _turns(messages: Any, max_turns: int) -> tuple[list[str], list[str], str]:
     """(questions, answers, image URL): user / assistant turns alternating, the last one a user turn,
-    exactly one image, in the first user turn."""
+    exactly one image, in the first user turn.
+
+    At most ``max_turns`` turns (the model's maximum length in tokens), counted before any is looked at: every
+    turn renders its role and a colon (``USER:``), at least one token, so more cannot fit; 100,000 empty turns
+    passed the text limit and held the model's worker for over a second of templating and tokenizing."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "must be a non-empty list of {role, content} objects", "messages")
+    if len(messages) > max_turns:
+        raise RequestError(
+            400, f"{len(messages)} turns; at most {max_turns} fit the model's maximum length of {max_turns} tokens "
+            "(each turn takes at least one, its role)", "messages",
+        )  # fmt: skip
     questions: list[str] = []
     answers: list[str] = []
     image_url = None
@@ -231,7 +267,7 @@ def _turns(messages: Any) -> tuple[list[str], list[str], str]:
         role = message.get("role")
         expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
-            raise RequestError(400, f"role {role!r}, expected {expected!r} (user and assistant turns alternate, "
+            raise RequestError(400, f"role {shown_repr(role)}, expected {expected!r} (user and assistant turns alternate, "
                                     "starting with user; the chat template sets its own system prompt)", f"{field}.role")  # fmt: skip
         text, url = _content(message.get("content"), f"{field}.content")
         if IMAGE_PLACEHOLDER in text:
@@ -274,11 +310,16 @@ def _content(content: Any, field: str) -> tuple[str, str | None]:
 
 
 def _read_image(url: str, limits: RequestLimits) -> Image.Image:
-    """The RGB image behind a data URL or an allowed file path; size checked before pixels are decoded."""
+    """The RGB image behind a data URL or an allowed file path; size checked before pixels are decoded, and only
+    ``IMAGE_FORMATS`` decoded.
+
+    A data URL's declared type is not checked against its bytes: clients label any image ``image/jpeg``, and the
+    bytes, not the label, choose the decoder (among the allowed ones either way)."""
     field = "messages[0].content.image_url"
-    if url.startswith("data:"):
+    is_data = _is_data_url(url)
+    if is_data:
         header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):
             raise RequestError(400, "a data URL must be base64: data:image/<type>;base64,<data>", field)
         if len(payload) * 3 // 4 > limits.max_image_bytes:
             raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
@@ -288,19 +329,42 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
             raise RequestError(400, f"invalid base64 data: {error}", field) from error
     else:
         data = _read_allowed_file(url, limits, field)
+    prefix = "" if is_data else f"{shown(url)}: "
     buffer = io.BytesIO(data)
     try:
-        image = Image.open(buffer)
+        image = Image.open(buffer, formats=IMAGE_FORMATS)
         _check_image_size(*image.size, limits, field)
         return image.convert("RGB")  # decodes all pixels: truncated data fails here
     except RequestError:
         raise
     except Exception as error:  # noqa: BLE001 - a malformed file can make PIL's decoders raise almost anything
+        accepted = f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
+        other = _other_format(data) if isinstance(error, UnidentifiedImageError) else None
+        if other is not None:  # named by the server, not by the decoder it never ran
+            message = f"{prefix}an image in {other} format; only {accepted} images are read (OpenAI's formats)"
+            raise RequestError(400, message, field) from None
         # PIL names the in-memory buffer (``<_io.BytesIO object at 0x...>``): the file is named instead
-        is_path = not url.startswith("data:")
-        detail = str(error).replace(repr(buffer), repr(url) if is_path else "in the data URL")
-        prefix = f"{url}: " if is_path else ""
-        raise RequestError(400, f"{prefix}not a readable image ({type(error).__name__}: {detail})", field) from error
+        detail = shown(str(error).replace(repr(buffer), "in the data URL" if is_data else repr(shown(url))), 200)
+        formats = f"; images are read in {accepted} format" if isinstance(error, UnidentifiedImageError) else ""
+        raise RequestError(400, f"{prefix}not a readable image ({type(error).__name__}: {detail}){formats}", field) from error
+
+
+def _is_data_url(url: str) -> bool:
+    """Whether ``url`` is a ``data:`` URL, its scheme in any case (RFC 3986: ``DATA:`` was read as a file name)."""
+    return url[:5].lower() == "data:"
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format outside ``IMAGE_FORMATS`` that Pillow would take ``data`` for, by its first bytes alone (each
+    plugin's signature check: nothing is parsed), so that a refusal names it; None if none claims them."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if name not in IMAGE_FORMATS and accept is not None and accept(data[:16]):
+                return name
+        except Exception:  # noqa: BLE001 - a signature check that fails only leaves the format unnamed
+            continue
+    return None
 
 
 def _url_scheme(url: str) -> str | None:
@@ -331,28 +395,46 @@ def _read_allowed_file(url: str, limits: RequestLimits, field: str) -> bytes:
     """A ``file://`` URL or a path (``shot-10:15:00.png`` is a file name, not a URL of scheme ``shot-10``)."""
     scheme = _url_scheme(url)
     if scheme not in (None, "file"):
-        raise RequestError(400, f"only data: URLs and file paths are served, not {scheme}:// (nothing is fetched)", field)
+        raise RequestError(400, f"only data: URLs and file paths are served, not {shown(scheme)}:// (nothing is fetched)", field)
     host = urlparse(url).netloc if scheme == "file" else ""
     if host.lower() not in ("", "localhost"):  # file://a.png names a host a.png and an empty path
         raise RequestError(
-            400, f"{url}: a file:// URL takes an absolute path, file:///path (or file://localhost/path), or send a plain "
-            f"relative path; {host!r} was read as a host, and no other host is read", field,
+            400, f"{shown(url)}: a file:// URL takes an absolute path, file:///path (or file://localhost/path), or send a "
+            f"plain relative path; {shown_repr(host)} was read as a host, and no other host is read", field,
         )  # fmt: skip
     if limits.image_dir is None:
         raise RequestError(403, "image paths are disabled on this server (no image folder allowed); send a data URL", field)
     root = Path(limits.image_dir).resolve()
     raw = Path(unquote(urlparse(url).path) if scheme == "file" else url)
-    try:
-        path = (raw if raw.is_absolute() else root / raw).resolve()  # symlinks and .. resolved before the check
-    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte; a symlink loop (RuntimeError before 3.13)
-        raise RequestError(400, f"not a usable path: {error}", field) from error
+    path, problem = _resolve(raw if raw.is_absolute() else root / raw, field)
     if not path.is_relative_to(root):
-        raise RequestError(403, f"{url} is outside the allowed image folder", field)
+        raise RequestError(403, f"{shown(url)} is outside the allowed image folder", field)
     try:
+        if problem is not None:  # inside, unresolvable: never read (the path left may still hold links)
+            raise problem
         if not path.is_file():
-            raise RequestError(400, f"{url}: no such file in the allowed image folder", field)
+            raise RequestError(400, f"{shown(url)}: no such file in the allowed image folder", field)
         if path.stat().st_size > limits.max_image_bytes:
             raise RequestError(413, f"the image is larger than {limits.max_image_bytes} bytes", field)
         return path.read_bytes()
-    except OSError as error:  # a name too long, a file that cannot be read
-        raise RequestError(400, f"{url}: cannot read it in the allowed image folder ({error.strerror})", field) from error
+    except OSError as error:  # a name too long, a symlink loop, a file that cannot be read
+        if error.errno == errno.ENOENT:
+            raise RequestError(400, f"{shown(url)}: no such file in the allowed image folder", field) from error
+        raise RequestError(400, f"{shown(url)}: cannot read it in the allowed image folder ({error.strerror})", field) from error
+
+
+def _resolve(path: Path, field: str) -> tuple[Path, OSError | None]:
+    """``path`` with every link and ``..`` resolved, and None; or, where that fails (no such file, a symlink loop, a
+    name too long), where it leads as far as it resolves, for the outside check alone, and why.
+
+    ``Path.resolve`` raised a RuntimeError naming the absolute path for a loop (before Python 3.13), so a loop outside
+    the folder was a 400 and not a 403; and after a loop it resolved no further links, returning a path inside the
+    folder that the kernel read through a link out of it (``loop/../link-out/secret``)."""
+    try:
+        try:
+            return Path(os.path.realpath(path, strict=True)), None
+        except OSError as error:
+            return Path(os.path.realpath(path)), error
+    except (OSError, ValueError) as error:  # a NUL byte
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise RequestError(400, f"not a usable path ({reason})", field) from error

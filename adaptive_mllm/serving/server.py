@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from adaptive_mllm.lora import merge_adapters
 from adaptive_mllm.serving.api import (
@@ -134,8 +136,10 @@ def _make_server(args: argparse.Namespace, overrides: list[str], metrics_path: s
         processes=processes,
     )
     server.app.add_exception_handler(RequestValidationError, body_not_accepted)
+    server.app.add_exception_handler(HTTPException, partial(body_refused, max_payload))
     server.app.add_api_route(MODELS_PATH, partial(served_models, args.served_model_name, int(time.time())), methods=["GET"])
     server.app.add_api_route("/metrics", partial(server_metrics, metrics_path, times), methods=["GET"])
+    server.app.add_middleware(PayloadLimitMiddleware, max_size=max_payload)  # inside the timing one: counted in /metrics
     server.app.add_middleware(ServerTimeMiddleware, times=times, path=API_PATH, timeout_s=args.timeout)
     return server
 
@@ -166,6 +170,61 @@ def body_not_accepted(request: Request, error: RequestValidationError) -> JSONRe
         message += f" ({'; '.join(dict.fromkeys(problems))})"
     refused = RequestError(422, message, "body")
     return JSONResponse(refused.body(), status_code=refused.status)
+
+
+# FastAPI's 400 for a body its JSON parser refuses, and LitServe's 413 for one that outgrows the payload limit as it arrives
+PARSE_ERROR = "There was an error parsing the body"
+PAYLOAD_TOO_LARGE = "Payload too large"
+_UNPARSED = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply",
+             ValueError: "an integer of more than 4,300 digits (Python's limit)"}  # fmt: skip
+
+
+async def body_refused(max_payload: int, request: Request, error: HTTPException) -> Response:
+    """FastAPI's and LitServe's refusals of a body (one the JSON parser cannot read: not UTF-8, a huge integer,
+    deep nesting; one over the payload limit, sent without a length) in the error format of every other refusal,
+    where they were ``{"detail": ...}``; any other HTTPException as FastAPI answers it."""
+    if error.status_code == 400 and error.detail == PARSE_ERROR:
+        reason = next((text for kind, text in _UNPARSED.items() if isinstance(error.__cause__, kind)), "not parsable")
+        refused = RequestError(400, f"must be a JSON object, sent with Content-Type: application/json (JSON {reason})", "body")
+    elif error.status_code == 413 and error.detail == PAYLOAD_TOO_LARGE:
+        refused = RequestError(413, f"the body is larger than this server's payload limit of {max_payload} bytes", "body")
+    else:
+        return await http_exception_handler(request, error)
+    return JSONResponse(refused.body(), status_code=refused.status)
+
+
+class PayloadLimitMiddleware:
+    """ASGI middleware refusing (413), from its ``Content-Length`` header and before a byte of it is read, a body
+    over ``max_size``: LitServe counts the bytes as they arrive, so a client declaring a gigabyte and sending a few
+    bytes held its connection until ``--timeout`` and got a 504. A body sent without a length (chunked) is still
+    counted by LitServe as it arrives."""
+
+    def __init__(self, app: Any, max_size: int) -> None:
+        self.app = app
+        self.max_size = max_size
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        length = _content_length(scope) if scope.get("type") == "http" else None
+        if length is None or length <= self.max_size:
+            await self.app(scope, receive, send)
+            return
+        message = f"the body is {length} bytes (its Content-Length), more than this server's payload limit of {self.max_size} bytes"
+        refused = RequestError(413, message, "body")
+        # the connection is left open: uvicorn drops the rest of the body as it comes (closed with the body unread, the
+        # connection could be reset under a client that sends it whole before reading its reply, as most do, losing it)
+        response = JSONResponse(refused.body(), status_code=refused.status)
+        await response(scope, receive, send)
+
+
+def _content_length(scope: dict) -> int | None:
+    """A request's ``Content-Length`` (the HTTP server has checked its form), None without one."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def server_metrics(metrics_path: str, times: ServerTimes) -> dict[str, Any]:

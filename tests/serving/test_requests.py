@@ -6,13 +6,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
-from adaptive_mllm.serving.requests import RequestError, RequestLimits, parse_chat_request, read_request_image
+from adaptive_mllm.serving.requests import (
+    SHOWN_CHARS,
+    RequestError,
+    RequestLimits,
+    parse_chat_request,
+    read_request_image,
+)
 from adaptive_mllm.serving.server import build_model
 from tests.serving.conftest import write_tiny_recipe
 
@@ -150,13 +160,9 @@ def _with_url(url: str) -> dict:
     return body
 
 
-def _corrupt_dds() -> bytes:
-    """A DDS whose pixel-format flags name no format: PIL's decoder raises NotImplementedError, not OSError."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), "red").save(buffer, "DDS")
-    data = bytearray(buffer.getvalue())
-    data[80:84] = (0x10).to_bytes(4, "little")
-    return bytes(data)
+def _truncated_ihdr_png() -> bytes:
+    """A PNG whose header chunk is 4 bytes, not 13: PIL's decoder raises ValueError, not OSError."""
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 4) + b"IHDR\0\0\0\x10" + struct.pack(">I", zlib.crc32(b"IHDR\0\0\0\x10"))
 
 
 def test_paths_and_images_that_break_the_libraries_are_this_requests_400(processor, tmp_path: Path):
@@ -167,12 +173,134 @@ def test_paths_and_images_that_break_the_libraries_are_this_requests_400(process
     (images / "loop_a").symlink_to("loop_b")
     (images / "loop_b").symlink_to("loop_a")
     limits = RequestLimits(image_dir=str(images))
-    dds = "data:image/dds;base64," + base64.b64encode(_corrupt_dds()).decode()
-    for url, message in [("loop_a", "not a usable path"), ("a" * 300, "cannot read it"), (dds, "not a readable image")]:
+    png = "data:image/png;base64," + base64.b64encode(_truncated_ihdr_png()).decode()
+    for url, message in [("loop_a", "cannot read it"), ("a" * 300, "cannot read it"), (png, "not a readable image (ValueError")]:
         error = read_request_image(_with_url(url), processor, limits)
         assert isinstance(error, RequestError) and error.status == 400 and message in error.message, (url[:20], error)
-        with pytest.raises(RequestError, match=message):
+        with pytest.raises(RequestError, match=re.escape(message)):
             parse_chat_request(_with_url(url), processor, 4, limits)
+
+
+def test_a_symlink_loop_answers_as_any_path_inside_or_outside_the_folder(processor, tmp_path: Path):
+    """``Path.resolve`` raised a RuntimeError naming the absolute path for a loop: its text was the 400's (the server's
+    folder shown), a loop outside the folder was a 400 where any other outside path is a 403, and after a loop it
+    resolved no further links: ``loop_a/../out/secret.png`` passed as a path inside the folder and was read through
+    the link ``out`` leading outside."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    (images / "loop_a").symlink_to("loop_b")
+    (images / "loop_b").symlink_to("loop_a")
+    (outside / "loop_c").symlink_to("loop_d")
+    (outside / "loop_d").symlink_to("loop_c")
+    Image.new("RGB", (16, 16), "red").save(outside / "secret.png")
+    (images / "out").symlink_to(outside)
+    limits = RequestLimits(image_dir=str(images))
+    for url, status, message in [
+        ("loop_a", 400, "loop_a: cannot read it in the allowed image folder (Too many levels of symbolic links)"),
+        ("loop_a/x.png", 400, "loop_a/x.png: cannot read it in the allowed image folder"),
+        (str(images / "loop_b"), 400, "cannot read it in the allowed image folder"),
+        (str(outside / "loop_c"), 403, "is outside the allowed image folder"),
+        ("out/loop_c", 403, "out/loop_c is outside the allowed image folder"),
+        ("../outside/loop_d/x.png", 403, "is outside the allowed image folder"),
+        ("loop_a/../out/secret.png", 400, "cannot read it in the allowed image folder"),
+        ("out/secret.png", 403, "is outside the allowed image folder"),
+    ]:
+        error = read_request_image(_with_url(url), processor, limits)
+        assert isinstance(error, RequestError), (url, error)  # never the pixels of outside/secret.png
+        assert (error.status, error.field) == (status, "messages[0].content.image_url") and message in error.message, (url, error)
+        if not Path(url).is_absolute():
+            assert str(tmp_path) not in error.message, error.message  # no server path the client did not send
+
+
+def test_only_the_image_formats_openai_accepts_are_decoded(processor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Pillow decoded any format it knows: EPS by running Ghostscript on the client's PostScript (whatever type the
+    data URL declared). Only PNG, JPEG, WEBP and GIF are decoded; another format is refused naming it and the
+    accepted ones, its decoder never run."""
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args) or Image.new("RGB", (8, 8)))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    images = tmp_path / "images"
+    images.mkdir()
+    limits = RequestLimits(image_dir=str(images))
+    refused = {"EPS": eps}
+    for kind in ("BMP", "TIFF", "PPM", "TGA"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), "red").save(buffer, kind)
+        refused[kind] = buffer.getvalue()
+    (images / "a.bmp").write_bytes(refused["BMP"])
+    urls = {kind: "data:image/png;base64," + base64.b64encode(data).decode() for kind, data in refused.items()}
+    for kind, url in [*urls.items(), ("BMP", "a.bmp")]:
+        error = read_request_image(_with_url(url), processor, limits)
+        assert isinstance(error, RequestError) and (error.status, error.field) == (400, "messages[0].content.image_url"), kind
+        assert "PNG, JPEG, WEBP or GIF" in error.message and "Ghostscript" not in error.message, (kind, error.message)
+        if kind != "TGA":  # TGA has no signature: not named, refused all the same
+            assert f"an image in {kind} format" in error.message, error.message
+    assert ran == []
+    for kind in ("PNG", "JPEG", "WEBP", "GIF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), "red").save(buffer, kind)
+        url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()  # the bytes decide, not the label
+        assert isinstance(read_request_image(_with_url(url), processor, limits), torch.Tensor), kind
+
+
+def test_a_data_url_scheme_in_any_case_is_a_data_url(processor, tmp_path: Path):
+    """``DATA:image/png;base64,...`` was read as a file name (URL schemes are case-insensitive, RFC 3986), and the
+    whole base64 came back in the "no such file" error."""
+    url = _png_url(16, 16)
+    payload = url.partition(",")[2]
+    for variant in (url, "DATA:image/png;base64," + payload, "Data:image/PNG;BASE64," + payload):
+        assert isinstance(read_request_image(_with_url(variant), processor, RequestLimits()), torch.Tensor), variant[:30]
+
+
+def test_errors_show_at_most_a_short_prefix_of_what_the_client_sent(processor, tmp_path: Path):
+    """A base64 image sent as a path was echoed whole in "no such file" (megabytes); so were a long unknown field's name,
+    a long role or budget string."""
+    images = tmp_path / "images"
+    images.mkdir()
+    limits = RequestLimits(image_dir=str(images))
+    long = "iVBORw0KGgo" + "A" * 50_000
+    body = _body("What colour is the circle ?")
+    cases = [
+        _with_url(long),
+        _with_url(f"{long}/../../x.png"),
+        _with_url(f"file://{long}/a.png"),
+        _with_url(f"{long}://host/a.png"),
+        {**body, "budget": long},
+        {**body, "deadline_ms": [long] * 1000},
+        {**body, "temperature": {long: long}},
+        {**body, "max_tokens": 10**4000},
+        {**body, long: 1},
+        {"messages": [{"role": long, "content": "x"}]},
+    ]
+    for index, request in enumerate(cases):
+        with pytest.raises(RequestError) as refused:
+            parse_chat_request(request, processor, 4, limits)
+        text = json.dumps(refused.value.body())
+        assert "A" * (SHOWN_CHARS + 1) not in text and len(text) < 1000, (index, text[:300])
+
+
+def test_more_turns_than_the_model_takes_tokens_are_refused_before_templating(processor, monkeypatch: pytest.MonkeyPatch):
+    """100,000 empty turns passed the text limit (their content has no characters) and were templated and tokenized
+    in the model's worker for over a second. Each turn takes at least one token (its role), so more turns than the
+    model's maximum length are refused first, before a turn or the image is looked at."""
+    calls = []
+    template = type(processor.chat_template)
+    encode_prompt = template.encode_prompt
+    monkeypatch.setattr(template, "encode_prompt", lambda *args: calls.append(1) or encode_prompt(*args))
+    turns = processor.max_length + 1  # odd: the last is a user turn
+    body = _body("What colour is the circle ?")
+    body["messages"] += [{"role": "assistant" if index % 2 == 0 else "user", "content": ""} for index in range(turns - 1)]
+    assert read_request_image(body, processor, RequestLimits()) is None  # not worth reading its image
+    with pytest.raises(RequestError) as refused:
+        parse_chat_request(body, processor, 4, RequestLimits())
+    assert (refused.value.status, refused.value.field) == (400, "messages")
+    assert f"{turns} turns; at most {processor.max_length} fit" in refused.value.message
+    assert calls == []  # never templated or tokenized
+    body["messages"] = body["messages"][:-2]  # at the limit the turns are looked at: the token count refuses them
+    with pytest.raises(RequestError, match="exceeds the model's maximum length"):
+        parse_chat_request(body, processor, 4, RequestLimits())
+    assert calls == [1]
 
 
 def test_a_file_name_with_a_colon_is_a_path_and_only_scheme_urls_are_urls(processor, tmp_path: Path):
@@ -242,7 +370,8 @@ def test_an_unreadable_image_is_named_not_shown_as_a_memory_buffer(processor, tm
     limits = RequestLimits(image_dir=str(images))
     junk = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
     for url, expected in [
-        ("notes.png", "notes.png: not a readable image (UnidentifiedImageError: cannot identify image file 'notes.png')"),
+        ("notes.png", "notes.png: not a readable image (UnidentifiedImageError: cannot identify image file 'notes.png'); "
+                      "images are read in PNG, JPEG, WEBP or GIF format"),
         ("cut.png", "cut.png: not a readable image ("),
         (junk, "not a readable image (UnidentifiedImageError: cannot identify image file in the data URL)"),
     ]:

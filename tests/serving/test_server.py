@@ -33,6 +33,7 @@ QUESTION = "What colour is the red circle ?"  # 7 words of the tiny vocabulary
 OTHER = "How many shapes are there ?"  # a different question
 MAX_PIXELS = 64 * 64
 MAX_BYTES = 200_000  # the server then refuses bodies over 4/3 of this + 1 MiB unread
+PAYLOAD_LIMIT = MAX_BYTES * 4 // 3 + 4 * 100_000 + 1024 * 1024  # + 4 x the default --max_text_chars
 SERVED_NAME = "tiny-adaptive"
 
 
@@ -225,7 +226,8 @@ def test_bad_requests_interleaved_with_good_ones(served):
         ("symlink out of the folder", ok("link.png"), 403, "outside the allowed image folder"),
         ("image over the byte limit", ok(_data_url(b"x" * (MAX_BYTES + 10))), 413, f"larger than {MAX_BYTES} bytes"),
         ("text over --max_text_chars", {"messages": _messages(_data_url(good_image), "x " * 60_000)}, 413, "120000 characters"),
-        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 2_000_000)}, 413, "Payload too large"),
+        ("body over the payload limit", {"messages": _messages(_data_url(good_image), "x" * 2_000_000)}, 413,
+         f"more than this server's payload limit of {PAYLOAD_LIMIT} bytes"),
         ("remote URL", ok("http://example.com/a.png"), 400, "nothing is fetched"),
         ("prompt too long", {"messages": _messages(_data_url(good_image), long_text)}, 400, "maximum length 256"),
         ("budget above 1", {**good, "budget": 1.5}, 400, "budget 1.5 is outside [0, 1]"),
@@ -603,3 +605,61 @@ def test_a_body_that_is_not_json_gets_the_documented_error(served):
     metrics = httpx.get(f"{served['base']}/metrics", timeout=10).json()
     assert (metrics["requests"] - before["requests"], metrics["rejected"] - before["rejected"]) == (3, 3)
     assert metrics["failed"] == before["failed"]
+
+
+def _raw_reply(base: str, head: bytes, body: bytes, seconds: float = 20) -> tuple[bytes, dict]:
+    """Send a request's head and the start of its body over a socket; the status line and the JSON reply."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=seconds) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"content-length: (\d+)", reply, re.IGNORECASE).group(1)
+        ):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    status, _, rest = reply.partition(b"\r\n")
+    return status, json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_body_over_the_payload_limit_is_refused_at_once_from_its_length(served):
+    """The docs say a body over the payload limit is refused unread (413), but LitServe counts the bytes as they arrive:
+    a client declaring more than the limit and sending a few bytes waited for --timeout (60 s) and got a 504. Its
+    Content-Length now refuses it at once; a body sent without one (chunked) is refused as it outgrows the limit,
+    in the same error format (LitServe's was FastAPI's {"detail": "Payload too large"})."""
+    base = served["base"]
+    before = httpx.get(f"{base}/metrics", timeout=10).json()
+    for declared in (999_999_999, PAYLOAD_LIMIT + 1):
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {declared}\r\n\r\n".encode())  # fmt: skip
+        start = time.monotonic()
+        status, reply = _raw_reply(base, head, b'{"messages": [')  # socket timeout (20 s) before the fix
+        assert status.startswith(b"HTTP/1.1 413") and time.monotonic() - start < 10, status
+        assert (reply["error"]["param"], reply["error"]["type"]) == ("body", "invalid_request_error"), reply
+        assert f"the body is {declared} bytes (its Content-Length), more than this server's payload limit of {PAYLOAD_LIMIT} bytes" in (
+            reply["error"]["message"]
+        )
+    chunked = httpx.post(f"{base}/v1/chat/completions", content=iter([b'{"messages": "' + b"x" * 1_000_000] * 2),
+                         headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    assert chunked.status_code == 413 and chunked.json()["error"] == {
+        "message": f"body: the body is larger than this server's payload limit of {PAYLOAD_LIMIT} bytes",
+        "type": "invalid_request_error", "param": "body"}  # fmt: skip
+    metrics = httpx.get(f"{base}/metrics", timeout=10).json()
+    assert (metrics["requests"] - before["requests"], metrics["rejected"] - before["rejected"]) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b'{"messages": "\xff\xfe"}', "not UTF-8"), (b'{"budget": 1' + b"0" * 5000 + b"}", "4,300 digits"),
+     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")],
+    ids=["not UTF-8", "a huge integer", "deep nesting"],
+)  # fmt: skip
+def test_json_the_parser_refuses_gets_the_error_format_of_every_refusal(served, body: bytes, reason: str):
+    """FastAPI answers a body its JSON parser fails on (not a JSON decode error) with {"detail": "There was an error
+    parsing the body"}; the server's other refusals are OpenAI's error objects naming the field."""
+    reply = httpx.post(f"{served['base']}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "body") and reason in error["message"], error
+    assert "must be a JSON object" in error["message"] and "000000" not in reply.text
