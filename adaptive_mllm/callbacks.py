@@ -11,12 +11,13 @@ budgets", as torchgeo keeps its tasks thin.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
@@ -24,7 +25,7 @@ from adaptive_mllm.checkpoints import every_process
 from adaptive_mllm.metrics import REPORT_COLUMNS, UNPARSABLE, GroupedExactMatch, MMEScore
 from adaptive_mllm.plots import plot_budget_curves, plot_group_usage, plot_layer_usage, save
 from adaptive_mllm.prediction_writer import INCOMPLETE, IncompleteMark, new_directory
-from adaptive_mllm.reporting import format_table, print_table
+from adaptive_mllm.reporting import format_table, print_table, write_text_durably
 from adaptive_mllm.sweep import BudgetStats, BudgetSweep, group_fractions, summary_row, usage_fractions
 from adaptive_mllm.test_answers import TestAnswerLog, answers_path
 
@@ -104,7 +105,10 @@ class SweepReport(L.Callback):
             self._incomplete = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close_answers()  # what was answered stays on disk, marked as partial
+        try:
+            self._close_answers()  # what was answered stays on disk, marked as partial
+        except OSError as error:  # a full disk: the last flush fails again; the note below is written all the same
+            rank_zero_warn(f"test: closing the answer files failed, their last line may be cut short: {error}")
         if self._incomplete is not None:
             self._incomplete.stopped(exception)
             self._incomplete = None
@@ -202,11 +206,14 @@ class SweepReport(L.Callback):
         print_table(f"test scores ({type(metric).__name__})", header, table)
         log_dir = self._log_dir or _log_dir(trainer)
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "test_results.md").write_text(format_table(header, table) + "\n")
-        with open(log_dir / "test_results.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
-            writer.writeheader()
-            writer.writerows(rows)
+        # each whole or not at all (a temporary file renamed over the name): `table` and `plot` read the CSV, and a
+        # cut one reads as a run with fewer budgets; an error (a full disk) names the file and leaves INCOMPLETE
+        write_text_durably(log_dir / "test_results.md", format_table(header, table) + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=sorted({k for row in rows for k in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_durably(log_dir / "test_results.csv", text.getvalue())
         figures = _figures(pl_module, rows, stats, log_dir, baseline.get(OVERALL))
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):

@@ -12,7 +12,6 @@ answers (:class:`adaptive_mllm.callbacks.SweepReport`) use it too.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -27,10 +26,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adaptive_mllm.data.benchmarks.submission import write_submission
+from adaptive_mllm.reporting import write_failure, write_text_durably
 
 COLUMNS = ("id", "question", "answer", "budget", "units", "flops_fraction")
 INCOMPLETE = "INCOMPLETE"  # present while predict (or test) writes answers, and after it failed or was stopped
-DONE = "predict_done.json"  # written once every answer is in budget-<b>.jsonl
+DONE = "predict_done.json"  # written once every answer is in budget-<b>.jsonl (and every submission file written)
 
 
 def stop_reason(exception: BaseException) -> str:
@@ -80,15 +80,24 @@ class IncompleteMark:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path.write_text(self._running(), encoding="utf-8")
 
-    def stopped(self, exception: BaseException) -> None:
-        """Say what stopped the command, and warn that its answers are partial."""
-        self.path.write_text(
-            f"{self.command} stopped by {stop_reason(exception)}\n"
-            f"{self.answers} here hold only part of the answers: those written before it stopped, kept\n",
-            encoding="utf-8",
-        )
-        rank_zero_warn(f"{self.command} stopped by {stop_reason(exception)}: the answers in {self.directory} are incomplete "
-                       f"(see {INCOMPLETE} there)")  # fmt: skip
+    def stopped(self, exception: BaseException, unfinished: str | None = None) -> None:
+        """Say what stopped the command, and warn that its answers are partial. ``unfinished``: where every answer was
+        written but a file made from them was not (``predict``'s submission files), what was left undone, said in
+        place of "partial". Never raises: on a full disk the note may not be written (the file stays, with the note it
+        had or empty), and the warning says so; the command's own error goes on."""
+        reason = stop_reason(exception)
+        if unfinished is None:
+            note = f"{self.answers} here hold only part of the answers: those written before it stopped, kept"
+            state = f"the answers in {self.directory} are incomplete"
+        else:
+            note = f"{self.answers} here hold every answer, but {unfinished}"
+            state = f"the answers in {self.directory} are complete, but {unfinished}"
+        try:  # in place, not beside and renamed: truncating frees the old note's space for the new one
+            self.path.write_text(f"{self.command} stopped by {reason}\n{note}\n", encoding="utf-8")
+            unwritten = ""
+        except OSError as error:
+            unwritten = f"; the note in {self.path} could not be updated ({error.strerror or error})"
+        rank_zero_warn(f"{self.command} stopped by {reason}: {state} (see {INCOMPLETE} there){unwritten}")
 
     def finished(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -99,10 +108,12 @@ class PredictionWriter(BasePredictionWriter):
 
     Under several processes each writes ``budget-<b>.rank<r>.jsonl``; at the end of ``predict`` process 0
     merges them (each id once, in the dataset's order) into ``budget-<b>.jsonl`` and removes them. The
-    submission files (VQAv2, MMBench) are written from all the answers. A file ``INCOMPLETE`` lies in the
-    directory from the start until every answer is written; then ``predict_done.json`` (the answer count per
-    budget) replaces it. A failed, interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error or
-    signal where there was one) beside its partial answers. On SIGTERM ``predict`` stops after the batch it is in
+    submission files (VQAv2, MMBench) are written from all the answers, each whole or not at all (a temporary file
+    renamed over its name). A file ``INCOMPLETE`` lies in the directory from the start until every answer and
+    submission file is written; then ``predict_done.json`` (the answer count per budget) replaces it. A failed,
+    interrupted or killed ``predict`` leaves ``INCOMPLETE`` (with the error or signal where there was one) beside its
+    partial answers, or beside all of them where a submission file failed. An error writing a file names it, and
+    says where the disk is full. On SIGTERM ``predict`` stops after the batch it is in
     (Lightning's ``SIGTERMException``: the command exits 143, as ``fit`` and ``test`` do); under several processes
     all stop together when any of them is signalled.
 
@@ -119,7 +130,8 @@ class PredictionWriter(BasePredictionWriter):
         self._files: dict[float, IO[str]] = {}
         self._rows: list[dict[str, Any]] = []
         self._skipped = 0  # records skipped as bad (skip_bad_records) on this process
-        self._complete = False  # every answer written (a later error, say in a submission file, leaves them so)
+        self._left: str | None = None  # once every answer is in budget-<b>.jsonl (process 0): what is left to write
+        self._complete = False  # and every submission file and predict_done.json: nothing left to mark
         self._mark: IncompleteMark | None = None
         self._others_answering = True  # another process may have a batch left (``_sigterm_round``)
         self._signalled = False  # this process got SIGTERM (several processes: ``on_predict_start``)
@@ -144,6 +156,7 @@ class PredictionWriter(BasePredictionWriter):
         self._mark = IncompleteMark(directory, "predict", "the budget-*.jsonl files")
         self._rows = []
         self._skipped = 0
+        self._left = None
         self._complete = False
         self._others_answering = True  # until a stop round says none is
 
@@ -173,8 +186,11 @@ class PredictionWriter(BasePredictionWriter):
         for row in prediction:
             line = {column: row.get(column) for column in COLUMNS}
             handle = self._file(float(row["budget"]), trainer)
-            handle.write(json.dumps(line) + "\n")
-            handle.flush()
+            try:
+                handle.write(json.dumps(line) + "\n")
+                handle.flush()
+            except OSError as error:  # on a full disk a bare "[Errno 28] No space left on device": name the file
+                raise write_failure(handle.name, error) from error
             self._rows.append(line)
         # Stop on SIGTERM once this batch's answers are on disk, as Lightning's evaluation loop does for test (its
         # prediction loop never checks). After the last batch every answer is in: finish.
@@ -204,13 +220,16 @@ class PredictionWriter(BasePredictionWriter):
         summary = ", ".join(f"{count} at budget {budget}" for budget, count in counts.items()) or "none"
         unanswered = f"; {skipped} records skipped as bad have none (see the warnings)" if skipped else ""
         rank_zero_info(f"predict: {len(rows)} answers ({summary}) written to {self.directory}{unanswered}")
+        # the submission files before the run is said done: one that fails (a full disk) leaves INCOMPLETE, saying so
+        self._left = "not every submission file (submission-budget-*) was written; those here are whole"
+        self._write_submissions(trainer, rows)
+        self._left = f"{DONE} was not written"
         done = {"answers": counts, "total": len(rows), "skipped_records": skipped, "processes": trainer.world_size,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (self.directory / DONE).write_text(json.dumps(done, indent=2) + "\n")
+        write_text_durably(self.directory / DONE, json.dumps(done, indent=2) + "\n")
         if self._mark is not None:
             self._mark.finished()
         self._complete = True
-        self._write_submissions(trainer, rows)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 data = [[row[column] for column in COLUMNS] for row in rows]
@@ -228,11 +247,20 @@ class PredictionWriter(BasePredictionWriter):
         return signalled > 0 and answering_now > 0
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()
+        """Mark the answers partial, saying why. Never raises (Lightning would skip its teardown, and the error that
+        stopped predict would be hidden): on a full disk closing the answer files fails again, as their last flush
+        does, and the note is written all the same."""
+        try:
+            self._close()
+        except OSError as error:
+            rank_zero_warn(f"predict: closing the answer files failed, their last line may be cut short: {error}")
         if self.directory is None or self._mark is None or self._complete or not trainer.is_global_zero:
             return
-        self._mark.stopped(exception)
-        (self.directory / DONE).unlink(missing_ok=True)
+        self._mark.stopped(exception, self._left)
+        try:
+            (self.directory / DONE).unlink(missing_ok=True)
+        except OSError:  # never raise here (the directory gone, say); INCOMPLETE says the answers are not whole
+            pass
 
     def _merge(self) -> list[dict[str, Any]]:
         """Process 0, several processes: each budget's rank files into ``budget-<b>.jsonl``, each id once.
@@ -259,11 +287,7 @@ class PredictionWriter(BasePredictionWriter):
                         continue
                     seen.add(row["id"])
                     merged.append(row)
-            target = self.directory / f"{budget}.jsonl"
-            partial = target.with_name(f"{target.name}.part")
-            with open(partial, "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in merged)
-            os.replace(partial, target)
+            write_text_durably(self.directory / f"{budget}.jsonl", "".join(json.dumps(row) + "\n" for row in merged))
             for path in paths:
                 path.unlink()
             if repeated:
@@ -280,15 +304,27 @@ class PredictionWriter(BasePredictionWriter):
                 rank_zero_info(f"predict: the server's submission file for budget {budget:g} is {path}")
 
     def _close(self) -> None:
+        """Close every answer file, each even where one fails (a full disk: the last flush fails again); then raise the
+        first failure, naming its file."""
+        failed: tuple[str, OSError] | None = None
         for handle in self._files.values():
-            handle.close()
+            try:
+                handle.close()
+            except OSError as error:
+                failed = failed or (handle.name, error)
         self._files = {}
+        if failed is not None:
+            raise write_failure(*failed) from failed[1]
 
     def _file(self, budget: float, trainer: Any) -> IO[str]:
         if budget not in self._files:
             rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             assert self.directory is not None, "setup('predict') runs before the first batch"
-            self._files[budget] = open(self.directory / f"budget-{budget:g}{rank}.jsonl", "a", encoding="utf-8")
+            path = self.directory / f"budget-{budget:g}{rank}.jsonl"
+            try:
+                self._files[budget] = open(path, "a", encoding="utf-8")
+            except OSError as error:
+                raise write_failure(path, error) from error
         return self._files[budget]
 
 

@@ -6,6 +6,7 @@ The tables are generic (a header and rows of cells); the caller decides how numb
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import stat
@@ -127,3 +128,65 @@ def unwritable_reason(directory: str | Path) -> str | None:
         where = "" if place == asked else f" (it would be made in {place})"
         return f"cannot be written{where}: {error.strerror or error}"
     return None
+
+
+DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+
+
+def write_failure(path: str | Path, error: OSError) -> OSError:
+    """``error``, of writing ``path``, as an error that names the file (an ENOSPC from a flush or ``close`` names
+    none): a full disk (ENOSPC) or an exhausted quota (EDQUOT) said as such. The same errno, so the same class
+    (``OSError(errno.ENOENT, ...)`` is a FileNotFoundError); one that names the file already is returned as it is.
+    Raise it ``from error``."""
+    if getattr(error, "written_path", None) is not None:
+        return error
+    code = error.errno
+    cause = error.strerror or str(error)
+    if code in DISK_FULL:
+        reason = f"{DISK_FULL[code]} ({errno.errorcode[code]}: {cause}); free space there and run again"
+    else:
+        reason = f"{errno.errorcode[code]}: {cause}" if code in errno.errorcode else cause
+    named = OSError(code, f"could not write {path}: {reason}") if code is not None else OSError(f"could not write {path}: {reason}")
+    named.written_path = str(path)  # type: ignore[attr-defined]
+    return named
+
+
+def write_durably(path: str | Path, write: Callable[[IO], object], binary: bool = True) -> Path:
+    """:func:`write_atomically`, and on disk: the temporary file is flushed and synced (``fsync``) before it is renamed
+    over ``path``, and the rename synced after (the folder), so neither a kill nor a power loss leaves half a file
+    under the name. A failed write leaves no temporary file, and the old file (if any) as it was; its OSError names
+    ``path``, and says where the disk is full (:func:`write_failure`)."""
+    path = Path(path)
+
+    def synced(handle: IO) -> None:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+    try:
+        write_atomically(path, synced, binary=binary)
+    except OSError as error:
+        raise write_failure(path, error) from error
+    _sync_folder(path.parent)
+    return path
+
+
+def write_text_durably(path: str | Path, text: str) -> Path:
+    """``text`` as UTF-8 to ``path``, as :func:`write_durably` writes (newlines as given: a CSV's ``\\r\\n`` stays)."""
+    data = text.encode("utf-8")
+    return write_durably(path, lambda handle: handle.write(data))
+
+
+def _sync_folder(folder: Path) -> None:
+    """A rename on disk too (a power loss just after it could bring the old file back); skipped where a folder
+    cannot be opened or synced (Windows, some network filesystems)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

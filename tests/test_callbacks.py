@@ -3,6 +3,7 @@ marked INCOMPLETE until its report is written, and a stopped test says why."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from adaptive_mllm.data.shapes import generate_shapes_vqa
 from adaptive_mllm.module import AdaptiveMLLM
 from adaptive_mllm.prediction_writer import INCOMPLETE
 from tests.conftest import make_backbone
+from tests.test_reporting import fill_disk
 
 
 def test_an_earlier_report_is_moved_not_overwritten(tmp_path):
@@ -107,3 +109,29 @@ def test_a_test_stopped_by_sigterm_or_an_error_says_so_beside_the_answers_it_kep
     (earlier,) = (tmp_path / "error" / "earlier-tests").iterdir()
     assert sorted(path.name for path in earlier.iterdir()) == [INCOMPLETE, "test_answers.jsonl"]
     assert not (tmp_path / "error" / INCOMPLETE).exists() and len(_answered(tmp_path / "error")) == 6
+
+
+def test_a_report_not_written_leaves_no_half_file_and_the_test_marked_incomplete(shapes, tmp_path, monkeypatch):
+    """Audit 2026-12 problem 5: test_results.md and .csv were written in place, so a full disk (or a kill) left a cut
+    CSV, which `table --from_runs` and `plot` read as a run with fewer budgets."""
+    fill_disk(monkeypatch, "test_results.csv", room=10)
+    with pytest.warns(UserWarning, match=r"test stopped by OSError: .*test_results\.csv: the disk is full.* are incomplete"):
+        with pytest.raises(OSError, match=r"could not write .*test_results\.csv: the disk is full \(ENOSPC") as caught:
+            _test(shapes, tmp_path)
+    assert caught.value.errno == errno.ENOSPC
+    assert not (tmp_path / "test_results.csv").exists() and not list(tmp_path.glob(".test_results.csv*"))  # no half file
+    assert (tmp_path / "test_results.md").read_text().startswith("| score ")  # written whole before it
+    assert (tmp_path / INCOMPLETE).read_text().startswith(f"test stopped by OSError: [Errno {errno.ENOSPC}] could not write")
+    assert len(_answered(tmp_path)) == 6
+
+
+def test_a_test_stopped_by_a_full_disk_says_so_though_closing_its_answers_fails_again(shapes, tmp_path, monkeypatch):
+    """As predict's (audit 2026-12 problem 4): the answers file's last flush fails again when it is closed, and the
+    note saying why the test stopped was never written."""
+    fill_disk(monkeypatch, "test_answers.jsonl", room=300)
+    with pytest.warns(UserWarning) as warned:
+        with pytest.raises(OSError, match="No space left on device"):
+            _test(shapes, tmp_path)
+    warnings = "\n".join(str(warning.message) for warning in warned)
+    assert "test: closing the answer files failed" in warnings and "test stopped by OSError" in warnings
+    assert (tmp_path / INCOMPLETE).read_text().startswith(f"test stopped by OSError: [Errno {errno.ENOSPC}] No space left on device\n")

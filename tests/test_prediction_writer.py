@@ -3,8 +3,10 @@ complete or not; merged from the processes of a DDP run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from adaptive_mllm.prediction_writer import COLUMNS, DONE, INCOMPLETE, PredictionWriter
+from adaptive_mllm.prediction_writer import COLUMNS, DONE, INCOMPLETE, IncompleteMark, PredictionWriter
+from tests.test_reporting import fill_disk
 
 REPO = Path(__file__).parents[1]
 
@@ -103,6 +106,36 @@ def test_completeness_is_marked(tmp_path):
     assert len((failed / "budget-1.jsonl").read_text().splitlines()) == 2  # the first batch, kept ...
     assert "RuntimeError: out of memory, say" in (failed / INCOMPLETE).read_text()  # ... and marked partial
     assert not (failed / DONE).exists()
+
+
+def test_a_full_disk_names_the_answer_file_and_predict_still_says_why_it_stopped(tmp_path, monkeypatch):
+    """Audit 2026-12 problem 4: on a full disk predict stopped with a bare ``[Errno 28] No space left on device``, and
+    its INCOMPLETE note was never updated: closing the answer files flushed, failed again, and ``on_exception`` raised
+    before the note was written."""
+    fill_disk(monkeypatch, "budget-0.6.jsonl", room=150)  # the first answer at budget 0.6 fits, the second is cut
+    with pytest.warns(UserWarning) as warned:
+        with pytest.raises(OSError, match=r"could not write .*budget-0\.6\.jsonl: the disk is full \(ENOSPC") as caught:
+            _predict(tmp_path, PredictionWriter())
+    assert caught.value.errno == errno.ENOSPC
+    warnings = "\n".join(str(warning.message) for warning in warned)
+    assert "predict: closing the answer files failed, their last line may be cut short" in warnings  # and on it goes:
+    assert re.search(r"predict stopped by OSError: .*budget-0\.6\.jsonl: the disk is full.* are incomplete", warnings)
+    note = (tmp_path / INCOMPLETE).read_text()
+    assert note.startswith(f"predict stopped by OSError: [Errno {errno.ENOSPC}] could not write {tmp_path / 'budget-0.6.jsonl'}: the disk is full")
+    assert "hold only part of the answers" in note and not (tmp_path / DONE).exists()
+    assert [json.loads(line)["id"] for line in (tmp_path / "budget-1.jsonl").read_text().splitlines()] == ["q0", "q1"]  # kept
+
+
+def test_a_note_that_cannot_be_written_leaves_the_mark_and_says_so(tmp_path, monkeypatch):
+    """``on_exception`` must not raise (Lightning would skip its teardown and hide the error that stopped predict):
+    where even the note cannot be written, the file stays and the warning says why."""
+    mark = IncompleteMark(tmp_path, "predict", "the budget-*.jsonl files")
+    mark.claim()
+    fill_disk(monkeypatch, INCOMPLETE)
+    with pytest.warns(UserWarning, match=r"predict stopped by SIGTERM: the answers in .* are incomplete \(see INCOMPLETE there\); "
+                      r"the note in .*INCOMPLETE could not be updated \(No space left on device\)"):  # fmt: skip
+        mark.stopped(SIGTERMException())
+    assert (tmp_path / INCOMPLETE).is_file()
 
 
 def test_rank_files_are_merged_each_id_once_in_the_samplers_order(tmp_path):

@@ -163,3 +163,120 @@ def test_a_file_replaced_atomically_keeps_its_permissions(tmp_path):
     figure.chmod(0o640)
     write_atomically(figure, lambda handle: handle.write(b"new"))
     assert figure.read_bytes() == b"new" and stat.S_IMODE(figure.stat().st_mode) == 0o640
+
+
+class FillingFile:
+    """A file on a disk that fills while it is written: the first write past ``room`` bytes keeps what fits, then
+    fails with ENOSPC; so does every later write and flush, and ``close`` (as a buffered file's, whose data could not
+    be flushed), which closes the file all the same."""
+
+    def __init__(self, handle, room: int) -> None:
+        self._handle, self._room, self._full = handle, room, False
+
+    def _no_space(self):
+        import errno
+
+        self._full = True
+        return OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, data):
+        if self._full or len(data) > self._room:
+            if not self._full:
+                self._handle.write(data[: self._room])
+                self._handle.flush()
+            raise self._no_space()
+        self._room -= len(data)
+        return self._handle.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self._full:
+            raise self._no_space()
+        self._handle.flush()
+
+    def close(self):
+        self._handle.close()
+        if self._full:
+            raise self._no_space()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __iter__(self):
+        return iter(self._handle)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def fill_disk(monkeypatch, name: str, room: int = 0) -> list[str]:
+    """Every file opened for writing whose name holds ``name`` (a temporary file beside it too) lies on a full disk
+    (:class:`FillingFile`), however it is opened: ``open``, ``Path.open`` / ``write_text`` and ``os.fdopen`` all go
+    through ``io.open``. Returns the paths so opened, as they are opened."""
+    import builtins
+    import io
+    import os
+
+    real_open, real_os_open = io.open, os.open
+    opened: list[str] = []
+    descriptors: dict[int, str] = {}  # os.open's, by the path they were opened with (os.fdopen gets the number)
+
+    def os_open(path, flags, *args, **kwargs):
+        descriptor = real_os_open(path, flags, *args, **kwargs)
+        descriptors[descriptor] = os.fspath(path)
+        return descriptor
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        where = descriptors.get(file, "") if isinstance(file, int) else os.fspath(file)
+        if name in os.path.basename(where) and any(flag in mode for flag in "wax+"):
+            opened.append(where)
+            return FillingFile(handle, room)
+        return handle
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", filling_open)
+    monkeypatch.setattr(builtins, "open", filling_open)
+    return opened
+
+
+def test_a_durable_write_names_the_file_says_the_disk_is_full_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """Audit 2026-12 problems 2 and 4: a file written in place on a full disk was left cut under its name, and the
+    error, ``[Errno 28] No space left on device``, named no file."""
+    import errno
+    import os
+
+    from adaptive_mllm.reporting import write_durably, write_text_durably
+
+    target = tmp_path / "submission.json"
+    write_text_durably(target, '["old"]')
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (synced.append("replace"), real_replace(a, b))[1])
+    write_durably(target, lambda handle: handle.write(b'["new"]'))
+    assert target.read_text() == '["new"]' and synced[:2] == ["fsync", "replace"]  # on disk before it takes the name
+    opened = fill_disk(monkeypatch, "submission.json", room=3)
+    with pytest.raises(OSError, match=rf"could not write {target}: the disk is full \(ENOSPC: No space left on device\)") as caught:
+        write_text_durably(target, '["newer", "and longer"]')
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value.__cause__, OSError)
+    assert len(opened) == 1 and opened[0] != str(target)  # written beside it, ...
+    assert target.read_text() == '["new"]' and sorted(path.name for path in tmp_path.iterdir()) == ["submission.json"]  # ... and removed
+
+
+def test_write_failure_names_the_file_keeps_the_errno_and_its_class(tmp_path):
+    import errno
+
+    from adaptive_mllm.reporting import write_failure
+
+    quota = write_failure(tmp_path / "a.csv", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert str(quota) == f"[Errno {errno.EDQUOT}] could not write {tmp_path / 'a.csv'}: the disk quota is used up (EDQUOT: Disk quota exceeded); free space there and run again"
+    denied = write_failure(tmp_path / "b.csv", PermissionError(errno.EACCES, "Permission denied"))
+    assert isinstance(denied, PermissionError) and str(denied) == f"[Errno {errno.EACCES}] could not write {tmp_path / 'b.csv'}: EACCES: Permission denied"
+    assert write_failure(tmp_path / "c.csv", denied) is denied  # named once, not twice

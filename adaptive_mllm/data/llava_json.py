@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -524,6 +525,15 @@ class CarryingBadRecords:
         return CarriedBatch(self.collate([None if isinstance(item, DataError) else item for item in items]), bad)
 
 
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM: the main process stops the run after the step it is in, saves, then ends
+    its workers itself. A SIGTERM to the whole process group (SLURM at a time limit or ``scancel``, systemd) reached
+    the worker too, whose torch handler dies of any SIGTERM its parent did not send: the main process then failed on
+    "DataLoader worker ... killed by signal: Terminated" at its next fetch, before Lightning's SIGTERM stop, and saved
+    nothing. A worker whose main process is gone still ends: torch's watchdog sees its parent change."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StoppingTogetherDataLoader(DataLoader):
     """A DataLoader of CarriedBatches that hands out their batches, calling ``stop_together`` with each one's bad
     record first (a keyword of ``__init__``, so that Lightning keeps it where it rebuilds the loader with its own
@@ -745,13 +755,18 @@ class LlavaDataModule(L.LightningDataModule):
             collate_fn=CarryingBadRecords(self._collator(processor)) if together else self._collator(processor),
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
+            worker_init_fn=leave_sigterm_to_the_main_process if self.num_workers > 0 else None,
         )
         if together:
             options["stop_together"] = self._stop_together
         if shuffle:  # training: resumable mid-epoch (a checkpoint holds the epoch's seed and the batches consumed)
             loader = StoppingTogetherResumableDataLoader if together else ResumableDataLoader
             return loader(dataset, sampler=self._train_sampler(dataset), batches_consumed=self._train_batches_consumed, **options)
-        return (StoppingTogetherDataLoader if together else DataLoader)(dataset, shuffle=False, **options)
+        # its own generator: each iterator of a loader draws its workers' base seed from torch's global one otherwise,
+        # and a validation inside fit moved training's draws (budgets, Gumbel noise) on, so a run resumed from a save a
+        # validation followed trained on other random numbers than the uninterrupted one (a review of 2026-12-08)
+        generator = torch.Generator().manual_seed(0)
+        return (StoppingTogetherDataLoader if together else DataLoader)(dataset, shuffle=False, generator=generator, **options)
 
     def _stops_together(self) -> bool:
         """Whether a bad record met by one process must stop every process together (see :func:`stop_together`):

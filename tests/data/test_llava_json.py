@@ -4,7 +4,9 @@ record (error message naming file, record and field, or a warning and a count), 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
+import subprocess
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -341,6 +343,26 @@ def test_datamodule_takes_the_processor_from_the_trainers_model(write_llava, mak
     assert not train_loader.pin_memory
     assert datamodule.datasets["train"].input_processor is processor
     assert datamodule.num_skipped_at_load == {"train": 0, "val": 0}
+
+
+def test_a_sigterm_from_outside_leaves_the_workers_to_the_main_process(write_llava, make_record, processor, tmp_path):
+    """A SIGTERM to the whole process group (SLURM, systemd) reaches the DataLoader workers too: they died of it, and
+    the main process failed at its next fetch ("DataLoader worker ... killed by signal"), before Lightning's SIGTERM
+    stop could save the run. A worker now ignores it and the loader goes on; the main process ends it."""
+    train = write_llava([make_record(f"t{i}") for i in range(8)], name="train.json")
+    datamodule = LlavaDataModule(str(train), image_folder=str(tmp_path / "images"), batch_size=2, num_workers=1)
+    datamodule.setup("fit")
+    datamodule.trainer = fake_trainer(processor)
+    loader = datamodule.train_dataloader()
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    ids = list(next(batches)["ids"])
+    (worker,) = set(multiprocessing.active_children()) - before
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as a group signal is
+    worker.join(timeout=2)
+    assert worker.is_alive()
+    ids += [record_id for batch in batches for record_id in batch["ids"]]
+    assert sorted(ids) == [f"t{i}" for i in range(8)]
 
 
 def test_datamodule_stages(write_llava, make_record, processor, tmp_path):

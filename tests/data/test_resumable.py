@@ -131,14 +131,14 @@ class IdLog(L.Callback):
 
 def fit(
     directory: Path, log: Path, max_steps: int, num_workers: int, stop_at: int = -1, ckpt_path: Path | None = None,
-    sigterm_at: int = -1, every: int = 5,
+    sigterm_at: int = -1, every: int = 5, extra: tuple[str, ...] = (),
 ) -> None:
     callback = {"class_path": f"{__name__}.IdLog", "init_args": {"path": str(log), "stop_at": stop_at, "sigterm_at": sigterm_at}}
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # LightningCLI parses args alone (and warns about pytest's)
-        _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every)
+        _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every, extra)
 
 
-def _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every) -> None:
+def _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every, extra=()) -> None:
     main([
         "fit", "--config", str(TINY_RECIPE),
         "--data.init_args.num_train=64", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
@@ -152,7 +152,7 @@ def _main_fit(directory, log, max_steps, num_workers, ckpt_path, callback, every
         f"--trainer.callbacks+={json.dumps(callback)}",
         f"--trainer.default_root_dir={directory / 'runs'}", "--trainer.enable_progress_bar=false",
         "--trainer.num_sanity_val_steps=0", "--test_after_fit=false",
-        *([f"--ckpt_path={ckpt_path}"] if ckpt_path else []),
+        *([f"--ckpt_path={ckpt_path}"] if ckpt_path else []), *extra,
     ])
 
 
@@ -189,6 +189,28 @@ def test_a_fit_resumed_mid_epoch_sees_the_batches_of_the_uninterrupted_one(unint
     assert not [w for w in caught if "not resumable" in str(w.message)]
     seen = steps(log)  # steps 5-7 were seen twice: before the interruption and after the resume
     assert seen == expected  # the resumed steps 5-11 (through the epoch's end into the next): same batches, same draws
+
+
+def test_a_fit_resumed_from_a_save_that_a_validation_followed_continues_the_uninterrupted_one(uninterrupted, tmp_path, monkeypatch):
+    """A validation after the step a checkpoint saved drew from torch's generator (its loader's seed), so the
+    uninterrupted run trained on after it with other random numbers than a run resumed from that checkpoint (which
+    does not validate there again): budgets and Gumbel noise differed from step 6 on."""
+    data, _ = uninterrupted
+    monkeypatch.chdir(tmp_path)
+    validating = ("--trainer.val_check_interval=5", "--trainer.limit_val_batches=1")  # after steps 5 and 10
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for run in (whole, parts):
+        run.mkdir()
+        (run / "data").symlink_to(data)  # the generated set and its tokenizer, shared
+    fit(whole, whole / "ids.jsonl", max_steps=12, num_workers=0, extra=validating)
+    expected = steps(whole / "ids.jsonl")
+    assert len({expected[s][1] for s in expected}) == 12
+    with pytest.raises(Interrupted):
+        fit(parts, parts / "ids.jsonl", max_steps=12, num_workers=0, stop_at=8, extra=validating)
+    last = parts / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 5  # saved just before the validation after step 5
+    fit(parts, parts / "ids.jsonl", max_steps=12, num_workers=0, ckpt_path=last, extra=validating)
+    assert steps(parts / "ids.jsonl") == expected
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ the generated answers keyed by record id (the ``"id"`` of each ``predict`` outpu
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from adaptive_mllm.data.benchmarks.mmbench import CIRCULAR_OFFSET, MMBenchDataMo
 from adaptive_mllm.data.benchmarks.vqav2 import SUBMISSION_FLAG, TEST2015_QUESTIONS, VQAv2DataModule
 from adaptive_mllm.data.llava_json import DataError
 from adaptive_mllm.metrics import evalai_answer
+from adaptive_mllm.reporting import write_durably, write_text_durably
 
 # convert_mmbench_for_submission.py drops these columns and puts "prediction" at this position
 MMBENCH_DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
@@ -39,6 +41,9 @@ def write_vqav2_submission(path: str | Path, answers: Mapping[str | int, str], q
         questions_json: a VQAv2 questions file; every question of it is written, in its order, with ""
             where there is no answer (as LLaVA does: EvalAI's test-dev phase expects every question of
             ``v2_OpenEnded_mscoco_test2015_questions.json``). None: the answered questions only.
+
+    The file is written whole or not at all (a temporary file beside it, synced, renamed over it): a failure, a
+    full disk say, leaves no half file under ``path`` and raises an OSError that names it.
     """
     by_id = {_question_id(key, "VQAv2 submission"): text for key, text in answers.items()}
     if questions_json is None:
@@ -54,8 +59,7 @@ def write_vqav2_submission(path: str | Path, answers: Mapping[str | int, str], q
     results = [{"question_id": qid, "answer": evalai_answer(by_id[qid].strip()) if qid in by_id else ""} for qid in order]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle)
+    write_text_durably(path, json.dumps(results))  # whole or not at all: a cut file is what a user would upload
     rank_zero_info(
         f"VQAv2 submission {path}: {len(by_id)} of {len(order)} questions answered, {len(order) - len(by_id)} filled with \"\""
     )
@@ -86,7 +90,8 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
             unanswered (circular=False on a TSV that holds the rotations asks only its original rows).
 
     The counts of answered and unanswered rows are logged; unanswered rows (a blank prediction, which
-    MMBench's server scores wrong) give a warning.
+    MMBench's server scores wrong) give a warning. The sheet is written whole or not at all, as
+    :func:`write_vqav2_submission` writes its file.
     """
     path = Path(path)
     if path.suffix not in (".xlsx", ".tsv"):
@@ -112,12 +117,13 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
         table.append([values[column] for column in columns])
     _report_unanswered(path, row_indices, by_index, circular)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # whole or not at all (a temporary file renamed over the name): a cut sheet is what a user would upload
     if path.suffix == ".tsv":
-        with open(path, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t")
-            writer.writerow(columns)
-            writer.writerows([["" if value is None else value for value in line] for line in table])
-        return path
+        text = io.StringIO()
+        writer = csv.writer(text, delimiter="\t")
+        writer.writerow(columns)
+        writer.writerows([["" if value is None else value for value in line] for line in table])
+        return write_text_durably(path, text.getvalue())
     from openpyxl import Workbook  # only the .xlsx sheet needs it
 
     book = Workbook()
@@ -125,8 +131,9 @@ def write_mmbench_submission(path: str | Path, answers: Mapping[str | int, str],
     sheet.append(columns)
     for line in table:
         sheet.append(line)
-    book.save(path)
-    return path
+    sheet_bytes = io.BytesIO()  # made whole in memory (a few MB): a failed write leaves no half-written zip behind
+    book.save(sheet_bytes)
+    return write_durably(path, lambda handle: handle.write(sheet_bytes.getvalue()))
 
 
 def _report_unanswered(path: Path, row_indices: list[int], by_index: Mapping[int, str], circular: bool | None) -> None:

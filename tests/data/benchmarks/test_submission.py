@@ -17,7 +17,8 @@ from adaptive_mllm.data.benchmarks import (
     write_submission,
     write_vqav2_submission,
 )
-from adaptive_mllm.prediction_writer import PredictionWriter
+from adaptive_mllm.prediction_writer import INCOMPLETE, PredictionWriter
+from tests.test_reporting import fill_disk
 
 
 def test_vqav2_answers_through_the_evalai_processor(vqav2_files, tmp_path):
@@ -89,6 +90,41 @@ def test_vqav2_test_dev_predict_submits_every_test2015_question(vqav2_files, ben
         {"question_id": 42002, "answer": ""},
     ]
     assert '2 of 4 questions answered, 2 filled with ""' in caplog.text
+
+
+def test_a_submission_not_written_leaves_predict_incomplete_and_no_half_file(vqav2_files, bench_processor, tmp_path, monkeypatch):
+    """Audit 2026-12 problem 2: predict wrote predict_done.json and removed INCOMPLETE, then the submission file in
+    place: on a full disk a cut submission-budget-1.json (the file a user uploads) lay in a directory said done."""
+    dm = _test_dev_module(_test_dev_layout(vqav2_files), vqav2_files, batch_size=1)
+    dm.set_input_processor(bench_processor)
+    answers = tmp_path / "answers"
+    writer = PredictionWriter(str(answers))
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[writer], logger=False, enable_progress_bar=False, accelerator="cpu")
+    fill_disk(monkeypatch, "submission-budget-1.json", room=40)
+    expected = r"could not write .*submission-budget-1\.json: the disk is full \(ENOSPC"
+    with pytest.warns(UserWarning, match=r"predict stopped by OSError: .* the answers in .* are complete, but not every submission file"):
+        with pytest.raises(OSError, match=expected):
+            trainer.predict(Echo(), datamodule=dm, return_predictions=False)
+    assert sorted(path.name for path in answers.iterdir()) == [INCOMPLETE, "budget-1.jsonl"]  # no half file, no done marker
+    assert len((answers / "budget-1.jsonl").read_text().splitlines()) == 2  # every answer, kept
+    assert (answers / INCOMPLETE).read_text().splitlines()[1] == (
+        "the budget-*.jsonl files here hold every answer, but not every submission file (submission-budget-*) was written; "
+        "those here are whole"
+    )
+
+
+@pytest.mark.parametrize("name", ["vqav2.json", "mmbench.xlsx", "mmbench.tsv"])
+def test_a_submission_file_is_written_whole_or_not_at_all(vqav2_files, mmbench_files, tmp_path, monkeypatch, name):
+    path = tmp_path / "out" / name
+    path.parent.mkdir()
+    path.write_text("an earlier file\n")
+    fill_disk(monkeypatch, name, room=20)
+    with pytest.raises(OSError, match=rf"could not write {path}: the disk is full \(ENOSPC: No space left on device\)"):
+        if name.startswith("vqav2"):
+            write_vqav2_submission(path, {"42000": "yes", "7000": "no"}, str(vqav2_files["questions"]))
+        else:
+            write_mmbench_submission(path, {"0": "B", "1": "D"}, str(mmbench_files["tsv"]))
+    assert path.read_text() == "an earlier file\n" and [p.name for p in path.parent.iterdir()] == [name]  # as it was, nothing beside
 
 
 def test_vqav2_test_dev_without_test2015_writes_no_submission(vqav2_files, tmp_path):
