@@ -11,11 +11,13 @@ tensor data is read.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickletools
 import random
 import re
 import secrets
+import shutil
 import time
 import warnings
 import zipfile
@@ -315,6 +317,10 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
+            free = shutil.disk_usage(path.parent).free  # before the temporary file gives its space back
+            temporary.unlink(missing_ok=True)
+            raise save_failure(path, error, free) from error
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -324,6 +330,19 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
         """Lightning's, with a damaged file named (torch's error names none)."""
         with damage_named(path):
             return super().load_checkpoint(path, *args, **kwargs)
+
+
+DISK_NEARLY_FULL = 64 * 2**20  # bytes free when a save failed: below this, the failure is taken for a full disk
+
+
+def save_failure(path: Path, error: OSError | RuntimeError, free: int) -> OSError:
+    """A failed save as an error that names the checkpoint, says where the disk was full (torch's zip writer names
+    neither: "[enforce fail at inline_container.cc:672] . unexpected pos 13245056 vs 13244948") and what is kept."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL
+    reason = f"the disk is full ({free / 2**20:.1f} MiB free there); free space and resume" if full else str(error)
+    kept = f"; the previous {path.name} is kept as it was" if path.exists() else ""
+    return OSError(errno.ENOSPC if full else getattr(error, "errno", None), f"could not save checkpoint {path}: {reason}{kept} "
+                   f"({type(error).__name__}: {error})")
 
 
 KILLED_SAVE = re.compile(r"\..+\.ckpt\.(\d+)-[0-9a-f]{8}\.part")  # ReplacingCheckpointIO's temporary file

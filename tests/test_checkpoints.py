@@ -118,6 +118,34 @@ def test_a_save_that_fails_part_way_keeps_the_previous_checkpoint_and_no_tempora
     assert not any((tmp_path / "tmp").iterdir())
 
 
+def test_a_save_that_fills_the_disk_names_the_checkpoint_and_says_so(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as "[enforce fail at inline_container.cc:672] . unexpected pos ...",
+    naming neither the file nor the cause (a reviewer's run on a full tmpfs)."""
+    import shutil
+    from collections import namedtuple
+
+    target = tmp_path / "ckpt" / "last.ckpt"
+    io = ReplacingCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, target)
+
+    def filling(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13245056 vs 13244948")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", filling)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(OSError, match=rf"could not save checkpoint {target}: the disk is full \(0.0 MiB free there\).*"
+                                      r"the previous last.ckpt is kept as it was .*unexpected pos") as caught:
+        io.save_checkpoint({"global_step": 2}, target)
+    assert caught.value.errno == 28
+    assert _saved_step(target) == 1
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**39, 2**39))  # room left: another failure
+    with pytest.raises(OSError, match=rf"could not save checkpoint {target}: \[enforce fail") as caught:
+        io.save_checkpoint({"global_step": 2}, target)
+    assert caught.value.errno is None
+
+
 def test_a_checkpoint_io_the_user_chose_is_kept(tmp_path):
     class Mine(TorchCheckpointIO):
         pass
