@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adaptive_mllm.prediction_writer import INCOMPLETE
 from adaptive_mllm.reporting import format_table, print_table, refuse_existing_output, write_text_atomically
 from adaptive_mllm.test_answers import ANSWERS_FILE, read_answers
 
@@ -64,6 +65,11 @@ def read_run(run: Path) -> Answers:
     files = sorted(run.glob("test_answers*.jsonl")) if run.is_dir() else [run]
     if not files or not all(path.is_file() for path in files):
         raise FileNotFoundError(f"{run}: no {ANSWERS_FILE} (`adaptive-mllm test` writes it beside test_results.md)")
+    mark = files[0].parent / INCOMPLETE
+    if mark.is_file():  # a stopped test: its answers are a part of the set, which paired with a whole run said only
+        said = mark.read_text(encoding="utf-8", errors="replace").splitlines()[:1] or ["no reason given"]  # "different questions"
+        raise ValueError(f"{mark}: the test that wrote these answers did not finish ({said[0]}): they are a part of its "
+                         "questions; test that checkpoint again")  # fmt: skip
     if len(files) > 1:
         files = [path for path in files if path.stat().st_size > 0] or files[:1]
     answers: Answers = {}

@@ -64,6 +64,10 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         compare(a, read_run(_write(tmp_path / "c", {0.5: [1, 0, 1]})))
     with pytest.raises(ValueError, match="no per-question score"):
         compare(a, read_run(_write(tmp_path / "d", {1.0: [None, None, None]})))
+    stopped = _write(tmp_path / "stopped", {1.0: [1, 0]})
+    (stopped / "INCOMPLETE").write_text("test stopped by SIGTERM\ntest_answers*.jsonl here hold only part of the answers\n")
+    with pytest.raises(ValueError, match=r"INCOMPLETE: the test that wrote these answers did not finish \(test stopped by SIGTERM\)"):
+        read_run(stopped)
     with pytest.raises(SystemExit):  # through the command's dispatch
         cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--alpha", "1.5"])
     cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "a")])  # a run against itself: no question differs
