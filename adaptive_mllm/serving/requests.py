@@ -337,6 +337,10 @@ def _read_image(url: str, limits: RequestLimits) -> Image.Image:
         return image.convert("RGB")  # decodes all pixels: truncated data fails here
     except RequestError:
         raise
+    except Image.DecompressionBombError as error:  # Pillow's own limit (about 179M pixels), far above any allowed
+        side = math.isqrt(limits.max_image_pixels)
+        raise RequestError(413, f"{prefix}the image's header gives more pixels than Pillow reads ({shown(str(error), 120)}); "
+                                f"its longest side may be at most {side}", field) from None  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a malformed file can make PIL's decoders raise almost anything
         accepted = f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
         other = _other_format(data) if isinstance(error, UnidentifiedImageError) else None

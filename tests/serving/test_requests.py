@@ -165,6 +165,21 @@ def _truncated_ihdr_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 4) + b"IHDR\0\0\0\x10" + struct.pack(">I", zlib.crc32(b"IHDR\0\0\0\x10"))
 
 
+def test_an_image_over_pillows_own_pixel_limit_is_a_413_as_any_image_over_the_limit(processor):
+    """A 20000 x 20000 PNG header (400M pixels): Pillow refuses it inside ``Image.open`` (DecompressionBombError),
+    before the server's own size check; it was a 400 "not a readable image" where every other image too large is a
+    413."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    error = read_request_image(_with_url(url), processor, RequestLimits())
+    assert isinstance(error, RequestError) and error.status == 413, error
+    assert "longest side may be at most 4096" in error.message and "more pixels than Pillow reads" in error.message
+
+
 def test_paths_and_images_that_break_the_libraries_are_this_requests_400(processor, tmp_path: Path):
     """A symlink loop, a name too long for the file system, a decoder that raises an unusual error: each is
     refused as a bad request (a raise here failed the whole batch with 500s)."""
