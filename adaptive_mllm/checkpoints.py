@@ -318,7 +318,10 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
                 os.fsync(file.fileno())
             os.replace(temporary, path)
         except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as "unexpected pos ..."
-            free = shutil.disk_usage(path.parent).free  # before the temporary file gives its space back
+            try:
+                free: int | None = shutil.disk_usage(path.parent).free  # before the temporary file gives its space back
+            except OSError:
+                free = None
             temporary.unlink(missing_ok=True)
             raise save_failure(path, error, free) from error
         except BaseException:
@@ -335,14 +338,20 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
 DISK_NEARLY_FULL = 64 * 2**20  # bytes free when a save failed: below this, the failure is taken for a full disk
 
 
-def save_failure(path: Path, error: OSError | RuntimeError, free: int) -> OSError:
+def save_failure(path: Path, error: OSError | RuntimeError, free: int | None) -> OSError:
     """A failed save as an error that names the checkpoint, says where the disk was full (torch's zip writer names
     neither: "[enforce fail at inline_container.cc:672] . unexpected pos 13245056 vs 13244948") and what is kept."""
-    full = getattr(error, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL
-    reason = f"the disk is full ({free / 2**20:.1f} MiB free there); free space and resume" if full else str(error)
+    code = getattr(error, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < DISK_NEARLY_FULL)
+    if full:
+        room = "" if free is None else f" ({free / 2**20:.1f} MiB free there)"
+        reason = f"the disk is full{room}; free space and resume"
+    else:
+        reason = str(error)
     kept = f"; the previous {path.name} is kept as it was" if path.exists() else ""
-    return OSError(errno.ENOSPC if full else getattr(error, "errno", None), f"could not save checkpoint {path}: {reason}{kept} "
-                   f"({type(error).__name__}: {error})")
+    message = f"could not save checkpoint {path}: {reason}{kept} ({type(error).__name__}: {error})"
+    code = errno.ENOSPC if full and code is None else code
+    return OSError(code, message) if code is not None else OSError(message)
 
 
 KILLED_SAVE = re.compile(r"\..+\.ckpt\.(\d+)-[0-9a-f]{8}\.part")  # ReplacingCheckpointIO's temporary file

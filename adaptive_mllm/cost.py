@@ -318,7 +318,8 @@ def _float16(pattern: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _release_budget(level: int, total: int) -> float:
-    """The float16 budget in the middle of those the release turns into ``level`` of ``total`` units: it survives
+    """The float16 budget in the middle of those the release turns into ``level`` of ``total`` units (of their values,
+    not of their bit patterns, which crowd near 0): it survives
     float32 (training's tensors) and float16 unchanged. A ValueError for a level no float16 budget reaches (above
     2048 units, where float16's products skip levels)."""
 
@@ -338,4 +339,5 @@ def _release_budget(level: int, total: int) -> float:
             f"no budget reaches {level} of {total} units in the release's float16 arithmetic; "
             "use budget_rule: flops, or fewer units (a larger scheduler rank)"
         )
-    return _float16((start + end - 1) // 2)
+    middle = float(torch.tensor((_float16(start) + _float16(end - 1)) / 2, dtype=torch.float16))  # of the values
+    return middle if _release_level(middle, total) == level else _float16((start + end - 1) // 2)

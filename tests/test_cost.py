@@ -388,6 +388,14 @@ def test_release_rule_runs_what_the_release_runs_where_float16_moves_a_budget() 
     assert cost.units_for_budget(budgets, torch.full((5,), 50), 5).tolist() == [9, 1, 20, 70, 100]
 
 
+def test_release_rule_level_budgets_are_the_middle_of_their_levels_values() -> None:
+    """The middle of a level's float16 values, not of their bit patterns (which crowd near 0: without prefix
+    layers level 0's budget was 0.001, not 0.5 / U)."""
+    cost = CostModel(VICUNA_7B, 0)
+    budgets = [cost.budget_for_units(units, 50, 4) for units in range(128)]
+    assert budgets == pytest.approx([(units + 0.5) / 128 for units in range(128)], abs=1e-3)
+
+
 def test_release_rule_refuses_a_level_float16_cannot_reach() -> None:
     """4096 units: float16's products above 2048 are even numbers, so 2049 units is no budget's."""
     cost = CostModel(DecoderShape(64, 64, 64, 64, 1, 128, 100), 32)  # 64 units per layer, 2048 in the prefix

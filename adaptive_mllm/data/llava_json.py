@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -526,12 +528,25 @@ class CarryingBadRecords:
 
 
 def leave_sigterm_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM: the main process stops the run after the step it is in, saves, then ends
-    its workers itself. A SIGTERM to the whole process group (SLURM at a time limit or ``scancel``, systemd) reached
-    the worker too, whose torch handler dies of any SIGTERM its parent did not send: the main process then failed on
-    "DataLoader worker ... killed by signal: Terminated" at its next fetch, before Lightning's SIGTERM stop, and saved
-    nothing. A worker whose main process is gone still ends: torch's watchdog sees its parent change."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker ends on a SIGTERM from its main process (how torch and Python's exit stop a worker) and
+    ignores any other: the main process stops the run after the step it is in, saves, then ends its workers itself.
+    A SIGTERM to the whole process group (SLURM at a time limit or ``scancel``, systemd) reached the worker too, whose
+    torch handler dies of any SIGTERM its parent did not send: the main process then failed on "DataLoader worker ...
+    killed by signal: Terminated" at its next fetch, before Lightning's SIGTERM stop, and saved nothing. Ignoring every
+    SIGTERM instead hung the main process's exit on a worker it terminates. Python gives a handler no sender, so the
+    signal is blocked and a thread takes it with ``sigwaitinfo``. Lightning's worker seeding
+    (``seed_everything(workers=True)``), which it adds only to a loader without a ``worker_init_fn``, runs here."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    parent = os.getppid()
+
+    def take_sigterms() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # as torch's handler does on its parent's SIGTERM
+
+    threading.Thread(target=take_sigterms, name="sigterm-from-the-main-process", daemon=True).start()
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # as Lightning decides whether to add it
+        pl_worker_init_function(worker_id)
 
 
 class StoppingTogetherDataLoader(DataLoader):

@@ -363,6 +363,9 @@ def test_a_sigterm_from_outside_leaves_the_workers_to_the_main_process(write_lla
     assert worker.is_alive()
     ids += [record_id for batch in batches for record_id in batch["ids"]]
     assert sorted(ids) == [f"t{i}" for i in range(8)]
+    worker.terminate()  # the main process's own SIGTERM (torch's shutdown, Python's exit) still ends it: ignored, the
+    worker.join(timeout=10)  # exit of a process holding a loader hung on it
+    assert not worker.is_alive() and worker.exitcode == 0
 
 
 def test_datamodule_stages(write_llava, make_record, processor, tmp_path):
