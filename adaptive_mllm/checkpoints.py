@@ -34,6 +34,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from adaptive_mllm.reporting import sync_directory
+
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
 SHARDED_MARKERS = (".metadata", "latest")  # torch.distributed.checkpoint's (FSDP), DeepSpeed's
 LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
@@ -327,7 +329,7 @@ class ReplacingCheckpointIO(TorchCheckpointIO):
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        _sync_directory(path.parent)
+        sync_directory(path.parent)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Lightning's, with a damaged file named (torch's error names none)."""
@@ -392,21 +394,6 @@ def _process_runs(pid: int) -> bool:
     except PermissionError:  # another user's
         pass
     return True
-
-
-def _sync_directory(directory: Path) -> None:
-    """The rename on disk too (a power loss just after it could otherwise bring the old file back); skipped where
-    a directory cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def use_replacing_writes(strategy: Any) -> None:

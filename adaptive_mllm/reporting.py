@@ -167,7 +167,7 @@ def write_durably(path: str | Path, write: Callable[[IO], object], binary: bool 
         write_atomically(path, synced, binary=binary)
     except OSError as error:
         raise write_failure(path, error) from error
-    _sync_folder(path.parent)
+    sync_directory(path.parent)
     return path
 
 
@@ -177,11 +177,11 @@ def write_text_durably(path: str | Path, text: str) -> Path:
     return write_durably(path, lambda handle: handle.write(data))
 
 
-def _sync_folder(folder: Path) -> None:
-    """A rename on disk too (a power loss just after it could bring the old file back); skipped where a folder
+def sync_directory(directory: Path) -> None:
+    """A rename on disk too (a power loss just after it could bring the old file back); skipped where a directory
     cannot be opened or synced (Windows, some network filesystems)."""
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
