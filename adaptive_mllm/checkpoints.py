@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from adaptive_mllm.reporting import sync_directory
+from adaptive_mllm.reporting import DISK_FULL, sync_directory
 
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint keeps beside the shards (step, hyper-parameters)
 SHARDED_MARKERS = (".metadata", "latest")  # torch.distributed.checkpoint's (FSDP), DeepSpeed's
@@ -344,7 +344,7 @@ def save_failure(path: Path, error: OSError | RuntimeError, free: int | None) ->
     """A failed save as an error that names the checkpoint, says where the disk was full (torch's zip writer names
     neither: "[enforce fail at inline_container.cc:672] . unexpected pos 13245056 vs 13244948") and what is kept."""
     code = getattr(error, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < DISK_NEARLY_FULL)
+    full = code in DISK_FULL or (free is not None and free < DISK_NEARLY_FULL)
     if full:
         room = "" if free is None else f" ({free / 2**20:.1f} MiB free there)"
         reason = f"the disk is full{room}; free space and resume"
